@@ -1,0 +1,332 @@
+"""Typed configuration: dataclass schemas, YAML files and ``key.sub=value`` overrides.
+
+Every config is a tree of dataclasses. :func:`from_dict` builds one from plain data and fails,
+before any work, with a :class:`~gen_ad.errors.ConfigError` that names the offending key: an
+unknown key (with the closest valid key), a wrong type, or an impossible value (checked by each
+dataclass's ``validate``). :func:`to_dict` / :func:`save_config` give back the resolved config.
+
+Family schemas (``wgan``, ``stylegan2``, ``ddpm``) live beside their trainers in
+``gen_ad/training/<family>.py`` (so each family is one place) and are found through
+:func:`family_schema`; the common sections every training config has are defined here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from gen_ad.errors import ConfigError
+from gen_ad.utils.io import write_text
+
+T = TypeVar("T")
+
+# Family name -> "module:Class" of its training Family (resolved lazily; read-only). Each Family
+# class names its top-level config schema in ``config_cls``.
+_FAMILIES: Mapping[str, str] = types.MappingProxyType({
+    "wgan": "gen_ad.training.wgan:WGANFamily",
+    "stylegan2": "gen_ad.training.stylegan2:StyleGAN2Family",
+    "ddpm": "gen_ad.training.ddpm:DDPMFamily",
+})
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise a :class:`ConfigError` naming ``key`` unless ``cond`` holds."""
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass
+class DataConfig:
+    """Where the normal training patches come from and how they are prepared.
+
+    Attributes:
+        train: folder of patches (class subfolders such as ``normal/``, or images directly).
+        val: optional folder of normal validation patches (threshold calibration, FID reference).
+        size: side length in pixels that every patch is resized/cropped to.
+        normal_classes: class subfolder names that count as normal.
+        resize: ``resize`` (whole patch to size) or ``center_crop`` (crop, resizing only if smaller).
+        max_bad_fraction: fraction of unreadable files above which loading fails.
+        stain_norm: ``none``, ``macenko`` or ``reinhard`` (fitted on ``stain_ref``).
+        stain_ref: reference image for stain normalisation.
+        subset: use only this many patches (seeded choice); ``None`` uses all.
+        synthetic: generate this many synthetic normal patches when ``train`` is ``synthetic``.
+        num_workers: data-loader worker processes.
+    """
+
+    train: str = "synthetic"
+    val: str | None = None
+    size: int = 64
+    normal_classes: list[str] = field(default_factory=lambda: ["normal"])
+    resize: Literal["resize", "center_crop"] = "resize"
+    max_bad_fraction: float = 0.05
+    stain_norm: Literal["none", "macenko", "reinhard"] = "none"
+    stain_ref: str | None = None
+    subset: int | None = None
+    synthetic: int = 512
+    num_workers: int = 0
+
+    def validate(self, prefix: str) -> None:
+        check(self.size >= 8, f"{prefix}.size", f"must be >= 8, got {self.size}")
+        check(0.0 <= self.max_bad_fraction <= 1.0, f"{prefix}.max_bad_fraction",
+              f"must be in [0, 1], got {self.max_bad_fraction}")
+        check(self.stain_norm == "none" or self.stain_ref is not None, f"{prefix}.stain_ref",
+              f"is required when stain_norm is '{self.stain_norm}'")
+        check(self.subset is None or self.subset > 0, f"{prefix}.subset", "must be positive")
+        check(self.synthetic > 0, f"{prefix}.synthetic", "must be positive")
+        check(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")
+        check(len(self.normal_classes) > 0, f"{prefix}.normal_classes", "must not be empty")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the shared training loop (see :mod:`gen_ad.training.loop`).
+
+    Attributes:
+        batch_size: global batch size (split over processes).
+        max_steps: stop after this many optimisation steps.
+        max_kimg: optionally stop after this many thousand training images as well.
+        seed: seed of every random draw (data order, noise, initialisation).
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` (GPU only; CPU runs in fp32).
+        grad_accum: micro-batches per step.
+        log_every / sample_every / ckpt_every / fid_every: intervals in steps (0 = never).
+        keep_last: number of training states kept in ``state/``.
+        fid_n: generated images per periodic FID.
+        ema_decay: EMA decay of the EMA'd models (0 disables EMA).
+        ema_warmup: use ``min(decay, (1 + step) / (10 + step))`` early in training.
+        cpu: force CPU even when CUDA is present.
+    """
+
+    batch_size: int = 32
+    max_steps: int = 1000
+    max_kimg: float | None = None
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_accum: int = 1
+    log_every: int = 10
+    sample_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 3
+    fid_every: int = 0
+    fid_n: int = 1000
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    cpu: bool = False
+
+    def validate(self, prefix: str) -> None:
+        for k in ("batch_size", "max_steps", "grad_accum", "keep_last", "fid_n"):
+            check(getattr(self, k) > 0, f"{prefix}.{k}", f"must be positive, got {getattr(self, k)}")
+        for k in ("log_every", "sample_every", "ckpt_every", "fid_every"):
+            check(getattr(self, k) >= 0, f"{prefix}.{k}", "must be >= 0 (0 = never)")
+        check(self.batch_size % self.grad_accum == 0, f"{prefix}.grad_accum",
+              f"must divide batch_size ({self.batch_size})")
+        check(0.0 <= self.ema_decay < 1.0, f"{prefix}.ema_decay", "must be in [0, 1)")
+        check(self.max_kimg is None or self.max_kimg > 0, f"{prefix}.max_kimg", "must be positive")
+
+
+# ----------------------------------------------------------------------------- machinery
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"config key '{key}': must be one of {choices}, got {value!r}")
+        return value
+    if origin in (list, Sequence, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(names)})")
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for k in data:
+        if k not in names:
+            raise _unknown_key(cls, str(k), prefix)
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate_tree(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            _validate_tree(v, f"{prefix}.{f.name}" if prefix else f.name)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(prefix or "<root>")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None) -> T:
+    """Build and validate a config of schema ``cls`` from plain data.
+
+    Args:
+        cls: a dataclass schema.
+        data: nested mapping (e.g. parsed YAML); missing keys take their defaults.
+    Returns:
+        The validated config.
+    Raises:
+        ConfigError: unknown key, wrong type or impossible value (the message names the key).
+    """
+    obj = _build(cls, data or {}, "")
+    _validate_tree(obj, "")
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested data (what :func:`from_dict` takes back)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``key.sub=value`` (the value is read as YAML: ``3``, ``1e-4``, ``true``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.sub=value`` override set."""
+    out = _deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {}
+                node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping from ``path`` (a clear error when missing or not a mapping)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Load ``path`` (optional), apply overrides, and validate against schema ``cls``."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Atomically write the resolved config as YAML."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def family_class(name: str) -> type:
+    """The :class:`~gen_ad.training.family.Family` subclass of ``wgan``, ``stylegan2`` or ``ddpm``."""
+    if name not in _FAMILIES:
+        close = difflib.get_close_matches(name, list(_FAMILIES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown model family '{name}'{hint} (known: {', '.join(_FAMILIES)})")
+    module, cls = _FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def family_schema(name: str) -> type:
+    """The top-level config schema of a training family."""
+    return family_class(name).config_cls
+
+
+def families() -> list[str]:
+    """Names of the registered training families."""
+    return list(_FAMILIES)

@@ -1,0 +1,1 @@
+"""Training: the one Accelerate loop, checkpoints, and the per-family steps and losses."""

@@ -1,0 +1,153 @@
+"""What a model family gives the shared training loop.
+
+A family (``wgan``, ``stylegan2``, ``ddpm``) builds its networks and optimisers from its config,
+runs one optimisation step on a batch, and knows how to sample. The loop
+(:mod:`gen_ad.training.loop`) owns everything else: devices, DDP, mixed precision, EMA,
+counters, logging, sample grids, FID, checkpoints and export.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from gen_ad.scoring.base import AnomalyScorer
+
+
+@dataclass
+class StepContext:
+    """Everything a family's ``train_step`` may use for one optimisation step.
+
+    Attributes:
+        accelerator: the run's Accelerator (use ``ctx.backward`` rather than ``loss.backward``).
+        models: prepared (possibly DDP-wrapped) models by name.
+        optimizers: prepared optimisers by name.
+        schedulers: LR schedulers by name (stepped by the family where it steps the optimiser).
+        ema: EMA copies by name (updated by the loop after the step; read-only here).
+        step: 0-based index of the step being run.
+        kimg: thousands of training images seen before this step.
+        generator: torch.Generator on the device, seeded from (seed, step, rank): every random draw
+            of the step must come from it, which makes resume exact.
+        grad_accum: micro-batches per step (see :meth:`micro_batches`).
+    """
+
+    accelerator: Accelerator
+    models: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    ema: dict[str, nn.Module]
+    step: int
+    kimg: float
+    generator: torch.Generator
+    grad_accum: int = 1
+    logs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward through Accelerate (handles fp16 loss scaling)."""
+        self.accelerator.backward(loss)
+
+    def autocast(self) -> Any:
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        return self.accelerator.autocast()
+
+    def micro_batches(self, batch: torch.Tensor, model: nn.Module | None = None,
+                      ) -> Iterator[torch.Tensor]:
+        """Split the per-process batch into ``grad_accum`` chunks.
+
+        Gradient sync of ``model`` (DDP) is skipped on all but the last chunk. Divide each chunk's
+        loss by ``grad_accum`` before ``backward`` so gradients average over the whole batch.
+        """
+        chunks = torch.chunk(batch, self.grad_accum)
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            sync = nullcontext() if (last or model is None) else self.accelerator.no_sync(model)
+            with sync:
+                yield chunk
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Standard normal noise from the step's generator, on the device."""
+        return torch.randn(*shape, generator=self.generator, device=self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """Uniform [0,1) noise from the step's generator, on the device."""
+        return torch.rand(*shape, generator=self.generator, device=self.device)
+
+
+class Family(ABC):
+    """A model family as the training loop sees it.
+
+    Subclasses set ``name`` and ``config_cls`` and implement the abstract methods. They hold the
+    config (``self.cfg``) and any adaptive state (ADA's p, path-length mean) that must survive a
+    resume: return it from :meth:`state_dict` (tensors and plain numbers only).
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type] = object
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def build_models(self) -> dict[str, nn.Module]:
+        """Create all networks from ``self.cfg`` alone (trainable and frozen ones)."""
+
+    @abstractmethod
+    def build_optimizers(self, models: Mapping[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers by name for the (unwrapped) models."""
+
+    def build_schedulers(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, Any]:
+        """LR schedulers by name (default: none)."""
+        return {}
+
+    def ema_models(self) -> list[str]:
+        """Names of models that get an EMA copy (exported as ``<name>_ema``)."""
+        return []
+
+    def ema_decay(self, step: int, kimg: float) -> float:
+        """EMA decay used after ``step`` (default: ``train.ema_decay`` with optional warm-up)."""
+        beta = float(self.cfg.train.ema_decay)
+        if self.cfg.train.ema_warmup:
+            beta = min(beta, (1.0 + step) / (10.0 + step))
+        return beta
+
+    def setup(self, models: Mapping[str, nn.Module], device: torch.device) -> None:  # noqa: B027
+        """Called once the models are on ``device`` (e.g. to load a previous stage's weights)."""
+
+    @abstractmethod
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        """Run one optimisation step.
+
+        Args:
+            ctx: the step context.
+            batch: this process's images ``[b,3,H,W]`` in ``[-1,1]`` on ``ctx.device``.
+        Returns:
+            Scalar logs (losses etc.) by name; every value must be finite.
+        """
+
+    @abstractmethod
+    def sample(self, models: Mapping[str, nn.Module], n: int,
+               generator: torch.Generator) -> torch.Tensor:
+        """Generate ``n`` images ``[n,3,H,W]`` in ``[-1,1]`` (models: EMA versions where present,
+        under their plain names, in eval mode; called under ``torch.no_grad``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adaptive state to checkpoint (tensors and plain numbers)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027
+        """Restore what :meth:`state_dict` returned."""
+
+    def scorers(self, models: Mapping[str, nn.Module], **kwargs: Any) -> dict[str, AnomalyScorer]:
+        """Anomaly scorers this family offers for a trained run (name -> scorer)."""
+        return {}
