@@ -41,9 +41,55 @@ def _fraction(text: str) -> float:
 # Each _add_* registers one subcommand and sets ``func`` to a handler taking the parsed args.
 
 
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gen_ad.config import families
+    from gen_ad.training.entry import add_train_arguments
+
+    p = sub.add_parser("train", help="train a generator on normal patches (wgan, stylegan2, ddpm)",
+                       description="Train a model family with the shared Accelerate loop. Use "
+                       "'accelerate launch -m gen_ad.cli train ...' or train/<family>.py for DDP.")
+    p.add_argument("family", choices=families(), help="model family")
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gen_ad.training.entry import train
+
+    run_dir = train(args.family, args.config, args.overrides, args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("groups", help="per-slide %% anomalous patches; control vs treated tests",
+                       description="Per-slide percentage of patches above a label-free threshold, "
+                       "compared between groups (Mann-Whitney U, Welch's t-test, effect sizes).")
+    p.add_argument("--scores", nargs="+", required=True, metavar="CSV",
+                   help="score tables with path,score[,slide] (slide from <slide>_x.._y...png)")
+    p.add_argument("--groups", required=True, metavar="CSV", help="table with slide,group")
+    thr = p.add_mutually_exclusive_group(required=True)
+    thr.add_argument("--threshold", type=float, help="threshold value (score > T is anomalous)")
+    thr.add_argument("--threshold-file", metavar="JSON", help="saved threshold (threshold.json)")
+    p.add_argument("--control", default=None,
+                   help="reference group (default: 'control' if present, else the first by name)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=_cmd_groups)
+
+
+def _cmd_groups(args: argparse.Namespace) -> int:
+    from gen_ad.metrics.stats import format_summary, run_groups
+
+    result = run_groups(args.scores, args.groups, args.out, threshold=args.threshold,
+                        threshold_file=args.threshold_file, control=args.control)
+    print(format_summary(result))
+    print(f"wrote {', '.join(result['outputs'].values())}")
+    return 0
+
+
 def _commands() -> list[Adder]:
     """The subcommands, in the order ``gen-ad --help`` lists them."""
-    return []
+    return [_add_train, _add_groups]
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -1,0 +1,140 @@
+"""Inference export (``<run>/model/``) and :func:`load_run`, which rebuilds a trained run.
+
+``model/`` holds one safetensors file per network (EMA copies as ``<name>_ema``) and
+``model.json`` with the family name, the resolved config, the counters and the file list, so a
+run is rebuilt from its saved config alone, without pickles and without the training code's state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gen_ad.config import family_class, from_dict, to_dict
+from gen_ad.errors import CheckpointError, ConfigError
+from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.training.family import Family
+from gen_ad.utils.io import save_safetensors, write_json
+
+FORMAT_VERSION = 1
+
+
+def export_models(model_dir: Path, *, family: Family, models: Mapping[str, nn.Module],
+                  ema: Mapping[str, nn.Module], counters: Any) -> None:
+    """Write ``<name>.safetensors`` for every model and EMA copy, then ``model.json``."""
+    files = {}
+    for name, m in models.items():
+        save_safetensors(model_dir / f"{name}.safetensors", m.state_dict())
+        files[name] = f"{name}.safetensors"
+    for name, m in ema.items():
+        save_safetensors(model_dir / f"{name}_ema.safetensors", m.state_dict())
+        files[f"{name}_ema"] = f"{name}_ema.safetensors"
+    write_json(model_dir / "model.json", {
+        "format": FORMAT_VERSION,
+        "family": family.name,
+        "files": files,
+        "ema": sorted(ema),
+        "step": counters.step,
+        "kimg": counters.kimg,
+        "config": to_dict(family.cfg),
+    })
+
+
+@dataclass
+class Run:
+    """A trained run rebuilt from ``model/``.
+
+    Attributes:
+        path: the run folder.
+        cfg: the resolved config.
+        family: the family object (holds ``cfg``).
+        models: networks in eval mode on ``device``; the EMA weights under the plain name where
+            the run kept an EMA (the raw training weights are in ``raw_models``).
+        raw_models: the training weights of models that have an EMA.
+        step / kimg: how far the exported run had trained.
+    """
+
+    path: Path
+    cfg: Any
+    family: Family
+    models: dict[str, nn.Module]
+    raw_models: dict[str, nn.Module]
+    step: int
+    kimg: float
+
+    @property
+    def device(self) -> torch.device:
+        for m in self.models.values():
+            for p in m.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+        """``n`` generated images ``[n,3,H,W]`` in ``[-1,1]`` on CPU (batched, seeded)."""
+        out = []
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for i in range(0, n, batch_size):
+            x = self.family.sample(self.models, min(batch_size, n - i), gen)
+            out.append(x.float().clamp(-1, 1).cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def scorers(self, **kwargs: Any) -> dict[str, AnomalyScorer]:
+        """The anomaly scorers this run offers (e.g. ``anoddpm`` and ``autoddpm``)."""
+        return self.family.scorers(self.models, **kwargs)
+
+
+def read_model_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Find and read ``model.json`` of a run folder (or of a ``model/`` folder)."""
+    p = Path(path)
+    for cand in (p / "model" / "model.json", p / "model.json"):
+        if cand.is_file():
+            try:
+                return cand.parent, json.loads(cand.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cand} is not valid JSON: {e}") from e
+    if not p.exists():
+        raise CheckpointError(f"run folder not found: {p}")
+    raise CheckpointError(f"{p} is not a trained run: no model/model.json (train it first, "
+                          "or point to the run folder that holds model/)")
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Rebuild a trained run's models from its exported weights and saved config alone.
+
+    Args:
+        path: run folder (``checkpoints/<run>``) or its ``model/`` folder.
+        device: where to put the models.
+    Returns:
+        A :class:`Run` with models in eval mode.
+    Raises:
+        CheckpointError: missing/corrupt export or weights that do not match the config.
+    """
+    from gen_ad.training.checkpoint import load_weights
+
+    model_dir, meta = read_model_json(path)
+    try:
+        cls = family_class(meta["family"])
+        cfg = from_dict(cls.config_cls, meta["config"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{model_dir}/model.json has an invalid config: {e}") from e
+    family = cls(cfg)
+    models = family.build_models()
+    raw: dict[str, nn.Module] = {}
+    for name, m in models.items():
+        load_weights(m, model_dir / f"{name}.safetensors", f"model '{name}'")
+    for name in meta.get("ema", []):
+        raw[name] = models[name]
+        ema = family.build_models()[name]
+        load_weights(ema, model_dir / f"{name}_ema.safetensors", f"EMA of '{name}'")
+        models[name] = ema
+    for m in list(models.values()) + list(raw.values()):
+        m.to(device).eval().requires_grad_(False)
+    return Run(Path(path), cfg, family, models, raw, int(meta.get("step", 0)),
+               float(meta.get("kimg", 0.0)))

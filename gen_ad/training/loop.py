@@ -1,0 +1,334 @@
+"""The one Accelerate training loop every family runs on.
+
+``run_training(family)`` owns devices, DDP (``accelerate launch``), mixed precision, gradient
+accumulation, EMA, step/image counters, logging (``stats.jsonl``, trackers, progress bar), sample
+grids, periodic FID, checkpoints (periodic, final, and on SIGINT/SIGTERM) and the inference
+export. The family only builds its networks and runs one optimisation step
+(:class:`~gen_ad.training.family.Family`).
+
+Exact resume: the data order is a pure function of the seed (:mod:`gen_ad.training.sampler`) and
+every random draw of step ``s`` comes from a generator seeded by ``(seed, s, rank)``; with the
+weights, EMA, optimiser/schedule states and counters restored, ``N`` steps in one go and
+``N/2 + resume + N/2`` give bitwise-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from gen_ad.config import ConfigError, save_config, to_dict
+from gen_ad.errors import CheckpointError, TrainingDivergedError
+from gen_ad.models.ema import ema_copy, ema_update
+from gen_ad.training import checkpoint as ckpt
+from gen_ad.training.export import export_models
+from gen_ad.training.family import Family, StepContext
+from gen_ad.training.sampler import ResumableSampler
+from gen_ad.utils.io import append_jsonl
+
+
+@dataclass
+class RunState:
+    """Everything the loop holds for one run (no module-level state)."""
+
+    family: Family
+    accelerator: Accelerator
+    run_dir: Path
+    models: dict[str, nn.Module]
+    prepared: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    ema: dict[str, nn.Module]
+    counters: ckpt.Counters = field(default_factory=ckpt.Counters)
+    stop_signal: list[int] = field(default_factory=list)
+    fid_monitor: Any = None
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the random draws of ``step`` on process ``rank``."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + 1) % (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def make_accelerator(train_cfg: Any, run_dir: Path) -> Accelerator:
+    """An Accelerator for the config: CPU when asked or when no GPU, bf16/fp16 only on GPU."""
+    cpu = bool(train_cfg.cpu) or not torch.cuda.is_available()
+    mp = "no" if cpu else train_cfg.mixed_precision
+    log_with = None
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        pass
+    return Accelerator(cpu=cpu, mixed_precision=mp, log_with=log_with, project_dir=str(run_dir))
+
+
+def _per_process_batch(cfg: Any, world: int) -> int:
+    b = cfg.train.batch_size
+    if b % world:
+        raise ConfigError(f"config key 'train.batch_size': {b} is not divisible by the number of "
+                          f"processes ({world})")
+    return b // world
+
+
+def make_loader(dataset: Dataset, *, batch: int, seed: int, rank: int, world: int,
+                start: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    """An endless iterator of batches continuing the seeded order at stream position ``start``."""
+    sampler = ResumableSampler(len(dataset), seed=seed, rank=rank, world=world, start=start)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+def _prepare(state: RunState) -> None:
+    """Move models to the device; wrap trainable ones (and their optimisers) for DDP/AMP."""
+    acc = state.accelerator
+    for name, m in state.models.items():
+        trainable = any(p.requires_grad for p in m.parameters())
+        state.prepared[name] = acc.prepare(m) if trainable else m.to(acc.device)
+    for name, o in state.optimizers.items():
+        state.optimizers[name] = acc.prepare(o)
+    for m in state.ema.values():
+        m.to(acc.device)
+
+
+def _check_new_or_resume(run_dir: Path, resume: str | None) -> Path | None:
+    if resume is not None:
+        return ckpt.resolve_resume(run_dir, resume)
+    if ckpt.list_states(run_dir):
+        raise CheckpointError(f"run folder {run_dir} already has checkpoints: pass --resume latest "
+                              "to continue it, or choose another 'out'")
+    return None
+
+
+def build_run(family: Family, resume: str | None = None) -> tuple[RunState, Path | None]:
+    """Create models, EMA, optimisers and the accelerator for ``family.cfg``."""
+    cfg = family.cfg
+    run_dir = Path(cfg.out)
+    resume_path = _check_new_or_resume(run_dir, resume)
+    acc = make_accelerator(cfg.train, run_dir)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every process and resume
+    models = family.build_models()
+    family.setup(models, acc.device)
+    ema = {n: ema_copy(models[n]) for n in family.ema_models()}
+    optimizers = family.build_optimizers(models)
+    schedulers = family.build_schedulers(optimizers)
+    state = RunState(family, acc, run_dir, models, {}, dict(optimizers), schedulers, ema)
+    _prepare(state)
+    return state, resume_path
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(state: RunState) -> Path:
+    """Write the full state to ``state/step-<N>/`` atomically (all processes must call this)."""
+    acc, c = state.accelerator, state.counters
+    root = ckpt.state_root(state.run_dir)
+    tmp, final = root / f".step-{c.step}.tmp", root / f"step-{c.step}"
+    if acc.is_main_process:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    from gen_ad.utils.io import torch_save
+
+    torch_save(tmp / f"rng-{acc.process_index}.pt", ckpt.rng_state())
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        scaler = getattr(acc, "scaler", None)
+        ckpt.save_state(tmp, models=state.models, ema=state.ema, optimizers=state.optimizers,
+                        schedulers=state.schedulers, scaler=scaler,
+                        family_state=state.family.state_dict(), counters=c,
+                        extra_meta={"family": state.family.name, "world": acc.num_processes})
+        import os
+        import shutil
+
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpt.prune_states(state.run_dir, state.family.cfg.train.keep_last)
+        export_models(state.run_dir / "model", family=state.family, models=state.models,
+                      ema=state.ema, counters=c)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(state: RunState, path: Path) -> None:
+    """Restore a state folder written by :func:`save_checkpoint`."""
+    acc = state.accelerator
+    scaler = getattr(acc, "scaler", None)
+    counters, fam = ckpt.load_state(path, models=state.models, ema=state.ema,
+                                    optimizers=state.optimizers, schedulers=state.schedulers,
+                                    scaler=scaler)
+    state.family.load_state_dict(fam)
+    state.counters = counters
+    rng_file = path / f"rng-{acc.process_index}.pt"
+    if rng_file.is_file():
+        from gen_ad.utils.io import torch_load
+
+        ckpt.set_rng_state(torch_load(rng_file))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@contextmanager
+def _signal_guard(state: RunState) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into a flag: the loop checkpoints after the current step and stops."""
+    def handler(signum: int, frame: Any) -> None:
+        state.stop_signal.append(signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in old:
+            signal.signal(s, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _finite_or_raise(logs: Mapping[str, float], step: int) -> None:
+    for k, v in logs.items():
+        if not math.isfinite(float(v)):
+            raise TrainingDivergedError(
+                f"loss '{k}' is {v} at step {step}; training stopped, the last good checkpoint "
+                "is kept (lower the learning rate, or check the data)")
+
+
+def _done(state: RunState) -> bool:
+    tc = state.family.cfg.train
+    c = state.counters
+    return c.step >= tc.max_steps or (tc.max_kimg is not None and c.kimg >= tc.max_kimg)
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def train_one_step(state: RunState, batch: torch.Tensor) -> dict[str, float]:
+    """Run the family's step for the current counters and update EMA and counters."""
+    acc, fam, c = state.accelerator, state.family, state.counters
+    tc = fam.cfg.train
+    seed = step_seed(tc.seed, c.step, acc.process_index)
+    torch.manual_seed(seed)  # layers that draw from the global RNG (dropout) are seeded too
+    gen = torch.Generator(device=acc.device).manual_seed(seed)
+    ctx = StepContext(acc, state.prepared, state.optimizers, state.schedulers, state.ema,
+                      step=c.step, kimg=c.kimg, generator=gen, grad_accum=tc.grad_accum)
+    logs = {k: float(v) for k, v in fam.train_step(ctx, batch).items()}
+    _finite_or_raise(logs, c.step)
+    decay = fam.ema_decay(c.step, c.kimg)
+    for name, e in state.ema.items():
+        ema_update(e, state.models[name], decay)
+    c.step += 1
+    c.images += tc.batch_size
+    return logs
+
+
+def run_training(family: Family, *, resume: str | None = None) -> Path:
+    """Train ``family`` on its config until ``train.max_steps`` / ``train.max_kimg``.
+
+    Args:
+        family: the family (holding its validated config).
+        resume: ``None`` (new run), ``"latest"``, or a state/run folder path.
+    Returns:
+        The run folder.
+    """
+    from gen_ad.data import build_dataset
+
+    cfg = family.cfg
+    state, resume_path = build_run(family, resume)
+    acc = state.accelerator
+    dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed)
+    if resume_path is not None:
+        load_checkpoint(state, resume_path)
+    if acc.is_main_process:
+        save_config(cfg, state.run_dir / "config.yaml")
+    b = _per_process_batch(cfg, acc.num_processes)
+    batches = make_loader(dataset, batch=b, seed=cfg.train.seed, rank=acc.process_index,
+                          world=acc.num_processes, start=state.counters.step * b * acc.num_processes,
+                          num_workers=cfg.data.num_workers)
+    _init_trackers(state)
+    with _signal_guard(state):
+        _loop(state, batches)
+    save_checkpoint(state)
+    acc.end_training()
+    return state.run_dir
+
+
+def _init_trackers(state: RunState) -> None:
+    from gen_ad.training.monitor import make_fid_monitor
+
+    acc = state.accelerator
+    if acc.log_with:
+        acc.init_trackers("tb", config=_flat(to_dict(state.family.cfg)))
+    state.fid_monitor = make_fid_monitor(state.family.cfg, state.run_dir)
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> None:
+    from gen_ad.training.monitor import after_step
+
+    acc, tc = state.accelerator, state.family.cfg.train
+    bar = tqdm(total=tc.max_steps, initial=state.counters.step, disable=not acc.is_main_process,
+               desc=f"train {state.family.name}", dynamic_ncols=True)
+    t0, img0 = time.perf_counter(), state.counters.images
+    while not _done(state):
+        batch = next(batches)["image"].to(acc.device, non_blocking=True)
+        logs = train_one_step(state, batch)
+        bar.update(1)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        logs["img_per_s"] = (state.counters.images - img0) / dt
+        after_step(state, logs, bar)
+        if state.stop_signal:
+            if acc.is_main_process:
+                tqdm.write(f"signal {state.stop_signal[0]} received: checkpointing at step "
+                           f"{state.counters.step} and stopping")
+            break
+        if _every(state.counters.step, tc.ckpt_every) and not _done(state):
+            save_checkpoint(state)
+    bar.close()
+
+
+def log_stats(state: RunState, logs: Mapping[str, float]) -> None:
+    """Append a ``stats.jsonl`` line and send the scalars to the trackers."""
+    c = state.counters
+    record = {"step": c.step, "kimg": round(c.kimg, 3), **{k: float(v) for k, v in logs.items()}}
+    for name, sched in state.schedulers.items():
+        record[f"lr_{name}"] = float(sched.get_last_lr()[0])
+    if state.accelerator.is_main_process:
+        append_jsonl(state.run_dir / "stats.jsonl", record)
+    if state.accelerator.log_with:
+        state.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=c.step)

@@ -1,0 +1,115 @@
+"""What the loop does between steps: stats lines, progress bar, sample grids, periodic FID."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+from tqdm.auto import tqdm
+
+from gen_ad.utils.io import append_jsonl, atomic_path
+
+if TYPE_CHECKING:
+    from gen_ad.training.loop import RunState
+
+SAMPLE_SEED = 1234
+
+
+def inference_models(models: Mapping[str, nn.Module],
+                     ema: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """Models for sampling: the EMA copy under the plain name where one exists."""
+    out = dict(models)
+    out.update(ema)
+    return out
+
+
+def sample_images(state: RunState, n: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
+    """``n`` samples ``[n,3,H,W]`` in ``[-1,1]`` on CPU from the EMA models (eval mode)."""
+    models = inference_models(state.models, state.ema)
+    was_training = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    gen = torch.Generator(device=state.accelerator.device).manual_seed(seed)
+    try:
+        with torch.no_grad():
+            x = state.family.sample(models, n, gen)
+    finally:
+        for k, m in models.items():
+            m.train(was_training[k])
+    return x.float().clamp(-1, 1).cpu()
+
+
+def image_grid(x: torch.Tensor, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile images ``[n,3,H,W]`` in ``[-1,1]`` into one uint8 ``[H',W',3]`` grid."""
+    n = x.shape[0]
+    ncol = ncol or max(1, int(math.ceil(math.sqrt(n))))
+    nrow = int(math.ceil(n / ncol))
+    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=1.0)
+    blank = torch.ones(nrow * ncol - n, *x.shape[1:])
+    x = torch.cat([x, blank])
+    grid = rearrange(x, "(r c) ch h w -> (r h) (c w) ch", r=nrow, c=ncol)
+    return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def save_png(path: str | Path, img: np.ndarray) -> None:
+    """Atomically write a uint8 ``[H,W,3]`` or ``[H,W]`` array as PNG."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def save_samples(state: RunState, n: int = 64) -> Path:
+    """Write ``samples/step-<N>.png`` (fixed seed so grids are comparable over training)."""
+    x = sample_images(state, n)
+    path = state.run_dir / "samples" / f"step-{state.counters.step:07d}.png"
+    save_png(path, image_grid(x))
+    return path
+
+
+def make_fid_monitor(cfg: Any, run_dir: Path) -> Any:
+    """The run's periodic FID monitor, or ``None`` when ``train.fid_every`` is 0."""
+    if cfg.train.fid_every <= 0:
+        return None
+    from gen_ad.metrics.fid import FIDMonitor
+
+    real = cfg.data.val or cfg.data.train
+    return FIDMonitor(real=real, n=cfg.train.fid_n, size=cfg.data.size,
+                      normal_classes=list(cfg.data.normal_classes))
+
+
+def _maybe_fid(state: RunState) -> None:
+    mon = state.fid_monitor
+    if mon is None or not state.accelerator.is_main_process:
+        return
+
+    def sample_fn(n: int, generator: torch.Generator) -> torch.Tensor:
+        models = inference_models(state.models, state.ema)
+        with torch.no_grad():
+            return state.family.sample(models, n, generator)
+
+    result = mon.maybe_compute(state.counters.step, sample_fn)
+    if result:
+        append_jsonl(state.run_dir / "fid.jsonl",
+                     {"step": state.counters.step, "kimg": state.counters.kimg, **result})
+
+
+def after_step(state: RunState, logs: dict[str, float], bar: tqdm) -> None:
+    """Logging, sample grids and FID at their intervals (``counters.step`` already advanced)."""
+    from gen_ad.training.loop import log_stats
+
+    tc = state.family.cfg.train
+    step = state.counters.step
+    if tc.log_every and (step % tc.log_every == 0 or step == 1):
+        log_stats(state, logs)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:5]})
+    if tc.sample_every and step % tc.sample_every == 0 and state.accelerator.is_main_process:
+        save_samples(state)
+    if tc.fid_every and step % tc.fid_every == 0:
+        _maybe_fid(state)

@@ -1,0 +1,393 @@
+"""f-AnoGAN training: WGAN-GP (stage ``gan``) then the izi_f encoder (stage ``encoder``).
+
+Stage ``gan`` (Schlegl et al. 2019, after Gulrajani et al. 2017): each loop step is one generator
+update preceded by ``n_critic`` (5) critic updates. Like the reference code, every critic update
+sees *different* real images: the loop's batch is split into ``n_critic`` sub-batches
+(``gan.critic_batches="split"``, so ``train.batch_size = n_critic * b``; f-AnoGAN's batch 32 is
+``train.batch_size: 160``). ``critic_batches="reuse"`` runs all critic updates on the whole batch.
+Critic loss ``E[D(G(z))] - E[D(x)] + gp_weight * GP`` with the gradient penalty on random
+interpolates (:func:`gradient_penalty`); generator loss ``-E[D(G(z))]``; Adam for both.
+
+Stage ``encoder``: G and D are loaded from the ``model/`` export of ``gan_run`` and frozen
+(``requires_grad=False``, eval mode; they are still saved with this run so it is self-contained).
+Only E trains, on ``MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))`` with ``f`` the critic's
+features before its last layer.
+
+All randomness of a step (``z``, interpolation weights) comes from ``ctx.generator``, so both stages
+resume exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen_ad.config import DataConfig, TrainConfig, check, read_yaml
+from gen_ad.errors import CheckpointError
+from gen_ad.inversion.encoder import FAnoGANScorer
+from gen_ad.models.wgan import Critic, Encoder, Generator, sample_latent
+from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.training.family import Family, StepContext
+from gen_ad.utils.io import load_safetensors
+
+
+@dataclass
+class WGANModelConfig:
+    """Networks (see :mod:`gen_ad.models.wgan`); the resolution is ``data.size``.
+
+    Attributes:
+        latent_dim: size of ``z`` (128 in f-AnoGAN).
+        base_dim: network width ``d`` (64 in the reference; the 4x4 stage has ``8d`` channels).
+        prior: distribution ``z`` is sampled from when training G: ``normal`` (``N(0, I)``, the
+            reference default) or ``uniform`` (``U(-1, 1)``).
+        critic_norm: ``layer`` (reference) or ``none``.
+        encoder_norm: ``layer`` (like the critic), ``batch`` (the reference code) or ``none``.
+        encoder_output: ``tanh`` (bounded codes, f-AnoGAN paper) or ``linear``.
+        ema: keep an EMA of G (f-AnoGAN has none; decay ``train.ema_decay``).
+    """
+
+    latent_dim: int = 128
+    base_dim: int = 64
+    prior: Literal["normal", "uniform"] = "normal"
+    critic_norm: Literal["layer", "none"] = "layer"
+    encoder_norm: Literal["layer", "batch", "none"] = "layer"
+    encoder_output: Literal["tanh", "linear"] = "tanh"
+    ema: bool = False
+
+    def validate(self, prefix: str) -> None:
+        check(self.latent_dim > 0, f"{prefix}.latent_dim", "must be positive")
+        check(self.base_dim > 0, f"{prefix}.base_dim", "must be positive")
+
+
+@dataclass
+class GANLossConfig:
+    """WGAN-GP settings of stage ``gan``.
+
+    Attributes:
+        n_critic: critic updates per generator update (5).
+        gp_weight: gradient-penalty weight lambda (10).
+        lr_g / lr_d: Adam learning rates (2e-4 as reported by f-AnoGAN; the WGAN-GP code: 1e-4).
+        betas: Adam betas (``[0.0, 0.9]`` as in WGAN-GP).
+        critic_batches: ``split`` (each critic update gets its own ``batch_size / n_critic`` real
+            images, as in the reference) or ``reuse`` (every critic update uses the whole batch).
+    """
+
+    n_critic: int = 5
+    gp_weight: float = 10.0
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    critic_batches: Literal["split", "reuse"] = "split"
+
+    def validate(self, prefix: str) -> None:
+        check(self.n_critic >= 1, f"{prefix}.n_critic", "must be >= 1")
+        check(self.gp_weight >= 0, f"{prefix}.gp_weight", "must be >= 0")
+        check(self.lr_g > 0 and self.lr_d > 0, f"{prefix}.lr_g", "learning rates must be > 0")
+        _check_betas(self.betas, f"{prefix}.betas")
+
+
+@dataclass
+class EncoderStageConfig:
+    """izi_f encoder training (stage ``encoder``); its batch is ``train.batch_size`` (128 in
+    f-AnoGAN).
+
+    Attributes:
+        kappa: weight of the critic-feature term (1).
+        lr: Adam learning rate (2e-4 as reported; the reference code used RMSProp 5e-5).
+        betas: Adam betas.
+    """
+
+    kappa: float = 1.0
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def validate(self, prefix: str) -> None:
+        check(self.kappa >= 0, f"{prefix}.kappa", "must be >= 0")
+        check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check_betas(self.betas, f"{prefix}.betas")
+
+
+def _check_betas(betas: list[float], key: str) -> None:
+    check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), key,
+          f"must be two numbers in [0, 1), got {betas}")
+
+
+@dataclass
+class WGANConfig:
+    """Top-level config of the ``wgan`` family (f-AnoGAN).
+
+    Attributes:
+        out: run folder.
+        stage: ``gan`` (WGAN-GP) or ``encoder`` (izi_f encoder on a frozen GAN).
+        gan_run: run folder of the ``gan`` stage (required for ``stage: encoder``).
+        data / train: shared sections.
+        model / gan / encoder: family sections.
+    """
+
+    out: str = "checkpoints/wgan"
+    stage: Literal["gan", "encoder"] = "gan"
+    gan_run: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: WGANModelConfig = field(default_factory=WGANModelConfig)
+    gan: GANLossConfig = field(default_factory=GANLossConfig)
+    encoder: EncoderStageConfig = field(default_factory=EncoderStageConfig)
+
+    def validate(self, prefix: str) -> None:
+        size = self.data.size
+        check(size >= 8 and size & (size - 1) == 0, "data.size",
+              f"the f-AnoGAN networks need a power of two >= 8 (e.g. 64, 128), got {size}")
+        check(self.stage != "encoder" or bool(self.gan_run), "gan_run",
+              "stage 'encoder' needs gan_run: the run folder of a finished 'gan' stage")
+        if self.stage == "gan" and self.gan.critic_batches == "split":
+            k = self.gan.n_critic * self.train.grad_accum
+            check(self.train.batch_size % k == 0, "train.batch_size",
+                  f"must be divisible by gan.n_critic * train.grad_accum = {k} with "
+                  f"gan.critic_batches 'split' (each critic update takes batch_size / n_critic "
+                  f"images), got {self.train.batch_size}")
+        check(not self.model.ema or self.train.ema_decay > 0, "train.ema_decay",
+              "must be > 0 when model.ema is true")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP penalty ``mean_i (||grad_x D(x_i)||_2 - 1)^2`` on random interpolates.
+
+    ``x_i = real_i + a_i (fake_i - real_i)`` with one ``a_i ~ U[0, 1)`` per sample, drawn from
+    ``generator``. Differentiable w.r.t. the critic's parameters (``create_graph=True``).
+
+    Args:
+        critic: module mapping ``[B,C,H,W] -> [B]``.
+        real: ``[B,C,H,W]`` real images.
+        fake: ``[B,C,H,W]`` generated images (detached).
+        generator: random generator for the interpolation weights.
+    Returns:
+        Scalar tensor.
+    """
+    if real.shape != fake.shape:
+        raise ValueError(f"real and fake must have the same shape, got {tuple(real.shape)} and "
+                         f"{tuple(fake.shape)}")
+    alpha = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device,
+                       dtype=real.dtype)
+    x = (real.detach() + alpha * (fake.detach() - real.detach())).requires_grad_(True)
+    out = critic(x)
+    (grad,) = torch.autograd.grad(out.sum(), [x], create_graph=True)
+    slopes = einops.rearrange(grad, "b c h w -> b (c h w)").float().norm(dim=1)
+    return (slopes - 1.0).square().mean()
+
+
+def izif_loss(x: torch.Tensor, encoder: nn.Module, generator: nn.Module, critic: nn.Module,
+              kappa: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """izi_f training loss ``MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))``.
+
+    Returns:
+        ``(loss, image_mse, feature_mse)`` scalars (``feature_mse`` without ``kappa``).
+    """
+    recon = generator(encoder(x))
+    with torch.no_grad():
+        fx = critic.features(x)
+    img = F.mse_loss(recon, x)
+    fts = F.mse_loss(critic.features(recon), fx)
+    return img + kappa * fts, img, fts
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    """The module inside a DDP/compile wrapper."""
+    while hasattr(m, "module") and isinstance(m.module, nn.Module):
+        m = m.module
+    return m
+
+
+# ----------------------------------------------------------------------------- family
+
+
+class WGANFamily(Family):
+    """f-AnoGAN: WGAN-GP generator/critic and the izi_f encoder (see the module docstring)."""
+
+    name = "wgan"
+    config_cls = WGANConfig
+
+    def build_models(self) -> dict[str, nn.Module]:
+        """``G`` and ``D`` (stage gan); ``G``, ``D`` (frozen) and ``E`` (stage encoder)."""
+        c, r = self.cfg.model, self.cfg.data.size
+        models: dict[str, nn.Module] = {
+            "G": Generator(latent_dim=c.latent_dim, resolution=r, channels=3,
+                           base_dim=c.base_dim),
+            "D": Critic(resolution=r, channels=3, base_dim=c.base_dim, norm=c.critic_norm),
+        }
+        if self.cfg.stage == "encoder":
+            for k in ("G", "D"):
+                models[k].requires_grad_(False).eval()
+            models["E"] = Encoder(latent_dim=c.latent_dim, resolution=r, channels=3,
+                                  base_dim=c.base_dim, norm=c.encoder_norm,
+                                  output=c.encoder_output)
+        return models
+
+    def build_optimizers(self, models: Mapping[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+        if self.cfg.stage == "encoder":
+            e = self.cfg.encoder
+            return {"E": torch.optim.Adam(models["E"].parameters(), lr=e.lr, betas=tuple(e.betas))}
+        g = self.cfg.gan
+        return {
+            "G": torch.optim.Adam(models["G"].parameters(), lr=g.lr_g, betas=tuple(g.betas)),
+            "D": torch.optim.Adam(models["D"].parameters(), lr=g.lr_d, betas=tuple(g.betas)),
+        }
+
+    def ema_models(self) -> list[str]:
+        return ["G"] if self.cfg.model.ema and self.cfg.stage == "gan" else []
+
+    def setup(self, models: Mapping[str, nn.Module], device: torch.device) -> None:
+        """Stage encoder: load G and D from ``gan_run`` and freeze them."""
+        if self.cfg.stage != "encoder":
+            return
+        for name, path in gan_weight_files(self.cfg.gan_run).items():
+            module = _unwrap(models[name])
+            try:
+                module.load_state_dict(load_safetensors(path), strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(
+                    f"{path} does not match this config's networks (model.* and data.size must "
+                    f"equal those of the gan run): {str(e).splitlines()[0]}") from e
+            module.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------------- steps
+
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        if self.cfg.stage == "encoder":
+            return self._encoder_step(ctx, batch)
+        g = self.cfg.gan
+        subs = batch.chunk(g.n_critic) if g.critic_batches == "split" else [batch] * g.n_critic
+        logs: dict[str, float] = {}
+        for real in subs:
+            logs = self.critic_update(ctx, real)
+        logs.update(self.generator_update(ctx, subs[0].shape[0]))
+        return logs
+
+    def _latent(self, ctx: StepContext, n: int) -> torch.Tensor:
+        return sample_latent(n, self.cfg.model.latent_dim, self.cfg.model.prior, ctx.generator,
+                             ctx.device)
+
+    def critic_update(self, ctx: StepContext, real: torch.Tensor) -> dict[str, float]:
+        """One Adam step of D on ``real`` ``[b,3,H,W]`` and as many fresh fakes.
+
+        Returns:
+            ``loss_d`` (critic loss incl. penalty), ``w_dist`` (``E[D(x)] - E[D(G(z))]``, the
+            Wasserstein estimate), ``gp``.
+        """
+        G, D, opt = ctx.models["G"], ctx.models["D"], ctx.optimizers["D"]
+        G.train()
+        D.train()
+        opt.zero_grad(set_to_none=True)
+        tot = {"loss_d": 0.0, "w_dist": 0.0, "gp": 0.0}
+        for chunk in ctx.micro_batches(real, D):
+            z = self._latent(ctx, chunk.shape[0])
+            with torch.no_grad(), ctx.autocast():
+                fake = G(z)
+            with ctx.autocast():
+                w = D(chunk).float().mean() - D(fake).float().mean()
+                gp = gradient_penalty(D, chunk, fake.to(chunk.dtype), ctx.generator)
+                loss = -w + self.cfg.gan.gp_weight * gp
+            ctx.backward(loss / ctx.grad_accum)
+            for k, v in (("loss_d", loss), ("w_dist", w), ("gp", gp)):
+                tot[k] += float(v.detach()) / ctx.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return tot
+
+    def generator_update(self, ctx: StepContext, n: int) -> dict[str, float]:
+        """One Adam step of G on ``n`` fakes with loss ``-E[D(G(z))]``.
+
+        Returns:
+            ``loss_g``.
+        """
+        G, D, opt = ctx.models["G"], ctx.models["D"], ctx.optimizers["G"]
+        G.train()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for zc in ctx.micro_batches(self._latent(ctx, n), G):
+            with ctx.autocast():
+                loss = -D(G(zc)).float().mean()
+            ctx.backward(loss / ctx.grad_accum)
+            total += float(loss.detach()) / ctx.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ctx.optimizers["D"].zero_grad(set_to_none=True)  # D got gradients through G's loss
+        return {"loss_g": total}
+
+    def _encoder_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        E, opt = ctx.models["E"], ctx.optimizers["E"]
+        G, D = _unwrap(ctx.models["G"]), _unwrap(ctx.models["D"])
+        G.eval()
+        D.eval()
+        E.train()
+        opt.zero_grad(set_to_none=True)
+        tot = {"loss_e": 0.0, "mse_img": 0.0, "mse_feat": 0.0}
+        for chunk in ctx.micro_batches(batch, E):
+            with ctx.autocast():
+                loss, img, fts = izif_loss(chunk, E, G, D, self.cfg.encoder.kappa)
+            ctx.backward(loss / ctx.grad_accum)
+            for k, v in (("loss_e", loss), ("mse_img", img), ("mse_feat", fts)):
+                tot[k] += float(v.detach()) / ctx.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return tot
+
+    # ------------------------------------------------------------------------- inference
+
+    def sample(self, models: Mapping[str, nn.Module], n: int,
+               generator: torch.Generator) -> torch.Tensor:
+        G = models["G"]
+        dev = next(G.parameters()).device
+        z = sample_latent(n, self.cfg.model.latent_dim, self.cfg.model.prior, generator, dev)
+        return G(z)
+
+    def scorers(self, models: Mapping[str, nn.Module], **kwargs: Any) -> dict[str, AnomalyScorer]:
+        """``fanogan`` (izi_f; needs the encoder stage) or, for a gan-stage run, ``anogan``
+        (iterative latent optimisation from a random start). ``kwargs`` go to
+        :class:`~gen_ad.inversion.encoder.FAnoGANScorer` (e.g. ``mode``, ``steps``,
+        ``smooth_sigma``)."""
+        kw: dict[str, Any] = {"kappa": self.cfg.encoder.kappa, "prior": self.cfg.model.prior}
+        kw.update(kwargs)
+        if "E" in models:
+            return {"fanogan": FAnoGANScorer(generator=models["G"], critic=models["D"],
+                                             encoder=models["E"], **kw)}
+        kw["mode"] = "iterative"
+        scorer = FAnoGANScorer(generator=models["G"], critic=models["D"], encoder=None, **kw)
+        scorer.name = "anogan"
+        return {"anogan": scorer}
+
+
+def gan_weight_files(gan_run: str | None) -> dict[str, Path]:
+    """The exported G (EMA copy when the gan run kept one) and D of a gan-stage run folder.
+
+    Raises:
+        CheckpointError: the folder or its ``model/`` export is missing, or it is not a gan run.
+    """
+    run = Path(str(gan_run))
+    model_dir = run / "model"
+    if not model_dir.is_dir():
+        raise CheckpointError(f"gan_run {run}: no model/ export found (train the gan stage first: "
+                              f"gen-ad train wgan --config ... out={run})")
+    cfg_file = run / "config.yaml"
+    if cfg_file.is_file() and read_yaml(cfg_file).get("stage", "gan") != "gan":
+        raise CheckpointError(f"gan_run {run} is an encoder-stage run; point to the gan run")
+    g = model_dir / "G_ema.safetensors"
+    files = {"G": g if g.is_file() else model_dir / "G.safetensors",
+             "D": model_dir / "D.safetensors"}
+    for p in files.values():
+        if not p.is_file():
+            raise CheckpointError(f"gan_run {run}: {p.name} missing in {model_dir}")
+    return files
+
+
+__all__ = ["WGANConfig", "WGANFamily", "gradient_penalty", "izif_loss", "gan_weight_files"]

@@ -1,0 +1,175 @@
+"""The shared training loop: exact resume, atomic checkpoints, NaN guard, mismatch, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import gen_ad.config as config_mod
+from gen_ad.config import load_config
+from gen_ad.errors import CheckpointError, TrainingDivergedError
+from gen_ad.training import checkpoint as ckpt
+from gen_ad.training.loop import run_training
+from gen_ad.utils.io import load_safetensors, read_jsonl
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from toy_family import ToyConfig, ToyFamily  # noqa: E402
+
+
+def _train(out: Path, *overrides: str, resume: str | None = None) -> ToyFamily:
+    cfg = load_config(ToyConfig, None, [f"out={out}", "train.log_every=1",
+                                        "train.sample_every=0", *overrides])
+    fam = ToyFamily(cfg)
+    run_training(fam, resume=resume)
+    return fam
+
+
+def _state_tensors(state_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((state_dir / "models").glob("*.safetensors")):
+        for k, v in load_safetensors(f).items():
+            out[f"{f.stem}.{k}"] = v
+    for sub in ("optim", "sched"):
+        for f in sorted((state_dir / sub).glob("*.pt")):
+            sd = ckpt.torch_load(f)
+            for i, (k, v) in enumerate(_flatten(sd)):
+                out[f"{sub}/{f.stem}/{k}"] = v
+    out["family.running"] = ckpt.torch_load(state_dir / "family.pt")["running"]
+    return out
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}{i}.")
+    elif isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (int, float)):
+        yield prefix, torch.tensor(obj)
+
+
+def test_exact_resume_is_bitwise(tmp_path: Path) -> None:
+    """N steps in one go == N/2 + resume + N/2, for weights, EMA, optimisers, schedules, state."""
+    _train(tmp_path / "a", "train.max_steps=6", "train.grad_accum=2")
+    _train(tmp_path / "b", "train.max_steps=3", "train.grad_accum=2")
+    _train(tmp_path / "b", "train.max_steps=6", "train.grad_accum=2", resume="latest")
+    a = _state_tensors(tmp_path / "a" / "state" / "step-6")
+    b = _state_tensors(tmp_path / "b" / "state" / "step-6")
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the stats of the resumed half equal those of the uninterrupted run
+    sa = [r["loss_net"] for r in read_jsonl(tmp_path / "a" / "stats.jsonl")]
+    sb = [r["loss_net"] for r in read_jsonl(tmp_path / "b" / "stats.jsonl")]
+    assert sa == sb
+
+
+def test_keep_last_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _train(tmp_path / "r", "train.max_steps=5", "train.ckpt_every=1", "train.keep_last=2")
+    assert [s for s, _ in ckpt.list_states(tmp_path / "r")] == [4, 5]
+    assert (tmp_path / "r" / "config.yaml").is_file()
+    monkeypatch.setattr(config_mod, "_FAMILIES",
+                        types.MappingProxyType({"toy": "toy_family:ToyFamily"}))
+    from gen_ad.training.export import load_run
+
+    run = load_run(tmp_path / "r")
+    assert run.step == 5 and set(run.models) == {"net", "critic"}
+    ema = load_safetensors(tmp_path / "r" / "model" / "net_ema.safetensors")
+    assert torch.equal(run.models["net"].enc.weight, ema["enc.weight"])  # EMA under plain name
+    x = run.sample(5, seed=3, batch_size=2)
+    assert x.shape == (5, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, run.sample(5, seed=3, batch_size=2))
+
+
+def test_existing_run_needs_resume(tmp_path: Path) -> None:
+    _train(tmp_path / "r", "train.max_steps=2")
+    with pytest.raises(CheckpointError, match="--resume latest"):
+        _train(tmp_path / "r", "train.max_steps=2")
+
+
+def test_checkpoint_config_mismatch(tmp_path: Path) -> None:
+    _train(tmp_path / "r", "train.max_steps=2")
+    with pytest.raises(CheckpointError, match="does not match the config"):
+        _train(tmp_path / "r", "train.max_steps=4", "width=6", resume="latest")
+
+
+def test_nan_guard_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(TrainingDivergedError, match=r"'loss_net' is nan at step 3"):
+        _train(tmp_path / "r", "train.max_steps=6", "train.ckpt_every=2", "nan_at_step=3")
+    assert [s for s, _ in ckpt.list_states(tmp_path / "r")] == [2]
+    _train(tmp_path / "r", "train.max_steps=3", resume="latest")  # the good state still loads
+
+
+_KILL_SCRIPT = r"""
+import os, signal, sys
+sys.path.insert(0, {here!r})
+from gen_ad.training import checkpoint as ckpt
+import gen_ad.training.loop as loop
+orig = ckpt.save_safetensors
+calls = []
+def dying(path, tensors, metadata=None):
+    calls.append(path)
+    if "step-4" in str(path) and len(calls) > 1:
+        os.kill(os.getpid(), signal.SIGKILL)   # die in the middle of writing step 4
+    orig(path, tensors, metadata)
+ckpt.save_safetensors = dying
+import toy_family
+toy_family.main([{out!r}, "train.max_steps=6", "train.ckpt_every=2", "train.sample_every=0"])
+"""
+
+
+def test_sigkill_while_checkpointing_leaves_previous_loadable(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    code = _KILL_SCRIPT.format(here=str(HERE), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [s for s, _ in ckpt.list_states(out)] == [2]
+    assert list((out / "state").glob(".step-4*")), "the torn state stays a temporary folder"
+    _train(out, "train.max_steps=4", resume="latest")
+    assert [s for s, _ in ckpt.list_states(out)][-1] == 4
+    assert not list((out / "state").glob(".step-*")), "stale temporary folders are cleaned"
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    code = (f"import sys, os, signal; sys.path.insert(0, {str(HERE)!r});"
+            "import gen_ad.training.loop as loop;"
+            "orig = loop.train_one_step\n"
+            "def step(state, batch):\n"
+            "    logs = orig(state, batch)\n"
+            "    if state.counters.step == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return logs\n"
+            "loop.train_one_step = step\n"
+            "import toy_family\n"
+            f"toy_family.main([{str(out)!r}, 'train.max_steps=50', 'train.ckpt_every=0'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [s for s, _ in ckpt.list_states(out)] == [3]
+
+
+def test_two_process_cpu_replicas_identical(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(HERE / "toy_family.py"), str(out), "train.max_steps=3", "train.sample_every=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(out / "replica-0.pt", weights_only=True)
+    r1 = torch.load(out / "replica-1.pt", weights_only=True)
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    meta = ckpt.list_states(out)[-1][1] / "meta.json"
+    assert '"world": 2' in meta.read_text()
