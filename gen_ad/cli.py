@@ -87,9 +87,253 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("fid", help="FID (and KID) of generated images against real images",
+                       description="FID/KID with torch-fidelity's Inception-v3. REAL's statistics "
+                       "are cached by content. Prints one JSON object.")
+    p.add_argument("real", metavar="REAL", help="folder of real images (searched recursively)")
+    p.add_argument("fake", metavar="FAKE",
+                   help="folder of generated images, or a run folder (holds model/model.json)")
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="Inception weights file (default: torch hub cache, then download)")
+    p.add_argument("--kid", action="store_true", help="also compute KID")
+    p.add_argument("--n", type=_positive_int, default=None,
+                   help="samples drawn from a run (default: as many as REAL images), or the "
+                   "first N images of a FAKE folder")
+    p.add_argument("--max-real", type=_positive_int, default=None,
+                   help="use only the first N real images (sorted names)")
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="resize folder images to SIZE x SIZE first (e.g. the training size)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for a run")
+    p.add_argument("--no-cache", action="store_true", help="ignore the real-statistics cache")
+    p.set_defaults(func=_cmd_fid)
+
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    import json
+
+    from gen_ad.metrics.fid import compute_fid
+
+    result = compute_fid(args.real, args.fake, n=args.n, kid=args.kid,
+                         inception_weights=args.inception_weights, device=args.device,
+                         batch_size=args.batch_size, seed=args.seed, size=args.size,
+                         max_real=args.max_real, use_cache=not args.no_cache)
+    print(json.dumps(result))
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("score", help="score a patch folder with a trained run's scorers",
+                       description="Reconstruct each patch with a trained run, score the "
+                       "residuals, write scores.csv, map PNGs and metrics.json (AUROC/AUPR with "
+                       "95%% CIs when the folder has normal and anomalous classes).")
+    p.add_argument("run", help="run folder (checkpoints/<run>)")
+    p.add_argument("--data", required=True, help="folder to score (class subfolders)")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per method)")
+    p.add_argument("--method", default=None, help="one scorer of the run (default: all)")
+    p.add_argument("--normal", default=None,
+                   help="normal validation folder to fit scorers and calibrate the threshold on "
+                   "(default: the run's data.val, else a threshold saved with the run)")
+    p.add_argument("--normal-classes", default="normal",
+                   help="comma-separated class folders that are normal (default: normal)")
+    p.add_argument("--masks", default=None, help="ground-truth mask folder (pixel metrics)")
+    p.add_argument("--threshold", choices=["iqr", "fpr"], default="iqr",
+                   help="label-free threshold rule: Q3+1.5*IQR (default) or a fixed FPR")
+    p.add_argument("--fpr", type=_fraction, default=0.05, help="FPR for --threshold fpr")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--examples", type=int, default=8, help="map PNGs of the top/bottom N")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="inversion steps for iterative scorers (projection, latent search)")
+    p.set_defaults(func=_cmd_score)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from gen_ad.scoring.runner import score_run, summary_line
+
+    kwargs = {"steps": args.steps} if args.steps else {}
+    results = score_run(args.run, args.data, args.out, method=args.method, normal=args.normal,
+                        normal_classes=[c for c in args.normal_classes.split(",") if c],
+                        masks=args.masks, threshold_method=args.threshold, fpr=args.fpr,
+                        batch_size=args.batch_size, device=args.device,
+                        n_examples=args.examples, scorer_kwargs=kwargs)
+    for m in results.values():
+        print(summary_line(m))
+    print(f"outputs: {args.out}")
+    return 0
+
+
+def _add_tile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("tile", help="cut whole-slide images into tissue tiles (PNG + manifest)",
+                       description="Tile slides on a grid at a pyramid level or a target mpp, keep "
+                       "tiles whose tissue fraction reaches --min-tissue, write "
+                       "<slide>_x<X>_y<Y>.png (level-0 corner) and one manifest.csv.")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (.svs, .tiff, ...)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--size", required=True, type=_positive_int, help="tile side in pixels")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--level", type=int, default=None, help="pyramid level to read (default 0)")
+    res.add_argument("--mpp", type=float, default=None,
+                     help="target microns per pixel (best level, then resized)")
+    p.add_argument("--slide-mpp", type=float, default=None,
+                   help="level-0 microns per pixel for slides that do not record it")
+    p.add_argument("--min-tissue", type=_fraction, default=0.9,
+                   help="minimum tissue fraction of a kept tile (default 0.9)")
+    p.add_argument("--stride", type=_positive_int, default=None,
+                   help="grid step in output pixels (default: --size, no overlap)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="reader/writer threads")
+    p.set_defaults(func=_cmd_tile)
+
+
+def _cmd_tile(args: argparse.Namespace) -> int:
+    from gen_ad.data.wsi import MANIFEST_NAME, tile_slides
+
+    summaries = tile_slides(args.slides, args.out, args.size, level=args.level, mpp=args.mpp,
+                            min_tissue=args.min_tissue, stride=args.stride,
+                            slide_mpp=args.slide_mpp, workers=args.workers)
+    for s in summaries:
+        mpp = f"{s.mpp * s.downsample:.3g} um/px" if s.mpp is not None else "mpp unknown"
+        print(f"{s.slide}: {s.backend}, level {s.level}, downsample {s.downsample:.3g} ({mpp}), "
+              f"{len(s.records)} of {s.grid_cells} grid tiles kept")
+    print(f"manifest: {args.out}/{MANIFEST_NAME}")
+    return 0
+
+
+def _size_arg(text: str) -> int:
+    v = int(text)
+    if v < 16:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 16, got {text}")
+    return v
+
+
+def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("synth", help="write procedural H&E-like patches with planted anomalies",
+                       description="Write synthetic H&E-like patches (normal/, anomalous/, "
+                       "masks/, manifest.csv) and a contact sheet with mask outlines.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=_positive_int, required=True, help="number of patches")
+    p.add_argument("--size", type=_size_arg, default=64, help="patch side in pixels (>= 16)")
+    p.add_argument("--anomaly-fraction", type=_fraction, default=0.0,
+                   help="share of patches with an anomaly, in [0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
+    p.add_argument("--sheet", default=None,
+                   help="contact sheet PNG (default OUT/contact_sheet.png)")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gen_ad.data.synthetic import generate, write_folder
+    from gen_ad.report.sheets import save_contact_sheet
+
+    out = Path(args.out)
+    counts = write_folder(out, args.n, args.size, args.seed, args.anomaly_fraction)
+    shown = generate(min(args.n, 32), args.size, args.seed, args.anomaly_fraction)
+    sheet = save_contact_sheet(args.sheet or out / "contact_sheet.png", shown.images,
+                               shown.masks, ncol=8, scale=max(1, 128 // args.size))
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("normal", "anomalous"))
+    print(f"synth: wrote {counts['normal']} normal + {counts['anomalous']} anomalous "
+          f"({detail}) {args.size}px patches to {out}; contact sheet {sheet}")
+    return 0
+
+
+def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("knn", help="KNN baseline on frozen foundation-model features",
+                       description="Build a feature bank of normal patches (fit) and score "
+                       "patches by their distance to the k nearest normal features (score).")
+    knn_sub = p.add_subparsers(dest="knn_command", metavar="ACTION", parser_class=_Parser)
+    knn_sub.required = True
+    f = knn_sub.add_parser("fit", help="embed normal patches into a feature bank + threshold")
+    f.add_argument("--extractor", required=True, metavar="NAME",
+                   help="virchow2, virchow, uni, uni2-h, phikon, phikon-v2, h-optimus-0, "
+                   "lunit-dino-vits8, dino-vits16, dino-resnet50, resnet50")
+    f.add_argument("--weights", default=None, metavar="PATH",
+                   help="local weights file or folder (default: caches, then the hub)")
+    f.add_argument("--random-init", action="store_true", help="random weights (no download)")
+    f.add_argument("--tiny", action="store_true", help="tiny network variant (tests, smoke runs)")
+    f.add_argument("--normal", required=True, metavar="DIR",
+                   help="normal patches: a flat folder, or a folder whose normal/ is used")
+    f.add_argument("--out", required=True, metavar="BANK", help="bank folder to create")
+    f.add_argument("--extend", action="store_true",
+                   help="add the patches to an existing bank at --out (then re-calibrate)")
+    f.add_argument("--k", type=_positive_int, default=200, help="neighbours (default 200)")
+    f.add_argument("--reduction", choices=("mean", "kth"), default="mean",
+                   help="score = mean of the k distances (default) or the k-th")
+    f.add_argument("--metric", choices=("l2", "cosine"), default="l2")
+    f.add_argument("--index", choices=("flat", "ivf"), default="flat")
+    f.add_argument("--calib-size", type=_positive_int, default=5000,
+                   help="bank vectors scored leave-one-out for the threshold (default 5000)")
+    _knn_common(f)
+    f.set_defaults(func=_cmd_knn_fit)
+    s = knn_sub.add_parser("score", help="score patches against a bank; write scores.csv")
+    s.add_argument("bank", metavar="BANK", help="bank folder written by `gen-ad knn fit`")
+    s.add_argument("--data", required=True, metavar="DIR",
+                   help="patches to score (class subfolders: normal/ is label 0, others 1)")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--weights", default=None, metavar="PATH",
+                   help="weights path overriding the one recorded in the bank")
+    s.add_argument("--index", choices=("flat", "ivf"), default=None,
+                   help="override the bank's index type")
+    _knn_common(s)
+    s.set_defaults(func=_cmd_knn_score)
+
+
+def _knn_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="patch loading size (default: the extractor's input size)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="data-loading workers (default 2)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--memory-mb", type=float, default=2048.0,
+                   help="memory budget of the neighbour search in MiB (default 2048)")
+
+
+def _knn_device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cmd_knn_fit(args: argparse.Namespace) -> int:
+    from gen_ad.baselines.knn import SearchSettings, fit_folder
+
+    settings = SearchSettings(metric=args.metric, index=args.index,
+                              memory_budget_mb=args.memory_mb)
+    bank = fit_folder(args.extractor, args.normal, args.out, weights=args.weights,
+                      random_init=args.random_init, tiny=args.tiny, k=args.k,
+                      reduction=args.reduction, settings=settings, size=args.size,
+                      batch_size=args.batch_size, workers=args.workers,
+                      device=_knn_device(args), calib_size=args.calib_size, extend=args.extend)
+    from gen_ad.scoring.thresholds import Threshold
+
+    thr = Threshold.load(bank.root / "threshold.json")
+    print(f"bank: {bank.root} ({bank.count} x {bank.dim}, extractor "
+          f"{bank.meta['extractor']['name']}); threshold (Q3+1.5 IQR of {thr.n} leave-one-out "
+          f"normal scores): {thr.value:.6g}")
+    return 0
+
+
+def _cmd_knn_score(args: argparse.Namespace) -> int:
+    from gen_ad.baselines.knn import score_folder
+
+    summary = score_folder(args.bank, args.data, args.out, batch_size=args.batch_size,
+                           workers=args.workers, device=_knn_device(args), weights=args.weights,
+                           memory_budget_mb=args.memory_mb, index=args.index, size=args.size)
+    line = (f"scored {summary['count']} patches: {summary['flagged']} above threshold "
+            f"{summary['threshold']:.6g}")
+    if "auroc" in summary:
+        line += f"; AUROC {summary['auroc']:.4f}"
+    print(line)
+    print(f"outputs: {args.out}/scores.csv, {args.out}/flagged.csv")
+    return 0
+
+
 def _commands() -> list[Adder]:
     """The subcommands, in the order ``gen-ad --help`` lists them."""
-    return [_add_train, _add_groups]
+    return [_add_train, _add_score, _add_groups, _add_fid, _add_tile, _add_synth, _add_knn]
 
 
 # ----------------------------------------------------------------------------- entry point

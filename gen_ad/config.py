@@ -179,6 +179,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
         return _build(tp, value, key)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -211,11 +216,36 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     for k in data:
         if k not in names:
             raise _unknown_key(cls, str(k), prefix)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs = {}
     for k, v in data.items():
+        base = _section_default(fields[k])
+        if base is not None and isinstance(v, Mapping):
+            v = _merge(base, v)  # a partial section keeps the schema's defaults for that section
         kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
     obj = cls(**kwargs)
     return obj
+
+
+def _section_default(f: dataclasses.Field[Any]) -> dict[str, Any] | None:
+    """The default of a section field as plain data (``None`` for non-section fields)."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    elif f.default is not dataclasses.MISSING:
+        value = f.default
+    else:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return None
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) \
+            else v
+    return out
 
 
 def _validate_tree(obj: Any, prefix: str) -> None:

@@ -39,7 +39,7 @@ def _state_tensors(state_dir: Path) -> dict[str, torch.Tensor]:
     for sub in ("optim", "sched"):
         for f in sorted((state_dir / sub).glob("*.pt")):
             sd = ckpt.torch_load(f)
-            for i, (k, v) in enumerate(_flatten(sd)):
+            for k, v in _flatten(sd):
                 out[f"{sub}/{f.stem}/{k}"] = v
     out["family.running"] = ckpt.torch_load(state_dir / "family.pt")["running"]
     return out
@@ -159,11 +159,12 @@ def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
 
 def test_two_process_cpu_replicas_identical(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--multi_gpu",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # CPU forced
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", "29517",
-           str(HERE / "toy_family.py"), str(out), "train.max_steps=3", "train.sample_every=0"]
+           str(HERE / "toy_family.py"), str(out), "train.max_steps=3", "train.sample_every=0",
+           "train.cpu=true", "train.batch_size=8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(out / "replica-0.pt", weights_only=True)
@@ -172,4 +173,5 @@ def test_two_process_cpu_replicas_identical(tmp_path: Path) -> None:
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     meta = ckpt.list_states(out)[-1][1] / "meta.json"
-    assert '"world": 2' in meta.read_text()
+    text = meta.read_text()
+    assert '"world": 2' in text and '"images": 24' in text

@@ -1,0 +1,292 @@
+"""Group statistics for toxicology studies: per-slide % of anomalous patches, control vs treated.
+
+Each slide gets the percentage of its patches whose score is above a saved label-free threshold
+(Juturu et al. 2025). Slides are assigned to groups (``slide,group`` table); every non-control
+group is compared with the control group by the Mann-Whitney U test (two-sided) and Welch's t-test,
+with effect sizes: the difference of means and medians, Hedges' g (bias-corrected standardised
+mean difference, pooled SD) and Cliff's delta (``P(treated > control) - P(treated < control)``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+from gen_ad.errors import DataError
+from gen_ad.utils.io import write_json, write_text
+
+_TILE_NAME = re.compile(r"^(?P<slide>.+?)_x-?\d+_y-?\d+")
+
+
+def slide_from_path(path: str) -> str:
+    """The slide id of a tile file named ``<slide>_x<X>_y<Y>[...].png``.
+
+    Raises:
+        DataError: the name does not follow that pattern.
+    """
+    m = _TILE_NAME.match(Path(path).stem)
+    if m is None:
+        raise DataError(f"cannot derive the slide from '{path}': add a 'slide' column or name "
+                        "tiles <slide>_x<X>_y<Y>.png")
+    return m.group("slide")
+
+
+def _read_csv(path: str | os.PathLike[str], required: Sequence[str]) -> list[dict[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"CSV file not found: {p}")
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise DataError(f"{p}: missing column(s) {', '.join(missing)} (has: "
+                            f"{', '.join(cols) or 'none'})")
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    if not rows:
+        raise DataError(f"{p}: no rows")
+    return rows
+
+
+def read_scores(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], np.ndarray]:
+    """Read ``path,score[,slide]`` CSVs (concatenated).
+
+    Returns:
+        ``(slides [N], scores [N])``; the slide comes from the ``slide`` column when present, else
+        from the tile file name.
+    """
+    slides: list[str] = []
+    scores: list[float] = []
+    for path in paths:
+        rows = _read_csv(path, ["path", "score"])
+        for i, r in enumerate(rows, start=2):
+            try:
+                s = float(r["score"])
+            except ValueError as e:
+                raise DataError(f"{path}:{i}: score '{r['score']}' is not a number") from e
+            if not math.isfinite(s):
+                raise DataError(f"{path}:{i}: score is not finite")
+            slides.append(r["slide"] if r.get("slide") else slide_from_path(r["path"]))
+            scores.append(s)
+    return slides, np.asarray(scores, dtype=np.float64)
+
+
+def read_groups(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a ``slide,group`` CSV into ``{slide: group}`` (a slide listed twice must agree)."""
+    out: dict[str, str] = {}
+    for i, r in enumerate(_read_csv(path, ["slide", "group"]), start=2):
+        slide, group = r["slide"], r["group"]
+        if not slide or not group:
+            raise DataError(f"{path}:{i}: empty slide or group")
+        if out.get(slide, group) != group:
+            raise DataError(f"{path}:{i}: slide '{slide}' is in two groups")
+        out[slide] = group
+    return out
+
+
+@dataclass
+class SlideStat:
+    """Per-slide summary."""
+
+    slide: str
+    n_patches: int
+    n_above: int
+    percent_above: float
+    mean_score: float
+    max_score: float
+
+
+def per_slide_percent(slides: Sequence[str], scores: Any, threshold: float) -> list[SlideStat]:
+    """Percentage of each slide's patches with ``score > threshold`` (slides in sorted order)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(slides) != s.size or s.size == 0:
+        raise DataError(f"need equal, non-zero numbers of slides and scores ({len(slides)} vs "
+                        f"{s.size})")
+    names, inv = np.unique(np.asarray(slides, dtype=str), return_inverse=True)
+    n = np.bincount(inv, minlength=names.size)
+    above = np.bincount(inv, weights=(s > threshold).astype(np.float64), minlength=names.size)
+    total = np.bincount(inv, weights=s, minlength=names.size)
+    mx = np.full(names.size, -np.inf)
+    np.maximum.at(mx, inv, s)
+    return [SlideStat(str(names[i]), int(n[i]), int(above[i]), float(100.0 * above[i] / n[i]),
+                      float(total[i] / n[i]), float(mx[i])) for i in range(names.size)]
+
+
+def compare_groups(control: Any, treated: Any) -> dict[str, float]:
+    """Two-sided Mann-Whitney U and Welch's t-test of ``treated`` vs ``control``, effect sizes.
+
+    Args:
+        control: values of the control group (>= 2).
+        treated: values of the treated group (>= 2).
+    Returns:
+        dict with ``n_*, mean_*, median_*, mean_diff, median_diff, mannwhitney_u,
+        mannwhitney_p, welch_t, welch_df, welch_p, hedges_g, cliffs_delta`` (NaN → ``None``
+        when a test is undefined, e.g. both groups constant).
+    """
+    a = np.asarray(control, dtype=np.float64).reshape(-1)
+    b = np.asarray(treated, dtype=np.float64).reshape(-1)
+    if a.size < 2 or b.size < 2:
+        raise DataError(f"each group needs at least 2 slides (got {a.size} and {b.size})")
+    mw = sps.mannwhitneyu(b, a, alternative="two-sided")
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        # a constant group (e.g. 0 % everywhere in controls) is legitimate data, not a problem
+        warnings.simplefilter("ignore", RuntimeWarning)
+        wt = sps.ttest_ind(b, a, equal_var=False)
+        va, vb = a.var(ddof=1), b.var(ddof=1)
+        na, nb = a.size, b.size
+        sp = math.sqrt(((na - 1) * va + (nb - 1) * vb) / (na + nb - 2))
+        d = (b.mean() - a.mean()) / sp if sp > 0 else math.nan
+        g = d * (1.0 - 3.0 / (4.0 * (na + nb) - 9.0))
+        df = (va / na + vb / nb) ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
+    cliff = float(np.sign(b[:, None] - a[None, :]).mean())
+    out = {"n_control": int(na), "n_treated": int(nb), "mean_control": float(a.mean()),
+           "mean_treated": float(b.mean()), "median_control": float(np.median(a)),
+           "median_treated": float(np.median(b)), "mean_diff": float(b.mean() - a.mean()),
+           "median_diff": float(np.median(b) - np.median(a)),
+           "mannwhitney_u": float(mw.statistic), "mannwhitney_p": float(mw.pvalue),
+           "welch_t": float(wt.statistic), "welch_df": float(df), "welch_p": float(wt.pvalue),
+           "hedges_g": float(g), "cliffs_delta": cliff}
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+            for k, v in out.items()}
+
+
+def pick_control(groups: Sequence[str], control: str | None = None) -> str:
+    """The reference group: ``control`` if given, else one named 'control' (any case), else the
+    alphabetically first."""
+    names = sorted(set(groups))
+    if control is not None:
+        if control not in names:
+            raise DataError(f"control group '{control}' not found (groups: {', '.join(names)})")
+        return control
+    for n in names:
+        if n.lower() == "control":
+            return n
+    return names[0]
+
+
+def group_analysis(slides: Sequence[str], scores: Any, slide_groups: Mapping[str, str],
+                   threshold: float, control: str | None = None) -> dict[str, Any]:
+    """Per-slide % above threshold, grouped, every other group compared with the control.
+
+    Args:
+        slides: ``[N]`` slide id of each patch.
+        scores: ``[N]`` patch scores.
+        slide_groups: ``{slide: group}``.
+        threshold: label-free threshold (a score ``>`` it is anomalous).
+        control: name of the reference group (see :func:`pick_control`).
+    Returns:
+        JSON-ready dict: ``threshold, control, groups {name: [percent...]}, per_slide [...],
+        comparisons {group: compare_groups(...)}, unassigned_slides, slides_without_scores``.
+    """
+    per = per_slide_percent(slides, scores, threshold)
+    assigned = [p for p in per if p.slide in slide_groups]
+    by_group: dict[str, list[float]] = {}
+    for p in assigned:
+        by_group.setdefault(slide_groups[p.slide], []).append(p.percent_above)
+    if len(by_group) < 2:
+        raise DataError(f"need at least 2 groups with scored slides, found {len(by_group)} "
+                        f"({', '.join(sorted(by_group)) or 'none'}); check that slide ids match")
+    small = [f"{g} ({len(v)})" for g, v in sorted(by_group.items()) if len(v) < 2]
+    if small:
+        raise DataError(f"each group needs at least 2 scored slides: {', '.join(small)}")
+    ref = pick_control(list(by_group), control)
+    scored = {p.slide for p in per}
+    return {
+        "threshold": float(threshold), "control": ref,
+        "groups": {g: by_group[g] for g in sorted(by_group)},
+        "per_slide": [{**asdict(p), "group": slide_groups[p.slide]} for p in assigned],
+        "comparisons": {g: compare_groups(by_group[ref], by_group[g])
+                        for g in sorted(by_group) if g != ref},
+        "unassigned_slides": sorted(p.slide for p in per if p.slide not in slide_groups),
+        "slides_without_scores": sorted(s for s in slide_groups if s not in scored),
+    }
+
+
+def write_group_outputs(result: Mapping[str, Any],
+                        out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``groups.json``, ``per_slide.csv`` and ``groups_box.png`` into ``out_dir``."""
+    from gen_ad.report.figures import box_plot  # matplotlib only when figures are written
+
+    out = Path(out_dir)
+    cols = ["slide", "group", "n_patches", "n_above", "percent_above", "mean_score", "max_score"]
+    lines = [",".join(cols)] + [",".join(_csv_cell(r[c]) for c in cols)
+                                for r in result["per_slide"]]
+    paths = {"json": out / "groups.json", "csv": out / "per_slide.csv",
+             "png": out / "groups_box.png"}
+    write_json(paths["json"], dict(result))
+    write_text(paths["csv"], "\n".join(lines) + "\n")
+    box_plot(result["groups"], paths["png"], ylabel="% patches above threshold",
+             title=f"threshold {result['threshold']:.4g}")
+    return paths
+
+
+def _csv_cell(v: Any) -> str:
+    s = f"{v:.6g}" if isinstance(v, float) else str(v)
+    return f'"{s}"' if any(c in s for c in ',"\n') else s
+
+
+def format_summary(result: Mapping[str, Any]) -> str:
+    """A few human-readable lines: per-group median % and each comparison's p-values."""
+    lines = [f"threshold {result['threshold']:.6g}; control group '{result['control']}'"]
+    for g, v in result["groups"].items():
+        lines.append(f"  {g}: {len(v)} slides, median {np.median(v):.2f}% "
+                     f"(mean {np.mean(v):.2f}%) patches above threshold")
+    for g, c in result["comparisons"].items():
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.3g}"
+        lines.append(f"  {g} vs {result['control']}: Mann-Whitney p={fmt(c['mannwhitney_p'])}, "
+                     f"Welch p={fmt(c['welch_p'])}, Hedges g={fmt(c['hedges_g'])}, "
+                     f"Cliff's delta={fmt(c['cliffs_delta'])}")
+    if result["unassigned_slides"]:
+        lines.append(f"  note: {len(result['unassigned_slides'])} scored slide(s) not in the "
+                     "groups table were ignored")
+    if result["slides_without_scores"]:
+        lines.append(f"  note: {len(result['slides_without_scores'])} slide(s) in the groups "
+                     "table have no scores")
+    return "\n".join(lines)
+
+
+def run_groups(score_csvs: Sequence[str | os.PathLike[str]], groups_csv: str | os.PathLike[str],
+               out_dir: str | os.PathLike[str], threshold: float | None = None,
+               threshold_file: str | os.PathLike[str] | None = None,
+               control: str | None = None) -> dict[str, Any]:
+    """The ``gen-ad groups`` pipeline: read tables, analyse, write outputs.
+
+    Args:
+        score_csvs: ``path,score[,slide]`` CSVs.
+        groups_csv: ``slide,group`` CSV.
+        out_dir: folder for ``groups.json``, ``per_slide.csv``, ``groups_box.png``.
+        threshold: threshold value; exactly one of ``threshold`` / ``threshold_file``.
+        threshold_file: JSON written by :meth:`gen_ad.scoring.thresholds.Threshold.save`.
+        control: reference group name.
+    Returns:
+        The analysis dict (see :func:`group_analysis`) with ``"outputs"`` (written paths).
+    """
+    from gen_ad.scoring.thresholds import Threshold
+
+    if (threshold is None) == (threshold_file is None):
+        raise DataError("give exactly one of --threshold or --threshold-file")
+    if threshold_file is not None:
+        thr = Threshold.load(threshold_file)
+        t_value, t_info = thr.value, thr.to_dict()
+    else:
+        if not math.isfinite(float(threshold)):  # type: ignore[arg-type]
+            raise DataError(f"threshold must be finite, got {threshold}")
+        t_value, t_info = float(threshold), {"value": float(threshold), "method": "given"}
+    slides, scores = read_scores(score_csvs)
+    result = group_analysis(slides, scores, read_groups(groups_csv), t_value, control=control)
+    result["threshold_info"] = t_info
+    result["score_files"] = [str(p) for p in score_csvs]
+    paths = write_group_outputs(result, out_dir)
+    result["outputs"] = {k: str(v) for k, v in paths.items()}
+    return result

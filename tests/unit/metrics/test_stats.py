@@ -1,0 +1,121 @@
+"""Group statistics: per-slide percentages, tests equal scipy, the groups CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from gen_ad.cli import main
+from gen_ad.errors import DataError
+from gen_ad.metrics.stats import (
+    compare_groups,
+    group_analysis,
+    per_slide_percent,
+    pick_control,
+    slide_from_path,
+)
+from gen_ad.scoring.thresholds import Threshold
+
+
+def test_slide_from_tile_name() -> None:
+    assert slide_from_path("/a/b/rat_12_liver_x1024_y2048.png") == "rat_12_liver"
+    assert slide_from_path("S1_x0_y0_level0.png") == "S1"
+    with pytest.raises(DataError, match="slide"):
+        slide_from_path("tile_0001.png")
+
+
+def test_per_slide_percent() -> None:
+    slides = ["b", "a", "a", "b", "a", "a"]
+    scores = [0.1, 0.5, 2.0, 3.0, 0.2, 1.5]
+    out = {p.slide: p for p in per_slide_percent(slides, scores, threshold=1.0)}
+    assert list(out) == ["a", "b"]
+    assert (out["a"].n_patches, out["a"].n_above, out["a"].percent_above) == (4, 2, 50.0)
+    assert out["b"].percent_above == 50.0 and out["b"].max_score == 3.0
+    assert out["a"].mean_score == pytest.approx(1.05)
+
+
+def test_compare_groups_equals_scipy() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(5, 2, 7), rng.normal(8, 3, 9)
+    c = compare_groups(a, b)
+    mw = sps.mannwhitneyu(b, a, alternative="two-sided")
+    wt = sps.ttest_ind(b, a, equal_var=False)
+    assert c["mannwhitney_p"] == pytest.approx(mw.pvalue, rel=1e-12)
+    assert c["mannwhitney_u"] == pytest.approx(mw.statistic)
+    assert c["welch_p"] == pytest.approx(wt.pvalue, rel=1e-12)
+    assert c["welch_t"] == pytest.approx(wt.statistic, rel=1e-12)
+    cliff = np.mean([np.sign(x - y) for x in b for y in a])
+    assert c["cliffs_delta"] == pytest.approx(cliff)
+    assert c["cliffs_delta"] == pytest.approx(2 * mw.statistic / (7 * 9) - 1)
+    assert c["hedges_g"] > 0 and c["mean_diff"] == pytest.approx(b.mean() - a.mean())
+    with pytest.raises(DataError, match="at least 2"):
+        compare_groups([1.0], [2.0, 3.0])
+    const = compare_groups([1.0, 1.0], [1.0, 1.0])
+    assert const["hedges_g"] is None and json.dumps(const, allow_nan=False)
+
+
+def test_group_analysis_errors_and_control() -> None:
+    slides = ["s1", "s1", "s2", "s3", "s4"]
+    scores = [0.0, 2.0, 0.0, 2.0, 2.0]
+    with pytest.raises(DataError, match="at least 2 scored slides"):
+        group_analysis(slides, scores, {"s1": "control", "s2": "control", "s3": "high"}, 1.0)
+    with pytest.raises(DataError, match="at least 2 groups"):
+        group_analysis(slides, scores, {"s1": "a", "s2": "a"}, 1.0)
+    res = group_analysis(slides, scores, {"s1": "Control", "s2": "Control", "s3": "high",
+                                          "s4": "high", "s9": "high"}, 1.0)
+    assert res["control"] == "Control" and res["groups"]["Control"] == [50.0, 0.0]
+    assert res["slides_without_scores"] == ["s9"] and list(res["comparisons"]) == ["high"]
+    assert pick_control(["b", "a"]) == "a"
+
+
+def _write_tables(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["path,score,label"]
+    for i in range(6):
+        hi = i >= 3  # slides 3..5 treated: more high scores
+        for j in range(20):
+            s = rng.normal(2.0 if hi and j % 2 else 0.0, 0.3)
+            rows.append(f"tiles/slide{i}_x{j * 256}_y0.png,{s:.4f},0")
+    (tmp_path / "scores.csv").write_text("\n".join(rows[:61]) + "\n")
+    (tmp_path / "more.csv").write_text("\n".join([rows[0]] + rows[61:]) + "\n")
+    groups = ["slide,group"] + [f"slide{i},{'treated' if i >= 3 else 'control'}"
+                                for i in range(6)]
+    (tmp_path / "groups.csv").write_text("\n".join(groups) + "\n")
+
+
+def test_groups_cli_end_to_end(tmp_path, capsys) -> None:
+    _write_tables(tmp_path)
+    Threshold(value=1.0, method="iqr", n=100).save(tmp_path / "thr.json")
+    out = tmp_path / "out"
+    rc = main(["groups", "--scores", str(tmp_path / "scores.csv"), str(tmp_path / "more.csv"),
+               "--groups", str(tmp_path / "groups.csv"), "--threshold-file",
+               str(tmp_path / "thr.json"), "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Mann-Whitney p=" in text and "treated vs control" in text
+    res = json.loads((out / "groups.json").read_text())
+    assert res["control"] == "control" and len(res["per_slide"]) == 6
+    assert all(v < 15 for v in res["groups"]["control"])
+    assert all(v > 35 for v in res["groups"]["treated"])
+    mw = sps.mannwhitneyu(res["groups"]["treated"], res["groups"]["control"])
+    assert res["comparisons"]["treated"]["mannwhitney_p"] == pytest.approx(mw.pvalue)
+    lines = (out / "per_slide.csv").read_text().splitlines()
+    assert lines[0].startswith("slide,group,n_patches") and len(lines) == 7
+    assert (out / "groups_box.png").stat().st_size > 1000
+
+
+def test_groups_cli_one_line_errors(tmp_path, capsys) -> None:
+    _write_tables(tmp_path)
+    (tmp_path / "bad.csv").write_text("slide,grp\nslide0,a\n")
+    base = ["groups", "--scores", str(tmp_path / "scores.csv"), "--out", str(tmp_path / "o")]
+    assert main(base + ["--groups", str(tmp_path / "bad.csv"), "--threshold", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "missing column(s) group" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "g1.csv").write_text("slide,group\nslide0,control\nslide1,control\nslide2,t\n")
+    assert main(base + ["--groups", str(tmp_path / "g1.csv"), "--threshold", "1"]) == 2
+    assert "at least 2 scored slides: t (1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--groups", str(tmp_path / "g1.csv")])  # threshold is required
