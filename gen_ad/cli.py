@@ -232,8 +232,9 @@ def _run_synth(args: argparse.Namespace) -> int:
     out = Path(args.out)
     counts = write_folder(out, args.n, args.size, args.seed, args.anomaly_fraction)
     shown = generate(min(args.n, 32), args.size, args.seed, args.anomaly_fraction)
+    labels = ["" if k == "normal" else k for k in shown.kinds]
     sheet = save_contact_sheet(args.sheet or out / "contact_sheet.png", shown.images,
-                               shown.masks, ncol=8, scale=max(1, 128 // args.size))
+                               shown.masks, ncol=8, labels=labels, scale=max(1, 128 // args.size))
     detail = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("normal", "anomalous"))
     print(f"synth: wrote {counts['normal']} normal + {counts['anomalous']} anomalous "
           f"({detail}) {args.size}px patches to {out}; contact sheet {sheet}")
@@ -331,12 +332,119 @@ def _cmd_knn_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("benchmark", help="evaluate every method on one split; HTML report",
+                       description="Run every method of a benchmark config (trained runs and the "
+                       "KNN baseline) on the same test split through the one scorer interface; "
+                       "write results.json and a self-contained report.html.")
+    p.add_argument("--config", required=True, help="configs/benchmark/<name>.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. out=/tmp/bench n_boot=200")
+    p.set_defaults(func=_cmd_benchmark)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from gen_ad.report.benchmark import load_benchmark_config, run_benchmark, summary_lines
+
+    results = run_benchmark(load_benchmark_config(args.config, args.overrides))
+    for line in summary_lines(results):
+        print(line)
+    print(f"report: {results['report']}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="synthetic data -> train every family -> benchmark report",
+                       description="Generate synthetic tissue, train tiny f-AnoGAN, StyleGAN2 and "
+                       "DDPM models, score them and the KNN baseline, and write the report.")
+    p.add_argument("--out", default="checkpoints/demo", help="demo folder (default: %(default)s)")
+    p.add_argument("--fast", action="store_true",
+                   help="tiny sizes and steps (about 2-3 minutes; a smoke test, not a result)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train again even when the demo runs already exist")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gen_ad.demo import run_demo
+
+    report = run_demo(args.out, fast=args.fast, retrain=args.retrain)
+    print(f"demo report: {report}")
+    return 0
+
+
+def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("slide", help="score a whole slide tile by tile: heatmap + slide score",
+                       description="Tile a slide's tissue, score every tile with a run's scorer "
+                       "or a KNN bank, smooth the heatmap with a 3x3 erosion, report the slide "
+                       "score (max and mean of the top 1%%) and write an overlay PNG.")
+    p.add_argument("slide", metavar="SLIDE", help="slide file (.svs, .tiff, ...)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="trained run folder")
+    src.add_argument("--bank", help="KNN bank folder (gen-ad knn fit)")
+    p.add_argument("--method", default=None, help="scorer of the run (needed if it has several)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="tile side in pixels (default: the scorer's input size)")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--level", type=int, default=None, help="pyramid level to read")
+    res.add_argument("--mpp", type=float, default=None, help="target microns per pixel")
+    p.add_argument("--stride", type=_positive_int, default=None, help="tile step in pixels")
+    p.add_argument("--min-tissue", type=_fraction, default=0.5,
+                   help="minimum tissue fraction of a scored tile (default 0.5)")
+    p.add_argument("--normal", default=None,
+                   help="normal patches to fit a run's scorer and calibrate a tile threshold on")
+    p.add_argument("--erosion", type=_positive_int, default=3, help="erosion window (1 = none)")
+    p.add_argument("--top", type=_fraction, default=0.01,
+                   help="fraction for the top-k slide score (default 0.01)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="inversion steps for iterative scorers")
+    p.set_defaults(func=_cmd_slide)
+
+
+def _cmd_slide(args: argparse.Namespace) -> int:
+    from gen_ad.scoring.slide_run import slide_command
+
+    rec = slide_command(args.slide, args.out, run=args.run, bank=args.bank, method=args.method,
+                        normal=args.normal, device=args.device, size=args.size,
+                        scorer_kwargs={"steps": args.steps} if args.steps else None,
+                        level=args.level, mpp=args.mpp, stride=args.stride,
+                        min_tissue=args.min_tissue, erosion=args.erosion, frac=args.top,
+                        batch_size=args.batch_size)
+    line = (f"{rec['slide']}: {rec['n_tiles']} tiles scored with {rec['method']}; slide score "
+            f"max {rec['score_max']:.6g}, top {args.top:.0%} mean {rec['score_top1pct']:.6g} "
+            f"(after {args.erosion}x{args.erosion} erosion)")
+    if "flagged_fraction" in rec:
+        line += f"; {rec['flagged_fraction']:.1%} of tiles above the threshold"
+    print(line)
+    print(f"overlay: {rec['outputs']['overlay']}")
+    return 0
+
+
 def _commands() -> list[Adder]:
     """The subcommands, in the order ``gen-ad --help`` lists them."""
-    return [_add_train, _add_score, _add_groups, _add_fid, _add_tile, _add_synth, _add_knn]
+    return [_add_train, _add_score, _add_groups, _add_fid, _add_tile, _add_synth, _add_knn,
+            _add_benchmark, _add_demo, _add_slide]
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser,
+                         argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` words anywhere go to ``args.overrides`` when it exists.
+
+    (argparse alone cannot take positional overrides after an option such as ``--config``.)
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-ad``; returns the exit status (0 ok, 2 user error, 1 internal error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

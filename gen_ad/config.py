@@ -99,7 +99,8 @@ class TrainConfig:
         grad_accum: micro-batches per step.
         log_every / sample_every / ckpt_every / fid_every: intervals in steps (0 = never).
         keep_last: number of training states kept in ``state/``.
-        fid_n: generated images per periodic FID.
+        fid_n: generated (and at most real) images per periodic FID/KID.
+        fid_weights: Inception weights file (else the torch hub cache; offline without: skipped).
         ema_decay: EMA decay of the EMA'd models (0 disables EMA).
         ema_warmup: use ``min(decay, (1 + step) / (10 + step))`` early in training.
         cpu: force CPU even when CUDA is present.
@@ -117,6 +118,7 @@ class TrainConfig:
     keep_last: int = 3
     fid_every: int = 0
     fid_n: int = 1000
+    fid_weights: str | None = None
     ema_decay: float = 0.999
     ema_warmup: bool = True
     cpu: bool = False

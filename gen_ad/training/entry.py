@@ -40,7 +40,9 @@ def train_main(family_name: str, argv: Sequence[str] | None = None) -> int:
                                 description=f"Train a {family_name} model on normal patches.")
     add_train_arguments(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
+    from gen_ad.cli import parse_with_overrides
+
+    args = parse_with_overrides(p, argv)
     try:
         run_dir = train(family_name, args.config, args.overrides, args.resume)
     except GenAdError as e:

@@ -74,14 +74,22 @@ def save_samples(state: RunState, n: int = 64) -> Path:
 
 
 def make_fid_monitor(cfg: Any, run_dir: Path) -> Any:
-    """The run's periodic FID monitor, or ``None`` when ``train.fid_every`` is 0."""
+    """The run's periodic FID/KID monitor, or ``None`` when ``train.fid_every`` is 0.
+
+    The real set is ``data.val`` when given, else the training data. Without Inception weights
+    offline the monitor warns once and training goes on.
+    """
     if cfg.train.fid_every <= 0:
         return None
+    from gen_ad.data import build_dataset
     from gen_ad.metrics.fid import FIDMonitor
 
-    real = cfg.data.val or cfg.data.train
-    return FIDMonitor(real=real, n=cfg.train.fid_n, size=cfg.data.size,
-                      normal_classes=list(cfg.data.normal_classes))
+    real: Any = cfg.data.val or cfg.data.train
+    if real == "synthetic":
+        real = build_dataset(cfg.data, split="train", seed=cfg.train.seed)
+    return FIDMonitor(real=real, n=cfg.train.fid_n, size=cfg.data.size, kid=True,
+                      normal_classes=list(cfg.data.normal_classes), resize=cfg.data.resize,
+                      inception_weights=cfg.train.fid_weights, max_real=cfg.train.fid_n)
 
 
 def _maybe_fid(state: RunState) -> None:

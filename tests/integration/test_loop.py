@@ -175,3 +175,24 @@ def test_two_process_cpu_replicas_identical(tmp_path: Path) -> None:
     meta = ckpt.list_states(out)[-1][1] / "meta.json"
     text = meta.read_text()
     assert '"world": 2' in text and '"images": 24' in text
+
+
+def test_samples_and_periodic_fid(tmp_path: Path) -> None:
+    """Sample grids are written; FID is skipped with one warning offline, computed with weights."""
+    from gen_ad.metrics.fid import random_inception_state_dict
+
+    with pytest.warns(Warning, match="(?i)inception") as rec:
+        _train(tmp_path / "off", "train.max_steps=4", "train.sample_every=2",
+               "train.fid_every=2", "train.fid_n=6")
+    assert len([w for w in rec if "nception" in str(w.message)]) == 1
+    assert not (tmp_path / "off" / "fid.jsonl").exists()
+    grids = sorted((tmp_path / "off" / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step-0000002.png", "step-0000004.png"]
+
+    weights = tmp_path / "inception.pt"
+    torch.save(random_inception_state_dict(seed=0), weights)
+    _train(tmp_path / "on", "train.max_steps=2", "train.fid_every=2", "train.fid_n=6",
+           f"train.fid_weights={weights}")
+    rows = read_jsonl(tmp_path / "on" / "fid.jsonl")
+    assert len(rows) == 1 and rows[0]["step"] == 2
+    assert rows[0]["fid"] >= 0 and "kid_mean" in rows[0]

@@ -1,0 +1,294 @@
+"""DDPM training (epsilon prediction) with Gaussian or simplex noise, and its two scorers.
+
+One step (Ho et al. 2020): draw ``t ~ U{0..T-1}`` and noise ``eps`` (Gaussian, or AnoDDPM's
+normalised fractal simplex noise), form ``x_t = scheduler.add_noise(x_0, eps, t)`` and minimise
+``MSE(unet(x_t, t), eps)``. Adam (max lr 1e-4 as AutoDDPM) with linear warm-up then cosine decay
+to 0 at ``train.max_steps`` (stepped here, after the optimiser), gradient-norm clipping, and an EMA
+of the UNet kept by the loop. All randomness of a step comes from ``ctx.generator``.
+
+Sampling (FID, sample grids) runs DDIM (eta 0, ``sample.steps`` steps) from the EMA UNet starting
+from the training noise kind. A trained run offers two scorers, ``anoddpm`` and ``autoddpm``
+(:mod:`gen_ad.inversion.diffusion`); both use the training noise kind, since the UNet predicts the
+noise it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+)
+from torch import nn
+
+from gen_ad.config import DataConfig, TrainConfig, check
+from gen_ad.errors import ConfigError
+from gen_ad.inversion.diffusion import (
+    AnoDDPMScorer,
+    AutoDDPMScorer,
+    Denoiser,
+    draw_noise,
+    timestep_sequence,
+)
+from gen_ad.inversion.simplex import SimplexConfig
+from gen_ad.models.unet import ScheduleConfig, UNetConfig, scheduler_from_config, unet_kwargs
+from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.training.family import Family, StepContext
+
+
+@dataclass
+class NoiseConfig:
+    """Noise of the forward process (training and reconstruction).
+
+    Attributes:
+        kind: ``gaussian`` (DDPM, AutoDDPM) or ``simplex`` (AnoDDPM).
+        simplex: octaves / persistence / frequency of the simplex noise.
+    """
+
+    kind: Literal["gaussian", "simplex"] = "gaussian"
+    simplex: SimplexConfig = field(default_factory=SimplexConfig)
+
+
+@dataclass
+class OptimConfig:
+    """Adam with warm-up then cosine (or constant) learning rate.
+
+    Attributes:
+        lr: peak learning rate (AutoDDPM: 1e-4).
+        betas: Adam betas.
+        weight_decay: L2 weight decay.
+        warmup_steps: linear warm-up steps.
+        schedule: ``cosine`` (decays to 0 at ``train.max_steps``) or ``constant``.
+        grad_clip: clip the global gradient norm (0 = off).
+    """
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        check(self.lr > 0, f"{prefix}.lr", "must be positive")
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+              f"{prefix}.betas", "must be two numbers in [0, 1)")
+        check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        check(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 = off)")
+
+
+@dataclass
+class SampleConfig:
+    """Generation for sample grids and FID: DDIM (eta 0).
+
+    Attributes:
+        steps: DDIM steps from ``T - 1`` to 0.
+    """
+
+    steps: int = 50
+
+    def validate(self, prefix: str) -> None:
+        check(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+
+
+@dataclass
+class AnoDDPMConfig:
+    """AnoDDPM scorer defaults (see :class:`~gen_ad.inversion.diffusion.AnoDDPMScorer`)."""
+
+    t: int = 200
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int | None = None
+    residual: Literal["l1", "l2"] = "l1"
+    reduce: Literal["mean", "max", "topk"] = "mean"
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        check(self.t >= 0, f"{prefix}.t", "must be >= 0")
+        check(self.steps is None or self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+
+
+@dataclass
+class AutoDDPMConfig:
+    """AutoDDPM scorer defaults (see :class:`~gen_ad.inversion.diffusion.AutoDDPMScorer`)."""
+
+    t_recon: int = 200
+    t_inpaint: int = 50
+    resample: int = 5
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps_recon: int | None = None
+    steps_inpaint: int | None = None
+    fpr: float = 0.05
+    threshold: float | None = None
+    dilation: int = 3
+    normalize_residual: bool = True
+    final: Literal["mask", "weighted"] = "mask"
+    reduce: Literal["mean", "max", "topk"] = "mean"
+    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    lpips_weights: str | None = None
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        check(self.t_recon >= 0, f"{prefix}.t_recon", "must be >= 0")
+        check(self.t_inpaint >= 0, f"{prefix}.t_inpaint", "must be >= 0")
+        check(self.resample >= 1, f"{prefix}.resample", "must be >= 1")
+        check(0.0 < self.fpr < 1.0, f"{prefix}.fpr", "must be in (0, 1)")
+        check(self.dilation >= 1 and self.dilation % 2 == 1, f"{prefix}.dilation",
+              "must be a positive odd integer")
+        for k in ("steps_recon", "steps_inpaint"):
+            v = getattr(self, k)
+            check(v is None or v >= 1, f"{prefix}.{k}", "must be >= 1")
+
+
+@dataclass
+class DDPMConfig:
+    """Top-level DDPM config (``configs/ddpm/*.yaml``)."""
+
+    out: str = "checkpoints/ddpm"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    anoddpm: AnoDDPMConfig = field(default_factory=AnoDDPMConfig)
+    autoddpm: AutoDDPMConfig = field(default_factory=AutoDDPMConfig)
+
+    def validate(self, prefix: str) -> None:
+        try:
+            unet_kwargs(self.model, self.data.size)
+        except ConfigError as e:
+            raise ConfigError(f"config key 'data.size': {e}") from e
+        n_t = self.schedule.num_train_timesteps
+        for key, v in (("anoddpm.t", self.anoddpm.t), ("autoddpm.t_recon", self.autoddpm.t_recon),
+                       ("autoddpm.t_inpaint", self.autoddpm.t_inpaint)):
+            check(v < n_t, key, f"must be < schedule.num_train_timesteps ({n_t}), got {v}")
+
+
+class DDPMFamily(Family):
+    """Denoising diffusion (epsilon prediction) on the shared loop."""
+
+    name = "ddpm"
+    config_cls = DDPMConfig
+
+    def __init__(self, cfg: DDPMConfig) -> None:
+        super().__init__(cfg)
+        self.scheduler = scheduler_from_config(cfg.schedule, "ddpm")
+
+    def build_models(self) -> dict[str, nn.Module]:
+        from diffusers import UNet2DModel
+
+        return {"unet": UNet2DModel(**unet_kwargs(self.cfg.model, self.cfg.data.size))}
+
+    def build_optimizers(self, models: Mapping[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+        o = self.cfg.optim
+        return {"unet": torch.optim.Adam(models["unet"].parameters(), lr=o.lr,
+                                         betas=(o.betas[0], o.betas[1]),
+                                         weight_decay=o.weight_decay)}
+
+    def build_schedulers(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, Any]:
+        o, opt = self.cfg.optim, optimizers["unet"]
+        warm = min(o.warmup_steps, max(self.cfg.train.max_steps - 1, 0))
+        if o.schedule == "cosine":
+            return {"unet": get_cosine_schedule_with_warmup(opt, warm, self.cfg.train.max_steps)}
+        return {"unet": get_constant_schedule_with_warmup(opt, warm)}
+
+    def ema_models(self) -> list[str]:
+        return ["unet"] if self.cfg.train.ema_decay > 0 else []
+
+    def noise_like(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training noise shaped like ``x`` from ``generator``."""
+        return draw_noise(self.cfg.noise.kind, x, generator, self.cfg.noise.simplex)
+
+    def loss(self, unet: nn.Module, x0: torch.Tensor, generator: torch.Generator,
+             ctx: StepContext | None = None) -> torch.Tensor:
+        """Epsilon-prediction MSE for a batch ``x0`` ``[b,3,H,W]`` (scalar)."""
+        n_t = self.cfg.schedule.num_train_timesteps
+        t = torch.randint(0, n_t, (x0.shape[0],), generator=generator, device=generator.device)
+        t = t.to(x0.device)
+        eps = self.noise_like(x0, generator)
+        x_t = self.scheduler.add_noise(x0, eps, t)
+        with ctx.autocast() if ctx is not None else nullcontext():
+            pred = unet(x_t, t).sample
+        return F.mse_loss(pred.float(), eps.float())
+
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        unet, opt = ctx.models["unet"], ctx.optimizers["unet"]
+        unet.train()
+        total = 0.0
+        for chunk in ctx.micro_batches(batch, unet):
+            loss = self.loss(unet, chunk, ctx.generator, ctx) / ctx.grad_accum
+            ctx.backward(loss)
+            total += float(loss.detach())
+        logs = {"loss": total}
+        if self.cfg.optim.grad_clip > 0:
+            norm = ctx.accelerator.clip_grad_norm_(unet.parameters(), self.cfg.optim.grad_clip)
+            logs["grad_norm"] = float(norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if "unet" in ctx.schedulers:
+            ctx.schedulers["unet"].step()
+        return logs
+
+    def sample(self, models: Mapping[str, nn.Module], n: int,
+               generator: torch.Generator) -> torch.Tensor:
+        unet = models["unet"]
+        p = next(unet.parameters())
+        size = self.cfg.data.size
+        x = draw_noise(self.cfg.noise.kind, torch.empty(n, 3, size, size, device=p.device),
+                       generator, self.cfg.noise.simplex)
+        den = Denoiser(unet, self.scheduler, self.cfg.noise.kind, self.cfg.noise.simplex, "ddim",
+                       self.cfg.schedule.clip_sample)
+        n_t = self.cfg.schedule.num_train_timesteps
+        return den.denoise(x, timestep_sequence(n_t - 1, self.cfg.sample.steps), generator)
+
+    def scorers(self, models: Mapping[str, nn.Module], **kwargs: Any) -> dict[str, AnomalyScorer]:
+        """``anoddpm`` and ``autoddpm`` scorers for the (EMA) UNet.
+
+        Keyword args (all optional): ``seed``, ``steps`` (model evaluations of AnoDDPM and of
+        AutoDDPM's first reconstruction), ``sampler`` (``ddpm``/``ddim`` for both), ``lpips``
+        (a ready spatial LPIPS module), ``lpips_random_init`` (tests), and ``anoddpm`` /
+        ``autoddpm``: dicts overriding fields of the config sections of the same name.
+        """
+        allowed = {"seed", "steps", "sampler", "lpips", "lpips_random_init", "anoddpm",
+                   "autoddpm"}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise ConfigError(f"unknown ddpm scorer option(s) {sorted(unknown)} "
+                              f"(valid: {', '.join(sorted(allowed))})")
+        ano, auto = self._scorer_configs(kwargs)
+        noise = dict(noise=self.cfg.noise.kind, simplex=self.cfg.noise.simplex)
+        unet = models["unet"]
+        auto_kw = asdict(auto)
+        auto_kw["lpips_random_init"] = bool(kwargs.get("lpips_random_init", False))
+        return {
+            "anoddpm": AnoDDPMScorer(unet, self.scheduler, **asdict(ano), **noise),
+            "autoddpm": AutoDDPMScorer(unet, self.scheduler, lpips=kwargs.get("lpips"),
+                                       **auto_kw, **noise),
+        }
+
+    def _scorer_configs(self, kw: Mapping[str, Any]) -> tuple[AnoDDPMConfig, AutoDDPMConfig]:
+        ano, auto = self.cfg.anoddpm, self.cfg.autoddpm
+        common: dict[str, Any] = {k: kw[k] for k in ("seed", "sampler") if kw.get(k) is not None}
+        ano = replace(ano, **common)
+        auto = replace(auto, **common)
+        if kw.get("steps") is not None:
+            ano, auto = replace(ano, steps=kw["steps"]), replace(auto, steps_recon=kw["steps"])
+        for name, base in (("anoddpm", ano), ("autoddpm", auto)):
+            extra = dict(kw.get(name) or {})
+            valid = {f.name for f in fields(base)}
+            if set(extra) - valid:
+                raise ConfigError(f"unknown {name} option(s) {sorted(set(extra) - valid)} "
+                                  f"(valid: {', '.join(sorted(valid))})")
+            if name == "anoddpm":
+                ano = replace(base, **extra)
+            else:
+                auto = replace(base, **extra)
+        return ano, auto

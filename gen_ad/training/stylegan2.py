@@ -1,0 +1,553 @@
+"""StyleGAN2 training (Karras et al. 2020) with ADA, on the shared loop; and its projection encoder.
+
+Stage ``gan``, one loop step = the four phases of the reference trainer:
+
+1. ``Gmain``: non-saturating loss ``softplus(-D(aug(G(z))))`` with style mixing (0.9).
+2. ``Greg`` (every ``pl_interval`` = 4 steps): path-length penalty on ``batch / pl_batch_shrink``
+   images, ``(|J^T y| - a)^2`` with ``a`` the running mean (decay 0.01), times ``pl_weight`` (2) and
+   the interval (lazy regularisation).
+3. ``Dmain``: ``softplus(D(aug(G(z)))) + softplus(-D(aug(x)))``; ADA statistics ``sign(D(x))``.
+4. ``Dreg`` (every ``r1_interval`` = 16 steps): R1 ``gamma/2 |grad_x D(aug(x))|^2`` times the
+   interval; ``gamma`` defaults to ADA's heuristic ``0.0002 * res^2 / batch``.
+
+Adam (lr 0.0025, betas (0, 0.99), eps 1e-8) with the lazy-regularisation correction
+``c = interval / (interval + 1)``: ``lr * c``, ``betas ** c``. The EMA of G uses a half-life of
+``ema_kimg`` (default ``batch * 10 / 32``) thousand images, ramped up as
+``min(ema, 0.05 * images)``.
+ADA's ``p``, its statistics and the path-length mean are saved through :meth:`state_dict`.
+
+Stage ``encoder``: G (EMA weights) and D are loaded from ``gan_run`` and frozen; the
+:class:`~gen_ad.models.stylegan2.LatentEncoder` ``E`` learns ``image -> w+`` from generated images
+(known ``w+``) and the run's real normal images (:func:`~gen_ad.inversion.projector.encoder_loss`);
+it initialises the ``stylegan2-enc`` scorer's projection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen_ad.config import DataConfig, TrainConfig, check, read_yaml
+from gen_ad.errors import CheckpointError
+from gen_ad.models.stylegan2 import (
+    CHANNEL_BASE,
+    Discriminator,
+    Generator,
+    LatentEncoder,
+    block_resolutions,
+    default_init_res,
+)
+from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.training.augment import COLOUR, GEOMETRIC, AdaptiveAugment, AugmentSpec
+from gen_ad.training.family import Family, StepContext
+from gen_ad.utils.io import load_safetensors
+
+
+@dataclass
+class StyleGAN2ModelConfig:
+    """Networks (:mod:`gen_ad.models.stylegan2`); the resolution is ``data.size``.
+
+    Attributes:
+        preset: ``E`` (channel_base 16384) or ``F`` (32768), with ``channel_max`` 512.
+        channel_base: overrides the preset's (tiny test nets use e.g. 256).
+        channel_max: most feature maps in any layer.
+        z_dim / w_dim / mapping_layers / mapping_lr_mul: 512 / 512 / 8 / 0.01.
+        init_res: resolution of the generator's constant (default: 4 for powers of two, 3 for 96).
+        num_fp16_res / conv_clamp / lowp_dtype: reduced precision of the highest resolutions on
+            CUDA (4 blocks, clamp 256, float16).
+        mbstd_group / mbstd_channels: minibatch standard deviation (4, 1).
+        encoder_channel_base / encoder_channel_max: width of the projection encoder.
+    """
+
+    preset: Literal["E", "F"] = "E"
+    channel_base: int | None = None
+    channel_max: int = 512
+    z_dim: int = 512
+    w_dim: int = 512
+    mapping_layers: int = 8
+    mapping_lr_mul: float = 0.01
+    init_res: int | None = None
+    num_fp16_res: int = 4
+    conv_clamp: float | None = 256.0
+    lowp_dtype: Literal["float16", "bfloat16"] = "float16"
+    mbstd_group: int = 4
+    mbstd_channels: int = 1
+    encoder_channel_base: int = 8192
+    encoder_channel_max: int = 256
+
+    def validate(self, prefix: str) -> None:
+        for k in ("channel_max", "z_dim", "w_dim", "mapping_layers", "mbstd_group",
+                  "encoder_channel_base", "encoder_channel_max"):
+            check(getattr(self, k) > 0, f"{prefix}.{k}", "must be positive")
+        check(self.channel_base is None or self.channel_base > 0, f"{prefix}.channel_base",
+              "must be positive")
+        check(self.mapping_lr_mul > 0, f"{prefix}.mapping_lr_mul", "must be positive")
+        check(self.num_fp16_res >= 0, f"{prefix}.num_fp16_res", "must be >= 0")
+        check(self.mbstd_channels >= 0, f"{prefix}.mbstd_channels", "must be >= 0")
+        check(self.conv_clamp is None or self.conv_clamp > 0, f"{prefix}.conv_clamp",
+              "must be positive (or null)")
+
+    @property
+    def base(self) -> int:
+        return self.channel_base if self.channel_base is not None else CHANNEL_BASE[self.preset]
+
+
+@dataclass
+class StyleGAN2LossConfig:
+    """Losses, regularisers, optimiser and EMA.
+
+    Attributes:
+        r1_gamma: R1 weight; ``null`` = ``0.0002 * data.size**2 / train.batch_size``.
+        r1_interval / pl_interval: lazy regularisation intervals (16 / 4).
+        pl_weight / pl_batch_shrink / pl_decay: path length (2 / 2 / 0.01).
+        style_mixing: probability of mixing two latents (0.9).
+        lr / betas / eps: Adam for G and D (0.0025, [0, 0.99], 1e-8) before the lazy correction.
+        ema_kimg: EMA half-life in thousand images; ``null`` = ``train.batch_size * 10 / 32``.
+        ema_rampup: ramp-up fraction (0.05; ``null`` disables).
+    """
+
+    r1_gamma: float | None = None
+    r1_interval: int = 16
+    pl_weight: float = 2.0
+    pl_interval: int = 4
+    pl_batch_shrink: int = 2
+    pl_decay: float = 0.01
+    style_mixing: float = 0.9
+    lr: float = 0.0025
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    eps: float = 1e-8
+    ema_kimg: float | None = None
+    ema_rampup: float | None = 0.05
+
+    def validate(self, prefix: str) -> None:
+        check(self.r1_gamma is None or self.r1_gamma >= 0, f"{prefix}.r1_gamma", "must be >= 0")
+        for k in ("r1_interval", "pl_interval", "pl_batch_shrink"):
+            check(getattr(self, k) >= 1, f"{prefix}.{k}", "must be >= 1")
+        check(self.pl_weight >= 0, f"{prefix}.pl_weight", "must be >= 0")
+        check(0 < self.pl_decay <= 1, f"{prefix}.pl_decay", "must be in (0, 1]")
+        check(0 <= self.style_mixing <= 1, f"{prefix}.style_mixing", "must be in [0, 1]")
+        check(self.lr > 0 and self.eps > 0, f"{prefix}.lr", "lr and eps must be > 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
+              f"must be two numbers in [0, 1), got {self.betas}")
+        check(self.ema_kimg is None or self.ema_kimg > 0, f"{prefix}.ema_kimg", "must be > 0")
+        check(self.ema_rampup is None or self.ema_rampup > 0, f"{prefix}.ema_rampup",
+              "must be > 0 (or null)")
+
+
+@dataclass
+class AugmentConfig:
+    """Adaptive discriminator augmentation.
+
+    Attributes:
+        ada: adapt ``p`` (else ``p`` stays fixed at ``p``).
+        p: initial (or fixed) augmentation probability.
+        target: ``r_t`` target (0.6). interval: D steps between adjustments (4).
+        speed_kimg: thousand images for ``p`` to go 0 -> 1 (500).
+        transforms: enabled transforms (default all: ``xflip rotate90 xint scale rotate aniso
+            xfrac brightness contrast lumaflip hue saturation``).
+    """
+
+    ada: bool = True
+    p: float = 0.0
+    target: float = 0.6
+    interval: int = 4
+    speed_kimg: float = 500.0
+    transforms: list[str] = field(default_factory=lambda: list(GEOMETRIC + COLOUR))
+
+    def validate(self, prefix: str) -> None:
+        check(0 <= self.p <= 1, f"{prefix}.p", "must be in [0, 1]")
+        check(0 < self.target < 1, f"{prefix}.target", "must be in (0, 1)")
+        check(self.interval >= 1, f"{prefix}.interval", "must be >= 1")
+        check(self.speed_kimg > 0, f"{prefix}.speed_kimg", "must be > 0")
+        bad = [t for t in self.transforms if t not in GEOMETRIC + COLOUR]
+        check(not bad, f"{prefix}.transforms",
+              f"unknown transform(s) {bad} (known: {', '.join(GEOMETRIC + COLOUR)})")
+
+    def spec(self) -> AugmentSpec:
+        return AugmentSpec(**{k: float(k in self.transforms) for k in GEOMETRIC + COLOUR})
+
+
+@dataclass
+class EncoderConfig:
+    """Stage ``encoder`` (projection encoder on a frozen GAN).
+
+    Attributes:
+        lr: Adam learning rate. w_weight: weight of the ``w+`` MSE on generated images.
+        lpips: ``vgg`` (LPIPS term; needs the VGG16 weights offline) or ``none``.
+        lpips_weight: weight of the LPIPS term. lpips_weights: explicit VGG16 weight file.
+    """
+
+    lr: float = 1e-3
+    w_weight: float = 1.0
+    lpips: Literal["vgg", "none"] = "vgg"
+    lpips_weight: float = 1.0
+    lpips_weights: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        check(self.w_weight >= 0 and self.lpips_weight >= 0, f"{prefix}.w_weight",
+              "weights must be >= 0")
+
+
+@dataclass
+class StyleGAN2Config:
+    """Top-level config of the ``stylegan2`` family.
+
+    Attributes:
+        out: run folder. stage: ``gan`` or ``encoder``. gan_run: run folder of the gan stage
+            (stage ``encoder``). data / train: shared sections. model / loss / augment / encoder:
+            family sections.
+    """
+
+    out: str = "checkpoints/stylegan2"
+    stage: Literal["gan", "encoder"] = "gan"
+    gan_run: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: StyleGAN2ModelConfig = field(default_factory=StyleGAN2ModelConfig)
+    loss: StyleGAN2LossConfig = field(default_factory=StyleGAN2LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+    def validate(self, prefix: str) -> None:
+        size = self.data.size
+        init = self.model.init_res or default_init_res(size)
+        try:
+            block_resolutions(size, init)
+        except ValueError as e:
+            check(False, "data.size", f"{e} (use 64, 96, 128, 256 or 512, or set model.init_res)")
+        check(self.stage != "encoder" or bool(self.gan_run), "gan_run",
+              "stage 'encoder' needs gan_run: the run folder of a finished 'gan' stage")
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    """The module inside a DDP/compile wrapper."""
+    while hasattr(m, "module") and isinstance(m.module, nn.Module):
+        m = m.module
+    return m
+
+
+def default_r1_gamma(resolution: int, batch_size: int) -> float:
+    """ADA's heuristic ``0.0002 * resolution**2 / batch_size``."""
+    return 0.0002 * resolution ** 2 / batch_size
+
+
+def r1_penalty(D: nn.Module, real: torch.Tensor,
+               augment: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample R1 ``|grad_x D(aug(x))|^2`` ``[B]`` (differentiable) and the logits ``[B,1]``."""
+    x = real.detach().requires_grad_(True)
+    logits = D(augment(x) if augment is not None else x)
+    (grad,) = torch.autograd.grad(logits.sum(), [x], create_graph=True)
+    return grad.square().sum(dim=[1, 2, 3]), logits
+
+
+def path_lengths(img: torch.Tensor, ws: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """``[B]`` path lengths ``sqrt(mean_layers |J_w^T y|^2)`` with ``y ~ N(0, I) / sqrt(HW)``."""
+    y = torch.randn(img.shape, generator=generator, device=img.device) / math.sqrt(
+        img.shape[2] * img.shape[3])
+    (grad,) = torch.autograd.grad((img * y).sum(), [ws], create_graph=True)
+    return grad.square().sum(dim=2).mean(dim=1).sqrt()
+
+
+class StyleGAN2Family(Family):
+    """StyleGAN2 + ADA (stage ``gan``) and the projection encoder (stage ``encoder``)."""
+
+    name = "stylegan2"
+    config_cls = StyleGAN2Config
+
+    def __init__(self, cfg: StyleGAN2Config) -> None:
+        super().__init__(cfg)
+        a = cfg.augment
+        self.ada = AdaptiveAugment(target=a.target, interval=a.interval,
+                                   speed_kimg=a.speed_kimg, p=a.p, spec=a.spec())
+        self.pl_mean = torch.zeros([])
+
+    # ------------------------------------------------------------------------- building
+
+    @property
+    def r1_gamma(self) -> float:
+        g = self.cfg.loss.r1_gamma
+        return default_r1_gamma(self.cfg.data.size, self.cfg.train.batch_size) if g is None else g
+
+    def build_models(self) -> dict[str, nn.Module]:
+        """``G`` and ``D``; stage encoder adds ``E`` (G and D frozen)."""
+        m, r = self.cfg.model, self.cfg.data.size
+        common = {"resolution": r, "channel_base": m.base, "channel_max": m.channel_max,
+                  "init_res": m.init_res, "num_fp16_res": m.num_fp16_res,
+                  "conv_clamp": m.conv_clamp, "lowp_dtype": m.lowp_dtype}
+        G = Generator(z_dim=m.z_dim, w_dim=m.w_dim, mapping_layers=m.mapping_layers,
+                      mapping_lr_mul=m.mapping_lr_mul, **common)
+        D = Discriminator(mbstd_group=m.mbstd_group, mbstd_channels=m.mbstd_channels, **common)
+        models: dict[str, nn.Module] = {"G": G, "D": D}
+        if self.cfg.stage == "encoder":
+            for k in ("G", "D"):
+                models[k].requires_grad_(False).eval()
+            models["E"] = LatentEncoder(resolution=r, num_ws=G.num_ws, w_dim=m.w_dim,
+                                        channel_base=m.encoder_channel_base,
+                                        channel_max=m.encoder_channel_max, init_res=G.init_res)
+        return models
+
+    def build_optimizers(self, models: Mapping[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+        """Adam for G and D with the lazy-regularisation correction (stage encoder: Adam for E)."""
+        L = self.cfg.loss
+        if self.cfg.stage == "encoder":
+            return {"E": torch.optim.Adam(models["E"].parameters(), lr=self.cfg.encoder.lr,
+                                          betas=(0.9, 0.99))}
+        out = {}
+        for name, interval, on in (("G", L.pl_interval, L.pl_weight > 0),
+                                   ("D", L.r1_interval, self.r1_gamma > 0)):
+            c = interval / (interval + 1) if on else 1.0
+            out[name] = torch.optim.Adam(models[name].parameters(), lr=L.lr * c,
+                                         betas=(L.betas[0] ** c, L.betas[1] ** c), eps=L.eps)
+        return out
+
+    def ema_models(self) -> list[str]:
+        return ["G"] if self.cfg.stage == "gan" else []
+
+    def ema_decay(self, step: int, kimg: float) -> float:
+        """``0.5 ** (batch / ema_nimg)``, ``ema_nimg = min(ema_kimg * 1000, rampup * images)``."""
+        L, b = self.cfg.loss, self.cfg.train.batch_size
+        ema_nimg = (L.ema_kimg if L.ema_kimg is not None else b * 10 / 32) * 1000
+        if L.ema_rampup is not None:
+            ema_nimg = min(ema_nimg, kimg * 1000 * L.ema_rampup)
+        return 0.5 ** (b / max(ema_nimg, 1e-8))
+
+    def setup(self, models: Mapping[str, nn.Module], device: torch.device) -> None:
+        """Stage encoder: load G (EMA) and D from ``gan_run``, freeze them, start E at w_avg."""
+        self.pl_mean = self.pl_mean.to(device)
+        if self.cfg.stage != "encoder":
+            return
+        for name, path in _gan_files(self.cfg.gan_run).items():
+            module = _unwrap(models[name])
+            try:
+                module.load_state_dict(load_safetensors(path), strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(
+                    f"{path} does not match this config's networks (model.* and data.size must "
+                    f"equal those of the gan run): {str(e).splitlines()[0]}") from e
+            module.requires_grad_(False).eval()
+        _unwrap(models["E"]).w_avg.copy_(_unwrap(models["G"]).mapping.w_avg)
+
+    # ------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pl_mean": self.pl_mean.detach().cpu().clone(), "ada": self.ada.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "pl_mean" in state:
+            pm = torch.as_tensor(state["pl_mean"], dtype=torch.float32)
+            self.pl_mean = pm.to(self.pl_mean.device)
+        if "ada" in state:
+            self.ada.load_state_dict(state["ada"])
+
+    # ------------------------------------------------------------------------- steps
+
+    def _latents(self, ctx: StepContext, n: int,
+                 num_ws: int) -> dict[str, Any]:
+        """``z`` plus style-mixing arguments drawn from the step's generator."""
+        z = ctx.randn(n, self.cfg.model.z_dim)
+        z2 = ctx.randn(n, self.cfg.model.z_dim)
+        cut = int(torch.randint(1, num_ws, (1,), generator=ctx.generator, device=ctx.device))
+        mix = float(ctx.rand(1)) < self.cfg.loss.style_mixing
+        return {"z": z, "mix_z": z2, "mix_cutoff": cut if mix else None}
+
+    def _aug(self, ctx: StepContext) -> Any:
+        return lambda x: self.ada(x, ctx.generator)
+
+    def _chunks(self, ctx: StepContext, batch: torch.Tensor,
+                model: nn.Module) -> Iterator[torch.Tensor]:
+        return ctx.micro_batches(batch, model)
+
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        if self.cfg.stage == "encoder":
+            return self._encoder_step(ctx, batch)
+        G, D = ctx.models["G"], ctx.models["D"]
+        Gu, Du = _unwrap(G), _unwrap(D)
+        Gu.train()
+        Du.train()
+        L, step = self.cfg.loss, ctx.step
+        logs: dict[str, float] = {"ada_p": self.ada.p}
+        Du.requires_grad_(False)
+        logs.update(self.generator_main(ctx, batch))
+        if L.pl_weight > 0 and step % L.pl_interval == 0:
+            logs.update(self.generator_reg(ctx, batch))
+        Du.requires_grad_(True)
+        logs.update(self.discriminator_main(ctx, batch))
+        if self.r1_gamma > 0 and step % L.r1_interval == 0:
+            logs.update(self.discriminator_reg(ctx, batch))
+        if self.cfg.augment.ada:
+            self.ada.maybe_adjust(step, self.cfg.train.batch_size)
+        logs["ada_rt"] = self.ada.rt
+        return logs
+
+    def generator_main(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        """``Gmain``: one Adam step of G on ``softplus(-D(aug(G(z))))``."""
+        G, Du, opt = ctx.models["G"], _unwrap(ctx.models["D"]), ctx.optimizers["G"]
+        num_ws = _unwrap(G).num_ws
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk in self._chunks(ctx, batch, G):
+            with ctx.autocast():
+                img = G(**self._latents(ctx, chunk.shape[0], num_ws), generator=ctx.generator)
+                loss = F.softplus(-Du(self.ada(img, ctx.generator)).float()).mean()
+            ctx.backward(loss / ctx.grad_accum)
+            total += float(loss.detach()) / ctx.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss_g": total}
+
+    def generator_reg(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        """``Greg``: path-length penalty times ``pl_weight * pl_interval``; one Adam step."""
+        L = self.cfg.loss
+        G, opt = ctx.models["G"], ctx.optimizers["G"]
+        num_ws = _unwrap(G).num_ws
+        n = max(batch.shape[0] // L.pl_batch_shrink, ctx.grad_accum)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk in self._chunks(ctx, batch[:n], G):
+            with ctx.autocast():
+                img, ws = G(**self._latents(ctx, chunk.shape[0], num_ws),
+                            generator=ctx.generator, return_ws=True)
+                lengths = path_lengths(img, ws, ctx.generator)
+                pl_mean = self.pl_mean.lerp(lengths.mean().detach(), L.pl_decay)
+                self.pl_mean = pl_mean.detach()
+                penalty = (lengths - pl_mean).square().mean()
+                loss = penalty * L.pl_weight * L.pl_interval + 0 * img[:, 0, 0, 0].sum()
+            ctx.backward(loss / ctx.grad_accum)
+            total += float(penalty.detach()) / ctx.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"pl_penalty": total, "pl_mean": float(self.pl_mean)}
+
+    def discriminator_main(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        """``Dmain``: ``softplus(D(aug(G(z)))) + softplus(-D(aug(x)))``; ADA sign statistics."""
+        Gu, D, opt = _unwrap(ctx.models["G"]), ctx.models["D"], ctx.optimizers["D"]
+        opt.zero_grad(set_to_none=True)
+        tot = {"loss_d": 0.0, "d_real": 0.0, "d_fake": 0.0}
+        signs = torch.zeros([], device=ctx.device)
+        for real in self._chunks(ctx, batch, D):
+            with torch.no_grad(), ctx.autocast():
+                fake = Gu(**self._latents(ctx, real.shape[0], Gu.num_ws), generator=ctx.generator)
+            with ctx.autocast():
+                lf = D(self.ada(fake.to(real.dtype), ctx.generator)).float()
+                lr = D(self.ada(real, ctx.generator)).float()
+                loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
+            ctx.backward(loss / ctx.grad_accum)
+            signs = signs + lr.detach().sign().sum()
+            for k, v in (("loss_d", loss), ("d_real", lr.mean()), ("d_fake", lf.mean())):
+                tot[k] += float(v.detach()) / ctx.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        acc = ctx.accelerator
+        if acc.num_processes > 1:
+            signs = acc.reduce(signs, reduction="sum")
+        self.ada.accumulate(float(signs), batch.shape[0] * acc.num_processes)
+        return tot
+
+    def discriminator_reg(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        """``Dreg``: R1 ``gamma/2 * |grad|^2`` times ``r1_interval``, one Adam step."""
+        D, opt = ctx.models["D"], ctx.optimizers["D"]
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for real in self._chunks(ctx, batch, D):
+            with ctx.autocast():
+                pen, logits = r1_penalty(D, real, self._aug(ctx))
+                loss = (pen.mean() * (self.r1_gamma / 2) * self.cfg.loss.r1_interval
+                        + 0 * logits.float().sum())
+            ctx.backward(loss / ctx.grad_accum)
+            total += float(pen.mean().detach()) / ctx.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"r1_penalty": total}
+
+    def _encoder_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        from gen_ad.inversion.projector import encoder_loss
+
+        E, opt = ctx.models["E"], ctx.optimizers["E"]
+        Gu = _unwrap(ctx.models["G"]).eval()
+        E.train()
+        opt.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for chunk in self._chunks(ctx, batch, E):
+            with ctx.autocast():
+                loss, part = encoder_loss(E, Gu, chunk, generator=ctx.generator,
+                                          lpips_net=self._encoder_lpips(ctx.device),
+                                          w_weight=self.cfg.encoder.w_weight,
+                                          lpips_weight=self.cfg.encoder.lpips_weight,
+                                          mix_prob=self.cfg.loss.style_mixing)
+            ctx.backward(loss / ctx.grad_accum)
+            for k, v in part.items():
+                logs[k] = logs.get(k, 0.0) + v / ctx.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return logs
+
+    def _encoder_lpips(self, device: torch.device) -> nn.Module | None:
+        if self.cfg.encoder.lpips == "none" or self.cfg.encoder.lpips_weight == 0:
+            return None
+        net = getattr(self, "_lpips", None)
+        if net is None:
+            from gen_ad.inversion.lpips_net import build_lpips
+
+            net = build_lpips("vgg", weights=self.cfg.encoder.lpips_weights).to(device)
+            self._lpips = net
+        return net
+
+    # ------------------------------------------------------------------------- inference
+
+    def sample(self, models: Mapping[str, nn.Module], n: int,
+               generator: torch.Generator) -> torch.Tensor:
+        G = models["G"]
+        dev = next(G.parameters()).device
+        z = torch.randn(n, self.cfg.model.z_dim, generator=generator, device=dev)
+        return G(z, generator=generator)
+
+    def scorers(self, models: Mapping[str, nn.Module], **kwargs: Any) -> dict[str, AnomalyScorer]:
+        """``stylegan2`` (projection from the mean ``w``) and, when the run has an encoder,
+        ``stylegan2-enc`` (encoder-initialised). ``kwargs`` go to
+        :class:`~gen_ad.inversion.projector.StyleGAN2Scorer` (``steps``, ``latent``,
+        ``lpips_weights``, ``lpips_random_init``, ``feature_weight``, ...)."""
+        from gen_ad.inversion.lpips_net import build_lpips
+        from gen_ad.inversion.projector import StyleGAN2Scorer
+
+        kw = dict(kwargs)
+        if "lpips_net" not in kw:
+            kw["lpips_net"] = build_lpips("vgg", weights=kw.pop("lpips_weights", None),
+                                          random_init=kw.pop("lpips_random_init", False))
+        out: dict[str, AnomalyScorer] = {
+            "stylegan2": StyleGAN2Scorer(models["G"], D=models.get("D"), **kw)}
+        if "E" in models:
+            out["stylegan2-enc"] = StyleGAN2Scorer(models["G"], D=models.get("D"),
+                                                   encoder=models["E"], **kw)
+        return out
+
+
+def _gan_files(gan_run: str | None) -> dict[str, Path]:
+    """``G`` (EMA when present) and ``D`` weight files of a gan-stage run's ``model/`` export."""
+    run = Path(str(gan_run))
+    model_dir = run / "model"
+    if not model_dir.is_dir():
+        raise CheckpointError(f"gan_run {run}: no model/ export found (train the gan stage "
+                              f"first: gen-ad train stylegan2 --config ... out={run})")
+    cfg_file = run / "config.yaml"
+    if cfg_file.is_file() and read_yaml(cfg_file).get("stage", "gan") != "gan":
+        raise CheckpointError(f"gan_run {run} is an encoder-stage run; point to the gan run")
+    g = model_dir / "G_ema.safetensors"
+    files = {"G": g if g.is_file() else model_dir / "G.safetensors",
+             "D": model_dir / "D.safetensors"}
+    for p in files.values():
+        if not p.is_file():
+            raise CheckpointError(f"gan_run {run}: {p.name} missing in {model_dir}")
+    return files
+
+
+__all__ = ["StyleGAN2Config", "StyleGAN2Family", "r1_penalty", "path_lengths",
+           "default_r1_gamma"]
