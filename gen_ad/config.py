@@ -53,7 +53,8 @@ class DataConfig:
         val: optional folder of normal validation patches (threshold calibration, FID reference).
         size: side length in pixels that every patch is resized/cropped to.
         normal_classes: class subfolder names that count as normal.
-        resize: ``resize`` (whole patch to size) or ``center_crop`` (crop, resizing only if smaller).
+        resize: ``resize`` (whole patch to size) or ``center_crop`` (crop; resize only if
+            smaller).
         max_bad_fraction: fraction of unreadable files above which loading fails.
         stain_norm: ``none``, ``macenko`` or ``reinhard`` (fitted on ``stain_ref``).
         stain_ref: reference image for stain normalisation.
@@ -125,7 +126,8 @@ class TrainConfig:
 
     def validate(self, prefix: str) -> None:
         for k in ("batch_size", "max_steps", "grad_accum", "keep_last", "fid_n"):
-            check(getattr(self, k) > 0, f"{prefix}.{k}", f"must be positive, got {getattr(self, k)}")
+            v = getattr(self, k)
+            check(v > 0, f"{prefix}.{k}", f"must be positive, got {v}")
         for k in ("log_every", "sample_every", "ckpt_every", "fid_every"):
             check(getattr(self, k) >= 0, f"{prefix}.{k}", "must be >= 0 (0 = never)")
         check(self.batch_size % self.grad_accum == 0, f"{prefix}.grad_accum",
@@ -282,7 +284,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``key.sub=value`` (the value is read as YAML: ``3``, ``1e-4``, ``true``, ``[a, b]``)."""
+    """Parse ``key.sub=value``; the value is YAML (``3``, ``1e-4``, ``true``, ``[a, b]``)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
@@ -345,7 +347,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def family_class(name: str) -> type:
-    """The :class:`~gen_ad.training.family.Family` subclass of ``wgan``, ``stylegan2`` or ``ddpm``."""
+    """The :class:`~gen_ad.training.family.Family` subclass of a family name."""
     if name not in _FAMILIES:
         close = difflib.get_close_matches(name, list(_FAMILIES), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -99,7 +99,8 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path:
     if resume == "latest":
         states = list_states(run_dir)
         if not states:
-            raise CheckpointError(f"--resume latest: no checkpoint found under {state_root(run_dir)}")
+            raise CheckpointError(
+                f"--resume latest: no checkpoint found under {state_root(run_dir)}")
         return states[-1][1]
     p = Path(resume)
     if (p / "meta.json").is_file():

@@ -265,8 +265,9 @@ def run_training(family: Family, *, resume: str | None = None) -> Path:
     if acc.is_main_process:
         save_config(cfg, state.run_dir / "config.yaml")
     b = _per_process_batch(cfg, acc.num_processes)
+    world = acc.num_processes
     batches = make_loader(dataset, batch=b, seed=cfg.train.seed, rank=acc.process_index,
-                          world=acc.num_processes, start=state.counters.step * b * acc.num_processes,
+                          world=world, start=state.counters.step * b * world,
                           num_workers=cfg.data.num_workers)
     _init_trackers(state)
     with _signal_guard(state):

@@ -112,12 +112,12 @@ def torch_save(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def torch_load(path: str | os.PathLike[str]) -> Any:
-    """Load a file written by :func:`torch_save` with ``weights_only=True`` (no arbitrary pickles)."""
+    """Load a :func:`torch_save` file with ``weights_only=True`` (no arbitrary pickles)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def atomic_dir(final: str | os.PathLike[str]) -> Path:
-    """Return a fresh temporary directory beside ``final`` to be published with :func:`publish_dir`."""
+    """A fresh temporary directory beside ``final``, to publish with :func:`publish_dir`."""
     dst = Path(final)
     dst.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))

@@ -40,7 +40,8 @@ def test_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc, _, err = _run(capsys, "train", "wgan", "--config", str(tmp_path / "nope.yaml"))
     assert rc == 2
-    assert err.strip().splitlines() == [f"gen-ad: error: config file not found: {tmp_path / 'nope.yaml'}"]
+    missing = tmp_path / "nope.yaml"
+    assert err.strip().splitlines() == [f"gen-ad: error: config file not found: {missing}"]
 
 
 def test_bad_config_key_named_before_any_work(capsys: pytest.CaptureFixture[str],

@@ -1,0 +1,80 @@
+"""Data: patch folders, synthetic tissue, stain normalisation, tissue masks and slide tiling.
+
+:func:`build_dataset` turns a :class:`~gen_ad.config.DataConfig` into the dataset the training
+loop and the evaluation read: items are dicts ``{"image": float32 [3,H,W] in [-1,1], "label": int,
+"path": str, "cls": str}`` (plus ``"mask"`` ``[H,W]`` where ground truth exists).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch.utils.data import Dataset
+
+from gen_ad.data.folders import (
+    IMAGE_EXTENSIONS,
+    PatchFolder,
+    discover_classes,
+    fit_size,
+    image_to_tensor,
+    load_image,
+    read_rgb,
+    split,
+    subset,
+    tensor_to_uint8,
+)
+from gen_ad.errors import DataError
+
+if TYPE_CHECKING:
+    from gen_ad.config import DataConfig
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "PatchFolder", "build_dataset", "discover_classes", "fit_size",
+    "image_to_tensor", "load_image", "read_rgb", "split", "subset", "tensor_to_uint8",
+]
+
+SYNTHETIC = "synthetic"
+_VAL_SEED_OFFSET = 1_000_003  # synthetic validation patches differ from the training ones
+
+
+def build_dataset(data_cfg: DataConfig, split: str = "train", seed: int = 0) -> Dataset:
+    """The dataset of normal patches described by a data config.
+
+    ``data.train == "synthetic"`` gives :class:`~gen_ad.data.synthetic.SyntheticTissue` with
+    ``data.synthetic`` patches (for ``split="val"`` without ``data.val``: another seed). Otherwise a
+    :class:`PatchFolder` over ``data.train`` (or ``data.val``) restricted to ``data.normal_classes``
+    (a folder holding images directly is used whole), with ``resize``, ``max_bad_fraction`` and
+    stain normalisation; ``data.subset`` (training split only) keeps a seeded random subset.
+
+    Args:
+        data_cfg: the ``data`` section of a training config.
+        split: ``train`` or ``val``.
+        seed: seed of the synthetic data and of the subset choice.
+    Raises:
+        DataError: bad split name, ``data.val`` unset for a real-data ``val`` split, or any
+            problem reading the folder.
+    """
+    if split not in ("train", "val"):
+        raise DataError(f"unknown data split '{split}' (use 'train' or 'val')")
+    root = data_cfg.train if split == "train" else data_cfg.val
+    if root is None:
+        if data_cfg.train != SYNTHETIC:
+            raise DataError("data.val is not set: give a folder of normal validation patches")
+        root, seed = SYNTHETIC, seed + _VAL_SEED_OFFSET
+    if root == SYNTHETIC:
+        from gen_ad.data.synthetic import SyntheticTissue
+
+        return SyntheticTissue(n=data_cfg.synthetic, size=data_cfg.size, seed=seed)
+    stain = None
+    if data_cfg.stain_norm != "none":
+        from gen_ad.data.stain import StainNormalizer
+
+        stain = StainNormalizer(method=data_cfg.stain_norm, reference=data_cfg.stain_ref)
+    found, flat = discover_classes(root)
+    classes = normal = list(found) if flat else list(data_cfg.normal_classes)
+    ds: Dataset = PatchFolder(root=root, size=data_cfg.size, classes=classes,
+                              normal_classes=normal, resize=data_cfg.resize,
+                              max_bad_fraction=data_cfg.max_bad_fraction, stain=stain)
+    if split == "train" and data_cfg.subset is not None:
+        ds = subset(ds, data_cfg.subset, seed)
+    return ds

@@ -1,0 +1,486 @@
+"""Folders of image patches: any common format decoded to RGB, validated up front, seeded subsets.
+
+Layout read by :class:`PatchFolder`::
+
+    root/<class>/**/<image>      one class per subfolder (nested folders allowed)
+    root/<image>                 or images directly in ``root`` (no subfolder holds images):
+                                 one class named after the folder (``.../normal`` -> ``normal``)
+
+Hidden files and folders (names starting with ``.``) are ignored. Every image is decoded once when
+the dataset is built; unreadable or truncated files are skipped with a single warning (or an error
+when too many are bad), so ``len()`` is exact before training starts.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
+
+from gen_ad.errors import DataError
+
+if TYPE_CHECKING:
+    from gen_ad.data.stain import StainNormalizer
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+ResizeMode = Literal["resize", "center_crop"]
+_MAX_LISTED = 10
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive) and is not hidden."""
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def array_to_rgb8(arr: np.ndarray) -> np.ndarray:
+    """Convert a decoded pixel array of any depth and channel count to RGB uint8.
+
+    Depth: uint8 as is; uint16 scaled by ``round(v / 257)`` (65535 -> 255); other integers in
+    ``[0, 65535]`` are read as 16-bit, otherwise min-max scaled; floats in ``[0, 1]`` are
+    multiplied by 255, otherwise min-max scaled; booleans become 0/255.
+    Channels: ``[H,W]`` or ``[H,W,1]`` grey is repeated; ``[H,W,2]`` (grey+alpha) and ``[H,W,4]``
+    (RGBA) are composited on white; ``[H,W,3]`` is RGB.
+
+    Args:
+        arr: ``[H,W]`` or ``[H,W,C]`` array, C in 1..4.
+    Returns:
+        uint8 array ``[H,W,3]``.
+    """
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or not 1 <= arr.shape[-1] <= 4:
+        raise DataError(f"unsupported pixel array shape {tuple(arr.shape)}")
+    a = _depth_to_float255(arr)
+    if a.shape[-1] in (2, 4):
+        alpha = a[..., -1:] / 255.0
+        a = a[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _depth_to_float255(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float64)
+    if arr.dtype == bool:
+        return arr.astype(np.float64) * 255.0
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise DataError("image holds NaN or infinite values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if np.issubdtype(arr.dtype, np.integer) and lo >= 0 and hi <= 65535:
+        return a / 257.0
+    if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 1:
+        return a * 255.0
+    return (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+
+
+def pil_to_rgb8(im: Image.Image) -> np.ndarray:
+    """Convert an open PIL image of any mode to RGB uint8 ``[H,W,3]`` (transparency on white)."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.array(im, dtype=np.uint8)
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        return pil_to_rgb8(im)
+    if mode in ("1", "L"):
+        return array_to_rgb8(np.asarray(im.convert("L")))
+    if mode in ("LA", "La", "PA", "RGBa", "RGBX"):
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA" or mode.startswith("I") or mode == "F":
+        return array_to_rgb8(np.asarray(im))
+    return np.array(im.convert("RGB"), dtype=np.uint8)  # CMYK, YCbCr, HSV, ...
+
+
+def _tiff_bits(im: Image.Image) -> int:
+    tags = getattr(im, "tag_v2", None)
+    bits = tags.get(258, 8) if tags is not None else 8
+    return int(max(bits) if isinstance(bits, (tuple, list)) else bits)
+
+
+def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode an image file fully into RGB uint8 ``[H,W,3]``.
+
+    Multi-channel TIFFs deeper than 8 bits are read with ``tifffile`` (exact 16-bit scaling);
+    everything else with Pillow. See :func:`array_to_rgb8` for the depth and alpha rules.
+
+    Raises:
+        DataError: the file is missing, corrupt, truncated or of an unsupported kind.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            if im.format == "TIFF" and _tiff_bits(im) > 8 and len(im.getbands()) > 1:
+                import tifffile
+
+                return array_to_rgb8(np.squeeze(tifffile.imread(p, key=0)))
+            im.load()
+            return pil_to_rgb8(im)
+    except DataError as e:
+        raise DataError(f"cannot read image {p}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
+        raise DataError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
+
+
+def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a ground-truth mask file: any format, any nonzero channel value = anomalous.
+
+    Returns:
+        bool array ``[H,W]``.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "RGBa", "LA", "La") else im)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read mask {p}: {type(e).__name__}: {e}") from e
+    return arr.any(axis=-1) if arr.ndim == 3 else arr != 0
+
+
+def fit_size(rgb: np.ndarray, size: int, mode: ResizeMode = "resize",
+             resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """Bring an ``[H,W]`` or ``[H,W,C]`` uint8 array to ``size x size``.
+
+    ``resize`` scales the whole image (antialiased; the aspect ratio is not kept);
+    ``center_crop`` crops the centre, first scaling the shorter side up to ``size`` if needed.
+    """
+    if mode not in ("resize", "center_crop"):
+        raise ValueError(f"resize mode must be 'resize' or 'center_crop', got {mode!r}")
+    h, w = rgb.shape[:2]
+    if (h, w) == (size, size):
+        return rgb
+    im = Image.fromarray(rgb)
+    if mode == "resize":
+        return np.asarray(im.resize((size, size), resample))
+    if min(h, w) < size:
+        scale = size / min(h, w)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((w, h), resample)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H,W,3]`` -> float32 ``[3,H,W]`` in ``[-1,1]``."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [H,W,3], got {rgb.dtype} {tuple(rgb.shape)}")
+    t = torch.from_numpy(rgb.astype(np.float32)).div_(127.5).sub_(1.0)
+    return rearrange(t, "h w c -> c h w").contiguous()
+
+
+def tensor_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float ``[B,3,H,W]`` (or ``[3,H,W]``) in ``[-1,1]`` -> uint8 ``[B,H,W,3]`` (or ``[H,W,3]``).
+
+    Values are mapped by ``round((x + 1) * 127.5)`` and clamped to ``[0, 255]``.
+    """
+    if x.ndim not in (3, 4) or x.shape[-3] != 3:
+        raise ValueError(f"expected [B,3,H,W] or [3,H,W], got {tuple(x.shape)}")
+    u = ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return rearrange(u, "... c h w -> ... h w c").contiguous()
+
+
+def load_image(path: str | os.PathLike[str], size: int, resize: ResizeMode = "resize",
+               stain: StainNormalizer | None = None) -> torch.Tensor:
+    """Read one image file as float32 ``[3,size,size]`` in ``[-1,1]`` (DataError if unreadable)."""
+    rgb = fit_size(read_rgb(path), size, resize)
+    if stain is not None:
+        rgb = stain(rgb)
+    return image_to_tensor(rgb)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _images_under(folder: Path) -> list[Path]:
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+    return sorted(out, key=lambda p: p.as_posix())
+
+
+def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], bool]:
+    """Find the class folders of ``root`` and their image files.
+
+    Returns:
+        ``({class name: sorted image paths}, flat)`` where ``flat`` is True when ``root`` holds
+        images directly and no subfolder with images (one class named after ``root``).
+    Raises:
+        DataError: ``root`` is missing, not a folder, or holds no images.
+    """
+    r = Path(root).expanduser()
+    if not r.exists():
+        raise DataError(f"data folder not found: {r}")
+    if not r.is_dir():
+        raise DataError(f"data path is not a folder: {r}")
+    subdirs = sorted(d for d in r.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = {d.name: _images_under(d) for d in subdirs}
+    found = {k: v for k, v in found.items() if v}
+    direct = sorted(p for p in r.iterdir() if p.is_file() and is_image_file(p))
+    if not found:
+        if not direct:
+            exts = ", ".join(IMAGE_EXTENSIONS)
+            raise DataError(f"no images found in {r} (looked for {exts} in it and its subfolders)")
+        return {r.resolve().name: direct}, True
+    if direct:
+        warnings.warn(f"{len(direct)} images directly in {r} are ignored because it has class "
+                      f"subfolders ({', '.join(found)})", stacklevel=3)
+    return found, False
+
+
+def _mask_index(mask_root: Path) -> dict[str, Path]:
+    """Map ``relative/path/stem`` (with a ``_mask`` suffix removed) -> mask file."""
+    if not mask_root.is_dir():
+        raise DataError(f"mask folder not found: {mask_root}")
+    index: dict[str, Path] = {}
+    for p in _images_under(mask_root):
+        rel = p.relative_to(mask_root).with_suffix("").as_posix()
+        keys = {rel, rel[: -len("_mask")]} if rel.endswith("_mask") else {rel}
+        for k in keys:
+            if k in index and index[k] != p:
+                raise DataError(f"two mask files match the same image: {index[k]} and {p}")
+            index[k] = p
+    return index
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+@dataclass(frozen=True)
+class _Sample:
+    path: str
+    cls: str
+    label: int
+    mask: str | None
+
+
+class PatchFolder(Dataset):
+    """A folder of image patches as a map-style dataset of dicts.
+
+    Items: ``{"image": float32 [3,size,size] in [-1,1], "label": int (0 normal, 1 anomalous),
+    "path": str, "cls": str}``, plus ``"mask": float32 [size,size] in {0,1}`` when ``mask_root``
+    is given.
+
+    Args:
+        root: folder of class subfolders, or of images directly (one class named after the folder).
+        size: output side length in pixels.
+        classes: class names to load (``None``: all class folders that hold images).
+        normal_classes: classes with label 0; every other class has label 1.
+        mask_root: folder of ground-truth masks mirroring ``root``: the mask of
+            ``root/<rel>/<stem>.<ext>`` is ``mask_root/<rel>/<stem>[_mask].<any ext>``; a nonzero
+            pixel is anomalous. Masks must have their image's size.
+        missing_mask: for an anomalous image without a mask file, ``"error"`` (DataError at
+            construction) or ``"full"`` (the whole image is marked anomalous). Normal images
+            without a mask always get an all-zero mask.
+        resize: ``resize`` (whole image to size) or ``center_crop``.
+        max_bad_fraction: unreadable files are skipped with one warning; more than this fraction
+            of bad files (or none readable) is a DataError.
+        stain: optional stain normaliser applied to each uint8 patch after resizing.
+        workers: threads for the up-front decode check (default: up to 8).
+    Raises:
+        DataError: missing/empty folder, unknown class, missing masks, too many bad files.
+    """
+
+    def __init__(self, *, root: str | os.PathLike[str], size: int,
+                 classes: Sequence[str] | None = None,
+                 normal_classes: Sequence[str] = ("normal",),
+                 mask_root: str | os.PathLike[str] | None = None,
+                 missing_mask: Literal["error", "full"] = "error",
+                 resize: ResizeMode = "resize", max_bad_fraction: float = 0.05,
+                 stain: StainNormalizer | None = None, workers: int | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        if resize not in ("resize", "center_crop"):
+            raise ValueError(f"resize must be 'resize' or 'center_crop', got {resize!r}")
+        if missing_mask not in ("error", "full"):
+            raise ValueError(f"missing_mask must be 'error' or 'full', got {missing_mask!r}")
+        self.root = Path(root).expanduser()
+        self.size = size
+        self.resize = resize
+        self.stain = stain
+        self.missing_mask = missing_mask
+        self.mask_root = Path(mask_root).expanduser() if mask_root is not None else None
+        found, self.flat = discover_classes(self.root)
+        self.classes = self._select_classes(found, classes)
+        self.normal_classes = tuple(normal_classes)
+        candidates = self._candidates(found)
+        self.samples, self.bad_files = self._scan(candidates, max_bad_fraction, workers)
+
+    def _select_classes(self, found: dict[str, list[Path]],
+                        classes: Sequence[str] | None) -> list[str]:
+        if classes is None:
+            return sorted(found)
+        unknown = [c for c in classes if c not in found]
+        if unknown:
+            raise DataError(f"unknown class {', '.join(map(repr, unknown))} in {self.root} "
+                            f"(classes with images: {', '.join(sorted(found))})")
+        return list(dict.fromkeys(classes))
+
+    def _candidates(self, found: dict[str, list[Path]]) -> list[_Sample]:
+        index = _mask_index(self.mask_root) if self.mask_root is not None else None
+        out: list[_Sample] = []
+        missing: list[str] = []
+        for cls in self.classes:
+            label = 0 if cls in self.normal_classes else 1
+            for p in found[cls]:
+                mask = None
+                if index is not None:
+                    m = index.get(p.relative_to(self.root).with_suffix("").as_posix())
+                    mask = str(m) if m is not None else None
+                    if m is None and label == 1 and self.missing_mask == "error":
+                        missing.append(str(p))
+                out.append(_Sample(str(p), cls, label, mask))
+        if missing:
+            raise DataError(f"{len(missing)} anomalous images have no mask in {self.mask_root}: "
+                            f"{_listing(missing)} (set missing_mask='full' to mark them whole)")
+        return out
+
+    def _scan(self, cands: list[_Sample], max_bad: float,
+              workers: int | None) -> tuple[list[_Sample], list[tuple[str, str]]]:
+        n_workers = workers or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            results = list(tqdm(pool.map(_check_sample, cands), total=len(cands),
+                                desc=f"checking {self.root.name}", disable=len(cands) < 5000,
+                                leave=False))
+        good = [s for s, r in zip(cands, results) if r is None]
+        bad = [(s.path, r) for s, r in zip(cands, results) if r is not None]
+        if not good:
+            raise DataError(f"none of the {len(cands)} images in {self.root} could be read: "
+                            f"{_listing([f'{p} ({r})' for p, r in bad])}")
+        if bad:
+            frac = len(bad) / len(cands)
+            listing = _listing([f"{p} ({r})" for p, r in bad])
+            if frac > max_bad:
+                raise DataError(f"{len(bad)} of {len(cands)} images in {self.root} are unreadable "
+                                f"({frac:.1%} > max_bad_fraction {max_bad:.1%}): {listing}")
+            warnings.warn(f"skipping {len(bad)} unreadable of {len(cands)} images in {self.root}: "
+                          f"{listing}", stacklevel=3)
+        return good, bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        """Label of every item (0 normal, 1 anomalous), in item order."""
+        return [s.label for s in self.samples]
+
+    @property
+    def paths(self) -> list[str]:
+        """File path of every item, in item order."""
+        return [s.path for s in self.samples]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        rgb = fit_size(read_rgb(s.path), self.size, self.resize)
+        if self.stain is not None:
+            rgb = self.stain(rgb)
+        item: dict[str, Any] = {"image": image_to_tensor(rgb), "label": s.label,
+                                "path": s.path, "cls": s.cls}
+        if self.mask_root is not None:
+            item["mask"] = self._mask(s)
+        return item
+
+    def _mask(self, s: _Sample) -> torch.Tensor:
+        if s.mask is None:
+            fill = 1.0 if s.label == 1 else 0.0
+            return torch.full((self.size, self.size), fill, dtype=torch.float32)
+        m = read_mask(s.mask).astype(np.uint8) * 255
+        m = fit_size(m, self.size, self.resize, resample=Image.Resampling.NEAREST)
+        return torch.from_numpy((m > 127).astype(np.float32))
+
+
+def _check_sample(s: _Sample) -> str | None:
+    """Decode an image (and its mask) fully; return why it is unusable, or None."""
+    try:
+        h, w = read_rgb(s.path).shape[:2]
+        if s.mask is not None:
+            mh, mw = read_mask(s.mask).shape
+            if (mh, mw) != (h, w):
+                return f"mask {s.mask} is {mw}x{mh}, image is {w}x{h}"
+    except DataError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = "; ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f"; ... and {more} more" if more > 0 else "")
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
+    """A seeded random choice of ``n`` items (indices kept in dataset order).
+
+    The same ``(len(dataset), n, seed)`` always gives the same indices (numpy PCG64; independent
+    of the Python hash seed).
+
+    Raises:
+        DataError: ``n`` is not in ``1..len(dataset)``.
+    """
+    total = len(dataset)  # type: ignore[arg-type]
+    if not 0 < n <= total:
+        raise DataError(f"cannot take a subset of {n} items from a dataset of {total}")
+    idx = np.sort(np.random.default_rng(seed).permutation(total)[:n])
+    return Subset(dataset, idx.tolist())
+
+
+def split(dataset: Dataset, parts: Sequence[float] | Sequence[int],
+          seed: int = 0) -> list[Subset]:
+    """Split a dataset into disjoint seeded random parts (indices in dataset order in each part).
+
+    Args:
+        dataset: any sized dataset.
+        parts: fractions (floats summing to at most 1; leftover items are dropped; when they
+            sum to 1 the rounding remainder goes to the parts with the largest fractional sizes)
+            or counts (ints summing to at most ``len(dataset)``).
+        seed: random seed.
+    Returns:
+        One :class:`~torch.utils.data.Subset` per part.
+    """
+    total = len(dataset)  # type: ignore[arg-type]
+    sizes = _part_sizes(total, parts)
+    perm = np.random.default_rng(seed).permutation(total)
+    out, start = [], 0
+    for n in sizes:
+        out.append(Subset(dataset, np.sort(perm[start:start + n]).tolist()))
+        start += n
+    return out
+
+
+def _part_sizes(total: int, parts: Sequence[float] | Sequence[int]) -> list[int]:
+    if len(parts) == 0 or any(isinstance(p, bool) or p < 0 for p in parts):
+        raise DataError(f"split parts must be non-negative numbers, got {list(parts)}")
+    if all(isinstance(p, (int, np.integer)) for p in parts):
+        if sum(parts) > total:
+            raise DataError(f"split counts {list(parts)} exceed the dataset size {total}")
+        return [int(p) for p in parts]
+    s = float(sum(parts))
+    if s > 1.0 + 1e-9:
+        raise DataError(f"split fractions {list(parts)} sum to {s:.4g} > 1")
+    exact = np.asarray(parts, dtype=np.float64) * total
+    sizes = np.floor(exact + 1e-9).astype(np.int64)
+    if abs(s - 1.0) <= 1e-9:  # hand out the rounding remainder by largest fractional part
+        order = np.argsort(-(exact - sizes), kind="stable")
+        sizes[order[: max(0, total - int(sizes.sum()))]] += 1
+    return sizes.tolist()

@@ -1,0 +1,482 @@
+"""Whole-slide images: reading (OpenSlide, tiffslide fallback) and tiling into tissue patches.
+
+Tiling plan of :func:`tile_slide`: pick the pyramid level (given, or the best one for a requested
+microns-per-pixel), lay a grid of tiles over level 0 (only tiles fully inside the slide), measure
+each tile's tissue fraction on a thumbnail tissue mask (:func:`gen_ad.data.tissue.tissue_mask`),
+and write the tiles with enough tissue as PNGs plus a ``manifest.csv`` row each.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from gen_ad.data.tissue import tissue_mask
+from gen_ad.errors import DataError
+from gen_ad.utils.io import atomic_path, write_text
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("slide", "level", "x", "y", "tissue_fraction", "path")
+_LEVEL_TOLERANCE = 0.01  # a level whose downsample is within 1% of the wanted one is used as is
+
+
+def _rgba_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Composite RGBA (transparent = no scanned data) on white; RGB passes through."""
+    rgb = np.array(arr[..., :3], dtype=np.uint8)
+    if arr.shape[-1] == 3:
+        return rgb
+    alpha = arr[..., 3]
+    part = alpha < 255
+    if part.any():  # composite only the (rare) not fully opaque pixels
+        a = alpha[part].astype(np.float32)[:, None] / 255.0
+        mixed = rgb[part].astype(np.float32) * a + 255.0 * (1.0 - a)
+        rgb[part] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return rgb
+
+
+class Slide:
+    """A whole-slide image opened with OpenSlide, or with tiffslide when OpenSlide cannot.
+
+    Attributes:
+        path: the slide file.
+        backend: ``openslide`` or ``tiffslide``.
+        dimensions: level-0 ``(width, height)``.
+        level_dimensions / level_downsamples: per pyramid level.
+        mpp: level-0 microns per pixel (mean of x and y), or ``None`` when the file does not say.
+    """
+
+    def __init__(self, path: str | os.PathLike[str],
+                 backend: Literal["auto", "openslide", "tiffslide"] = "auto") -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise DataError(f"slide not found: {self.path}")
+        errors: list[str] = []
+        order = ("openslide", "tiffslide") if backend == "auto" else (backend,)
+        self._osr: Any = None
+        for name in order:
+            try:
+                self._osr = self._open(name)
+                self.backend = name
+                break
+            except Exception as e:  # noqa: BLE001 - any failure means "try the next reader"
+                errors.append(f"{name}: {type(e).__name__}: {e}")
+        if self._osr is None:
+            raise DataError(f"cannot open slide {self.path} ({'; '.join(errors)})")
+        self._lock = threading.Lock() if self.backend == "tiffslide" else None
+        self.dimensions: tuple[int, int] = tuple(self._osr.dimensions)  # type: ignore[assignment]
+        self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
+        self.mpp = self._read_mpp()
+
+    def _open(self, name: str) -> Any:
+        if name == "openslide":
+            import openslide
+
+            return openslide.OpenSlide(str(self.path))
+        if name == "tiffslide":
+            import tiffslide
+
+            return tiffslide.TiffSlide(str(self.path))
+        raise ValueError(f"unknown slide backend {name!r}")
+
+    def _read_mpp(self) -> float | None:
+        props = self._osr.properties
+        vals = []
+        for axis in ("x", "y"):
+            v = props.get(f"{self.backend}.mpp-{axis}")
+            try:
+                if v is not None and float(v) > 0:
+                    vals.append(float(v))
+            except (TypeError, ValueError):
+                pass
+        return float(np.mean(vals)) if vals else None
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels."""
+        return len(self.level_dimensions)
+
+    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+        """Read a region as RGB uint8 ``[h,w,3]`` (unscanned areas are white).
+
+        Args:
+            x0, y0: top-left corner in level-0 pixels.
+            level: pyramid level to read from.
+            w, h: size in pixels of that level.
+        """
+        if not 0 <= level < self.level_count:
+            raise DataError(f"level {level} does not exist in {self.path} "
+                            f"(levels 0..{self.level_count - 1})")
+        try:
+            if self._lock is not None:
+                with self._lock:
+                    arr = self._osr.read_region((int(x0), int(y0)), level, (int(w), int(h)),
+                                                as_array=True)
+            else:
+                arr = np.asarray(self._osr.read_region((int(x0), int(y0)), level,
+                                                       (int(w), int(h))))
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"cannot read region ({x0}, {y0}) level {level} of {self.path}: "
+                            f"{type(e).__name__}: {e}") from e
+        return _rgba_to_rgb(arr)
+
+    def best_level(self, downsample: float) -> int:
+        """The level with the largest downsample not above ``downsample`` (1% tolerance)."""
+        ok = [i for i, d in enumerate(self.level_downsamples)
+              if d <= downsample * (1 + _LEVEL_TOLERANCE)]
+        return max(ok, key=lambda i: self.level_downsamples[i]) if ok else 0
+
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        """The whole slide as RGB uint8 ``[h,w,3]`` with its longer side at most ``max_size``."""
+        w0, h0 = self.dimensions
+        ds = max(1.0, max(w0, h0) / max_size)
+        level = self.best_level(ds)
+        lw, lh = self.level_dimensions[level]
+        img = self.read_region(0, 0, level, lw, lh)
+        tw, th = max(1, round(w0 / ds)), max(1, round(h0 / ds))
+        if (tw, th) != (lw, lh):
+            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BICUBIC))
+        return img
+
+    def close(self) -> None:
+        """Release the file."""
+        self._osr.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_slide(path: str | os.PathLike[str],
+               backend: Literal["auto", "openslide", "tiffslide"] = "auto") -> Slide:
+    """Open a whole-slide image (OpenSlide, else tiffslide); DataError if neither can."""
+    return Slide(path, backend)
+
+
+# ----------------------------------------------------------------------------- tiling plan
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of one slide lie.
+
+    Attributes:
+        level: pyramid level the tiles are read from.
+        downsample: level-0 pixels per output pixel (= level downsample, or mpp / slide mpp).
+        size: output tile side in pixels.
+        read_size: side of the region read at ``level`` (resized to ``size`` when different).
+        footprint: tile side in level-0 pixels.
+        xs, ys: level-0 coordinates of the grid columns and rows (int64).
+    """
+
+    level: int
+    downsample: float
+    size: int
+    read_size: int
+    footprint: float
+    xs: np.ndarray
+    ys: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, columns)``."""
+        return len(self.ys), len(self.xs)
+
+
+def plan_grid(slide: Slide, size: int, level: int | None = None, mpp: float | None = None,
+              stride: int | None = None, slide_mpp: float | None = None) -> TileGrid:
+    """Choose the level and lay the tile grid.
+
+    Args:
+        slide: the open slide.
+        size: output tile side in pixels.
+        level: read at this level (no resizing); exclusive with ``mpp``.
+        mpp: wanted microns per pixel of the output tiles: read at the best level for it and
+            resize the region so the tiles have exactly this resolution.
+        stride: step between tiles in output pixels (default ``size``: no overlap).
+        slide_mpp: level-0 microns per pixel when the file does not say (or to override it).
+    Returns:
+        The grid of tiles that lie fully inside the slide.
+    """
+    if level is not None and mpp is not None:
+        raise DataError("give either a level or an mpp, not both")
+    stride = size if stride is None else stride
+    if size < 1 or stride < 1:
+        raise DataError(f"tile size and stride must be positive, got {size} and {stride}")
+    if mpp is not None:
+        base = slide_mpp if slide_mpp is not None else slide.mpp
+        if base is None:
+            raise DataError(f"slide {slide.path} does not record its microns per pixel; "
+                            "give a level, or the slide's mpp (slide_mpp / --slide-mpp)")
+        if mpp <= 0 or base <= 0:
+            raise DataError(f"mpp must be positive, got {mpp} (slide {base})")
+        downsample = mpp / base
+        level = slide.best_level(downsample)
+    else:
+        level = 0 if level is None else level
+        if not 0 <= level < slide.level_count:
+            raise DataError(f"level {level} does not exist in {slide.path} "
+                            f"(levels 0..{slide.level_count - 1})")
+        downsample = slide.level_downsamples[level]
+    read_size = max(1, round(size * downsample / slide.level_downsamples[level]))
+    footprint, step = size * downsample, stride * downsample
+    w0, h0 = slide.dimensions
+
+    def starts(extent: int) -> np.ndarray:
+        n = math.floor((extent - footprint) / step + 1e-9) + 1 if extent >= footprint else 0
+        return np.round(np.arange(n) * step).astype(np.int64)
+
+    return TileGrid(level, downsample, size, read_size, footprint, starts(w0), starts(h0))
+
+
+def grid_tissue_fractions(mask: np.ndarray, grid: TileGrid,
+                          dimensions: tuple[int, int]) -> np.ndarray:
+    """Tissue fraction of every grid tile, from a mask covering the whole slide.
+
+    A mask pixel belongs to a tile when its centre (in level-0 coordinates) lies inside the tile's
+    level-0 square; a tile smaller than a mask pixel uses the pixel under its corner.
+
+    Args:
+        mask: bool ``[h,w]`` over the whole slide (any resolution).
+        grid: the tile grid.
+        dimensions: level-0 ``(width, height)`` of the slide.
+    Returns:
+        float64 ``[rows, cols]`` in ``[0, 1]``.
+    """
+    mh, mw = mask.shape
+    sx, sy = dimensions[0] / mw, dimensions[1] / mh
+    sat = np.zeros((mh + 1, mw + 1), np.int64)
+    sat[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+
+    def spans(starts: np.ndarray, scale: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.clip(np.ceil(starts / scale - 0.5), 0, n - 1).astype(np.int64)
+        hi = np.clip(np.ceil((starts + grid.footprint) / scale - 0.5), 0, n).astype(np.int64)
+        return lo, np.maximum(hi, lo + 1)
+
+    x0, x1 = spans(grid.xs.astype(np.float64), sx, mw)
+    y0, y1 = spans(grid.ys.astype(np.float64), sy, mh)
+    total = (sat[y1][:, x1] - sat[y0][:, x1] - sat[y1][:, x0] + sat[y0][:, x0])
+    area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
+    return total / area
+
+
+# ----------------------------------------------------------------------------- tiling
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    """One written tile: slide stem, level read, level-0 top-left corner, tissue fraction, file."""
+
+    slide: str
+    level: int
+    x: int
+    y: int
+    tissue_fraction: float
+    path: str
+
+
+@dataclass
+class TilingSummary:
+    """What :func:`tile_slides` did with one slide."""
+
+    slide: str
+    backend: str
+    level: int
+    downsample: float
+    mpp: float | None
+    grid_cells: int
+    records: list[TileRecord] = field(default_factory=list)
+
+
+def _mask_side(dimensions: tuple[int, int], footprint: float) -> int:
+    """Thumbnail side for the tissue mask: about 8 mask pixels per tile side, in [512, 4096]."""
+    longest = max(dimensions)
+    want = math.ceil(longest * 8 / max(footprint, 1.0))
+    return int(min(longest, max(512, min(4096, want))))
+
+
+def _runs(cols: np.ndarray, grid: TileGrid, level_ds: float, max_width: int) -> list[np.ndarray]:
+    """Split sorted kept column indices of a row into strips of at most ``max_width`` level px."""
+    out: list[np.ndarray] = []
+    start = 0
+    for i in range(1, len(cols) + 1):
+        end_of_run = i == len(cols) or cols[i] != cols[i - 1] + 1
+        if not end_of_run:
+            width = (grid.xs[cols[i]] - grid.xs[cols[start]]) / level_ds + grid.read_size
+            end_of_run = width > max_width
+        if end_of_run:
+            out.append(cols[start:i])
+            start = i
+    return out
+
+
+def _write_png(path: Path, tile: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(tile).save(buf, format="PNG", compress_level=3)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _tile_run(slide: Slide, grid: TileGrid, row: int, cols: np.ndarray, frac: np.ndarray,
+              stem: str, out_dir: Path) -> list[TileRecord]:
+    """Read one strip of adjacent tiles, cut it, and write the tiles."""
+    lvl_ds = slide.level_downsamples[grid.level]
+    x_first, y = int(grid.xs[cols[0]]), int(grid.ys[row])
+    offs = [round((int(grid.xs[c]) - x_first) / lvl_ds) for c in cols]
+    strip = slide.read_region(x_first, y, grid.level, offs[-1] + grid.read_size, grid.read_size)
+    out = []
+    for c, off in zip(cols, offs):
+        tile = strip[:, off:off + grid.read_size]
+        if grid.read_size != grid.size:
+            tile = np.asarray(Image.fromarray(tile).resize((grid.size, grid.size),
+                                                           Image.Resampling.BICUBIC))
+        x = int(grid.xs[c])
+        path = out_dir / f"{stem}_x{x}_y{y}.png"
+        _write_png(path, np.ascontiguousarray(tile))
+        out.append(TileRecord(stem, grid.level, x, y, float(frac[row, c]), str(path)))
+    return out
+
+
+def _tile_one(path: str | os.PathLike[str], out_dir: Path, size: int, level: int | None,
+              mpp: float | None, min_tissue: float, stride: int | None,
+              slide_mpp: float | None, mask_size: int | None, workers: int | None,
+              progress: bool) -> TilingSummary:
+    if not 0.0 <= min_tissue <= 1.0:
+        raise DataError(f"min_tissue must be in [0, 1], got {min_tissue}")
+    with open_slide(path) as slide:
+        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=slide_mpp)
+        stem = slide.path.stem
+        summary = TilingSummary(stem, slide.backend, grid.level, grid.downsample,
+                                slide_mpp if slide_mpp is not None else slide.mpp,
+                                grid.shape[0] * grid.shape[1])
+        if summary.grid_cells == 0:
+            return summary
+        side = mask_size or _mask_side(slide.dimensions, grid.footprint)
+        frac = grid_tissue_fractions(tissue_mask(slide.thumbnail(side)), grid, slide.dimensions)
+        keep = frac >= min_tissue
+        level_ds = slide.level_downsamples[grid.level]
+        jobs = [(r, run) for r in range(grid.shape[0])
+                for run in _runs(np.flatnonzero(keep[r]), grid, level_ds, max_width=4096)]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=int(keep.sum()), desc=stem, unit="tile", disable=not progress)
+        with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+            futures = [pool.submit(_tile_run, slide, grid, r, run, frac, stem, out_dir)
+                       for r, run in jobs]
+            for fut in futures:
+                recs = fut.result()
+                summary.records.extend(recs)
+                bar.update(len(recs))
+        bar.close()
+    return summary
+
+
+def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+                size: int, level: int | None = None, mpp: float | None = None,
+                min_tissue: float = 0.9, stride: int | None = None,
+                slide_mpp: float | None = None, mask_size: int | None = None,
+                workers: int | None = None, progress: bool = True) -> list[TilingSummary]:
+    """Tile several slides into one folder with one ``manifest.csv`` (see :func:`tile_slide`).
+
+    Returns:
+        One summary per slide, in input order.
+    Raises:
+        DataError: a slide is missing/unreadable, two slides share a file stem, bad settings.
+    """
+    stems: dict[str, str] = {}
+    for p in paths:
+        stem, full = Path(p).stem, str(Path(p).resolve())
+        if stems.setdefault(stem, full) != full:
+            raise DataError(f"two slides share the name '{stem}': {stems[stem]} and {full}")
+    out = Path(out_dir).expanduser()
+    summaries = [_tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp, mask_size,
+                           workers, progress) for p in paths]
+    update_manifest(out, [s.slide for s in summaries],
+                    [r for s in summaries for r in s.records])
+    return summaries
+
+
+def tile_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], size: int,
+               level: int | None = None, mpp: float | None = None, min_tissue: float = 0.9,
+               stride: int | None = None, slide_mpp: float | None = None,
+               mask_size: int | None = None, workers: int | None = None,
+               progress: bool = True) -> list[TileRecord]:
+    """Cut the tissue of a slide into PNG tiles and record them in ``out_dir/manifest.csv``.
+
+    Tiles are named ``<slide stem>_x<x>_y<y>.png`` with ``x, y`` the level-0 top-left corner.
+    A tile is kept when its tissue fraction (see :func:`grid_tissue_fractions`) is at least
+    ``min_tissue``. The manifest keeps the rows of other slides; this slide's old rows (and their
+    tile files, when no longer produced) are replaced.
+
+    Args:
+        path: slide file (anything OpenSlide or tiffslide reads).
+        out_dir: output folder.
+        size: tile side in output pixels.
+        level / mpp / stride / slide_mpp: see :func:`plan_grid`.
+        min_tissue: minimum tissue fraction of a kept tile.
+        mask_size: thumbnail side for the tissue mask (default: about 8 mask pixels per tile).
+        workers: threads reading and writing tiles.
+        progress: show a progress bar.
+    Returns:
+        The written tiles, sorted by ``(y, x)``.
+    """
+    return tile_slides([path], out_dir, size, level=level, mpp=mpp, min_tissue=min_tissue,
+                       stride=stride, slide_mpp=slide_mpp, mask_size=mask_size,
+                       workers=workers, progress=progress)[0].records
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[TileRecord]:
+    """Read a tiling manifest (``path`` columns are resolved against the manifest's folder)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"manifest not found: {p}")
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+            raise DataError(f"{p} is not a tiling manifest (columns {reader.fieldnames})")
+        return [TileRecord(r["slide"], int(r["level"]), int(r["x"]), int(r["y"]),
+                           float(r["tissue_fraction"]), str(p.parent / r["path"]))
+                for r in reader]
+
+
+def update_manifest(out_dir: str | os.PathLike[str], slides: Sequence[str],
+                    records: Sequence[TileRecord]) -> Path:
+    """Replace the rows of ``slides`` in ``out_dir/manifest.csv`` by ``records`` (atomically).
+
+    Tile files listed in the old rows of these slides but not in ``records`` are deleted.
+    Paths are stored relative to ``out_dir``. Returns the manifest path.
+    """
+    out = Path(out_dir)
+    manifest = out / MANIFEST_NAME
+    old = read_manifest(manifest) if manifest.is_file() else []
+    replaced = set(slides)
+    new_paths = {str(Path(r.path).resolve()) for r in records}
+    for r in old:
+        if r.slide in replaced and str(Path(r.path).resolve()) not in new_paths:
+            Path(r.path).unlink(missing_ok=True)
+    rows = [r for r in old if r.slide not in replaced] + list(records)
+    rows.sort(key=lambda r: (r.slide, r.y, r.x))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MANIFEST_COLUMNS)
+    for r in rows:
+        rel = os.path.relpath(r.path, out)
+        w.writerow([r.slide, r.level, r.x, r.y, f"{r.tissue_fraction:.6f}", Path(rel).as_posix()])
+    write_text(manifest, buf.getvalue())
+    return manifest
