@@ -1,0 +1,156 @@
+"""StyleGAN2 benchmark: training images/s per resolution and config, and projection ms/image for
+plain vs encoder-initialised inversion at equal final LPIPS. Prints one JSON line.
+
+    python bench/stylegan2.py            # GPU: E/F at 64-512; CPU: reduced widths
+    python bench/stylegan2.py --smoke    # tiny, seconds on CPU (used by the test suite)
+
+Projection is measured on images the generator made (targets with a known latent): plain
+projection runs ``--proj-steps`` steps from the mean ``w`` and reaches LPIPS ``L``; the
+encoder-initialised projection (an encoder trained for ``--enc-steps`` steps) then runs in chunks
+of steps until its LPIPS is ``<= L``. LPIPS is VGG16 with random trunk weights unless
+``--lpips-weights`` points to the torchvision VGG16 file (timings are the same either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from gen_ad.config import from_dict
+from gen_ad.inversion.lpips_net import build_lpips
+from gen_ad.inversion.projector import project, train_projection_encoder, w_stats
+from gen_ad.training.family import StepContext
+from gen_ad.training.stylegan2 import StyleGAN2Config, StyleGAN2Family
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_speed(res: int, preset: str, batch: int, steps: int, model: dict[str, Any],
+                cpu: bool) -> float:
+    """Training images/s of the full StyleGAN2 step (G, PL, D, R1, ADA) after one warm-up step."""
+    cfg = from_dict(StyleGAN2Config, {
+        "data": {"size": res}, "train": {"batch_size": batch, "cpu": cpu},
+        "model": {"preset": preset, **model},
+        "loss": {"pl_interval": 4, "r1_interval": 16}, "augment": {"p": 0.2}})
+    fam = StyleGAN2Family(cfg)
+    acc = Accelerator(cpu=cpu)
+    models = fam.build_models()
+    fam.setup(models, acc.device)
+    opts = fam.build_optimizers(models)
+    models = {k: acc.prepare(m) for k, m in models.items()}
+    opts = {k: acc.prepare(o) for k, o in opts.items()}
+    batch_x = torch.rand(batch, 3, res, res, device=acc.device) * 2 - 1
+    t0 = 0.0
+    for step in range(steps + 1):
+        if step == 1:
+            _sync(acc.device)
+            t0 = time.perf_counter()
+        gen = torch.Generator(device=acc.device).manual_seed(step)
+        ctx = StepContext(acc, models, opts, {}, {}, step=step, kimg=0.0, generator=gen)
+        fam.train_step(ctx, batch_x)
+    _sync(acc.device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def projection_speed(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    """ms/image of plain vs encoder-initialised projection at equal final LPIPS."""
+    from gen_ad.models.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    G = Generator(resolution=args.proj_res, z_dim=args.proj_width, w_dim=args.proj_width,
+                  channel_base=args.proj_width * 64, channel_max=args.proj_width,
+                  mapping_layers=2).to(dev).eval().requires_grad_(False)
+    lpips_net = build_lpips(args.lpips_trunk, weights=args.lpips_weights,
+                            random_init=args.lpips_weights is None).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    with torch.no_grad():
+        real = G(torch.randn(64, G.z_dim, generator=gen, device=dev), noise_mode="const")
+        target = G(torch.randn(args.proj_batch, G.z_dim, generator=gen, device=dev),
+                   noise_mode="const")
+    stats = w_stats(G)
+    kw = {"lpips_net": lpips_net, "w_avg": stats[0], "w_std": stats[1]}
+    _sync(dev)
+    t = time.perf_counter()
+    plain = project(G, target, steps=args.proj_steps, generator=gen, **kw)
+    _sync(dev)
+    plain_ms = (time.perf_counter() - t) * 1000 / args.proj_batch
+    goal = float(plain.lpips.mean())
+    E = train_projection_encoder(G, real, steps=args.enc_steps, batch_size=16, lpips_net=None)
+    _sync(dev)
+    t = time.perf_counter()
+    steps, reached = 0, float("inf")
+    while steps < args.proj_steps:
+        steps += args.enc_chunk
+        with torch.no_grad():
+            init = E(target)
+        res = project(G, target, steps=steps, latent="w+", init_ws=init, generator=gen, **kw)
+        reached = float(res.lpips.mean())
+        if reached <= goal:
+            break
+    _sync(dev)
+    enc_ms_total = (time.perf_counter() - t) * 1000 / args.proj_batch
+    t = time.perf_counter()
+    for i in range(min(args.proj_batch, 4)):
+        project(G, target[i:i + 1], steps=args.enc_chunk, generator=gen, **kw)
+    _sync(dev)
+    single_ms = (time.perf_counter() - t) * 1000 / min(args.proj_batch, 4)
+    t = time.perf_counter()
+    project(G, target, steps=args.enc_chunk, generator=gen, **kw)
+    _sync(dev)
+    batched_ms = (time.perf_counter() - t) * 1000 / args.proj_batch
+    return {"res": args.proj_res, "batch": args.proj_batch, "plain_steps": args.proj_steps,
+            "lpips_trunk": args.lpips_trunk, "plain_lpips": goal,
+            "plain_ms_per_image": plain_ms, "enc_steps_to_match": steps,
+            "enc_lpips": reached, "enc_ms_per_image_search": enc_ms_total,
+            "enc_ms_per_image_final": plain_ms * steps / args.proj_steps,
+            f"batched_{args.enc_chunk}steps_ms_per_image": batched_ms,
+            f"single_{args.enc_chunk}steps_ms_per_image": single_ms}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--lpips-weights", default=None)
+    args = p.parse_args()
+    cpu = args.cpu or not torch.cuda.is_available()
+    dev = torch.device("cpu" if cpu else "cuda")
+    args.lpips_trunk = "vgg"
+    if args.smoke:
+        grid, batch, steps = [(16, "E")], 4, 1
+        model = {"channel_base": 32, "channel_max": 4, "z_dim": 4, "w_dim": 4,
+                 "mapping_layers": 2}
+        args.proj_res, args.proj_width, args.proj_batch = 32, 4, 2
+        args.proj_steps, args.enc_steps, args.enc_chunk = 4, 2, 2
+        args.lpips_trunk = "alex"  # cheap to build; the full runs use VGG16
+    elif cpu:
+        grid, batch, steps = [(r, c) for r in (64, 128) for c in "EF"], 8, 2
+        model = {"channel_max": 64}
+        args.proj_res, args.proj_width, args.proj_batch = 64, 32, 8
+        args.proj_steps, args.enc_steps, args.enc_chunk = 100, 200, 10
+    else:
+        grid, batch, steps = [(r, c) for r in (64, 128, 256, 512) for c in "EF"], 32, 10
+        model = {}
+        args.proj_res, args.proj_width, args.proj_batch = 256, 256, 32
+        args.proj_steps, args.enc_steps, args.enc_chunk = 1000, 2000, 50
+    train = {f"{c}{r}": train_speed(r, c, batch, steps, model, cpu) for r, c in grid}
+    proj = projection_speed(args, dev)
+    print(json.dumps({
+        "bench": "stylegan2", "smoke": args.smoke, "device": str(dev),
+        "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "train_batch": batch, "train_steps": steps,
+        "train_model_overrides": model, "train_img_per_s": train, "projection": proj}))
+
+
+if __name__ == "__main__":
+    main()

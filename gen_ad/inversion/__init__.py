@@ -1,0 +1,1 @@
+"""Inversion: map a query image to a reconstruction (encoders, projection, diffusion)."""

@@ -1,0 +1,1 @@
+"""Pure nn.Module networks of every family (no optimisers, losses or IO)."""

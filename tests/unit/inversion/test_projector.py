@@ -1,0 +1,105 @@
+"""StyleGAN2 projection: recovers generated images, batch == one by one, encoder, scorer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gen_ad.errors import DataError
+from gen_ad.inversion.lpips_net import build_lpips
+from gen_ad.inversion.projector import (
+    StyleGAN2Scorer,
+    encoder_loss,
+    noise_regularizer,
+    project,
+    train_projection_encoder,
+    w_stats,
+)
+from gen_ad.models.stylegan2 import Generator, LatentEncoder
+
+
+def _G(res: int = 16) -> Generator:
+    torch.manual_seed(0)
+    G = Generator(resolution=res, z_dim=8, w_dim=8, channel_base=64, channel_max=8,
+                  mapping_layers=2)
+    return G.eval().requires_grad_(False)
+
+
+def test_projection_recovers_images_the_generator_made() -> None:
+    G = _G()
+    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = G(z, noise_mode="const")
+    stats = w_stats(G, n=2000)
+    res = project(G, target, lpips_net=None, mse_weight=1.0, steps=150, optimize_noise=False,
+                  w_avg=stats[0], w_std=stats[1], generator=torch.Generator().manual_seed(0))
+    unrelated = (target - target.roll(1, dims=0)).square().mean(dim=[1, 2, 3])
+    start = (G.synthesis(stats[0].expand(4, G.num_ws, -1), noise_mode="const")
+             - target).square().mean(dim=[1, 2, 3])
+    assert res.recon.shape == target.shape and res.ws.shape == (4, G.num_ws, 8)
+    assert (res.mse < 0.1 * unrelated).all() and (res.mse < 0.1 * start).all()
+
+
+def test_batched_projection_equals_one_by_one() -> None:
+    G = _G(32)  # AlexNet-LPIPS needs at least ~32 px
+    net = build_lpips("alex", random_init=True)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    stats = w_stats(G, n=500)
+    kw = {"lpips_net": net, "mse_weight": 0.5, "steps": 8, "w_avg": stats[0],
+          "w_std": stats[1]}
+    batch = project(G, x, generator=torch.Generator().manual_seed(5), latent="w+", **kw)
+    for i in range(3):
+        one = project(G, x[i:i + 1], generator=torch.Generator().manual_seed(5), latent="w+",
+                      **kw)
+        torch.testing.assert_close(one.ws, batch.ws[i:i + 1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(one.noise[-1], batch.noise[-1][i:i + 1], atol=1e-4,
+                                   rtol=1e-4)
+        torch.testing.assert_close(one.lpips, batch.lpips[i:i + 1], atol=1e-5, rtol=1e-4)
+
+
+def test_noise_maps_are_renormalised_and_regulariser_is_per_image() -> None:
+    G = _G()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    res = project(G, x, lpips_net=None, mse_weight=1.0, steps=3)
+    for n in res.noise:
+        assert n.shape[:2] == (2, 1)
+        torch.testing.assert_close(n.mean(dim=[1, 2, 3]), torch.zeros(2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(n.square().mean(dim=[1, 2, 3]), torch.ones(2))
+    const = torch.ones(1, 1, 16, 16)
+    assert noise_regularizer([torch.cat([const, torch.randn(1, 1, 16, 16)])])[0] > 1.0
+    with pytest.raises(DataError):
+        project(G, torch.zeros(1, 3, 8, 8), lpips_net=None, mse_weight=1.0, steps=1)
+
+
+def test_encoder_training_lowers_its_loss_and_initialises_projection() -> None:
+    G = _G()
+    real = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(0)
+    E = LatentEncoder(resolution=16, num_ws=G.num_ws, w_dim=8, channel_base=64, channel_max=8)
+    E.w_avg.copy_(G.mapping.w_avg)
+    with torch.no_grad():
+        before, _ = encoder_loss(E, G, real, generator=torch.Generator().manual_seed(9))
+    E = train_projection_encoder(G, real, steps=40, batch_size=8, lr=3e-3, encoder=E)
+    with torch.no_grad():
+        after, logs = encoder_loss(E, G, real, generator=torch.Generator().manual_seed(9))
+    assert after.item() < before.item() and set(logs) >= {"w_mse", "real_mse"}
+    res = project(G, real[:2], lpips_net=None, mse_weight=1.0, steps=0, latent="w+",
+                  init_ws=E(real[:2]))
+    torch.testing.assert_close(res.ws, E(real[:2]))
+
+
+def test_scorer_outputs_scores_maps_and_terms() -> None:
+    G = _G(32)
+    from gen_ad.models.stylegan2 import Discriminator
+
+    D = Discriminator(resolution=32, channel_base=64, channel_max=8).eval()
+    net = build_lpips("alex", random_init=True)
+    scorer = StyleGAN2Scorer(G, D=D, lpips_net=net, steps=3, feature_weight=0.1)
+    assert scorer.name == "stylegan2" and scorer.latent == "w"
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    out = scorer.score(x)
+    assert out.scores.shape == (3,) and out.maps.shape == (3, 32, 32)
+    assert out.recon.shape == (3, 3, 32, 32) and (out.maps >= 0).all()
+    assert set(out.terms) == {"lpips", "pixel", "feature"}
+    expected = out.terms["lpips"] + out.terms["pixel"] + 0.1 * out.terms["feature"]
+    torch.testing.assert_close(out.scores, expected)

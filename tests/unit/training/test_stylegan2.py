@@ -1,0 +1,139 @@
+"""StyleGAN2 family: R1 / path length vs hand computations, lazy Adam, EMA, resume, encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gen_ad.config import from_dict
+from gen_ad.errors import ConfigError
+from gen_ad.training.loop import run_training
+from gen_ad.training.stylegan2 import (
+    StyleGAN2Config,
+    StyleGAN2Family,
+    default_r1_gamma,
+    path_lengths,
+    r1_penalty,
+)
+from gen_ad.utils.io import load_safetensors, torch_load
+
+TINY_MODEL = {"channel_base": 32, "channel_max": 4, "z_dim": 4, "w_dim": 4, "mapping_layers": 2,
+              "encoder_channel_base": 32, "encoder_channel_max": 4}
+
+
+def _cfg(out: Path, steps: int, size: int = 16, **extra: object) -> StyleGAN2Config:
+    data = {
+        "out": str(out),
+        "data": {"train": "synthetic", "synthetic": 16, "size": size},
+        "train": {"batch_size": 4, "max_steps": steps, "log_every": 1, "sample_every": 0,
+                  "ckpt_every": 0, "cpu": True, "seed": 3},
+        "model": TINY_MODEL,
+        "loss": {"r1_interval": 2, "pl_interval": 2},
+        "augment": {"p": 0.2, "interval": 1, "speed_kimg": 0.05},
+    }
+    data.update(extra)
+    return from_dict(StyleGAN2Config, data)
+
+
+class _Linear(nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.w).sum(dim=[1, 2, 3]).unsqueeze(1) ** 2
+
+
+def test_r1_penalty_equals_hand_computation() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(1, 3, 4, 4)
+    x = torch.randn(2, 3, 4, 4)
+    pen, logits = r1_penalty(_Linear(w), x)
+    s = (x * w).sum(dim=[1, 2, 3])  # D = s^2, grad = 2 s w
+    expected = (2 * s) ** 2 * w.square().sum()
+    torch.testing.assert_close(pen, expected)
+    assert logits.shape == (2, 1)
+    pen.sum().backward()  # differentiable w.r.t. the discriminator
+
+
+def test_path_lengths_equal_hand_computation() -> None:
+    torch.manual_seed(0)
+    a = torch.randn(3 * 4 * 4, 5)
+    ws = torch.randn(2, 3, 5, requires_grad=True)
+    img = (ws.sum(dim=1) @ a.t()).reshape(2, 3, 4, 4)  # img = A (sum over layers of w)
+    got = path_lengths(img, ws, torch.Generator().manual_seed(7))
+    y = torch.randn(img.shape, generator=torch.Generator().manual_seed(7)) / 4.0
+    g = y.reshape(2, -1) @ a  # J^T y, identical for every layer
+    expected = g.square().sum(dim=1).sqrt()  # sqrt(mean over layers of |g|^2)
+    torch.testing.assert_close(got, expected)
+
+
+def test_lazy_adam_ema_and_gamma_defaults(tmp_path: Path) -> None:
+    fam = StyleGAN2Family(_cfg(tmp_path, 1))
+    models = fam.build_models()
+    opt = fam.build_optimizers(models)
+    c_g, c_d = 2 / 3, 2 / 3
+    assert opt["G"].param_groups[0]["lr"] == pytest.approx(0.0025 * c_g)
+    assert opt["D"].param_groups[0]["betas"][1] == pytest.approx(0.99 ** c_d)
+    assert fam.r1_gamma == pytest.approx(default_r1_gamma(16, 4)) == pytest.approx(0.0002 * 64)
+    assert fam.ema_decay(0, 0.0) == 0.0  # ramp-up: the first EMA is a copy
+    ema_nimg = 4 * 10 / 32 * 1000
+    assert fam.ema_decay(10, 1000.0) == pytest.approx(0.5 ** (4 / ema_nimg))
+    with pytest.raises(ConfigError, match="data.size"):
+        _cfg(tmp_path, 1, data={"train": "synthetic", "size": 48, "synthetic": 4},
+             model={"init_res": 5})
+
+
+def _train(out: Path, steps: int, resume: str | None = None) -> Path:
+    return run_training(StyleGAN2Family(_cfg(out, steps)), resume=resume)
+
+
+def test_resume_is_exact_including_ada_p_and_path_length_mean(tmp_path: Path) -> None:
+    full = _train(tmp_path / "full", 4)
+    _train(tmp_path / "half", 2)
+    half = _train(tmp_path / "half", 4, resume="latest")
+    for name in ("G", "D", "G_ema"):
+        a = load_safetensors(full / "model" / f"{name}.safetensors")
+        b = load_safetensors(half / "model" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    fa = torch_load(full / "state" / "step-4" / "family.pt")
+    fb = torch_load(half / "state" / "step-4" / "family.pt")
+    assert fa["ada"] == fb["ada"] and torch.equal(fa["pl_mean"], fb["pl_mean"])
+    assert fa["ada"]["p"] != 0.2 and float(fa["pl_mean"]) > 0  # both adapted during the run
+
+
+def test_encoder_stage_trains_and_offers_both_scorers(tmp_path: Path) -> None:
+    gan = run_training(StyleGAN2Family(_cfg(tmp_path / "gan", 1, 32)))
+    cfg = _cfg(tmp_path / "enc", 2, 32, stage="encoder", gan_run=str(gan),
+               encoder={"lpips": "none"})
+    run = run_training(StyleGAN2Family(cfg))
+    from gen_ad.training.export import load_run
+
+    loaded = load_run(run)
+    assert set(loaded.models) == {"G", "D", "E"}
+    g_gan = load_safetensors(gan / "model" / "G_ema.safetensors")
+    assert all(torch.equal(g_gan[k], v) for k, v in loaded.models["G"].state_dict().items())
+    from gen_ad.inversion.lpips_net import build_lpips
+
+    scorers = loaded.scorers(lpips_net=build_lpips("alex", random_init=True), steps=2)
+    assert set(scorers) == {"stylegan2", "stylegan2-enc"}
+    x = loaded.sample(2, seed=0)
+    out = scorers["stylegan2-enc"].score(x)
+    assert out.scores.shape == (2,) and out.maps.shape == (2, 32, 32) and (out.maps >= 0).all()
+
+
+def test_bench_smoke_prints_one_json_line() -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, str(root / "bench" / "stylegan2.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600, cwd=root, check=True)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rec["bench"] == "stylegan2" and rec["train_img_per_s"]["E16"] > 0
+    assert rec["projection"]["plain_ms_per_image"] > 0
