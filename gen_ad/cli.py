@@ -108,6 +108,8 @@ def _add_fid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for a run")
     p.add_argument("--no-cache", action="store_true", help="ignore the real-statistics cache")
+    p.add_argument("--feature-layer", default="2048", choices=["64", "192", "768", "2048"],
+                   help="Inception layer: 2048 is FID; others are reported as fid_<layer>")
     p.set_defaults(func=_cmd_fid)
 
 
@@ -119,7 +121,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     result = compute_fid(args.real, args.fake, n=args.n, kid=args.kid,
                          inception_weights=args.inception_weights, device=args.device,
                          batch_size=args.batch_size, seed=args.seed, size=args.size,
-                         max_real=args.max_real, use_cache=not args.no_cache)
+                         max_real=args.max_real, use_cache=not args.no_cache,
+                         inception_layer=args.feature_layer)
     print(json.dumps(result))
     return 0
 

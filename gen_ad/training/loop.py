@@ -283,7 +283,7 @@ def _init_trackers(state: RunState) -> None:
     acc = state.accelerator
     if acc.log_with:
         acc.init_trackers("tb", config=_flat(to_dict(state.family.cfg)))
-    state.fid_monitor = make_fid_monitor(state.family.cfg, state.run_dir)
+    state.fid_monitor = make_fid_monitor(state.family.cfg, state.run_dir, acc.device)
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

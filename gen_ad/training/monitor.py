@@ -73,7 +73,7 @@ def save_samples(state: RunState, n: int = 64) -> Path:
     return path
 
 
-def make_fid_monitor(cfg: Any, run_dir: Path) -> Any:
+def make_fid_monitor(cfg: Any, run_dir: Path, device: torch.device) -> Any:
     """The run's periodic FID/KID monitor, or ``None`` when ``train.fid_every`` is 0.
 
     The real set is ``data.val`` when given, else the training data. Without Inception weights
@@ -89,7 +89,8 @@ def make_fid_monitor(cfg: Any, run_dir: Path) -> Any:
         real = build_dataset(cfg.data, split="train", seed=cfg.train.seed)
     return FIDMonitor(real=real, n=cfg.train.fid_n, size=cfg.data.size, kid=True,
                       normal_classes=list(cfg.data.normal_classes), resize=cfg.data.resize,
-                      inception_weights=cfg.train.fid_weights, max_real=cfg.train.fid_n)
+                      inception_weights=cfg.train.fid_weights, max_real=cfg.train.fid_n,
+                      device=device)
 
 
 def _maybe_fid(state: RunState) -> None:

@@ -177,9 +177,9 @@ def test_two_process_cpu_replicas_identical(tmp_path: Path) -> None:
     assert '"world": 2' in text and '"images": 24' in text
 
 
-def test_samples_and_periodic_fid(tmp_path: Path) -> None:
-    """Sample grids are written; FID is skipped with one warning offline, computed with weights."""
-    from gen_ad.metrics.fid import random_inception_state_dict
+def test_samples_and_periodic_fid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sample grids are written; FID is skipped with one warning offline; results go to fid.jsonl."""
+    import gen_ad.metrics.fid as fid
 
     with pytest.warns(Warning, match="(?i)inception") as rec:
         _train(tmp_path / "off", "train.max_steps=4", "train.sample_every=2",
@@ -189,10 +189,16 @@ def test_samples_and_periodic_fid(tmp_path: Path) -> None:
     grids = sorted((tmp_path / "off" / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step-0000002.png", "step-0000004.png"]
 
-    weights = tmp_path / "inception.pt"
-    torch.save(random_inception_state_dict(seed=0), weights)
-    _train(tmp_path / "on", "train.max_steps=2", "train.fid_every=2", "train.fid_n=6",
-           f"train.fid_weights={weights}")
+    seen = []
+
+    def fake_compute(self, step, sample_fn):  # the loop hands a working seeded sampler
+        g = torch.Generator().manual_seed(0)
+        x = sample_fn(3, g)
+        seen.append((step, tuple(x.shape)))
+        return {"fid": 1.5, "kid_mean": 0.1}
+
+    monkeypatch.setattr(fid.FIDMonitor, "compute", fake_compute)
+    _train(tmp_path / "on", "train.max_steps=4", "train.fid_every=2", "train.fid_n=6")
     rows = read_jsonl(tmp_path / "on" / "fid.jsonl")
-    assert len(rows) == 1 and rows[0]["step"] == 2
-    assert rows[0]["fid"] >= 0 and "kid_mean" in rows[0]
+    assert [r["step"] for r in rows] == [2, 4] and rows[0]["fid"] == 1.5
+    assert seen == [(2, (3, 3, 16, 16)), (4, (3, 3, 16, 16))]

@@ -1,0 +1,820 @@
+"""FID and KID of generated images against a real image set, through torch-fidelity.
+
+Features come from torch-fidelity's Inception-v3 (``inception-v3-compat``, the 2048-d pool layer),
+which takes uint8 ``[B,3,H,W]`` at any resolution and resizes to 299x299 itself (TF1-compatible
+bilinear). Folders and generators are fed the same way: decoded files as uint8, and generator
+samples in ``[-1,1]`` converted with :func:`to_uint8`. Statistics and distances are torch-fidelity's
+own functions, so a folder-vs-folder FID equals ``torch_fidelity.calculate_metrics``.
+
+The real set's features and statistics are cached under ``cache_dir()/fid`` as safetensors, keyed by
+the content of the set (relative file list + bytes, or the pixels of an in-memory set), the
+resolution and the extractor (name + weights hash). Any other feature extractor can be plugged in
+with :func:`custom_extractor`; its results are labelled ``fd_<name>`` / ``kd_<name>_*``, never
+``fid``/``kid``. A random-initialised Inception is labelled ``fd_inception-v3-random``, and the
+cheaper Inception layers 64/192/768 (torch-fidelity's ``feature_layer_fid``) ``fid_<layer>``.
+
+Inception weights are found at ``--inception-weights PATH``, then in the torch hub cache
+(``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``), then downloaded from
+torch-fidelity's release URL unless ``GEN_AD_OFFLINE`` / ``HF_HUB_OFFLINE`` is set; when none works,
+:class:`~gen_ad.errors.WeightsNotFoundError` names the file and the folder to put it in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import time
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+from torch.nn.modules.module import _IncompatibleKeys
+from torch.utils.data import DataLoader, Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from tqdm import tqdm
+
+from gen_ad.data.folders import IMAGE_EXTENSIONS, ResizeMode, fit_size, read_rgb
+from gen_ad.errors import CheckpointError, ConfigError, DataError, GenAdError, WeightsNotFoundError
+from gen_ad.utils.io import atomic_path, load_safetensors, save_safetensors
+from gen_ad.utils.paths import cache_dir
+
+SampleFn = Callable[[int, torch.Generator], Tensor]
+"""``sample_fn(n, generator) -> [n,3,H,W]`` float images in ``[-1,1]``."""
+FeatureFn = Callable[[Tensor], Tensor]
+"""``features(x) -> [B,D]`` for uint8 images ``x`` of shape ``[B,3,H,W]``."""
+RealSource = str | os.PathLike | Dataset | Tensor
+
+INCEPTION_NAME = "inception-v3-compat"
+INCEPTION_RANDOM_NAME = "inception-v3-random"
+INCEPTION_LAYERS = ("64", "192", "768", "2048")
+INCEPTION_URL = URL_INCEPTION_V3
+INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+_INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[-1].split(".")[0]
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+KID_SEED = 2020  # torch-fidelity's default rng_seed
+_CACHE_VERSION = "1"
+_OFFLINE_ENV = ("GEN_AD_OFFLINE", "HF_HUB_OFFLINE")
+_DOWNLOAD_TIMEOUT_S = 30.0
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Convert images from ``[-1,1]`` float to uint8, the form torch-fidelity consumes.
+
+    Args:
+        x: ``[B,3,H,W]`` float in ``[-1,1]`` (values outside are clamped).
+    Returns:
+        ``[B,3,H,W]`` uint8, ``((x + 1) * 127.5).round().clamp(0, 255)``.
+    """
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _check_images(x: Any, n: int | None, what: str) -> Tensor:
+    """Validate ``[n,3,H,W]`` finite float images (or uint8); returns them."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise DataError(f"{what} must give images [B,3,H,W], got {shape}")
+    if n is not None and x.shape[0] != n:
+        raise DataError(f"{what} returned {x.shape[0]} images, {n} were asked for")
+    if x.dtype != torch.uint8 and not bool(torch.isfinite(x).all()):
+        raise DataError(f"{what} returned non-finite values (NaN or inf)")
+    return x
+
+
+# ----------------------------------------------------------------------------- extractors
+
+
+@dataclass(frozen=True)
+class FeatureExtractor:
+    """A named feature function on uint8 images.
+
+    Attributes:
+        name: lowercase name (``inception-v3-compat`` for real FID).
+        fn: uint8 ``[B,3,H,W]`` on ``device`` -> ``[B,D]`` features.
+        identity: what the weights are (a file hash, ``random-init:...``); part of the cache key.
+        device: where input batches are sent.
+        is_inception: True only for torch-fidelity's Inception with real weights (labels ``fid``).
+        layer: the Inception layer (``2048`` is standard FID; others are labelled ``fid_<layer>``).
+    """
+
+    name: str
+    fn: FeatureFn
+    identity: str
+    device: torch.device
+    is_inception: bool = False
+    layer: str = "2048"
+
+    def _key(self, metric: str, generic: str) -> str:
+        if not self.is_inception:
+            return f"{generic}_{self.name}"
+        return metric if self.layer == "2048" else f"{metric}_{self.layer}"
+
+    @property
+    def label(self) -> str:
+        """Result key of the Fréchet distance: ``fid`` (``fid_<layer>``) or ``fd_<name>``."""
+        return self._key("fid", "fd")
+
+    @property
+    def kid_label(self) -> str:
+        """Result key prefix of the kernel distance: ``kid`` (``kid_<layer>``) or ``kd_<name>``."""
+        return self._key("kid", "kd")
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Features ``[B,D]`` float32 on CPU of uint8 images ``[B,3,H,W]``."""
+        with torch.no_grad():
+            f = self.fn(x.to(self.device, non_blocking=True))
+        if not isinstance(f, Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
+            shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise DataError(f"extractor '{self.name}' must return [B,D] features, got {shape}")
+        return f.float().cpu()
+
+
+def custom_extractor(name: str, fn: FeatureFn, *, identity: str = "",
+                     device: str | torch.device | None = None) -> FeatureExtractor:
+    """Wrap any feature function; its distances are labelled ``fd_<name>`` / ``kd_<name>``.
+
+    Args:
+        name: lowercase name (letters, digits, ``-_.``), e.g. ``dino-vits16``.
+        fn: uint8 ``[B,3,H,W]`` -> ``[B,D]`` (it does its own resizing/normalisation).
+        identity: a string that changes whenever the weights change (cache key).
+        device: where batches are sent before ``fn`` (default: CUDA when available).
+    """
+    ok = name and name == name.lower() and all(c.isalnum() or c in "-_." for c in name)
+    if not ok:
+        raise ConfigError("extractor name must be lowercase letters, digits or '-_.', "
+                          f"got {name!r}")
+    return FeatureExtractor(name=name, fn=fn, identity=identity or name,
+                            device=resolve_device(device))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device (default: ``cuda`` when available, else ``cpu``)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"invalid device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+class _InceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception-v3 (same layers and forward), weights set by gen_ad.
+
+    torch-fidelity's constructor unpickles its weights file with ``weights_only=False``. Here the
+    constructor gets an in-memory empty placeholder instead, and the weights, read with
+    ``weights_only=True``, are copied in afterwards by ``load_state_dict``.
+    """
+
+    def __init__(self, layer: str = "2048") -> None:
+        placeholder = io.BytesIO()
+        torch.save({}, placeholder)
+        placeholder.seek(0)
+        super().__init__(INCEPTION_NAME, [layer], feature_extractor_weights_path=placeholder)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True,
+                        assign: bool = False) -> _IncompatibleKeys:
+        if not state_dict:  # the constructor's placeholder: keep the fresh initialisation
+            return _IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _randomise_(module: torch.nn.Module, seed: int) -> None:
+    """He-normal conv/linear weights (activations stay O(1) through the 94 BN+ReLU layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight") and p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * math.sqrt(2.0 / fan_in))
+
+
+def random_inception_state_dict(seed: int = 0) -> dict[str, Tensor]:
+    """A random-initialised state dict for torch-fidelity's Inception-v3 (tests, benchmarks).
+
+    Distances computed with it are not FID; :func:`load_inception` labels them as such.
+    """
+    module = _InceptionV3()
+    _randomise_(module, seed)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def inception_cache_path() -> Path:
+    """Where the Inception weights are looked for: ``<torch hub dir>/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def is_offline() -> bool:
+    """True when ``GEN_AD_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value."""
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+               for k in _OFFLINE_ENV)
+
+
+def _missing_weights_message(reason: str) -> str:
+    dest = inception_cache_path()
+    return (f"Inception-v3 weights for FID not found ({reason}): download {INCEPTION_URL} and "
+            f"place the file '{INCEPTION_FILE}' in the directory '{dest.parent}', or pass "
+            "--inception-weights PATH")
+
+
+def resolve_inception_weights(explicit: str | os.PathLike | None = None) -> Path:
+    """Find the Inception weights file: explicit path, torch hub cache, then download.
+
+    Raises:
+        WeightsNotFoundError: explicit file missing, or not cached while offline / download failed.
+    """
+    if explicit is not None:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise WeightsNotFoundError(f"Inception weights file not found: {p}")
+        return p
+    cached = inception_cache_path()
+    if cached.is_file():
+        return cached
+    if is_offline():
+        raise WeightsNotFoundError(_missing_weights_message("offline mode"))
+    return _download_inception(cached)
+
+
+def _download_inception(dest: Path) -> Path:
+    """Download torch-fidelity's weights to ``dest`` (atomic, hash-checked, bounded timeout)."""
+    sha = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(INCEPTION_URL, timeout=_DOWNLOAD_TIMEOUT_S) as resp, \
+                atomic_path(dest) as tmp, open(tmp, "wb") as f:
+            while chunk := resp.read(1 << 20):
+                sha.update(chunk)
+                f.write(chunk)
+            if not sha.hexdigest().startswith(_INCEPTION_SHA256_PREFIX):
+                raise OSError("downloaded file has the wrong SHA-256")
+    except OSError as e:  # URLError, timeouts and hash mismatch
+        raise WeightsNotFoundError(_missing_weights_message(f"download failed: {e}")) from e
+    return dest
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _read_inception_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable/unsafe file is the same user error
+        raise CheckpointError(f"cannot read Inception weights {path} (expected a state dict of "
+                              f"tensors, loadable with weights_only=True): {e}") from e
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    return sd
+
+
+def _load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Copy a weights-only state dict into ``module``; mismatches name the offending keys."""
+    sd = _read_inception_state_dict(path)
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in own]
+    problems += [f"{k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
+                 for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path} does not match torch-fidelity's Inception-v3: "
+                              f"{'; '.join(problems[:3])}{more}")
+    module.load_state_dict(sd)
+
+
+def load_inception(weights: str | os.PathLike | None = None, *,
+                   device: str | torch.device | None = None, random_init: bool = False,
+                   seed: int = 0, layer: str = "2048") -> FeatureExtractor:
+    """torch-fidelity's Inception-v3 pool features (2048-d) as a :class:`FeatureExtractor`.
+
+    Args:
+        weights: explicit weights file; ``None`` searches the cache / downloads (see module doc).
+        device: where to run it (default: CUDA when available).
+        random_init: build it with random weights (labelled ``inception-v3-random``, not FID).
+        seed: seed of the random initialisation.
+        layer: ``2048`` (FID), or ``64``/``192``/``768`` (torch-fidelity's ``feature_layer_fid``;
+            labelled ``fid_<layer>``; much cheaper, e.g. for tests).
+    Raises:
+        WeightsNotFoundError: weights unavailable offline. CheckpointError: unreadable/mismatched.
+    """
+    dev = resolve_device(device)
+    if layer not in INCEPTION_LAYERS:
+        raise ConfigError(f"Inception layer must be one of {', '.join(INCEPTION_LAYERS)}, "
+                          f"got {layer!r}")
+    path = None if random_init else resolve_inception_weights(weights)
+    module = _InceptionV3(layer)
+    if path is None:
+        _randomise_(module, seed)
+        name, identity = INCEPTION_RANDOM_NAME, f"random-init:{seed}:torch={torch.__version__}"
+    else:
+        _load_weights(module, path)
+        name, identity = INCEPTION_NAME, f"sha256:{_file_sha256(path)}"
+    module = module.to(dev).eval()
+
+    def features(x: Tensor) -> Tensor:
+        return module(x)[0]
+
+    if layer != "2048":
+        name = name if path is not None else f"{name}-{layer}"
+        identity = f"{identity}:layer={layer}"
+    return FeatureExtractor(name=name, fn=features, identity=identity, device=dev,
+                            is_inception=path is not None, layer=layer)
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+def list_images(folder: str | os.PathLike, *, classes: Sequence[str] | None = None,
+                max_images: int | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursive, hidden files skipped), sorted by relative path.
+
+    Args:
+        folder: directory of images.
+        classes: if ``folder`` has subfolders with these names, only those are used.
+        max_images: keep the first N (sorted order).
+    Raises:
+        DataError: not a directory, or no images found.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"not a directory: {root}")
+    roots = [root / c for c in classes or [] if (root / c).is_dir()] or [root]
+    files = [p for r in roots for p in r.rglob("*")
+             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
+        raise DataError(f"no images ({exts}) found in {root}")
+    return files[:max_images] if max_images else files
+
+
+def _read_rgb(path: Path, size: int | None, resize: ResizeMode) -> np.ndarray:
+    """One image as RGB uint8 ``[H,W,3]`` (the training pipeline's decoding and resizing)."""
+    rgb = read_rgb(path)
+    return rgb if size is None else fit_size(rgb, size, resize)
+
+
+def _folder_batches(files: Sequence[Path], batch_size: int, *, size: int | None = None,
+                    resize: ResizeMode = "resize", threads: int = 4) -> Iterator[Tensor]:
+    """Decode files (in threads) into uint8 batches ``[B,3,H,W]``; all must share one size."""
+    first: tuple[int, ...] | None = None
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for i in range(0, len(files), batch_size):
+            chunk = files[i:i + batch_size]
+            arrays = list(pool.map(lambda p: _read_rgb(p, size, resize), chunk))
+            first = first or arrays[0].shape
+            for p, a in zip(chunk, arrays):
+                if a.shape != first:
+                    raise DataError(f"{p}: size {a.shape[1]}x{a.shape[0]} differs from "
+                                    f"{first[1]}x{first[0]} of the other images (pass a size)")
+            yield rearrange(torch.from_numpy(np.stack(arrays)), "b h w c -> b c h w").contiguous()
+
+
+def _sample_batches(sample_fn: SampleFn, n: int, batch_size: int, seed: int,
+                    device: torch.device) -> Iterator[Tensor]:
+    """Draw ``n`` samples in batches from one seeded generator; yields uint8 batches."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    done = 0
+    while done < n:
+        b = min(batch_size, n - done)
+        with torch.no_grad():
+            x = _check_images(sample_fn(b, gen), b, "sample_fn")
+        yield x if x.dtype == torch.uint8 else to_uint8(x)
+        done += b
+
+
+def _materialise(data: Dataset | Tensor, batch_size: int, max_images: int | None) -> Tensor:
+    """An in-memory real set (tensor or dataset of ``[3,H,W]`` in ``[-1,1]``) as uint8."""
+    if isinstance(data, Tensor):
+        x = data[:max_images] if max_images else data
+        x = _check_images(x, None, "real images")
+        return x.cpu() if x.dtype == torch.uint8 else to_uint8(x.cpu())
+    out, count = [], 0
+    for item in DataLoader(data, batch_size=batch_size, shuffle=False):
+        x = item["image"] if isinstance(item, dict) else item
+        x = x[0] if isinstance(x, list | tuple) else x
+        x = _check_images(x, None, "real dataset")
+        out.append(x.cpu() if x.dtype == torch.uint8 else to_uint8(x.cpu()))
+        count += len(x)
+        if max_images and count >= max_images:
+            break
+    if not out:
+        raise DataError("the real dataset is empty")
+    x = torch.cat(out)
+    return x[:max_images] if max_images else x
+
+
+def _extract(batches: Iterable[Tensor], extractor: FeatureExtractor, total: int,
+             desc: str) -> Tensor:
+    """Features ``[N,D]`` float32 (CPU) of all batches."""
+    feats = []
+    with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None) as bar:
+        for x in batches:
+            feats.append(extractor(x))
+            bar.update(len(x))
+    return torch.cat(feats)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class SetStats:
+    """Features and Gaussian statistics of an image set.
+
+    Attributes:
+        features: ``[N,D]`` float32 (needed for KID).
+        mu: ``[D]`` float32 mean; sigma: ``[D,D]`` float64 covariance (torch-fidelity's dtypes).
+        cache_hit: True when loaded from the cache instead of computed.
+        key: cache key ('' for sets that are never cached).
+    """
+
+    features: Tensor
+    mu: np.ndarray
+    sigma: np.ndarray
+    cache_hit: bool = False
+    key: str = ""
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+    @classmethod
+    def from_features(cls, features: Tensor, **kw: Any) -> SetStats:
+        if features.shape[0] < 2:
+            raise DataError(f"FID needs at least 2 images per set, got {features.shape[0]}")
+        st = fid_features_to_statistics(features)
+        return cls(features=features, mu=st["mu"], sigma=st["sigma"], **kw)
+
+
+def _set_key(extractor: FeatureExtractor, resolution: str, content_digest: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (_CACHE_VERSION, extractor.name, extractor.identity, resolution):
+        h.update(part.encode() + b"\0")
+    h.update(content_digest)
+    return h.hexdigest()
+
+
+def _folder_key(root: Path, files: Sequence[Path], size: int | None, resize: str,
+                extractor: FeatureExtractor) -> str:
+    """Content key: relative names + bytes of every file, resolution, extractor identity."""
+    content = hashlib.sha256()
+    for p in files:
+        data = p.read_bytes()
+        content.update(f"{p.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        content.update(data)
+    if size is not None:
+        resolution = f"{size}x{size}:{resize}"
+    else:
+        try:
+            with Image.open(files[0]) as img:
+                resolution = "{}x{}".format(*img.size)
+        except OSError as e:
+            raise DataError(f"cannot read image {files[0]}: {e}") from e
+    return _set_key(extractor, resolution, content.digest())
+
+
+def _cache_file(key: str) -> Path:
+    return cache_dir() / "fid" / f"{key}.safetensors"
+
+
+def _load_cached(key: str) -> SetStats | None:
+    path = _cache_file(key)
+    if not path.is_file():
+        return None
+    try:
+        t = load_safetensors(path)
+        return SetStats(features=t["features"], mu=t["mu"].numpy(), sigma=t["sigma"].numpy(),
+                        cache_hit=True, key=key)
+    except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+        return None
+
+
+def _store_cached(stats: SetStats, meta: dict[str, str]) -> None:
+    tensors = {"features": stats.features, "mu": torch.from_numpy(np.ascontiguousarray(stats.mu)),
+               "sigma": torch.from_numpy(np.ascontiguousarray(stats.sigma))}
+    try:
+        save_safetensors(_cache_file(stats.key), tensors, metadata=meta)
+    except OSError as e:
+        warnings.warn(f"could not write the FID cache {_cache_file(stats.key)}: {e}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def real_stats(real: RealSource, extractor: FeatureExtractor, *, batch_size: int = 64,
+               max_images: int | None = None, size: int | None = None,
+               resize: ResizeMode = "resize",
+               classes: Sequence[str] | None = None, use_cache: bool = True) -> SetStats:
+    """Statistics of the real set, from the content-keyed cache when possible.
+
+    Args:
+        real: a folder of images, a Dataset of ``[3,H,W]`` images in ``[-1,1]`` (or uint8), or a
+            tensor ``[N,3,H,W]``.
+        extractor: the feature extractor.
+        batch_size: images per extractor call.
+        max_images: use the first N images (sorted names / dataset order).
+        size / resize: bring folder images to ``size`` x ``size`` (``resize`` or ``center_crop``).
+        classes: class subfolders to use when the folder has them (e.g. ``["normal"]``).
+        use_cache: read and write the cache under ``cache_dir()/fid``.
+    """
+    if isinstance(real, str | os.PathLike):
+        root = Path(real).expanduser()
+        files = list_images(root, classes=classes, max_images=max_images)
+        key = _folder_key(root, files, size, resize, extractor)
+        n, source = len(files), str(root)
+
+        def batches() -> Iterator[Tensor]:
+            return _folder_batches(files, batch_size, size=size, resize=resize)
+    else:
+        images = _materialise(real, batch_size, max_images)
+        content = hashlib.sha256(images.contiguous().numpy().tobytes()).digest()
+        key = _set_key(extractor, "x".join(map(str, images.shape[1:])), content)
+        n, source = len(images), type(real).__name__
+
+        def batches() -> Iterator[Tensor]:
+            return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    if use_cache and (hit := _load_cached(key)) is not None:
+        return hit
+    stats = SetStats.from_features(_extract(batches(), extractor, n, "real features"), key=key)
+    if use_cache:
+        _store_cached(stats, {"source": source, "n": str(n), "extractor": extractor.name,
+                              "identity": extractor.identity, "version": _CACHE_VERSION})
+    return stats
+
+
+# ----------------------------------------------------------------------------- generated images
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """True for a trained run folder (it holds ``model/model.json``)."""
+    return (Path(path) / "model" / "model.json").is_file()
+
+
+def run_sampler(path: str | os.PathLike, *, batch_size: int = 64,
+                device: str | torch.device = "cpu") -> SampleFn:
+    """A :data:`SampleFn` drawing from a trained run (``gen_ad.training.export.load_run``).
+
+    Each call samples with a seed drawn from the given generator, so a seeded generator gives a
+    reproducible sequence of batches.
+    """
+    try:
+        from gen_ad.training.export import load_run
+    except ImportError as e:
+        raise CheckpointError(f"{path} is a run folder but runs cannot be loaded: {e}") from e
+    run = load_run(path, device=device)
+
+    def sample(n: int, generator: torch.Generator) -> Tensor:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+        return run.sample(n, seed=seed, batch_size=batch_size)
+
+    return sample
+
+
+def fake_features(fake: str | os.PathLike | SampleFn, extractor: FeatureExtractor, *,
+                  n: int | None = None, batch_size: int = 64, seed: int = 0,
+                  size: int | None = None, resize: ResizeMode = "resize",
+                  generator_device: str | torch.device | None = None) -> Tensor:
+    """Features ``[N,D]`` of generated images: a folder, a run folder, or a :data:`SampleFn`.
+
+    Args:
+        fake: image folder (first ``n`` files when ``n`` is given), run folder, or callable.
+        extractor: the feature extractor.
+        n: number of samples (required for a callable or run folder).
+        batch_size: images per generator / extractor call.
+        seed: seed of the generator handed to the sampler (one generator for all batches).
+        size / resize: bring folder images to ``size`` x ``size``.
+        generator_device: device of that generator (default: the extractor's device).
+    """
+    if isinstance(fake, str | os.PathLike) and not is_run_folder(fake):
+        files = list_images(fake, max_images=n)
+        batches = _folder_batches(files, batch_size, size=size, resize=resize)
+        return _extract(batches, extractor, len(files), "fake features")
+    gen_dev = torch.device(generator_device) if generator_device else extractor.device
+    if isinstance(fake, str | os.PathLike):
+        fake = run_sampler(fake, batch_size=batch_size, device=extractor.device)
+    if not callable(fake):
+        raise ConfigError(f"fake must be a folder, a run folder or a callable, got {fake!r}")
+    if n is None or n < 2:
+        raise ConfigError(f"the number of generated samples must be >= 2, got {n}")
+    batches = _sample_batches(fake, n, batch_size, seed, device=gen_dev)
+    return _extract(batches, extractor, n, "fake features")
+
+
+# ----------------------------------------------------------------------------- distances
+
+
+def frechet_distance(a: SetStats, b: SetStats) -> float:
+    """Fréchet distance between the Gaussians of two sets (torch-fidelity's formula)."""
+    if a.mu.shape != b.mu.shape:
+        raise DataError(f"feature sizes differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+    out = fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma},
+                                   {"mu": b.mu, "sigma": b.sigma}, False)
+    return float(out["frechet_inception_distance"])
+
+
+def kernel_distance(f1: Tensor, f2: Tensor, *, subset_size: int | None = None,
+                    subsets: int = KID_SUBSETS, seed: int = KID_SEED) -> tuple[float, float, int]:
+    """KID (polynomial-kernel MMD², unbiased) over random subsets, as torch-fidelity computes it.
+
+    Args:
+        f1, f2: features ``[N1,D]`` and ``[N2,D]``.
+        subset_size: images per subset (default ``min(1000, N1, N2)``, so small sets work).
+        subsets: number of subsets; seed: their sampling seed (torch-fidelity's default 2020).
+    Returns:
+        ``(mean, std, subset_size)``.
+    """
+    m = subset_size or min(KID_SUBSET_SIZE, len(f1), len(f2))
+    if m < 2 or m > min(len(f1), len(f2)):
+        raise DataError(f"KID subset size {m} must be in [2, {min(len(f1), len(f2))}] "
+                        f"(sets of {len(f1)} and {len(f2)} images)")
+    out = kid_features_to_metric(f1, f2, kid_subsets=subsets, kid_subset_size=m, rng_seed=seed,
+                                 verbose=False)
+    return (float(out["kernel_inception_distance_mean"]),
+            float(out["kernel_inception_distance_std"]), m)
+
+
+def distances(ref: SetStats, fake: Tensor, extractor: FeatureExtractor, *,
+              kid: bool = False) -> dict[str, Any]:
+    """The result record: ``fid`` (or ``fd_<name>``), optional KID, set sizes, extractor."""
+    fake_stats = SetStats.from_features(fake)
+    out: dict[str, Any] = {extractor.label: frechet_distance(ref, fake_stats)}
+    if kid:
+        mean, std, m = kernel_distance(ref.features, fake)
+        lab = extractor.kid_label
+        out.update({f"{lab}_mean": mean, f"{lab}_std": std, f"{lab}_subset_size": m})
+    out.update(n_real=ref.n, n_fake=fake_stats.n, extractor=extractor.name,
+               cache_hit=ref.cache_hit)
+    return out
+
+
+def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int | None = None,
+                kid: bool = False, extractor: FeatureExtractor | None = None,
+                inception_weights: str | os.PathLike | None = None,
+                device: str | torch.device | None = None, batch_size: int = 64, seed: int = 0,
+                size: int | None = None, resize: ResizeMode = "resize",
+                max_real: int | None = None, use_cache: bool = True,
+                inception_layer: str = "2048") -> dict[str, Any]:
+    """FID (and KID) between a real set and generated images.
+
+    Args:
+        real: folder / Dataset / tensor of real images (statistics cached by content).
+        fake: folder of generated images, run folder, or ``sample_fn(n, generator)``.
+        n: generated samples (default: as many as real images); for a folder, its first ``n``.
+        kid: also compute KID.
+        extractor: features to use (default: Inception-v3 from ``inception_weights``).
+        device: where the extractor runs (default: CUDA when available).
+        batch_size / seed: sampling and extraction batch size; generator seed.
+        size / resize: bring folder images to ``size`` x ``size``.
+        max_real: use only the first N real images.
+        use_cache: use the real-statistics cache.
+        inception_layer: Inception layer (see :func:`load_inception`); ``2048`` is FID.
+    Returns:
+        ``{"fid"|"fd_<name>": float, ["kid_mean", "kid_std", "kid_subset_size"], "n_real",
+        "n_fake", "extractor", "cache_hit"}``.
+    """
+    if isinstance(real, str | os.PathLike):  # fail on empty/missing folders before loading weights
+        list_images(real, max_images=max_real)
+    is_folder = isinstance(fake, str | os.PathLike) and not is_run_folder(fake)
+    if is_folder:
+        list_images(fake, max_images=n)
+    ext = extractor or load_inception(inception_weights, device=device, layer=inception_layer)
+    ref = real_stats(real, ext, batch_size=batch_size, max_images=max_real, size=size,
+                     resize=resize, use_cache=use_cache)
+    fake_n = ref.n if n is None and not is_folder else n
+    feats = fake_features(fake, ext, n=fake_n, batch_size=batch_size, seed=seed, size=size,
+                          resize=resize)
+    return distances(ref, feats, ext, kid=kid)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class FIDMonitor:
+    """Periodic FID for a training loop; it warns instead of raising and never stops a run.
+
+    Without Inception weights (offline) it warns once and returns ``None`` from then on, or, when
+    ``fallback`` is given, reports that extractor's distance labelled ``fd_<name>``.
+
+    Args:
+        real: real images (folder, Dataset or tensor); their statistics are cached.
+        n: generated samples per evaluation.
+        size / resize / normal_classes: how folder images are read (see :func:`real_stats`).
+        every: evaluate when ``step % every == 0`` (``None``: whenever called).
+        kid: also compute KID. batch_size / seed / device: as in :func:`compute_fid`.
+        inception_weights: explicit Inception weights file.
+        extractor: use this extractor instead of Inception.
+        fallback: extractor used when the Inception weights are missing.
+        max_real: use only the first N real images.
+        generator_device: device of the generator given to ``sample_fn`` (default: extractor's).
+    """
+
+    def __init__(self, real: RealSource, *, n: int = 1000, size: int | None = None,
+                 resize: ResizeMode = "resize",
+                 normal_classes: Sequence[str] | None = None, every: int | None = None,
+                 kid: bool = False, batch_size: int = 64, seed: int = 0,
+                 device: str | torch.device | None = None,
+                 inception_weights: str | os.PathLike | None = None,
+                 extractor: FeatureExtractor | None = None,
+                 fallback: FeatureExtractor | None = None, max_real: int | None = None,
+                 generator_device: str | torch.device | None = None) -> None:
+        self.real, self.n, self.size, self.resize = real, n, size, resize
+        self.classes = list(normal_classes) if normal_classes else None
+        self.every, self.kid, self.batch_size, self.seed = every, kid, batch_size, seed
+        self.device, self.weights, self.max_real = device, inception_weights, max_real
+        self.generator_device = generator_device
+        self._primary, self._fallback = extractor, fallback
+        self._extractor: FeatureExtractor | None = None
+        self._ref: SetStats | None = None
+        self.disabled_reason: str | None = None
+
+    def maybe_compute(self, step: int, sample_fn: SampleFn) -> dict[str, Any] | None:
+        """Evaluate at this step if it is due; ``None`` when not due, disabled or failed."""
+        if self.every and step % self.every != 0:
+            return None
+        return self.compute(step, sample_fn)
+
+    def compute(self, step: int, sample_fn: SampleFn) -> dict[str, Any] | None:
+        """Evaluate now: ``{"fid"|"fd_<name>", ..., "seconds"}`` or ``None`` (with a warning)."""
+        if self.disabled_reason is not None or not self._prepare():
+            return None
+        assert self._extractor is not None and self._ref is not None
+        t0 = time.perf_counter()
+        try:
+            feats = fake_features(sample_fn, self._extractor, n=self.n,
+                                  batch_size=self.batch_size, seed=self.seed,
+                                  generator_device=self.generator_device)
+            out = distances(self._ref, feats, self._extractor, kid=self.kid)
+        except Exception as e:  # noqa: BLE001 - an evaluation must never stop training
+            warnings.warn(f"FID at step {step} failed ({type(e).__name__}: {e}); training "
+                          "continues", RuntimeWarning, stacklevel=2)
+            return None
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        return out
+
+    def _prepare(self) -> bool:
+        """Load the extractor and the real statistics once; on failure warn once and disable."""
+        if self._ref is not None:
+            return True
+        try:
+            if self._extractor is None:
+                self._extractor = self._primary or self._load_inception_or_fallback()
+            if self._extractor is None:
+                return False
+            self._ref = real_stats(self.real, self._extractor, batch_size=self.batch_size,
+                                   max_images=self.max_real, size=self.size,
+                                   resize=self.resize, classes=self.classes)
+        except Exception as e:  # noqa: BLE001 - disable the monitor, keep training
+            self._disable(f"{type(e).__name__}: {e}")
+            return False
+        return True
+
+    def _load_inception_or_fallback(self) -> FeatureExtractor | None:
+        try:
+            return load_inception(self.weights, device=self.device)
+        except GenAdError as e:
+            if self._fallback is None:
+                self._disable(str(e))
+                return None
+            warnings.warn(f"{e}; reporting '{self._fallback.label}' (not FID) instead",
+                          RuntimeWarning, stacklevel=4)
+            return self._fallback
+
+    def _disable(self, reason: str) -> None:
+        self.disabled_reason = reason
+        warnings.warn(f"periodic FID disabled for this run: {reason}", RuntimeWarning,
+                      stacklevel=4)
+
+
+def periodic_fid(real: RealSource, sample_fn: SampleFn, n: int,
+                 **kwargs: Any) -> dict[str, Any] | None:
+    """One evaluation with :class:`FIDMonitor` semantics (warns, returns ``None`` on failure).
+
+    A fresh monitor is built per call, so its warnings repeat; a loop should keep one
+    :class:`FIDMonitor` instead (it warns once and caches the real statistics in memory).
+    """
+    return FIDMonitor(real, n=n, **kwargs).compute(0, sample_fn)
