@@ -318,6 +318,9 @@ class PatchFolder(Dataset):
         self.missing_mask = missing_mask
         self.mask_root = Path(mask_root).expanduser() if mask_root is not None else None
         found, self.flat = discover_classes(self.root)
+        if self.mask_root is not None and not self.flat:  # a mask folder inside root is no class
+            found = {c: v for c, v in found.items()
+                     if (self.root / c).resolve() != self.mask_root.resolve()}
         self.classes = self._select_classes(found, classes)
         self.normal_classes = tuple(normal_classes)
         candidates = self._candidates(found)
@@ -342,7 +345,11 @@ class PatchFolder(Dataset):
             for p in found[cls]:
                 mask = None
                 if index is not None:
-                    m = index.get(p.relative_to(self.root).with_suffix("").as_posix())
+                    # masks mirror root (<class>/<stem>) or sit flat by stem (gen-ad synth)
+                    rel = p.relative_to(self.root).with_suffix("")
+                    m = index.get(rel.as_posix())
+                    if m is None and not self.flat:
+                        m = index.get(rel.relative_to(cls).as_posix())
                     mask = str(m) if m is not None else None
                     if m is None and label == 1 and self.missing_mask == "error":
                         missing.append(str(p))

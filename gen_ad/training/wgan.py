@@ -361,7 +361,7 @@ class WGANFamily(Family):
         if "E" in models:
             return {"fanogan": FAnoGANScorer(generator=models["G"], critic=models["D"],
                                              encoder=models["E"], **kw)}
-        kw["mode"] = "iterative"
+        kw.setdefault("mode", "iterative")  # izif modes raise: there is no encoder
         scorer = FAnoGANScorer(generator=models["G"], critic=models["D"], encoder=None, **kw)
         scorer.name = "anogan"
         return {"anogan": scorer}

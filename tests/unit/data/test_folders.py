@@ -274,3 +274,17 @@ def test_pcam_folder_loads(shared_data: Path) -> None:
     assert len(ds) == 1500
     x = ds[0]["image"]
     assert x.shape == (3, 64, 64) and -1 <= x.min() and x.max() <= 1 and x.std() > 0.05
+
+
+def test_synth_layout_masks_inside_root(tmp_path: Path) -> None:
+    """`gen-ad synth` output: masks/ beside normal/ and anomalous/, named like the images."""
+    from gen_ad.data.synthetic import write_folder
+
+    write_folder(tmp_path / "s", n=12, size=16, seed=1, anomaly_fraction=0.5)
+    ds = PatchFolder(root=tmp_path / "s", size=16, mask_root=tmp_path / "s" / "masks")
+    assert sorted(ds.classes) == ["anomalous", "normal"]
+    n_anom = sum(int(ds[i]["label"]) for i in range(len(ds)))
+    assert n_anom == len(list((tmp_path / "s" / "anomalous").iterdir()))
+    for i in range(len(ds)):
+        item = ds[i]
+        assert (item["mask"].sum() > 0) == bool(item["label"])

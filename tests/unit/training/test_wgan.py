@@ -1,0 +1,243 @@
+"""f-AnoGAN training: config checks, gradient penalty, critic/generator steps, encoder stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from gen_ad.config import from_dict, save_config
+from gen_ad.errors import CheckpointError, ConfigError
+from gen_ad.training.family import StepContext
+from gen_ad.training.wgan import WGANConfig, WGANFamily, gradient_penalty
+from gen_ad.utils.io import save_safetensors
+
+TINY: dict[str, Any] = {"data": {"size": 16}, "model": {"base_dim": 4, "latent_dim": 16},
+                        "train": {"batch_size": 10, "cpu": True}, "gan": {"n_critic": 5}}
+
+
+def _cfg(**over: Any) -> WGANConfig:
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    for k, v in over.items():
+        if isinstance(v, dict):
+            d.setdefault(k, {}).update(v)
+        else:
+            d[k] = v
+    return from_dict(WGANConfig, d)
+
+
+def _ctx(models: dict[str, nn.Module], opts: dict[str, Any], step: int) -> StepContext:
+    acc = Accelerator(cpu=True)
+    return StepContext(acc, models, opts, {}, {}, step=step, kimg=0.0,
+                       generator=torch.Generator().manual_seed(1000 + step))
+
+
+def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Smooth structured 'real' images in [-1,1] (blobs on a tinted background)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    c = torch.rand(n, 2, 1, 1, generator=g) - 0.5
+    blob = torch.exp(-((xx - c[:, :1]) ** 2 + (yy - c[:, 1:]) ** 2) * 6)
+    tint = torch.tensor([0.6, -0.2, 0.4]).view(1, 3, 1, 1)
+    return (tint - blob * torch.tensor([1.2, 0.4, 1.0]).view(1, 3, 1, 1)).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults_follow_fanogan() -> None:
+    cfg = from_dict(WGANConfig, {"train": {"batch_size": 160}})
+    g = cfg.gan
+    assert (g.n_critic, g.gp_weight, g.lr_g, g.lr_d, g.betas) == (5, 10.0, 2e-4, 2e-4, [0.0, 0.9])
+    assert cfg.model.latent_dim == 128 and cfg.data.size == 64 and cfg.encoder.kappa == 1.0
+    assert cfg.stage == "gan" and WGANFamily(cfg).ema_models() == []
+    ema = from_dict(WGANConfig, {"train": {"batch_size": 160}, "model": {"ema": True}})
+    assert WGANFamily(ema).ema_models() == ["G"]
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"stage": "encoder"}, "gan_run"),
+    ({"train": {"batch_size": 12}}, "train.batch_size"),
+    ({"data": {"size": 48}}, "data.size"),
+    ({"gan": {"betas": [0.0]}}, "gan.betas"),
+    ({"gan": {"n_critic": 0}}, "gan.n_critic"),
+    ({"encoder": {"kappa": -1.0}}, "encoder.kappa"),
+    ({"gan": {"critic_batches": "some"}}, "gan.critic_batches"),
+])
+def test_config_errors_name_the_key(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_dict(WGANConfig, {"train": {"batch_size": 10}, **data} if "train" not in data
+                  else data)
+
+
+def test_reuse_mode_accepts_any_batch() -> None:
+    cfg = from_dict(WGANConfig, {"train": {"batch_size": 12}, "gan": {"critic_batches": "reuse"}})
+    assert cfg.gan.critic_batches == "reuse"
+
+
+# ----------------------------------------------------------------------------- gradient penalty
+
+
+def test_gradient_penalty_linear_critic_matches_hand_computation() -> None:
+    """D(x) = <w, x>: grad_x D = w everywhere, so GP = (||w|| - 1)^2 and
+    dGP/dw = 2 (||w|| - 1) w / ||w||."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(1, 3, 4, 4) * 0.5)
+
+    def critic(x: torch.Tensor) -> torch.Tensor:
+        return (x * w).sum(dim=(1, 2, 3))
+
+    real, fake = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    gp = gradient_penalty(critic, real, fake, torch.Generator().manual_seed(1))
+    norm = w.detach().norm()
+    torch.testing.assert_close(gp, (norm - 1) ** 2)
+    gp.backward()
+    torch.testing.assert_close(w.grad, 2 * (norm - 1) * w.detach() / norm)
+
+
+def test_gradient_penalty_quadratic_critic_uses_per_sample_interpolates() -> None:
+    """D(x) = ||x||^2 / 2: grad = x_hat = real + a (fake - real) with a ~ U[0,1) per sample."""
+    real, fake = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    gp = gradient_penalty(lambda x: 0.5 * x.square().sum(dim=(1, 2, 3)), real, fake,
+                          torch.Generator().manual_seed(7))
+    a = torch.rand(6, 1, 1, 1, generator=torch.Generator().manual_seed(7))
+    x_hat = real + a * (fake - real)
+    expected = (x_hat.flatten(1).norm(dim=1) - 1).square().mean()
+    torch.testing.assert_close(gp, expected)
+    with pytest.raises(ValueError, match="same shape"):
+        gradient_penalty(lambda x: x.sum(dim=(1, 2, 3)), real, fake[:2])
+
+
+# ----------------------------------------------------------------------------- gan stage
+
+
+def test_critic_updates_raise_wasserstein_estimate() -> None:
+    """With G fixed, 8 critic updates raise E[D(x)] - E[D(G(z))] on a fixed real batch and fixed z
+    (and the critic loss of the last update is below that of the first)."""
+    torch.manual_seed(0)
+    fam = WGANFamily(_cfg(gan={"lr_d": 1e-3}))
+    models = fam.build_models()
+    opts = fam.build_optimizers(models)
+    G, D = models["G"], models["D"]
+    real = _images(8)
+    z = torch.randn(8, 16)
+
+    def w_est() -> float:
+        with torch.no_grad():
+            G.train()
+            return float(D(real).mean() - D(G(z)).mean())
+
+    before, g_before = w_est(), {k: v.clone() for k, v in G.state_dict().items()}
+    logs = [fam.critic_update(_ctx(models, opts, s), real) for s in range(8)]
+    after = w_est()
+    assert after > before + 0.5, (before, after)
+    assert logs[-1]["loss_d"] < logs[0]["loss_d"]
+    assert all(set(lg) == {"loss_d", "w_dist", "gp"} for lg in logs)
+    for k, v in G.state_dict().items():  # critic updates do not touch G's weights
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, g_before[k]), k
+
+
+def test_train_step_updates_both_and_is_deterministic() -> None:
+    def run() -> tuple[dict[str, nn.Module], list[dict[str, float]]]:
+        torch.manual_seed(0)
+        fam = WGANFamily(_cfg())
+        models = fam.build_models()
+        opts = fam.build_optimizers(models)
+        logs = [fam.train_step(_ctx(models, opts, s), _images(10, seed=s)) for s in range(2)]
+        assert all(p.grad is None for p in models["D"].parameters())
+        return models, logs
+
+    torch.manual_seed(0)
+    init = {k: m.state_dict() for k, m in WGANFamily(_cfg()).build_models().items()}
+    m1, logs1 = run()
+    m2, logs2 = run()
+    assert logs1 == logs2 and set(logs1[0]) == {"loss_d", "w_dist", "gp", "loss_g"}
+    for name in ("G", "D"):
+        sd1, sd2 = m1[name].state_dict(), m2[name].state_dict()
+        assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)  # bitwise reproducible
+        assert any(not torch.equal(sd1[k], init[name][k]) for k in sd1)  # and trained
+
+
+def test_sample_shape_and_range() -> None:
+    fam = WGANFamily(_cfg())
+    models = fam.build_models()
+    x = fam.sample({k: m.eval() for k, m in models.items()}, 5, torch.Generator().manual_seed(0))
+    assert x.shape == (5, 3, 16, 16) and x.abs().max() <= 1
+
+
+# ----------------------------------------------------------------------------- encoder stage
+
+
+def _fake_gan_run(tmp_path: Path, **over: Any) -> tuple[Path, dict[str, nn.Module]]:
+    """A gan-stage run folder with a model/ export (as the loop writes it)."""
+    torch.manual_seed(1)
+    cfg = _cfg(out=str(tmp_path / "gan"), **over)
+    fam = WGANFamily(cfg)
+    models = fam.build_models()
+    models["G"].train()(torch.randn(8, cfg.model.latent_dim))  # non-trivial BN buffers
+    save_config(cfg, tmp_path / "gan" / "config.yaml")
+    for k, m in models.items():
+        save_safetensors(tmp_path / "gan" / "model" / f"{k}.safetensors", m.state_dict())
+    return tmp_path / "gan", models
+
+
+def test_encoder_stage_freezes_g_and_d_bitwise(tmp_path: Path) -> None:
+    gan_dir, gan_models = _fake_gan_run(tmp_path)
+    fam = WGANFamily(_cfg(stage="encoder", gan_run=str(gan_dir), train={"batch_size": 6}))
+    torch.manual_seed(0)
+    models = fam.build_models()
+    fam.setup(models, torch.device("cpu"))
+    for k in ("G", "D"):
+        assert not any(p.requires_grad for p in models[k].parameters())
+        sd = models[k].state_dict()
+        assert all(torch.equal(v, sd[n]) for n, v in gan_models[k].state_dict().items())
+    before = {k: {n: v.clone() for n, v in models[k].state_dict().items()} for k in models}
+    opts = fam.build_optimizers(models)
+    assert set(opts) == {"E"}
+    logs = [fam.train_step(_ctx(models, opts, s), _images(6, seed=s)) for s in range(3)]
+    assert set(logs[0]) == {"loss_e", "mse_img", "mse_feat"}
+    assert all(abs(lg["loss_e"] - lg["mse_img"] - lg["mse_feat"]) < 1e-5 for lg in logs)
+    for k in ("G", "D"):  # parameters and BN buffers bitwise unchanged
+        sd = models[k].state_dict()
+        assert all(torch.equal(before[k][n], sd[n]) for n in sd), k
+    sd_e = models["E"].state_dict()
+    assert any(not torch.equal(before["E"][n], sd_e[n]) for n in sd_e)
+    scorers = fam.scorers({k: m.eval() for k, m in models.items()})
+    assert list(scorers) == ["fanogan"] and scorers["fanogan"].mode == "izif"
+
+
+def test_encoder_stage_errors(tmp_path: Path) -> None:
+    fam = WGANFamily(_cfg(stage="encoder", gan_run=str(tmp_path / "missing")))
+    with pytest.raises(CheckpointError, match="model/"):
+        fam.setup(fam.build_models(), torch.device("cpu"))
+    gan_dir, _ = _fake_gan_run(tmp_path, model={"base_dim": 8})
+    fam = WGANFamily(_cfg(stage="encoder", gan_run=str(gan_dir)))
+    with pytest.raises(CheckpointError, match="does not match"):
+        fam.setup(fam.build_models(), torch.device("cpu"))
+
+
+def test_gan_only_run_offers_iterative_scorer() -> None:
+    fam = WGANFamily(_cfg())
+    models = {k: m.eval() for k, m in fam.build_models().items()}
+    scorers = fam.scorers(models, steps=2)
+    assert list(scorers) == ["anogan"]
+    out = scorers["anogan"].score(_images(3))
+    assert out.scores.shape == (3,) and out.maps.shape == (3, 16, 16)
+
+
+def test_bench_smoke_prints_one_json_line() -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, str(root / "bench" / "wgan.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600, cwd=root, check=True)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    res = rec["results"]["cpu"]
+    assert rec["bench"] == "wgan" and res["gan_img_per_s"] > 0 and res["score_izif_img_per_s"] > 0
