@@ -1,0 +1,175 @@
+"""Extractor registry: embedding sizes (full specs on the meta device, tiny variants for real),
+weights resolution and loading, and the transformers-layout conversion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gen_ad.baselines.extractors import (
+    FeatureExtractor,
+    build_extractor,
+    create_backbone,
+    extractor_names,
+    get_spec,
+    hf_to_timm,
+    load_backbone_weights,
+)
+from gen_ad.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from gen_ad.utils.io import save_safetensors, torch_save
+
+# name -> (embedding dim, parameter count in millions, rounded) of the published models
+EXPECTED = {
+    "virchow2": (2560, 631), "virchow": (2560, 631), "uni": (1024, 303),
+    "uni2-h": (1536, 681), "phikon": (768, 86), "phikon-v2": (1024, 303),
+    "h-optimus-0": (1536, 1135), "lunit-dino-vits8": (384, 22), "dino-vits16": (384, 22),
+    "dino-resnet50": (2048, 24), "resnet50": (2048, 24),
+}
+
+
+def test_registry_names_lowercase_and_complete() -> None:
+    assert set(extractor_names()) == set(EXPECTED)
+    assert all(n == n.lower() for n in extractor_names())
+    with pytest.raises(ConfigError, match="unknown extractor"):
+        get_spec("virchow3")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_full_spec_dims_on_meta_device(name: str) -> None:
+    """The full-size network (built on the meta device: no memory) gives the published sizes."""
+    spec = get_spec(name)
+    dim, mparams = EXPECTED[name]
+    assert spec.dim == dim
+    with torch.device("meta"):
+        backbone = create_backbone(spec)
+        ext = FeatureExtractor(spec, backbone, spec.input_size, spec.dim)
+        y = ext(torch.zeros(2, 3, 64, 64))
+    assert y.shape == (2, dim)
+    assert round(sum(p.numel() for p in backbone.parameters()) / 1e6) == mparams
+
+
+def test_register_tokens_and_embedding_rule_arithmetic() -> None:
+    assert get_spec("virchow2").kwargs["reg_tokens"] == 4
+    assert get_spec("uni2-h").kwargs["reg_tokens"] == 8
+    assert get_spec("h-optimus-0").mean == (0.707223, 0.578729, 0.703617)
+    assert get_spec("virchow2").embed == "cls+mean" and get_spec("uni").embed == "cls"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_tiny_random_init_builds_and_embeds(name: str) -> None:
+    ext = build_extractor(name, random_init=True, tiny=True)
+    x = torch.rand(3, 3, 48, 40) * 2 - 1  # any size: resized inside
+    y = ext(x)
+    assert y.shape == (3, ext.dim) and y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+    assert not any(p.requires_grad for p in ext.parameters())
+
+
+def test_virchow_rule_is_cls_plus_mean_of_patch_tokens() -> None:
+    ext = build_extractor("virchow2", random_init=True, tiny=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    tokens = ext.backbone.forward_features(ext.preprocess(x))
+    n_prefix = 1 + 4  # class token + 4 registers
+    ref = torch.cat([tokens[:, 0], tokens[:, n_prefix:].mean(1)], dim=-1)
+    torch.testing.assert_close(ext(x), ref)
+    assert ext.dim == 2 * 32
+
+
+def test_random_init_is_deterministic() -> None:
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    a = build_extractor("uni", random_init=True, tiny=True, seed=3)(x)
+    b = build_extractor("uni", random_init=True, tiny=True, seed=3)(x)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_loads(tmp_path, suffix: str) -> None:
+    ref = build_extractor("h-optimus-0", random_init=True, tiny=True, seed=7)
+    path = tmp_path / f"weights{suffix}"
+    sd = ref.backbone.state_dict()
+    (save_safetensors if suffix == ".safetensors" else torch_save)(path, sd)
+    loaded = build_extractor("h-optimus-0", weights=str(path), tiny=True, seed=0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded(x), ref(x))
+    # a folder holding the file works too
+    loaded_dir = build_extractor("h-optimus-0", weights=str(tmp_path), tiny=True)
+    torch.testing.assert_close(loaded_dir(x), ref(x))
+
+
+def test_hf_cache_snapshot_is_found(tmp_path, monkeypatch) -> None:
+    """A file placed in the Hugging Face cache layout is used without any network."""
+    ref = build_extractor("resnet50", random_init=True, tiny=True, seed=5)
+    snap = tmp_path / "hub" / "models--timm--resnet50.tv_in1k" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "models--timm--resnet50.tv_in1k" / "refs").mkdir()
+    (tmp_path / "hub" / "models--timm--resnet50.tv_in1k" / "refs" / "main").write_text("abc")
+    save_safetensors(snap / "model.safetensors", ref.backbone.state_dict())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from gen_ad.baselines.extractors import _from_caches
+
+    assert _from_caches(get_spec("resnet50")) == snap / "model.safetensors"
+
+
+def test_offline_without_weights_names_repo_file_and_place() -> None:
+    with pytest.raises(WeightsNotFoundError) as e:
+        build_extractor("virchow2")
+    msg = str(e.value)
+    assert "paige-ai/Virchow2" in msg and "pytorch_model.bin" in msg and "--weights" in msg
+    assert "gated" in msg
+    with pytest.raises(WeightsNotFoundError, match="dino_resnet50_pretrain.pth"):
+        build_extractor("dino-resnet50")
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        build_extractor("uni", weights="/nonexistent/uni.bin")
+
+
+def test_mismatched_weights_are_a_clear_error(tmp_path) -> None:
+    other = build_extractor("dino-vits16", random_init=True, tiny=True)
+    path = tmp_path / "w.safetensors"
+    save_safetensors(path, other.backbone.state_dict())
+    with pytest.raises(CheckpointError, match="do not fit extractor 'virchow2'"):
+        build_extractor("virchow2", weights=str(path), tiny=True)
+
+
+def _timm_to_hf_vit(sd: dict[str, torch.Tensor], dinov2: bool) -> dict[str, torch.Tensor]:
+    """Test-side inverse mapping to the transformers (v4) ViTModel / Dinov2Model key names."""
+    out = {"embeddings.cls_token": sd["cls_token"],
+           "embeddings.position_embeddings": sd["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"],
+           "pooler.dense.weight": torch.zeros(1)}
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    names = ({"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+              "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
+             if dinov2 else {"norm1": "layernorm_before", "norm2": "layernorm_after",
+                             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"})
+    names["attn.proj"] = "attention.output.dense"
+    for i in range(depth):
+        for t, h in names.items():
+            for suf in ((".weight", ".bias") if "gamma" not in t else ("",)):
+                out[f"encoder.layer.{i}.{h}{suf}"] = sd[f"blocks.{i}.{t}{suf}"]
+        for suf in (".weight", ".bias"):
+            q, k, v = sd[f"blocks.{i}.attn.qkv{suf}"].chunk(3, dim=0)
+            for n, t in (("query", q), ("key", k), ("value", v)):
+                out[f"encoder.layer.{i}.attention.attention.{n}{suf}"] = t
+    return out
+
+
+@pytest.mark.parametrize("name", ["phikon", "phikon-v2"])
+def test_transformers_layout_checkpoint_converts(name: str) -> None:
+    ref = build_extractor(name, random_init=True, tiny=True, seed=11)
+    hf = _timm_to_hf_vit(ref.backbone.state_dict(), dinov2=name == "phikon-v2")
+    assert set(hf_to_timm(hf, get_spec(name).layout)) == set(ref.backbone.state_dict())
+    fresh = build_extractor(name, random_init=True, tiny=True, seed=0)
+    load_backbone_weights(fresh.backbone, fresh.spec, hf)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(fresh(x), ref(x))
+
+
+def test_bad_input_shape() -> None:
+    ext = build_extractor("dino-vits16", random_init=True, tiny=True)
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        ext(torch.zeros(2, 1, 32, 32))

@@ -1,0 +1,190 @@
+"""KNN baseline: exact search equals scikit-learn, IVF recall, bank extension, chunking,
+the torch fallback, leave-one-out calibration, the scorer and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from gen_ad.baselines.extractors import build_extractor
+from gen_ad.baselines.knn import (
+    FeatureBank,
+    KNNIndex,
+    KNNScorer,
+    SearchSettings,
+    build_bank,
+    extend_bank,
+    reduce_distances,
+)
+from gen_ad.errors import ConfigError
+from gen_ad.scoring.thresholds import iqr_threshold
+
+pytest.importorskip("faiss")
+
+
+def _data(n: int = 2000, d: int = 16, q: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d)).astype(np.float32),
+            rng.normal(size=(q, d)).astype(np.float32))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("budget_mb", [64.0, 0.05])  # in-memory index / streamed blocks
+def test_exact_search_equals_sklearn(metric: str, backend: str, budget_mb: float) -> None:
+    x, q = _data()
+    ref = NearestNeighbors(n_neighbors=25, algorithm="brute",
+                           metric="euclidean" if metric == "l2" else "cosine").fit(x)
+    rd, ri = ref.kneighbors(q)
+    index = KNNIndex(x, SearchSettings(metric=metric, backend=backend, memory_budget_mb=budget_mb))
+    d, i = index.search(q, 25)
+    assert d.shape == (40, 25) and i.shape == (40, 25)
+    np.testing.assert_allclose(d, rd, atol=1e-4, rtol=1e-4)  # Euclidean, not squared
+    np.testing.assert_array_equal(i, ri)
+    assert np.all(np.diff(d, axis=1) >= 0)
+
+
+def test_chunked_equals_unchunked_and_torch_equals_faiss() -> None:
+    x, q = _data(n=3000, q=300)
+    big = KNNIndex(x, SearchSettings(memory_budget_mb=512.0))
+    d0, i0 = big.search(q, 50)
+    small = KNNIndex(x, SearchSettings(memory_budget_mb=0.3))  # many query chunks + bank blocks
+    assert not small.in_memory and small._block_rows() < 3000 and small._query_rows(50, 100) < 300
+    d1, i1 = small.search(q, 50)
+    tch = KNNIndex(x, SearchSettings(backend="torch", memory_budget_mb=0.3))
+    d2, i2 = tch.search(q, 50)
+    np.testing.assert_allclose(d1, d0, atol=1e-5)
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_allclose(d2, d0, atol=1e-4)
+    np.testing.assert_array_equal(i2, i0)
+
+
+def test_ivf_recall_at_200() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100_000, 32)).astype(np.float32)
+    q = rng.normal(size=(100, 32)).astype(np.float32)
+    _, exact = KNNIndex(x, SearchSettings()).search(q, 200)
+    ivf = KNNIndex(x, SearchSettings(index="ivf", nlist=256, target_recall=0.97))
+    d, approx = ivf.search(q, 200)
+    recall = np.mean([len(np.intersect1d(a, b)) / 200 for a, b in zip(exact, approx)])
+    assert recall >= 0.95
+    assert ivf.tuned["nprobe"] < 256  # really approximate, not an exhaustive scan
+    assert np.all(np.diff(d, axis=1) >= -1e-6)
+
+
+def test_leave_one_out_excludes_self() -> None:
+    x, _ = _data(n=500)
+    index = KNNIndex(x, SearchSettings())
+    ids = np.array([0, 7, 499])
+    d, i = index.search(x[ids], 5, exclude=ids)
+    assert not np.any(i == ids[:, None])
+    full_d, full_i = index.search(x[ids], 6)
+    np.testing.assert_array_equal(full_i[:, 0], ids)  # itself is its own nearest
+    np.testing.assert_array_equal(i, full_i[:, 1:])
+    np.testing.assert_allclose(d, full_d[:, 1:], atol=1e-6)
+    with pytest.raises(ConfigError, match="k=500"):
+        index.search(x[:2], 500, exclude=np.array([0, 1]))
+
+
+def test_reductions() -> None:
+    d = np.array([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]], dtype=np.float32)
+    np.testing.assert_allclose(reduce_distances(d, "mean"), [3.0, 1.0])
+    np.testing.assert_allclose(reduce_distances(d, "kth"), [6.0, 3.0])
+
+
+def _batches(n: int, seed: int, bs: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    return list(x.split(bs))
+
+
+@pytest.fixture(scope="module")
+def extractor() -> torch.nn.Module:
+    return build_extractor("dino-vits16", random_init=True, tiny=True)
+
+
+def test_extending_bank_equals_building_at_once(tmp_path, extractor) -> None:
+    a, b = _batches(48, 0), _batches(32, 1)
+    info = {"name": "dino-vits16", "random_init": True, "tiny": True}
+    once = build_bank(extractor, a + b, tmp_path / "once", info, k=10, calib_size=40)
+    grown = build_bank(extractor, a, tmp_path / "grown", info, k=10, calib_size=40)
+    first_shard = (tmp_path / "grown" / "features-00000.npy").read_bytes()
+    extend_bank(grown, extractor, b)
+    assert (tmp_path / "grown" / "features-00000.npy").read_bytes() == first_shard  # untouched
+    assert grown.count == once.count == 80
+    np.testing.assert_array_equal(grown.load(), once.load())
+    t1 = json.loads((tmp_path / "once" / "threshold.json").read_text())
+    t2 = json.loads((tmp_path / "grown" / "threshold.json").read_text())
+    assert t1["value"] == pytest.approx(t2["value"], rel=1e-6)
+    q = extractor(_batches(8, 2)[0]).numpy()
+    np.testing.assert_allclose(KNNIndex(FeatureBank(tmp_path / "grown")).search(q, 10)[0],
+                               KNNIndex(FeatureBank(tmp_path / "once")).search(q, 10)[0],
+                               rtol=1e-6)
+
+
+def test_threshold_is_iqr_of_leave_one_out_scores(tmp_path, extractor) -> None:
+    bank = build_bank(extractor, _batches(64, 3), tmp_path / "bank", {"name": "x"}, k=8,
+                      calib_size=30)
+    calib = np.load(tmp_path / "bank" / "calibration.npy")
+    ids, scores = calib[:, 0].astype(int), calib[:, 1]
+    assert len(ids) == 30 and len(set(ids)) == 30
+    feats = bank.load()
+    ref = []
+    for i in ids:  # brute force: mean Euclidean distance to the 8 nearest *other* vectors
+        dist = np.sqrt(((feats - feats[i]) ** 2).sum(1).astype(np.float64))
+        dist[i] = np.inf
+        ref.append(np.sort(dist)[:8].mean())
+    np.testing.assert_allclose(scores, ref, rtol=1e-4, atol=1e-5)
+    thr = json.loads((tmp_path / "bank" / "threshold.json").read_text())
+    q1, q3 = np.percentile(scores, [25, 75])
+    assert thr["value"] == pytest.approx(q3 + 1.5 * (q3 - q1)) == pytest.approx(
+        iqr_threshold(scores))
+
+
+def test_scorer_fit_and_score(extractor) -> None:
+    scorer = KNNScorer(extractor, k=5, calib_size=50)
+    scorer.fit(_batches(64, 4))
+    assert scorer.name == "knn" and scorer.threshold is not None
+    normal = scorer.score(_batches(8, 5)[0]).scores
+    odd = scorer.score(torch.ones(4, 3, 32, 32)).scores  # flat white patches
+    assert normal.shape == (8,) and odd.shape == (4,)
+    assert odd.min() > normal.max()
+    with pytest.raises(ConfigError, match="no bank"):
+        KNNScorer(extractor).score(torch.zeros(1, 3, 32, 32))
+
+
+def test_cli_fit_and_score(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from gen_ad.cli import main
+
+    rng = np.random.default_rng(0)
+    for cls, n, bright in (("normal", 24, 0), ("tumor", 4, 1)):
+        d = tmp_path / "data" / cls
+        d.mkdir(parents=True)
+        for j in range(n):
+            arr = rng.integers(100, 160, size=(24, 24, 3), dtype=np.uint8)
+            if bright:
+                arr[:] = 250
+            Image.fromarray(arr).save(d / f"{j:03d}.png")
+    bank = tmp_path / "bank"
+    assert main(["knn", "fit", "--extractor", "resnet50", "--random-init", "--tiny",
+                 "--normal", str(tmp_path / "data"), "--out", str(bank), "--k", "5",
+                 "--batch-size", "16", "--workers", "0", "--device", "cpu"]) == 0
+    meta = json.loads((bank / "bank.json").read_text())
+    assert meta["count"] == 24 and meta["dim"] == 2048  # normal/ only
+    out = tmp_path / "out"
+    assert main(["knn", "score", str(bank), "--data", str(tmp_path / "data"), "--out", str(out),
+                 "--workers", "0", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed
+    lines = (out / "scores.csv").read_text().splitlines()
+    assert lines[0] == "path,label,cls,score,flagged" and len(lines) == 29
+    flagged = (out / "flagged.csv").read_text().splitlines()
+    assert len(flagged) - 1 == sum(int(r.rsplit(",", 1)[1]) for r in lines[1:])
+    assert main(["knn", "score", str(tmp_path / "nobank"), "--data", str(tmp_path / "data"),
+                 "--out", str(out), "--workers", "0"]) == 2
