@@ -116,7 +116,11 @@ class AnoDDPMConfig:
 
 @dataclass
 class AutoDDPMConfig:
-    """AutoDDPM scorer defaults (see :class:`~gen_ad.inversion.diffusion.AutoDDPMScorer`)."""
+    """AutoDDPM scorer defaults (see :class:`~gen_ad.inversion.diffusion.AutoDDPMScorer`).
+
+    ``lpips_net`` defaults to ``squeeze`` as in AutoDDPM's reference code (its torchvision
+    weights ``squeezenet1_1-b8a52dc0.pth`` must be in the torch hub cache or ``lpips_weights``).
+    """
 
     t_recon: int = 200
     t_inpaint: int = 50
@@ -130,7 +134,7 @@ class AutoDDPMConfig:
     normalize_residual: bool = True
     final: Literal["mask", "weighted"] = "mask"
     reduce: Literal["mean", "max", "topk"] = "mean"
-    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    lpips_net: Literal["vgg", "alex", "squeeze"] = "squeeze"
     lpips_weights: str | None = None
     seed: int = 0
 

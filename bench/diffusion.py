@@ -1,0 +1,264 @@
+"""Benchmark the diffusion pieces: simplex noise, DDPM training and AnoDDPM/AutoDDPM latency.
+
+Prints one JSON line with:
+
+* ``simplex``: batched torch simplex noise (``[B,3,H,W]``, AnoDDPM defaults 6/0.8/64) in
+  images/s against two straightforward per-image NumPy implementations written here: ``loop``
+  (a scalar Python loop over pixels, the textbook implementation) and ``vectorised`` (NumPy over
+  the pixels of one image-channel at a time). Both references run on a few images and are
+  extrapolated per image; ``max_abs_diff`` checks that they compute the same field.
+* ``train``: DDPM training images/s (one optimiser step per batch, ``DDPMFamily.train_step``).
+* ``recon``: ms/image of AnoDDPM (t=200) and AutoDDPM (t=200, then t=50 x 5 resamples) with every
+  ancestral step (``full``) and with DDIM (``ddim``: 20 steps, AutoDDPM 20 + 10 x 5). On CPU the
+  ``full`` variants are estimated from the timed per-evaluation latency times the number of UNet
+  evaluations (``"estimated": true``) unless ``--exact``.
+
+    python bench/diffusion.py [--size 64] [--unet autoddpm] [--batch 16] [--device cpu|cuda]
+                              [--exact] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from gen_ad.config import from_dict
+from gen_ad.inversion.diffusion import AnoDDPMScorer, AutoDDPMScorer
+from gen_ad.inversion.simplex import draw_tables, fractal_from_tables, simplex_noise
+from gen_ad.models.unet import build_scheduler
+from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
+from gen_ad.training.family import StepContext
+
+_F2 = 0.5 * (math.sqrt(3.0) - 1.0)
+_G2 = (3.0 - math.sqrt(3.0)) / 6.0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _timed(fn: Callable[[], Any], sync: bool, repeat: int = 1) -> float:
+    """Seconds per call (after one untimed warm-up call)."""
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if sync:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat
+
+
+# ----------------------------------------------------------------------------- NumPy references
+
+
+def _np_pixel(perm: np.ndarray, grad: np.ndarray, oi: int, oj: int, x: float, y: float) -> float:
+    """Classic 2-D simplex noise at one point (scalar Python)."""
+    s = (x + y) * _F2
+    i, j = math.floor(x + s), math.floor(y + s)
+    t = (i + j) * _G2
+    x0, y0 = x - (i - t), y - (j - t)
+    i1, j1 = (1, 0) if x0 > y0 else (0, 1)
+    total = 0.0
+    for ci, cj, dx, dy in ((i, j, x0, y0), (i + i1, j + j1, x0 - i1 + _G2, y0 - j1 + _G2),
+                           (i + 1, j + 1, x0 - 1 + 2 * _G2, y0 - 1 + 2 * _G2)):
+        w = 0.5 - dx * dx - dy * dy
+        if w > 0:
+            h = perm[((ci + oi) & 255) + perm[(cj + oj) & 255]] & 255
+            total += w ** 4 * (grad[h, 0] * dx + grad[h, 1] * dy)
+    return 70.0 * total
+
+
+def numpy_loop_field(perm: np.ndarray, grad: np.ndarray, off: np.ndarray, h: int, w: int,
+                     octaves: int, persistence: float, frequency: float) -> np.ndarray:
+    """One fractal field ``[H,W]`` by a scalar loop over pixels and octaves."""
+    out = np.zeros((h, w))
+    for yy in range(h):
+        for xx in range(w):
+            amp, wl, v = 1.0, frequency, 0.0
+            for k in range(octaves):
+                v += amp * _np_pixel(perm, grad, int(off[k, 0]), int(off[k, 1]), xx / wl, yy / wl)
+                amp, wl = amp * persistence, wl / 2
+            out[yy, xx] = v
+    return out
+
+
+def numpy_vec_field(perm: np.ndarray, grad: np.ndarray, off: np.ndarray, h: int, w: int,
+                    octaves: int, persistence: float, frequency: float) -> np.ndarray:
+    """One fractal field ``[H,W]``, NumPy-vectorised over the pixels."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    out = np.zeros((h, w))
+    amp, wl = 1.0, frequency
+    for k in range(octaves):
+        x, y = xx / wl, yy / wl
+        s = (x + y) * _F2
+        i, j = np.floor(x + s), np.floor(y + s)
+        t = (i + j) * _G2
+        x0, y0 = x - (i - t), y - (j - t)
+        i1 = (x0 > y0).astype(np.float64)
+        j1 = 1.0 - i1
+        corners = ((i, j, x0, y0), (i + i1, j + j1, x0 - i1 + _G2, y0 - j1 + _G2),
+                   (i + 1, j + 1, x0 - 1 + 2 * _G2, y0 - 1 + 2 * _G2))
+        for ci, cj, dx, dy in corners:
+            ii = (ci.astype(np.int64) + off[k, 0]) & 255
+            jj = (cj.astype(np.int64) + off[k, 1]) & 255
+            hsh = perm[ii + perm[jj]] & 255
+            wt = np.maximum(0.5 - dx * dx - dy * dy, 0.0) ** 4
+            out += amp * 70.0 * wt * (grad[hsh, 0] * dx + grad[hsh, 1] * dy)
+        amp, wl = amp * persistence, wl / 2
+    return out
+
+
+def bench_simplex(b: int, size: int, device: torch.device, n_ref: int) -> dict[str, Any]:
+    """Images/s of the batched torch noise vs. the per-image NumPy references."""
+    sync = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(0)
+    t_torch = _timed(lambda: simplex_noise((b, 3, size, size), gen), sync, repeat=3)
+    tables = draw_tables(3 * n_ref, 6, torch.Generator().manual_seed(1), dtype=torch.float64)
+    perm, grad, off = tables.perm.numpy(), tables.grad.numpy(), tables.offset.numpy()
+    ref_fast = fractal_from_tables(tables, size, size, 6, 0.8, 64.0).numpy()
+    out: dict[str, Any] = {"batch": b, "size": size, "torch_img_per_s": b / t_torch}
+    for name, fn in (("vectorised", numpy_vec_field), ("loop", numpy_loop_field)):
+        t0 = time.perf_counter()
+        fields = [fn(perm[f], grad[f], off[f], size, size, 6, 0.8, 64.0)
+                  for f in range(3 * n_ref)]  # 3 channels per image
+        per_img = (time.perf_counter() - t0) / n_ref
+        out[f"numpy_{name}_img_per_s"] = 1.0 / per_img
+        out[f"speedup_vs_numpy_{name}"] = (b / t_torch) * per_img
+        out[f"max_abs_diff_{name}"] = float(np.abs(np.stack(fields) - ref_fast).max())
+    return out
+
+
+# ----------------------------------------------------------------------------- model timings
+
+
+def _family(unet: str, size: int, batch: int) -> DDPMFamily:
+    cfg = from_dict(DDPMConfig, {"data": {"size": size}, "model": {"name": unet},
+                                 "train": {"batch_size": batch, "max_steps": 1000}})
+    return DDPMFamily(cfg)
+
+
+def bench_train(fam: DDPMFamily, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Training images/s of ``steps`` optimiser steps (after one warm-up step)."""
+    acc = Accelerator(cpu=device.type == "cpu")
+    torch.manual_seed(0)
+    models = {k: m.to(device) for k, m in fam.build_models().items()}
+    opts = fam.build_optimizers(models)
+    scheds = fam.build_schedulers(opts)
+    size = fam.cfg.data.size
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    counter = [0]
+
+    def step() -> None:
+        gen = torch.Generator(device=device).manual_seed(counter[0])
+        ctx = StepContext(acc, models, opts, scheds, {}, counter[0], 0.0, gen)
+        fam.train_step(ctx, x)
+        counter[0] += 1
+
+    dt = _timed(step, device.type == "cuda", repeat=steps)
+    return {"batch": batch, "img_per_s": batch / dt, "noise": fam.cfg.noise.kind}
+
+
+def bench_recon(fam: DDPMFamily, batch: int, device: torch.device, exact: bool,
+                ) -> dict[str, Any]:
+    """ms/image of AnoDDPM and AutoDDPM, full ancestral steps and DDIM."""
+    from gen_ad.inversion.lpips_net import build_lpips
+
+    sync = device.type == "cuda"
+    torch.manual_seed(0)
+    unet = fam.build_models()["unet"].to(device).eval()
+    sched = build_scheduler("ddpm")
+    lp = build_lpips(net="vgg", spatial=True, random_init=True).to(device)
+    size = fam.cfg.data.size
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    ts = torch.full((batch,), 100, device=device)
+    with torch.no_grad():
+        per_eval = _timed(lambda: unet(x, ts), sync, repeat=3)
+    variants = {
+        "anoddpm_full": (AnoDDPMScorer(unet, sched, t=200, noise="simplex"), 201),
+        "anoddpm_ddim": (AnoDDPMScorer(unet, sched, t=200, noise="simplex", sampler="ddim",
+                                       steps=20), 20),
+        "autoddpm_full": (AutoDDPMScorer(unet, sched, lpips=lp, threshold=0.1), 201 + 51 * 5),
+        "autoddpm_ddim": (AutoDDPMScorer(unet, sched, lpips=lp, threshold=0.1, sampler="ddim",
+                                         steps_recon=20, steps_inpaint=10), 20 + 10 * 5),
+    }
+    out: dict[str, Any] = {"batch": batch, "unet_eval_ms_per_image": 1e3 * per_eval / batch}
+    for name, (scorer, evals) in variants.items():
+        estimate = name.endswith("full") and device.type == "cpu" and not exact
+        if estimate:
+            ms = 1e3 * per_eval * evals / batch
+        else:
+            ms = 1e3 * _timed(lambda s=scorer: s.score(x), sync) / batch
+        out[name] = {"ms_per_image": ms, "unet_evals": evals, "estimated": estimate}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--unet", default="autoddpm")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--noise-batch", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--exact", action="store_true", help="time full-step variants on CPU too")
+    p.add_argument("--smoke", action="store_true", help="tiny settings (seconds)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.size, a.unet, a.batch, a.noise_batch, a.train_steps = 32, "tiny", 2, 4, 1
+    device = torch.device(a.device)
+    fam = _family(a.unet, a.size, a.batch)
+    result = {
+        "bench": "diffusion",
+        "hardware": {"cpu": _cpu_name(), "gpu": torch.cuda.get_device_name(device)
+                     if device.type == "cuda" else None, "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "settings": {"size": a.size, "unet": a.unet, "device": str(device), "smoke": a.smoke},
+        "simplex": bench_simplex(a.noise_batch, a.size, device, n_ref=1),
+        "train": bench_train(fam, a.batch, a.train_steps, device),
+    }
+    result["recon"] = (_smoke_recon(fam, a.batch, device) if a.smoke
+                       else bench_recon(fam, a.batch, device, a.exact))
+    print(json.dumps(result))
+    return 0
+
+
+def _smoke_recon(fam: DDPMFamily, batch: int, device: torch.device) -> dict[str, Any]:
+    """A few-step version of :func:`bench_recon` (exercises the code path in seconds)."""
+    from gen_ad.inversion.lpips_net import build_lpips
+
+    unet = fam.build_models()["unet"].to(device).eval()
+    sched = build_scheduler("ddpm")
+    lp = build_lpips(net="alex", spatial=True, random_init=True).to(device)
+    size = fam.cfg.data.size
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    out: dict[str, Any] = {"batch": batch}
+    for name, sc in (("anoddpm", AnoDDPMScorer(unet, sched, t=4)),
+                     ("autoddpm", AutoDDPMScorer(unet, sched, t_recon=4, t_inpaint=2, resample=2,
+                                                 lpips=lp, threshold=0.1))):
+        t0 = time.perf_counter()
+        sc.score(x)
+        out[name] = {"ms_per_image": 1e3 * (time.perf_counter() - t0) / batch}
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,400 @@
+"""Diffusion reconstruction for anomaly detection: AnoDDPM and AutoDDPM.
+
+Both methods use a noise-prediction UNet trained on normal tissue and the diffusers schedule it
+was trained with (:func:`gen_ad.models.unet.build_scheduler`; the forward process is
+``scheduler.add_noise``, the reverse steps below use the scheduler's ``alphas_cumprod`` and are
+checked against ``DDPMScheduler.step`` / ``DDIMScheduler.step`` in the tests).
+
+* **AnoDDPM** (Wyatt et al. 2022): noise the query to step ``t`` (default 200 of 1000) with
+  simplex (or Gaussian) noise, denoise back to ``t = 0`` (every ancestral step, or DDIM with fewer
+  steps), map = per-pixel residual (mean over channels of ``|x - recon|``, or squared), score =
+  mean of the map (or max / top-k mean).
+* **AutoDDPM** (Bercea et al. 2023): reconstruct from ``t = 200``; initial map = spatial LPIPS x
+  residual (the residual divided by its per-image 95th percentile and clipped to ``[0,1]``, as
+  the reference code does); mask = initial map above a threshold calibrated on normal images at a
+  chosen pixel false-positive rate (:meth:`AutoDDPMScorer.fit`), dilated 3x3; stitch (original
+  outside the mask, reconstruction inside); re-sample the stitched image from ``t = 50`` with 5
+  resampling rounds per step (RePaint: at each step the known region outside the mask comes from
+  the noised original, the unknown region from the model; then jump back one step and repeat);
+  final map = residual of the re-sampled image inside the mask; score = mean of the final map.
+
+Every random draw of a ``score`` call comes from one ``torch.Generator`` seeded with ``seed``, so a
+batch scored twice gets identical scores (the noise of an image depends on its position in the
+batch). All steps are batched over images.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gen_ad.errors import ConfigError, DataError
+from gen_ad.inversion.simplex import SimplexConfig, simplex_like
+from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
+from gen_ad.scoring.maps import dilate
+from gen_ad.scoring.residual import image_score, lpips_map, pixel_residual
+from gen_ad.scoring.thresholds import fpr_threshold
+
+NoiseKind = Literal["gaussian", "simplex"]
+SamplerKind = Literal["ddpm", "ddim"]
+
+# AutoDDPM's reference mask threshold (LPIPS-squeeze x normalised residual); used only when the
+# scorer was neither calibrated with fit() nor given a threshold.
+REFERENCE_MASK_THRESHOLD = 0.13
+
+
+# ----------------------------------------------------------------------------- schedule maths
+
+
+def alpha_bar(scheduler: Any, t: int) -> float:
+    """``alphas_cumprod[t]``, and 1 for ``t < 0`` (the clean image)."""
+    return 1.0 if t < 0 else float(scheduler.alphas_cumprod[t])
+
+
+def draw_noise(kind: str, like: torch.Tensor, generator: torch.Generator,
+               simplex: SimplexConfig | None = None) -> torch.Tensor:
+    """Standard noise shaped like ``like`` ``[B,C,H,W]``: Gaussian or normalised simplex."""
+    if kind == "gaussian":
+        n = torch.randn(like.shape, generator=generator, device=generator.device)
+        return n.to(device=like.device, dtype=like.dtype)
+    if kind == "simplex":
+        return simplex_like(like, generator, simplex)
+    raise ConfigError(f"unknown noise kind '{kind}' (choose gaussian or simplex)")
+
+
+def timestep_sequence(t_start: int, steps: int | None = None) -> list[int]:
+    """Descending timesteps from ``t_start`` to 0.
+
+    Args:
+        t_start: first (noisiest) timestep, ``>= 0``.
+        steps: number of model evaluations; ``None`` = every step (``t_start + 1`` of them).
+    Returns:
+        Strictly decreasing ints starting at ``t_start`` and ending at 0.
+    """
+    if t_start < 0:
+        raise ConfigError(f"start timestep must be >= 0, got {t_start}")
+    if steps is None or steps >= t_start + 1:
+        return list(range(t_start, -1, -1))
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    if steps == 1:
+        return [t_start]
+    ts = [round(t_start * (1 - i / (steps - 1))) for i in range(steps)]
+    return sorted(set(ts), reverse=True)
+
+
+def predict_x0(scheduler: Any, x_t: torch.Tensor, t: int, eps: torch.Tensor,
+               clip: bool = True) -> torch.Tensor:
+    """``x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)``, optionally clipped to ``[-1,1]``."""
+    ab = alpha_bar(scheduler, t)
+    x0 = (x_t - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+    return x0.clamp(-1.0, 1.0) if clip else x0
+
+
+def ddpm_step(scheduler: Any, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
+              noise: torch.Tensor, clip: bool = True) -> torch.Tensor:
+    """Ancestral step ``x_t -> x_{t_prev}``: a draw of ``q(x_prev | x_t, x_0 = x0_hat)``.
+
+    With ``t_prev = t - 1`` this is ``DDPMScheduler.step`` (fixed small variance) with
+    ``noise`` as its variance noise; larger gaps use the gap's effective beta.
+    """
+    ab_t, ab_p = alpha_bar(scheduler, t), alpha_bar(scheduler, t_prev)
+    beta = 1.0 - ab_t / ab_p
+    x0 = predict_x0(scheduler, x_t, t, eps, clip)
+    mean = (math.sqrt(ab_p) * beta / (1.0 - ab_t)) * x0 \
+        + (math.sqrt(1.0 - beta) * (1.0 - ab_p) / (1.0 - ab_t)) * x_t
+    if t <= 0:
+        return mean
+    var = max((1.0 - ab_p) / (1.0 - ab_t) * beta, 1e-20)
+    return mean + math.sqrt(var) * noise
+
+
+def ddim_step(scheduler: Any, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
+              clip: bool = True) -> torch.Tensor:
+    """Deterministic DDIM step (``eta = 0``) ``x_t -> x_{t_prev}`` (as ``DDIMScheduler.step``)."""
+    ab_p = alpha_bar(scheduler, t_prev)
+    x0 = predict_x0(scheduler, x_t, t, eps, clip)
+    return math.sqrt(ab_p) * x0 + math.sqrt(1.0 - ab_p) * eps
+
+
+def renoise(scheduler: Any, x_prev: torch.Tensor, t_prev: int, t: int,
+            noise: torch.Tensor) -> torch.Tensor:
+    """Forward jump ``q(x_t | x_{t_prev})`` (RePaint's "jump back"); ``t_prev = -1`` is clean."""
+    ratio = alpha_bar(scheduler, t) / alpha_bar(scheduler, t_prev)
+    return math.sqrt(ratio) * x_prev + math.sqrt(1.0 - ratio) * noise
+
+
+def add_noise(scheduler: Any, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+    """``scheduler.add_noise`` at one timestep for the whole batch; ``t < 0`` returns ``x0``."""
+    if t < 0:
+        return x0
+    ts = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+    return scheduler.add_noise(x0, noise, ts)
+
+
+# ----------------------------------------------------------------------------- reverse process
+
+
+@dataclass
+class Denoiser:
+    """A trained UNet with its schedule and how reverse steps draw noise.
+
+    Attributes:
+        unet: noise-prediction network (``unet(x_t, t).sample``), in eval mode.
+        scheduler: the diffusers scheduler it was trained with.
+        noise: ``gaussian`` or ``simplex`` (forward noise and ancestral variance noise).
+        simplex: simplex parameters.
+        sampler: ``ddpm`` (ancestral) or ``ddim`` (deterministic, eta 0).
+        clip: clip predicted ``x_0`` to ``[-1,1]``.
+    """
+
+    unet: nn.Module
+    scheduler: Any
+    noise: str = "gaussian"
+    simplex: SimplexConfig = field(default_factory=SimplexConfig)
+    sampler: str = "ddpm"
+    clip: bool = True
+
+    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """Predicted noise ``[B,C,H,W]`` at timestep ``t``."""
+        ts = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        return self.unet(x_t, ts).sample.to(x_t.dtype)
+
+    def draw(self, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return draw_noise(self.noise, like, gen, self.simplex)
+
+    def step(self, x_t: torch.Tensor, t: int, t_prev: int, gen: torch.Generator) -> torch.Tensor:
+        """One reverse step ``x_t -> x_{t_prev}``."""
+        e = self.eps(x_t, t)
+        if self.sampler == "ddim":
+            return ddim_step(self.scheduler, e, x_t, t, t_prev, self.clip)
+        if self.sampler != "ddpm":
+            raise ConfigError(f"unknown sampler '{self.sampler}' (choose ddpm or ddim)")
+        noise = self.draw(x_t, gen) if t > 0 else torch.zeros_like(x_t)
+        return ddpm_step(self.scheduler, e, x_t, t, t_prev, noise, self.clip)
+
+    @torch.no_grad()
+    def denoise(self, x_t: torch.Tensor, timesteps: list[int], gen: torch.Generator,
+                ) -> torch.Tensor:
+        """Run the reverse process from ``timesteps[0]`` to the clean image."""
+        for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+            x_t = self.step(x_t, t, t_prev, gen)
+        return x_t
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, t_start: int, steps: int | None,
+                    gen: torch.Generator) -> torch.Tensor:
+        """Noise ``x`` ``[B,3,H,W]`` to ``t_start`` and denoise back; returns ``[B,3,H,W]``."""
+        x_t = add_noise(self.scheduler, x, t_start, self.draw(x, gen))
+        return self.denoise(x_t, timestep_sequence(t_start, steps), gen)
+
+    @torch.no_grad()
+    def inpaint(self, x: torch.Tensor, start: torch.Tensor, mask: torch.Tensor, t_start: int,
+                steps: int | None, resample: int, gen: torch.Generator) -> torch.Tensor:
+        """RePaint-style re-sampling of the masked region.
+
+        Args:
+            x: ``[B,3,H,W]`` original (known outside the mask).
+            start: ``[B,3,H,W]`` image noised to ``t_start`` to start from (the stitched image).
+            mask: ``[B,H,W]`` bool, True where the model re-generates.
+            t_start: first timestep (AutoDDPM: 50).
+            steps: model evaluations per round (``None``: every step).
+            resample: rounds per step (AutoDDPM: 5); each but the last jumps back one step.
+            gen: generator of every draw.
+        Returns:
+            ``[B,3,H,W]`` image: ``x`` outside the mask, re-sampled inside.
+        """
+        m = mask[:, None].to(x.dtype)
+        x_t = add_noise(self.scheduler, start, t_start, self.draw(start, gen))
+        ts = timestep_sequence(t_start, steps)
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            for u in range(resample):
+                unknown = self.step(x_t, t, t_prev, gen)
+                known = add_noise(self.scheduler, x, t_prev, self.draw(x, gen))
+                x_prev = m * unknown + (1.0 - m) * known
+                if u < resample - 1:
+                    x_t = renoise(self.scheduler, x_prev, t_prev, t, self.draw(x, gen))
+            x_t = x_prev
+        return x_t
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_images(x: torch.Tensor) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise DataError(f"images must be [B,3,H,W], got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise DataError("images contain NaN or infinite values")
+
+
+class AnoDDPMScorer(AnomalyScorer):
+    """AnoDDPM: partial diffusion to ``t`` and back; the residual is the map.
+
+    Args:
+        unet: trained noise-prediction UNet (EMA weights), eval mode.
+        scheduler: its diffusers scheduler.
+        t: noise level (AnoDDPM: about 200-250 of 1000).
+        noise: ``simplex`` (AnoDDPM) or ``gaussian``.
+        simplex: simplex parameters (AnoDDPM: 6 octaves, persistence 0.8, frequency 64).
+        sampler: ``ddpm`` (every ancestral step) or ``ddim``.
+        steps: model evaluations (``None`` = all ``t + 1``; use e.g. 20 with DDIM).
+        residual: ``l1`` (mean ``|x - recon|`` over channels) or ``l2`` (mean squared).
+        reduce: image score from the map: ``mean``, ``max`` or ``topk``.
+        seed: seed of the per-call generator.
+    """
+
+    name = "anoddpm"
+
+    def __init__(self, unet: nn.Module, scheduler: Any, *, t: int = 200,
+                 noise: NoiseKind = "simplex", simplex: SimplexConfig | None = None,
+                 sampler: SamplerKind = "ddpm", steps: int | None = None,
+                 residual: Literal["l1", "l2"] = "l1",
+                 reduce: Literal["mean", "max", "topk"] = "mean", seed: int = 0) -> None:
+        n_t = int(scheduler.config.num_train_timesteps)
+        if not 0 <= t < n_t:
+            raise ConfigError(f"anoddpm t must be in [0, {n_t}), got {t}")
+        self.denoiser = Denoiser(unet.eval(), scheduler, noise, simplex or SimplexConfig(),
+                                 sampler, bool(scheduler.config.clip_sample))
+        self.t, self.steps, self.residual, self.reduce, self.seed = t, steps, residual, reduce, seed
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor) -> ScoreBatch:
+        _check_images(x)
+        dev = _device_of(self.denoiser.unet)
+        x = x.to(dev, torch.float32)
+        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        recon = self.denoiser.reconstruct(x, self.t, self.steps, gen).clamp(-1.0, 1.0)
+        maps = pixel_residual(x, recon, self.residual)
+        return ScoreBatch(image_score(maps, self.reduce), maps, recon)
+
+
+class AutoDDPMScorer(AnomalyScorer):
+    """AutoDDPM: reconstruct, mask, stitch, re-sample; residual inside the mask.
+
+    Args:
+        unet: trained noise-prediction UNet (EMA weights), eval mode.
+        scheduler: its diffusers scheduler.
+        t_recon: noise level of the first reconstruction (200).
+        t_inpaint: start of the re-sampling (50).
+        resample: resampling rounds per step (5).
+        noise: ``gaussian`` (AutoDDPM) or ``simplex``.
+        simplex: simplex parameters.
+        sampler: ``ddpm`` or ``ddim`` for both stages.
+        steps_recon / steps_inpaint: model evaluations per stage (``None`` = every step).
+        fpr: pixel false-positive rate on normal images that sets the mask threshold in
+            :meth:`fit`.
+        threshold: fixed mask threshold (overrides calibration until :meth:`fit` is called).
+        dilation: odd size of the square dilation of the mask (3).
+        normalize_residual: divide the initial residual by its per-image 95th percentile and
+            clip to ``[0,1]`` (as the reference code).
+        final: ``mask`` (residual inside the binary mask) or ``weighted`` (residual times the
+            initial map, as the reference code).
+        reduce: image score from the final map.
+        lpips: a spatial LPIPS module (``[B,1,H,W]`` output); built lazily from ``lpips_net``,
+            ``lpips_weights`` and ``lpips_random_init`` via
+            :func:`gen_ad.inversion.lpips_net.build_lpips` when ``None``.
+        seed: seed of the per-call generator.
+    """
+
+    name = "autoddpm"
+
+    def __init__(self, unet: nn.Module, scheduler: Any, *, t_recon: int = 200,
+                 t_inpaint: int = 50, resample: int = 5, noise: NoiseKind = "gaussian",
+                 simplex: SimplexConfig | None = None, sampler: SamplerKind = "ddpm",
+                 steps_recon: int | None = None, steps_inpaint: int | None = None,
+                 fpr: float = 0.05, threshold: float | None = None, dilation: int = 3,
+                 normalize_residual: bool = True, final: Literal["mask", "weighted"] = "mask",
+                 reduce: Literal["mean", "max", "topk"] = "mean", lpips: nn.Module | None = None,
+                 lpips_net: str = "squeeze", lpips_weights: str | None = None,
+                 lpips_random_init: bool = False, seed: int = 0) -> None:
+        n_t = int(scheduler.config.num_train_timesteps)
+        for key, v in (("t_recon", t_recon), ("t_inpaint", t_inpaint)):
+            if not 0 <= v < n_t:
+                raise ConfigError(f"autoddpm {key} must be in [0, {n_t}), got {v}")
+        if resample < 1 or not 0.0 < fpr < 1.0 or dilation < 1 or dilation % 2 == 0:
+            raise ConfigError("autoddpm needs resample >= 1, 0 < fpr < 1 and an odd dilation")
+        if final not in ("mask", "weighted"):
+            raise ConfigError(f"autoddpm final must be mask or weighted, got '{final}'")
+        self.denoiser = Denoiser(unet.eval(), scheduler, noise, simplex or SimplexConfig(),
+                                 sampler, bool(scheduler.config.clip_sample))
+        self.t_recon, self.t_inpaint, self.resample = t_recon, t_inpaint, resample
+        self.steps_recon, self.steps_inpaint = steps_recon, steps_inpaint
+        self.fpr, self.threshold, self.dilation = fpr, threshold, dilation
+        self.normalize_residual, self.final, self.reduce = normalize_residual, final, reduce
+        self._lpips = lpips
+        self._lpips_args = dict(net=lpips_net, weights=lpips_weights, random_init=lpips_random_init)
+        self.seed = seed
+
+    def lpips(self) -> nn.Module:
+        """The spatial LPIPS module (built on first use, on the UNet's device)."""
+        if self._lpips is None:
+            from gen_ad.inversion.lpips_net import build_lpips
+
+            self._lpips = build_lpips(spatial=True, **self._lpips_args)
+        return self._lpips.to(_device_of(self.denoiser.unet))
+
+    def initial_map(self, x: torch.Tensor, gen: torch.Generator,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """First reconstruction ``[B,3,H,W]`` and initial map ``[B,H,W]`` (LPIPS x residual)."""
+        recon = self.denoiser.reconstruct(x, self.t_recon, self.steps_recon, gen).clamp(-1, 1)
+        res = pixel_residual(x, recon, "l1")
+        if self.normalize_residual:
+            q = torch.quantile(res.flatten(1), 0.95, dim=1).clamp_min(1e-8)
+            res = (res / q[:, None, None]).clamp(0.0, 1.0)
+        try:
+            lp = lpips_map(x, recon, self.lpips())
+        except RuntimeError as e:  # e.g. SqueezeNet's pooling on images below ~32 px
+            raise DataError(f"the LPIPS network cannot process {x.shape[-2]}x{x.shape[-1]} "
+                            f"images ({e}); use larger patches or another lpips_net") from e
+        return recon, lp * res
+
+    @torch.no_grad()
+    def fit(self, normal_batches: Iterable[torch.Tensor]) -> AutoDDPMScorer:
+        """Set the mask threshold to the ``1 - fpr`` quantile of normal initial-map pixels."""
+        dev = _device_of(self.denoiser.unet)
+        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        values = []
+        for xb in normal_batches:
+            _check_images(xb)
+            values.append(self.initial_map(xb.to(dev, torch.float32), gen)[1].flatten().cpu())
+        if not values:
+            raise DataError("autoddpm fit() got no normal images to calibrate the mask threshold")
+        self.threshold = fpr_threshold(torch.cat(values), self.fpr)
+        return self
+
+    def _threshold(self) -> float:
+        if self.threshold is None:
+            warnings.warn("AutoDDPM mask threshold not calibrated (call fit() on normal images); "
+                          f"using the reference value {REFERENCE_MASK_THRESHOLD}", stacklevel=3)
+            return REFERENCE_MASK_THRESHOLD
+        return float(self.threshold)
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor) -> ScoreBatch:
+        _check_images(x)
+        dev = _device_of(self.denoiser.unet)
+        x = x.to(dev, torch.float32)
+        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        recon, init = self.initial_map(x, gen)
+        mask = dilate(init > self._threshold(), self.dilation)
+        stitched = torch.where(mask[:, None], recon, x)
+        out = self.denoiser.inpaint(x, stitched, mask, self.t_inpaint, self.steps_inpaint,
+                                    self.resample, gen).clamp(-1.0, 1.0)
+        res = pixel_residual(x, out, "l1")
+        maps = res * (mask.to(res.dtype) if self.final == "mask" else init)
+        terms = {"initial": init.mean(dim=(1, 2)),
+                 "mask_fraction": mask.float().mean(dim=(1, 2))}
+        return ScoreBatch(image_score(maps, self.reduce), maps, out, terms)

@@ -1,0 +1,162 @@
+"""Diffusion reconstruction maths (against diffusers' schedulers) and the two scorers' mechanics
+on a small random UNet (behaviour on a trained model: tests/unit/training/test_ddpm.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gen_ad.errors import ConfigError, DataError
+from gen_ad.inversion.diffusion import (
+    AnoDDPMScorer,
+    AutoDDPMScorer,
+    Denoiser,
+    add_noise,
+    ddim_step,
+    ddpm_step,
+    predict_x0,
+    renoise,
+    timestep_sequence,
+)
+from gen_ad.inversion.lpips_net import build_lpips
+from gen_ad.models.unet import build_scheduler, build_unet
+
+
+@pytest.fixture(scope="module")
+def unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_unet("tiny", sample_size=16, block_out_channels=[16, 32],
+                      attention_levels=[False, False]).eval()
+
+
+@pytest.fixture(scope="module")
+def lp() -> torch.nn.Module:
+    return build_lpips(net="squeeze", spatial=True, random_init=True)  # needs >= 32 px
+
+
+def _x(b: int = 3, seed: int = 0, size: int = 16) -> torch.Tensor:
+    return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_timestep_sequences() -> None:
+    assert timestep_sequence(3) == [3, 2, 1, 0]
+    ts = timestep_sequence(200, 20)
+    assert ts[0] == 200 and ts[-1] == 0 and len(ts) == 20
+    assert all(a > b for a, b in zip(ts, ts[1:]))
+    assert timestep_sequence(5, 100) == [5, 4, 3, 2, 1, 0]
+    with pytest.raises(ConfigError):
+        timestep_sequence(-1)
+
+
+def test_add_noise_then_exact_denoising_recovers_x0() -> None:
+    s = build_scheduler("ddpm")
+    x0, eps = _x(), torch.randn(3, 3, 16, 16)
+    for t in (0, 200, 999):
+        x_t = add_noise(s, x0, t, eps)
+        ab = s.alphas_cumprod[t]
+        assert torch.allclose(x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-6)
+        assert torch.allclose(predict_x0(s, x_t, t, eps, clip=False), x0, atol=2e-4)
+
+
+def test_ddim_step_with_true_noise_lands_on_the_previous_noised_image() -> None:
+    s = build_scheduler("ddpm")
+    x0, eps = _x(), torch.randn(3, 3, 16, 16)
+    for t, t_prev in ((200, 150), (50, 49), (10, -1)):
+        out = ddim_step(s, eps, add_noise(s, x0, t, eps), t, t_prev, clip=False)
+        assert torch.allclose(out, add_noise(s, x0, t_prev, eps), atol=1e-5)
+
+
+def test_ddim_step_matches_diffusers() -> None:
+    d = build_scheduler("ddim")
+    d.set_timesteps(10)
+    x_t, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for t in d.timesteps[:3].tolist():
+        ref = d.step(eps, t, x_t, eta=0.0).prev_sample
+        assert torch.allclose(ddim_step(d, eps, x_t, t, t - 100), ref, atol=1e-5)
+
+
+def test_ddpm_step_matches_diffusers() -> None:
+    s = build_scheduler("ddpm")
+    x_t, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for t in (500, 1, 0):
+        ref = s.step(eps, t, x_t, generator=torch.Generator().manual_seed(3)).prev_sample
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
+        # float32 (diffusers) vs float64 coefficients: 1 - alpha_bar is ~1e-4 at t = 1
+        assert torch.allclose(ddpm_step(s, eps, x_t, t, t - 1, noise), ref, atol=5e-4)
+
+
+def test_renoise_is_one_forward_step() -> None:
+    s = build_scheduler("ddpm")
+    x, n = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    b = s.betas[40]
+    assert torch.allclose(renoise(s, x, 39, 40, n), (1 - b).sqrt() * x + b.sqrt() * n, atol=1e-6)
+    assert torch.allclose(renoise(s, x, -1, 0, n), add_noise(s, x, 0, n), atol=1e-6)
+
+
+def test_inpaint_keeps_the_known_region(unet: torch.nn.Module) -> None:
+    s = build_scheduler("ddpm")
+    den = Denoiser(unet, s, "gaussian")
+    x = _x(2)
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, 4:10, 4:10] = True
+    out = den.inpaint(x, x, mask, t_start=6, steps=None, resample=2,
+                      gen=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :, ~mask[0]], x[:, :, ~mask[0]])
+    assert not torch.allclose(out[:, :, mask[0]], x[:, :, mask[0]])
+
+
+@pytest.mark.parametrize("noise, sampler", [("simplex", "ddpm"), ("gaussian", "ddim")])
+def test_anoddpm_maps_scores_and_seeds(unet: torch.nn.Module, noise: str, sampler: str) -> None:
+    s = build_scheduler("ddpm")
+    sc = AnoDDPMScorer(unet, s, t=20, noise=noise, sampler=sampler, steps=5, seed=1)
+    x = _x(3)
+    a, b = sc.score(x), sc.score(x)
+    assert a.scores.shape == (3,) and a.maps.shape == (3, 16, 16) and a.recon.shape == x.shape
+    assert (a.maps >= 0).all() and a.recon.abs().max() <= 1
+    assert torch.allclose(a.scores, a.maps.mean(dim=(1, 2)))
+    assert torch.equal(a.scores, b.scores)  # same seed: identical scores
+    other = AnoDDPMScorer(unet, s, t=20, noise=noise, sampler=sampler, steps=5, seed=2).score(x)
+    if sampler == "ddpm" or noise == "simplex":
+        assert not torch.equal(a.scores, other.scores)
+
+
+def test_anoddpm_rejects_bad_input(unet: torch.nn.Module) -> None:
+    s = build_scheduler("ddpm")
+    with pytest.raises(ConfigError):
+        AnoDDPMScorer(unet, s, t=1000)
+    with pytest.raises(DataError):
+        AnoDDPMScorer(unet, s, t=5).score(torch.zeros(2, 1, 16, 16))
+
+
+def test_autoddpm_fit_mask_and_final_map(unet: torch.nn.Module, lp: torch.nn.Module) -> None:
+    s = build_scheduler("ddpm")
+    sc = AutoDDPMScorer(unet, s, t_recon=20, t_inpaint=5, resample=2, steps_recon=4,
+                        steps_inpaint=3, fpr=0.1, lpips=lp, seed=0)
+    sc.fit([_x(4, seed=10, size=32), _x(4, seed=11, size=32)])
+    assert sc.threshold is not None and sc.threshold > 0
+    x = _x(3, seed=12, size=32)
+    a, b = sc.score(x), sc.score(x)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    assert a.maps.shape == (3, 32, 32) and (a.maps >= 0).all()
+    frac = a.terms["mask_fraction"]
+    assert ((frac > 0) & (frac < 1)).all()  # ~10% of pixels over threshold, then dilated
+    # the final map lives inside the dilated mask only
+    init = sc.initial_map(x, torch.Generator().manual_seed(0))[1]
+    from gen_ad.scoring.maps import dilate
+
+    mask = dilate(init > sc.threshold, 3)
+    assert torch.equal(mask.float().mean(dim=(1, 2)), frac)
+    assert (a.maps[~mask] == 0).all()
+    assert torch.equal(a.recon[:, :, ~mask[0]][0], x[:, :, ~mask[0]][0])  # stitched outside
+
+
+def test_autoddpm_without_calibration_warns(unet: torch.nn.Module, lp: torch.nn.Module) -> None:
+    s = build_scheduler("ddpm")
+    sc = AutoDDPMScorer(unet, s, t_recon=5, t_inpaint=2, resample=1, lpips=lp)
+    with pytest.warns(UserWarning, match="not calibrated"):
+        out = sc.score(_x(1, size=32))
+    assert out.scores.shape == (1,)
+    with pytest.raises(DataError, match="LPIPS"):
+        sc.score(_x(1, size=16))
+    with pytest.raises(ConfigError):
+        AutoDDPMScorer(unet, s, dilation=2)
