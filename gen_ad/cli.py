@@ -141,7 +141,8 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "(default: the run's data.val, else a threshold saved with the run)")
     p.add_argument("--normal-classes", default="normal",
                    help="comma-separated class folders that are normal (default: normal)")
-    p.add_argument("--masks", default=None, help="ground-truth mask folder (pixel metrics)")
+    p.add_argument("--masks", default=None, help="ground-truth mask folder for pixel metrics "
+                   "(default: DATA/masks when it exists, as gen-ad synth writes)")
     p.add_argument("--threshold", choices=["iqr", "fpr"], default="iqr",
                    help="label-free threshold rule: Q3+1.5*IQR (default) or a fixed FPR")
     p.add_argument("--fpr", type=_fraction, default=0.05, help="FPR for --threshold fpr")

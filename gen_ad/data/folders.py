@@ -245,6 +245,12 @@ def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]
     return found, False
 
 
+def find_mask_root(root: str | os.PathLike[str]) -> Path | None:
+    """``root/masks`` when it exists (the layout ``gen-ad synth`` writes), else ``None``."""
+    cand = Path(root).expanduser() / "masks"
+    return cand if cand.is_dir() else None
+
+
 def _mask_index(mask_root: Path) -> dict[str, Path]:
     """Map ``relative/path/stem`` (with a ``_mask`` suffix removed) -> mask file."""
     if not mask_root.is_dir():

@@ -362,6 +362,15 @@ class AutoDDPMScorer(AnomalyScorer):
         return recon, lp * res
 
     @torch.no_grad()
+    def calibration(self) -> dict[str, float]:
+        """The calibrated pixel threshold of the initial map (empty before :meth:`fit`)."""
+        return {} if self.threshold is None else {"mask_threshold": float(self.threshold)}
+
+    def load_calibration(self, state: dict[str, float]) -> None:
+        """Reuse a mask threshold saved by :meth:`calibration`."""
+        if "mask_threshold" in state:
+            self.threshold = float(state["mask_threshold"])
+
     def fit(self, normal_batches: Iterable[torch.Tensor]) -> AutoDDPMScorer:
         """Set the mask threshold to the ``1 - fpr`` quantile of normal initial-map pixels."""
         dev = _device_of(self.denoiser.unet)

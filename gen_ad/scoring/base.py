@@ -76,6 +76,13 @@ class AnomalyScorer(ABC):
         """Calibrate on batches of normal images ``[B,3,H,W]`` in ``[-1,1]`` (default: nothing)."""
         return self
 
+    def calibration(self) -> dict[str, float]:
+        """What :meth:`fit` learned, as plain numbers (saved with the run; default: nothing)."""
+        return {}
+
+    def load_calibration(self, state: dict[str, float]) -> None:  # noqa: B027
+        """Restore what :meth:`calibration` returned, instead of fitting again."""
+
     @abstractmethod
     def score(self, x: torch.Tensor) -> ScoreBatch:
         """Score a batch.

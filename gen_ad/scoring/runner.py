@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,11 +214,11 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
         normal: folder of normal validation patches to fit/calibrate on; default: the run's
             ``data.val``. The label-free threshold is saved in ``<run>/thresholds/<method>.json``
             and reused when no normal folder is given.
-        masks: optional folder of ground-truth masks (pixel metrics).
+        masks: folder of ground-truth masks (pixel metrics); default ``data/masks`` if present.
     Returns:
         Metrics by method name.
     """
-    from gen_ad.data.folders import PatchFolder
+    from gen_ad.data.folders import PatchFolder, find_mask_root
     from gen_ad.training.export import load_run
 
     if device == "auto":
@@ -226,6 +227,7 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     scorers = r.scorers(**(scorer_kwargs or {}))
     names = select_scorer(scorers, method)
     size = int(r.cfg.data.size)
+    masks = masks or find_mask_root(data)
     ds = PatchFolder(root=str(data), size=size, normal_classes=tuple(normal_classes),
                      mask_root=str(masks) if masks else None)
     normal = normal or getattr(r.cfg.data, "val", None)
@@ -233,6 +235,7 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     for name in names:
         scorer = scorers[name]
         th_file = Path(run) / "thresholds" / f"{name}.json"
+        cal_file = Path(run) / "thresholds" / f"{name}.calibration.json"
         if normal is not None:
             sub = [c for c in normal_classes if (Path(normal) / c).is_dir()]
             nds = PatchFolder(root=str(normal), size=size, normal_classes=tuple(normal_classes),
@@ -240,8 +243,11 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
             th = calibrate_scorer(scorer, nds, batch_size=batch_size, device=device,
                                   method=threshold_method, fpr=fpr, limit=calibration_limit)
             th.save(th_file)
+            write_json(cal_file, scorer.calibration())
         else:
             th = Threshold.load(th_file) if th_file.is_file() else None
+            if cal_file.is_file():
+                scorer.load_calibration(json.loads(cal_file.read_text()))
         scored = score_dataset(scorer, ds, batch_size=batch_size, device=device)
         results[name] = write_outputs(Path(out) / name, scored, ds, method=name, threshold=th,
                                       n_examples=n_examples, n_boot=n_boot)

@@ -1,0 +1,229 @@
+"""Slide-level scoring: tile a slide, score every tile with any scorer, heatmap and slide score.
+
+``gen-ad slide SLIDE --run RUN|--bank BANK [--method M] --out DIR`` runs :func:`score_slide`:
+tiles of the slide's tissue (:func:`gen_ad.data.wsi.tile_slide`) are scored in batches through
+the one :class:`~gen_ad.scoring.base.AnomalyScorer` interface, placed on the tile grid
+(:func:`gen_ad.scoring.slide.build_heatmap`), smoothed by a 3x3 erosion over valid cells, and
+reduced to a slide score (maximum, and mean of the top 1 %). Outputs in ``out/<slide stem>/``:
+``tiles.csv`` (every tile's corner, grid cell and score), ``heatmap.npy`` (raw grid, NaN where
+there is no tissue tile), ``overlay.png`` (eroded heatmap over the thumbnail),
+``overlay_raw.png`` and ``slide.json`` (scores and settings).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gen_ad.errors import ConfigError, DataError
+from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.utils.io import atomic_path, write_json, write_text
+
+
+@dataclass
+class LoadedScorer:
+    """A scorer with the input size it expects and a human label."""
+
+    scorer: AnomalyScorer
+    size: int
+    label: str
+
+
+def load_scorer(*, run: str | os.PathLike[str] | None = None,
+                bank: str | os.PathLike[str] | None = None, method: str | None = None,
+                device: str = "cpu", scorer_kwargs: dict[str, Any] | None = None) -> LoadedScorer:
+    """A ready scorer from a trained run (``run`` + ``method``) or a KNN feature bank (``bank``).
+
+    Args:
+        run: run folder; ``method`` picks one of its scorers (required when it has several).
+        bank: bank folder written by ``gen-ad knn fit`` (its extractor, k and threshold).
+        device: where the scorer runs.
+        scorer_kwargs: keyword arguments for the run's scorers.
+    Returns:
+        The scorer, its input size and a label.
+    """
+    if (run is None) == (bank is None):
+        raise ConfigError("give exactly one of a run (--run) or a KNN bank (--bank)")
+    if bank is not None:
+        from gen_ad.baselines.knn import FeatureBank, KNNScorer, bank_settings, extractor_from_info
+
+        fb = FeatureBank(bank)
+        ext = extractor_from_info(fb.meta["extractor"], device)
+        st = fb.settings
+        sc = KNNScorer(ext, fb, k=int(st.get("k", 200)), reduction=st.get("reduction", "mean"),
+                       settings=bank_settings(fb))
+        size = int(fb.meta["extractor"].get("load_size", ext.input_size))
+        rnd = " (random-init extractor)" if fb.meta["extractor"].get("random_init") else ""
+        return LoadedScorer(sc, size, f"knn {fb.meta['extractor']['name']}{rnd}")
+    from gen_ad.scoring.runner import select_scorer
+    from gen_ad.training.export import load_run
+
+    r = load_run(str(run), device=device)
+    scorers = r.scorers(**(scorer_kwargs or {}))
+    names = select_scorer(scorers, method)
+    if method is None and len(names) > 1:
+        raise ConfigError(f"run {run} offers several scorers ({', '.join(names)}); pick one "
+                          "with --method")
+    return LoadedScorer(scorers[names[0]], int(r.cfg.data.size), names[0])
+
+
+class TileSet(Dataset):
+    """Tiles (PNG files) of one slide as dataset items ``{"image", "label": 0, "path", "cls"}``."""
+
+    def __init__(self, paths: list[str], size: int, slide: str) -> None:
+        self.paths, self.size, self.slide = paths, size, slide
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from gen_ad.data.folders import load_image
+
+        return {"image": load_image(self.paths[i], self.size), "label": 0,
+                "path": self.paths[i], "cls": self.slide}
+
+
+def _grid_cells(xs: np.ndarray, ys: np.ndarray, grid: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Row/column of each tile on the tiling grid (exact, whatever the level-0 step)."""
+    cols = np.searchsorted(grid.xs, xs)
+    rows = np.searchsorted(grid.ys, ys)
+    ok = (cols < len(grid.xs)) & (rows < len(grid.ys))
+    if not ok.all() or not (np.all(grid.xs[cols] == xs) and np.all(grid.ys[rows] == ys)):
+        raise DataError("tile coordinates do not match the slide's tiling grid")
+    return rows, cols
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _tiles_csv(recs: list[Any], rows: np.ndarray, cols: np.ndarray, scores: np.ndarray) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["x", "y", "row", "col", "score", "path"])
+    for r, i, j, s in zip(recs, rows, cols, scores):
+        w.writerow([r.x, r.y, int(i), int(j), f"{s:.8g}", r.path])
+    return buf.getvalue()
+
+
+def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
+                out: str | os.PathLike[str], *, size: int, level: int | None = None,
+                mpp: float | None = None,
+                stride: int | None = None, min_tissue: float = 0.5, batch_size: int = 32,
+                device: str = "cpu", frac: float = 0.01, erosion: int = 3,
+                thumbnail_size: int = 1024, tile_dir: str | os.PathLike[str] | None = None,
+                threshold: float | None = None, method: str | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Tile a slide, score every tile, build the heatmap, slide scores and overlays.
+
+    Args:
+        slide_path: the slide file.
+        scorer: any (fitted) scorer; tiles are given to it at ``size`` x ``size``.
+        out: output folder (results go to ``out/<slide stem>/``).
+        size / level / mpp / stride / min_tissue: tiling (see :func:`gen_ad.data.wsi.plan_grid`).
+        batch_size / device: scoring.
+        frac: top fraction for the ``topk`` slide score (default 1 %).
+        erosion: erosion window on the heatmap (3 = 3x3; 1 = none).
+        thumbnail_size: longer side of the overlay thumbnail.
+        tile_dir: where tiles are written (default ``out/<stem>/tiles``).
+        threshold: optional tile threshold; adds the fraction of flagged tiles.
+        method: label of the scorer recorded in ``slide.json`` (default: ``scorer.name``).
+    Returns:
+        The ``slide.json`` record (``score_max``, ``score_top1pct``, raw variants, paths, ...).
+    """
+    from gen_ad.data.wsi import open_slide, plan_grid, tile_slide
+    from gen_ad.scoring.runner import score_dataset
+    from gen_ad.scoring.slide import (
+        SlideHeatmap,
+        build_heatmap,
+        erode_valid,
+        save_heatmap_overlay,
+        slide_score,
+    )
+
+    stem = Path(slide_path).stem
+    dest = Path(out) / stem
+    recs = tile_slide(slide_path, tile_dir or dest / "tiles", size, level=level, mpp=mpp,
+                      min_tissue=min_tissue, stride=stride, progress=progress)
+    if not recs:
+        raise DataError(f"no tile of {slide_path} reaches the tissue fraction {min_tissue}; "
+                        "lower --min-tissue or the tile size")
+    with open_slide(slide_path) as slide:
+        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride)
+        thumb = slide.thumbnail(thumbnail_size)
+        thumb_ds = slide.dimensions[0] / thumb.shape[1]
+    scored = score_dataset(scorer, TileSet([r.path for r in recs], size, stem),
+                           batch_size=batch_size, device=device, keep_maps=False,
+                           progress=progress)
+    rows, cols = _grid_cells(np.array([r.x for r in recs]), np.array([r.y for r in recs]), grid)
+    cells = build_heatmap(cols, rows, scored.scores, tile_size=1, stride=1, shape=grid.shape)
+    step = float(grid.footprint) * (stride or size) / size
+    hm = SlideHeatmap(cells.grid, stride=max(1, round(step)), tile_size=round(grid.footprint))
+    eroded = SlideHeatmap(erode_valid(hm.grid, erosion) if erosion > 1 else hm.grid,
+                          hm.stride, hm.tile_size)
+    lo, hi = float(np.nanmin(hm.grid)), float(np.nanmax(hm.grid))
+    save_heatmap_overlay(dest / "overlay.png", thumb, eroded, thumb_ds, vmin=lo, vmax=hi)
+    save_heatmap_overlay(dest / "overlay_raw.png", thumb, hm, thumb_ds, vmin=lo, vmax=hi)
+    _save_npy(dest / "heatmap.npy", hm.grid)
+    write_text(dest / "tiles.csv", _tiles_csv(recs, rows, cols, scored.scores))
+    rec: dict[str, Any] = {
+        "slide": str(slide_path), "method": method or scorer.name, "n_tiles": len(recs),
+        "grid": list(grid.shape),
+        "level": grid.level, "tile_size": size, "tile_footprint_level0": grid.footprint,
+        "erosion": erosion, "top_fraction": frac,
+        "score_max": slide_score(hm, "max", erosion=erosion),
+        "score_top1pct": slide_score(hm, "topk", frac=frac, erosion=erosion),
+        "score_max_raw": slide_score(hm, "max", erosion=1),
+        "score_top1pct_raw": slide_score(hm, "topk", frac=frac, erosion=1),
+        "ms_per_tile": scored.ms_per_image,
+        "outputs": {k: str(dest / f) for k, f in (("overlay", "overlay.png"),
+                                                   ("overlay_raw", "overlay_raw.png"),
+                                                   ("heatmap", "heatmap.npy"),
+                                                   ("tiles", "tiles.csv"))},
+    }
+    if threshold is not None:
+        rec["threshold"] = float(threshold)
+        rec["flagged_fraction"] = float((scored.scores > threshold).mean())
+    write_json(dest / "slide.json", rec)
+    return rec
+
+
+def slide_command(slide_path: str, out: str, *, run: str | None = None, bank: str | None = None,
+                  method: str | None = None, normal: str | None = None, device: str = "auto",
+                  size: int | None = None, scorer_kwargs: dict[str, Any] | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """What ``gen-ad slide`` does: load the scorer, optionally fit it (and calibrate a label-free
+    threshold) on a ``normal`` folder, then :func:`score_slide`."""
+    from gen_ad.scoring.runner import calibrate_scorer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if bank is not None and normal is not None:
+        raise ConfigError("--normal fits a run's scorer; a KNN bank already holds its normal "
+                          "features and threshold (extend it with `gen-ad knn fit --extend`)")
+    ls = load_scorer(run=run, bank=bank, method=method, device=device,
+                     scorer_kwargs=scorer_kwargs)
+    size = size or ls.size
+    threshold = getattr(getattr(ls.scorer, "threshold", None), "value", None)
+    if normal is not None:
+        from gen_ad.data.folders import PatchFolder, discover_classes
+
+        found, flat = discover_classes(normal)
+        classes = None if flat or "normal" not in found else ["normal"]
+        nds = PatchFolder(root=normal, size=size, classes=classes,
+                          normal_classes=tuple(classes or found))
+        threshold = calibrate_scorer(ls.scorer, nds, device=device,
+                                     batch_size=int(kwargs.get("batch_size", 32))).value
+    return score_slide(slide_path, ls.scorer, out, size=size, device=device,
+                       threshold=threshold, method=ls.label, **kwargs)

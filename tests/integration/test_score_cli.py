@@ -1,0 +1,60 @@
+"""`gen-ad score` end to end: scores.csv, maps, metrics with CIs, saved threshold reused."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from gen_ad.cli import main
+from gen_ad.data.synthetic import write_folder
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "wgan"
+TINY = ["data.synthetic=24", "train.sample_every=0", "train.fid_every=0", "train.log_every=1"]
+
+
+def _train(*args: str) -> None:
+    assert main(["train", "wgan", *args, *TINY]) == 0
+
+
+def test_score_run_folder(tmp_path: Path, capsys) -> None:
+    gan, enc = tmp_path / "gan", tmp_path / "enc"
+    _train("--config", str(CONFIGS / "demo.yaml"), f"out={gan}", "train.max_steps=2",
+           "train.batch_size=10")
+    _train("--config", str(CONFIGS / "demo_encoder.yaml"), f"out={enc}", f"gan_run={gan}",
+           "train.max_steps=2", "train.batch_size=6")
+    write_folder(tmp_path / "test", n=16, size=32, seed=3, anomaly_fraction=0.5)
+    write_folder(tmp_path / "val", n=12, size=32, seed=4, anomaly_fraction=0.0)
+    capsys.readouterr()
+
+    out = tmp_path / "scores"
+    rc = main(["score", str(enc), "--data", str(tmp_path / "test"), "--out", str(out),
+               "--normal", str(tmp_path / "val"), "--masks", str(tmp_path / "test" / "masks"),
+               "--examples", "2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "fanogan: 16 images" in printed and "AUROC" in printed
+
+    rows = list(csv.DictReader((out / "fanogan" / "scores.csv").open()))
+    assert len(rows) == 16
+    assert {"path", "label", "class", "score", "residual", "feature", "flagged"} <= set(rows[0])
+    assert {r["label"] for r in rows} == {"0", "1"}
+    metrics = json.loads((out / "fanogan" / "metrics.json").read_text())
+    assert 0.0 <= metrics["auroc"]["value"] <= 1.0
+    assert metrics["auroc"]["low"] <= metrics["auroc"]["value"] <= metrics["auroc"]["high"]
+    assert "pixel" in metrics and "at_threshold" in metrics
+    maps = sorted(p.name for p in (out / "fanogan" / "maps").iterdir())
+    assert len(maps) == 8 and any(m.startswith("top-01_") for m in maps)
+    th = json.loads((enc / "thresholds" / "fanogan.json").read_text())
+    assert th["method"] == "iqr" and th["n"] == 12
+
+    # without --normal, the saved threshold is reused: same flags as before
+    out2 = tmp_path / "scores2"
+    assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out", str(out2),
+                 "--examples", "0"]) == 0
+    rows2 = list(csv.DictReader((out2 / "fanogan" / "scores.csv").open()))
+    assert [r["flagged"] for r in rows2] == [r["flagged"] for r in rows]
+
+    assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out", str(out2),
+                 "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
