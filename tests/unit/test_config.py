@@ -122,3 +122,15 @@ class WithSectionDefaults:
 def test_partial_section_keeps_schema_section_defaults() -> None:
     cfg = load_config(WithSectionDefaults, None, ["train.max_steps=3"])
     assert cfg.train.batch_size == 4 and cfg.train.max_steps == 3
+
+
+@dataclass
+class WithOptionalSection:
+    model: Model | None = None
+
+
+def test_optional_section_reports_the_inner_key() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.widht'"):
+        from_dict(WithOptionalSection, {"model": {"widht": 3}})
+    assert from_dict(WithOptionalSection, {"model": None}).model is None
+    assert from_dict(WithOptionalSection, {"model": {"width": 3}}).model.width == 3

@@ -1,0 +1,214 @@
+"""``gen-ad demo``: synthetic tissue -> every model family trained -> one benchmark report.
+
+Steps (each printed as it runs):
+
+1. Synthetic H&E-like patches (:func:`gen_ad.data.synthetic.write_folder`): ``data/train``
+   (normal), ``data/val`` (normal, for calibration and the FID reference) and ``data/test``
+   (half with planted anomalies, masks re-laid out as ``data/test_masks/anomalous/`` so
+   :class:`~gen_ad.data.folders.PatchFolder` pairs them with their images).
+2. Tiny models from ``configs/<family>/demo.yaml`` with the demo's data and step overrides:
+   f-AnoGAN (WGAN-GP, then the izi_f encoder), StyleGAN2 and DDPM. A run that already exists is
+   reused unless ``retrain``.
+3. A benchmark config (``benchmark.yaml``, re-runnable with ``gen-ad benchmark``) listing
+   f-AnoGAN, StyleGAN2 projection, AnoDDPM, AutoDDPM and the KNN baseline with a
+   random-initialised extractor (no pretrained weights exist offline; labelled as such), then
+   :func:`gen_ad.report.benchmark.run_benchmark` writes ``report.html`` and ``results.json``.
+
+Offline, pretrained networks are replaced by random-initialised ones and the report says so:
+the LPIPS trunk (StyleGAN2 projection, AutoDDPM) and, for FID/KID, Inception-v3 (then the
+report shows a labelled Fréchet distance of random features, not FID).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gen_ad.errors import ConfigError, WeightsNotFoundError
+from gen_ad.utils.io import write_text
+from gen_ad.utils.paths import REPO_ROOT
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is.
+
+    Attributes:
+        n_train / n_val / n_test: synthetic patches (the test set is half anomalous).
+        size: patch side in pixels.
+        steps: training steps per family stage (``None``: the demo config's own).
+        knn_k / knn_tiny: KNN neighbours and whether to use the tiny extractor variant.
+        proj_steps: StyleGAN2 projection steps per image.
+        ddpm: keyword arguments of the DDPM run's scorers (fewer denoising steps); AutoDDPM's
+            section goes only to ``autoddpm``.
+        fid_n: generated samples for FID/KID.
+        n_boot: bootstrap resamples.
+        examples: example patches shown per method.
+        fast: this is the smoke-test size.
+    """
+
+    n_train: int
+    n_val: int
+    n_test: int
+    size: int
+    steps: dict[str, int | None]
+    knn_k: int
+    knn_tiny: bool
+    proj_steps: int
+    ddpm: dict[str, Any]
+    fid_n: int
+    n_boot: int
+    examples: int
+    fast: bool = False
+
+
+def demo_size(fast: bool = False) -> DemoSize:
+    """The full demo (about 15 minutes on 2 CPU cores) or the fast smoke run (``fast``)."""
+    if fast:
+        return DemoSize(n_train=48, n_val=16, n_test=20, size=32,
+                        steps={"wgan": 4, "wgan-encoder": 4, "stylegan2": 3, "ddpm": 4},
+                        knn_k=8, knn_tiny=True, proj_steps=2,
+                        ddpm={"steps": 2, "autoddpm": {"steps_inpaint": 2, "resample": 1}},
+                        fid_n=8, n_boot=100, examples=4, fast=True)
+    return DemoSize(n_train=512, n_val=64, n_test=128, size=32,
+                    steps={"wgan": None, "wgan-encoder": None, "stylegan2": None, "ddpm": None},
+                    knn_k=50, knn_tiny=False, proj_steps=20, ddpm={}, fid_n=64, n_boot=2000,
+                    examples=6)
+
+
+def make_data(root: Path, sz: DemoSize, seed: int = 0) -> dict[str, Path]:
+    """Write the synthetic train/val/test folders (skipped when already complete)."""
+    from gen_ad.data.synthetic import write_folder
+
+    sets = {"train": (sz.n_train, 0.0, seed), "val": (sz.n_val, 0.0, seed + 1),
+            "test": (sz.n_test, 0.5, seed + 2)}
+    paths = {}
+    for name, (n, frac, s) in sets.items():
+        d = root / name
+        if not (d / "manifest.csv").is_file():
+            write_folder(d, n, sz.size, s, frac)
+        paths[name] = d
+    masks = root / "test_masks" / "anomalous"
+    masks.mkdir(parents=True, exist_ok=True)
+    for p in sorted((paths["test"] / "masks").glob("*.png")):
+        if not (masks / p.name).exists():
+            os.link(p, masks / p.name)  # same bytes, the layout PatchFolder expects
+    paths["masks"] = masks.parent
+    return paths
+
+
+def _config(family: str, name: str = "demo") -> Path:
+    p = REPO_ROOT / "configs" / family / f"{name}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"demo config {p} not found (is this a source checkout of gen_ad?)")
+    return p
+
+
+def _stages(runs: Path) -> list[tuple[str, str, str, list[str]]]:
+    """``(run name, family, config name, extra overrides)`` in training order."""
+    return [("wgan", "wgan", "demo", []),
+            ("wgan-encoder", "wgan", "demo_encoder", [f"gan_run={runs / 'wgan'}"]),
+            ("stylegan2", "stylegan2", "demo", []),
+            ("ddpm", "ddpm", "demo", [])]
+
+
+def train_all(runs: Path, data: dict[str, Path], sz: DemoSize, retrain: bool = False,
+              log: Any = print) -> dict[str, Path]:
+    """Train (or reuse) every demo run; returns ``{run name: run folder}``."""
+    from gen_ad.training.entry import train
+
+    out = {}
+    for name, family, config, extra in _stages(runs):
+        run = runs / name
+        if (run / "model" / "model.json").is_file() and not retrain:
+            log(f"[demo] reusing {run} (pass --retrain to train again)")
+            out[name] = run
+            continue
+        over = [f"out={run}", f"data.train={data['train']}", f"data.val={data['val']}",
+                f"data.size={sz.size}", "train.fid_every=0", *extra]
+        steps = sz.steps.get(name)
+        if steps is not None:  # smoke run: no sample grids
+            over += [f"train.max_steps={steps}", f"train.ckpt_every={steps}",
+                     "train.sample_every=0", "train.log_every=1"]
+        if run.exists():  # an unfinished or to-be-retrained demo run of this folder
+            shutil.rmtree(run)
+        t0 = time.perf_counter()
+        log(f"[demo] training {name} ({family}) ...")
+        out[name] = Path(train(family, _config(family, config), over))
+        log(f"[demo] {name} trained in {time.perf_counter() - t0:.0f} s -> {out[name]}")
+    return out
+
+
+def _lpips_available() -> bool:
+    """Whether the VGG16 LPIPS trunk weights can be loaded (offline: from the torch cache)."""
+    from gen_ad.inversion.lpips_net import build_lpips
+
+    try:
+        build_lpips("vgg")
+    except WeightsNotFoundError:
+        return False
+    return True
+
+
+def benchmark_dict(out: Path, data: dict[str, Path], runs: dict[str, Path], sz: DemoSize,
+                   lpips_ok: bool) -> dict[str, Any]:
+    """The demo's benchmark config as plain data (written to ``benchmark.yaml``)."""
+    lp: dict[str, Any] = {} if lpips_ok else {"lpips_random_init": True}  # labelled in the report
+    methods: list[dict[str, Any]] = [
+        {"name": "fanogan", "run": str(runs["wgan-encoder"]), "scorer": "fanogan"},
+        {"name": "stylegan2", "run": str(runs["stylegan2"]), "scorer": "stylegan2",
+         "kwargs": {"steps": sz.proj_steps, **lp},
+         "note": f"projection shortened to {sz.proj_steps} steps per patch (reference: 1000)"},
+        {"name": "anoddpm", "run": str(runs["ddpm"]), "scorer": "anoddpm",
+         "kwargs": {k: v for k, v in sz.ddpm.items() if k != "autoddpm"}},
+        {"name": "autoddpm", "run": str(runs["ddpm"]), "scorer": "autoddpm",
+         "kwargs": {**sz.ddpm, **lp}},
+        {"name": "knn-resnet50-random-init" + ("-tiny" if sz.knn_tiny else ""),
+         "knn": {"extractor": "resnet50", "random_init": True, "tiny": sz.knn_tiny,
+                 "k": sz.knn_k, "bank": str(data["train"])}},
+    ]
+    return {
+        "out": str(out / "benchmark"),
+        "title": "gen_ad demo: synthetic tissue, tiny models" + (" (fast smoke run)"
+                                                                if sz.fast else ""),
+        "data": {"test": str(data["test"]), "val": str(data["val"]), "masks": str(data["masks"]),
+                 "classes": ["normal", "anomalous"], "size": sz.size},
+        "methods": [{k: v for k, v in m.items() if v is not None} for m in methods],
+        "n_boot": sz.n_boot, "device": "auto", "examples": sz.examples,
+        "fid": {"enabled": True, "n": sz.fid_n, "kid": True, "random_init_fallback": True},
+    }
+
+
+def run_demo(out: str | os.PathLike[str] = "checkpoints/demo", fast: bool = False,
+             retrain: bool = False, log: Any = print) -> Path:
+    """The whole demo; returns the path of ``report.html``.
+
+    Args:
+        out: demo folder (data, runs, benchmark).
+        fast: tiny sizes and a few steps (smoke test, about 2-3 minutes on 2 CPU cores).
+        retrain: train again even when runs exist.
+        log: progress printer.
+    """
+    from gen_ad.config import from_dict
+    from gen_ad.report.benchmark import BenchmarkConfig, run_benchmark, summary_lines
+
+    t0 = time.perf_counter()
+    root = Path(out)
+    sz = demo_size(fast)
+    log(f"[demo] synthetic data -> {root / 'data'}")
+    data = make_data(root / "data", sz)
+    runs = train_all(root / "runs", data, sz, retrain=retrain, log=log)
+    cfg_dict = benchmark_dict(root, data, runs, sz, _lpips_available())
+    write_text(root / "benchmark.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+    log(f"[demo] benchmark config -> {root / 'benchmark.yaml'}")
+    results = run_benchmark(from_dict(BenchmarkConfig, cfg_dict))
+    for line in summary_lines(results):
+        log(f"[demo] {line}")
+    log(f"[demo] done in {time.perf_counter() - t0:.0f} s")
+    return Path(results["report"])

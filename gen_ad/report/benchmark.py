@@ -1,0 +1,686 @@
+"""One evaluation for every method: ``gen-ad benchmark --config configs/benchmark/<name>.yaml``.
+
+A benchmark config lists methods, each either a trained run (run folder + scorer name + keyword
+arguments) or the KNN baseline (extractor, weights or random init, ``k``, normal bank folder).
+:func:`prepare_methods` turns each entry into an :class:`~gen_ad.scoring.base.AnomalyScorer`;
+from then on every method goes through the same code (:func:`evaluate_method`): fit (calibration
+only) on its normal fit folder, label-free threshold on the normal validation scores, scores and
+maps of the same test split, AUROC/AUPR with bootstrap CIs (plus per-class, pixel and
+at-threshold metrics), latency per patch, and example reconstructions/maps of the same images.
+Generators (trained runs) also get FID/KID against the normal validation images.
+
+Outputs in ``out``: ``results.json``, a self-contained ``report.html`` (figures embedded as PNG
+data URIs), ``figures/*.png`` and ``methods/<name>/scores.csv``.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gen_ad.config import check, load_config, to_dict
+from gen_ad.errors import ConfigError, DataError, GenAdError
+from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
+from gen_ad.scoring.thresholds import calibrate
+from gen_ad.utils.io import write_json, write_text
+
+FID_UNAVAILABLE = "n/a (Inception weights not available offline)"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+# ----------------------------------------------------------------------------- config schema
+
+
+@dataclass
+class BenchDataConfig:
+    """The split every method is evaluated on.
+
+    Attributes:
+        test: folder with normal and anomalous class subfolders.
+        val: folder of normal validation patches (fitting/calibration and the FID reference).
+        masks: optional ground-truth mask folder mirroring ``test`` (pixel metrics).
+        classes: test class folders to use (default: all that hold images).
+        normal_classes: class folders with label 0.
+        size: patch size for methods without their own (KNN); runs use their training size.
+        limit: score at most this many test patches (seeded random subset); ``None`` = all.
+        val_limit: use at most this many validation patches (first ones, sorted).
+    """
+
+    test: str = ""
+    val: str = ""
+    masks: str | None = None
+    classes: list[str] | None = None
+    normal_classes: list[str] = field(default_factory=lambda: ["normal"])
+    size: int = 64
+    limit: int | None = None
+    val_limit: int | None = 512
+
+    def validate(self, prefix: str) -> None:
+        check(bool(self.test), f"{prefix}.test", "is required (folder of test patches)")
+        check(bool(self.val), f"{prefix}.val", "is required (folder of normal validation patches)")
+        check(self.size >= 8, f"{prefix}.size", f"must be >= 8, got {self.size}")
+        check(self.limit is None or self.limit > 1, f"{prefix}.limit", "must be > 1")
+        check(self.val_limit is None or self.val_limit > 1, f"{prefix}.val_limit", "must be > 1")
+        check(len(self.normal_classes) > 0, f"{prefix}.normal_classes", "must not be empty")
+
+
+@dataclass
+class KNNMethodConfig:
+    """The KNN baseline on frozen features (see :mod:`gen_ad.baselines.knn`).
+
+    Attributes:
+        extractor: registered extractor name (``virchow2``, ``uni``, ``resnet50``, ...).
+        weights: local weights file/folder (default: the caches).
+        random_init: random weights (no download); the report labels the method accordingly.
+        tiny: tiny network variant (tests).
+        k / reduction / metric: neighbours, ``mean`` or ``kth``, ``l2`` or ``cosine``.
+        bank: folder of normal patches embedded into the feature bank (required; keep it apart
+            from ``data.val``, whose scores set the threshold).
+        bank_limit: embed at most this many bank patches.
+        size: patch loading size (default ``data.size``; the extractor resizes to its input).
+        seed: seed of a random initialisation.
+    """
+
+    extractor: str = "resnet50"
+    weights: str | None = None
+    random_init: bool = False
+    tiny: bool = False
+    k: int = 200
+    reduction: Literal["mean", "kth"] = "mean"
+    metric: Literal["l2", "cosine"] = "l2"
+    bank: str = ""
+    bank_limit: int | None = None
+    size: int | None = None
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        check(self.k >= 1, f"{prefix}.k", f"must be >= 1, got {self.k}")
+        check(bool(self.bank), f"{prefix}.bank", "is required (folder of normal patches for the "
+              "feature bank, apart from data.val)")
+        check(self.bank_limit is None or self.bank_limit > self.k, f"{prefix}.bank_limit",
+              f"must exceed k={self.k}")
+        check(self.size is None or self.size >= 8, f"{prefix}.size", "must be >= 8")
+
+
+@dataclass
+class MethodConfig:
+    """One method: a trained run's scorer (``run`` + ``scorer``) or the KNN baseline (``knn``).
+
+    Attributes:
+        name: label in the report (default: the scorer name, or ``knn-<extractor>``).
+        run: run folder (``checkpoints/<run>``).
+        scorer: one scorer the run offers (default: its only one).
+        kwargs: keyword arguments for the run's scorers (e.g. ``{steps: 200}``).
+        knn: the KNN baseline settings.
+        note: free text shown next to the method in the report.
+        batch_size: scoring batch size (default: the benchmark's).
+    """
+
+    name: str | None = None
+    run: str | None = None
+    scorer: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    knn: KNNMethodConfig | None = None
+    note: str | None = None
+    batch_size: int | None = None
+
+    def validate(self, prefix: str) -> None:
+        check((self.run is None) != (self.knn is None), prefix,
+              "give exactly one of 'run' (a trained run) or 'knn' (the KNN baseline)")
+        check(self.knn is None or (self.scorer is None and not self.kwargs), prefix,
+              "'scorer' and 'kwargs' belong to run methods, not to 'knn'")
+        check(self.name is None or bool(_NAME_RE.match(self.name)), f"{prefix}.name",
+              "use letters, digits and . _ + - only")
+        check(self.batch_size is None or self.batch_size > 0, f"{prefix}.batch_size",
+              "must be positive")
+        if self.knn is not None:
+            self.knn.validate(f"{prefix}.knn")
+
+
+@dataclass
+class FIDConfig:
+    """FID/KID of each generator against the normal validation images.
+
+    Attributes:
+        enabled: compute it at all.
+        n: generated samples per generator (real images: at most ``data.val_limit``).
+        kid: also compute KID (better for small sets).
+        inception_weights: Inception-v3 weights file (default: torch hub cache).
+        random_init_fallback: without Inception weights, report the Fréchet distance of a
+            random-initialised Inception (labelled ``fd_inception-v3-random``, not FID).
+        batch_size: sampling/extraction batch size.
+    """
+
+    enabled: bool = True
+    n: int = 500
+    kid: bool = True
+    inception_weights: str | None = None
+    random_init_fallback: bool = False
+    batch_size: int = 64
+
+    def validate(self, prefix: str) -> None:
+        check(self.n >= 2, f"{prefix}.n", f"must be >= 2, got {self.n}")
+        check(self.batch_size > 0, f"{prefix}.batch_size", "must be positive")
+
+
+@dataclass
+class BenchmarkConfig:
+    """``configs/benchmark/<name>.yaml``.
+
+    Attributes:
+        out: output folder.
+        title: report title.
+        data: the test split and normal validation folder.
+        methods: the methods to compare.
+        n_boot / seed: bootstrap resamples and seed of the 95% CIs.
+        threshold / fpr: label-free threshold rule on normal validation scores.
+        batch_size / device: scoring batch size; ``auto``, ``cpu``, ``cuda``, ...
+        examples: test images shown per method (same images for every method).
+        fid: generator quality settings.
+    """
+
+    out: str = "checkpoints/benchmark"
+    title: str = "gen_ad benchmark"
+    data: BenchDataConfig = field(default_factory=BenchDataConfig)
+    methods: list[MethodConfig] = field(default_factory=list)
+    n_boot: int = 2000
+    seed: int = 0
+    threshold: Literal["iqr", "fpr"] = "iqr"
+    fpr: float = 0.05
+    batch_size: int = 32
+    device: str = "auto"
+    examples: int = 6
+    fid: FIDConfig = field(default_factory=FIDConfig)
+
+    def validate(self, prefix: str) -> None:
+        check(len(self.methods) > 0, "methods", "list at least one method")
+        for i, m in enumerate(self.methods):
+            m.validate(f"methods[{i}]")
+        names = [method_name(m) for m in self.methods]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        check(not dup, "methods", f"duplicate method names {dup}; set 'name' to tell them apart")
+        check(self.n_boot >= 0, "n_boot", "must be >= 0")
+        check(0.0 < self.fpr < 1.0, "fpr", "must be in (0, 1)")
+        check(self.batch_size > 0, "batch_size", "must be positive")
+        check(0 <= self.examples <= 16, "examples", "must be in [0, 16]")
+
+
+def method_name(m: MethodConfig) -> str:
+    """The report label of a method entry."""
+    if m.name:
+        return m.name
+    if m.knn is not None:
+        return f"knn-{m.knn.extractor}" + ("-random-init" if m.knn.random_init else "")
+    return m.scorer or Path(str(m.run)).name
+
+
+def load_benchmark_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+                          ) -> BenchmarkConfig:
+    """Load and validate a benchmark YAML (``key.sub=value`` overrides allowed)."""
+    return load_config(BenchmarkConfig, path, overrides)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass
+class PreparedMethod:
+    """A method ready to evaluate: its scorer plus what the report says about it.
+
+    Attributes:
+        name / kind / description / notes: report labels (kind: ``generative`` or ``knn``).
+        scorer: the :class:`AnomalyScorer`.
+        size: input size of the scorer.
+        fit_root: normal folder the scorer is fitted (calibrated) on.
+        fit_limit: at most this many fit images.
+        batch_size: scoring batch size.
+        run: the run object behind a generative method (FID), else ``None``.
+        run_path: its folder.
+    """
+
+    name: str
+    kind: str
+    description: str
+    notes: list[str]
+    scorer: AnomalyScorer
+    size: int
+    fit_root: str
+    fit_limit: int | None
+    batch_size: int
+    run: Any = None
+    run_path: str | None = None
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _random_init_notes(kwargs: dict[str, Any]) -> list[str]:
+    """A warning per ``*random_init=true`` scorer option (e.g. a random-init LPIPS trunk)."""
+    out = []
+    for k, v in sorted(kwargs.items()):
+        if "random_init" in k and v is True:
+            net = k.replace("_random_init", "").replace("random_init", "").strip("_") or "a"
+            out.append(f"{k}=true: the {net.upper()} network inside this scorer has RANDOM "
+                       "weights (pretrained weights unavailable), so its maps and scores are "
+                       "not those of the published method")
+    return out
+
+
+def _prepare_run(m: MethodConfig, cfg: BenchmarkConfig, device: str,
+                 runs: dict[str, Any]) -> PreparedMethod:
+    from gen_ad.scoring.runner import select_scorer
+    from gen_ad.training.export import load_run
+
+    path = str(m.run)
+    if path not in runs:
+        runs[path] = load_run(path, device=device)
+    run = runs[path]
+    scorers = run.scorers(**m.kwargs)
+    names = select_scorer(scorers, m.scorer)
+    if m.scorer is None and len(names) > 1:
+        raise ConfigError(f"run {path} offers several scorers ({', '.join(names)}); set "
+                          "'scorer' for this method")
+    fam = run.family.name
+    desc = f"{fam} run {path} (step {run.step}), scorer '{names[0]}'"
+    if m.kwargs:
+        desc += ", " + ", ".join(f"{k}={v}" for k, v in sorted(m.kwargs.items()))
+    return PreparedMethod(method_name(m), "generative", desc, _random_init_notes(m.kwargs),
+                          scorers[names[0]], int(run.cfg.data.size), cfg.data.val,
+                          cfg.data.val_limit, m.batch_size or cfg.batch_size, run, path)
+
+
+def _prepare_knn(m: MethodConfig, cfg: BenchmarkConfig, device: str) -> PreparedMethod:
+    from gen_ad.baselines.extractors import build_extractor
+    from gen_ad.baselines.knn import KNNScorer, SearchSettings
+
+    k = m.knn
+    assert k is not None
+    ext = build_extractor(k.extractor, weights=k.weights, random_init=k.random_init,
+                          device=device, tiny=k.tiny, seed=k.seed)
+    scorer = KNNScorer(ext, k=k.k, reduction=k.reduction,
+                       settings=SearchSettings(metric=k.metric), seed=k.seed)
+    weights = "random-init weights" if k.random_init else f"weights {k.weights or '(cache)'}"
+    desc = (f"KNN baseline: {'tiny ' if k.tiny else ''}{k.extractor} features ({weights}), "
+            f"k={k.k}, {k.reduction} {k.metric} distance, bank: {k.bank}")
+    notes = []
+    if k.random_init:
+        notes.append(f"extractor '{k.extractor}' is RANDOMLY INITIALISED (no pretrained weights): "
+                     "a pipeline check, not the foundation-model baseline")
+    if k.tiny:
+        notes.append("tiny test variant of the extractor")
+    return PreparedMethod(method_name(m), "knn", desc, notes, scorer, k.size or cfg.data.size,
+                          k.bank, k.bank_limit, m.batch_size or cfg.batch_size)
+
+
+def prepare_methods(cfg: BenchmarkConfig, device: str) -> list[PreparedMethod]:
+    """Build every method's scorer before any scoring (a bad entry fails early)."""
+    runs: dict[str, Any] = {}
+    out = []
+    for m in cfg.methods:
+        pm = _prepare_knn(m, cfg, device) if m.knn is not None else _prepare_run(m, cfg, device,
+                                                                                  runs)
+        if m.note:
+            pm.notes.append(m.note)
+        out.append(pm)
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SplitCache:
+    """The test and normal datasets at each size, built once (same files for every method)."""
+
+    def __init__(self, cfg: BenchDataConfig, seed: int = 0) -> None:
+        self.cfg, self.seed = cfg, seed
+        self._test: dict[int, Dataset] = {}
+        self._normal: dict[tuple[str, int, int | None], Dataset] = {}
+
+    def test(self, size: int) -> Dataset:
+        """The test split at ``size`` (the same seeded subset at every size)."""
+        from gen_ad.data.folders import PatchFolder, subset
+
+        if size not in self._test:
+            c = self.cfg
+            ds: Dataset = PatchFolder(root=c.test, size=size, classes=c.classes,
+                                      normal_classes=tuple(c.normal_classes),
+                                      mask_root=c.masks)
+            if len(set(ds.labels)) != 2:  # type: ignore[attr-defined]
+                raise DataError(f"the test folder {c.test} needs normal ({c.normal_classes}) and "
+                                "anomalous class folders")
+            if c.limit is not None and c.limit < len(ds):  # type: ignore[arg-type]
+                ds = subset(ds, c.limit, self.seed)
+            self._test[size] = ds
+        return self._test[size]
+
+    def normal(self, root: str, size: int, limit: int | None) -> Dataset:
+        """Normal patches of ``root``: its normal class folders when it has them, else all."""
+        from torch.utils.data import Subset
+
+        from gen_ad.data.folders import PatchFolder, discover_classes
+
+        key = (root, size, limit)
+        if key not in self._normal:
+            found, flat = discover_classes(root)
+            normal = [c for c in self.cfg.normal_classes if c in found]
+            classes = None if flat or not normal else normal
+            ds: Dataset = PatchFolder(root=root, size=size, classes=classes,
+                                      normal_classes=tuple(normal or found))
+            if limit is not None and limit < len(ds):  # type: ignore[arg-type]
+                ds = Subset(ds, list(range(limit)))
+            self._normal[key] = ds
+        return self._normal[key]
+
+
+def example_indices(labels: np.ndarray, n: int, seed: int = 0) -> list[int]:
+    """``n`` test indices, anomalous first then normal (about half each), seeded."""
+    if n <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n_pos = min(len(pos), max(n - len(neg), (n + 1) // 2))
+    n_neg = min(len(neg), n - n_pos)
+    pick = [np.sort(rng.choice(a, k, replace=False)) for a, k in ((pos, n_pos), (neg, n_neg))]
+    return [int(i) for i in np.concatenate(pick)]
+
+
+def _batches(ds: Dataset, batch_size: int, device: str) -> Iterator[torch.Tensor]:
+    from gen_ad.scoring.runner import image_batches
+
+    for b in image_batches(ds, batch_size):
+        yield b.to(device)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class MethodOutcome:
+    """Everything measured for one method.
+
+    Attributes:
+        method: the prepared method.
+        scored: test scores (and maps) in test-set order.
+        val_scores: ``[M]`` normal validation scores (threshold calibration).
+        threshold: the label-free threshold.
+        metrics: :func:`~gen_ad.metrics.detection.evaluate_scores` output.
+        examples: ``(images [E,3,H,W], ScoreBatch with recon/maps)`` of the example images.
+        example_index: their test indices.
+        fit_seconds: time of ``fit`` (calibration).
+    """
+
+    method: PreparedMethod
+    scored: Any
+    val_scores: np.ndarray
+    threshold: Any
+    metrics: dict[str, Any]
+    examples: tuple[torch.Tensor, ScoreBatch] | None
+    example_index: list[int]
+    fit_seconds: float
+
+
+def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig, device: str,
+                    examples: list[int] | None = None) -> MethodOutcome:
+    """Fit, calibrate, score and measure one method (the same code for every method).
+
+    Args:
+        pm: the method.
+        split: datasets of the benchmark.
+        cfg: the benchmark config (threshold rule, bootstrap, examples).
+        device: where scoring runs.
+        examples: test indices to show (default: chosen from this method's labels).
+    """
+    from gen_ad.metrics.detection import evaluate_scores
+    from gen_ad.scoring.runner import score_dataset
+
+    t0 = time.perf_counter()
+    fit_ds = split.normal(pm.fit_root, pm.size, pm.fit_limit)
+    pm.scorer.fit(_batches(fit_ds, pm.batch_size, device))
+    fit_s = time.perf_counter() - t0
+    val_ds = split.normal(cfg.data.val, pm.size, cfg.data.val_limit)
+    val = score_dataset(pm.scorer, val_ds, batch_size=pm.batch_size, device=device,
+                        keep_maps=False)
+    th = calibrate(val.scores, method=cfg.threshold, fpr=cfg.fpr)
+    test_ds = split.test(pm.size)
+    scored = score_dataset(pm.scorer, test_ds, batch_size=pm.batch_size, device=device)
+    anomalous = {c for c, y in zip(scored.classes, scored.labels) if y == 1}
+    pixel = scored.maps is not None and scored.masks is not None
+    metrics = evaluate_scores(scored.scores, scored.labels,
+                              classes=scored.classes if len(anomalous) > 1 else None,
+                              threshold=th, maps=scored.maps if pixel else None,
+                              masks=scored.masks if pixel else None, n_boot=cfg.n_boot,
+                              seed=cfg.seed)
+    idx = examples if examples is not None else example_indices(scored.labels, cfg.examples,
+                                                                cfg.seed)
+    ex = None
+    if idx:
+        images = torch.stack([test_ds[i]["image"] for i in idx])
+        with torch.no_grad():
+            ex = (images, pm.scorer.score(images.to(device)).cpu())
+    return MethodOutcome(pm, scored, val.scores, th, metrics, ex, idx, fit_s)
+
+
+# ----------------------------------------------------------------------------- FID / KID
+
+
+def _fid_extractor(fc: FIDConfig, device: str) -> tuple[Any, str | None]:
+    """Inception (or the labelled random-init fallback), or ``(None, reason)``."""
+    from gen_ad.errors import WeightsNotFoundError
+    from gen_ad.metrics.fid import load_inception
+
+    try:
+        return load_inception(fc.inception_weights, device=device), None
+    except WeightsNotFoundError:
+        if fc.random_init_fallback:
+            return load_inception(device=device, random_init=True), None
+        return None, FID_UNAVAILABLE
+
+
+def _training_fid(run_path: str) -> dict[str, Any] | None:
+    """The last record of a run's ``fid.jsonl`` (periodic FID during training), if any."""
+    import json
+
+    p = Path(run_path) / "fid.jsonl"
+    if not p.is_file():
+        return None
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+
+
+def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig,
+                      device: str) -> dict[str, dict[str, Any]]:
+    """FID/KID of each distinct generator (run) against the normal validation images.
+
+    Returns:
+        ``{run path: record}``; a record has ``status`` (``ok``, ``n/a``, ``error`` or ``off``),
+        the metric values (``fid`` or ``fd_inception-v3-random``, ``kid_mean`` ...), a
+        human ``label`` and, when the run logged one, ``training_log`` (last ``fid.jsonl`` row).
+    """
+    from gen_ad.metrics.fid import distances, fake_features, real_stats
+
+    runs = {pm.run_path: pm for pm in methods if pm.run is not None}
+    out: dict[str, dict[str, Any]] = {}
+    ext, reason = (None, "disabled in the config") if not cfg.fid.enabled else (None, None)
+    if cfg.fid.enabled and runs:
+        ext, reason = _fid_extractor(cfg.fid, device)
+    for path, pm in runs.items():
+        rec: dict[str, Any] = {"run": path, "training_log": _training_fid(path)}
+        if ext is None:
+            rec.update(status="off" if not cfg.fid.enabled else "n/a", label=str(reason))
+            out[path] = rec
+            continue
+        run = pm.run
+
+        def sample(n: int, gen: torch.Generator, run: Any = run) -> torch.Tensor:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device))
+            return run.sample(n, seed=seed, batch_size=cfg.fid.batch_size)
+
+        try:
+            ref = real_stats(cfg.data.val, ext, batch_size=cfg.fid.batch_size,
+                             max_images=cfg.data.val_limit, size=pm.size,
+                             classes=cfg.data.normal_classes)
+            feats = fake_features(sample, ext, n=cfg.fid.n, batch_size=cfg.fid.batch_size,
+                                  seed=cfg.seed, generator_device="cpu")
+            rec.update(distances(ref, feats, ext, kid=cfg.fid.kid), status="ok")
+            rec["label"] = ("FID (Inception-v3)" if ext.is_inception else
+                            "Fréchet distance of a RANDOM-INIT Inception (not FID; Inception "
+                            "weights unavailable offline)")
+        except GenAdError as e:
+            rec.update(status="error", label=f"error: {e}")
+        out[path] = rec
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import os
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def _method_record(o: MethodOutcome, gq: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    pm, s = o.method, o.scored
+    return {
+        "name": pm.name, "kind": pm.kind, "description": pm.description, "notes": pm.notes,
+        "run": pm.run_path, "size": pm.size, "batch_size": pm.batch_size,
+        "ms_per_patch": s.ms_per_image, "fit_seconds": o.fit_seconds,
+        "has_maps": s.maps is not None, "threshold": o.threshold.to_dict(),
+        "n_val": int(len(o.val_scores)), "metrics": o.metrics,
+        "generator": gq.get(pm.run_path) if pm.run_path else None,
+        "scores_csv": f"methods/{pm.name}/scores.csv",
+    }
+
+
+def write_figures(outcomes: list[MethodOutcome], fig_dir: Path) -> dict[str, str]:
+    """ROC, PR, per-method histograms and example grids; returns ``{key: file name}``."""
+    from gen_ad.report.figures import image_grid, pr_figure, roc_figure, score_histogram
+
+    curves = {o.method.name: (o.scored.scores, o.scored.labels) for o in outcomes}
+    figs = {"roc": roc_figure(curves, fig_dir / "roc.png", title="ROC (test split)"),
+            "pr": pr_figure(curves, fig_dir / "pr.png", title="Precision-recall (test split)")}
+    for o in outcomes:
+        n = o.method.name
+        figs[f"hist/{n}"] = score_histogram(o.scored.scores, o.scored.labels,
+                                            fig_dir / f"hist-{n}.png",
+                                            threshold=o.threshold.value,
+                                            title=f"{n}: test scores (dashed: threshold)")
+        if o.examples is not None:
+            images, sb = o.examples
+            labels = o.scored.labels[o.example_index]
+            titles = [f"{'anom' if y else 'normal'} {v:.3g}"
+                      for y, v in zip(labels, sb.scores.tolist())]
+            figs[f"examples/{n}"] = image_grid(images, fig_dir / f"examples-{n}.png",
+                                               recon=sb.recon, maps=sb.maps, col_titles=titles)
+    return {k: v.name for k, v in figs.items()}
+
+
+def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every method of ``cfg`` on its split; write results.json and report.html.
+
+    Returns:
+        The results dict (also in ``<out>/results.json``); ``results["report"]`` is the HTML path.
+    """
+
+    device = resolve_device(cfg.device)
+    return benchmark_methods(cfg, prepare_methods(cfg, device), device, progress)
+
+
+def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], device: str,
+                      progress: bool = True) -> dict[str, Any]:
+    """Evaluate prepared methods (any scorers) on ``cfg``'s split and write the outputs.
+
+    :func:`run_benchmark` calls it with the methods of the config; a caller may also pass its
+    own :class:`PreparedMethod` objects (e.g. a new scorer) to compare them the same way.
+    """
+    from gen_ad.report.html import render_report
+    from gen_ad.scoring.runner import scores_csv
+
+    out = Path(cfg.out)
+    split = SplitCache(cfg.data, cfg.seed)
+    outcomes: list[MethodOutcome] = []
+    idx: list[int] | None = None
+    for pm in methods:
+        if progress:
+            print(f"[benchmark] {pm.name}: {pm.description}", flush=True)
+        o = evaluate_method(pm, split, cfg, device, idx)
+        idx = o.example_index
+        write_text(out / "methods" / pm.name / "scores.csv", scores_csv(o.scored, o.threshold))
+        outcomes.append(o)
+    gq = generator_quality(methods, cfg, device)
+    figures = write_figures(outcomes, out / "figures")
+    first = outcomes[0].metrics
+    results: dict[str, Any] = {
+        "title": cfg.title,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": _environment(device),
+        "test": {"root": cfg.data.test, "n": first["n"], "n_normal": first["n_normal"],
+                 "n_anomalous": first["n_anomalous"], "masks": cfg.data.masks,
+                 "val": cfg.data.val},
+        "methods": [_method_record(o, gq) for o in outcomes],
+        "generators": gq, "figures": {k: f"figures/{v}" for k, v in figures.items()},
+        "config": to_dict(cfg),
+    }
+    write_json(out / "results.json", _json_clean(results))
+    report = out / "report.html"
+    write_text(report, render_report(results, out))
+    results["report"] = str(report)
+    return results
+
+
+def _json_clean(obj: Any) -> Any:
+    """Non-finite floats -> ``None``, numpy scalars -> Python (results.json is strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """One line per method: AUROC/AUPR with CIs, latency and generator quality."""
+    from gen_ad.report.html import generator_cell
+
+    lines = []
+    for m in results["methods"]:
+        mt = m["metrics"]
+        parts = [f"{m['name']}:"]
+        for key in ("auroc", "aupr"):
+            v = mt.get(key) or {}
+            if v.get("value") is not None:
+                ci = (f" [{v['low']:.3f}, {v['high']:.3f}]" if v.get("low") is not None
+                      and v.get("high") is not None else "")
+                parts.append(f"{key.upper()} {v['value']:.3f}{ci}")
+        parts.append(f"{m['ms_per_patch']:.1f} ms/patch")
+        if m.get("generator"):
+            text = re.sub(r"<[^>]+>", " ", generator_cell(m["generator"]))
+            parts.append("generator: " + " ".join(text.split()))
+        lines.append(" ".join(parts))
+    return lines

@@ -1,0 +1,217 @@
+"""Benchmark config, evaluation through the one scorer interface, results.json and report.html."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gen_ad.config import from_dict
+from gen_ad.errors import ConfigError, DataError
+from gen_ad.report.benchmark import (
+    BenchmarkConfig,
+    PreparedMethod,
+    benchmark_methods,
+    example_indices,
+    method_name,
+    prepare_methods,
+    summary_lines,
+)
+from gen_ad.report.html import PNG_MAGIC, png_data_uri, render_report
+from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
+
+
+class BlurScorer(AnomalyScorer):
+    """Reconstruction = 5x5 box blur; map = squared residual; score = mean of the map."""
+
+    name = "blur"
+
+    def __init__(self) -> None:
+        self.fitted = 0
+
+    def fit(self, normal_batches):  # type: ignore[no-untyped-def]
+        self.fitted = sum(len(b) for b in normal_batches)
+        return self
+
+    def score(self, x: torch.Tensor) -> ScoreBatch:
+        recon = F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+        maps = ((x - recon) ** 2).mean(dim=1)
+        return ScoreBatch(scores=maps.mean(dim=(1, 2)), maps=maps, recon=recon)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from gen_ad.data.synthetic import write_folder
+
+    root = tmp_path_factory.mktemp("bench_data")
+    write_folder(root / "train", 24, 32, 0, 0.0)
+    write_folder(root / "val", 16, 32, 1, 0.0)
+    write_folder(root / "test", 20, 32, 2, 0.5)
+    masks = root / "test_masks" / "anomalous"
+    masks.mkdir(parents=True)
+    for p in (root / "test" / "masks").glob("*.png"):
+        os.link(p, masks / p.name)
+    return {"train": root / "train", "val": root / "val", "test": root / "test",
+            "masks": root / "test_masks"}
+
+
+def _cfg(split: dict[str, Path], out: Path, **extra: object) -> dict:
+    return {
+        "out": str(out), "title": "unit <benchmark>",
+        "data": {"test": str(split["test"]), "val": str(split["val"]),
+                 "masks": str(split["masks"]), "classes": ["normal", "anomalous"], "size": 32},
+        "methods": [{"knn": {"extractor": "resnet50", "random_init": True, "tiny": True, "k": 4,
+                             "bank": str(split["train"])}}],
+        "n_boot": 50, "device": "cpu", "examples": 4, "fid": {"enabled": False}, **extra,
+    }
+
+
+def _png_sources(html: str) -> list[str]:
+    return re.findall(r"<img src='([^']*)'", html)
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    base = {"data": {"test": "t", "val": "v"}}
+    with pytest.raises(ConfigError, match="methods"):
+        from_dict(BenchmarkConfig, base)
+    with pytest.raises(ConfigError, match=r"methods\[0\].*exactly one"):
+        from_dict(BenchmarkConfig, {**base, "methods": [{"run": "r", "knn": {"bank": "b"}}]})
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.knn\.bank"):
+        from_dict(BenchmarkConfig, {**base, "methods": [{"knn": {"extractor": "uni"}}]})
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.knn"):
+        from_dict(BenchmarkConfig, {**base, "methods": [{"knn": {"kk": 3, "bank": "b"}}]})
+    dup = [{"run": "a", "scorer": "x"}, {"run": "b", "scorer": "x"}]
+    with pytest.raises(ConfigError, match="duplicate method names"):
+        from_dict(BenchmarkConfig, {**base, "methods": dup})
+    with pytest.raises(ConfigError, match="data.val"):
+        from_dict(BenchmarkConfig, {"data": {"test": "t"}, "methods": dup[:1]})
+
+
+def test_method_names() -> None:
+    cfg = from_dict(BenchmarkConfig, {"data": {"test": "t", "val": "v"}, "methods": [
+        {"knn": {"extractor": "uni", "random_init": True, "bank": "b"}},
+        {"knn": {"extractor": "virchow2", "bank": "b"}},
+        {"run": "checkpoints/ddpm", "scorer": "anoddpm"},
+        {"run": "checkpoints/wgan-enc"}]})
+    assert [method_name(m) for m in cfg.methods] == [
+        "knn-uni-random-init", "knn-virchow2", "anoddpm", "wgan-enc"]
+
+
+def test_example_indices_balanced_and_seeded() -> None:
+    labels = np.array([0] * 10 + [1] * 3)
+    idx = example_indices(labels, 6, seed=1)
+    assert len(idx) == 6 and len(set(idx)) == 6
+    assert [labels[i] for i in idx] == [1, 1, 1, 0, 0, 0]  # anomalous first
+    assert idx == example_indices(labels, 6, seed=1)
+    assert example_indices(labels, 0) == []
+    assert len(example_indices(labels, 20)) == 13
+
+
+def test_png_data_uri_checks_png(tmp_path: Path) -> None:
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="not a PNG"):
+        png_data_uri(bad)
+
+
+def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    cfg = from_dict(BenchmarkConfig, _cfg(split, out))
+    methods = prepare_methods(cfg, "cpu")
+    blur = BlurScorer()
+    methods.append(PreparedMethod("blur-recon", "generative", "box-blur reconstruction (test)",
+                                  ["a <note> with markup"], blur, 32, str(split["val"]), None, 8))
+    results = benchmark_methods(cfg, methods, "cpu", progress=False)
+
+    # results.json: every method, metrics with CIs, thresholds from normal validation scores
+    data = json.loads((out / "results.json").read_text())
+    names = [m["name"] for m in data["methods"]]
+    assert names == ["knn-resnet50-random-init", "blur-recon"]
+    n_anom = len(list((split["test"] / "anomalous").glob("*.png")))
+    assert data["test"] == {**data["test"], "n": 20, "n_normal": 20 - n_anom,
+                            "n_anomalous": n_anom}
+    for m in data["methods"]:
+        auroc = m["metrics"]["auroc"]
+        assert 0.0 <= auroc["low"] <= auroc["value"] <= auroc["high"] <= 1.0
+        assert m["metrics"]["bootstrap"]["n_boot"] == 50
+        assert m["n_val"] == 16 and m["ms_per_patch"] > 0
+        assert (out / m["scores_csv"]).is_file()
+    knn, bl = data["methods"]
+    assert any("RANDOMLY INITIALISED" in n for n in knn["notes"])
+    assert knn["has_maps"] is False and "pixel" not in knn["metrics"]
+    assert bl["has_maps"] is True and 0.0 <= bl["metrics"]["pixel"]["auroc"] <= 1.0
+    assert blur.fitted == 16  # fit saw the normal validation folder only
+
+    # the blur method's AUROC equals a direct computation on its own scores
+    from sklearn.metrics import roc_auc_score
+
+    rows = (out / "methods/blur-recon/scores.csv").read_text().splitlines()[1:]
+    y = [int(r.split(",")[1]) for r in rows]
+    s = [float(r.split(",")[3]) for r in rows]
+    assert bl["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    th = json.loads(json.dumps(bl["threshold"]))
+    assert th["method"] == "iqr" and th["n"] == 16
+
+    # report.html: one embedded PNG per figure, all decodable; names escaped
+    html = (out / "report.html").read_text()
+    srcs = _png_sources(html)
+    assert len(srcs) == len(data["figures"]) == 2 + 2 * 2  # roc, pr + hist & examples each
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+    for n in names:
+        assert n in html
+    assert "&lt;note&gt;" in html and "<note>" not in html
+    assert "unit &lt;benchmark&gt;" in html
+    assert results["report"] == str(out / "report.html")
+    lines = summary_lines(results)
+    assert len(lines) == 2 and lines[1].startswith("blur-recon: AUROC")
+
+
+def test_fid_unavailable_is_labelled(split: dict[str, Path], tmp_path: Path) -> None:
+    """Without Inception weights (offline test caches) the report says so plainly."""
+    from gen_ad.report.benchmark import FID_UNAVAILABLE, generator_quality
+
+    cfg = from_dict(BenchmarkConfig, _cfg(split, tmp_path, fid={"enabled": True, "n": 4}))
+    pm = PreparedMethod("g", "generative", "d", [], BlurScorer(), 32, str(split["val"]), None, 8,
+                        run=object(), run_path=str(tmp_path / "run"))
+    gq = generator_quality([pm], cfg, "cpu")
+    assert gq[str(tmp_path / "run")]["status"] == "n/a"
+    assert gq[str(tmp_path / "run")]["label"] == FID_UNAVAILABLE
+
+
+def test_fid_random_init_fallback_is_labelled(split: dict[str, Path], tmp_path: Path) -> None:
+    """With the fallback, a random-init Inception distance is computed and never called FID."""
+    from gen_ad.report.benchmark import generator_quality
+    from gen_ad.report.html import generator_cell
+
+    class FakeRun:
+        def sample(self, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed)
+            return torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+
+    cfg = from_dict(BenchmarkConfig, _cfg(split, tmp_path, fid={
+        "enabled": True, "n": 6, "kid": True, "random_init_fallback": True}))
+    pm = PreparedMethod("g", "generative", "d", [], BlurScorer(), 32, str(split["val"]), None, 8,
+                        run=FakeRun(), run_path="runX")
+    rec = generator_quality([pm], cfg, "cpu")["runX"]
+    assert rec["status"] == "ok" and "fid" not in rec
+    assert rec["fd_inception-v3-random"] >= 0 and rec["n_fake"] == 6 and rec["n_real"] == 16
+    assert "RANDOM-INIT" in rec["label"]
+    cell = generator_cell(rec)
+    assert "random-init Inception: not FID" in cell and "FID " not in cell.split("<br>")[0]
+
+
+def test_render_report_rejects_missing_figure(tmp_path: Path) -> None:
+    results = {"title": "t", "created": "now", "environment": {}, "figures": {"roc": "nope.png"},
+               "test": {"root": "r", "n": 2, "n_normal": 1, "n_anomalous": 1, "val": "v"},
+               "methods": []}
+    with pytest.raises(FileNotFoundError):
+        render_report(results, tmp_path)
