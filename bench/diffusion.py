@@ -23,10 +23,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,19 +37,12 @@ from gen_ad.inversion.simplex import draw_tables, fractal_from_tables, simplex_n
 from gen_ad.models.unet import build_scheduler
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
 from gen_ad.training.family import StepContext
+from gen_ad.utils.hardware import cpu_name
 
 _F2 = 0.5 * (math.sqrt(3.0) - 1.0)
 _G2 = (3.0 - math.sqrt(3.0)) / 6.0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _timed(fn: Callable[[], Any], sync: bool, repeat: int = 1) -> float:
@@ -228,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fam = _family(a.unet, a.size, a.batch)
     result = {
         "bench": "diffusion",
-        "hardware": {"cpu": _cpu_name(), "gpu": torch.cuda.get_device_name(device)
+        "hardware": {"cpu": cpu_name(), "gpu": torch.cuda.get_device_name(device)
                      if device.type == "cuda" else None, "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
         "settings": {"size": a.size, "unet": a.unet, "device": str(device), "smoke": a.smoke},

@@ -25,17 +25,8 @@ import torch
 from PIL import Image
 
 from gen_ad.metrics import fid
+from gen_ad.utils.hardware import cpu_name
 from gen_ad.utils.io import write_bytes
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _write_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
@@ -113,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = [args.device] if args.device else ["cpu"] + (
         ["cuda"] if torch.cuda.is_available() else [])
     rec: dict[str, Any] = {
-        "bench": "fid", "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+        "bench": "fid", "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__, "python": platform.python_version(),
         "settings": {"n": args.n, "size": args.size, "batch_size": args.batch_size,

@@ -33,16 +33,7 @@ import torch
 
 from gen_ad.baselines.extractors import build_extractor, extractor_names
 from gen_ad.baselines.knn import FeatureBank, KNNIndex, SearchSettings, _faiss
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from gen_ad.utils.hardware import cpu_name
 
 
 def _status_mb(key: str = "VmRSS") -> float:
@@ -203,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "settings": {"n": args.n, "dim": args.dim, "k": args.k, "queries": args.queries,
                      "exact_queries": args.exact_queries, "nlist": args.nlist,
                      "budget_mb": args.budget_mb, "data": "clustered gaussian (256 centres)"},
-        "hardware": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "hardware": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
                      "threads": torch.get_num_threads(),
                      "gpu": torch.cuda.get_device_name(0) if gpu else None,
                      "torch": torch.__version__, "python": platform.python_version(),

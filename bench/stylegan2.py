@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from gen_ad.inversion.lpips_net import build_lpips
 from gen_ad.inversion.projector import project, train_projection_encoder, w_stats
 from gen_ad.training.family import StepContext
 from gen_ad.training.stylegan2 import StyleGAN2Config, StyleGAN2Family
+from gen_ad.utils.hardware import cpu_name
 
 
 def _sync(dev: torch.device) -> None:
@@ -147,7 +147,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "stylegan2", "smoke": args.smoke, "device": str(dev),
         "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "cpu": cpu_name(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "train_batch": batch, "train_steps": steps,
         "train_model_overrides": model, "train_img_per_s": train, "projection": proj}))
 

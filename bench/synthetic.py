@@ -17,17 +17,7 @@ import time
 import torch
 
 from gen_ad.data.synthetic import generate
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from gen_ad.utils.hardware import cpu_name
 
 
 def _measure(n: int, size: int, fraction: float, repeats: int) -> dict[str, float]:
@@ -60,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "bench": "synthetic", "smoke": args.smoke, "anomaly_fraction": args.anomaly_fraction,
         "threads": torch.get_num_threads(), "results": results,
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__, "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -19,7 +19,6 @@ import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,16 +28,7 @@ from gen_ad.config import from_dict
 from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.training.family import StepContext
 from gen_ad.training.wgan import WGANConfig, WGANFamily
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from gen_ad.utils.hardware import cpu_name
 
 
 def _timed(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
@@ -108,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = [args.device] if args.device else ["cpu"] + (
         ["cuda"] if torch.cuda.is_available() else [])
     rec: dict[str, Any] = {
-        "bench": "wgan", "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+        "bench": "wgan", "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__, "python": platform.python_version(),
         "settings": {k: v for k, v in vars(args).items() if k != "device"} | {"devices": devices},

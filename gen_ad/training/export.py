@@ -138,3 +138,30 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         m.to(device).eval().requires_grad_(False)
     return Run(Path(path), cfg, family, models, raw, int(meta.get("step", 0)),
                float(meta.get("kimg", 0.0)))
+
+
+def gan_stage_files(gan_run: str | Path | None, family: str) -> dict[str, Path]:
+    """The exported ``G`` (its EMA copy when the run kept one) and ``D`` of a gan-stage run.
+
+    Used by the encoder stages of ``wgan`` and ``stylegan2``, which start from a trained GAN.
+
+    Raises:
+        CheckpointError: no ``model/`` export, an encoder-stage run, or a missing file.
+    """
+    from gen_ad.config import read_yaml
+
+    run = Path(str(gan_run))
+    model_dir = run / "model"
+    if not model_dir.is_dir():
+        raise CheckpointError(f"gan_run {run}: no model/ export found (train the gan stage "
+                              f"first: gen-ad train {family} --config ... out={run})")
+    cfg_file = run / "config.yaml"
+    if cfg_file.is_file() and read_yaml(cfg_file).get("stage", "gan") != "gan":
+        raise CheckpointError(f"gan_run {run} is an encoder-stage run; point to the gan run")
+    g = model_dir / "G_ema.safetensors"
+    files = {"G": g if g.is_file() else model_dir / "G.safetensors",
+             "D": model_dir / "D.safetensors"}
+    for p in files.values():
+        if not p.is_file():
+            raise CheckpointError(f"gan_run {run}: {p.name} missing in {model_dir}")
+    return files

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_ad.config import DataConfig, TrainConfig, check, read_yaml
+from gen_ad.config import DataConfig, TrainConfig, check
 from gen_ad.errors import CheckpointError
 from gen_ad.models.stylegan2 import (
     CHANNEL_BASE,
@@ -46,6 +46,7 @@ from gen_ad.models.stylegan2 import (
 )
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.augment import COLOUR, GEOMETRIC, AdaptiveAugment, AugmentSpec
+from gen_ad.training.export import gan_stage_files
 from gen_ad.training.family import Family, StepContext
 from gen_ad.utils.io import load_safetensors
 
@@ -530,23 +531,10 @@ class StyleGAN2Family(Family):
         return out
 
 
+
 def _gan_files(gan_run: str | None) -> dict[str, Path]:
-    """``G`` (EMA when present) and ``D`` weight files of a gan-stage run's ``model/`` export."""
-    run = Path(str(gan_run))
-    model_dir = run / "model"
-    if not model_dir.is_dir():
-        raise CheckpointError(f"gan_run {run}: no model/ export found (train the gan stage "
-                              f"first: gen-ad train stylegan2 --config ... out={run})")
-    cfg_file = run / "config.yaml"
-    if cfg_file.is_file() and read_yaml(cfg_file).get("stage", "gan") != "gan":
-        raise CheckpointError(f"gan_run {run} is an encoder-stage run; point to the gan run")
-    g = model_dir / "G_ema.safetensors"
-    files = {"G": g if g.is_file() else model_dir / "G.safetensors",
-             "D": model_dir / "D.safetensors"}
-    for p in files.values():
-        if not p.is_file():
-            raise CheckpointError(f"gan_run {run}: {p.name} missing in {model_dir}")
-    return files
+    """``G`` (EMA when present) and ``D`` weight files of a stylegan2 gan-stage run's export."""
+    return gan_stage_files(gan_run, "stylegan2")
 
 
 __all__ = ["StyleGAN2Config", "StyleGAN2Family", "r1_penalty", "path_lengths",

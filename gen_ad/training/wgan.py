@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_ad.config import DataConfig, TrainConfig, check, read_yaml
+from gen_ad.config import DataConfig, TrainConfig, check
 from gen_ad.errors import CheckpointError
 from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.models.wgan import Critic, Encoder, Generator, sample_latent
 from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.training.export import gan_stage_files
 from gen_ad.training.family import Family, StepContext
 from gen_ad.utils.io import load_safetensors
 
@@ -367,27 +368,10 @@ class WGANFamily(Family):
         return {"anogan": scorer}
 
 
-def gan_weight_files(gan_run: str | None) -> dict[str, Path]:
-    """The exported G (EMA copy when the gan run kept one) and D of a gan-stage run folder.
 
-    Raises:
-        CheckpointError: the folder or its ``model/`` export is missing, or it is not a gan run.
-    """
-    run = Path(str(gan_run))
-    model_dir = run / "model"
-    if not model_dir.is_dir():
-        raise CheckpointError(f"gan_run {run}: no model/ export found (train the gan stage first: "
-                              f"gen-ad train wgan --config ... out={run})")
-    cfg_file = run / "config.yaml"
-    if cfg_file.is_file() and read_yaml(cfg_file).get("stage", "gan") != "gan":
-        raise CheckpointError(f"gan_run {run} is an encoder-stage run; point to the gan run")
-    g = model_dir / "G_ema.safetensors"
-    files = {"G": g if g.is_file() else model_dir / "G.safetensors",
-             "D": model_dir / "D.safetensors"}
-    for p in files.values():
-        if not p.is_file():
-            raise CheckpointError(f"gan_run {run}: {p.name} missing in {model_dir}")
-    return files
+def gan_weight_files(gan_run: str | None) -> dict[str, Path]:
+    """``G`` (EMA when present) and ``D`` weight files of a wgan gan-stage run's export."""
+    return gan_stage_files(gan_run, "wgan")
 
 
 __all__ = ["WGANConfig", "WGANFamily", "gradient_penalty", "izif_loss", "gan_weight_files"]

@@ -178,7 +178,7 @@ def test_two_process_cpu_replicas_identical(tmp_path: Path) -> None:
 
 
 def test_samples_and_periodic_fid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sample grids are written; FID is skipped with one warning offline; results go to fid.jsonl."""
+    """Sample grids are written; FID is skipped with one warning offline; results -> fid.jsonl."""
     import gen_ad.metrics.fid as fid
 
     with pytest.warns(Warning, match="(?i)inception") as rec:
