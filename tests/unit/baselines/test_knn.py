@@ -188,3 +188,19 @@ def test_cli_fit_and_score(tmp_path, capsys) -> None:
     assert len(flagged) - 1 == sum(int(r.rsplit(",", 1)[1]) for r in lines[1:])
     assert main(["knn", "score", str(tmp_path / "nobank"), "--data", str(tmp_path / "data"),
                  "--out", str(out), "--workers", "0"]) == 2
+
+
+def test_bench_smoke_prints_one_json_line(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[3] / "bench" / "knn.py"
+    proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert "hardware" in rec and rec["hardware"]["cpu"]
