@@ -91,8 +91,16 @@ def make_loader(dataset: Dataset, *, batch: int, seed: int, rank: int, world: in
     """An endless iterator of batches continuing the seeded order at stream position ``start``."""
     sampler = ResumableSampler(len(dataset), seed=seed, rank=rank, world=world, start=start)
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
     return iter(loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops (a
+    job scheduler signals the whole process group; workers exit when the main process does)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _prepare(state: RunState) -> None:

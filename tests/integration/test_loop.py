@@ -147,12 +147,15 @@ def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
             "orig = loop.train_one_step\n"
             "def step(state, batch):\n"
             "    logs = orig(state, batch)\n"
-            "    if state.counters.step == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    if state.counters.step == 3: os.killpg(os.getpgid(0), signal.SIGTERM)\n"
             "    return logs\n"
             "loop.train_one_step = step\n"
             "import toy_family\n"
-            f"toy_family.main([{str(out)!r}, 'train.max_steps=50', 'train.ckpt_every=0'])")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            f"toy_family.main([{str(out)!r}, 'train.max_steps=50', 'train.ckpt_every=0',"
+            " 'data.num_workers=1'])")
+    # the whole process group (main + data worker) is signalled, as a job scheduler does
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [s for s, _ in ckpt.list_states(out)] == [3]
 
