@@ -23,11 +23,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import timm
@@ -98,8 +99,9 @@ def _swiglu() -> dict[str, Any]:
     return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
 
 
-_TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
-_TINY_RESNET = {"layers": [1, 1, 1, 1]}
+_TINY_VIT: Mapping[str, Any] = MappingProxyType(
+    {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32})
+_TINY_RESNET: Mapping[str, Any] = MappingProxyType({"layers": (1, 1, 1, 1)})
 
 
 def _registry() -> dict[str, ExtractorSpec]:

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -427,7 +428,8 @@ def _inflammation(st: _Stream, size: int, inside: torch.Tensor
     return h + _stamp(nuc, size, 7) * (1.0 + 0.1 * grain), e
 
 
-_RENDERERS = {"tumor": _tumor, "necrosis": _necrosis, "inflammation": _inflammation}
+_RENDERERS = MappingProxyType(
+    {"tumor": _tumor, "necrosis": _necrosis, "inflammation": _inflammation})
 
 
 # ----------------------------------------------------------------------------- rendering

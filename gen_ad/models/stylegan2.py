@@ -23,7 +23,8 @@ float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Literal
 
 import einops
@@ -33,12 +34,13 @@ from torch import nn
 
 from gen_ad.models.fir import conv2d_resample, setup_filter, upsample2d
 
-CHANNEL_BASE: dict[str, int] = {"E": 16384, "F": 32768}
+CHANNEL_BASE: Mapping[str, int] = MappingProxyType({"E": 16384, "F": 32768})
 """``channel_base`` of the paper's configs E and F (``channel_max`` 512)."""
 
 NoiseMode = Literal["random", "const", "none"]
 _LRELU_GAIN = math.sqrt(2.0)
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {"float16": torch.float16, "bfloat16": torch.bfloat16})
 
 
 def default_init_res(resolution: int) -> int:

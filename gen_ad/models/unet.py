@@ -17,7 +17,9 @@ by default); training and reconstruction build it from the same config values.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -26,12 +28,12 @@ from gen_ad.config import check
 from gen_ad.errors import ConfigError
 
 # name -> (block_out_channels, layers_per_block, attention_levels, norm_num_groups)
-_PRESETS: dict[str, tuple[tuple[int, ...], int, tuple[bool, ...], int]] = {
+_PRESETS: Mapping[str, tuple[tuple[int, ...], int, tuple[bool, ...], int]] = MappingProxyType({
     "tiny": ((32, 64), 1, (False, True), 8),
     "small": ((64, 128, 128), 1, (False, True, True), 32),
     "autoddpm": ((128, 256, 256), 1, (False, True, True), 32),
     "anoddpm": ((128, 256, 256, 512), 2, (False, False, True, True), 32),
-}
+})
 
 
 def unet_names() -> list[str]:
