@@ -95,6 +95,9 @@ class TrainConfig:
         batch_size: global batch size (split over processes).
         max_steps: stop after this many optimisation steps.
         max_kimg: optionally stop after this many thousand training images as well.
+        max_minutes: optionally stop (with a checkpoint) once this invocation has trained this
+            many wall-clock minutes; a later ``--resume`` continues exactly. Learning-rate
+            schedules still follow ``max_steps``.
         seed: seed of every random draw (data order, noise, initialisation).
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (GPU only; CPU runs in fp32).
         grad_accum: micro-batches per step.
@@ -110,6 +113,7 @@ class TrainConfig:
     batch_size: int = 32
     max_steps: int = 1000
     max_kimg: float | None = None
+    max_minutes: float | None = None
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_accum: int = 1
@@ -134,6 +138,8 @@ class TrainConfig:
               f"must divide batch_size ({self.batch_size})")
         check(0.0 <= self.ema_decay < 1.0, f"{prefix}.ema_decay", "must be in [0, 1)")
         check(self.max_kimg is None or self.max_kimg > 0, f"{prefix}.max_kimg", "must be positive")
+        check(self.max_minutes is None or self.max_minutes > 0, f"{prefix}.max_minutes",
+              "must be positive")
 
 
 # ----------------------------------------------------------------------------- machinery

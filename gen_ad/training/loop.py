@@ -230,6 +230,18 @@ def _done(state: RunState) -> bool:
     return c.step >= tc.max_steps or (tc.max_kimg is not None and c.kimg >= tc.max_kimg)
 
 
+def _out_of_time(state: RunState, t0: float) -> bool:
+    """Whether ``train.max_minutes`` has passed since ``t0``, agreed by every process."""
+    limit = state.family.cfg.train.max_minutes
+    if limit is None:
+        return False
+    acc = state.accelerator
+    late = torch.tensor(float(time.perf_counter() - t0 >= 60.0 * limit), device=acc.device)
+    if acc.num_processes > 1:  # all processes must stop at the same step
+        late = acc.reduce(late, reduction="sum")
+    return bool(late.item() > 0)
+
+
 def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
@@ -321,6 +333,11 @@ def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> None:
         dt = max(time.perf_counter() - t0, 1e-9)
         logs["img_per_s"] = (state.counters.images - img0) / dt
         after_step(state, logs, bar)
+        if _out_of_time(state, t0):
+            if acc.is_main_process:
+                tqdm.write(f"train.max_minutes={tc.max_minutes} reached: checkpointing at step "
+                           f"{state.counters.step} and stopping")
+            break
         if state.stop_signal:
             if acc.is_main_process:
                 tqdm.write(f"signal {state.stop_signal[0]} received: checkpointing at step "

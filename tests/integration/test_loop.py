@@ -74,6 +74,19 @@ def test_exact_resume_is_bitwise(tmp_path: Path) -> None:
     assert sa == sb
 
 
+def test_max_minutes_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
+    """A wall-clock budget stops after the step that exhausts it; resuming finishes bitwise equal."""
+    _train(tmp_path / "a", "train.max_steps=4")
+    _train(tmp_path / "b", "train.max_steps=4", "train.max_minutes=1e-9")
+    assert [s for s, _ in ckpt.list_states(tmp_path / "b")] == [1]
+    _train(tmp_path / "b", "train.max_steps=4", resume="latest")
+    a = _state_tensors(tmp_path / "a" / "state" / "step-4")
+    b = _state_tensors(tmp_path / "b" / "state" / "step-4")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="max_minutes"):
+        _train(tmp_path / "c", "train.max_minutes=0")
+
+
 def test_keep_last_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _train(tmp_path / "r", "train.max_steps=5", "train.ckpt_every=1", "train.keep_last=2")
     assert [s for s, _ in ckpt.list_states(tmp_path / "r")] == [4, 5]

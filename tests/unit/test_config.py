@@ -134,3 +134,21 @@ def test_optional_section_reports_the_inner_key() -> None:
         from_dict(WithOptionalSection, {"model": {"widht": 3}})
     assert from_dict(WithOptionalSection, {"model": None}).model is None
     assert from_dict(WithOptionalSection, {"model": {"width": 3}}).model.width == 3
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads(path: Path) -> None:
+    """Each YAML under configs/ parses and validates against its schema (typos fail here)."""
+    if path.parent.name == "benchmark":
+        from gen_ad.report.benchmark import load_benchmark_config
+
+        cfg = load_benchmark_config(path)
+        assert cfg.methods
+    else:
+        cfg = load_config(family_schema(path.parent.name), path)
+        assert cfg.out.startswith("checkpoints/")
+        assert cfg.train.max_steps > 0
