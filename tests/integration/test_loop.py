@@ -75,7 +75,7 @@ def test_exact_resume_is_bitwise(tmp_path: Path) -> None:
 
 
 def test_max_minutes_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
-    """A wall-clock budget stops after the step that exhausts it; resuming finishes bitwise equal."""
+    """A wall-clock budget stops after the step that exhausts it; resuming ends bitwise equal."""
     _train(tmp_path / "a", "train.max_steps=4")
     _train(tmp_path / "b", "train.max_steps=4", "train.max_minutes=1e-9")
     assert [s for s, _ in ckpt.list_states(tmp_path / "b")] == [1]
