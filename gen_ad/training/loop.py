@@ -275,6 +275,7 @@ def run_training(family: Family, *, resume: str | None = None) -> Path:
         The run folder.
     """
     from gen_ad.data import build_dataset
+    from gen_ad.training.monitor import final_samples
 
     cfg = family.cfg
     state, resume_path = build_run(family, resume)
@@ -292,6 +293,7 @@ def run_training(family: Family, *, resume: str | None = None) -> Path:
     _init_trackers(state)
     with _signal_guard(state):
         _loop(state, batches)
+    final_samples(state)
     save_checkpoint(state)
     acc.end_training()
     return state.run_dir

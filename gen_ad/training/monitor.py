@@ -109,6 +109,15 @@ def _maybe_fid(state: RunState) -> None:
                      {"step": state.counters.step, "kimg": state.counters.kimg, **result})
 
 
+def final_samples(state: RunState) -> Path | None:
+    """At the end of training, a last sample grid unless the final step already wrote one."""
+    tc = state.family.cfg.train
+    step = state.counters.step
+    if not tc.sample_every or step % tc.sample_every == 0 or not state.accelerator.is_main_process:
+        return None
+    return save_samples(state)
+
+
 def after_step(state: RunState, logs: dict[str, float], bar: tqdm) -> None:
     """Logging, sample grids and FID at their intervals (``counters.step`` already advanced)."""
     from gen_ad.training.loop import log_stats

@@ -204,6 +204,9 @@ def test_samples_and_periodic_fid(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert not (tmp_path / "off" / "fid.jsonl").exists()
     grids = sorted((tmp_path / "off" / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step-0000002.png", "step-0000004.png"]
+    _train(tmp_path / "end", "train.max_steps=3", "train.sample_every=2")  # + a final grid
+    grids = sorted((tmp_path / "end" / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step-0000002.png", "step-0000003.png"]
 
     seen = []
 
