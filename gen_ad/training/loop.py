@@ -242,6 +242,21 @@ def _out_of_time(state: RunState, t0: float) -> bool:
     return bool(late.item() > 0)
 
 
+def _budget_total(state: RunState, t0: float, step0: int) -> int:
+    """Steps the run will reach: ``max_steps``, or fewer where ``max_minutes`` ends it sooner.
+
+    Projects the rate since ``t0`` (``step0`` steps done then) over the time left, so the
+    progress bar's total and ETA follow whichever limit comes first.
+    """
+    tc, step = state.family.cfg.train, state.counters.step
+    dt = time.perf_counter() - t0
+    if tc.max_minutes is None or step <= step0 or dt <= 0:
+        return tc.max_steps
+    rate = (step - step0) / dt
+    projected = step + int(rate * max(60.0 * tc.max_minutes - dt, 0.0)) + 1
+    return max(step, min(tc.max_steps, projected))
+
+
 def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
@@ -327,10 +342,11 @@ def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> None:
     acc, tc = state.accelerator, state.family.cfg.train
     bar = tqdm(total=tc.max_steps, initial=state.counters.step, disable=not acc.is_main_process,
                desc=f"train {state.family.name}", dynamic_ncols=True)
-    t0, img0 = time.perf_counter(), state.counters.images
+    t0, img0, step0 = time.perf_counter(), state.counters.images, state.counters.step
     while not _done(state):
         batch = next(batches)["image"].to(acc.device, non_blocking=True)
         logs = train_one_step(state, batch)
+        bar.total = _budget_total(state, t0, step0)
         bar.update(1)
         dt = max(time.perf_counter() - t0, 1e-9)
         logs["img_per_s"] = (state.counters.images - img0) / dt

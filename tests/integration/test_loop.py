@@ -87,6 +87,24 @@ def test_max_minutes_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
         _train(tmp_path / "c", "train.max_minutes=0")
 
 
+def test_progress_total_follows_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar's total is max_steps, or the step the wall-clock budget projects to end at."""
+    from gen_ad.training import loop
+
+    def state(step: int, max_minutes: float | None) -> types.SimpleNamespace:
+        train = types.SimpleNamespace(max_steps=1000, max_minutes=max_minutes)
+        return types.SimpleNamespace(family=types.SimpleNamespace(cfg=types.SimpleNamespace(
+            train=train)), counters=types.SimpleNamespace(step=step))
+
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: 110.0)  # 10 s after t0 = 100 s
+    # 10 steps in 10 s, 1 minute budget: 50 s left at 1 step/s -> ends near step 61
+    assert loop._budget_total(state(10, 1.0), 100.0, 0) == 61
+    assert loop._budget_total(state(10, None), 100.0, 0) == 1000
+    assert loop._budget_total(state(10, 60.0), 100.0, 0) == 1000  # steps end it first
+    assert loop._budget_total(state(5, 1.0), 100.0, 5) == 1000  # no rate yet
+    assert loop._budget_total(state(10, 0.1), 100.0, 0) == 11  # budget already spent
+
+
 def test_keep_last_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _train(tmp_path / "r", "train.max_steps=5", "train.ckpt_every=1", "train.keep_last=2")
     assert [s for s, _ in ckpt.list_states(tmp_path / "r")] == [4, 5]
