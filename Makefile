@@ -20,7 +20,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gen_ad train tests bench
+	$(VENV)/bin/ruff check gen_ad train tests bench notebooks
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from gen_ad.metrics import fid
+from gen_ad.metrics import inception as inc
 from gen_ad.utils.hardware import cpu_name
 from gen_ad.utils.io import write_bytes
 
@@ -50,16 +51,16 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 
 def _extractor(weights: str | None, device: str,
-               layer: str) -> tuple[fid.FeatureExtractor, str]:
+               layer: str) -> tuple[inc.FeatureExtractor, str]:
     """Real Inception if its weights are local, else random-init (labelled)."""
-    path = weights or (str(fid.inception_cache_path())
-                       if fid.inception_cache_path().is_file() else None)
+    path = weights or (str(inc.inception_cache_path())
+                       if inc.inception_cache_path().is_file() else None)
     if path is not None:
-        return fid.load_inception(path, device=device, layer=layer), "real"
-    return fid.load_inception(device=device, random_init=True, layer=layer), "random-init"
+        return inc.load_inception(path, device=device, layer=layer), "real"
+    return inc.load_inception(device=device, random_init=True, layer=layer), "random-init"
 
 
-def _images_per_s(ext: fid.FeatureExtractor, n: int, size: int, batch: int) -> float:
+def _images_per_s(ext: inc.FeatureExtractor, n: int, size: int, batch: int) -> float:
     """Throughput of the extractor alone on uint8 batches already in memory (after a warm-up)."""
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     ext(x[: min(2, batch)])
@@ -75,7 +76,7 @@ def _images_per_s(ext: fid.FeatureExtractor, n: int, size: int, batch: int) -> f
     return n / (time.perf_counter() - t0)
 
 
-def _cache_timing(ext: fid.FeatureExtractor, folder: Path, batch: int) -> dict[str, float]:
+def _cache_timing(ext: inc.FeatureExtractor, folder: Path, batch: int) -> dict[str, float]:
     """First ``real_stats`` call (decode + features + write) vs second (hash + read)."""
     t0 = time.perf_counter()
     first = fid.real_stats(folder, ext, batch_size=batch)
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda if any)")
     ap.add_argument("--inception-weights", default=None)
-    ap.add_argument("--layer", default="2048", choices=fid.INCEPTION_LAYERS,
+    ap.add_argument("--layer", default="2048", choices=inc.INCEPTION_LAYERS,
                     help="Inception layer (2048 = FID; the smoke run uses 64)")
     ap.add_argument("--smoke", action="store_true", help="tiny run (tests)")
     args = ap.parse_args(argv)

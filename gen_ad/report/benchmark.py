@@ -480,7 +480,7 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
 def _fid_extractor(fc: FIDConfig, device: str) -> tuple[Any, str | None]:
     """Inception (or the labelled random-init fallback), or ``(None, reason)``."""
     from gen_ad.errors import WeightsNotFoundError
-    from gen_ad.metrics.fid import load_inception
+    from gen_ad.metrics.inception import load_inception
 
     try:
         return load_inception(fc.inception_weights, device=device), None

@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from PIL import Image
 from gen_ad.cli import main
 from gen_ad.errors import ConfigError, DataError, WeightsNotFoundError
 from gen_ad.metrics import fid
+from gen_ad.metrics import inception as inc
 from gen_ad.utils.io import torch_save
 
 N = 6
@@ -52,7 +52,7 @@ def _load_folder(folder: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _cheap(name: str = "meanstd", calls: list[int] | None = None) -> fid.FeatureExtractor:
+def _cheap(name: str = "meanstd", calls: list[int] | None = None) -> inc.FeatureExtractor:
     """A fast extractor: per-channel mean and std (D=6); records batch sizes in ``calls``."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _cheap(name: str = "meanstd", calls: list[int] | None = None) -> fid.Feature
         xf = x.float()
         return torch.cat([xf.mean((2, 3)), xf.std((2, 3))], 1)
 
-    return fid.custom_extractor(name, fn, identity="v1", device="cpu")
+    return inc.custom_extractor(name, fn, identity="v1", device="cpu")
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -75,14 +75,14 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Random-init Inception weights saved by the test, and two small image folders."""
     root = tmp_path_factory.mktemp("fid_sets")
     weights = root / "inception-random.pth"
-    torch_save(weights, fid.random_inception_state_dict(seed=0))
+    torch_save(weights, inc.random_inception_state_dict(seed=0))
     return {"weights": weights, "a": _write_set(root / "a", "smooth", seed=1),
             "b": _write_set(root / "b", "noise", seed=2)}
 
 
 @pytest.fixture(scope="module")
-def inception(sets: dict[str, Path]) -> fid.FeatureExtractor:
-    return fid.load_inception(sets["weights"], device="cpu", layer="64")
+def inception(sets: dict[str, Path]) -> inc.FeatureExtractor:
+    return inc.load_inception(sets["weights"], device="cpu", layer="64")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def reference(sets: dict[str, Path]) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def folder_feats(sets: dict[str, Path], inception: fid.FeatureExtractor
+def folder_feats(sets: dict[str, Path], inception: inc.FeatureExtractor
                  ) -> tuple[fid.SetStats, torch.Tensor]:
     """Our real statistics of set a (no cache) and our folder features of set b."""
     ref = fid.real_stats(sets["a"], inception, use_cache=False)
@@ -164,7 +164,7 @@ def test_cli_default_fid_2048_equals_torch_fidelity(
 
 
 def test_generator_path_equals_folder_path(
-        sets: dict[str, Path], inception: fid.FeatureExtractor, reference: dict[str, float],
+        sets: dict[str, Path], inception: inc.FeatureExtractor, reference: dict[str, float],
         folder_feats: tuple[fid.SetStats, torch.Tensor]) -> None:
     images = _load_folder(sets["b"])
     seen: list[int] = []
@@ -186,7 +186,7 @@ def test_generator_path_equals_folder_path(
 
 
 def test_fid_of_a_set_against_itself_is_zero(
-        folder_feats: tuple[fid.SetStats, torch.Tensor], inception: fid.FeatureExtractor) -> None:
+        folder_feats: tuple[fid.SetStats, torch.Tensor], inception: inc.FeatureExtractor) -> None:
     ref, feats_b = folder_feats
     same = fid.distances(ref, ref.features, inception, kid=True)
     other = fid.distances(ref, feats_b, inception, kid=True)
@@ -198,16 +198,6 @@ def test_fid_of_a_set_against_itself_is_zero(
     expected = float(2 / N * (off - k.diagonal().mean()))
     assert same["kid_64_mean"] == pytest.approx(expected, rel=1e-4)
     assert expected < 0 < other["kid_64_mean"]
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def test_to_uint8_is_exact_and_round_trips() -> None:
-    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
-    assert fid.to_uint8(x)[0, 0, 0].tolist() == [0, 0, 128, 255, 255]
-    u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
-    assert torch.equal(fid.to_uint8(u.float() / 127.5 - 1), u)
 
 
 def test_bad_samples_are_clear_errors() -> None:
@@ -269,7 +259,7 @@ def test_custom_extractor_is_labelled_fd(tmp_path: Path) -> None:
     assert res["fd_toy-rgb"] > 0 and "kd_toy-rgb_mean" in res
     assert res["extractor"] == "toy-rgb"
     with pytest.raises(ConfigError, match="lowercase"):
-        fid.custom_extractor("Bad Name", lambda x: x)
+        inc.custom_extractor("Bad Name", lambda x: x)
 
 
 def test_kid_needs_two_images_per_subset() -> None:
@@ -318,9 +308,9 @@ def test_class_subfolders_select_normal(tmp_path: Path) -> None:
 def test_offline_without_weights_names_file_and_directory(
         tmp_path: Path, sets: dict[str, Path], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    expected_dir = fid.inception_cache_path().parent
+    expected_dir = inc.inception_cache_path().parent
     with pytest.raises(WeightsNotFoundError) as e:
-        fid.load_inception(device="cpu")
+        inc.load_inception(device="cpu")
     msg = str(e.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in msg and str(expected_dir) in msg
     rc, out, err = _run_cli(["fid", str(sets["a"]), str(sets["b"]), "--device", "cpu"], capsys)
@@ -329,36 +319,11 @@ def test_offline_without_weights_names_file_and_directory(
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("GEN_AD_OFFLINE", "1")
-    assert fid.is_offline()
+    assert inc.is_offline()
     with pytest.raises(WeightsNotFoundError, match="offline"):
-        fid.resolve_inception_weights()
+        inc.resolve_inception_weights()
     with pytest.raises(WeightsNotFoundError, match="not found: .*nope.pth"):
-        fid.resolve_inception_weights(tmp_path / "nope.pth")
-
-
-def test_hub_cache_file_is_used(sets: dict[str, Path]) -> None:
-    dest = fid.inception_cache_path()
-    assert not dest.exists()
-    dest.parent.mkdir(parents=True)
-    shutil.copyfile(sets["weights"], dest)
-    assert fid.resolve_inception_weights() == dest
-
-
-def test_bad_weights_file_is_a_checkpoint_error(tmp_path: Path) -> None:
-    from gen_ad.errors import CheckpointError
-
-    bad = tmp_path / "w.pth"
-    torch_save(bad, {"fc.weight": torch.zeros(2, 2)})
-    with pytest.raises(CheckpointError, match="does not match"):
-        fid.load_inception(bad, device="cpu")
-    (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="cannot read"):
-        fid.load_inception(tmp_path / "junk.pth", device="cpu")
-
-
-def test_random_init_inception_is_not_called_fid() -> None:
-    ext = fid.load_inception(random_init=True, device="cpu")
-    assert ext.label == "fd_inception-v3-random" and ext.kid_label == "kd_inception-v3-random"
+        inc.resolve_inception_weights(tmp_path / "nope.pth")
 
 
 # ----------------------------------------------------------------------------- training monitor
