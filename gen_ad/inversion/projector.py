@@ -97,6 +97,35 @@ def _distance(net: nn.Module | None, a: torch.Tensor, b: torch.Tensor,
     return net(a, b).reshape(a.shape[0], -1).mean(dim=1)
 
 
+def _start_latent(G: Generator, b: int, latent: str, init_ws: torch.Tensor | None,
+                  w_avg: torch.Tensor) -> torch.Tensor:
+    """Starting latent, a fresh leaf: ``[B,1,w_dim]`` for ``w``, ``[B,num_ws,w_dim]`` for ``w+``.
+
+    From ``init_ws`` ``[B,num_ws,w_dim]`` (``w`` mode averages its layers) or the mean ``w``.
+    """
+    start = w_avg.reshape(1, 1, -1).expand(b, 1, -1) if init_ws is None else init_ws.float()
+    if latent == "w":
+        start = start.mean(dim=1, keepdim=True)
+    else:
+        start = start.expand(b, G.num_ws, -1)
+    return start.detach().clone()
+
+
+def _noise_inputs(G: Generator, b: int, trainable: bool) -> list[torch.Tensor]:
+    """Per-image copies ``[B,1,r,r]`` of the generator's constant noise maps."""
+    consts = [layer.noise_const for blk in G.synthesis.blocks for layer in blk.layers()]
+    return [c.reshape(1, 1, *c.shape).expand(b, 1, -1, -1).clone().requires_grad_(trainable)
+            for c in consts]
+
+
+def _renormalise_(noise: list[torch.Tensor]) -> None:
+    """Give each noise map zero mean and unit variance per image, in place (as the reference)."""
+    with torch.no_grad():
+        for n in noise:
+            n -= n.mean(dim=[1, 2, 3], keepdim=True)
+            n *= n.square().mean(dim=[1, 2, 3], keepdim=True).rsqrt()
+
+
 def project(G: Generator, target: torch.Tensor, *, lpips_net: nn.Module | None,
             steps: int = 1000, latent: str = "w", init_ws: torch.Tensor | None = None,
             lr: float = 0.1, lr_rampdown: float = 0.25, lr_rampup: float = 0.05,
@@ -117,7 +146,9 @@ def project(G: Generator, target: torch.Tensor, *, lpips_net: nn.Module | None,
         init_ws: ``[B,num_ws,w_dim]`` start (e.g. from an encoder; ``w`` mode averages layers);
             default the mean ``w``.
         lr / lr_rampdown / lr_rampup: Adam learning rate and its ramps (fractions of ``steps``).
-        initial_noise_factor / noise_ramp: noise on ``w`` (times ``w_std``) and its decay length.
+        initial_noise_factor / noise_ramp: noise on ``w`` (times ``w_std``) and its decay length;
+            one draw per step shared by the batch, so an image's projection does not depend on
+            the batch it is in.
         noise_reg_weight: weight of :func:`noise_regularizer`.
         mse_weight: weight of the pixel MSE term.
         optimize_noise: optimise the noise maps (else use the generator's constant noise).
@@ -138,15 +169,8 @@ def project(G: Generator, target: torch.Tensor, *, lpips_net: nn.Module | None,
         w_avg, w_std = w_stats(G)
     b, dev = target.shape[0], target.device
     target = target.float()
-    start = w_avg.reshape(1, 1, -1).expand(b, 1, -1) if init_ws is None else init_ws.float()
-    if latent == "w":
-        start = start.mean(dim=1, keepdim=True)
-    else:
-        start = start.expand(b, G.num_ws, -1)
-    w_opt = start.detach().clone().requires_grad_(True)
-    consts = [layer.noise_const for blk in G.synthesis.blocks for layer in blk.layers()]
-    noise = [c.reshape(1, 1, *c.shape).expand(b, 1, -1, -1).clone().requires_grad_(optimize_noise)
-             for c in consts]
+    w_opt = _start_latent(G, b, latent, init_ws, w_avg).requires_grad_(True)
+    noise = _noise_inputs(G, b, optimize_noise)
     opt = torch.optim.Adam([w_opt] + (noise if optimize_noise else []), lr=lr, betas=(0.9, 0.999))
     with torch.enable_grad():
         for step in range(steps):
@@ -155,8 +179,7 @@ def project(G: Generator, target: torch.Tensor, *, lpips_net: nn.Module | None,
                 group["lr"] = _lr_at(t, lr, lr_rampdown, lr_rampup)
             scale = w_std * initial_noise_factor * max(0.0, 1.0 - t / noise_ramp) ** 2
             w_noise = torch.randn(1, 1, w_opt.shape[-1], generator=generator, device=dev) * scale
-            ws = (w_opt + w_noise).expand(b, G.num_ws, -1)
-            synth = G.synthesis(ws, noise=noise)
+            synth = G.synthesis((w_opt + w_noise).expand(b, G.num_ws, -1), noise=noise)
             loss = _distance(lpips_net, synth, target, lpips_size)
             if mse_weight > 0:
                 loss = loss + mse_weight * (synth - target).square().mean(dim=[1, 2, 3])
@@ -166,10 +189,7 @@ def project(G: Generator, target: torch.Tensor, *, lpips_net: nn.Module | None,
             loss.sum().backward()
             opt.step()
             if optimize_noise:
-                with torch.no_grad():
-                    for n in noise:
-                        n -= n.mean(dim=[1, 2, 3], keepdim=True)
-                        n *= n.square().mean(dim=[1, 2, 3], keepdim=True).rsqrt()
+                _renormalise_(noise)
     with torch.no_grad():
         ws = w_opt.detach().expand(b, G.num_ws, -1).clone()
         noise_final = [n.detach() for n in noise]

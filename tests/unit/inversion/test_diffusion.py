@@ -86,10 +86,13 @@ def test_ddpm_step_matches_diffusers() -> None:
 
 
 def test_renoise_is_one_forward_step() -> None:
+    """One jump equals one forward step; up to float32 rounding of alphas_cumprod (whose ratio
+    gives 1 - beta ~ 1e-3 to ~1e-4 relative), hence atol 1e-5 on unit-variance inputs."""
     s = build_scheduler("ddpm")
-    x, n = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    x, n = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
     b = s.betas[40]
-    assert torch.allclose(renoise(s, x, 39, 40, n), (1 - b).sqrt() * x + b.sqrt() * n, atol=1e-6)
+    assert torch.allclose(renoise(s, x, 39, 40, n), (1 - b).sqrt() * x + b.sqrt() * n, atol=1e-5)
     assert torch.allclose(renoise(s, x, -1, 0, n), add_noise(s, x, 0, n), atol=1e-6)
 
 
