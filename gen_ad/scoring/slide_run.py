@@ -17,7 +17,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch.utils.data import Dataset
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.utils.io import atomic_path, write_json, write_text
+
+if TYPE_CHECKING:
+    from gen_ad.scoring.slide import SlideHeatmap
 
 
 @dataclass
@@ -117,6 +120,31 @@ def _tiles_csv(recs: list[Any], rows: np.ndarray, cols: np.ndarray, scores: np.n
     return buf.getvalue()
 
 
+def _slide_scores(hm: SlideHeatmap, erosion: int, frac: float) -> dict[str, float]:
+    """Max and top-``frac`` slide scores of the eroded heatmap, and of the raw one."""
+    from gen_ad.scoring.slide import slide_score
+
+    return {"score_max": slide_score(hm, "max", erosion=erosion),
+            "score_top1pct": slide_score(hm, "topk", frac=frac, erosion=erosion),
+            "score_max_raw": slide_score(hm, "max", erosion=1),
+            "score_top1pct_raw": slide_score(hm, "topk", frac=frac, erosion=1)}
+
+
+def _write_maps(dest: Path, hm: SlideHeatmap, thumb: np.ndarray, thumb_ds: float,
+                erosion: int) -> dict[str, str]:
+    """Overlays of the eroded and raw heatmap on one colour scale, and the raw grid as .npy."""
+    from gen_ad.scoring.slide import SlideHeatmap, erode_valid, save_heatmap_overlay
+
+    eroded = SlideHeatmap(erode_valid(hm.grid, erosion) if erosion > 1 else hm.grid,
+                          hm.stride, hm.tile_size)
+    lo, hi = float(np.nanmin(hm.grid)), float(np.nanmax(hm.grid))
+    save_heatmap_overlay(dest / "overlay.png", thumb, eroded, thumb_ds, vmin=lo, vmax=hi)
+    save_heatmap_overlay(dest / "overlay_raw.png", thumb, hm, thumb_ds, vmin=lo, vmax=hi)
+    _save_npy(dest / "heatmap.npy", hm.grid)
+    return {"overlay": str(dest / "overlay.png"), "overlay_raw": str(dest / "overlay_raw.png"),
+            "heatmap": str(dest / "heatmap.npy")}
+
+
 def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
                 out: str | os.PathLike[str], *, size: int, level: int | None = None,
                 mpp: float | None = None,
@@ -144,13 +172,7 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     """
     from gen_ad.data.wsi import open_slide, plan_grid, tile_slide
     from gen_ad.scoring.runner import score_dataset
-    from gen_ad.scoring.slide import (
-        SlideHeatmap,
-        build_heatmap,
-        erode_valid,
-        save_heatmap_overlay,
-        slide_score,
-    )
+    from gen_ad.scoring.slide import SlideHeatmap, build_heatmap
 
     stem = Path(slide_path).stem
     dest = Path(out) / stem
@@ -170,27 +192,15 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     cells = build_heatmap(cols, rows, scored.scores, tile_size=1, stride=1, shape=grid.shape)
     step = float(grid.footprint) * (stride or size) / size
     hm = SlideHeatmap(cells.grid, stride=max(1, round(step)), tile_size=round(grid.footprint))
-    eroded = SlideHeatmap(erode_valid(hm.grid, erosion) if erosion > 1 else hm.grid,
-                          hm.stride, hm.tile_size)
-    lo, hi = float(np.nanmin(hm.grid)), float(np.nanmax(hm.grid))
-    save_heatmap_overlay(dest / "overlay.png", thumb, eroded, thumb_ds, vmin=lo, vmax=hi)
-    save_heatmap_overlay(dest / "overlay_raw.png", thumb, hm, thumb_ds, vmin=lo, vmax=hi)
-    _save_npy(dest / "heatmap.npy", hm.grid)
+    outputs = _write_maps(dest, hm, thumb, thumb_ds, erosion)
     write_text(dest / "tiles.csv", _tiles_csv(recs, rows, cols, scored.scores))
     rec: dict[str, Any] = {
         "slide": str(slide_path), "method": method or scorer.name, "n_tiles": len(recs),
         "grid": list(grid.shape),
         "level": grid.level, "tile_size": size, "tile_footprint_level0": grid.footprint,
-        "erosion": erosion, "top_fraction": frac,
-        "score_max": slide_score(hm, "max", erosion=erosion),
-        "score_top1pct": slide_score(hm, "topk", frac=frac, erosion=erosion),
-        "score_max_raw": slide_score(hm, "max", erosion=1),
-        "score_top1pct_raw": slide_score(hm, "topk", frac=frac, erosion=1),
+        "erosion": erosion, "top_fraction": frac, **_slide_scores(hm, erosion, frac),
         "ms_per_tile": scored.ms_per_image,
-        "outputs": {k: str(dest / f) for k, f in (("overlay", "overlay.png"),
-                                                   ("overlay_raw", "overlay_raw.png"),
-                                                   ("heatmap", "heatmap.npy"),
-                                                   ("tiles", "tiles.csv"))},
+        "outputs": {**outputs, "tiles": str(dest / "tiles.csv")},
     }
     if threshold is not None:
         rec["threshold"] = float(threshold)
