@@ -20,7 +20,7 @@ from gen_ad.config import family_class, from_dict, to_dict
 from gen_ad.errors import CheckpointError, ConfigError
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.family import Family
-from gen_ad.utils.io import save_safetensors, write_json
+from gen_ad.utils.io import load_safetensors, save_safetensors, write_json
 
 FORMAT_VERSION = 1
 
@@ -165,3 +165,37 @@ def gan_stage_files(gan_run: str | Path | None, family: str) -> dict[str, Path]:
         if not p.is_file():
             raise CheckpointError(f"gan_run {run}: {p.name} missing in {model_dir}")
     return files
+
+
+def unwrap_model(m: nn.Module) -> nn.Module:
+    """The module inside a DDP/compile wrapper."""
+    while hasattr(m, "module") and isinstance(m.module, nn.Module):
+        m = m.module
+    return m
+
+
+def freeze_gan_stage(models: Mapping[str, nn.Module], gan_run: str | None, family: str, *,
+                     load: bool = True) -> None:
+    """Freeze ``G`` and ``D`` for an encoder stage, first loading them from ``gan_run``.
+
+    Args:
+        models: the family's models (``G``, ``D``, ``E``); wrapped ones are unwrapped.
+        gan_run: run folder of the gan stage (see :func:`gan_stage_files`).
+        family: family name, for the error messages.
+        load: ``False`` when resuming: the checkpoint restores G and D, so ``gan_run`` is
+            not read and need not exist any more.
+    Raises:
+        CheckpointError: no export, or weights that do not match the config's networks.
+    """
+    files = gan_stage_files(gan_run, family) if load else {}
+    for name in ("G", "D"):
+        module = unwrap_model(models[name])
+        if name in files:
+            try:
+                module.load_state_dict(load_safetensors(files[name]), strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(
+                    f"{files[name]} does not match this config's networks (model.* and "
+                    f"data.size must equal those of the gan run): {str(e).splitlines()[0]}"
+                ) from e
+        module.requires_grad_(False).eval()

@@ -121,8 +121,15 @@ class Family(ABC):
             beta = min(beta, (1.0 + step) / (10.0 + step))
         return beta
 
-    def setup(self, models: Mapping[str, nn.Module], device: torch.device) -> None:  # noqa: B027
-        """Called once the models are on ``device`` (e.g. to load a previous stage's weights)."""
+    def setup(self, models: Mapping[str, nn.Module], device: torch.device, *,  # noqa: B027
+              resuming: bool = False) -> None:
+        """Called once the models are on ``device`` (e.g. to load a previous stage's weights).
+
+        Args:
+            models: the models of :meth:`build_models`.
+            device: where they run.
+            resuming: a checkpoint restores every model next (skip loading earlier stages).
+        """
 
     @abstractmethod
     def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:

@@ -132,7 +132,7 @@ def build_run(family: Family, resume: str | None = None) -> tuple[RunState, Path
     acc = make_accelerator(cfg.train, run_dir)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every process and resume
     models = family.build_models()
-    family.setup(models, acc.device)
+    family.setup(models, acc.device, resuming=resume_path is not None)
     ema = {n: ema_copy(models[n]) for n in family.ema_models()}
     optimizers = family.build_optimizers(models)
     schedulers = family.build_schedulers(optimizers)

@@ -16,7 +16,8 @@ Adam (lr 0.0025, betas (0, 0.99), eps 1e-8) with the lazy-regularisation correct
 ``min(ema, 0.05 * images)``.
 ADA's ``p``, its statistics and the path-length mean are saved through :meth:`state_dict`.
 
-Stage ``encoder``: G (EMA weights) and D are loaded from ``gan_run`` and frozen; the
+Stage ``encoder``: G (EMA weights) and D are loaded from ``gan_run`` (a resume restores them from
+its own checkpoint instead) and frozen; the
 :class:`~gen_ad.models.stylegan2.LatentEncoder` ``E`` learns ``image -> w+`` from generated images
 (known ``w+``) and the run's real normal images (:func:`~gen_ad.inversion.projector.encoder_loss`);
 it initialises the ``stylegan2-enc`` scorer's projection.
@@ -35,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_ad.config import DataConfig, TrainConfig, check
-from gen_ad.errors import CheckpointError
 from gen_ad.models.stylegan2 import (
     CHANNEL_BASE,
     Discriminator,
@@ -46,9 +46,8 @@ from gen_ad.models.stylegan2 import (
 )
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.augment import COLOUR, GEOMETRIC, AdaptiveAugment, AugmentSpec
-from gen_ad.training.export import gan_stage_files
+from gen_ad.training.export import freeze_gan_stage, gan_stage_files, unwrap_model
 from gen_ad.training.family import Family, StepContext
-from gen_ad.utils.io import load_safetensors
 
 
 @dataclass
@@ -228,13 +227,6 @@ class StyleGAN2Config:
               "stage 'encoder' needs gan_run: the run folder of a finished 'gan' stage")
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    """The module inside a DDP/compile wrapper."""
-    while hasattr(m, "module") and isinstance(m.module, nn.Module):
-        m = m.module
-    return m
-
-
 def default_r1_gamma(resolution: int, batch_size: int) -> float:
     """ADA's heuristic ``0.0002 * resolution**2 / batch_size``."""
     return 0.0002 * resolution ** 2 / batch_size
@@ -321,21 +313,15 @@ class StyleGAN2Family(Family):
             ema_nimg = min(ema_nimg, kimg * 1000 * L.ema_rampup)
         return 0.5 ** (b / max(ema_nimg, 1e-8))
 
-    def setup(self, models: Mapping[str, nn.Module], device: torch.device) -> None:
-        """Stage encoder: load G (EMA) and D from ``gan_run``, freeze them, start E at w_avg."""
+    def setup(self, models: Mapping[str, nn.Module], device: torch.device, *,
+              resuming: bool = False) -> None:
+        """Stage encoder: load G (EMA) and D from ``gan_run`` (not when resuming: the checkpoint
+        restores them), freeze them, start E at w_avg."""
         self.pl_mean = self.pl_mean.to(device)
         if self.cfg.stage != "encoder":
             return
-        for name, path in _gan_files(self.cfg.gan_run).items():
-            module = _unwrap(models[name])
-            try:
-                module.load_state_dict(load_safetensors(path), strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(
-                    f"{path} does not match this config's networks (model.* and data.size must "
-                    f"equal those of the gan run): {str(e).splitlines()[0]}") from e
-            module.requires_grad_(False).eval()
-        _unwrap(models["E"]).w_avg.copy_(_unwrap(models["G"]).mapping.w_avg)
+        freeze_gan_stage(models, self.cfg.gan_run, "stylegan2", load=not resuming)
+        unwrap_model(models["E"]).w_avg.copy_(unwrap_model(models["G"]).mapping.w_avg)
 
     # ------------------------------------------------------------------------- state
 
@@ -371,7 +357,7 @@ class StyleGAN2Family(Family):
         if self.cfg.stage == "encoder":
             return self._encoder_step(ctx, batch)
         G, D = ctx.models["G"], ctx.models["D"]
-        Gu, Du = _unwrap(G), _unwrap(D)
+        Gu, Du = unwrap_model(G), unwrap_model(D)
         Gu.train()
         Du.train()
         L, step = self.cfg.loss, ctx.step
@@ -391,8 +377,8 @@ class StyleGAN2Family(Family):
 
     def generator_main(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
         """``Gmain``: one Adam step of G on ``softplus(-D(aug(G(z))))``."""
-        G, Du, opt = ctx.models["G"], _unwrap(ctx.models["D"]), ctx.optimizers["G"]
-        num_ws = _unwrap(G).num_ws
+        G, Du, opt = ctx.models["G"], unwrap_model(ctx.models["D"]), ctx.optimizers["G"]
+        num_ws = unwrap_model(G).num_ws
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for chunk in self._chunks(ctx, batch, G):
@@ -409,7 +395,7 @@ class StyleGAN2Family(Family):
         """``Greg``: path-length penalty times ``pl_weight * pl_interval``; one Adam step."""
         L = self.cfg.loss
         G, opt = ctx.models["G"], ctx.optimizers["G"]
-        num_ws = _unwrap(G).num_ws
+        num_ws = unwrap_model(G).num_ws
         n = max(batch.shape[0] // L.pl_batch_shrink, ctx.grad_accum)
         opt.zero_grad(set_to_none=True)
         total = 0.0
@@ -430,7 +416,7 @@ class StyleGAN2Family(Family):
 
     def discriminator_main(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
         """``Dmain``: ``softplus(D(aug(G(z)))) + softplus(-D(aug(x)))``; ADA sign statistics."""
-        Gu, D, opt = _unwrap(ctx.models["G"]), ctx.models["D"], ctx.optimizers["D"]
+        Gu, D, opt = unwrap_model(ctx.models["G"]), ctx.models["D"], ctx.optimizers["D"]
         opt.zero_grad(set_to_none=True)
         tot = {"loss_d": 0.0, "d_real": 0.0, "d_fake": 0.0}
         signs = torch.zeros([], device=ctx.device)
@@ -473,7 +459,7 @@ class StyleGAN2Family(Family):
         from gen_ad.inversion.projector import encoder_loss
 
         E, opt = ctx.models["E"], ctx.optimizers["E"]
-        Gu = _unwrap(ctx.models["G"]).eval()
+        Gu = unwrap_model(ctx.models["G"]).eval()
         E.train()
         opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}

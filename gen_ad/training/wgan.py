@@ -9,7 +9,8 @@ Critic loss ``E[D(G(z))] - E[D(x)] + gp_weight * GP`` with the gradient penalty 
 interpolates (:func:`gradient_penalty`); generator loss ``-E[D(G(z))]``; Adam for both.
 
 Stage ``encoder``: G and D are loaded from the ``model/`` export of ``gan_run`` and frozen
-(``requires_grad=False``, eval mode; they are still saved with this run so it is self-contained).
+(``requires_grad=False``, eval mode; they are saved with this run so it is self-contained: a
+resume restores them from its own checkpoint without reading ``gan_run``).
 Only E trains, on ``MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))`` with ``f`` the critic's
 features before its last layer.
 
@@ -30,13 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_ad.config import DataConfig, TrainConfig, check
-from gen_ad.errors import CheckpointError
 from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.models.wgan import Critic, Encoder, Generator, sample_latent
 from gen_ad.scoring.base import AnomalyScorer
-from gen_ad.training.export import gan_stage_files
+from gen_ad.training.export import freeze_gan_stage, gan_stage_files, unwrap_model
 from gen_ad.training.family import Family, StepContext
-from gen_ad.utils.io import load_safetensors
 
 
 @dataclass
@@ -202,13 +201,6 @@ def izif_loss(x: torch.Tensor, encoder: nn.Module, generator: nn.Module, critic:
     return img + kappa * fts, img, fts
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    """The module inside a DDP/compile wrapper."""
-    while hasattr(m, "module") and isinstance(m.module, nn.Module):
-        m = m.module
-    return m
-
-
 # ----------------------------------------------------------------------------- family
 
 
@@ -247,19 +239,11 @@ class WGANFamily(Family):
     def ema_models(self) -> list[str]:
         return ["G"] if self.cfg.model.ema and self.cfg.stage == "gan" else []
 
-    def setup(self, models: Mapping[str, nn.Module], device: torch.device) -> None:
-        """Stage encoder: load G and D from ``gan_run`` and freeze them."""
-        if self.cfg.stage != "encoder":
-            return
-        for name, path in gan_weight_files(self.cfg.gan_run).items():
-            module = _unwrap(models[name])
-            try:
-                module.load_state_dict(load_safetensors(path), strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(
-                    f"{path} does not match this config's networks (model.* and data.size must "
-                    f"equal those of the gan run): {str(e).splitlines()[0]}") from e
-            module.requires_grad_(False).eval()
+    def setup(self, models: Mapping[str, nn.Module], device: torch.device, *,
+              resuming: bool = False) -> None:
+        """Stage encoder: load G and D from ``gan_run`` (not when resuming) and freeze them."""
+        if self.cfg.stage == "encoder":
+            freeze_gan_stage(models, self.cfg.gan_run, "wgan", load=not resuming)
 
     # ------------------------------------------------------------------------- steps
 
@@ -327,7 +311,7 @@ class WGANFamily(Family):
 
     def _encoder_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
         E, opt = ctx.models["E"], ctx.optimizers["E"]
-        G, D = _unwrap(ctx.models["G"]), _unwrap(ctx.models["D"])
+        G, D = unwrap_model(ctx.models["G"]), unwrap_model(ctx.models["D"])
         G.eval()
         D.eval()
         E.train()

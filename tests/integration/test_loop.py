@@ -77,9 +77,10 @@ def test_exact_resume_is_bitwise(tmp_path: Path) -> None:
 def test_max_minutes_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     """A wall-clock budget stops after the step that exhausts it; resuming ends bitwise equal."""
     _train(tmp_path / "a", "train.max_steps=4")
-    _train(tmp_path / "b", "train.max_steps=4", "train.max_minutes=1e-9")
+    first = _train(tmp_path / "b", "train.max_steps=4", "train.max_minutes=1e-9")
     assert [s for s, _ in ckpt.list_states(tmp_path / "b")] == [1]
-    _train(tmp_path / "b", "train.max_steps=4", resume="latest")
+    resumed = _train(tmp_path / "b", "train.max_steps=4", resume="latest")
+    assert not first.setup_resuming and resumed.setup_resuming  # setup is told it resumes
     a = _state_tensors(tmp_path / "a" / "state" / "step-4")
     b = _state_tensors(tmp_path / "b" / "state" / "step-4")
     assert all(torch.equal(a[k], b[k]) for k in a)

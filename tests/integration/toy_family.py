@@ -53,8 +53,10 @@ class ToyFamily(Family):
     def build_models(self) -> dict[str, nn.Module]:
         return {"net": ToyNet(width=self.cfg.width), "critic": nn.Linear(3, 1)}
 
-    def setup(self, models: Mapping[str, nn.Module], device: torch.device) -> None:
+    def setup(self, models: Mapping[str, nn.Module], device: torch.device, *,
+              resuming: bool = False) -> None:
         self.trained = models  # the very objects the loop trains (DDP shares their parameters)
+        self.setup_resuming = resuming
 
     def build_optimizers(self, models: Mapping[str, nn.Module]) -> dict[str, Any]:
         return {"net": torch.optim.Adam(models["net"].parameters(), lr=1e-2),
