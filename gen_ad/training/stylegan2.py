@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -46,7 +45,7 @@ from gen_ad.models.stylegan2 import (
 )
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.augment import COLOUR, GEOMETRIC, AdaptiveAugment, AugmentSpec
-from gen_ad.training.export import freeze_gan_stage, gan_stage_files, unwrap_model
+from gen_ad.training.export import freeze_gan_stage, unwrap_model
 from gen_ad.training.family import Family, StepContext
 
 
@@ -515,12 +514,6 @@ class StyleGAN2Family(Family):
             out["stylegan2-enc"] = StyleGAN2Scorer(models["G"], D=models.get("D"),
                                                    encoder=models["E"], **kw)
         return out
-
-
-
-def _gan_files(gan_run: str | None) -> dict[str, Path]:
-    """``G`` (EMA when present) and ``D`` weight files of a stylegan2 gan-stage run's export."""
-    return gan_stage_files(gan_run, "stylegan2")
 
 
 __all__ = ["StyleGAN2Config", "StyleGAN2Family", "r1_penalty", "path_lengths",

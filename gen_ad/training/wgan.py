@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import einops
@@ -34,7 +33,7 @@ from gen_ad.config import DataConfig, TrainConfig, check
 from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.models.wgan import Critic, Encoder, Generator, sample_latent
 from gen_ad.scoring.base import AnomalyScorer
-from gen_ad.training.export import freeze_gan_stage, gan_stage_files, unwrap_model
+from gen_ad.training.export import freeze_gan_stage, unwrap_model
 from gen_ad.training.family import Family, StepContext
 
 
@@ -352,10 +351,4 @@ class WGANFamily(Family):
         return {"anogan": scorer}
 
 
-
-def gan_weight_files(gan_run: str | None) -> dict[str, Path]:
-    """``G`` (EMA when present) and ``D`` weight files of a wgan gan-stage run's export."""
-    return gan_stage_files(gan_run, "wgan")
-
-
-__all__ = ["WGANConfig", "WGANFamily", "gradient_penalty", "izif_loss", "gan_weight_files"]
+__all__ = ["WGANConfig", "WGANFamily", "gradient_penalty", "izif_loss"]
