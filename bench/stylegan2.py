@@ -100,8 +100,8 @@ def projection_speed(args: argparse.Namespace, dev: torch.device) -> dict[str, A
           f"{plain_ms:.0f} ms/image", file=sys.stderr, flush=True)
     t = time.perf_counter()
     E = train_projection_encoder(G, real, steps=args.enc_steps, batch_size=16, lpips_net=None)
-    enc_train_s = time.perf_counter() - t
     _sync(dev)
+    enc_train_s = time.perf_counter() - t
     t_search = time.perf_counter()
     steps, reached, last_ms = 0, float("inf"), float("nan")
     while steps < args.proj_steps:  # restart with more steps until the plain LPIPS is matched

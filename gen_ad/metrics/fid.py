@@ -3,15 +3,17 @@
 Features come from torch-fidelity's Inception-v3 (``inception-v3-compat``, the 2048-d pool layer),
 which takes uint8 ``[B,3,H,W]`` at any resolution and resizes to 299x299 itself (TF1-compatible
 bilinear). Folders and generators are fed the same way: decoded files as uint8, and generator
-samples in ``[-1,1]`` converted with :func:`to_uint8`. Statistics and distances are torch-fidelity's
-own functions, so a folder-vs-folder FID equals ``torch_fidelity.calculate_metrics``.
+samples in ``[-1,1]`` converted with :func:`~gen_ad.metrics.inception.to_uint8`. Statistics and
+distances are torch-fidelity's own functions, so a folder-vs-folder FID equals
+``torch_fidelity.calculate_metrics``.
 
 The real set's features and statistics are cached under ``cache_dir()/fid`` as safetensors, keyed by
 the content of the set (relative file list + bytes, or the pixels of an in-memory set), the
 resolution and the extractor (name + weights hash). Any other feature extractor can be plugged in
-with :func:`custom_extractor`; its results are labelled ``fd_<name>`` / ``kd_<name>_*``, never
-``fid``/``kid``. A random-initialised Inception is labelled ``fd_inception-v3-random``, and the
-cheaper Inception layers 64/192/768 (torch-fidelity's ``feature_layer_fid``) ``fid_<layer>``.
+with :func:`~gen_ad.metrics.inception.custom_extractor`; its results are labelled ``fd_<name>`` /
+``kd_<name>_*``, never ``fid``/``kid``. A random-initialised Inception is labelled
+``fd_inception-v3-random``, and the cheaper Inception layers 64/192/768 (torch-fidelity's
+``feature_layer_fid``) ``fid_<layer>``.
 
 Inception weights are found as :mod:`gen_ad.metrics.inception` describes (explicit path, torch
 hub cache, download unless offline), which also holds the extractors.
