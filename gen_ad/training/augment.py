@@ -4,7 +4,8 @@ Every image shown to the discriminator (real and generated alike) goes through t
 pipeline; each transform is applied to a sample with probability ``p``:
 
 * geometric, one 2-D affine resampling per image (bilinear ``grid_sample`` with reflection
-  padding; double-differentiable, so R1 works through it): x-flip, 90-degree rotations, integer
+  padding, through :mod:`gen_ad.training.grid_sample` on every device: double-differentiable
+  w.r.t. the image, so R1 works through it on CUDA too): x-flip, 90-degree rotations, integer
   translation (up to 1/8 of the size), isotropic scaling (log2-normal, std 0.2), arbitrary rotation
   (probability ``1 - sqrt(1 - p)`` before and after the anisotropic scaling, as in the paper),
   anisotropic scaling (std 0.2), fractional translation (normal, std 1/8);
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from gen_ad.training.grid_sample import grid_sample
 
 GEOMETRIC = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
 COLOUR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
@@ -176,8 +179,8 @@ def augment(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
         m = geometric_matrix(b, w, p, spec, generator, dev)
         if not torch.equal(m, _eye(b, 3, m)):
             grid = F.affine_grid(m[:, :2, :].to(x.dtype), [b, c, h, w], align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
-                              align_corners=False)
+            x = grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                            align_corners=False)
     if c == 3 and any(getattr(spec, k) > 0 for k in COLOUR):
         cm = colour_matrix(b, p, spec, generator, dev).to(x.dtype)
         x = torch.einsum("bij,bjhw->bihw", cm[:, :3, :3], x) + cm[:, :3, 3, None, None]
