@@ -30,3 +30,11 @@ class WeightsNotFoundError(GenAdError):
 
 class TrainingDivergedError(GenAdError):
     """A loss became NaN or infinite; the message names the loss and the step."""
+
+
+class DiskFullError(GenAdError, OSError):
+    """The disk (or quota) filled up while writing; the message names the file."""
+
+
+class FolderLockedError(GenAdError):
+    """Another live gen-ad process is writing the same folder; the message names it."""

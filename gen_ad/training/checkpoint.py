@@ -9,10 +9,12 @@ at any instant leaves the previous state loadable.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,18 @@ import torch
 from torch import nn
 
 from gen_ad.errors import CheckpointError
-from gen_ad.utils.io import load_safetensors, save_safetensors, torch_load, torch_save, write_json
+from gen_ad.utils.io import (
+    MANIFEST,
+    check_manifest,
+    load_safetensors,
+    recover_dir,
+    remove_dir,
+    save_safetensors,
+    torch_load,
+    torch_save,
+    write_json,
+    write_manifest,
+)
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -82,32 +95,112 @@ def state_root(run_dir: str | Path) -> Path:
 
 
 def list_states(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete state folders of a run as ``(step, path)``, oldest first."""
+    """Published state folders of a run as ``(step, path)``, oldest first.
+
+    A folder counts once its manifest (written last) exists, or, for states written before
+    manifests existed, its ``meta.json``. Whether its files are intact is checked by
+    :func:`verify_state`.
+    """
     root = state_root(run_dir)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _STEP_RE.match(p.name)
-        if m and (p / "meta.json").is_file():
+        if m and ((p / MANIFEST).is_file() or (p / "meta.json").is_file()):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
+def verify_state(path: Path) -> None:
+    """Check a state folder against its manifest (every file present, sizes and sha256).
+
+    A state without a manifest (written by an older gen_ad) is accepted with a warning.
+
+    Raises:
+        CheckpointError: incomplete or damaged (the message names the file).
+    """
+    if not (path / MANIFEST).is_file() and (path / "meta.json").is_file():
+        warnings.warn(f"{path} has no integrity manifest (written by an older gen_ad); "
+                      "loading it unverified", stacklevel=2)
+        return
+    check_manifest(path)
+
+
+def newest_complete(run_dir: str | Path, *, quiet: bool = False) -> Path | None:
+    """The newest state of ``run_dir`` that passes :func:`verify_state` (``None`` if none).
+
+    Damaged or incomplete newer states are skipped with a warning naming them and why.
+    """
+    for _, p in reversed(list_states(run_dir)):
+        try:
+            verify_state(p)
+        except CheckpointError as e:
+            if not quiet:
+                warnings.warn(f"skipping damaged checkpoint {p}: {e}", stacklevel=2)
+            continue
+        return p
+    return None
+
+
+def recover_states(run_dir: str | Path) -> None:
+    """Put back states whose re-save was killed between its two renames (see
+    :func:`~gen_ad.utils.io.publish_dir`). Call with the run folder locked."""
+    root = state_root(run_dir)
+    if not root.is_dir():
+        return
+    for old in sorted(root.glob(".step-*.old-*")):
+        recover_dir(root / old.name.split(".")[1])
+
+
 def resolve_resume(run_dir: str | Path, resume: str) -> Path:
-    """``latest`` -> newest complete state of ``run_dir``; otherwise a state folder path."""
+    """``latest`` -> newest complete, intact state of ``run_dir``; otherwise a state folder
+    (which must be intact) or a run folder (its newest intact state)."""
     if resume == "latest":
-        states = list_states(run_dir)
-        if not states:
+        if not list_states(run_dir):
             raise CheckpointError(
                 f"--resume latest: no checkpoint found under {state_root(run_dir)}")
-        return states[-1][1]
+        found = newest_complete(run_dir)
+        if found is None:
+            raise CheckpointError(f"--resume latest: every checkpoint under "
+                                  f"{state_root(run_dir)} is damaged or incomplete")
+        return found
     p = Path(resume)
-    if (p / "meta.json").is_file():
+    if (p / MANIFEST).is_file() or (p / "meta.json").is_file():
+        verify_state(p)
         return p
     if list_states(p):
-        return list_states(p)[-1][1]
+        return resolve_resume(p, "latest")
     raise CheckpointError(f"--resume {resume}: not a state folder (no meta.json) nor a run folder")
+
+
+def nonfinite_tensor(groups: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The name of the first non-finite floating tensor in ``groups`` (``None`` if all finite).
+
+    Args:
+        groups: ``{"model 'G'": state_dict, ...}``; nested dicts/lists are searched.
+    """
+    for label, sd in groups.items():
+        bad = _first_nonfinite(sd, "")
+        if bad is not None:
+            return f"{bad} of {label}"
+    return None
+
+
+def _first_nonfinite(obj: Any, prefix: str) -> str | None:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return prefix.rstrip(".") or "tensor"
+        return None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else prefix
+    items = obj.items() if isinstance(obj, Mapping) else \
+        enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _first_nonfinite(v, f"{prefix}{k}.")
+        if bad is not None:
+            return bad.rstrip(".")
+    return None
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -140,7 +233,8 @@ def save_state(path: Path, *, models: Mapping[str, nn.Module], ema: Mapping[str,
     torch_save(path / "family.pt", dict(family_state))
     meta = {"step": counters.step, "images": counters.images, "time": time.time()}
     meta.update(extra_meta or {})
-    write_json(path / "meta.json", meta)  # written last: marks the folder complete
+    write_json(path / "meta.json", meta)
+    write_manifest(path, {"step": counters.step})  # written last: marks the folder complete
 
 
 def load_weights(module: nn.Module, file: Path, what: str) -> None:
@@ -195,10 +289,55 @@ def _load_required(file: Path) -> Any:
 
 
 def prune_states(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete states (and stale temporary folders)."""
+    """Delete all but the newest ``keep_last`` states, and stale temporary folders.
+
+    A pruned folder is renamed away first (:func:`~gen_ad.utils.io.remove_dir`), so a kill
+    never leaves a half-deleted folder under a ``step-<N>`` name. Call with the run locked.
+    """
     states = list_states(run_dir)
     for _, p in states[:-keep_last]:
+        remove_dir(p)
+    for p in state_root(run_dir).glob(".step-*"):
         shutil.rmtree(p, ignore_errors=True)
-    root = state_root(run_dir)
-    for p in root.glob(".step-*"):
-        shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- optimiser settings
+
+
+def optimizer_settings(optimizers: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The hyper-parameters of every param group (``lr``, ``betas``, ...; no tensors), as the
+    config built them. Take this before loading a state, for :func:`apply_optimizer_settings`."""
+    return {name: [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+            for name, o in optimizers.items()}
+
+
+def apply_optimizer_settings(optimizers: Mapping[str, Any], schedulers: Mapping[str, Any],
+                             config: Mapping[str, list[dict[str, Any]]]) -> list[str]:
+    """Give resumed optimisers the config's hyper-parameters where the checkpoint differs.
+
+    A learning rate under a schedule is rescaled: the schedule's base rate becomes the
+    config's (``initial_lr``) and the current rate keeps its position in the schedule. Other
+    settings (betas, eps, weight decay, ...) are set as the config says.
+
+    Returns:
+        One ``"<optimizer>.<key>: old -> new"`` line per change.
+    """
+    changes: list[str] = []
+    for name, o in optimizers.items():
+        sched = schedulers.get(name)
+        for i, (g, want) in enumerate(zip(o.param_groups, config.get(name, []))):
+            base = "initial_lr" if "initial_lr" in want else "lr"
+            old_base, new_base = g.get(base), want[base]
+            if old_base != new_base:
+                changes.append(f"{name}.lr: {old_base} -> {new_base}")
+                g["lr"] = g["lr"] * new_base / old_base if base == "initial_lr" and old_base \
+                    else new_base
+                g[base] = new_base
+                if sched is not None and hasattr(sched, "base_lrs"):
+                    sched.base_lrs[i] = new_base
+                    sched._last_lr = [pg["lr"] for pg in o.param_groups]
+            for k, v in want.items():
+                if k not in ("lr", "initial_lr") and g.get(k) != v:
+                    changes.append(f"{name}.{k}: {g.get(k)} -> {v}")
+                    g[k] = v
+    return changes

@@ -1,13 +1,18 @@
 """Inference export (``<run>/model/``) and :func:`load_run`, which rebuilds a trained run.
 
-``model/`` holds one safetensors file per network (EMA copies as ``<name>_ema``) and
-``model.json`` with the family name, the resolved config, the counters and the file list, so a
-run is rebuilt from its saved config alone, without pickles and without the training code's state.
+``model/`` holds one safetensors file per network (EMA copies as ``<name>_ema``),
+``model.json`` with the family name, the resolved config, the counters and the file list, and
+``manifest.json`` (sizes and sha256 of every file, written last). A run is rebuilt from its saved
+config alone, without pickles and without the training code's state. The folder is assembled
+under a temporary name and swapped in as a set, and :func:`load_run` checks the manifest, so
+weights of different steps are never mixed and damaged files are never loaded.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,30 +25,66 @@ from gen_ad.config import family_class, from_dict, to_dict
 from gen_ad.errors import CheckpointError, ConfigError
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.family import Family
-from gen_ad.utils.io import load_safetensors, save_safetensors, write_json
+from gen_ad.utils.io import (
+    MANIFEST,
+    atomic_dir,
+    check_manifest,
+    load_safetensors,
+    publish_dir,
+    save_safetensors,
+    write_json,
+    write_manifest,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def export_models(model_dir: Path, *, family: Family, models: Mapping[str, nn.Module],
                   ema: Mapping[str, nn.Module], counters: Any) -> None:
-    """Write ``<name>.safetensors`` for every model and EMA copy, then ``model.json``."""
-    files = {}
-    for name, m in models.items():
-        save_safetensors(model_dir / f"{name}.safetensors", m.state_dict())
-        files[name] = f"{name}.safetensors"
-    for name, m in ema.items():
-        save_safetensors(model_dir / f"{name}_ema.safetensors", m.state_dict())
-        files[f"{name}_ema"] = f"{name}_ema.safetensors"
-    write_json(model_dir / "model.json", {
-        "format": FORMAT_VERSION,
-        "family": family.name,
-        "files": files,
-        "ema": sorted(ema),
-        "step": counters.step,
-        "kimg": counters.kimg,
-        "config": to_dict(family.cfg),
-    })
+    """Publish ``model_dir`` as a whole: ``<name>.safetensors`` for every model and EMA copy,
+    ``model.json``, then ``manifest.json``, assembled aside and swapped in as a set."""
+    tmp = atomic_dir(model_dir)
+    try:
+        files = {}
+        for name, m in models.items():
+            save_safetensors(tmp / f"{name}.safetensors", m.state_dict())
+            files[name] = f"{name}.safetensors"
+        for name, m in ema.items():
+            save_safetensors(tmp / f"{name}_ema.safetensors", m.state_dict())
+            files[f"{name}_ema"] = f"{name}_ema.safetensors"
+        write_json(tmp / "model.json", {
+            "format": FORMAT_VERSION,
+            "family": family.name,
+            "files": files,
+            "ema": sorted(ema),
+            "step": counters.step,
+            "kimg": counters.kimg,
+            "config": to_dict(family.cfg),
+        })
+        write_manifest(tmp, {"step": counters.step})
+        publish_dir(tmp, model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify_export(model_dir: Path) -> None:
+    """Check an export against its manifest (a legacy export without one only warns).
+
+    Raises:
+        CheckpointError: a file is missing, damaged, or from another export (mixed steps).
+    """
+    if not (model_dir / MANIFEST).is_file():
+        warnings.warn(f"{model_dir} has no integrity manifest (exported by an older gen_ad); "
+                      "loading it unverified", stacklevel=2)
+        return
+    try:
+        manifest = check_manifest(model_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"refusing the damaged or mixed export {model_dir}: {e} "
+                              "(resume the run to export it again)") from e
+    if "model.json" not in manifest["files"]:
+        raise CheckpointError(f"refusing the export {model_dir}: its manifest does not list "
+                              "model.json")
 
 
 @dataclass
@@ -93,7 +134,7 @@ class Run:
 def read_model_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """Find and read ``model.json`` of a run folder (or of a ``model/`` folder)."""
     p = Path(path)
-    for cand in (p / "model" / "model.json", p / "model.json"):
+    for cand in (p / "model" / "model.json", p / "model.json", *_swapped_away(p / "model")):
         if cand.is_file():
             try:
                 return cand.parent, json.loads(cand.read_text())
@@ -105,6 +146,15 @@ def read_model_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
                           "or point to the run folder that holds model/)")
 
 
+def _swapped_away(model_dir: Path) -> list[Path]:
+    """``model.json`` of the previous export when a swap was killed half-way (``model/``
+    missing, ``.model.old-*`` present); the next training call puts it back."""
+    if model_dir.exists() or not model_dir.parent.is_dir():
+        return []
+    olds = sorted(model_dir.parent.glob(".model.old-*"), key=lambda q: q.stat().st_mtime)
+    return [q / "model.json" for q in reversed(olds)]
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Rebuild a trained run's models from its exported weights and saved config alone.
 
@@ -114,11 +164,13 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     Returns:
         A :class:`Run` with models in eval mode.
     Raises:
-        CheckpointError: missing/corrupt export or weights that do not match the config.
+        CheckpointError: missing, damaged or mixed export (checked against its manifest), or
+            weights that do not match the config.
     """
     from gen_ad.training.checkpoint import load_weights
 
     model_dir, meta = read_model_json(path)
+    verify_export(model_dir)
     try:
         cls = family_class(meta["family"])
         cfg = from_dict(cls.config_cls, meta["config"])
@@ -164,6 +216,7 @@ def gan_stage_files(gan_run: str | Path | None, family: str) -> dict[str, Path]:
     for p in files.values():
         if not p.is_file():
             raise CheckpointError(f"gan_run {run}: {p.name} missing in {model_dir}")
+    verify_export(model_dir)
     return files
 
 

@@ -15,7 +15,10 @@ weights, EMA, optimiser/schedule states and counters restored, ``N`` steps in on
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -30,13 +33,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gen_ad.config import ConfigError, save_config, to_dict
-from gen_ad.errors import CheckpointError, TrainingDivergedError
+from gen_ad.errors import CheckpointError, DiskFullError, TrainingDivergedError
 from gen_ad.models.ema import ema_copy, ema_update
 from gen_ad.training import checkpoint as ckpt
 from gen_ad.training.export import export_models
 from gen_ad.training.family import Family, StepContext
 from gen_ad.training.sampler import ResumableSampler
-from gen_ad.utils.io import append_jsonl
+from gen_ad.utils.io import (
+    append_jsonl,
+    publish_dir,
+    recover_dir,
+    torch_load,
+    torch_save,
+    unique_tag,
+)
+from gen_ad.utils.lock import folder_lock
 
 
 @dataclass
@@ -145,52 +156,95 @@ def build_run(family: Family, resume: str | None = None) -> tuple[RunState, Path
 
 
 def save_checkpoint(state: RunState) -> Path:
-    """Write the full state to ``state/step-<N>/`` atomically (all processes must call this)."""
+    """Publish the full state as ``state/step-<N>/`` and the export as ``model/`` (all processes
+    must call this).
+
+    Each folder is assembled under a name unique to this process, gets its integrity manifest
+    last, and is swapped in as a whole (re-saving a step replaces it only once the new one is
+    complete); old states are pruned by renaming them away first.
+
+    Raises:
+        TrainingDivergedError: a weight, EMA, optimiser or family tensor is not finite
+            (nothing is published).
+        CheckpointError: the disk filled up (names the file and the newest complete state).
+    """
     acc, c = state.accelerator, state.counters
+    _check_finite(state)
     root = ckpt.state_root(state.run_dir)
-    tmp, final = root / f".step-{c.step}.tmp", root / f"step-{c.step}"
-    if acc.is_main_process:
-        import shutil
+    final = root / f"step-{c.step}"
+    names = [f".step-{c.step}.{unique_tag()}.tmp" if acc.is_main_process else ""]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
 
+        broadcast_object_list(names)
+    tmp = root / names[0]
+    try:
+        if acc.is_main_process:
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch_save(tmp / f"rng-{acc.process_index}.pt", ckpt.rng_state())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _publish_state(state, tmp, final)
+    except DiskFullError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    from gen_ad.utils.io import torch_save
-
-    torch_save(tmp / f"rng-{acc.process_index}.pt", ckpt.rng_state())
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        scaler = getattr(acc, "scaler", None)
-        ckpt.save_state(tmp, models=state.models, ema=state.ema, optimizers=state.optimizers,
-                        schedulers=state.schedulers, scaler=scaler,
-                        family_state=state.family.state_dict(), counters=c,
-                        extra_meta={"family": state.family.name, "world": acc.num_processes})
-        import os
-        import shutil
-
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ckpt.prune_states(state.run_dir, state.family.cfg.train.keep_last)
-        export_models(state.run_dir / "model", family=state.family, models=state.models,
-                      ema=state.ema, counters=c)
+        raise CheckpointError(f"{e}; step {c.step} was not completely saved; the newest complete "
+                              f"checkpoint is {_kept(state.run_dir)}") from e
     acc.wait_for_everyone()
     return final
 
 
+def _publish_state(state: RunState, tmp: Path, final: Path) -> None:
+    acc, c = state.accelerator, state.counters
+    ckpt.save_state(tmp, models=state.models, ema=state.ema, optimizers=state.optimizers,
+                    schedulers=state.schedulers, scaler=getattr(acc, "scaler", None),
+                    family_state=state.family.state_dict(), counters=c,
+                    extra_meta={"family": state.family.name, "world": acc.num_processes})
+    publish_dir(tmp, final)
+    ckpt.prune_states(state.run_dir, state.family.cfg.train.keep_last)
+    export_models(state.run_dir / "model", family=state.family, models=state.models,
+                  ema=state.ema, counters=c)
+
+
+def _kept(run_dir: Path) -> str:
+    kept = ckpt.newest_complete(run_dir, quiet=True)
+    return str(kept) if kept is not None else "none"
+
+
+def _check_finite(state: RunState) -> None:
+    """Refuse to publish a state with a NaN/inf tensor (every process runs the same check)."""
+    groups: dict[str, Any] = {f"model '{n}'": m.state_dict() for n, m in state.models.items()}
+    groups.update({f"EMA of '{n}'": m.state_dict() for n, m in state.ema.items()})
+    groups.update({f"optimiser '{n}'": o.state_dict() for n, o in state.optimizers.items()})
+    groups["the family state"] = state.family.state_dict()
+    bad = ckpt.nonfinite_tensor(groups)
+    if bad is not None:
+        raise TrainingDivergedError(
+            f"{bad} is not finite at step {state.counters.step}: this state was not saved nor "
+            f"exported; the newest complete checkpoint is {_kept(state.run_dir)} (lower the "
+            "learning rate, or check the data)")
+
+
 def load_checkpoint(state: RunState, path: Path) -> None:
-    """Restore a state folder written by :func:`save_checkpoint`."""
+    """Restore a state folder written by :func:`save_checkpoint`.
+
+    The config's optimiser settings win over the checkpoint's: a changed learning rate (or
+    betas, weight decay, ...) is applied, and a line says so.
+    """
     acc = state.accelerator
     scaler = getattr(acc, "scaler", None)
+    wanted = ckpt.optimizer_settings(state.optimizers)
     counters, fam = ckpt.load_state(path, models=state.models, ema=state.ema,
                                     optimizers=state.optimizers, schedulers=state.schedulers,
                                     scaler=scaler)
+    changes = ckpt.apply_optimizer_settings(state.optimizers, state.schedulers, wanted)
+    if changes and acc.is_main_process:
+        tqdm.write(f"resume: the config's optimiser settings replace the checkpoint's: "
+                   f"{'; '.join(changes)}", file=sys.stderr)
     state.family.load_state_dict(fam)
     state.counters = counters
     rng_file = path / f"rng-{acc.process_index}.pt"
     if rng_file.is_file():
-        from gen_ad.utils.io import torch_load
-
         ckpt.set_rng_state(torch_load(rng_file))
 
 
@@ -220,8 +274,8 @@ def _finite_or_raise(logs: Mapping[str, float], step: int) -> None:
     for k, v in logs.items():
         if not math.isfinite(float(v)):
             raise TrainingDivergedError(
-                f"loss '{k}' is {v} at step {step}; training stopped, the last good checkpoint "
-                "is kept (lower the learning rate, or check the data)")
+                f"loss '{k}' is {v} at step {step}; training stopped (lower the learning rate, "
+                "or check the data)")
 
 
 def _done(state: RunState) -> bool:
@@ -288,7 +342,28 @@ def run_training(family: Family, *, resume: str | None = None) -> Path:
         resume: ``None`` (new run), ``"latest"``, or a state/run folder path.
     Returns:
         The run folder.
+    Raises:
+        FolderLockedError: another process is writing the run folder.
+        TrainingDivergedError: a non-finite loss or tensor (names the newest complete state).
     """
+    with _writer_lock(Path(family.cfg.out)):
+        return _run_training(family, resume)
+
+
+@contextmanager
+def _writer_lock(run_dir: Path) -> Iterator[None]:
+    """The run folder's writer lock, held by the first process of a (DDP) launch, which also
+    puts back a state or export whose swap a kill interrupted."""
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":
+        yield
+        return
+    with folder_lock(run_dir, "run folder"):
+        ckpt.recover_states(run_dir)
+        recover_dir(run_dir / "model")
+        yield
+
+
+def _run_training(family: Family, resume: str | None) -> Path:
     from gen_ad.data import build_dataset
     from gen_ad.training.monitor import final_samples
 
@@ -345,7 +420,11 @@ def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> None:
     t0, img0, step0 = time.perf_counter(), state.counters.images, state.counters.step
     while not _done(state):
         batch = next(batches)["image"].to(acc.device, non_blocking=True)
-        logs = train_one_step(state, batch)
+        try:
+            logs = train_one_step(state, batch)
+        except TrainingDivergedError as e:
+            raise TrainingDivergedError(f"{e}; the newest complete checkpoint is "
+                                        f"{_kept(state.run_dir)} (its tensors are finite)") from e
         bar.total = _budget_total(state, t0, step0)
         bar.update(1)
         dt = max(time.perf_counter() - t0, 1e-9)

@@ -1,22 +1,58 @@
-"""Atomic file writes and safe loading.
+"""Atomic file writes, folders published as a whole, integrity manifests and safe loading.
 
-Every file gen_ad writes goes to a temporary name in the same directory and is renamed into place,
-so a process killed at any instant leaves either the old file or the new one, never a torn one.
+Every file gen_ad writes goes to a temporary name in the same directory (unique per process:
+pid + random) and is renamed into place, so a process killed at any instant leaves either the old
+file or the new one, never a torn one. Folders that must change as a set (training states, the
+``model/`` export) are assembled under a temporary name, get a manifest of their files' sizes and
+sha256 checksums written last (:func:`write_manifest`), and are swapped in by
+:func:`publish_dir`; readers check them with :func:`check_manifest` before trusting them.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
+import pickle
+import secrets
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from gen_ad.errors import CheckpointError, DiskFullError
+
+MANIFEST = "manifest.json"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def unique_tag() -> str:
+    """A name part unique to this process and call: ``<pid>-<8 random hex digits>``."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike[str]) -> DiskFullError | None:
+    """A new :class:`DiskFullError` naming ``path`` when ``exc`` is a plain ENOSPC/EDQUOT
+    error, else ``None`` (re-raise ``exc`` as it is)."""
+    if isinstance(exc, OSError) and not isinstance(exc, DiskFullError) and exc.errno in _FULL:
+        return DiskFullError(f"no space left on the device while writing {path}")
+    return None
+
+
+def _reraise(exc: OSError, path: str | os.PathLike[str]) -> NoReturn:
+    full = disk_full(exc, path)
+    if full is None:
+        raise exc
+    raise full from exc
 
 
 @contextmanager
@@ -27,17 +63,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         path: final destination (its parent directory is created).
     Yields:
         A temporary path to write to. It is removed if the block raises.
+    Raises:
+        DiskFullError: the disk filled up (the message names ``path``).
     """
     dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.{os.getpid()}-", suffix=".tmp",
+                                   dir=dst.parent)
+    except OSError as e:
+        _reraise(e, dst)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give files the usual mode
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give files the usual mode
         yield tmp_path
         _fsync_file(tmp_path)
         os.replace(tmp_path, dst)
+    except OSError as e:
+        _reraise(e, dst)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -54,10 +98,16 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (the one place file contents reach the disk)."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically write ``data`` to ``path``."""
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        _write_file(tmp, data)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -74,8 +124,11 @@ def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> Non
     """Append one JSON line (append is atomic enough for single small lines on POSIX)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a", encoding="utf-8") as f:
-        f.write(json.dumps(dict(record)) + "\n")
+    try:
+        with open(p, "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(record)) + "\n")
+    except OSError as e:
+        _reraise(e, p)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -84,7 +137,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         return out
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -96,42 +149,193 @@ def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
                      metadata: Mapping[str, str] | None = None) -> None:
     """Atomically save a flat dict of tensors as safetensors (contiguous CPU copies)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=dict(metadata) if metadata else None)
+    write_bytes(path, safetensors_bytes(flat, metadata=dict(metadata) if metadata else None))
 
 
 def load_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file into a dict of tensors."""
-    return load_file(str(path), device=device)
+    """Load a safetensors file into a dict of tensors.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a safetensors file.
+    """
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"weights file not found: {path}") from e
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({msg})") from e
 
 
 def torch_save(path: str | os.PathLike[str], obj: Any) -> None:
     """Atomically ``torch.save`` plain data (tensors, numbers, lists, dicts; never modules)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def torch_load(path: str | os.PathLike[str]) -> Any:
-    """Load a :func:`torch_save` file with ``weights_only=True`` (no arbitrary pickles)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a :func:`torch_save` file with ``weights_only=True`` (no arbitrary pickles).
+
+    Raises:
+        CheckpointError: the file is missing or damaged, or holds Python objects other than
+            tensors and plain data (it is refused, never executed).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"file not found: {path}") from e
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} was refused: it holds Python objects other than tensors and plain data, "
+            "and gen_ad never unpickles those (convert it to safetensors)") from e
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... when torn
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is damaged or truncated ({msg})") from e
+
+
+# ----------------------------------------------------------------------------- folders
 
 
 def atomic_dir(final: str | os.PathLike[str]) -> Path:
-    """A fresh temporary directory beside ``final``, to publish with :func:`publish_dir`."""
+    """A fresh temporary directory beside ``final`` (unique per process), for
+    :func:`publish_dir`."""
     dst = Path(final)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{dst.name}.{os.getpid()}-", suffix=".tmp",
+                                     dir=dst.parent))
+    except OSError as e:
+        _reraise(e, dst)
+
+
+def _old_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old-{unique_tag()}")
 
 
 def publish_dir(tmp: Path, final: str | os.PathLike[str]) -> None:
-    """Rename a finished temporary directory onto ``final`` (replacing an old one)."""
+    """Swap a finished temporary directory in as ``final``: rename the old one away, rename
+    ``tmp`` into place, then delete the old one.
+
+    A kill between the two renames leaves ``final`` absent and the previous version under
+    ``.<name>.old-*``; :func:`recover_dir` puts it back.
+    """
     dst = Path(final)
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
+        old = _old_name(dst)
         os.replace(dst, old)
         os.replace(tmp, dst)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dst)
+
+
+def remove_dir(path: str | os.PathLike[str]) -> None:
+    """Delete a published folder without ever leaving it half-deleted under its own name:
+    rename it to a hidden ``.<name>.trash-*`` first, then delete that."""
+    p = Path(path)
+    if not p.exists():
+        return
+    trash = p.with_name(f".{p.name}.trash-{unique_tag()}")
+    os.replace(p, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_dir(final: str | os.PathLike[str]) -> Path | None:
+    """Put back the previous version of ``final`` when a :func:`publish_dir` was killed between
+    its two renames (``final`` missing, ``.<name>.old-*`` present). Returns what was restored."""
+    dst = Path(final)
+    if dst.exists() or not dst.parent.is_dir():
+        return None
+    olds = sorted(dst.parent.glob(f".{dst.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return None
+    os.replace(olds[-1], dst)
+    warnings.warn(f"restored {dst} from {olds[-1].name} (an interrupted swap)", stacklevel=2)
+    return dst
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's contents (read in chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike[str], extra: Mapping[str, Any] | None = None,
+                   name: str = MANIFEST) -> dict[str, Any]:
+    """Record every file under ``folder`` (size + sha256) in ``folder/name``, written last.
+
+    Returns:
+        The manifest (``{"files": {relative path: {"size", "sha256"}}, **extra}``).
+    """
+    root = Path(folder)
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != name:
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"files": files, **dict(extra or {})}
+    write_json(root / name, manifest, indent=1)
+    return manifest
+
+
+def inside(root: str | os.PathLike[str], rel: str) -> Path:
+    """``root/rel`` when ``rel`` is a relative path that stays inside ``root``.
+
+    Raises:
+        CheckpointError: ``rel`` is absolute or leaves ``root`` (``..``, a link outside).
+    """
+    base = Path(root).resolve()
+    if not rel or Path(rel).is_absolute():
+        raise CheckpointError(f"{root}: refusing the path {rel!r} (not relative to the folder)")
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise CheckpointError(f"{root}: refusing the path {rel!r}: it points outside the folder")
+    return base / rel
+
+
+def read_manifest_file(folder: str | os.PathLike[str], name: str = MANIFEST) -> dict[str, Any]:
+    """Read ``folder/name`` (a CheckpointError when missing or not a manifest)."""
+    p = Path(folder) / name
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder} is incomplete: no {name}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p} is damaged: {type(e).__name__}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise CheckpointError(f"{p} is damaged: no file list")
+    return data
+
+
+def check_manifest(folder: str | os.PathLike[str], name: str = MANIFEST) -> dict[str, Any]:
+    """Verify every file listed in ``folder/name`` (inside the folder, size, sha256).
+
+    Returns:
+        The manifest.
+    Raises:
+        CheckpointError: the manifest is missing or damaged, or a file is missing, outside the
+            folder, of the wrong size or has a different checksum (the message names it).
+    """
+    manifest = read_manifest_file(folder, name)
+    for rel, rec in manifest["files"].items():
+        p = inside(folder, rel)
+        if not p.is_file():
+            raise CheckpointError(f"{folder} is incomplete: {rel} is missing")
+        try:
+            size, digest = int(rec["size"]), str(rec["sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder}/{name} is damaged (entry {rel})") from e
+        if p.stat().st_size != size:
+            raise CheckpointError(f"{folder}: {rel} has {p.stat().st_size} bytes, the manifest "
+                                  f"recorded {size} (truncated or replaced)")
+        if sha256_file(p) != digest:
+            raise CheckpointError(f"{folder}: {rel} does not match its recorded sha256 "
+                                  "(damaged or replaced)")
+    return manifest

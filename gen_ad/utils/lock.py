@@ -1,0 +1,127 @@
+"""One writer per output folder: an exclusive lock every writing command holds.
+
+:func:`folder_lock` takes an exclusive ``flock`` on ``<folder>/.gen-ad.lock`` and records the
+holder (pid, host, command, start time) in it. A second writer stops at once with a
+:class:`~gen_ad.errors.FolderLockedError` naming the holder. The kernel releases the lock when
+its process dies, however it dies (SIGKILL included), so a lock left by a dead process is simply
+taken over (with a warning naming it). Nested use in one process (a command calling another on
+the same folder) is allowed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gen_ad.errors import DataError, FolderLockedError
+
+LOCK_NAME = ".gen-ad.lock"
+
+
+def _holder_info() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "command": " ".join(os.path.basename(a) if i == 0 else a
+                                for i, a in enumerate(sys.argv[:6])),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _read_holder(fd: int, tries: int = 20) -> dict[str, Any]:
+    """The holder recorded in the lock file (retrying briefly while the holder writes it)."""
+    for _ in range(tries):
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 4096)
+        try:
+            info = json.loads(raw.decode("utf-8"))
+            if isinstance(info, dict) and "pid" in info:
+                return info
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    return {}
+
+
+def _prepare_folder(folder: Path, what: str) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{what} {folder} is an existing file, not a folder; choose a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {what} {folder}: {e.strerror or e}") from e
+
+
+def _describe(info: dict[str, Any]) -> str:
+    if not info:
+        return "another process (it has not recorded itself yet)"
+    cmd = f", '{info['command']}'" if info.get("command") else ""
+    return (f"pid {info.get('pid')} on {info.get('host', '?')}{cmd}, since "
+            f"{info.get('since', '?')}")
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> Iterator[Path]:
+    """Hold the exclusive writer lock of ``folder`` (created if needed) for the block.
+
+    Args:
+        folder: the folder a command writes (run folder, bank, tile/score/benchmark output).
+        what: how messages name the folder (e.g. ``"run folder"``).
+    Yields:
+        The folder path.
+    Raises:
+        DataError: ``folder`` is an existing file, or cannot be created.
+        FolderLockedError: another live process holds the lock (the message names it).
+    """
+    d = Path(folder).expanduser()
+    _prepare_folder(d, what)
+    try:
+        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(f"cannot write in {what} {d}: {e.strerror or e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            yield d  # nested: this process already holds it
+            return
+        raise FolderLockedError(
+            f"{what} {d} is being written by another gen-ad process ({_describe(holder)}); "
+            "wait for it to finish or choose another folder") from None
+    try:
+        previous = _read_holder(fd, tries=1)
+        if previous:
+            warnings.warn(f"took over the lock of {d} left by {_describe(previous)}, which is "
+                          "no longer running", stacklevel=3)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder_info()).encode("utf-8"), 0)
+        yield d
+    finally:
+        os.ftruncate(fd, 0)  # released cleanly: nothing to take over
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def lock_holder(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Who holds the lock of ``folder`` now (``None`` when nobody does)."""
+    p = Path(folder).expanduser() / LOCK_NAME
+    if not p.is_file():
+        return None
+    fd = os.open(p, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
