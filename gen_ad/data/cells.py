@@ -32,7 +32,8 @@ from gen_ad.errors import DataError
 
 
 class Source(Protocol):
-    """What detection and cropping read: a :class:`gen_ad.data.wsi.Slide` or an :class:`ImageSource`."""
+    """What detection and cropping read: a :class:`~gen_ad.data.wsi.Slide` or an
+    :class:`ImageSource`."""
 
     path: Path
     dimensions: tuple[int, int]
@@ -101,7 +102,7 @@ class ImageSource:
 
 
 def base_mpp(source: Source, slide_mpp: float | None) -> float:
-    """Level-0 microns per pixel: ``slide_mpp`` when given, else the file's; DataError if neither."""
+    """Level-0 microns per pixel: ``slide_mpp`` if given, else the file's; DataError if neither."""
     mpp = slide_mpp if slide_mpp is not None else source.mpp
     if mpp is None:
         raise DataError(f"{source.path} does not record its microns per pixel; give it "
@@ -163,7 +164,7 @@ class Nuclei:
 
 
 def hematoxylin(rgb: np.ndarray) -> np.ndarray:
-    """Hematoxylin concentration by colour deconvolution. uint8 ``[H,W,3]`` -> float32 ``[H,W]`` >= 0."""
+    """Hematoxylin by colour deconvolution. uint8 ``[H,W,3]`` -> float32 ``[H,W]``, >= 0."""
     from skimage.color import rgb2hed
 
     return np.clip(rgb2hed(rgb)[..., 0], 0.0, None).astype(np.float32)
