@@ -1,4 +1,5 @@
-"""The ``gen-ad`` command line. Subcommands parse arguments and call library functions.
+"""The ``gen-ad`` command line. Subcommands parse arguments and call the command layer
+(:mod:`gen_ad.app`, one module per command); nothing else happens here.
 
 Every user error (bad path, bad value, bad config, unreadable data) prints one line
 ``gen-ad: error: ...`` and exits with status 2; ``--debug`` shows the traceback instead.
@@ -41,9 +42,17 @@ def _fraction(text: str) -> float:
 # Each _add_* registers one subcommand and sets ``func`` to a handler taking the parsed args.
 
 
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments common to every trainer (``gen-ad train`` and ``train/<family>.py``)."""
+    p.add_argument("--config", required=True, help="YAML config (configs/<family>/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. train.max_steps=100 data.size=64")
+    p.add_argument("--resume", default=None, metavar="latest|PATH",
+                   help="continue a run exactly: 'latest' state of the config's 'out', or a path")
+
+
 def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from gen_ad.config import families
-    from gen_ad.training.entry import add_train_arguments
 
     p = sub.add_parser("train", help="train a generator on normal patches (wgan, stylegan2, ddpm)",
                        description="Train a model family with the shared Accelerate loop. Use "
@@ -54,7 +63,7 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gen_ad.training.entry import train
+    from gen_ad.app.train import train
 
     run_dir = train(args.family, args.config, args.overrides, args.resume)
     print(f"run folder: {run_dir}")
@@ -78,7 +87,8 @@ def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _cmd_groups(args: argparse.Namespace) -> int:
-    from gen_ad.metrics.stats import format_summary, run_groups
+    from gen_ad.app.groups import run_groups
+    from gen_ad.metrics.stats import format_summary
 
     result = run_groups(args.scores, args.groups, args.out, threshold=args.threshold,
                         threshold_file=args.threshold_file, control=args.control)
@@ -116,9 +126,9 @@ def _add_fid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _cmd_fid(args: argparse.Namespace) -> int:
     import json
 
-    from gen_ad.metrics.fid import compute_fid
+    from gen_ad.app.fid import fid
 
-    result = compute_fid(args.real, args.fake, n=args.n, kid=args.kid,
+    result = fid(args.real, args.fake, n=args.n, kid=args.kid,
                          inception_weights=args.inception_weights, device=args.device,
                          batch_size=args.batch_size, seed=args.seed, size=args.size,
                          max_real=args.max_real, use_cache=not args.no_cache,
@@ -155,7 +165,8 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from gen_ad.scoring.runner import score_run, summary_line
+    from gen_ad.app.evaluate import summary_line
+    from gen_ad.app.score import score_run
 
     kwargs = {"steps": args.steps} if args.steps else {}
     results = score_run(args.run, args.data, args.out, method=args.method, normal=args.normal,
@@ -192,16 +203,12 @@ def _add_tile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_tile(args: argparse.Namespace) -> int:
-    from gen_ad.data.wsi import MANIFEST_NAME, tile_slides
+    from gen_ad.app.tile import tile
 
-    summaries = tile_slides(args.slides, args.out, args.size, level=args.level, mpp=args.mpp,
-                            min_tissue=args.min_tissue, stride=args.stride,
-                            slide_mpp=args.slide_mpp, workers=args.workers)
-    for s in summaries:
-        mpp = f"{s.mpp * s.downsample:.3g} um/px" if s.mpp is not None else "mpp unknown"
-        print(f"{s.slide}: {s.backend}, level {s.level}, downsample {s.downsample:.3g} ({mpp}), "
-              f"{len(s.records)} of {s.grid_cells} grid tiles kept")
-    print(f"manifest: {args.out}/{MANIFEST_NAME}")
+    for line in tile(args.slides, args.out, args.size, level=args.level, mpp=args.mpp,
+                     min_tissue=args.min_tissue, stride=args.stride, slide_mpp=args.slide_mpp,
+                     workers=args.workers):
+        print(line)
     return 0
 
 
@@ -228,20 +235,9 @@ def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from gen_ad.app.synth import synth
 
-    from gen_ad.data.synthetic import generate, write_folder
-    from gen_ad.report.sheets import save_contact_sheet
-
-    out = Path(args.out)
-    counts = write_folder(out, args.n, args.size, args.seed, args.anomaly_fraction)
-    shown = generate(min(args.n, 32), args.size, args.seed, args.anomaly_fraction)
-    labels = ["" if k == "normal" else k for k in shown.kinds]
-    sheet = save_contact_sheet(args.sheet or out / "contact_sheet.png", shown.images,
-                               shown.masks, ncol=8, labels=labels, scale=max(1, 128 // args.size))
-    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("normal", "anomalous"))
-    print(f"synth: wrote {counts['normal']} normal + {counts['anomalous']} anomalous "
-          f"({detail}) {args.size}px patches to {out}; contact sheet {sheet}")
+    print(synth(args.out, args.n, args.size, args.anomaly_fraction, args.seed, args.sheet))
     return 0
 
 
@@ -303,7 +299,8 @@ def _knn_device(args: argparse.Namespace) -> str:
 
 
 def _cmd_knn_fit(args: argparse.Namespace) -> int:
-    from gen_ad.baselines.knn import SearchSettings, fit_folder
+    from gen_ad.app.knn import fit_folder
+    from gen_ad.baselines.knn import SearchSettings
 
     settings = SearchSettings(metric=args.metric, index=args.index,
                               memory_budget_mb=args.memory_mb)
@@ -322,7 +319,7 @@ def _cmd_knn_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_knn_score(args: argparse.Namespace) -> int:
-    from gen_ad.baselines.knn import score_folder
+    from gen_ad.app.knn import score_folder
 
     summary = score_folder(args.bank, args.data, args.out, batch_size=args.batch_size,
                            workers=args.workers, device=_knn_device(args), weights=args.weights,
@@ -348,7 +345,7 @@ def _add_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from gen_ad.report.benchmark import load_benchmark_config, run_benchmark, summary_lines
+    from gen_ad.app.benchmark import load_benchmark_config, run_benchmark, summary_lines
 
     results = run_benchmark(load_benchmark_config(args.config, args.overrides))
     for line in summary_lines(results):
@@ -370,7 +367,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gen_ad.demo import run_demo
+    from gen_ad.app.demo import run_demo
 
     report = run_demo(args.out, fast=args.fast, retrain=args.retrain)
     print(f"demo report: {report}")
@@ -409,7 +406,7 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_slide(args: argparse.Namespace) -> int:
-    from gen_ad.scoring.slide_run import slide_command
+    from gen_ad.app.slide import slide_command
 
     rec = slide_command(args.slide, args.out, run=args.run, bank=args.bank, method=args.method,
                         normal=args.normal, device=args.device, size=args.size,
@@ -449,6 +446,26 @@ def parse_with_overrides(parser: argparse.ArgumentParser,
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def train_main(family_name: str, argv: Sequence[str] | None = None) -> int:
+    """``train/<family>.py``: parse ``argv`` and train; user errors print one line, return 2."""
+    from gen_ad.app.train import train
+
+    p = _Parser(prog=f"train/{family_name}.py",
+                description=f"Train a {family_name} model on normal patches.")
+    add_train_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parse_with_overrides(p, argv)
+    try:
+        run_dir = train(family_name, args.config, args.overrides, args.resume)
+    except GenAdError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"run folder: {run_dir}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ Usage: ``python train/ddpm.py --config configs/ddpm/demo.yaml [key=value ...] [-
 (or ``accelerate launch train/ddpm.py ...`` for multi-GPU).
 """
 
-from gen_ad.training.entry import train_main
+from gen_ad.cli import train_main
 
 if __name__ == "__main__":
     raise SystemExit(train_main("ddpm"))

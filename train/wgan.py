@@ -4,7 +4,7 @@ Usage: ``python train/wgan.py --config configs/wgan/demo.yaml [key=value ...] [-
 (or ``accelerate launch train/wgan.py ...`` for multi-GPU).
 """
 
-from gen_ad.training.entry import train_main
+from gen_ad.cli import train_main
 
 if __name__ == "__main__":
     raise SystemExit(train_main("wgan"))

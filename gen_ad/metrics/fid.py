@@ -42,7 +42,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from tqdm import tqdm
 
 from gen_ad.data.folders import IMAGE_EXTENSIONS, ResizeMode, fit_size, read_rgb
-from gen_ad.errors import CheckpointError, ConfigError, DataError, GenAdError
+from gen_ad.errors import ConfigError, DataError, GenAdError
 from gen_ad.metrics.inception import FeatureExtractor, load_inception, to_uint8
 from gen_ad.utils.io import load_safetensors, save_safetensors
 from gen_ad.utils.paths import cache_dir
@@ -296,55 +296,29 @@ def real_stats(real: RealSource, extractor: FeatureExtractor, *, batch_size: int
 # ----------------------------------------------------------------------------- generated images
 
 
-def is_run_folder(path: str | os.PathLike) -> bool:
-    """True for a trained run folder (it holds ``model/model.json``)."""
-    return (Path(path) / "model" / "model.json").is_file()
-
-
-def run_sampler(path: str | os.PathLike, *, batch_size: int = 64,
-                device: str | torch.device = "cpu") -> SampleFn:
-    """A :data:`SampleFn` drawing from a trained run (``gen_ad.training.export.load_run``).
-
-    Each call samples with a seed drawn from the given generator, so a seeded generator gives a
-    reproducible sequence of batches.
-    """
-    try:
-        from gen_ad.training.export import load_run
-    except ImportError as e:
-        raise CheckpointError(f"{path} is a run folder but runs cannot be loaded: {e}") from e
-    run = load_run(path, device=device)
-
-    def sample(n: int, generator: torch.Generator) -> Tensor:
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        return run.sample(n, seed=seed, batch_size=batch_size)
-
-    return sample
-
-
 def fake_features(fake: str | os.PathLike | SampleFn, extractor: FeatureExtractor, *,
                   n: int | None = None, batch_size: int = 64, seed: int = 0,
                   size: int | None = None, resize: ResizeMode = "resize",
                   generator_device: str | torch.device | None = None) -> Tensor:
-    """Features ``[N,D]`` of generated images: a folder, a run folder, or a :data:`SampleFn`.
+    """Features ``[N,D]`` of generated images: a folder or a :data:`SampleFn`.
 
     Args:
-        fake: image folder (first ``n`` files when ``n`` is given), run folder, or callable.
+        fake: image folder (first ``n`` files when ``n`` is given) or callable (a trained run's
+            sampler: see :mod:`gen_ad.app.fid`).
         extractor: the feature extractor.
-        n: number of samples (required for a callable or run folder).
+        n: number of samples (required for a callable).
         batch_size: images per generator / extractor call.
         seed: seed of the generator handed to the sampler (one generator for all batches).
         size / resize: bring folder images to ``size`` x ``size``.
         generator_device: device of that generator (default: the extractor's device).
     """
-    if isinstance(fake, str | os.PathLike) and not is_run_folder(fake):
+    if isinstance(fake, str | os.PathLike):
         files = list_images(fake, max_images=n)
         batches = _folder_batches(files, batch_size, size=size, resize=resize)
         return _extract(batches, extractor, len(files), "fake features")
     gen_dev = torch.device(generator_device) if generator_device else extractor.device
-    if isinstance(fake, str | os.PathLike):
-        fake = run_sampler(fake, batch_size=batch_size, device=extractor.device)
     if not callable(fake):
-        raise ConfigError(f"fake must be a folder, a run folder or a callable, got {fake!r}")
+        raise ConfigError(f"fake must be a folder or a callable, got {fake!r}")
     if n is None or n < 2:
         raise ConfigError(f"the number of generated samples must be >= 2, got {n}")
     batches = _sample_batches(fake, n, batch_size, seed, device=gen_dev)
@@ -409,7 +383,7 @@ def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int 
 
     Args:
         real: folder / Dataset / tensor of real images (statistics cached by content).
-        fake: folder of generated images, run folder, or ``sample_fn(n, generator)``.
+        fake: folder of generated images or ``sample_fn(n, generator)``.
         n: generated samples (default: as many as real images); for a folder, its first ``n``.
         kid: also compute KID.
         extractor: features to use (default: Inception-v3 from ``inception_weights``).
@@ -425,7 +399,7 @@ def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int 
     """
     if isinstance(real, str | os.PathLike):  # fail on empty/missing folders before loading weights
         list_images(real, max_images=max_real)
-    is_folder = isinstance(fake, str | os.PathLike) and not is_run_folder(fake)
+    is_folder = isinstance(fake, str | os.PathLike)
     if is_folder:
         list_images(fake, max_images=n)
     ext = extractor or load_inception(inception_weights, device=device, layer=inception_layer)
@@ -534,13 +508,3 @@ class FIDMonitor:
         self.disabled_reason = reason
         warnings.warn(f"periodic FID disabled for this run: {reason}", RuntimeWarning,
                       stacklevel=4)
-
-
-def periodic_fid(real: RealSource, sample_fn: SampleFn, n: int,
-                 **kwargs: Any) -> dict[str, Any] | None:
-    """One evaluation with :class:`FIDMonitor` semantics (warns, returns ``None`` on failure).
-
-    A fresh monitor is built per call, so its warnings repeat; a loop should keep one
-    :class:`FIDMonitor` instead (it warns once and caches the real statistics in memory).
-    """
-    return FIDMonitor(real, n=n, **kwargs).compute(0, sample_fn)

@@ -254,39 +254,3 @@ def format_summary(result: Mapping[str, Any]) -> str:
         lines.append(f"  note: {len(result['slides_without_scores'])} slide(s) in the groups "
                      "table have no scores")
     return "\n".join(lines)
-
-
-def run_groups(score_csvs: Sequence[str | os.PathLike[str]], groups_csv: str | os.PathLike[str],
-               out_dir: str | os.PathLike[str], threshold: float | None = None,
-               threshold_file: str | os.PathLike[str] | None = None,
-               control: str | None = None) -> dict[str, Any]:
-    """The ``gen-ad groups`` pipeline: read tables, analyse, write outputs.
-
-    Args:
-        score_csvs: ``path,score[,slide]`` CSVs.
-        groups_csv: ``slide,group`` CSV.
-        out_dir: folder for ``groups.json``, ``per_slide.csv``, ``groups_box.png``.
-        threshold: threshold value; exactly one of ``threshold`` / ``threshold_file``.
-        threshold_file: JSON written by :meth:`gen_ad.scoring.thresholds.Threshold.save`.
-        control: reference group name.
-    Returns:
-        The analysis dict (see :func:`group_analysis`) with ``"outputs"`` (written paths).
-    """
-    from gen_ad.scoring.thresholds import Threshold
-
-    if (threshold is None) == (threshold_file is None):
-        raise DataError("give exactly one of --threshold or --threshold-file")
-    if threshold_file is not None:
-        thr = Threshold.load(threshold_file)
-        t_value, t_info = thr.value, thr.to_dict()
-    else:
-        if not math.isfinite(float(threshold)):  # type: ignore[arg-type]
-            raise DataError(f"threshold must be finite, got {threshold}")
-        t_value, t_info = float(threshold), {"value": float(threshold), "method": "given"}
-    slides, scores = read_scores(score_csvs)
-    result = group_analysis(slides, scores, read_groups(groups_csv), t_value, control=control)
-    result["threshold_info"] = t_info
-    result["score_files"] = [str(p) for p in score_csvs]
-    paths = write_group_outputs(result, out_dir)
-    result["outputs"] = {k: str(v) for k, v in paths.items()}
-    return result

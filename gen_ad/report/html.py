@@ -1,7 +1,7 @@
 """A self-contained HTML report of a benchmark (one file: figures embedded as PNG data URIs).
 
 :func:`render_report` takes the ``results.json`` content written by
-:mod:`gen_ad.report.benchmark` and the folder holding its figures, and returns the HTML text.
+:mod:`gen_ad.app.benchmark` and the folder holding its figures, and returns the HTML text.
 Every value shown is escaped; every image is a ``data:image/png;base64,...`` URI, so the file
 opens anywhere without its folder.
 """

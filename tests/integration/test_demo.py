@@ -51,6 +51,6 @@ def test_demo_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     # the benchmark config the demo wrote re-loads (gen-ad benchmark --config ...)
-    from gen_ad.report.benchmark import load_benchmark_config
+    from gen_ad.app.benchmark import load_benchmark_config
 
     assert len(load_benchmark_config(out / "benchmark.yaml").methods) == len(METHODS)

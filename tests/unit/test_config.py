@@ -144,7 +144,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def test_every_shipped_config_loads(path: Path) -> None:
     """Each YAML under configs/ parses and validates against its schema (typos fail here)."""
     if path.parent.name == "benchmark":
-        from gen_ad.report.benchmark import load_benchmark_config
+        from gen_ad.app.benchmark import load_benchmark_config
 
         cfg = load_benchmark_config(path)
         assert cfg.methods

@@ -381,7 +381,6 @@ def test_monitor_survives_failures(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert bad.maybe_compute(2, _sampler()) is None  # disabled: no second warning
-    assert fid.periodic_fid(real, _sampler(), 4, extractor=_cheap(), device="cpu") is not None
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -389,7 +388,8 @@ def test_monitor_survives_failures(tmp_path: Path) -> None:
 
 def test_run_folder_is_sampled_through_load_run(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    export = pytest.importorskip("gen_ad.training.export")
+    from gen_ad.app import fid as fid_command
+
     run_dir = tmp_path / "run"
     (run_dir / "model").mkdir(parents=True)
     (run_dir / "model" / "model.json").write_text("{}")
@@ -401,11 +401,11 @@ def test_run_folder_is_sampled_through_load_run(tmp_path: Path,
             g = torch.Generator().manual_seed(seed)
             return torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
 
-    monkeypatch.setattr(export, "load_run", lambda path, device="cpu": FakeRun())
+    monkeypatch.setattr(fid_command, "load_run", lambda path, device="cpu": FakeRun())
     real = _write_set(tmp_path / "real", "smooth", n=5)
-    assert fid.is_run_folder(run_dir) and not fid.is_run_folder(real)
-    r1 = fid.compute_fid(real, run_dir, extractor=_cheap(), batch_size=3)
-    r2 = fid.compute_fid(real, run_dir, extractor=_cheap(), batch_size=3)
+    assert fid_command.is_run_folder(run_dir) and not fid_command.is_run_folder(real)
+    r1 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=3, device="cpu")
+    r2 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=3, device="cpu")
     assert r1["n_fake"] == 5 and [c[0] for c in calls[:2]] == [3, 2]  # default n = n_real
     assert all(c[2] == 3 for c in calls)
     assert r1["fd_meanstd"] == r2["fd_meanstd"] and r2["cache_hit"]  # seeded: reproducible

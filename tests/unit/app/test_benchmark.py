@@ -13,9 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gen_ad.config import from_dict
-from gen_ad.errors import ConfigError, DataError
-from gen_ad.report.benchmark import (
+from gen_ad.app.benchmark import (
     BenchmarkConfig,
     PreparedMethod,
     benchmark_methods,
@@ -24,6 +22,8 @@ from gen_ad.report.benchmark import (
     prepare_methods,
     summary_lines,
 )
+from gen_ad.config import from_dict
+from gen_ad.errors import ConfigError, DataError
 from gen_ad.report.html import PNG_MAGIC, png_data_uri, render_report
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 
@@ -177,7 +177,7 @@ def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
 
 def test_fid_unavailable_is_labelled(split: dict[str, Path], tmp_path: Path) -> None:
     """Without Inception weights (offline test caches) the report says so plainly."""
-    from gen_ad.report.benchmark import FID_UNAVAILABLE, generator_quality
+    from gen_ad.app.benchmark import FID_UNAVAILABLE, generator_quality
 
     cfg = from_dict(BenchmarkConfig, _cfg(split, tmp_path, fid={"enabled": True, "n": 4}))
     pm = PreparedMethod("g", "generative", "d", [], BlurScorer(), 32, str(split["val"]), None, 8,
@@ -189,7 +189,7 @@ def test_fid_unavailable_is_labelled(split: dict[str, Path], tmp_path: Path) -> 
 
 def test_fid_random_init_fallback_is_labelled(split: dict[str, Path], tmp_path: Path) -> None:
     """With the fallback, a random-init Inception distance is computed and never called FID."""
-    from gen_ad.report.benchmark import generator_quality
+    from gen_ad.app.benchmark import generator_quality
     from gen_ad.report.html import generator_cell
 
     class FakeRun:

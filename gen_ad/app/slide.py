@@ -66,7 +66,7 @@ def load_scorer(*, run: str | os.PathLike[str] | None = None,
         size = int(fb.meta["extractor"].get("load_size", ext.input_size))
         rnd = " (random-init extractor)" if fb.meta["extractor"].get("random_init") else ""
         return LoadedScorer(sc, size, f"knn {fb.meta['extractor']['name']}{rnd}")
-    from gen_ad.scoring.runner import select_scorer
+    from gen_ad.app.evaluate import select_scorer
     from gen_ad.training.export import load_run
 
     r = load_run(str(run), device=device)
@@ -170,8 +170,8 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     Returns:
         The ``slide.json`` record (``score_max``, ``score_top1pct``, raw variants, paths, ...).
     """
+    from gen_ad.app.evaluate import score_dataset
     from gen_ad.data.wsi import open_slide, plan_grid, tile_slide
-    from gen_ad.scoring.runner import score_dataset
     from gen_ad.scoring.slide import SlideHeatmap, build_heatmap
 
     stem = Path(slide_path).stem
@@ -215,7 +215,7 @@ def slide_command(slide_path: str, out: str, *, run: str | None = None, bank: st
                   **kwargs: Any) -> dict[str, Any]:
     """What ``gen-ad slide`` does: load the scorer, optionally fit it (and calibrate a label-free
     threshold) on a ``normal`` folder, then :func:`score_slide`."""
-    from gen_ad.scoring.runner import calibrate_scorer
+    from gen_ad.app.evaluate import calibrate_scorer
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -282,7 +282,7 @@ def _random_init_notes(kwargs: dict[str, Any]) -> list[str]:
 
 def _prepare_run(m: MethodConfig, cfg: BenchmarkConfig, device: str,
                  runs: dict[str, Any]) -> PreparedMethod:
-    from gen_ad.scoring.runner import select_scorer
+    from gen_ad.app.evaluate import select_scorer
     from gen_ad.training.export import load_run
 
     path = str(m.run)
@@ -399,7 +399,7 @@ def example_indices(labels: np.ndarray, n: int, seed: int = 0) -> list[int]:
 
 
 def _batches(ds: Dataset, batch_size: int, device: str) -> Iterator[torch.Tensor]:
-    from gen_ad.scoring.runner import image_batches
+    from gen_ad.app.evaluate import image_batches
 
     for b in image_batches(ds, batch_size):
         yield b.to(device)
@@ -444,8 +444,8 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
         device: where scoring runs.
         examples: test indices to show (default: chosen from this method's labels).
     """
+    from gen_ad.app.evaluate import score_dataset
     from gen_ad.metrics.detection import evaluate_scores
-    from gen_ad.scoring.runner import score_dataset
 
     t0 = time.perf_counter()
     fit_ds = split.normal(pm.fit_root, pm.size, pm.fit_limit)
@@ -616,8 +616,8 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
     :func:`run_benchmark` calls it with the methods of the config; a caller may also pass its
     own :class:`PreparedMethod` objects (e.g. a new scorer) to compare them the same way.
     """
+    from gen_ad.app.evaluate import scores_csv
     from gen_ad.report.html import render_report
-    from gen_ad.scoring.runner import scores_csv
 
     out = Path(cfg.out)
     split = SplitCache(cfg.data, cfg.seed)

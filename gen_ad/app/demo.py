@@ -12,7 +12,7 @@ Steps (each printed as it runs):
 3. A benchmark config (``benchmark.yaml``, re-runnable with ``gen-ad benchmark``) listing
    f-AnoGAN, StyleGAN2 projection, AnoDDPM, AutoDDPM and the KNN baseline with a
    random-initialised extractor (no pretrained weights exist offline; labelled as such), then
-   :func:`gen_ad.report.benchmark.run_benchmark` writes ``report.html`` and ``results.json``.
+   :func:`gen_ad.app.benchmark.run_benchmark` writes ``report.html`` and ``results.json``.
 
 Offline, pretrained networks are replaced by random-initialised ones and the report says so:
 the LPIPS trunk (StyleGAN2 projection, AutoDDPM) and, for FID/KID, Inception-v3 (then the
@@ -121,7 +121,7 @@ def _stages(runs: Path) -> list[tuple[str, str, str, list[str]]]:
 def train_all(runs: Path, data: dict[str, Path], sz: DemoSize, retrain: bool = False,
               log: Any = print) -> dict[str, Path]:
     """Train (or reuse) every demo run; returns ``{run name: run folder}``."""
-    from gen_ad.training.entry import train
+    from gen_ad.app.train import train
 
     out = {}
     for name, family, config, extra in _stages(runs):
@@ -195,8 +195,8 @@ def run_demo(out: str | os.PathLike[str] = "checkpoints/demo", fast: bool = Fals
         retrain: train again even when runs exist.
         log: progress printer.
     """
+    from gen_ad.app.benchmark import BenchmarkConfig, run_benchmark, summary_lines
     from gen_ad.config import from_dict
-    from gen_ad.report.benchmark import BenchmarkConfig, run_benchmark, summary_lines
 
     t0 = time.perf_counter()
     root = Path(out)

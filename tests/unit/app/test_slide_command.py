@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from gen_ad.app.slide import load_scorer, score_slide
 from gen_ad.errors import ConfigError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
-from gen_ad.scoring.slide_run import load_scorer, score_slide
 
 
 class DarkScorer(AnomalyScorer):
@@ -67,7 +67,7 @@ def test_score_slide_heatmap_and_scores(slide: Path, tmp_path: Path) -> None:
 
 
 def test_slide_cli_with_knn_bank(slide: Path, tmp_path: Path) -> None:
-    from gen_ad.baselines.knn import fit_folder
+    from gen_ad.app.knn import fit_folder
     from gen_ad.cli import main
     from gen_ad.data.synthetic import write_folder
 
