@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -114,22 +114,37 @@ def _tiff_bits(im: Image.Image) -> int:
     return int(max(bits) if isinstance(bits, (tuple, list)) else bits)
 
 
+def _tiff_array(path: Path) -> np.ndarray:
+    """The first image of a TIFF as ``[H,W]`` or ``[H,W,C]`` (planar ``[C,H,W]`` moved)."""
+    import tifffile
+
+    arr = np.squeeze(tifffile.imread(path, key=0))
+    if arr.ndim == 3 and arr.shape[0] <= 4 < arr.shape[-1]:
+        arr = np.moveaxis(arr, 0, -1)
+    return arr
+
+
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file fully into RGB uint8 ``[H,W,3]``.
 
-    Multi-channel TIFFs deeper than 8 bits are read with ``tifffile`` (exact 16-bit scaling);
-    everything else with Pillow. See :func:`array_to_rgb8` for the depth and alpha rules.
+    Multi-channel TIFFs deeper than 8 bits, and TIFFs Pillow cannot decode (float RGB), are
+    read with ``tifffile`` (exact 16-bit scaling; float scaling as below); everything else with
+    Pillow. See :func:`array_to_rgb8` for the depth and alpha rules.
 
     Raises:
         DataError: the file is missing, corrupt, truncated or of an unsupported kind.
     """
     p = Path(path)
     try:
-        with Image.open(p) as im:
+        try:
+            im = Image.open(p)
+        except UnidentifiedImageError:
+            if p.suffix.lower() in (".tif", ".tiff"):
+                return array_to_rgb8(_tiff_array(p))
+            raise
+        with im:
             if im.format == "TIFF" and _tiff_bits(im) > 8 and len(im.getbands()) > 1:
-                import tifffile
-
-                return array_to_rgb8(np.squeeze(tifffile.imread(p, key=0)))
+                return array_to_rgb8(_tiff_array(p))
             im.load()
             return pil_to_rgb8(im)
     except DataError as e:
@@ -216,8 +231,15 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.as_posix())
 
 
+MASK_FOLDER = "masks"
+
+
 def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], bool]:
     """Find the class folders of ``root`` and their image files.
+
+    A subfolder named ``masks`` holds ground-truth masks (the layout ``gen-ad synth`` writes),
+    never a class of images: every command that lists a data folder (training, ``score``,
+    ``knn fit|score``, ``benchmark``) skips it.
 
     Returns:
         ``({class name: sorted image paths}, flat)`` where ``flat`` is True when ``root`` holds
@@ -230,7 +252,8 @@ def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]
         raise DataError(f"data folder not found: {r}")
     if not r.is_dir():
         raise DataError(f"data path is not a folder: {r}")
-    subdirs = sorted(d for d in r.iterdir() if d.is_dir() and not d.name.startswith("."))
+    subdirs = sorted(d for d in r.iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and d.name != MASK_FOLDER)
     found = {d.name: _images_under(d) for d in subdirs}
     found = {k: v for k, v in found.items() if v}
     direct = sorted(p for p in r.iterdir() if p.is_file() and is_image_file(p))
@@ -247,7 +270,7 @@ def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]
 
 def find_mask_root(root: str | os.PathLike[str]) -> Path | None:
     """``root/masks`` when it exists (the layout ``gen-ad synth`` writes), else ``None``."""
-    cand = Path(root).expanduser() / "masks"
+    cand = Path(root).expanduser() / MASK_FOLDER
     return cand if cand.is_dir() else None
 
 

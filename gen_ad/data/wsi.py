@@ -24,8 +24,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gen_ad.data.tissue import tissue_mask
-from gen_ad.errors import DataError
-from gen_ad.utils.io import atomic_path, write_text
+from gen_ad.errors import CheckpointError, DataError
+from gen_ad.utils.io import atomic_path, inside, write_text
+from gen_ad.utils.lock import folder_lock
 
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("slide", "level", "x", "y", "tissue_fraction", "path")
@@ -222,8 +223,8 @@ def plan_grid(slide: Slide, size: int, level: int | None = None, mpp: float | No
         if base is None:
             raise DataError(f"slide {slide.path} does not record its microns per pixel; "
                             "give a level, or the slide's mpp (slide_mpp / --slide-mpp)")
-        if mpp <= 0 or base <= 0:
-            raise DataError(f"mpp must be positive, got {mpp} (slide {base})")
+        if not (math.isfinite(mpp) and math.isfinite(base) and mpp > 0 and base > 0):
+            raise DataError(f"mpp must be a positive number, got {mpp} (slide {base})")
         downsample = mpp / base
         level = slide.best_level(downsample)
     else:
@@ -394,7 +395,9 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
     Returns:
         One summary per slide, in input order.
     Raises:
-        DataError: a slide is missing/unreadable, two slides share a file stem, bad settings.
+        DataError: a slide is missing/unreadable, two slides share a file stem, bad settings,
+            ``out_dir`` is a file, or its manifest names a path outside it.
+        FolderLockedError: another process is writing ``out_dir``.
     """
     stems: dict[str, str] = {}
     for p in paths:
@@ -402,10 +405,11 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
         if stems.setdefault(stem, full) != full:
             raise DataError(f"two slides share the name '{stem}': {stems[stem]} and {full}")
     out = Path(out_dir).expanduser()
-    summaries = [_tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp, mask_size,
-                           workers, progress) for p in paths]
-    update_manifest(out, [s.slide for s in summaries],
-                    [r for s in summaries for r in s.records])
+    with folder_lock(out, "tile output folder"):
+        summaries = [_tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp,
+                               mask_size, workers, progress) for p in paths]
+        update_manifest(out, [s.slide for s in summaries],
+                        [r for s in summaries for r in s.records])
     return summaries
 
 
@@ -442,7 +446,11 @@ def tile_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], si
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[TileRecord]:
-    """Read a tiling manifest (``path`` columns are resolved against the manifest's folder)."""
+    """Read a tiling manifest (``path`` columns are resolved against the manifest's folder).
+
+    Raises:
+        DataError: not a manifest, or a row whose path is absolute or leaves the folder.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"manifest not found: {p}")
@@ -450,17 +458,23 @@ def read_manifest(path: str | os.PathLike[str]) -> list[TileRecord]:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
             raise DataError(f"{p} is not a tiling manifest (columns {reader.fieldnames})")
-        return [TileRecord(r["slide"], int(r["level"]), int(r["x"]), int(r["y"]),
-                           float(r["tissue_fraction"]), str(p.parent / r["path"]))
-                for r in reader]
+        try:
+            return [TileRecord(r["slide"], int(r["level"]), int(r["x"]), int(r["y"]),
+                               float(r["tissue_fraction"]), str(inside(p.parent, r["path"])))
+                    for r in reader]
+        except CheckpointError as e:
+            raise DataError(f"manifest {p}: {e}") from e
+        except (TypeError, ValueError) as e:
+            raise DataError(f"manifest {p} has a malformed row: {e}") from e
 
 
 def update_manifest(out_dir: str | os.PathLike[str], slides: Sequence[str],
                     records: Sequence[TileRecord]) -> Path:
     """Replace the rows of ``slides`` in ``out_dir/manifest.csv`` by ``records`` (atomically).
 
-    Tile files listed in the old rows of these slides but not in ``records`` are deleted.
-    Paths are stored relative to ``out_dir``. Returns the manifest path.
+    Tile files listed in the old rows of these slides but not in ``records`` are deleted; a
+    manifest naming any path outside ``out_dir`` is refused before anything is deleted. Paths are
+    stored relative to ``out_dir``. Returns the manifest path.
     """
     out = Path(out_dir)
     manifest = out / MANIFEST_NAME
@@ -468,7 +482,8 @@ def update_manifest(out_dir: str | os.PathLike[str], slides: Sequence[str],
     replaced = set(slides)
     new_paths = {str(Path(r.path).resolve()) for r in records}
     for r in old:
-        if r.slide in replaced and str(Path(r.path).resolve()) not in new_paths:
+        gone = r.slide in replaced and str(Path(r.path).resolve()) not in new_paths
+        if gone and Path(r.path).suffix == ".png":  # only tiles, never another kind of file
             Path(r.path).unlink(missing_ok=True)
     rows = [r for r in old if r.slide not in replaced] + list(records)
     rows.sort(key=lambda r: (r.slide, r.y, r.x))
