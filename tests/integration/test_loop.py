@@ -24,8 +24,9 @@ from toy_family import ToyConfig, ToyFamily  # noqa: E402
 
 
 def _train(out: Path, *overrides: str, resume: str | None = None) -> ToyFamily:
+    # train.cpu: these tests check bitwise resume and signal handling (CPU semantics)
     cfg = load_config(ToyConfig, None, [f"out={out}", "train.log_every=1",
-                                        "train.sample_every=0", *overrides])
+                                        "train.sample_every=0", "train.cpu=true", *overrides])
     fam = ToyFamily(cfg)
     run_training(fam, resume=resume)
     return fam
@@ -156,7 +157,8 @@ def dying(path, tensors, metadata=None):
     orig(path, tensors, metadata)
 ckpt.save_safetensors = dying
 import toy_family
-toy_family.main([{out!r}, "train.max_steps=6", "train.ckpt_every=2", "train.sample_every=0"])
+toy_family.main([{out!r}, "train.max_steps=6", "train.ckpt_every=2", "train.sample_every=0",
+                  "train.cpu=true"])
 """
 
 
@@ -184,7 +186,7 @@ def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
             "loop.train_one_step = step\n"
             "import toy_family\n"
             f"toy_family.main([{str(out)!r}, 'train.max_steps=50', 'train.ckpt_every=0',"
-            " 'data.num_workers=1'])")
+            " 'data.num_workers=1', 'train.cpu=true'])")  # signal timing: CPU semantics
     # the whole process group (main + data worker) is signalled, as a job scheduler does
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           start_new_session=True)

@@ -14,7 +14,10 @@ from gen_ad.training.wgan import WGANConfig, WGANFamily
 from gen_ad.utils.io import load_safetensors
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "wgan"
-COMMON = ["data.synthetic=24", "train.sample_every=0", "train.log_every=1", "train.fid_every=0"]
+# train.cpu: bitwise resume needs CPU semantics (CUDA kernels may sum in any order); the CUDA twin
+# with a stated tolerance is tests/gpu/test_families_gpu.py
+COMMON = ["data.synthetic=24", "train.sample_every=0", "train.log_every=1", "train.fid_every=0",
+          "train.cpu=true"]
 
 
 def _train(config: str, *overrides: str, resume: str | None = None) -> Path:

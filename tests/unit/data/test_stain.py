@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ from PIL import Image
 
 from gen_ad.data.stain import StainNormalizer, tissue_pixel_fraction
 from gen_ad.errors import DataError
+
+# torchstain is a declared dependency, but a GPU machine prepared without registry access (torch
+# preinstalled, other wheels carried along) may lack it: the tests that normalise then skip.
+needs_torchstain = pytest.mark.skipif(importlib.util.find_spec("torchstain") is None,
+                                      reason="torchstain is not installed (pip install torchstain)")
 
 # Columns: optical-density directions of haematoxylin and eosin (RGB rows).
 _HE_REF = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])
@@ -29,6 +35,7 @@ def _mean_dist(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.reshape(-1, 3).mean(0) - b.reshape(-1, 3).mean(0)))
 
 
+@needs_torchstain
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_colour_moves_toward_reference(method: str) -> None:
     ref = _stained(_HE_REF, 0)
@@ -43,6 +50,7 @@ def test_colour_moves_toward_reference(method: str) -> None:
     assert norm.n_calls == 1 and norm.n_skipped == 0
 
 
+@needs_torchstain
 def test_blank_patch_is_returned_unchanged(tmp_path: Path) -> None:
     ref = _stained(_HE_REF, 0)
     Image.fromarray(ref).save(tmp_path / "ref.png")
@@ -62,6 +70,7 @@ def test_bad_reference_is_a_data_error(tmp_path: Path) -> None:
         StainNormalizer(method="macenko", reference=None)
 
 
+@needs_torchstain
 def test_real_patch_shapes(shared_data: Path) -> None:
     files = sorted((shared_data / "pcam" / "valid" / "normal").iterdir())[:3]
     from gen_ad.data.folders import read_rgb
