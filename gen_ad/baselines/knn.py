@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import Threshold, calibrate
-from gen_ad.utils.io import atomic_path, write_json
+from gen_ad.utils.io import atomic_path, inside, unique_tag, write_json
 
 Metric = Literal["l2", "cosine"]
 Reduction = Literal["mean", "kth"]
@@ -80,8 +80,39 @@ class FeatureBank:
 
         try:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from e
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse a ``bank.json`` whose shards leave the bank folder, are missing, or do not
+        hold the rows it records (checked from the ``.npy`` headers, without reading data)."""
+        where = self.root / META
+        try:
+            dim, count, shards = int(self.meta["dim"]), int(self.meta["count"]), \
+                list(self.meta["shards"])
+            rows = [int(sh["count"]) for sh in shards]
+            files = [str(sh["file"]) for sh in shards]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where} is damaged: {type(e).__name__} {e}") from e
+        for name, n in zip(files, rows):
+            if Path(name).name != name or not name.endswith(".npy"):
+                raise CheckpointError(f"{where}: refusing the shard path {name!r} (shards are "
+                                      "plain .npy names inside the bank folder)")
+            path = inside(self.root, name)
+            try:
+                mm = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{where}: shard {name} is missing or damaged "
+                                      f"({type(e).__name__})") from e
+            shape, size, offset = mm.shape, path.stat().st_size, int(mm.offset)
+            del mm
+            if shape != (n, dim) or size != offset + n * dim * 4:
+                raise CheckpointError(f"{where}: shard {name} holds {shape}, the bank records "
+                                      f"({n}, {dim})")
+        if sum(rows) != count or len(self.meta.get("paths", [])) != count:
+            raise CheckpointError(f"{where} is inconsistent: {count} vectors recorded, "
+                                  f"{sum(rows)} in shards, {len(self.meta.get('paths', []))} paths")
 
     @classmethod
     def create(cls, root: str | os.PathLike[str], dim: int, extractor: dict[str, Any],
@@ -128,7 +159,7 @@ class FeatureBank:
             raise DataError(f"{len(paths)} paths for {len(arr)} feature rows")
         if len(arr) == 0:
             return
-        name = f"features-{len(self.meta['shards']):05d}.npy"
+        name = f"features-{len(self.meta['shards']):05d}-{unique_tag()}.npy"  # never reused
         with atomic_path(self.root / name) as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
         self.meta["shards"].append({"file": name, "count": int(len(arr))})

@@ -112,9 +112,11 @@ def test_extending_bank_equals_building_at_once(tmp_path, extractor) -> None:
     info = {"name": "dino-vits16", "random_init": True, "tiny": True}
     once = build_bank(extractor, a + b, tmp_path / "once", info, k=10, calib_size=40)
     grown = build_bank(extractor, a, tmp_path / "grown", info, k=10, calib_size=40)
-    first_shard = (tmp_path / "grown" / "features-00000.npy").read_bytes()
+    shard = tmp_path / "grown" / grown.meta["shards"][0]["file"]
+    first_shard = shard.read_bytes()
     extend_bank(grown, extractor, b)
-    assert (tmp_path / "grown" / "features-00000.npy").read_bytes() == first_shard  # untouched
+    assert shard.read_bytes() == first_shard  # untouched
+    assert grown.meta["shards"][1]["file"] != shard.name  # shard names are never reused
     assert grown.count == once.count == 80
     np.testing.assert_array_equal(grown.load(), once.load())
     t1 = json.loads((tmp_path / "once" / "threshold.json").read_text())
