@@ -13,11 +13,12 @@ Threshold. When a bank is fitted, a random subset of its own vectors (``calib_si
 point itself is dropped), so no point matches itself and the whole bank stays usable. The
 label-free threshold is ``Q3 + 1.5*IQR`` of these normal scores; it is saved with the bank.
 
-Memory. Queries are searched in chunks and, when the bank does not fit in ``memory_budget_mb``,
-the memory-mapped bank is streamed block by block through an exact search whose partial top-k
-lists are merged, so peak memory stays bounded whatever the bank size. Without faiss, an exact
-torch search (chunked ``cdist`` + ``topk``) gives the same result. IVF (faiss) holds the whole
-bank in memory and is meant for millions of vectors that fit.
+Exact search (``flat``) is :class:`gen_ad.baselines.search.ExactKNN`: fp32 matrix-product
+candidates, then a float64 re-rank, so the neighbours equal a float64 brute force (ties to the
+lower index). Memory: queries are searched in chunks and, when the bank does not fit in
+``memory_budget_mb``, it is streamed from disk block by block, so peak memory stays bounded
+whatever the bank size. IVF (faiss) holds the whole bank in memory and is meant for millions of
+vectors that fit.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gen_ad.baselines.search import ExactKNN, faiss_has_gpu
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import Threshold, calibrate
@@ -275,15 +277,6 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float32, copy=False)
 
 
-def _merge(best_d: np.ndarray, best_i: np.ndarray, d: np.ndarray, i: np.ndarray,
-           k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the ``k`` smallest of two candidate lists ``[q, *]`` (sorted ascending)."""
-    cd = np.concatenate([best_d, d], axis=1)
-    ci = np.concatenate([best_i, i], axis=1)
-    order = np.argsort(cd, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cd, order, 1), np.take_along_axis(ci, order, 1)
-
-
 class KNNIndex:
     """Exact or IVF k-nearest-neighbour search over a :class:`FeatureBank` or an array.
 
@@ -307,6 +300,7 @@ class KNNIndex:
         if self.settings.index == "ivf" and self.faiss is None:
             raise ConfigError("the IVF index needs faiss (pip install faiss-cpu); use --index flat")
         self._index: Any = None
+        self._exact: ExactKNN | None = None
         self.tuned: dict[str, Any] = {}
 
     # -- sizes
@@ -316,9 +310,7 @@ class KNNIndex:
 
     @property
     def in_memory(self) -> bool:
-        """Whether the whole bank is held in one faiss index (IVF, or a flat bank that fits)."""
-        if self.faiss is None:
-            return False
+        """Whether the whole bank is held in memory (IVF, or a flat bank within half the budget)."""
         return self.settings.index == "ivf" or self.count * self.dim * 4 <= self.budget_bytes // 2
 
     def _block_rows(self) -> int:
@@ -336,7 +328,7 @@ class KNNIndex:
         q = self.source.rows(np.sort(rng.choice(self.count, min(self.count, 64), replace=False)))
         if self.settings.metric == "cosine":
             q = _normalise(q)
-        _, exact = self._search_blocked(q, k, self._block_rows())
+        _, exact = self._exact_index().search(q, k)
         nprobe = max(1, index.nlist // 16)
         while True:
             index.nprobe = nprobe
@@ -414,61 +406,31 @@ class KNNIndex:
 
     def _search_raw(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Internal search: squared L2 or ``1 - ip`` ascending, chunked over queries."""
-        block_rows = 0 if self.in_memory else self._block_rows()
-        step = self._query_rows(k, block_rows)
+        if self.settings.index == "flat":
+            return self._exact_index().search(q, k)
+        step = self._query_rows(k, 0)  # IVF: the whole bank is in one faiss index
         out_d = np.empty((len(q), k), dtype=np.float32)
         out_i = np.empty((len(q), k), dtype=np.int64)
         for s in range(0, len(q), step):
-            chunk = q[s:s + step]
-            if self.in_memory:
-                d, i = self._get_index(k).search(chunk, k)
-                if self.settings.metric == "cosine":
-                    d = 1.0 - d
-            else:
-                d, i = self._search_blocked(chunk, k, block_rows)
-            out_d[s:s + step], out_i[s:s + step] = d, i
+            d, i = self._get_index(k).search(q[s:s + step], k)
+            out_d[s:s + step] = 1.0 - d if self.settings.metric == "cosine" else d
+            out_i[s:s + step] = i
         return out_d, out_i
 
-    def _search_blocked(self, q: np.ndarray, k: int,
-                        block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-        best_d = np.full((len(q), 0), np.inf, dtype=np.float32)
-        best_i = np.full((len(q), 0), -1, dtype=np.int64)
-        for offset, block in self.source.blocks(block_rows):
-            if self.settings.metric == "cosine":
-                block = _normalise(block)
-            kb = min(k, len(block))
-            d, i = self._block_knn(q, block, kb)
-            best_d, best_i = _merge(best_d, best_i, d, i + offset, k)
-        return best_d, best_i
-
-    def _block_knn(self, q: np.ndarray, block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.faiss is not None:
-            ip = self.settings.metric == "cosine"
-            metric = self.faiss.METRIC_INNER_PRODUCT if ip else self.faiss.METRIC_L2
-            d, i = self.faiss.knn(q, block, k, metric=metric)
-            return (1.0 - d if ip else d), i
-        return torch_block_knn(q, block, k, self.settings.metric, self._torch_device())
+    def _exact_index(self) -> ExactKNN:
+        """The exact search (built once; it keeps the bank resident when it fits)."""
+        if self._exact is None:
+            device = self._torch_device()
+            if self.settings.backend == "faiss" and not faiss_has_gpu(self.faiss):
+                device = torch.device("cpu")
+            self._exact = ExactKNN(self.source, self.settings.metric, device, self.budget_bytes,
+                                   self.settings.backend,
+                                   normalise=self.settings.metric == "cosine")
+        return self._exact
 
     def _torch_device(self) -> torch.device:
         cuda = self.settings.use_gpu and torch.cuda.is_available()
         return torch.device("cuda" if cuda else "cpu")
-
-
-def torch_block_knn(q: np.ndarray, block: np.ndarray, k: int, metric: Metric,
-                    device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-NN of ``q`` ``[Q,D]`` in ``block`` ``[N,D]`` with torch (``cdist`` + ``topk``).
-
-    Returns ``(scores [Q,k], idx [Q,k])`` ascending: squared L2 for ``l2``, ``1 - ip`` for
-    ``cosine`` (inputs already normalised).
-    """
-    tq = torch.from_numpy(np.ascontiguousarray(q)).to(device)
-    tb = torch.from_numpy(np.ascontiguousarray(block)).to(device)
-    if metric == "l2":
-        d = torch.cdist(tq.double(), tb.double()).pow(2).float()
-    else:
-        d = 1.0 - tq @ tb.T
-    vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
-    return vals.cpu().numpy(), idx.cpu().numpy().astype(np.int64)
 
 
 def _drop_self(d: np.ndarray, i: np.ndarray, self_ids: np.ndarray,
