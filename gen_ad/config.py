@@ -134,6 +134,7 @@ class TrainConfig:
             check(v > 0, f"{prefix}.{k}", f"must be positive, got {v}")
         for k in ("log_every", "sample_every", "ckpt_every", "fid_every"):
             check(getattr(self, k) >= 0, f"{prefix}.{k}", "must be >= 0 (0 = never)")
+        check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
         check(self.batch_size % self.grad_accum == 0, f"{prefix}.grad_accum",
               f"must divide batch_size ({self.batch_size})")
         check(0.0 <= self.ema_decay < 1.0, f"{prefix}.ema_decay", "must be in [0, 1)")
@@ -331,13 +332,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: "
+                          f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (line, column)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(e, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def load_config(cls: type[T], path: str | Path | None = None,
