@@ -8,6 +8,7 @@ Every user error (bad path, bad value, bad config, unreadable data) prints one l
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -35,6 +36,20 @@ def _fraction(text: str) -> float:
     v = float(text)
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return v
 
 
@@ -190,9 +205,9 @@ def _add_tile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--size", required=True, type=_positive_int, help="tile side in pixels")
     res = p.add_mutually_exclusive_group()
     res.add_argument("--level", type=int, default=None, help="pyramid level to read (default 0)")
-    res.add_argument("--mpp", type=float, default=None,
+    res.add_argument("--mpp", type=_positive_float, default=None,
                      help="target microns per pixel (best level, then resized)")
-    p.add_argument("--slide-mpp", type=float, default=None,
+    p.add_argument("--slide-mpp", type=_positive_float, default=None,
                    help="level-0 microns per pixel for slides that do not record it")
     p.add_argument("--min-tissue", type=_fraction, default=0.9,
                    help="minimum tissue fraction of a kept tile (default 0.9)")
@@ -286,7 +301,8 @@ def _knn_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_positive_int, default=None,
                    help="patch loading size (default: the extractor's input size)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="data-loading workers (default 2)")
+    p.add_argument("--workers", type=_non_negative_int, default=2,
+                   help="data-loading workers (default 2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--memory-mb", type=float, default=2048.0,
                    help="memory budget of the neighbour search in MiB (default 2048)")
@@ -389,7 +405,8 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="tile side in pixels (default: the scorer's input size)")
     res = p.add_mutually_exclusive_group()
     res.add_argument("--level", type=int, default=None, help="pyramid level to read")
-    res.add_argument("--mpp", type=float, default=None, help="target microns per pixel")
+    res.add_argument("--mpp", type=_positive_float, default=None,
+                     help="target microns per pixel")
     p.add_argument("--stride", type=_positive_int, default=None, help="tile step in pixels")
     p.add_argument("--min-tissue", type=_fraction, default=0.5,
                    help="minimum tissue fraction of a scored tile (default 0.5)")
