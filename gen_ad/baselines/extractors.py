@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_ad.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from gen_ad.utils.io import torch_load
 
 EmbedRule = Literal["cls", "cls+mean", "avg", "vector"]
 
@@ -442,7 +443,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
             sd: Any = load_file(str(p), device="cpu")
         else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
+            sd = torch_load(p)  # weights_only: a pickle of objects is refused, one line
     except Exception as e:  # noqa: BLE001 - corrupt or pickled-module files
         raise CheckpointError(f"cannot read weights {p}: {type(e).__name__}: {e}") from e
     for key in ("state_dict", "model", "teacher", "module"):

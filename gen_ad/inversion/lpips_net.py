@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from gen_ad.errors import WeightsNotFoundError
+from gen_ad.utils.io import torch_load
 
 # Trunk name -> (torchvision checkpoint file, download URL).
 _TRUNKS: dict[str, tuple[str, str]] = {
@@ -59,7 +60,7 @@ def _read(p: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(p), device="cpu")
-    return torch.load(p, map_location="cpu", weights_only=True)
+    return torch_load(p)  # weights_only: a pickle of objects is refused, one line
 
 
 def _installed(net: str) -> Path | None:
@@ -176,7 +177,7 @@ def build_lpips(net: str = "vgg", spatial: bool = False,
         model = lpips.LPIPS(pretrained=False, net=net, version="0.1", spatial=spatial,
                             pnet_rand=True, verbose=False)
     lin_path = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
-    model.load_state_dict(torch.load(lin_path, map_location="cpu", weights_only=True),
+    model.load_state_dict(torch_load(lin_path),
                           strict=False)
     if state is not None:
         trunk = _remap_trunk(model, state)

@@ -32,7 +32,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 
 from gen_ad.errors import CheckpointError, ConfigError, DataError, WeightsNotFoundError
-from gen_ad.utils.io import atomic_path
+from gen_ad.utils.io import atomic_path, torch_load
 
 FeatureFn = Callable[[Tensor], Tensor]
 """``features(x) -> [B,D]`` for uint8 images ``x`` of shape ``[B,3,H,W]``."""
@@ -252,7 +252,7 @@ def _read_inception_state_dict(path: Path) -> dict[str, Tensor]:
 
             sd = load_file(str(path), device="cpu")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch_load(path)  # weights_only: a pickle of objects is refused, one line
     except Exception as e:  # noqa: BLE001 - any unreadable/unsafe file is the same user error
         raise CheckpointError(f"cannot read Inception weights {path} (expected a state dict of "
                               f"tensors, loadable with weights_only=True): {e}") from e
