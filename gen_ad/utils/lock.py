@@ -11,20 +11,23 @@ the same folder) is allowed.
 from __future__ import annotations
 
 import fcntl
+import functools
+import inspect
 import json
 import os
 import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gen_ad.errors import DataError, FolderLockedError
 
 LOCK_NAME = ".gen-ad.lock"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _holder_info() -> dict[str, Any]:
@@ -108,6 +111,24 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
         os.ftruncate(fd, 0)  # released cleanly: nothing to take over
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def writes_folder(param: str, what: str = "output folder") -> Callable[[F], F]:
+    """Decorate a command so it holds :func:`folder_lock` on its argument ``param`` (a folder
+    path) for the whole call."""
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with folder_lock(bound.arguments[param], what):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def lock_holder(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
