@@ -34,6 +34,7 @@ from gen_ad.errors import ConfigError, DataError, GenAdError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import calibrate
 from gen_ad.utils.io import write_json, write_text
+from gen_ad.utils.lock import folder_lock
 
 FID_UNAVAILABLE = "n/a (Inception weights not available offline)"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -606,7 +607,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
     """
 
     device = resolve_device(cfg.device)
-    return benchmark_methods(cfg, prepare_methods(cfg, device), device, progress)
+    with folder_lock(cfg.out, "benchmark output folder"):
+        return benchmark_methods(cfg, prepare_methods(cfg, device), device, progress)
 
 
 def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], device: str,

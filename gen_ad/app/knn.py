@@ -26,6 +26,7 @@ from gen_ad.baselines.knn import (
     extractor_from_info,
 )
 from gen_ad.utils.io import write_json
+from gen_ad.utils.lock import writes_folder
 
 
 def _loader(root: str | os.PathLike[str], size: int, batch_size: int, workers: int,
@@ -43,6 +44,7 @@ def _loader(root: str | os.PathLike[str], size: int, batch_size: int, workers: i
                       pin_memory=torch.cuda.is_available())
 
 
+@writes_folder("out", "bank folder")
 def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | os.PathLike[str],
                weights: str | None = None, random_init: bool = False, tiny: bool = False,
                k: int = 200, reduction: Reduction = "mean",
@@ -74,6 +76,7 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
                       total=len(loader), calib_size=calib_size, seed=seed)
 
 
+@writes_folder("out", "knn score output folder")
 def score_folder(bank_dir: str | os.PathLike[str], data: str | os.PathLike[str],
                  out: str | os.PathLike[str], batch_size: int = 64, workers: int = 2,
                  device: str = "cpu", weights: str | None = None,

@@ -14,8 +14,10 @@ from gen_ad.data.folders import PatchFolder, find_mask_root
 from gen_ad.scoring.thresholds import Threshold
 from gen_ad.training.export import load_run
 from gen_ad.utils.io import write_json
+from gen_ad.utils.lock import writes_folder
 
 
+@writes_folder("out", "score output folder")
 def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str | None = None,
               normal: str | Path | None = None, normal_classes: Sequence[str] = ("normal",),
               masks: str | Path | None = None, threshold_method: str = "iqr", fpr: float = 0.05,

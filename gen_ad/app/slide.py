@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.utils.io import atomic_path, write_json, write_text
+from gen_ad.utils.lock import writes_folder
 
 if TYPE_CHECKING:
     from gen_ad.scoring.slide import SlideHeatmap
@@ -209,6 +210,7 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     return rec
 
 
+@writes_folder("out", "slide output folder")
 def slide_command(slide_path: str, out: str, *, run: str | None = None, bank: str | None = None,
                   method: str | None = None, normal: str | None = None, device: str = "auto",
                   size: int | None = None, scorer_kwargs: dict[str, Any] | None = None,

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from gen_ad.data.synthetic import generate, write_folder
 from gen_ad.report.sheets import save_contact_sheet
+from gen_ad.utils.lock import writes_folder
 
 
+@writes_folder("out", "synth output folder")
 def synth(out: str | os.PathLike[str], n: int, size: int = 64, anomaly_fraction: float = 0.0,
           seed: int = 0, sheet: str | os.PathLike[str] | None = None) -> str:
     """Write ``n`` patches (``normal/``, ``anomalous/``, ``masks/``, ``manifest.csv``) into ``out``
