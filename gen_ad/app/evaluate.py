@@ -1,16 +1,25 @@
-"""Run any :class:`~gen_ad.scoring.base.AnomalyScorer` over a dataset and write its outputs.
+"""The one evaluation engine: every command that scores (``score``, ``knn score``, ``benchmark``,
+``slide``) goes through it.
 
-The same code serves every method (f-AnoGAN, StyleGAN2 projection, AnoDDPM, AutoDDPM, KNN):
-``calibrate`` fits a scorer on normal images and saves a label-free threshold, ``score_dataset``
-scores every image in batches, and ``write_outputs`` writes ``scores.csv``, map PNGs of the most
-and least anomalous images, and ``metrics.json`` (AUROC/AUPR with CIs) when labels exist.
+1. **Load** a scorer: from a run folder (:func:`run_scorers`), a KNN bank (:func:`bank_scorer`) or
+   a KNN config (:func:`knn_scorer`); :func:`load_scorer` picks one of a run or a bank.
+2. **Fit / calibrate** it on normal images (:func:`calibrate_scorer`): ``fit`` may only calibrate,
+   then a label-free threshold on the normal scores.
+3. **Score** a dataset in batches (:func:`score_dataset`); datasets follow one set of rules
+   (:func:`scoring_dataset`, :func:`normal_dataset`): class subfolders, ``normal_classes`` are
+   label 0, a ``masks/`` folder (as ``gen-ad synth`` writes) holds ground truth and is no class.
+4. **Write** one ``scores.csv`` format for every method and command (:data:`SCORE_COLUMNS`), score
+   components in ``terms.csv``, ``flagged.csv``, map PNGs and ``metrics.json``
+   (:func:`write_outputs`), and print one summary line (:func:`summary_line`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+import os
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +29,146 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from gen_ad.errors import DataError
+from gen_ad.baselines.extractors import build_extractor
+from gen_ad.baselines.knn import (
+    FeatureBank,
+    KNNScorer,
+    SearchSettings,
+    bank_settings,
+    extractor_from_info,
+)
+from gen_ad.data.folders import PatchFolder, discover_classes, find_mask_root
+from gen_ad.errors import ConfigError, DataError
+from gen_ad.metrics.detection import evaluate_scores
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
+from gen_ad.scoring.maps import save_map_png
 from gen_ad.scoring.thresholds import Threshold, calibrate
+from gen_ad.training.export import Run, load_run
 from gen_ad.utils.io import write_json, write_text
+
+SCORE_COLUMNS = ("path", "label", "class", "score", "flagged")
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` (or ``None``) -> ``cuda`` when available, else ``cpu``; other names unchanged."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    from gen_ad.utils.hardware import check_device
+
+    return check_device(str(device))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedScorer:
+    """A scorer with the input size it expects, a label and what came with it.
+
+    Attributes:
+        scorer: the :class:`AnomalyScorer`.
+        size: input side in pixels.
+        label: human label (method name, or ``knn <extractor>``).
+        threshold: a saved label-free threshold (a KNN bank's), else ``None``.
+        run: the trained run behind a generative scorer, else ``None``.
+    """
+
+    scorer: AnomalyScorer
+    size: int
+    label: str
+    threshold: Threshold | None = None
+    run: Run | None = None
+
+
+def run_scorers(run: str | os.PathLike[str] | Run, method: str | None = None, *,
+                device: str = "cpu", scorer_kwargs: dict[str, Any] | None = None,
+                ) -> dict[str, LoadedScorer]:
+    """The scorers of a trained run: ``method`` (checked) or all it offers.
+
+    ``scorer_kwargs`` are the family's typed scorer options (a bad key is a ConfigError).
+    """
+    r = run if isinstance(run, Run) else load_run(run, device=device)
+    scorers = r.scorers(**(scorer_kwargs or {}))
+    names = select_scorer(scorers, method)
+    size = int(r.cfg.data.size)
+    return {n: LoadedScorer(scorers[n], size, n, run=r) for n in names}
+
+
+def bank_scorer(bank: str | os.PathLike[str], *, device: str = "cpu",
+                weights: str | None = None, **search: Any) -> LoadedScorer:
+    """The KNN scorer of a bank written by ``gen-ad knn fit`` (its extractor, k, threshold).
+
+    ``search``: non-``None`` :class:`~gen_ad.baselines.knn.SearchSettings` overrides.
+    """
+    fb = FeatureBank(bank)
+    info = fb.meta["extractor"]
+    ext = extractor_from_info(info, device, weights)
+    st = fb.settings
+    sc = KNNScorer(ext, fb, k=int(st.get("k", 200)), reduction=st.get("reduction", "mean"),
+                   settings=bank_settings(fb, **search))
+    size = int(info.get("load_size", ext.input_size))
+    rnd = " (random-init extractor)" if info.get("random_init") else ""
+    return LoadedScorer(sc, size, f"knn {info['name']}{rnd}", threshold=sc.threshold)
+
+
+def knn_scorer(extractor: str, *, device: str = "cpu", weights: str | None = None,
+               random_init: bool = False, tiny: bool = False, k: int = 200,
+               reduction: str = "mean", metric: str = "l2", size: int | None = None,
+               seed: int = 0) -> LoadedScorer:
+    """An unfitted KNN scorer from a KNN config (its bank is built by :meth:`KNNScorer.fit`)."""
+    ext = build_extractor(extractor, weights=weights, random_init=random_init, device=device,
+                          tiny=tiny, seed=seed)
+    sc = KNNScorer(ext, k=k, reduction=reduction,  # type: ignore[arg-type]
+                   settings=SearchSettings(metric=metric), seed=seed)  # type: ignore[arg-type]
+    return LoadedScorer(sc, size or ext.input_size, f"knn {extractor}")
+
+
+def load_scorer(*, run: str | os.PathLike[str] | None = None,
+                bank: str | os.PathLike[str] | None = None, method: str | None = None,
+                device: str = "cpu", scorer_kwargs: dict[str, Any] | None = None) -> LoadedScorer:
+    """One ready scorer from a trained run (``run`` + ``method``) or a KNN bank (``bank``)."""
+    if (run is None) == (bank is None):
+        raise ConfigError("give exactly one of a run (--run) or a KNN bank (--bank)")
+    if bank is not None:
+        return bank_scorer(bank, device=device)
+    found = run_scorers(str(run), method, device=device, scorer_kwargs=scorer_kwargs)
+    if len(found) > 1:
+        raise ConfigError(f"run {run} offers several scorers ({', '.join(found)}); pick one "
+                          "with --method")
+    return next(iter(found.values()))
+
+
+# ----------------------------------------------------------------------------- data rules
+
+
+def scoring_dataset(root: str | os.PathLike[str], size: int, *,
+                 normal_classes: Sequence[str] = ("normal",),
+                 classes: Sequence[str] | None = None,
+                 masks: str | os.PathLike[str] | None = None) -> PatchFolder:
+    """A folder to score: class subfolders (``normal_classes`` are label 0); ground-truth masks
+    from ``masks`` or ``root/masks`` (which is then no class)."""
+    masks = masks or find_mask_root(root)
+    return PatchFolder(root=str(root), size=size, classes=classes,
+                       normal_classes=tuple(normal_classes),
+                       mask_root=str(masks) if masks else None)
+
+
+def normal_dataset(root: str | os.PathLike[str], size: int, *,
+                   normal_classes: Sequence[str] = ("normal",),
+                   limit: int | None = None) -> Dataset:
+    """Normal patches of ``root``: its normal class folders when it has them, else all its images
+    (a flat folder); at most the first ``limit``."""
+    found, flat = discover_classes(root)
+    normal = [c for c in normal_classes if c in found]
+    classes = None if flat or not normal else normal
+    ds: Dataset = PatchFolder(root=str(root), size=size, classes=classes,
+                              normal_classes=tuple(normal or found))
+    if limit is not None and limit < len(ds):  # type: ignore[arg-type]
+        ds = Subset(ds, list(range(limit)))
+    return ds
+
+
+# ----------------------------------------------------------------------------- scoring
 
 
 @dataclass
@@ -67,8 +212,6 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
                   device: str | torch.device = "cpu", keep_maps: bool = True,
                   num_workers: int = 0, progress: bool = True) -> ScoredSet:
     """Score every image of ``dataset`` (items as produced by :mod:`gen_ad.data`)."""
-    import time
-
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError("nothing to score: the dataset is empty")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -97,40 +240,23 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
 
 def calibrate_scorer(scorer: AnomalyScorer, normal: Dataset, *, batch_size: int = 32,
                      device: str | torch.device = "cpu", method: str = "iqr", fpr: float = 0.05,
-                     limit: int | None = None) -> Threshold:
+                     limit: int | None = None, num_workers: int = 0) -> Threshold:
     """Fit ``scorer`` on normal images, then calibrate a label-free threshold on their scores.
 
     The scores used for the threshold come from the same normal images after fitting; methods
     that fit a bank on them (KNN) exclude each point from its own neighbours.
     """
-    scorer.fit(b.to(device) for b in image_batches(normal, batch_size, limit))
+    scorer.fit(b.to(device) for b in image_batches(normal, batch_size, limit, num_workers))
     if limit is not None and limit < len(normal):  # type: ignore[arg-type]
         normal = Subset(normal, list(range(limit)))
-    scored = score_dataset(scorer, normal, batch_size=batch_size, device=device, keep_maps=False)
+    scored = score_dataset(scorer, normal, batch_size=batch_size, device=device, keep_maps=False,
+                           num_workers=num_workers)
     return calibrate(scored.scores, method=method, fpr=fpr)
-
-
-def scores_csv(scored: ScoredSet, threshold: Threshold | None = None) -> str:
-    """``scores.csv`` text: ``path,label,class,score[,<terms>][,flagged]``."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    terms = sorted(scored.terms)
-    w.writerow(["path", "label", "class", "score", *terms] + (["flagged"] if threshold else []))
-    flags = threshold.apply(scored.scores) if threshold else None
-    for i, p in enumerate(scored.paths):
-        row = [p, int(scored.labels[i]), scored.classes[i], f"{scored.scores[i]:.8g}"]
-        row += [f"{scored.terms[t][i]:.8g}" for t in terms]
-        if flags is not None:
-            row.append(int(flags[i]))
-        w.writerow(row)
-    return buf.getvalue()
 
 
 def write_examples(out_dir: Path, scored: ScoredSet, dataset: Dataset, n: int = 8) -> list[Path]:
     """Write map PNGs (overlay + raw, and reconstruction when present) of the ``n`` highest- and
     ``n`` lowest-scoring images into ``out_dir/maps/``."""
-    from gen_ad.scoring.maps import save_map_png
-
     if scored.maps is None or n <= 0:
         return []
     order = np.argsort(-scored.scores, kind="stable")
@@ -148,34 +274,87 @@ def write_examples(out_dir: Path, scored: ScoredSet, dataset: Dataset, n: int = 
     return written
 
 
-def write_outputs(out_dir: str | Path, scored: ScoredSet, dataset: Dataset, *,
-                  method: str, threshold: Threshold | None = None, n_examples: int = 8,
-                  n_boot: int = 2000) -> dict[str, Any]:
-    """Write ``scores.csv``, example maps and ``metrics.json``; returns the metrics dict."""
-    from gen_ad.metrics.detection import evaluate_scores
+# ----------------------------------------------------------------------------- outputs
 
+
+def _fmt(v: float) -> str:
+    return f"{v:.8g}"
+
+
+def scores_csv(scored: ScoredSet, threshold: Threshold | None = None,
+               rows: Sequence[int] | None = None) -> str:
+    """``scores.csv`` text, the same columns for every method: :data:`SCORE_COLUMNS` (``flagged``
+    is 0/1 above the threshold, empty without one); ``rows`` selects and orders the rows."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SCORE_COLUMNS)
+    flags = threshold.apply(scored.scores) if threshold is not None else None
+    for i in range(len(scored.paths)) if rows is None else rows:
+        flag = "" if flags is None else int(flags[i])
+        w.writerow([scored.paths[i], int(scored.labels[i]), scored.classes[i],
+                    _fmt(scored.scores[i]), flag])
+    return buf.getvalue()
+
+
+def terms_csv(scored: ScoredSet) -> str:
+    """``terms.csv`` text: ``path`` and one column per named score component."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    names = sorted(scored.terms)
+    w.writerow(["path", *names])
+    for i, p in enumerate(scored.paths):
+        w.writerow([p, *(_fmt(scored.terms[t][i]) for t in names)])
+    return buf.getvalue()
+
+
+def detection_metrics(scored: ScoredSet, threshold: Threshold | None = None, *,
+                      n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """AUROC/AUPR with CIs (plus per-class, pixel and at-threshold metrics) when ``scored`` holds
+    both labels, else ``{}``."""
+    if len(set(scored.labels.tolist())) != 2:
+        return {}
+    anomalous = {c for c, y in zip(scored.classes, scored.labels) if y == 1}
+    pixel = scored.maps is not None and scored.masks is not None
+    return evaluate_scores(scored.scores, scored.labels,
+                           classes=scored.classes if len(anomalous) > 1 else None,
+                           threshold=threshold, maps=scored.maps if pixel else None,
+                           masks=scored.masks if pixel else None, n_boot=n_boot, seed=seed)
+
+
+def write_outputs(out_dir: str | os.PathLike[str], scored: ScoredSet, dataset: Dataset | None, *,
+                  method: str, threshold: Threshold | None = None, n_examples: int = 8,
+                  n_boot: int = 2000, seed: int = 0,
+                  metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``scores.csv``, ``terms.csv`` (when the method has score components),
+    ``flagged.csv`` (rows above the threshold, highest first), example maps of ``dataset`` and
+    ``metrics.json``; returns the metrics dict.
+
+    ``metrics``: detection metrics already computed (else :func:`detection_metrics`)."""
     out = Path(out_dir)
     write_text(out / "scores.csv", scores_csv(scored, threshold))
-    write_examples(out, scored, dataset, n_examples)
-    metrics: dict[str, Any] = {"method": method, "n": len(scored.paths),
-                               "ms_per_image": scored.ms_per_image}
+    if scored.terms:
+        write_text(out / "terms.csv", terms_csv(scored))
+    found = detection_metrics(scored, threshold, n_boot=n_boot, seed=seed) if metrics is None \
+        else metrics
+    metrics = {"method": method, "n": len(scored.paths), "ms_per_image": scored.ms_per_image}
     if threshold is not None:
+        flagged = threshold.apply(scored.scores)
+        order = [int(i) for i in np.argsort(-scored.scores, kind="stable") if flagged[i]]
+        write_text(out / "flagged.csv", scores_csv(scored, threshold, order))
         metrics["threshold"] = threshold.to_dict()
-    if len(set(scored.labels.tolist())) == 2:
-        anomalous = [c for c, y in zip(scored.classes, scored.labels) if y == 1]
-        classes = scored.classes if len(set(anomalous)) > 1 else None
-        pixel = scored.maps is not None and scored.masks is not None
-        metrics.update(evaluate_scores(
-            scored.scores, scored.labels, classes=classes, threshold=threshold,
-            maps=scored.maps if pixel else None, masks=scored.masks if pixel else None,
-            n_boot=n_boot))
+        metrics["flagged"] = len(order)
+    if dataset is not None:
+        write_examples(out, scored, dataset, n_examples)
+    metrics.update(found)
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
-    """One human line: method, n, AUROC/AUPR with CIs when present."""
+    """The one human line of every scoring command: method, n, latency, flagged, AUROC/AUPR."""
     parts = [f"{metrics['method']}: {metrics['n']} images, {metrics['ms_per_image']:.1f} ms/image"]
+    if "flagged" in metrics:
+        parts.append(f"{metrics['flagged']} above threshold {metrics['threshold']['value']:.6g}")
     for key in ("auroc", "aupr"):
         m = metrics.get(key)
         if isinstance(m, dict) and m.get("value") is not None:

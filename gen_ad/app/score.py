@@ -1,27 +1,53 @@
-"""``gen-ad score RUN --data DIR --out DIR``: score a patch folder with a trained run's scorers."""
+"""``gen-ad score RUN --data DIR --out DIR``: score a patch folder with a trained run's scorers.
+
+Each scorer goes through the evaluation engine (:mod:`gen_ad.app.evaluate`): fit and calibrate on
+normal validation patches (or reuse the calibration saved with the run), score, write outputs.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from gen_ad.app.evaluate import calibrate_scorer, score_dataset, select_scorer, write_outputs
-from gen_ad.data.folders import PatchFolder, find_mask_root
+from gen_ad.app.evaluate import (
+    LoadedScorer,
+    calibrate_scorer,
+    normal_dataset,
+    resolve_device,
+    run_scorers,
+    score_dataset,
+    scoring_dataset,
+    write_outputs,
+)
 from gen_ad.scoring.thresholds import Threshold
-from gen_ad.training.export import load_run
 from gen_ad.utils.io import write_json
 from gen_ad.utils.lock import writes_folder
+
+
+def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike[str] | None,
+               normal_classes: Sequence[str], **cal: Any) -> Threshold | None:
+    """Fit + calibrate on ``normal`` and save both with the run, or reuse what the run saved."""
+    th_file = run / "thresholds" / f"{name}.json"
+    cal_file = run / "thresholds" / f"{name}.calibration.json"
+    if normal is not None:
+        nds = normal_dataset(normal, ls.size, normal_classes=normal_classes)
+        th = calibrate_scorer(ls.scorer, nds, **cal)
+        th.save(th_file)
+        write_json(cal_file, ls.scorer.calibration())
+        return th
+    if cal_file.is_file():
+        ls.scorer.load_calibration(json.loads(cal_file.read_text()))
+    return Threshold.load(th_file) if th_file.is_file() else None
 
 
 @writes_folder("out", "score output folder")
 def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str | None = None,
               normal: str | Path | None = None, normal_classes: Sequence[str] = ("normal",),
               masks: str | Path | None = None, threshold_method: str = "iqr", fpr: float = 0.05,
-              batch_size: int = 32, device: str = "cpu", n_examples: int = 8,
+              batch_size: int = 32, device: str = "auto", n_examples: int = 8,
               calibration_limit: int | None = 512, n_boot: int = 2000,
               scorer_kwargs: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Score a folder with each scorer of a trained run (``gen-ad score``).
@@ -38,34 +64,18 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     Returns:
         Metrics by method name.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    r = load_run(run, device=device)
-    scorers = r.scorers(**(scorer_kwargs or {}))
-    names = select_scorer(scorers, method)
-    size = int(r.cfg.data.size)
-    masks = masks or find_mask_root(data)
-    ds = PatchFolder(root=str(data), size=size, normal_classes=tuple(normal_classes),
-                     mask_root=str(masks) if masks else None)
-    normal = normal or getattr(r.cfg.data, "val", None)
+    device = resolve_device(device)
+    loaded = run_scorers(run, method, device=device, scorer_kwargs=scorer_kwargs)
+    first = next(iter(loaded.values()))
+    assert first.run is not None
+    ds = scoring_dataset(data, first.size, normal_classes=normal_classes, masks=masks)
+    normal = normal or getattr(first.run.cfg.data, "val", None)
     results = {}
-    for name in names:
-        scorer = scorers[name]
-        th_file = Path(run) / "thresholds" / f"{name}.json"
-        cal_file = Path(run) / "thresholds" / f"{name}.calibration.json"
-        if normal is not None:
-            sub = [c for c in normal_classes if (Path(normal) / c).is_dir()]
-            nds = PatchFolder(root=str(normal), size=size, normal_classes=tuple(normal_classes),
-                              classes=sub or None)
-            th = calibrate_scorer(scorer, nds, batch_size=batch_size, device=device,
-                                  method=threshold_method, fpr=fpr, limit=calibration_limit)
-            th.save(th_file)
-            write_json(cal_file, scorer.calibration())
-        else:
-            th = Threshold.load(th_file) if th_file.is_file() else None
-            if cal_file.is_file():
-                scorer.load_calibration(json.loads(cal_file.read_text()))
-        scored = score_dataset(scorer, ds, batch_size=batch_size, device=device)
+    for name, ls in loaded.items():
+        th = _threshold(ls, name, Path(run), normal, normal_classes, batch_size=batch_size,
+                        device=device, method=threshold_method, fpr=fpr,
+                        limit=calibration_limit)
+        scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device)
         results[name] = write_outputs(Path(out) / name, scored, ds, method=name, threshold=th,
                                       n_examples=n_examples, n_boot=n_boot)
     return results

@@ -7,7 +7,8 @@ the one :class:`~gen_ad.scoring.base.AnomalyScorer` interface, placed on the til
 reduced to a slide score (maximum, and mean of the top 1 %). Outputs in ``out/<slide stem>/``:
 ``tiles.csv`` (every tile's corner, grid cell and score), ``heatmap.npy`` (raw grid, NaN where
 there is no tissue tile), ``overlay.png`` (eroded heatmap over the thumbnail),
-``overlay_raw.png`` and ``slide.json`` (scores and settings).
+``overlay_raw.png``, ``slide.json`` (scores and settings) and the evaluation engine's
+``scores.csv`` / ``flagged.csv`` / ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -15,68 +16,28 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
+from gen_ad.app.evaluate import (
+    calibrate_scorer,
+    load_scorer,
+    normal_dataset,
+    resolve_device,
+    score_dataset,
+    write_outputs,
+)
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.scoring.thresholds import Threshold
 from gen_ad.utils.io import atomic_path, write_json, write_text
 from gen_ad.utils.lock import writes_folder
 
 if TYPE_CHECKING:
     from gen_ad.scoring.slide import SlideHeatmap
-
-
-@dataclass
-class LoadedScorer:
-    """A scorer with the input size it expects and a human label."""
-
-    scorer: AnomalyScorer
-    size: int
-    label: str
-
-
-def load_scorer(*, run: str | os.PathLike[str] | None = None,
-                bank: str | os.PathLike[str] | None = None, method: str | None = None,
-                device: str = "cpu", scorer_kwargs: dict[str, Any] | None = None) -> LoadedScorer:
-    """A ready scorer from a trained run (``run`` + ``method``) or a KNN feature bank (``bank``).
-
-    Args:
-        run: run folder; ``method`` picks one of its scorers (required when it has several).
-        bank: bank folder written by ``gen-ad knn fit`` (its extractor, k and threshold).
-        device: where the scorer runs.
-        scorer_kwargs: keyword arguments for the run's scorers.
-    Returns:
-        The scorer, its input size and a label.
-    """
-    if (run is None) == (bank is None):
-        raise ConfigError("give exactly one of a run (--run) or a KNN bank (--bank)")
-    if bank is not None:
-        from gen_ad.baselines.knn import FeatureBank, KNNScorer, bank_settings, extractor_from_info
-
-        fb = FeatureBank(bank)
-        ext = extractor_from_info(fb.meta["extractor"], device)
-        st = fb.settings
-        sc = KNNScorer(ext, fb, k=int(st.get("k", 200)), reduction=st.get("reduction", "mean"),
-                       settings=bank_settings(fb))
-        size = int(fb.meta["extractor"].get("load_size", ext.input_size))
-        rnd = " (random-init extractor)" if fb.meta["extractor"].get("random_init") else ""
-        return LoadedScorer(sc, size, f"knn {fb.meta['extractor']['name']}{rnd}")
-    from gen_ad.app.evaluate import select_scorer
-    from gen_ad.training.export import load_run
-
-    r = load_run(str(run), device=device)
-    scorers = r.scorers(**(scorer_kwargs or {}))
-    names = select_scorer(scorers, method)
-    if method is None and len(names) > 1:
-        raise ConfigError(f"run {run} offers several scorers ({', '.join(names)}); pick one "
-                          "with --method")
-    return LoadedScorer(scorers[names[0]], int(r.cfg.data.size), names[0])
 
 
 class TileSet(Dataset):
@@ -152,7 +113,7 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
                 stride: int | None = None, min_tissue: float = 0.5, batch_size: int = 32,
                 device: str = "cpu", frac: float = 0.01, erosion: int = 3,
                 thumbnail_size: int = 1024, tile_dir: str | os.PathLike[str] | None = None,
-                threshold: float | None = None, method: str | None = None,
+                threshold: float | Threshold | None = None, method: str | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Tile a slide, score every tile, build the heatmap, slide scores and overlays.
 
@@ -166,12 +127,12 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
         erosion: erosion window on the heatmap (3 = 3x3; 1 = none).
         thumbnail_size: longer side of the overlay thumbnail.
         tile_dir: where tiles are written (default ``out/<stem>/tiles``).
-        threshold: optional tile threshold; adds the fraction of flagged tiles.
+        threshold: optional tile threshold (value or calibrated); adds the fraction of flagged
+            tiles. Every tile is also in ``scores.csv``, the evaluation engine's format.
         method: label of the scorer recorded in ``slide.json`` (default: ``scorer.name``).
     Returns:
         The ``slide.json`` record (``score_max``, ``score_top1pct``, raw variants, paths, ...).
     """
-    from gen_ad.app.evaluate import score_dataset
     from gen_ad.data.wsi import open_slide, plan_grid, tile_slide
     from gen_ad.scoring.slide import SlideHeatmap, build_heatmap
 
@@ -195,17 +156,22 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     hm = SlideHeatmap(cells.grid, stride=max(1, round(step)), tile_size=round(grid.footprint))
     outputs = _write_maps(dest, hm, thumb, thumb_ds, erosion)
     write_text(dest / "tiles.csv", _tiles_csv(recs, rows, cols, scored.scores))
+    thr = Threshold(float(threshold), "given") if isinstance(threshold, (int, float)) \
+        else threshold
+    label = method or scorer.name
+    write_outputs(dest, scored, None, method=label, threshold=thr)  # scores.csv, flagged.csv
     rec: dict[str, Any] = {
-        "slide": str(slide_path), "method": method or scorer.name, "n_tiles": len(recs),
+        "slide": str(slide_path), "method": label, "n_tiles": len(recs),
         "grid": list(grid.shape),
         "level": grid.level, "tile_size": size, "tile_footprint_level0": grid.footprint,
         "erosion": erosion, "top_fraction": frac, **_slide_scores(hm, erosion, frac),
         "ms_per_tile": scored.ms_per_image,
-        "outputs": {**outputs, "tiles": str(dest / "tiles.csv")},
+        "outputs": {**outputs, "tiles": str(dest / "tiles.csv"),
+                    "scores": str(dest / "scores.csv")},
     }
-    if threshold is not None:
-        rec["threshold"] = float(threshold)
-        rec["flagged_fraction"] = float((scored.scores > threshold).mean())
+    if thr is not None:
+        rec["threshold"] = thr.value
+        rec["flagged_fraction"] = float(thr.apply(scored.scores).mean())
     write_json(dest / "slide.json", rec)
     return rec
 
@@ -215,27 +181,18 @@ def slide_command(slide_path: str, out: str, *, run: str | None = None, bank: st
                   method: str | None = None, normal: str | None = None, device: str = "auto",
                   size: int | None = None, scorer_kwargs: dict[str, Any] | None = None,
                   **kwargs: Any) -> dict[str, Any]:
-    """What ``gen-ad slide`` does: load the scorer, optionally fit it (and calibrate a label-free
-    threshold) on a ``normal`` folder, then :func:`score_slide`."""
-    from gen_ad.app.evaluate import calibrate_scorer
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """What ``gen-ad slide`` does: load the scorer (evaluation engine), optionally fit it and
+    calibrate a label-free threshold on a ``normal`` folder, then :func:`score_slide`."""
+    device = resolve_device(device)
     if bank is not None and normal is not None:
         raise ConfigError("--normal fits a run's scorer; a KNN bank already holds its normal "
                           "features and threshold (extend it with `gen-ad knn fit --extend`)")
     ls = load_scorer(run=run, bank=bank, method=method, device=device,
                      scorer_kwargs=scorer_kwargs)
     size = size or ls.size
-    threshold = getattr(getattr(ls.scorer, "threshold", None), "value", None)
+    threshold = ls.threshold
     if normal is not None:
-        from gen_ad.data.folders import PatchFolder, discover_classes
-
-        found, flat = discover_classes(normal)
-        classes = None if flat or "normal" not in found else ["normal"]
-        nds = PatchFolder(root=normal, size=size, classes=classes,
-                          normal_classes=tuple(classes or found))
-        threshold = calibrate_scorer(ls.scorer, nds, device=device,
-                                     batch_size=int(kwargs.get("batch_size", 32))).value
+        threshold = calibrate_scorer(ls.scorer, normal_dataset(normal, size), device=device,
+                                     batch_size=int(kwargs.get("batch_size", 32)))
     return score_slide(slide_path, ls.scorer, out, size=size, device=device,
                        threshold=threshold, method=ls.label, **kwargs)

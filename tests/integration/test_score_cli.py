@@ -37,7 +37,10 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
 
     rows = list(csv.DictReader((out / "fanogan" / "scores.csv").open()))
     assert len(rows) == 16
-    assert {"path", "label", "class", "score", "residual", "feature", "flagged"} <= set(rows[0])
+    assert list(rows[0]) == ["path", "label", "class", "score", "flagged"]
+    terms = list(csv.DictReader((out / "fanogan" / "terms.csv").open()))
+    assert list(terms[0]) == ["path", "feature", "residual"]
+    assert [t["path"] for t in terms] == [r["path"] for r in rows]
     assert {r["label"] for r in rows} == {"0", "1"}
     metrics = json.loads((out / "fanogan" / "metrics.json").read_text())
     assert 0.0 <= metrics["auroc"]["value"] <= 1.0

@@ -172,7 +172,10 @@ def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
     assert "unit &lt;benchmark&gt;" in html
     assert results["report"] == str(out / "report.html")
     lines = summary_lines(results)
-    assert len(lines) == 2 and lines[1].startswith("blur-recon: AUROC")
+    assert len(lines) == 2 and lines[1].startswith("blur-recon: 20 images, ")
+    assert "AUROC" in lines[1]
+    header = (out / "methods/blur-recon/scores.csv").read_text().splitlines()[0]
+    assert header == "path,label,class,score,flagged"  # the engine's one format
 
 
 def test_fid_unavailable_is_labelled(split: dict[str, Path], tmp_path: Path) -> None:

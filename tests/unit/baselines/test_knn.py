@@ -185,7 +185,7 @@ def test_cli_fit_and_score(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "AUROC" in printed
     lines = (out / "scores.csv").read_text().splitlines()
-    assert lines[0] == "path,label,cls,score,flagged" and len(lines) == 29
+    assert lines[0] == "path,label,class,score,flagged" and len(lines) == 29
     flagged = (out / "flagged.csv").read_text().splitlines()
     assert len(flagged) - 1 == sum(int(r.rsplit(",", 1)[1]) for r in lines[1:])
     assert main(["knn", "score", str(tmp_path / "nobank"), "--data", str(tmp_path / "data"),
