@@ -1,6 +1,15 @@
-"""Benchmark the KNN baseline: bank build rate, search speed, and bounded memory.
+"""Benchmark the KNN baseline: exact search against its peers, bank build rate, bounded memory.
 
-Prints one JSON line with:
+Prints one JSON line. The default (``--only peers``) is the side-by-side of issue 17: gen_ad's exact
+search (:class:`gen_ad.baselines.search.ExactKNN`: fp32 candidates + float64 re-rank) against a
+plain fp32 matmul + topk with the bank resident and against faiss' flat search (faiss-gpu on CUDA
+when installed, faiss-cpu otherwise), on the same clustered Gaussian bank, interleaved over
+``--rounds`` rounds (best round each, as the machine may be shared), with every method's neighbours
+compared to a float64 brute force. ``ours``, ``peer`` (the faster of the two peers), ``ratio``
+(ours / peer queries/s) sit at the top level. Sizes: 200k x 768, k = 200, 200 queries on CPU;
+1M x 768, k = 200, 1000 and 100 queries on CUDA.
+
+``--only all`` adds the older sections:
 
 * ``build``: patches/s through random-initialised extractors of several sizes (ViT-S/B/L and
   ResNet-50 on CPU; every registered extractor on a GPU), bf16 autocast on GPU;
@@ -9,13 +18,15 @@ Prints one JSON line with:
 * ``bounded``: an exact search over the bank on disk with a memory budget smaller than the bank,
   run in a fresh process whose peak RSS is reported next to its RSS before searching.
 
-    python bench/knn.py [--n 1000000] [--dim 768] [--k 200] [--budget-mb 512] [--smoke]
+    python bench/knn.py [--device cpu|cuda] [--n N] [--dim 768] [--k 200] [--rounds 3]
+                        [--only peers|all|build|search|bounded] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -33,6 +44,7 @@ import torch
 
 from gen_ad.baselines.extractors import build_extractor, extractor_names
 from gen_ad.baselines.knn import FeatureBank, KNNIndex, SearchSettings, _faiss
+from gen_ad.baselines.search import ExactKNN, faiss_has_gpu, order_by_distance
 from gen_ad.utils.hardware import cpu_name
 
 
@@ -53,6 +65,113 @@ def _clustered(n: int, dim: int, seed: int, n_centers: int = 256) -> np.ndarray:
     x = centers[rng.integers(0, n_centers, n)]
     x += 0.5 * rng.standard_normal(size=(n, dim), dtype=np.float32)
     return x
+
+
+# ----------------------------------------------------------------------------- ours vs peers
+
+
+class _Source:
+    """An in-memory ``[N, D]`` float32 bank for :class:`ExactKNN`."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+        self.count, self.dim = arr.shape
+
+    def blocks(self, max_rows: int) -> Any:
+        for s in range(0, self.count, max_rows):
+            yield s, self.arr[s:s + max_rows]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.arr[ids]
+
+    def load(self) -> np.ndarray:
+        return self.arr
+
+
+def clustered_torch(n: int, dim: int, seed: int, device: torch.device,
+                    n_centers: int = 256) -> torch.Tensor:
+    """``[n, dim]`` float32: 256 fixed Gaussian centres + N(0, 0.5^2) noise, on ``device``."""
+    centers = torch.randn(n_centers, dim, generator=torch.Generator().manual_seed(12345))
+    g = torch.Generator(device=device).manual_seed(seed)
+    which = torch.randint(0, n_centers, (n,), generator=g, device=device)
+    return centers.to(device)[which] + 0.5 * torch.randn(n, dim, generator=g, device=device)
+
+
+def float64_reference(q: torch.Tensor, bank: torch.Tensor, k: int,
+                      block: int = 65536) -> torch.Tensor:
+    """Neighbour indices ``[Q, k]`` from float64 products, in (distance, index) order."""
+    q64 = q.double()
+    qn = q64.pow(2).sum(1, keepdim=True)
+    best_d = best_i = None
+    for s in range(0, len(bank), block):
+        b64 = bank[s:s + block].double()
+        d = qn + b64.pow(2).sum(1)[None] - 2.0 * (q64 @ b64.T)
+        v, i = torch.topk(d, min(k, len(b64)), dim=1, largest=False)
+        i = i + s
+        if best_d is not None:
+            v, i = torch.cat([best_d, v], 1), torch.cat([best_i, i], 1)
+        best_d, best_i = order_by_distance(v, i, k)
+    assert best_i is not None
+    return best_i
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peers(bank: torch.Tensor, device: torch.device, k: int) -> dict[str, Any]:
+    """Search functions ``q [Q, D] on device -> idx [Q, k]``: ours and the two peers."""
+    faiss = _faiss()
+    ours = ExactKNN(_Source(bank.cpu().numpy()), device=device, memory_budget_bytes=1 << 40)
+    half_sq = bank.pow(2).sum(1).div(2)
+
+    def plain(q: torch.Tensor) -> torch.Tensor:  # fp32 matmul + topk, the bank resident
+        s = q @ bank.T
+        s.sub_(half_sq)  # rank by q.b - ||b||^2 / 2 = (||q||^2 - ||q - b||^2) / 2
+        return torch.topk(s, k, dim=1).indices
+
+    fns: dict[str, Any] = {"ours": lambda q: torch.from_numpy(ours.search(q, k)[1]),
+                           "plain_matmul_topk": plain}
+    if faiss is not None:
+        if device.type == "cuda" and faiss_has_gpu(faiss):
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0,
+                                           faiss.IndexFlatL2(bank.shape[1]))
+            index.add(bank.cpu().numpy())
+            fns["faiss_gpu_flat"] = lambda q: torch.from_numpy(index.search(q.cpu().numpy(), k)[1])
+        elif device.type == "cpu":
+            b_np = bank.numpy()
+            fns["faiss_cpu_flat"] = lambda q: torch.from_numpy(faiss.knn(q.numpy(), b_np, k)[1])
+    return {"fns": fns, "ours": ours}
+
+
+def bench_peers(n: int, dim: int, k: int, n_queries: Sequence[int], rounds: int,
+                device: torch.device) -> dict[str, Any]:
+    """Queries/s of ours vs the peers (best of interleaved rounds), neighbours vs float64."""
+    bank = clustered_torch(n, dim, 0, device)
+    setup = _peers(bank, device, k)
+    rows = []
+    for nq in n_queries:
+        q = clustered_torch(nq, dim, 999, device)
+        ref = float64_reference(q, bank, k).cpu()
+        best = {name: math.inf for name in setup["fns"]}
+        same = {}
+        for name, fn in setup["fns"].items():  # warm-up (resident copies, faiss index)
+            same[name] = float((fn(q).cpu() == ref).all(dim=1).double().mean())
+        for _ in range(rounds):
+            for name, fn in setup["fns"].items():
+                _sync(device)
+                t = time.perf_counter()
+                fn(q)
+                _sync(device)
+                best[name] = min(best[name], time.perf_counter() - t)
+        qps = {name: round(nq / dt, 2) for name, dt in best.items()}
+        peer = max((v, name) for name, v in qps.items() if name != "ours")
+        rows.append({"queries": nq, "qps": qps, "faster_peer": peer[1],
+                     "ratio_vs_faster_peer": round(qps["ours"] / peer[0], 3),
+                     "identical_to_float64": same})
+    return {"rows": rows, "widened_queries": setup["ours"].stats["widened"],
+            "ours_backend": "faiss" if setup["ours"].faiss is not None else "torch"}
 
 
 def bench_build(names: Sequence[str], n_batches: int, batch: int, tiny: bool,
@@ -147,60 +266,78 @@ def bench_bounded(bank: FeatureBank, n_queries: int, k: int, budget: float) -> d
     return {"bank_mb": round(bank_mb, 1), "budget_mb": budget, "queries": n_queries, **res}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1_000_000, help="bank vectors")
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--k", type=int, default=200)
-    ap.add_argument("--queries", type=int, default=1000, help="IVF queries")
-    ap.add_argument("--exact-queries", type=int, default=200)
-    ap.add_argument("--nlist", type=int, default=1024)
-    ap.add_argument("--budget-mb", type=float, default=512.0)
-    ap.add_argument("--only", choices=("all", "build", "search", "bounded"), default="all")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.n, args.dim, args.k, args.queries, args.exact_queries = 20_000, 32, 20, 100, 50
-        args.nlist, args.budget_mb = 64, 1.0
+def older_sections(args: argparse.Namespace) -> dict[str, Any]:
+    """The build / IVF search / bounded-memory sections (``--only all|build|search|bounded``)."""
     gpu = torch.cuda.is_available()
+    n, queries, exact_queries, nlist, budget = (args.n_older, 1000, 200, 1024, 512.0)
     if args.smoke:
+        n, queries, exact_queries, nlist, budget = 20_000, 100, 50, 64, 1.0
         names, tiny, nb, bs = ["dino-vits16", "resnet50"], True, 2, 4
     else:
         names, tiny, nb, bs = ["dino-vits16", "phikon", "uni", "resnet50"], False, 2, 8
-    build: list[dict[str, Any]] = []
-    search: list[dict[str, Any]] = []
-    bounded: dict[str, Any] = {}
+    out: dict[str, Any] = {"older_settings": {"n": n, "queries": queries, "nlist": nlist,
+                                              "exact_queries": exact_queries, "budget_mb": budget}}
     if args.only in ("all", "build"):
-        build = bench_build(names, nb, bs, tiny, "cpu")
+        out["build"] = bench_build(names, nb, bs, tiny, "cpu")
         if gpu:
-            build += bench_build(extractor_names(), 10, 64, tiny, "cuda")
+            out["build"] += bench_build(extractor_names(), 10, 64, tiny, "cuda")
     faiss = _faiss()
     tmp = Path(tempfile.mkdtemp(prefix="gen_ad_knn_bench_"))
     try:
-        bank = _write_bank(tmp / "bank", args.n, args.dim, chunk=100_000)
+        bank = _write_bank(tmp / "bank", n, args.dim, chunk=100_000)
         if args.only in ("all", "bounded"):
-            bounded = bench_bounded(bank, args.exact_queries, args.k, args.budget_mb)
+            out["bounded"] = bench_bounded(bank, exact_queries, args.k, budget)
         if args.only in ("all", "search"):
-            search = bench_search(bank, args.queries, args.exact_queries, args.k, args.nlist,
-                                  False)
-        if (args.only in ("all", "search") and gpu and faiss is not None
-                and hasattr(faiss, "StandardGpuResources")):
-            search += bench_search(bank, args.queries, args.exact_queries, args.k, args.nlist,
-                                   True)
+            out["search"] = bench_search(bank, queries, exact_queries, args.k, nlist, False)
+            if gpu and faiss is not None and hasattr(faiss, "StandardGpuResources"):
+                out["search"] += bench_search(bank, queries, exact_queries, args.k, nlist, True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rec = {
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n", type=int, default=None,
+                    help="bank vectors (default 200k on CPU, 1M on CUDA)")
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--k", type=int, default=200)
+    ap.add_argument("--queries", type=int, nargs="+", default=None,
+                    help="query counts (default 200 on CPU; 1000 100 on CUDA)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--n-older", type=int, default=1_000_000, help="bank of the older sections")
+    ap.add_argument("--only", choices=("peers", "all", "build", "search", "bounded"),
+                    default="peers")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    n = args.n or (1_000_000 if cuda else 200_000)
+    queries = args.queries or ([1000, 100] if cuda else [200])
+    if args.smoke:
+        n, args.dim, args.k, queries, args.rounds = 5000, 32, 20, [50], 1
+    faiss = _faiss()
+    rec: dict[str, Any] = {
         "bench": "knn", "smoke": args.smoke,
-        "settings": {"n": args.n, "dim": args.dim, "k": args.k, "queries": args.queries,
-                     "exact_queries": args.exact_queries, "nlist": args.nlist,
-                     "budget_mb": args.budget_mb, "data": "clustered gaussian (256 centres)"},
+        "settings": {"n": n, "dim": args.dim, "k": args.k, "queries": queries,
+                     "rounds": args.rounds, "device": str(device),
+                     "data": "clustered gaussian (256 centres)"},
         "hardware": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
                      "threads": torch.get_num_threads(),
-                     "gpu": torch.cuda.get_device_name(0) if gpu else None,
+                     "gpu": torch.cuda.get_device_name(device) if cuda else None,
                      "torch": torch.__version__, "python": platform.python_version(),
                      "faiss": getattr(faiss, "__version__", None) if faiss else None},
-        "build": build, "search": search, "bounded": bounded,
     }
+    if args.only in ("all", "peers"):
+        peers = bench_peers(n, args.dim, args.k, queries, args.rounds, device)
+        first = peers["rows"][0]
+        rec.update({"ours": {"qps": first["qps"]["ours"], "queries": first["queries"]},
+                    "peer": {"name": first["faster_peer"],
+                             "qps": first["qps"][first["faster_peer"]]},
+                    "ratio": first["ratio_vs_faster_peer"], "peers": peers})
+    if args.only != "peers":
+        rec.update(older_sections(args))
     print(json.dumps(rec))
     return rec
 
