@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,16 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gen_ad train tests bench notebooks
+	$(VENV)/bin/ruff check gen_ad train tests bench notebooks scripts
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# On a CUDA machine (about 8 min): GPU tests, 1-min training per family, bench/*.py on CUDA ->
+# bench/results/<gpu>.jsonl. Torch preinstalled, no registry: `make gpu-check PY=python3` (no
+# venv; the checkout runs from PYTHONPATH). GPU_CHECK_ARGS="--patches DIR" trains on your patches.
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
