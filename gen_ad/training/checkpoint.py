@@ -9,6 +9,7 @@ at any instant leaves the previous state loadable.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -39,6 +40,7 @@ from gen_ad.utils.io import (
 )
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
+STATE_FORMAT = 2  # 2: the folder has a manifest.json (sizes + sha256), written last
 
 
 @dataclass
@@ -121,10 +123,20 @@ def verify_state(path: Path) -> None:
         CheckpointError: incomplete or damaged (the message names the file).
     """
     if not (path / MANIFEST).is_file() and (path / "meta.json").is_file():
+        if _meta_format(path / "meta.json") >= STATE_FORMAT:
+            raise CheckpointError(f"{path} is incomplete: its {MANIFEST} is missing")
         warnings.warn(f"{path} has no integrity manifest (written by an older gen_ad); "
                       "loading it unverified", stacklevel=2)
         return
     check_manifest(path)
+
+
+def _meta_format(meta: Path) -> int:
+    """The ``format`` recorded in a state's ``meta.json`` (0: older gen_ad or unreadable)."""
+    try:
+        return int(json.loads(meta.read_text(encoding="utf-8")).get("format", 0))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError):
+        return STATE_FORMAT  # damaged: treat as current, so the missing manifest is an error
 
 
 def newest_complete(run_dir: str | Path, *, quiet: bool = False) -> Path | None:
@@ -231,7 +243,8 @@ def save_state(path: Path, *, models: Mapping[str, nn.Module], ema: Mapping[str,
     if scaler is not None:
         torch_save(path / "scaler.pt", scaler.state_dict())
     torch_save(path / "family.pt", dict(family_state))
-    meta = {"step": counters.step, "images": counters.images, "time": time.time()}
+    meta = {"format": STATE_FORMAT, "step": counters.step, "images": counters.images,
+            "time": time.time()}
     meta.update(extra_meta or {})
     write_json(path / "meta.json", meta)
     write_manifest(path, {"step": counters.step})  # written last: marks the folder complete
@@ -265,8 +278,6 @@ def load_state(path: Path, *, models: Mapping[str, nn.Module], ema: Mapping[str,
     Returns:
         The counters and the family state (to pass to ``family.load_state_dict``).
     """
-    import json
-
     meta = json.loads((path / "meta.json").read_text())
     for name, m in models.items():
         load_weights(m, path / "models" / f"{name}.safetensors", f"model '{name}'")

@@ -67,6 +67,13 @@ def export_models(model_dir: Path, *, family: Family, models: Mapping[str, nn.Mo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _json_field(path: Path, key: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+
+
 def verify_export(model_dir: Path) -> None:
     """Check an export against its manifest (a legacy export without one only warns).
 
@@ -74,6 +81,10 @@ def verify_export(model_dir: Path) -> None:
         CheckpointError: a file is missing, damaged, or from another export (mixed steps).
     """
     if not (model_dir / MANIFEST).is_file():
+        fmt = _json_field(model_dir / "model.json", "format")
+        if not isinstance(fmt, int) or fmt >= FORMAT_VERSION:
+            raise CheckpointError(f"refusing the export {model_dir}: its {MANIFEST} is missing "
+                                  "(incomplete or damaged; resume the run to export it again)")
         warnings.warn(f"{model_dir} has no integrity manifest (exported by an older gen_ad); "
                       "loading it unverified", stacklevel=2)
         return
