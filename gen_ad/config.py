@@ -61,6 +61,9 @@ class DataConfig:
         subset: use only this many patches (seeded choice); ``None`` uses all.
         synthetic: generate this many synthetic normal patches when ``train`` is ``synthetic``.
         num_workers: data-loader worker processes.
+        cache: folder for a decoded uint8 cache of ``train``/``val`` (memory-mapped, built once,
+            keyed by the folder's content and these settings; :mod:`gen_ad.data.cache`);
+            ``None`` decodes the image files at every read.
     """
 
     train: str = "synthetic"
@@ -74,6 +77,7 @@ class DataConfig:
     subset: int | None = None
     synthetic: int = 512
     num_workers: int = 0
+    cache: str | None = None
 
     def validate(self, prefix: str) -> None:
         check(self.size >= 8, f"{prefix}.size", f"must be >= 8, got {self.size}")

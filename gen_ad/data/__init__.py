@@ -72,9 +72,20 @@ def build_dataset(data_cfg: DataConfig, split: str = "train", seed: int = 0) -> 
         stain = StainNormalizer(method=data_cfg.stain_norm, reference=data_cfg.stain_ref)
     found, flat = discover_classes(root)
     classes = normal = list(found) if flat else list(data_cfg.normal_classes)
-    ds: Dataset = PatchFolder(root=root, size=data_cfg.size, classes=classes,
-                              normal_classes=normal, resize=data_cfg.resize,
-                              max_bad_fraction=data_cfg.max_bad_fraction, stain=stain)
+    ds: Dataset
+    if data_cfg.cache is not None:
+        from gen_ad.data.cache import cached_folder
+
+        ds = cached_folder(data_cfg.cache, root=root, size=data_cfg.size, classes=classes,
+                           normal_classes=normal, resize=data_cfg.resize,
+                           max_bad_fraction=data_cfg.max_bad_fraction, stain=stain,
+                           stain_settings={"method": data_cfg.stain_norm,
+                                           "reference": data_cfg.stain_ref},
+                           workers=data_cfg.num_workers)
+    else:
+        ds = PatchFolder(root=root, size=data_cfg.size, classes=classes,
+                         normal_classes=normal, resize=data_cfg.resize,
+                         max_bad_fraction=data_cfg.max_bad_fraction, stain=stain)
     if split == "train" and data_cfg.subset is not None:
         ds = subset(ds, data_cfg.subset, seed)
     return ds

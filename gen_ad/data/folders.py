@@ -423,12 +423,14 @@ class PatchFolder(Dataset):
         """File path of every item, in item order."""
         return [s.path for s in self.samples]
 
+    def rgb8(self, index: int) -> np.ndarray:
+        """Item ``index`` decoded, sized and stain-normalised: uint8 ``[size, size, 3]``."""
+        rgb = fit_size(read_rgb(self.samples[index].path), self.size, self.resize)
+        return self.stain(rgb) if self.stain is not None else rgb
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
-        rgb = fit_size(read_rgb(s.path), self.size, self.resize)
-        if self.stain is not None:
-            rgb = self.stain(rgb)
-        item: dict[str, Any] = {"image": image_to_tensor(rgb), "label": s.label,
+        item: dict[str, Any] = {"image": image_to_tensor(self.rgb8(index)), "label": s.label,
                                 "path": s.path, "cls": s.cls}
         if self.mask_root is not None:
             item["mask"] = self._mask(s)

@@ -1,0 +1,193 @@
+"""A decoded uint8 cache of a patch folder on disk, read through a memory map.
+
+Training on a million patches should neither keep them in memory nor decode and re-check every
+file at each start. :func:`cached_folder` keys a cache by the folder's content (every image's
+relative path, size and modification time, walked folder by folder without keeping the listing)
+and the decode settings (size, resize mode, classes, stain normalisation); the first call decodes
+the folder once (DataLoader workers) into
+
+* ``images.u8``: ``[N, size, size, 3]`` uint8 (raw, memory-mapped when read),
+* ``labels.u8`` / ``classes.u16``: per-item label and class index,
+* ``paths.txt`` + ``paths.i64``: the source paths and their byte offsets (read per item),
+* ``cache.json``: the key, count, size and class names, written last,
+
+assembled in a temporary folder and renamed into place. Later calls with the same key open it
+(:class:`PatchCache`) without touching the images. Items equal :class:`PatchFolder`'s exactly.
+Each process (each DataLoader worker) maps the files itself; nothing per item is held in Python
+memory, and mapped pages are file-backed, so the kernel can drop them under pressure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gen_ad.data.folders import PatchFolder, image_to_tensor, is_image_file
+from gen_ad.errors import DataError
+from gen_ad.utils.io import unique_tag, write_json
+
+META = "cache.json"
+VERSION = 1
+
+
+def _walk_files(root: Path) -> Iterator[tuple[str, int, int]]:
+    """``(relative posix path, size, mtime_ns)`` of every image under ``root``, sorted."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(f for f in filenames if is_image_file(f)):
+            p = Path(dirpath) / f
+            st = p.stat()
+            yield p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns
+
+
+def content_key(root: str | os.PathLike[str], settings: dict[str, Any]) -> str:
+    """sha256 of the folder's image files (path, size, mtime) and the decode ``settings``."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for rel, size, mtime in _walk_files(Path(root).expanduser()):
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+class PatchCache(Dataset):
+    """The cached folder as a map-style dataset with :class:`PatchFolder`'s items.
+
+    Items: ``{"image": float32 [3,size,size] in [-1,1], "label": int, "path": str, "cls": str}``.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        try:
+            self.meta: dict[str, Any] = json.loads((self.folder / META).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"no readable patch cache at {self.folder} ({e})") from e
+        self.size, self.count = int(self.meta["size"]), int(self.meta["count"])
+        self.class_names: list[str] = list(self.meta["classes"])
+        self._maps: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # workers map the files themselves
+        return {**self.__dict__, "_maps": None}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        if self._maps is None:
+            s, f = self.size, self.folder
+            self._maps = {
+                "images": np.memmap(f / "images.u8", np.uint8, "r", shape=(self.count, s, s, 3)),
+                "labels": np.memmap(f / "labels.u8", np.uint8, "r", shape=(self.count,)),
+                "classes": np.memmap(f / "classes.u16", np.uint16, "r", shape=(self.count,)),
+                "offsets": np.memmap(f / "paths.i64", np.int64, "r", shape=(self.count + 1,)),
+            }
+        return self._maps
+
+    def __len__(self) -> int:
+        return self.count
+
+    def path(self, index: int) -> str:
+        """Source path of item ``index``."""
+        off = self._arrays()["offsets"]
+        start, end = int(off[index]), int(off[index + 1])
+        with open(self.folder / "paths.txt", "rb") as fh:
+            fh.seek(start)
+            return fh.read(end - start).decode("utf-8")
+
+    @property
+    def labels(self) -> list[int]:
+        """Label of every item (0 normal, 1 anomalous)."""
+        return self._arrays()["labels"].astype(int).tolist()
+
+    def rgb8(self, index: int) -> np.ndarray:
+        """Item ``index`` as uint8 ``[size, size, 3]`` (a copy)."""
+        return np.array(self._arrays()["images"][index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        index %= self.count
+        a = self._arrays()
+        return {"image": image_to_tensor(self.rgb8(index)), "label": int(a["labels"][index]),
+                "path": self.path(index), "cls": self.class_names[int(a["classes"][index])]}
+
+
+class _Decoded(Dataset):
+    """uint8 patches of a :class:`PatchFolder` (what its items are made from)."""
+
+    def __init__(self, folder: PatchFolder) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.folder.rgb8(index)))  # writable copy
+
+
+def build_cache(folder: PatchFolder, out: str | os.PathLike[str], key: str,
+                workers: int = 0, batch: int = 256) -> PatchCache:
+    """Decode ``folder`` once into a cache at ``out`` (assembled aside, renamed into place)."""
+    final = Path(out)
+    tmp = final.parent / f".{final.name}.tmp-{unique_tag()}"
+    tmp.mkdir(parents=True)
+    try:
+        n, s = len(folder), folder.size
+        images = np.memmap(tmp / "images.u8", np.uint8, "w+", shape=(n, s, s, 3))
+        loader = DataLoader(_Decoded(folder), batch_size=batch, num_workers=workers)
+        done = 0
+        for chunk in loader:
+            images[done:done + len(chunk)] = chunk.numpy()
+            done += len(chunk)
+        images.flush()
+        del images
+        names = list(folder.classes)
+        samples = folder.samples
+        np.asarray([x.label for x in samples], np.uint8).tofile(tmp / "labels.u8")
+        np.asarray([names.index(x.cls) for x in samples], np.uint16).tofile(tmp / "classes.u16")
+        encoded = [x.path.encode("utf-8") for x in samples]
+        np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64) \
+            .tofile(tmp / "paths.i64")
+        (tmp / "paths.txt").write_bytes(b"".join(encoded))
+        write_json(tmp / META, {"version": VERSION, "key": key, "count": n, "size": s,
+                                "classes": names, "root": str(folder.root)})
+        if final.exists():  # another process built the same cache meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PatchCache(final)
+
+
+def cached_folder(cache_dir: str | os.PathLike[str], *, root: str | os.PathLike[str], size: int,
+                  classes: Sequence[str] | None = None,
+                  normal_classes: Sequence[str] = ("normal",), resize: str = "resize",
+                  max_bad_fraction: float = 0.05, stain: Any = None,
+                  stain_settings: dict[str, Any] | None = None, workers: int = 0) -> PatchCache:
+    """The cache of a :class:`PatchFolder` with these arguments: opened when present, else built.
+
+    Args:
+        cache_dir: folder that holds caches (one subfolder per key).
+        root, size, classes, normal_classes, resize, max_bad_fraction, stain: as
+            :class:`PatchFolder`.
+        stain_settings: what identifies ``stain`` (method, reference file) in the key.
+        workers: DataLoader workers decoding while the cache is built.
+    """
+    settings = {"version": VERSION, "size": size, "resize": resize, "max_bad": max_bad_fraction,
+                "classes": None if classes is None else list(classes),
+                "normal": list(normal_classes), "stain": stain_settings}
+    key = content_key(root, settings)
+    where = Path(cache_dir).expanduser() / key[:24]
+    if (where / META).is_file():
+        cache = PatchCache(where)
+        if cache.meta.get("key") == key:
+            return cache
+    folder = PatchFolder(root=root, size=size, classes=classes, normal_classes=normal_classes,
+                         resize=resize, max_bad_fraction=max_bad_fraction, stain=stain)
+    return build_cache(folder, where, key, workers)

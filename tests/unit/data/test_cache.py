@@ -1,0 +1,79 @@
+"""The memory-mapped patch cache returns exactly the folder's items, is built once, and follows
+the folder's content."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gen_ad.config import DataConfig
+from gen_ad.data import build_dataset
+from gen_ad.data.cache import PatchCache, cached_folder
+from gen_ad.data.folders import PatchFolder
+
+
+def _folder(root: Path, n_normal: int = 7, n_tumor: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    for cls, n in (("normal", n_normal), ("tumor", n_tumor)):
+        (root / cls / "sub").mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, size=(40 + i % 3, 36, 3), dtype=np.uint8)
+            where = root / cls / ("sub" if i % 2 else "") / f"p{i}.png"
+            Image.fromarray(arr).save(where)
+    return root
+
+
+def _assert_same_items(a: object, b: object) -> None:
+    assert len(a) == len(b)  # type: ignore[arg-type]
+    for i in range(len(a)):  # type: ignore[arg-type]
+        x, y = a[i], b[i]  # type: ignore[index]
+        assert set(x) == set(y)
+        assert torch.equal(x["image"], y["image"])
+        assert (x["label"], x["path"], x["cls"]) == (y["label"], y["path"], y["cls"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cache_returns_the_folders_tensors(tmp_path: Path, workers: int) -> None:
+    root = _folder(tmp_path / "data")
+    kw = dict(root=root, size=32, classes=["normal", "tumor"], normal_classes=["normal"])
+    folder = PatchFolder(**kw)
+    cache = cached_folder(tmp_path / "cache", workers=workers, **kw)
+    assert isinstance(cache, PatchCache) and len(cache) == 10
+    _assert_same_items(folder, cache)
+    assert cache.labels == folder.labels
+    assert cache[-1]["path"] == folder[9]["path"]
+    clone = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker receives
+    assert clone._maps is None and torch.equal(clone[3]["image"], folder[3]["image"])
+
+
+def test_cache_is_built_once_and_follows_the_content(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    kw = dict(root=root, size=32, classes=["normal"])
+    first = cached_folder(tmp_path / "cache", **kw)
+    stamp = os.stat(first.folder / "images.u8").st_mtime_ns
+    again = cached_folder(tmp_path / "cache", **kw)
+    assert again.folder == first.folder
+    assert os.stat(again.folder / "images.u8").st_mtime_ns == stamp  # opened, not rebuilt
+    other_size = cached_folder(tmp_path / "cache", **{**kw, "size": 16})
+    assert other_size.folder != first.folder and other_size[0]["image"].shape == (3, 16, 16)
+    target = root / "normal" / "p0.png"
+    Image.fromarray(np.zeros((40, 36, 3), np.uint8)).save(target)
+    os.utime(target, ns=(1, 1))  # a changed file: new key, new cache
+    changed = cached_folder(tmp_path / "cache", **kw)
+    assert changed.folder != first.folder
+    _assert_same_items(PatchFolder(**kw), changed)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+
+def test_build_dataset_uses_the_cache(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    cfg = DataConfig(train=str(root), size=24, cache=str(tmp_path / "cache"))
+    ds = build_dataset(cfg)
+    assert isinstance(ds, PatchCache)
+    _assert_same_items(build_dataset(DataConfig(train=str(root), size=24)), ds)
