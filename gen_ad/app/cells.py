@@ -74,9 +74,9 @@ def _inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
             raise DataError(f"not found: {p}")
     stems: dict[str, Path] = {}
     for p in out:
-        if stems.setdefault(p.stem, p) != p:
+        if stems.setdefault(p.stem, p).resolve() != p.resolve():
             raise DataError(f"two inputs share the name '{p.stem}': {stems[p.stem]} and {p}")
-    return out
+    return list(stems.values())
 
 
 def _open(path: Path, image_mpp: float | None) -> Source:

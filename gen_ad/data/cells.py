@@ -331,9 +331,10 @@ def plan_crops(source: Source, size: int, mpp: float, slide_mpp: float | None = 
 
 
 def read_crop(source: Source, x: float, y: float, plan: CropPlan) -> np.ndarray:
-    """The crop centred on level-0 point ``(x, y)``. Returns uint8 ``[size,size,3]``."""
-    x0 = int(math.floor(x - plan.footprint / 2 + 0.5))
-    y0 = int(math.floor(y - plan.footprint / 2 + 0.5))
+    """The crop centred on level-0 point ``(x, y)``: the level-0 pixel holding ``(x, y)`` is
+    at crop pixel ``[size//2, size//2]`` when read at level 0. Returns uint8 ``[size,size,3]``."""
+    x0 = int(math.floor(x - plan.footprint / 2))
+    y0 = int(math.floor(y - plan.footprint / 2))
     region = source.read_region(x0, y0, plan.level, plan.read_size, plan.read_size)
     return _resize(region, plan.size, plan.size)
 
