@@ -6,6 +6,7 @@ a GPU). Per device the check is the same; only the tolerance differs, and each o
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from gen_ad.config import load_config
 from gen_ad.data.synthetic import generate
-from gen_ad.inversion import diffusion
+from gen_ad.inversion import diffusion, projector
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
 from gen_ad.training.export import load_run
 from gen_ad.training.loop import run_training
@@ -63,9 +64,10 @@ def _images(n: int, size: int, device: str) -> torch.Tensor:
     return (torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
 
 
-def _cpu_noise(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Diffusion noise drawn by a CPU generator with the device generator's seed: the CPU and CUDA
-    scorers then see the same noise (the two devices' random streams differ by design)."""
+def _cpu_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Diffusion noise and the projector's ``w`` statistics from CPU generators seeded like the
+    device's: the CPU and CUDA scorers then see the same draws (the two devices' random streams
+    differ by design)."""
     orig = diffusion.draw_noise
     # keyed by id, holding the device generator itself so that its id is never reused
     pairs: dict[int, tuple[torch.Generator, torch.Generator]] = {}
@@ -77,6 +79,14 @@ def _cpu_noise(monkeypatch: pytest.MonkeyPatch) -> None:
         return orig(kind, like.cpu(), pairs[id(generator)][1], simplex).to(like.device)
 
     monkeypatch.setattr(diffusion, "draw_noise", draw)
+
+    orig_stats = projector.w_stats
+
+    def w_stats(G, *args, **kw):  # the projection's start (mean w), from CPU draws as well
+        dev = next(G.parameters()).device
+        return tuple(t.to(dev) for t in orig_stats(copy.deepcopy(G).cpu(), *args, **kw))
+
+    monkeypatch.setattr(projector, "w_stats", w_stats)
 
 
 def _scorers(family: str, run: Path, device: str) -> dict:
@@ -107,7 +117,7 @@ def _fit_score(scorer, x: torch.Tensor, device: str):
 
 def _check_scores(family: str, run: Path, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Export -> load_run -> every scorer on ``device`` agrees with the same scorer on the CPU."""
-    _cpu_noise(monkeypatch)
+    _cpu_draws(monkeypatch)
     x = _images(4, 32, "cpu")
     here, ref = _scorers(family, run, device), _scorers(family, run, "cpu")
     assert set(here) == set(ref) and here
