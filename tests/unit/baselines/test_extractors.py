@@ -174,3 +174,37 @@ def test_bad_input_shape() -> None:
     ext = build_extractor("dino-vits16", random_init=True, tiny=True)
     with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         ext(torch.zeros(2, 1, 32, 32))
+
+
+def test_registry_installed_extractors_use_the_installed_files() -> None:
+    """vgg16-imagenet / inception-fid read `gen-ad weights install` files; embeddings are the
+    documented layers (VGG16 relu4_3 + relu5_3, pooled and unit-normed; FID pool3)."""
+    import torch.nn.functional as F
+
+    from gen_ad.metrics.inception import load_inception, random_inception_state_dict, to_uint8
+    from gen_ad.weights.registry import installed_path
+
+    with pytest.raises(WeightsNotFoundError, match="gen-ad weights install --only lpips-vgg16"):
+        build_extractor("vgg16-imagenet")
+    ref = build_extractor("vgg16-imagenet", random_init=True, seed=2)
+    save_safetensors(installed_path("lpips-vgg16"),
+                     {**ref.backbone.state_dict(), "lin0.model.1.weight": torch.rand(1, 64, 1, 1)})
+    ext = build_extractor("vgg16-imagenet")
+    assert ext.input_size == 224
+    ext.input_size = 64  # same layers, 12x cheaper for the test
+    x = torch.rand(2, 3, 40, 40) * 2 - 1
+    h, pooled = ext.preprocess(x), []
+    assert h.shape == (2, 3, 64, 64)
+    for i, layer in enumerate(ref.backbone.features):
+        h = layer(h)
+        if i in (22, 29):
+            pooled.append(F.normalize(h.mean(dim=(2, 3)), dim=1))
+    torch.testing.assert_close(ext(x), torch.cat(pooled, 1))
+    assert ext(x).shape == (2, 1024)
+
+    save_safetensors(installed_path("fid-inception"), random_inception_state_dict(seed=4))
+    inc = build_extractor("inception-fid")
+    fid = load_inception(device="cpu")  # the same installed file, FID's own path
+    x = torch.rand(1, 3, 48, 48) * 2 - 1
+    torch.testing.assert_close(inc(x), fid(to_uint8(x)), rtol=1e-5, atol=1e-5)
+    assert fid.is_inception and fid.label == "fid"

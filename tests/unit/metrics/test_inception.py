@@ -61,3 +61,19 @@ def test_custom_extractor_checks_its_name_and_output() -> None:
         bad(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
     with pytest.raises(ConfigError, match="lowercase"):
         inc.custom_extractor("Bad Name", lambda x: x)
+
+
+def test_installed_safetensors_is_found_before_the_hub_cache(tmp_path: Path) -> None:
+    """`gen-ad weights install` output (safetensors) wins over torch-fidelity's cache name."""
+    from gen_ad.errors import WeightsNotFoundError
+    from gen_ad.utils.io import save_safetensors
+    from gen_ad.weights.registry import installed_path
+
+    with pytest.raises(WeightsNotFoundError, match="gen-ad weights install --only fid-inception"):
+        inc.resolve_inception_weights()
+    torch_save(inc.inception_cache_path(), inc.random_inception_state_dict(seed=0))
+    installed = installed_path("fid-inception")
+    save_safetensors(installed, inc.random_inception_state_dict(seed=1))
+    assert inc.resolve_inception_weights() == installed
+    ext = inc.load_inception(device="cpu", layer="64")
+    assert ext.label == "fid_64" and ext.is_inception
