@@ -21,6 +21,10 @@ checked against ``DDPMScheduler.step`` / ``DDIMScheduler.step`` in the tests).
 Every random draw of a ``score`` call comes from one ``torch.Generator`` seeded with ``seed``, so a
 batch scored twice gets identical scores (the noise of an image depends on its position in the
 batch). All steps are batched over images.
+
+Speed (:class:`SpeedConfig`): the UNet can run under bf16 autocast, in channels-last memory format
+and through ``torch.compile``; each defaults to on for CUDA and off on CPU (compile: on for
+reconstruction only). The schedule maths and the noise stay float32 in every case.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +52,61 @@ SamplerKind = Literal["ddpm", "ddim"]
 # AutoDDPM's reference mask threshold (LPIPS-squeeze x normalised residual); used only when the
 # scorer was neither calibrated with fit() nor given a threshold.
 REFERENCE_MASK_THRESHOLD = 0.13
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+@dataclass
+class SpeedConfig:
+    """How the UNet runs; ``None`` = automatic (on for CUDA, off on CPU).
+
+    Attributes:
+        bf16: bf16 autocast for UNet evaluations in reconstruction and scoring (training precision
+            is ``train.mixed_precision``).
+        channels_last: NHWC memory format for the UNet's weights and inputs.
+        compile: ``torch.compile`` the UNet for reconstruction (automatic: CUDA only).
+        compile_train: compile the UNet for training too (off unless set: compilation time is
+            only repaid by long runs).
+    """
+
+    bf16: bool | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    compile_train: bool = False
+
+    def validate(self, prefix: str) -> None:
+        """Nothing to check beyond the types (kept for the config machinery)."""
+
+    def resolve(self, device: torch.device) -> Speed:
+        """The settings for a UNet on ``device``."""
+        cuda = device.type == "cuda"
+
+        def pick(v: bool | None) -> bool:
+            return cuda if v is None else bool(v)
+
+        return Speed(pick(self.bf16), pick(self.channels_last), pick(self.compile))
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Resolved :class:`SpeedConfig` (all off: the plain fp32 eager UNet)."""
+
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+def prepare_unet(unet: nn.Module, speed: Speed) -> nn.Module:
+    """Apply ``speed`` to ``unet``: channels-last weights (in place), then ``torch.compile``.
+
+    Returns the module to call (the compiled wrapper, whose parameters are ``unet``'s).
+    """
+    if speed.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if speed.compile:
+        return torch.compile(unet, dynamic=False)
+    return unet
 
 
 # ----------------------------------------------------------------------------- schedule maths
@@ -152,6 +212,8 @@ class Denoiser:
         simplex: simplex parameters.
         sampler: ``ddpm`` (ancestral) or ``ddim`` (deterministic, eta 0).
         clip: clip predicted ``x_0`` to ``[-1,1]``.
+        speed: bf16 autocast / channels-last inputs (the UNet itself is prepared by
+            :func:`prepare_unet`).
     """
 
     unet: nn.Module
@@ -160,11 +222,18 @@ class Denoiser:
     simplex: SimplexConfig = field(default_factory=SimplexConfig)
     sampler: str = "ddpm"
     clip: bool = True
+    speed: Speed = field(default_factory=Speed)
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """Predicted noise ``[B,C,H,W]`` at timestep ``t``."""
+        """Predicted noise ``[B,C,H,W]`` (float32, contiguous) at timestep ``t``."""
         ts = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        return self.unet(x_t, ts).sample.to(x_t.dtype)
+        inp = x_t.contiguous(memory_format=torch.channels_last) if self.speed.channels_last \
+            else x_t
+        ctx = torch.autocast(x_t.device.type, dtype=torch.bfloat16) if self.speed.bf16 \
+            else nullcontext()
+        with ctx:
+            out = self.unet(inp, ts).sample
+        return out.to(x_t.dtype).contiguous()
 
     def draw(self, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return draw_noise(self.noise, like, gen, self.simplex)
@@ -233,6 +302,16 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _denoiser(unet: nn.Module, scheduler: Any, noise: str, simplex: SimplexConfig | None,
+              sampler: str, speed: SpeedConfig | Speed | None) -> Denoiser:
+    """A scorer's :class:`Denoiser`: the UNet in eval mode, prepared for ``speed`` on its device
+    (``None``: the plain fp32 eager UNet)."""
+    unet = unet.eval()
+    fast = speed.resolve(_device_of(unet)) if isinstance(speed, SpeedConfig) else speed or Speed()
+    return Denoiser(prepare_unet(unet, fast), scheduler, noise, simplex or SimplexConfig(),
+                    sampler, bool(scheduler.config.clip_sample), fast)
+
+
 def _check_images(x: torch.Tensor) -> None:
     if x.ndim != 4 or x.shape[1] != 3:
         raise DataError(f"images must be [B,3,H,W], got {tuple(x.shape)}")
@@ -262,12 +341,12 @@ class AnoDDPMScorer(AnomalyScorer):
                  noise: NoiseKind = "simplex", simplex: SimplexConfig | None = None,
                  sampler: SamplerKind = "ddpm", steps: int | None = None,
                  residual: Literal["l1", "l2"] = "l1",
-                 reduce: Literal["mean", "max", "topk"] = "mean", seed: int = 0) -> None:
+                 reduce: Literal["mean", "max", "topk"] = "mean", seed: int = 0,
+                 speed: SpeedConfig | Speed | None = None) -> None:
         n_t = int(scheduler.config.num_train_timesteps)
         if not 0 <= t < n_t:
             raise ConfigError(f"anoddpm t must be in [0, {n_t}), got {t}")
-        self.denoiser = Denoiser(unet.eval(), scheduler, noise, simplex or SimplexConfig(),
-                                 sampler, bool(scheduler.config.clip_sample))
+        self.denoiser = _denoiser(unet, scheduler, noise, simplex, sampler, speed)
         self.t, self.steps, self.residual, self.reduce, self.seed = t, steps, residual, reduce, seed
 
     @torch.no_grad()
@@ -321,7 +400,8 @@ class AutoDDPMScorer(AnomalyScorer):
                  normalize_residual: bool = True, final: Literal["mask", "weighted"] = "mask",
                  reduce: Literal["mean", "max", "topk"] = "mean", lpips: nn.Module | None = None,
                  lpips_net: str = "squeeze", lpips_weights: str | None = None,
-                 lpips_random_init: bool = False, seed: int = 0) -> None:
+                 lpips_random_init: bool = False, seed: int = 0,
+                 speed: SpeedConfig | Speed | None = None) -> None:
         n_t = int(scheduler.config.num_train_timesteps)
         for key, v in (("t_recon", t_recon), ("t_inpaint", t_inpaint)):
             if not 0 <= v < n_t:
@@ -330,8 +410,7 @@ class AutoDDPMScorer(AnomalyScorer):
             raise ConfigError("autoddpm needs resample >= 1, 0 < fpr < 1 and an odd dilation")
         if final not in ("mask", "weighted"):
             raise ConfigError(f"autoddpm final must be mask or weighted, got '{final}'")
-        self.denoiser = Denoiser(unet.eval(), scheduler, noise, simplex or SimplexConfig(),
-                                 sampler, bool(scheduler.config.clip_sample))
+        self.denoiser = _denoiser(unet, scheduler, noise, simplex, sampler, speed)
         self.t_recon, self.t_inpaint, self.resample = t_recon, t_inpaint, resample
         self.steps_recon, self.steps_inpaint = steps_recon, steps_inpaint
         self.fpr, self.threshold, self.dilation = fpr, threshold, dilation

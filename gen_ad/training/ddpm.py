@@ -33,6 +33,7 @@ from gen_ad.inversion.diffusion import (
     AnoDDPMScorer,
     AutoDDPMScorer,
     Denoiser,
+    SpeedConfig,
     draw_noise,
     timestep_sequence,
 )
@@ -164,6 +165,7 @@ class DDPMConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     anoddpm: AnoDDPMConfig = field(default_factory=AnoDDPMConfig)
     autoddpm: AutoDDPMConfig = field(default_factory=AutoDDPMConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def validate(self, prefix: str) -> None:
         try:
@@ -187,9 +189,17 @@ class DDPMFamily(Family):
         self.scheduler = scheduler_from_config(cfg.schedule, "ddpm")
 
     def build_models(self) -> dict[str, nn.Module]:
+        """The UNet; channels-last when ``speed`` says so for the device training will use
+        (``train.cpu`` or no CUDA: CPU), compiled in place when ``speed.compile_train``."""
         from diffusers import UNet2DModel
 
-        return {"unet": UNet2DModel(**unet_kwargs(self.cfg.model, self.cfg.data.size))}
+        unet = UNet2DModel(**unet_kwargs(self.cfg.model, self.cfg.data.size))
+        cuda = torch.cuda.is_available() and not self.cfg.train.cpu
+        if self.cfg.speed.resolve(torch.device("cuda" if cuda else "cpu")).channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if self.cfg.speed.compile_train:
+            unet.compile()  # in place: state-dict keys, EMA and checkpoints unchanged
+        return {"unet": unet}
 
     def build_optimizers(self, models: Mapping[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
         o = self.cfg.optim
@@ -273,9 +283,10 @@ class DDPMFamily(Family):
         auto_kw = asdict(auto)
         auto_kw["lpips_random_init"] = bool(kwargs.get("lpips_random_init", False))
         return {
-            "anoddpm": AnoDDPMScorer(unet, self.scheduler, **asdict(ano), **noise),
+            "anoddpm": AnoDDPMScorer(unet, self.scheduler, **asdict(ano), **noise,
+                                     speed=self.cfg.speed),
             "autoddpm": AutoDDPMScorer(unet, self.scheduler, lpips=kwargs.get("lpips"),
-                                       **auto_kw, **noise),
+                                       **auto_kw, **noise, speed=self.cfg.speed),
         }
 
     def _scorer_configs(self, kw: Mapping[str, Any]) -> tuple[AnoDDPMConfig, AutoDDPMConfig]:
