@@ -41,6 +41,7 @@ from gen_ad.app.evaluate import (
     summary_line,
     write_outputs,
 )
+from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_report
 from gen_ad.config import check, load_config, to_dict
 from gen_ad.data.folders import subset
 from gen_ad.errors import ConfigError, DataError, GenAdError
@@ -217,9 +218,11 @@ class BenchmarkConfig:
     device: str = "auto"
     examples: int = 6
     fid: FIDConfig = field(default_factory=FIDConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
 
     def validate(self, prefix: str) -> None:
         check(len(self.methods) > 0, "methods", "list at least one method")
+        self.shortcut.validate("shortcut")
         for i, m in enumerate(self.methods):
             m.validate(f"methods[{i}]")
         names = [method_name(m) for m in self.methods]
@@ -289,6 +292,14 @@ def _random_init_notes(kwargs: dict[str, Any]) -> list[str]:
     return out
 
 
+def _lpips_notes(scorer: Any) -> list[str]:
+    """Which LPIPS network a scorer runs on (installed real weights, a fallback, random init)."""
+    from gen_ad.inversion.lpips_net import lpips_source
+
+    src = lpips_source(scorer)
+    return [f"LPIPS network: {src}"] if src else []
+
+
 def _prepare_run(m: MethodConfig, cfg: BenchmarkConfig, device: str,
                  runs: dict[str, Run]) -> PreparedMethod:
     path = str(m.run)
@@ -304,9 +315,10 @@ def _prepare_run(m: MethodConfig, cfg: BenchmarkConfig, device: str,
     desc = f"{run.family.name} run {path} (step {run.step}), scorer '{names[0]}'"
     if m.kwargs:
         desc += ", " + ", ".join(f"{k}={v}" for k, v in sorted(m.kwargs.items()))
-    return PreparedMethod(method_name(m), "generative", desc, _random_init_notes(m.kwargs),
-                          ls.scorer, ls.size, cfg.data.val, cfg.data.val_limit,
-                          m.batch_size or cfg.batch_size, run, path)
+    notes = _random_init_notes(m.kwargs) + _lpips_notes(ls.scorer)
+    return PreparedMethod(method_name(m), "generative", desc, notes, ls.scorer, ls.size,
+                          cfg.data.val, cfg.data.val_limit, m.batch_size or cfg.batch_size, run,
+                          path)
 
 
 def _prepare_knn(m: MethodConfig, cfg: BenchmarkConfig, device: str) -> PreparedMethod:
@@ -596,6 +608,7 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
     """
     out = Path(cfg.out)
     split = SplitCache(cfg.data, cfg.seed)
+    methods = [*methods, *shortcut_methods(cfg, methods, split, device)]  # colour baseline
     outcomes: list[MethodOutcome] = []
     idx: list[int] | None = None
     for pm in methods:
@@ -606,6 +619,7 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
         write_outputs(out / "methods" / pm.name, o.scored, None, method=pm.name,
                       threshold=o.threshold, metrics=o.metrics)
         outcomes.append(o)
+    shortcut = shortcut_report(cfg, outcomes, split, device, progress)
     gq = generator_quality(methods, cfg, device)
     figures = write_figures(outcomes, out / "figures")
     first = outcomes[0].metrics
@@ -618,6 +632,7 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
                  "val": cfg.data.val},
         "methods": [_method_record(o, gq) for o in outcomes],
         "generators": gq, "figures": {k: f"figures/{v}" for k, v in figures.items()},
+        "shortcut": shortcut, "warnings": shortcut["warnings"],
         "config": to_dict(cfg),
     }
     write_json(out / "results.json", _json_clean(results))
@@ -651,4 +666,4 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             text = re.sub(r"<[^>]+>", " ", generator_cell(m["generator"]))
             line += ", generator: " + " ".join(text.split())
         lines.append(line)
-    return lines
+    return lines + [f"WARNING {w}" for w in results.get("warnings", [])]
