@@ -31,6 +31,9 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
     # every bench script runs (one not yet tuned for the check in its smoke mode)
     assert names == ["gpu-tests", "synth", "train/wgan", "train/stylegan2", "train/ddpm",
                      *[f"bench/{b}" for b in benches]]
+    tests = steps[0]["cmd"]
+    assert "tests/gpu/test_families_gpu.py" in tests and "tests/gpu/test_knn_gpu.py" in tests
+    assert "tests/unit/training/test_grid_sample.py" in tests
     for s in steps:
         if s["name"].startswith("train/"):
             assert (ROOT / s["settings"]["config"]).is_file()
