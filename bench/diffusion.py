@@ -2,6 +2,14 @@
 
 Prints one JSON line with:
 
+* ``peers`` (and ``ours`` / ``peer`` / ``ratio`` at the top level): AnoDDPM with every ancestral
+  step from ``t`` (200), ms/image, gen_ad's scorer with its automatic speed settings (CUDA: bf16
+  autocast, channels-last, torch.compile; CPU: plain fp32 eager) against a plain fp32 loop over the
+  same diffusers UNet and ``DDPMScheduler.step``, timed after one warm-up (compilation) call.
+  Both use Gaussian noise from one generator in the same order, so they draw the same noise and
+  their scores agree: to float32 rounding when ours runs fp32, within ``score_rtol`` (5e-2) under
+  bf16. ``ours_fp32_eager`` is our scorer with every speed setting off.
+
 * ``simplex``: batched torch simplex noise (``[B,3,H,W]``, AnoDDPM defaults 6/0.8/64) in
   images/s against two straightforward per-image NumPy implementations written here: ``loop``
   (a scalar Python loop over pixels, the textbook implementation) and ``vectorised`` (NumPy over
@@ -14,12 +22,15 @@ Prints one JSON line with:
   evaluations (``"estimated": true``) unless ``--exact``.
 
     python bench/diffusion.py [--size 64] [--unet autoddpm] [--batch 16] [--device cpu|cuda]
+                              [--peer-unet tiny|autoddpm] [--peer-batch 4] [--only peers|all]
                               [--exact] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +43,7 @@ import torch
 from accelerate import Accelerator
 
 from gen_ad.config import from_dict
-from gen_ad.inversion.diffusion import AnoDDPMScorer, AutoDDPMScorer
+from gen_ad.inversion.diffusion import AnoDDPMScorer, AutoDDPMScorer, Speed, SpeedConfig
 from gen_ad.inversion.simplex import draw_tables, fractal_from_tables, simplex_noise
 from gen_ad.models.unet import build_scheduler
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
@@ -202,6 +213,57 @@ def bench_recon(fam: DDPMFamily, batch: int, device: torch.device, exact: bool,
     return out
 
 
+# ----------------------------------------------------------------------------- ours vs plain
+
+
+@torch.no_grad()
+def plain_anoddpm(unet: torch.nn.Module, sched: Any, x: torch.Tensor, t_start: int,
+                  gen: torch.Generator) -> torch.Tensor:
+    """The plain loop a user would write: fp32 UNet, ``DDPMScheduler.step``; scores ``[B]``."""
+    noise = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
+    x_t = sched.add_noise(x, noise, torch.full((len(x),), t_start, device=x.device))
+    for t in range(t_start, -1, -1):
+        eps = unet(x_t, torch.full((len(x),), t, device=x.device)).sample
+        x_t = sched.step(eps, t, x_t, generator=gen).prev_sample
+    return (x - x_t.clamp(-1, 1)).abs().mean(1).mean((1, 2))
+
+
+def bench_peers(unet_name: str, size: int, batch: int, t_start: int, device: torch.device,
+                repeat: int) -> dict[str, Any]:
+    """ms/image of AnoDDPM: ours (automatic speed, and fp32 eager) vs the plain loop."""
+    sync = device.type == "cuda"
+    torch.manual_seed(0)
+    unet = _family(unet_name, size, batch).build_models()["unet"].to(device).eval()
+    unet.to(memory_format=torch.contiguous_format)  # the plain loop gets the plain layout
+    sched = build_scheduler("ddpm")
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = x.to(device)
+    auto = SpeedConfig().resolve(device)
+    ours = AnoDDPMScorer(copy.deepcopy(unet), sched, t=t_start, noise="gaussian", speed=auto)
+    eager = AnoDDPMScorer(copy.deepcopy(unet), sched, t=t_start, noise="gaussian", speed=Speed())
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(0)
+
+    runs = {"ours": lambda: ours.score(x).scores, "ours_fp32_eager": lambda: eager.score(x).scores,
+            "plain_fp32_loop": lambda: plain_anoddpm(unet, sched, x, t_start, gen())}
+    t0 = time.perf_counter()
+    scores = {k: f().float().cpu() for k, f in runs.items()}  # warm-up (compiles ours on CUDA)
+    warm_s = time.perf_counter() - t0
+    ms = {k: 1e3 * _timed(f, sync, repeat) / batch for k, f in runs.items()}
+    ref = scores["plain_fp32_loop"]
+    rel = {k: float(((v - ref).abs() / ref.abs().clamp_min(1e-12)).max())
+           for k, v in scores.items()}
+    rtol = 5e-2 if auto.bf16 else 1e-4
+    return {"unet": unet_name, "size": size, "batch": batch, "t": t_start, "steps": t_start + 1,
+            "speed": dataclasses.asdict(auto),
+            "ms_per_image": {k: round(v, 3) for k, v in ms.items()},
+            "ratio_vs_plain": round(ms["plain_fp32_loop"] / ms["ours"], 3),
+            "max_rel_score_diff": {k: rel[k] for k in ("ours", "ours_fp32_eager")},
+            "score_rtol": rtol, "scores_within_rtol": rel["ours"] <= rtol,
+            "warmup_s_all_three": round(warm_s, 1)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=64)
@@ -211,11 +273,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--exact", action="store_true", help="time full-step variants on CPU too")
+    p.add_argument("--peer-unet", default=None, help="UNet of the peers section (default: "
+                   "autoddpm on CUDA, tiny on CPU)")
+    p.add_argument("--peer-batch", type=int, default=None, help="default: 64 CUDA, 4 CPU")
+    p.add_argument("--peer-t", type=int, default=200)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--only", choices=("peers", "all"), default="all")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds)")
     a = p.parse_args(argv)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    peer_unet = a.peer_unet or ("autoddpm" if cuda else "tiny")
+    peer_batch = a.peer_batch or (64 if cuda else 4)
     if a.smoke:
         a.size, a.unet, a.batch, a.noise_batch, a.train_steps = 32, "tiny", 2, 4, 1
-    device = torch.device(a.device)
+        peer_unet, peer_batch, a.peer_t, a.repeat = "tiny", 2, 3, 1
     fam = _family(a.unet, a.size, a.batch)
     result = {
         "bench": "diffusion",
@@ -223,11 +295,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      if device.type == "cuda" else None, "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
         "settings": {"size": a.size, "unet": a.unet, "device": str(device), "smoke": a.smoke},
-        "simplex": bench_simplex(a.noise_batch, a.size, device, n_ref=1),
-        "train": bench_train(fam, a.batch, a.train_steps, device),
     }
-    result["recon"] = (_smoke_recon(fam, a.batch, device) if a.smoke
-                       else bench_recon(fam, a.batch, device, a.exact))
+    peers = bench_peers(peer_unet, a.size, peer_batch, a.peer_t, device, a.repeat)
+    result.update({"ours": {"anoddpm_ms_per_image": peers["ms_per_image"]["ours"]},
+                   "peer": {"name": "plain_fp32_loop",
+                            "anoddpm_ms_per_image": peers["ms_per_image"]["plain_fp32_loop"]},
+                   "ratio": peers["ratio_vs_plain"], "peers": peers})
+    if a.only == "all":
+        result["simplex"] = bench_simplex(a.noise_batch, a.size, device, n_ref=1)
+        result["train"] = bench_train(fam, a.batch, a.train_steps, device)
+        result["recon"] = (_smoke_recon(fam, a.batch, device) if a.smoke
+                           else bench_recon(fam, a.batch, device, a.exact))
     print(json.dumps(result))
     return 0
 
