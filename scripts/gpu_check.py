@@ -180,6 +180,9 @@ def run_step(step: Step, limit: int, env: dict[str, str], log: Path) -> dict[str
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
             status = "timeout"
+        except BaseException:  # Ctrl-C or a kill of this script: take the step's group along
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     rec = {"status": status, "returncode": proc.returncode, "wall_s": round(
         time.perf_counter() - t0, 1), "limit_s": limit, "log": str(log)}
     if status != "ok":
