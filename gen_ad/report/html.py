@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_ad.errors import DataError
+from gen_ad.report.shortcut import shortcut_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -197,6 +198,7 @@ def render_report(results: dict[str, Any], root: str | os.PathLike[str]) -> str:
         "validation scores only). ms / patch: wall time of the scoring loop (data loading "
         "included) divided by the number of test patches, on the device above.</p>",
         _per_class_table(methods),
+        shortcut_section(results),
         "<h2>Methods</h2>", _methods_table(methods),
         "<h2>Curves</h2><div class='figs'>",
         _img(r, figs.get("roc"), "ROC curves", "ROC curves of all methods on the test split"),

@@ -123,7 +123,9 @@ def test_png_data_uri_checks_png(tmp_path: Path) -> None:
 
 def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    cfg = from_dict(BenchmarkConfig, _cfg(split, out))
+    # the shortcut check (colour baseline, stain shift) has its own tests: test_shortcut.py
+    cfg = from_dict(BenchmarkConfig, _cfg(split, out, shortcut={"colour_baseline": False,
+                                                                 "stain_shift": False}))
     methods = prepare_methods(cfg, "cpu")
     blur = BlurScorer()
     methods.append(PreparedMethod("blur-recon", "generative", "box-blur reconstruction (test)",

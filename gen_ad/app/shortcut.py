@@ -1,0 +1,213 @@
+"""The shortcut check of every benchmark: a colour-only baseline and a stain-shift re-evaluation.
+
+An anomaly score can separate the classes for the wrong reason (a stain or scanner difference
+between the normal and the anomalous sets, JPEG quality, folds). Two checks make that visible:
+
+- **Colour-only baseline** (``colour-baseline``): the KNN baseline (same k rule, same label-free
+  threshold rule) on 15 colour statistics per patch (:mod:`gen_ad.baselines.colour`), evaluated
+  like every other method on the same split. Every method whose AUROC it reaches or beats gets
+  a warning in ``results.json`` (``warnings``, ``shortcut``) and in ``report.html``.
+- **Stain shift**: each method's test split (a seeded subset of ``shortcut.limit`` patches) is
+  re-scored after stain normalisation to a reference of the normal set (the normal validation
+  patch whose colour statistics are closest to the median) and under random HED jitter of
+  strength ``shortcut.jitter``; the AUROC drop against the same patches unshifted is reported.
+  A method that follows tissue changes little; one that follows stain changes a lot.
+
+:mod:`gen_ad.app.benchmark` calls :func:`shortcut_methods` (the extra method to evaluate) and
+:func:`shortcut_report` (comparisons, stain shift, warnings) after all methods are scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from gen_ad.config import check
+from gen_ad.errors import GenAdError
+
+if TYPE_CHECKING:
+    from gen_ad.app.benchmark import BenchmarkConfig, MethodOutcome, PreparedMethod, SplitCache
+
+COLOUR_BASELINE = "colour-baseline"
+COLOUR_KIND = "colour baseline"
+
+
+@dataclass
+class ShortcutConfig:
+    """``shortcut:`` section of a benchmark config.
+
+    Attributes:
+        colour_baseline: evaluate the colour-only baseline and compare every method with it.
+        bank: normal folder of the baseline's feature bank (default: the first KNN method's
+            bank, else ``data.val``; with ``data.val`` the threshold is optimistic, the AUROC is
+            not affected).
+        bank_limit: at most this many bank patches.
+        k: neighbours (capped at the bank size minus one).
+        stain_shift: run the stain-shift re-evaluation.
+        normalise: stain normalisation method (``macenko`` or ``reinhard``).
+        jitter: HED jitter strength (scale ``U(1-s,1+s)`` and shift ``U(-s,s)`` per channel).
+        limit: test patches re-scored per method and shift (seeded subset; ``None`` = all).
+        seed: seed of the subset and of the jitter.
+    """
+
+    colour_baseline: bool = True
+    bank: str | None = None
+    bank_limit: int | None = 2000
+    k: int = 200
+    stain_shift: bool = True
+    normalise: Literal["macenko", "reinhard"] = "macenko"
+    jitter: float = 0.05
+    limit: int | None = 200
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        check(self.k >= 1, f"{prefix}.k", f"must be >= 1, got {self.k}")
+        check(self.bank_limit is None or self.bank_limit > 1, f"{prefix}.bank_limit",
+              "must be > 1")
+        check(0.0 <= self.jitter <= 1.0, f"{prefix}.jitter", f"must be in [0, 1], got "
+              f"{self.jitter}")
+        check(self.limit is None or self.limit > 1, f"{prefix}.limit", "must be > 1")
+
+
+def shortcut_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], split: SplitCache,
+                     device: str) -> list[PreparedMethod]:
+    """The colour-only baseline as one more method (none when disabled or already listed)."""
+    from gen_ad.app.benchmark import PreparedMethod
+    from gen_ad.baselines.colour import colour_extractor
+    from gen_ad.baselines.knn import KNNScorer
+
+    sc = cfg.shortcut
+    if not sc.colour_baseline or any(m.name == COLOUR_BASELINE for m in methods):
+        return []
+    knn = [m for m in methods if m.kind == "knn"]
+    bank = sc.bank or (knn[0].fit_root if knn else cfg.data.val)
+    n_bank = len(split.normal(bank, cfg.data.size, sc.bank_limit))  # type: ignore[arg-type]
+    k = max(1, min(sc.k, n_bank - 1))
+    scorer = KNNScorer(colour_extractor(device), k=k, seed=sc.seed)
+    desc = (f"colour-only baseline: KNN (k={k}, mean L2 distance) on per-channel colour "
+            f"statistics (mean, std, 10/50/90% quantiles of R, G, B), bank: {bank}")
+    notes = ["shortcut check: sees nothing but colour; a method it reaches or beats may be "
+             "separating stain rather than tissue"]
+    if bank == cfg.data.val:
+        notes.append("bank = the normal validation folder (no KNN bank in this benchmark): "
+                     "its threshold is optimistic; AUROC is unaffected")
+    return [PreparedMethod(COLOUR_BASELINE, COLOUR_KIND, desc, notes, scorer, cfg.data.size,
+                           bank, sc.bank_limit, cfg.batch_size)]
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    from gen_ad.metrics.detection import auroc
+
+    return float(auroc(scores, labels)) if len(np.unique(labels)) == 2 else None
+
+
+def _subset_index(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """A seeded, label-stratified subset of at most ``limit`` test indices (sorted)."""
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n_pos = min(len(pos), max(1, round(limit * len(pos) / len(labels))))
+    n_neg = min(len(neg), limit - n_pos)
+    return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False),
+                                   rng.choice(neg, n_neg, replace=False)]))
+
+
+def _normaliser(cfg: BenchmarkConfig, split: SplitCache, size: int) -> tuple[Any, str]:
+    """A stain normaliser fitted on the normal set's median-colour patch, and its description."""
+    from gen_ad.app.evaluate import image_batches
+    from gen_ad.data.folders import tensor_to_uint8
+    from gen_ad.data.stain import StainNormalizer
+    from gen_ad.data.stain_shift import median_reference
+
+    val = split.normal(cfg.data.val, size, cfg.data.val_limit)
+    images = torch.cat(list(image_batches(val, 256, limit=512)))
+    i = median_reference(images)
+    ref = tensor_to_uint8(images[i]).numpy()
+    norm = StainNormalizer(cfg.shortcut.normalise, reference=ref)
+    path = val[i].get("path", f"#{i}")  # type: ignore[index]
+    return norm, f"{cfg.shortcut.normalise} to {path}"
+
+
+def _shifted_auroc(o: MethodOutcome, idx: np.ndarray, transform: Any, cfg: BenchmarkConfig,
+                   split: SplitCache, device: str) -> float | None:
+    from gen_ad.app.evaluate import score_dataset
+    from gen_ad.data.stain_shift import ShiftedDataset
+
+    pm = o.method
+    ds = ShiftedDataset(Subset(split.test(pm.size), idx.tolist()), transform, cfg.shortcut.seed)
+    scored = score_dataset(pm.scorer, ds, batch_size=pm.batch_size, device=device,
+                           keep_maps=False, progress=False)
+    return _auroc(scored.scores, scored.labels)
+
+
+def stain_shift(o: MethodOutcome, cfg: BenchmarkConfig, split: SplitCache, device: str,
+                normalisers: dict[int, tuple[Any, str] | str]) -> dict[str, Any]:
+    """AUROC of one method on a test subset: as is, stain-normalised, HED-jittered; drops."""
+    from gen_ad.data.stain_shift import hed_jitter
+
+    sc = cfg.shortcut
+    idx = _subset_index(o.scored.labels, sc.limit, sc.seed)
+    clean = _auroc(o.scored.scores[idx], o.scored.labels[idx])
+    rec: dict[str, Any] = {"n": int(len(idx)), "auroc": clean, "jitter": sc.jitter}
+    size = o.method.size
+    if size not in normalisers:
+        try:
+            normalisers[size] = _normaliser(cfg, split, size)
+        except (GenAdError, ImportError) as e:
+            normalisers[size] = f"stain normalisation unavailable: {e}"
+    norm = normalisers[size]
+    if isinstance(norm, str):
+        rec["normalised_error"] = norm
+    else:
+        before = norm[0].n_skipped
+        rec["auroc_normalised"] = _shifted_auroc(o, idx, lambda rgb, rng: norm[0](rgb), cfg,
+                                                 split, device)
+        rec["normalised_to"] = norm[1]
+        rec["normaliser_skipped"] = int(norm[0].n_skipped - before)
+    rec["auroc_jitter"] = _shifted_auroc(o, idx, lambda rgb, rng: hed_jitter(rgb, sc.jitter, rng),
+                                         cfg, split, device)
+    for key in ("normalised", "jitter"):
+        shifted = rec.get(f"auroc_{key}")
+        rec[f"drop_{key}"] = (clean - shifted if clean is not None and shifted is not None
+                              else None)
+    return rec
+
+
+def shortcut_report(cfg: BenchmarkConfig, outcomes: list[MethodOutcome], split: SplitCache,
+                    device: str, progress: bool = True) -> dict[str, Any]:
+    """Compare every method with the colour-only baseline and run the stain shift.
+
+    Returns:
+        ``{"colour_baseline": {name, auroc} | None, "methods": {name: {auroc, colour_auroc,
+        colour_reaches, stain_shift}}, "warnings": [...]}``.
+    """
+    sc = cfg.shortcut
+    colour = next((o for o in outcomes if o.method.name == COLOUR_BASELINE), None)
+    c_auc = (colour.metrics.get("auroc") or {}).get("value") if colour is not None else None
+    out: dict[str, Any] = {"colour_baseline": None if colour is None else
+                           {"name": COLOUR_BASELINE, "auroc": c_auc},
+                           "methods": {}, "warnings": []}
+    normalisers: dict[int, tuple[Any, str] | str] = {}
+    for o in outcomes:
+        name = o.method.name
+        auc = (o.metrics.get("auroc") or {}).get("value")
+        rec: dict[str, Any] = {"auroc": auc, "colour_auroc": c_auc, "colour_reaches": None}
+        if o is not colour and auc is not None and c_auc is not None:
+            rec["colour_reaches"] = bool(c_auc >= auc)
+            if rec["colour_reaches"]:
+                out["warnings"].append(
+                    f"shortcut: the colour-only baseline (AUROC {c_auc:.3f}) reaches or beats "
+                    f"'{name}' (AUROC {auc:.3f}); on this split colour statistics alone separate "
+                    "the classes as well, so this method's score may follow stain, scanner or "
+                    "compression rather than tissue")
+        if sc.stain_shift:
+            if progress:
+                print(f"[benchmark] stain shift: {name}", flush=True)
+            rec["stain_shift"] = stain_shift(o, cfg, split, device, normalisers)
+        out["methods"][name] = rec
+    return out
