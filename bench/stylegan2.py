@@ -3,6 +3,18 @@ plain vs encoder-initialised inversion at equal final LPIPS. Prints one JSON lin
 
     python bench/stylegan2.py            # GPU: E/F at 64-512; CPU: E/F at 1/8 width, 64-128
     python bench/stylegan2.py --smoke    # tiny, seconds on CPU (used by the test suite)
+    python bench/stylegan2.py --reference DIR   # side by side with NVlabs' stylegan2-ada-pytorch
+
+``--reference DIR`` (a checkout of github.com/NVlabs/stylegan2-ada-pytorch that the user provides;
+nothing of it is shipped here) times the reference's networks, ``StyleGAN2Loss`` and ADA pipeline
+('bgc', p = 0.2) through its training loop's phases (Gmain, Greg every 4, Dmain, Dreg every 16,
+lazy-regularisation learning-rate/beta scaling, G_ema update) and gen_ad's training step with the
+same resolution, config (E: channel_base 16384; F: 32768; channel_max 512, 8 mapping layers,
+4 low-precision blocks, conv_clamp 256, minibatch-stddev group), batch and augmentation, on the
+same device: GPU 256 px config E batch 64 and 512 px config F batch 32 (as in the issue); CPU at
+1/8 width, 64 px, batch 8. The reference's CUDA ops compile at first use as for its users (they
+fall back to its reference implementations when they cannot, or on CPU). One JSON line: both
+images/s per setting and the ratio (gen_ad / reference).
 
 Projection is measured on images the generator made (targets with a known latent): plain
 projection runs ``proj_steps`` steps from the mean ``w`` (GPU 1000 as in the reference, CPU 100)
@@ -20,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,14 +151,119 @@ def projection_speed(args: argparse.Namespace, dev: torch.device) -> dict[str, A
             f"single_{args.enc_chunk}steps_ms_per_image": single_ms}
 
 
+def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: int,
+                          model: dict[str, Any], dev: torch.device) -> float:
+    """Training images/s of NVlabs' stylegan2-ada-pytorch (checkout ``ref``), as its loop runs.
+
+    Same timing window as :func:`train_speed` (steps ``1..steps`` after one warm-up step).
+    """
+    import copy
+
+    if ref not in sys.path:
+        sys.path.insert(0, ref)
+    from training.augment import AugmentPipe  # type: ignore[import-not-found]
+    from training.loss import StyleGAN2Loss  # type: ignore[import-not-found]
+    from training.networks import Discriminator, Generator  # type: ignore[import-not-found]
+
+    base = model.get("channel_base", CHANNEL_BASE[preset])
+    cmax, group = model.get("channel_max", 512), model.get("mbstd_group", 4)
+    common = {"c_dim": 0, "img_resolution": res, "img_channels": 3}
+    G = Generator(z_dim=model.get("z_dim", 512), w_dim=model.get("w_dim", 512), **common,
+                  mapping_kwargs={"num_layers": model.get("mapping_layers", 8)},
+                  synthesis_kwargs={"channel_base": base, "channel_max": cmax,
+                                    "num_fp16_res": 4, "conv_clamp": 256})
+    D = Discriminator(**common, channel_base=base, channel_max=cmax, num_fp16_res=4,
+                      conv_clamp=256, epilogue_kwargs={"mbstd_group_size": group})
+    G, D = (m.train().requires_grad_(False).to(dev) for m in (G, D))
+    G_ema = copy.deepcopy(G).eval()
+    aug = AugmentPipe(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1,
+                      brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
+    aug = aug.train().requires_grad_(False).to(dev)
+    aug.p.copy_(torch.as_tensor(0.2))
+    loss = StyleGAN2Loss(device=dev, G_mapping=G.mapping, G_synthesis=G.synthesis, D=D,
+                         augment_pipe=aug, r1_gamma=1.0 if preset == "E" else 0.5)
+    phases = []
+    for name, module, interval in (("G", G, 4), ("D", D, 16)):
+        ratio = interval / (interval + 1)  # the reference's lazy-regularisation scaling
+        opt = torch.optim.Adam(module.parameters(), lr=0.0025 * ratio,
+                               betas=(0.0, 0.99 ** ratio), eps=1e-8)
+        phases += [(name + "main", module, opt, 1), (name + "reg", module, opt, interval)]
+    real = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
+    c = torch.zeros(batch, 0, device=dev)
+    t0 = 0.0
+    for step in range(steps + 1):
+        if step == 1:
+            _sync(dev)
+            t0 = time.perf_counter()
+        for name, module, opt, interval in phases:
+            if step % interval:
+                continue
+            opt.zero_grad(set_to_none=True)
+            module.requires_grad_(True)
+            z = torch.randn(batch, G.z_dim, device=dev)
+            loss.accumulate_gradients(phase=name, real_img=real, real_c=c, gen_z=z, gen_c=c,
+                                      sync=True, gain=interval)
+            module.requires_grad_(False)
+            opt.step()
+        with torch.no_grad():
+            beta = 0.5 ** (batch / (20 * 1000))
+            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                p_ema.copy_(p.lerp(p_ema, beta))
+    _sync(dev)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def compare_reference(ref: str, cpu: bool, smoke: bool) -> dict[str, Any]:
+    """gen_ad vs the reference, images/s per (resolution, config, batch) and the ratio."""
+    dev = torch.device("cpu" if cpu else "cuda")
+    if smoke:
+        grid, steps, model = [(16, "E", 4)], 1, {"channel_base": 64, "channel_max": 8,
+                                                  "z_dim": 8, "w_dim": 8, "mapping_layers": 2}
+    elif cpu:
+        grid, steps = [(64, "E", 8), (64, "F", 8)], 16
+        model = {"channel_max": 64}
+    else:
+        grid, steps, model = [(256, "E", 64), (512, "F", 32)], 32, {}
+    rows = []
+    for res, preset, batch in grid:
+        m = dict(model)
+        if cpu and not smoke:
+            m["channel_base"] = CHANNEL_BASE[preset] // 8
+        m["mbstd_group"] = min(4, batch)
+        ours = train_speed(res, preset, batch, steps, m, cpu)
+        theirs = reference_train_speed(ref, res, preset, batch, steps, m, dev)
+        rows.append({"res": res, "config": preset, "batch": batch, "steps": steps,
+                     "model": m, "gen_ad_img_per_s": ours, "reference_img_per_s": theirs,
+                     "ratio": ours / theirs})
+        print(f"{preset}{res} batch {batch}: gen_ad {ours:.3g} vs reference {theirs:.3g} "
+              f"images/s", file=sys.stderr, flush=True)
+    return {"rows": rows, "ours": {"img_per_s": rows[0]["gen_ad_img_per_s"]},
+            "peer": {"name": "NVlabs stylegan2-ada-pytorch",
+                     "img_per_s": rows[0]["reference_img_per_s"]},
+            "ratio": rows[0]["ratio"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--lpips-weights", default=None)
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="a stylegan2-ada-pytorch checkout: compare training speed with it")
     args = p.parse_args()
     cpu = args.cpu or not torch.cuda.is_available()
     dev = torch.device("cpu" if cpu else "cuda")
+    if args.reference is not None:
+        if not (Path(args.reference) / "training" / "networks.py").is_file():
+            raise SystemExit(f"bench/stylegan2.py: {args.reference} is not a stylegan2-ada-pytorch "
+                             "checkout (no training/networks.py)")
+        rec = compare_reference(str(Path(args.reference).resolve()), cpu, args.smoke)
+        print(json.dumps({"bench": "stylegan2_vs_reference", "smoke": args.smoke,
+                          "device": str(dev), "gpu": torch.cuda.get_device_name(0)
+                          if dev.type == "cuda" else None, "cpu": cpu_name(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "augment": "bgc, p=0.2", **rec}))
+        return
     args.lpips_trunk = "vgg"
     if args.smoke:
         grid, batch, steps, width_div = [(16, "E")], 4, 1, 1
