@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -113,6 +114,19 @@ def wait(pid: int, timeout: float = 300.0) -> int:
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
+
+
+def error_line(log: Path) -> str:
+    """The error a command printed last, when it is a single line (else ``""``).
+
+    Progress bars share stderr, so only what follows the last ``gen-ad`` prefix is judged."""
+    text = log.read_text(errors="replace")
+    at = max(text.rfind("gen-ad: "), text.rfind("gen-ad knn fit: "), text.rfind("gen-ad tile: "))
+    if at < 0:
+        return ""
+    lines = [ln.strip() for ln in text[at:].replace("\r", "\n").splitlines()]
+    lines = [ln for ln in lines if ln and not re.search(r"\d+%\||it/s", ln)]  # no progress bars
+    return lines[0] if len(lines) == 1 else ""
 
 
 def cli(argv: Sequence[str]) -> Callable[[], int]:
@@ -392,9 +406,9 @@ def second_writer(first: Callable[[], int], argv: Sequence[str], out: Path, root
     rc_b = wait(fork(cli(argv), root / "second.log"))
     gate.write_text("go")
     rc_a = wait(pid_a)
-    msg = [ln for ln in (root / "second.log").read_text().splitlines() if ln.strip()]
-    if rc_b != 2 or len(msg) != 1 or f"pid {pid_a}" not in msg[0]:
-        return f"second writer: exit {rc_b}, said {msg[-3:]}"
+    msg = error_line(root / "second.log")
+    if rc_b != 2 or f"pid {pid_a}" not in msg:
+        return f"second writer: exit {rc_b}, said {msg or 'more than one line'}"
     if rc_a != 0:
         return f"first writer failed ({rc_a}): {(root / 'first.log').read_text()[-300:]}"
     return check() if check else None
@@ -541,10 +555,10 @@ def nonfinite_campaign(family: str, root: Path, tally: Tally) -> None:
     files += list((run / "model").glob("*.safetensors"))
     bad = [str(f) for f in files if not all(torch.isfinite(v).all()
                                             for v in load_safetensors(f).values())]
-    msg = (root / f"{family}-nan.log").read_text().strip().splitlines()
-    ok_msg = rc == 2 and len(msg) == 1 and "not finite" in msg[0]
+    msg = error_line(root / f"{family}-nan.log")
+    ok_msg = rc == 2 and "not finite" in msg and "newest complete checkpoint" in msg
     tally.add("nonfinite", None if ok_msg and not bad and files else
-              f"exit {rc}, {len(bad)} non-finite files published, said {msg[-2:]}", family)
+              f"exit {rc}, {len(bad)} non-finite files published, said {msg!r}", family)
 
 
 def user_error_cases(root: Path) -> list[tuple[str, list[str], str]]:
@@ -586,10 +600,10 @@ def user_error_cases(root: Path) -> list[tuple[str, list[str], str]]:
 def user_error_campaign(root: Path, tally: Tally) -> None:
     for case, argv, needle in user_error_cases(root):
         rc = wait(fork(cli(argv), root / "err.log"))
-        lines = [ln for ln in (root / "err.log").read_text().splitlines() if ln.strip()]
-        ok = rc == 2 and len(lines) == 1 and needle in lines[0]
+        msg = error_line(root / "err.log")
+        ok = rc == 2 and needle in msg
         tally.add("user_errors", None if ok and not (root / "pwned").exists() else
-                  f"exit {rc}, said {lines[-3:]}", case)
+                  f"exit {rc}, said {msg!r}", case)
     run = root / "full-run"
 
     def full_disk() -> int:
@@ -608,10 +622,9 @@ def user_error_campaign(root: Path, tally: Tally) -> None:
         return cli(train_argv("wgan", run))()
 
     rc = wait(fork(full_disk, root / "err.log"))
-    lines = [ln for ln in (root / "err.log").read_text().splitlines() if ln.strip()]
-    ok = rc == 2 and len(lines) == 1 and "step-4" in lines[0] and "step-3" in lines[0]
-    ok = ok and "no space left" in lines[0]
-    tally.add("user_errors", None if ok else f"exit {rc}, said {lines[-3:]}", "disk full")
+    msg = error_line(root / "err.log")
+    ok = rc == 2 and "no space left" in msg and "step-4" in msg and msg.endswith("step-3")
+    tally.add("user_errors", None if ok else f"exit {rc}, said {msg!r}", "disk full")
 
 
 # ----------------------------------------------------------------------------- main
