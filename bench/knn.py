@@ -269,7 +269,8 @@ def bench_bounded(bank: FeatureBank, n_queries: int, k: int, budget: float) -> d
 def older_sections(args: argparse.Namespace) -> dict[str, Any]:
     """The build / IVF search / bounded-memory sections (``--only all|build|search|bounded``)."""
     gpu = torch.cuda.is_available()
-    n, queries, exact_queries, nlist, budget = (args.n_older, 1000, 200, 1024, 512.0)
+    n, queries, exact_queries, nlist, budget = (args.n_older, 1000, args.exact_queries, 1024,
+                                                512.0)
     if args.smoke:
         n, queries, exact_queries, nlist, budget = 20_000, 100, 50, 64, 1.0
         names, tiny, nb, bs = ["dino-vits16", "resnet50"], True, 2, 4
@@ -307,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     help="query counts (default 200 on CPU; 1000 100 on CUDA)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n-older", type=int, default=1_000_000, help="bank of the older sections")
+    ap.add_argument("--exact-queries", type=int, default=200,
+                    help="exact-search queries of the older sections")
     ap.add_argument("--only", choices=("peers", "all", "build", "search", "bounded"),
                     default="peers")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
