@@ -26,18 +26,19 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # the CPU twin takes minutes on 2 cores: slow; on a GPU machine the cuda case takes seconds
 DEVICES = [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=pytest.mark.gpu)]
 COMMON = ["train.sample_every=0", "train.log_every=1", "train.fid_every=0", "train.ckpt_every=1"]
-# family: (config class, family class, demo config, tiny overrides, images, Adam lr)
+# family: (config class, family class, demo config, tiny overrides, Adam lr, Adam steps a weight
+# can take per training step: StyleGAN2's lazy R1/path-length steps, WGAN's 5 critic updates)
 FAMILIES = {
     "ddpm": (DDPMConfig, DDPMFamily, "ddpm/demo.yaml", [
         "data.synthetic=16", "data.size=32", "train.batch_size=4", "optim.warmup_steps=1",
         "model.block_out_channels=[16, 32]", "model.attention_levels=[false, false]",
-        "sample.steps=2", "train.mixed_precision=bf16"], 32, 5e-4),  # bf16 autocast on GPU
+        "sample.steps=2", "train.mixed_precision=bf16"], 5e-4, 1),  # bf16 autocast on GPU
     "stylegan2": (StyleGAN2Config, StyleGAN2Family, "stylegan2/demo.yaml", [
         "data.synthetic=16", "data.size=32", "train.batch_size=4", "model.channel_base=64",
         "model.channel_max=8", "model.z_dim=8", "model.w_dim=8", "loss.r1_interval=2",
-        "loss.pl_interval=2", "augment.p=0.5"], 32, 2.5e-3),  # float16 top layers on GPU
+        "loss.pl_interval=2", "augment.p=0.5"], 2.5e-3, 2),  # float16 top layers on GPU
     "wgan": (WGANConfig, WGANFamily, "wgan/demo.yaml", [
-        "data.synthetic=24", "train.batch_size=10"], 32, 2e-4),
+        "data.synthetic=24", "train.batch_size=10"], 1e-3, 5),
 }
 STEPS = 4
 
@@ -49,14 +50,25 @@ def _train(family: str, device: str, out: Path, *extra: str, resume: str | None 
     return run_training(fam_cls(load_config(cfg_cls, CONFIGS / yaml, over)), resume=resume)
 
 
-def _resume_tolerance(device: str, lr: float) -> float:
-    if device == "cpu":
-        return 0.0  # bitwise: CPU kernels are deterministic
-    # CUDA: cuDNN/atomic-add backward kernels sum in a run-dependent order, so two runs differ by
-    # float rounding, which Adam can turn into a different update of at most ~lr per step and
-    # weight (its step is lr * m / sqrt(v), |m / sqrt(v)| <= ~1 early on). A resume that lost
-    # state (optimiser moments, RNG, EMA, ADA p) moves weights far more than this bound.
-    return 2.0 * STEPS * lr
+def _assert_resumed_equal(a: Path, b: Path, device: str, family: str) -> None:
+    """The resumed run ``b`` equals the uninterrupted run ``a``: bitwise on CPU; on CUDA within
+    what run-to-run nondeterminism allows (reasons below)."""
+    *_, lr, per_step = FAMILIES[family]
+    n = STEPS * per_step  # Adam steps any one weight took
+    for f, wa, wb in _weight_pairs(a, b):
+        if device == "cpu":  # CPU kernels are deterministic: exact resume is bitwise
+            assert all(torch.equal(wa[k], wb[k]) for k in wa), f
+            continue
+        # CUDA: atomic-add backward kernels (e.g. grid_sample's) sum in a run-dependent order, so
+        # two runs differ by float rounding. Adam can turn that into a different update only
+        # where a gradient is lost in that rounding, by at most 2 lr sqrt(n) per step (its step is
+        # lr * m / sqrt(v) and |m| / sqrt(v) <= sqrt(n) after n steps): a loose bound on the
+        # largest difference. Almost all weights differ by far less, so the mean difference over
+        # the model must stay under lr / 20; a resume that lost state (Adam moments, RNG streams,
+        # EMA, ADA p) moves nearly every weight by ~lr and fails it.
+        d = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
+        assert float(d.max()) <= 2 * lr * n * n ** 0.5, f"{f}: max {float(d.max())}"
+        assert float(d.mean()) <= lr / 20, f"{f}: mean {float(d.mean())}"
 
 
 def _images(n: int, size: int, device: str) -> torch.Tensor:
@@ -136,24 +148,23 @@ def _check_scores(family: str, run: Path, device: str, monkeypatch: pytest.Monke
 @pytest.mark.parametrize("family", ["ddpm", "stylegan2"])
 def test_train_resume_export_and_score(family: str, device: str, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    _, _, _, tiny, _, lr = FAMILIES[family]
+    tiny = FAMILIES[family][3]
     batch = int(next(o for o in tiny if o.startswith("train.batch_size=")).split("=")[1])
     a = _train(family, device, tmp_path / "a")
     b = _train(family, device, tmp_path / "b", f"train.max_kimg={2 * batch / 1000}")
     assert (b / "state").is_dir()
     b = _train(family, device, tmp_path / "b", resume="latest")
-    _assert_same_weights(a, b, _resume_tolerance(device, lr))
+    _assert_resumed_equal(a, b, device, family)
     _check_scores(family, a, device, monkeypatch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_wgan_two_stages_resume_export_and_score(device: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    lr = FAMILIES["wgan"][-1]
     gan = _train("wgan", device, tmp_path / "gan")
     b = _train("wgan", device, tmp_path / "b", "train.max_kimg=0.02")
     b = _train("wgan", device, tmp_path / "b", resume="latest")
-    _assert_same_weights(gan, b, _resume_tolerance(device, lr))
+    _assert_resumed_equal(gan, b, device, "wgan")
     enc = run_training(WGANFamily(load_config(WGANConfig, CONFIGS / "wgan/demo_encoder.yaml", [
         *COMMON, "data.synthetic=24", f"out={tmp_path / 'enc'}", f"gan_run={gan}",
         "train.batch_size=6", "train.max_steps=2",
@@ -161,12 +172,10 @@ def test_wgan_two_stages_resume_export_and_score(device: str, tmp_path: Path,
     _check_scores("wgan", enc, device, monkeypatch)
 
 
-def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
+def _weight_pairs(a: Path, b: Path):
     files = sorted((a / "model").glob("*.safetensors"))
     assert files
     for f in files:
         wa, wb = load_safetensors(f), load_safetensors(b / "model" / f.name)
         assert wa.keys() == wb.keys(), f.name
-        for k in wa:
-            torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=0.0, atol=atol,
-                                       msg=f"{f.name}:{k}")
+        yield f.name, wa, wb
