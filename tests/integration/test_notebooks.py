@@ -9,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-NAMES = ["01_quickstart", "02_anomaly_maps", "03_knn_baseline"]
+NAMES = ["01_quickstart", "02_anomaly_maps", "03_knn_baseline", "04_cell_toxicology"]
 
 
 def test_notebooks_are_stored_without_outputs() -> None:
