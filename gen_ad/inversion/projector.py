@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -205,7 +206,8 @@ def project(G: Generator, target: torch.Tensor, *, lpips_net: nn.Module | None,
 def encoder_loss(E: nn.Module, G: Generator, real: torch.Tensor, *,
                  generator: torch.Generator | None, lpips_net: nn.Module | None = None,
                  w_weight: float = 1.0, lpips_weight: float = 1.0,
-                 mix_prob: float = 0.9) -> tuple[torch.Tensor, dict[str, float]]:
+                 mix_prob: float = 0.9, host_rng: random.Random | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of the projection encoder on one batch.
 
     Generated half: ``w+`` from random ``z`` (with style mixing, so ``w+`` varies by layer) and its
@@ -217,6 +219,8 @@ def encoder_loss(E: nn.Module, G: Generator, real: torch.Tensor, *,
         E: the encoder (trainable). G: the frozen generator (eval mode).
         real: ``[b,3,R,R]`` normal images in ``[-1,1]``.
         generator: source of ``z``, mixing and noise.
+        host_rng: a Python RNG for the style-mixing cut-off and coin (no device sync in a
+            training step); default: ``generator``.
     Returns:
         ``(loss, logs)`` with logs ``loss_e``, ``w_mse``, ``img_mse``, ``real_mse``.
     """
@@ -224,8 +228,12 @@ def encoder_loss(E: nn.Module, G: Generator, real: torch.Tensor, *,
     with torch.no_grad():
         z = torch.randn(b, G.z_dim, generator=generator, device=dev)
         z2 = torch.randn(b, G.z_dim, generator=generator, device=dev)
-        cut = int(torch.randint(1, G.num_ws, (1,), generator=generator, device=dev))
-        mix = float(torch.rand(1, generator=generator, device=dev)) < mix_prob
+        if host_rng is not None:
+            cut = host_rng.randrange(1, G.num_ws)
+            mix = host_rng.random() < mix_prob
+        else:
+            cut = int(torch.randint(1, G.num_ws, (1,), generator=generator, device=dev))
+            mix = float(torch.rand(1, generator=generator, device=dev)) < mix_prob
         ws = G.mapping_ws(z, mix_z=z2, mix_cutoff=cut if mix else None, update_w_avg=False)
         fake = G.synthesis(ws, noise_mode="random", generator=generator)
     pred = E(torch.cat([fake, real.float()]))
@@ -236,8 +244,8 @@ def encoder_loss(E: nn.Module, G: Generator, real: torch.Tensor, *,
     loss = w_weight * w_mse + img.mean()
     if lpips_net is not None and lpips_weight > 0:
         loss = loss + lpips_weight * _distance(lpips_net, recon, target, 256).mean()
-    logs = {"loss_e": float(loss.detach()), "w_mse": float(w_mse.detach()),
-            "img_mse": float(img[:b].mean().detach()), "real_mse": float(img[b:].mean().detach())}
+    logs = {"loss_e": loss.detach(), "w_mse": w_mse.detach(),
+            "img_mse": img[:b].mean().detach(), "real_mse": img[b:].mean().detach()}
     return loss, logs
 
 

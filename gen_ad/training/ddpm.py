@@ -40,7 +40,7 @@ from gen_ad.inversion.diffusion import (
 from gen_ad.inversion.simplex import SimplexConfig
 from gen_ad.models.unet import ScheduleConfig, UNetConfig, scheduler_from_config, unet_kwargs
 from gen_ad.scoring.base import AnomalyScorer
-from gen_ad.training.family import Family, StepContext
+from gen_ad.training.family import Family, Logs, StepContext
 
 
 @dataclass
@@ -233,23 +233,19 @@ class DDPMFamily(Family):
             pred = unet(x_t, t).sample
         return F.mse_loss(pred.float(), eps.float())
 
-    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
-        unet, opt = ctx.models["unet"], ctx.optimizers["unet"]
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> Logs:
+        """One phase: epsilon-prediction MSE over the micro-batches, gradient-norm clipping
+        (logged as ``grad_norm``), Adam step, LR schedule step; logs ``loss``."""
+        unet = ctx.models["unet"]
         unet.train()
-        total = 0.0
-        for chunk in ctx.micro_batches(batch, unet):
-            loss = self.loss(unet, chunk, ctx.generator, ctx) / ctx.grad_accum
-            ctx.backward(loss)
-            total += float(loss.detach())
-        logs = {"loss": total}
-        if self.cfg.optim.grad_clip > 0:
-            norm = ctx.accelerator.clip_grad_norm_(unet.parameters(), self.cfg.optim.grad_clip)
-            logs["grad_norm"] = float(norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if "unet" in ctx.schedulers:
-            ctx.schedulers["unet"].step()
-        return logs
+
+        def loss_fn(chunk: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            loss = self.loss(unet, chunk, ctx.generator, ctx)
+            return loss, {"loss": loss}
+
+        ctx.phase("unet", unet, batch, loss_fn, clip_grad=self.cfg.optim.grad_clip,
+                  step_scheduler=True)
+        return ctx.logs
 
     def sample(self, models: Mapping[str, nn.Module], n: int,
                generator: torch.Generator) -> torch.Tensor:

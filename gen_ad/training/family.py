@@ -8,8 +8,9 @@ counters, logging, sample grids, FID, checkpoints and export.
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,6 +20,11 @@ from accelerate import Accelerator
 from torch import nn
 
 from gen_ad.scoring.base import AnomalyScorer
+
+Logs = dict[str, torch.Tensor]
+#: What a phase's loss function returns for one micro-batch: the loss to back-propagate and named
+#: scalar tensors to log (averaged over the micro-batches, kept on the device).
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, Logs]]
 
 
 @dataclass
@@ -36,6 +42,10 @@ class StepContext:
         generator: torch.Generator on the device, seeded from (seed, step, rank): every random draw
             of the step must come from it, which makes resume exact.
         grad_accum: micro-batches per step (see :meth:`micro_batches`).
+        logs: what the step logs, as device tensors (filled by :meth:`phase` and :meth:`log`);
+            the loop reads them on the host once per step (finiteness) and at logging time.
+        host_rng: a Python RNG seeded from the step's seed, for draws the host needs as
+            numbers (e.g. a style-mixing cut-off): no tensor, no device sync.
     """
 
     accelerator: Accelerator
@@ -47,7 +57,8 @@ class StepContext:
     kimg: float
     generator: torch.Generator
     grad_accum: int = 1
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: Logs = field(default_factory=dict)
+    host_rng: random.Random = field(default_factory=random.Random)
 
     @property
     def device(self) -> torch.device:
@@ -74,6 +85,51 @@ class StepContext:
             sync = nullcontext() if (last or model is None) else self.accelerator.no_sync(model)
             with sync:
                 yield chunk
+
+    def log(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a scalar to log (a tensor stays on its device: no host sync here)."""
+        v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(value)
+        self.logs[name] = v
+
+    def phase(self, optimizer: str, model: nn.Module, batch: torch.Tensor, loss_fn: LossFn, *,
+              clip_grad: float = 0.0, also_zero: Sequence[str] = (),
+              step_scheduler: bool = False) -> None:
+        """One optimisation phase: ``grad_accum`` micro-batches, then one optimiser step.
+
+        Zeroes the gradients of ``optimizer``; for each chunk of ``batch`` (DDP gradient sync of
+        ``model`` only on the last one) runs ``loss_fn(chunk)`` under autocast and back-propagates
+        ``loss / grad_accum``; optionally clips the gradient norm of ``model`` (logged as
+        ``grad_norm``); steps and zeroes the optimiser (and the gradients of ``also_zero``, e.g. a
+        critic that received gradients through the generator's loss) and, with
+        ``step_scheduler``, its LR schedule. The logged values are averaged over the
+        micro-batches on the device; nothing is read back to the host.
+
+        Args:
+            optimizer: name of the optimiser (and schedule) to step.
+            model: the (possibly DDP-wrapped) model whose gradients this phase computes.
+            batch: ``[b, ...]`` tensor split along dim 0 (images, or latents).
+            loss_fn: ``chunk -> (loss, {name: scalar tensor})``.
+        """
+        opt = self.optimizers[optimizer]
+        opt.zero_grad(set_to_none=True)
+        sums: Logs = {}
+        for chunk in self.micro_batches(batch, model):
+            with self.autocast():
+                loss, logs = loss_fn(chunk)
+            self.backward(loss / self.grad_accum)
+            for k, v in logs.items():
+                v = v.detach().float() / self.grad_accum
+                sums[k] = sums[k] + v if k in sums else v
+        if clip_grad > 0:
+            sums["grad_norm"] = torch.as_tensor(
+                self.accelerator.clip_grad_norm_(model.parameters(), clip_grad)).detach().float()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for name in also_zero:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        if step_scheduler and optimizer in self.schedulers:
+            self.schedulers[optimizer].step()
+        self.logs.update(sums)
 
     def randn(self, *shape: int) -> torch.Tensor:
         """Standard normal noise from the step's generator, on the device."""
@@ -132,14 +188,15 @@ class Family(ABC):
         """
 
     @abstractmethod
-    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
-        """Run one optimisation step.
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> Logs:
+        """Run one optimisation step: a list of phases (:meth:`StepContext.phase`).
 
         Args:
             ctx: the step context.
             batch: this process's images ``[b,3,H,W]`` in ``[-1,1]`` on ``ctx.device``.
         Returns:
-            Scalar logs (losses etc.) by name; every value must be finite.
+            Scalar logs (losses etc.) by name, as tensors (usually ``ctx.logs``) or numbers;
+            every value must be finite. Do not read tensors back to the host here.
         """
 
     @abstractmethod

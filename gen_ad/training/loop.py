@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import signal
 import sys
@@ -40,7 +41,6 @@ from gen_ad.training.export import export_models
 from gen_ad.training.family import Family, StepContext
 from gen_ad.training.sampler import ResumableSampler
 from gen_ad.utils.io import (
-    append_jsonl,
     publish_dir,
     recover_dir,
     torch_load,
@@ -270,7 +270,15 @@ def _signal_guard(state: RunState) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _finite_or_raise(logs: Mapping[str, float], step: int) -> None:
+def _finite_or_raise(logs: Mapping[str, torch.Tensor | float], step: int) -> None:
+    """One host read per step (not per micro-batch): are all logged values finite?"""
+    tensors = [v.detach().float().reshape(()) for v in logs.values() if isinstance(v, torch.Tensor)]
+    finite = all(math.isfinite(v) for v in logs.values() if not isinstance(v, torch.Tensor))
+    if finite and tensors:
+        dev = tensors[0].device
+        finite = bool(torch.stack([t.to(dev) for t in tensors]).isfinite().all())
+    if finite:
+        return
     for k, v in logs.items():
         if not math.isfinite(float(v)):
             raise TrainingDivergedError(
@@ -315,16 +323,21 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def train_one_step(state: RunState, batch: torch.Tensor) -> dict[str, float]:
-    """Run the family's step for the current counters and update EMA and counters."""
+def train_one_step(state: RunState, batch: torch.Tensor) -> dict[str, Any]:
+    """Run the family's step for the current counters and update EMA and counters.
+
+    Returns the step's logs as the family gave them (device tensors stay on the device until
+    :func:`~gen_ad.training.monitor.log_stats` writes them).
+    """
     acc, fam, c = state.accelerator, state.family, state.counters
     tc = fam.cfg.train
     seed = step_seed(tc.seed, c.step, acc.process_index)
     torch.manual_seed(seed)  # layers that draw from the global RNG (dropout) are seeded too
     gen = torch.Generator(device=acc.device).manual_seed(seed)
     ctx = StepContext(acc, state.prepared, state.optimizers, state.schedulers, state.ema,
-                      step=c.step, kimg=c.kimg, generator=gen, grad_accum=tc.grad_accum)
-    logs = {k: float(v) for k, v in fam.train_step(ctx, batch).items()}
+                      step=c.step, kimg=c.kimg, generator=gen, grad_accum=tc.grad_accum,
+                      host_rng=random.Random(seed))
+    logs = dict(fam.train_step(ctx, batch))
     _finite_or_raise(logs, c.step)
     decay = fam.ema_decay(c.step, c.kimg)
     for name, e in state.ema.items():
@@ -443,15 +456,3 @@ def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> None:
         if _every(state.counters.step, tc.ckpt_every) and not _done(state):
             save_checkpoint(state)
     bar.close()
-
-
-def log_stats(state: RunState, logs: Mapping[str, float]) -> None:
-    """Append a ``stats.jsonl`` line and send the scalars to the trackers."""
-    c = state.counters
-    record = {"step": c.step, "kimg": round(c.kimg, 3), **{k: float(v) for k, v in logs.items()}}
-    for name, sched in state.schedulers.items():
-        record[f"lr_{name}"] = float(sched.get_last_lr()[0])
-    if state.accelerator.is_main_process:
-        append_jsonl(state.run_dir / "stats.jsonl", record)
-    if state.accelerator.log_with:
-        state.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=c.step)

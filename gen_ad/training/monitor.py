@@ -118,16 +118,30 @@ def final_samples(state: RunState) -> Path | None:
     return save_samples(state)
 
 
-def after_step(state: RunState, logs: dict[str, float], bar: tqdm) -> None:
-    """Logging, sample grids and FID at their intervals (``counters.step`` already advanced)."""
-    from gen_ad.training.loop import log_stats
+def after_step(state: RunState, logs: Mapping[str, Any], bar: tqdm) -> None:
+    """Logging, sample grids and FID at their intervals (``counters.step`` already advanced).
 
+    ``logs`` may hold device tensors: they are read back to the host only here, at logging time.
+    """
     tc = state.family.cfg.train
     step = state.counters.step
     if tc.log_every and (step % tc.log_every == 0 or step == 1):
-        log_stats(state, logs)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:5]})
+        values = {k: float(v) for k, v in logs.items()}
+        log_stats(state, values)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:5]})
     if tc.sample_every and step % tc.sample_every == 0 and state.accelerator.is_main_process:
         save_samples(state)
     if tc.fid_every and step % tc.fid_every == 0:
         _maybe_fid(state)
+
+
+def log_stats(state: RunState, logs: Mapping[str, float]) -> None:
+    """Append a ``stats.jsonl`` line and send the scalars to the trackers."""
+    c = state.counters
+    record = {"step": c.step, "kimg": round(c.kimg, 3), **{k: float(v) for k, v in logs.items()}}
+    for name, sched in state.schedulers.items():
+        record[f"lr_{name}"] = float(sched.get_last_lr()[0])
+    if state.accelerator.is_main_process:
+        append_jsonl(state.run_dir / "stats.jsonl", record)
+    if state.accelerator.log_with:
+        state.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=c.step)

@@ -26,7 +26,7 @@ it initialises the ``stylegan2-enc`` scorer's projection.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,7 +46,7 @@ from gen_ad.models.stylegan2 import (
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.augment import COLOUR, GEOMETRIC, AdaptiveAugment, AugmentSpec
 from gen_ad.training.export import freeze_gan_stage, unwrap_model
-from gen_ad.training.family import Family, StepContext
+from gen_ad.training.family import Family, Logs, StepContext
 
 
 @dataclass
@@ -338,143 +338,126 @@ class StyleGAN2Family(Family):
 
     def _latents(self, ctx: StepContext, n: int,
                  num_ws: int) -> dict[str, Any]:
-        """``z`` plus style-mixing arguments drawn from the step's generator."""
+        """``z`` plus style-mixing arguments (the cut-off and the coin are host draws: no sync)."""
         z = ctx.randn(n, self.cfg.model.z_dim)
         z2 = ctx.randn(n, self.cfg.model.z_dim)
-        cut = int(torch.randint(1, num_ws, (1,), generator=ctx.generator, device=ctx.device))
-        mix = float(ctx.rand(1)) < self.cfg.loss.style_mixing
+        cut = ctx.host_rng.randrange(1, num_ws)
+        mix = ctx.host_rng.random() < self.cfg.loss.style_mixing
         return {"z": z, "mix_z": z2, "mix_cutoff": cut if mix else None}
 
     def _aug(self, ctx: StepContext) -> Any:
         return lambda x: self.ada(x, ctx.generator)
 
-    def _chunks(self, ctx: StepContext, batch: torch.Tensor,
-                model: nn.Module) -> Iterator[torch.Tensor]:
-        return ctx.micro_batches(batch, model)
-
-    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> Logs:
+        """The reference trainer's phases: ``Gmain``, ``Greg`` (lazy), ``Dmain``, ``Dreg`` (lazy);
+        then ADA's adjustment. Stage encoder: one encoder phase."""
         if self.cfg.stage == "encoder":
-            return self._encoder_step(ctx, batch)
-        G, D = ctx.models["G"], ctx.models["D"]
-        Gu, Du = unwrap_model(G), unwrap_model(D)
+            self.encoder_phase(ctx, batch)
+            return ctx.logs
+        Gu, Du = unwrap_model(ctx.models["G"]), unwrap_model(ctx.models["D"])
         Gu.train()
         Du.train()
         L, step = self.cfg.loss, ctx.step
-        logs: dict[str, float] = {"ada_p": self.ada.p}
+        ctx.log("ada_p", self.ada.p)
         Du.requires_grad_(False)
-        logs.update(self.generator_main(ctx, batch))
+        self.generator_main(ctx, batch)
         if L.pl_weight > 0 and step % L.pl_interval == 0:
-            logs.update(self.generator_reg(ctx, batch))
+            self.generator_reg(ctx, batch)
         Du.requires_grad_(True)
-        logs.update(self.discriminator_main(ctx, batch))
+        self.discriminator_main(ctx, batch)
         if self.r1_gamma > 0 and step % L.r1_interval == 0:
-            logs.update(self.discriminator_reg(ctx, batch))
+            self.discriminator_reg(ctx, batch)
         if self.cfg.augment.ada:
             self.ada.maybe_adjust(step, self.cfg.train.batch_size)
-        logs["ada_rt"] = self.ada.rt
-        return logs
+        ctx.log("ada_rt", self.ada.rt)
+        return ctx.logs
 
-    def generator_main(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
-        """``Gmain``: one Adam step of G on ``softplus(-D(aug(G(z))))``."""
-        G, Du, opt = ctx.models["G"], unwrap_model(ctx.models["D"]), ctx.optimizers["G"]
+    def generator_main(self, ctx: StepContext, batch: torch.Tensor) -> None:
+        """``Gmain``: one Adam step of G on ``softplus(-D(aug(G(z))))``; logs ``loss_g``."""
+        G, Du = ctx.models["G"], unwrap_model(ctx.models["D"])
         num_ws = unwrap_model(G).num_ws
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for chunk in self._chunks(ctx, batch, G):
-            with ctx.autocast():
-                img = G(**self._latents(ctx, chunk.shape[0], num_ws), generator=ctx.generator)
-                loss = F.softplus(-Du(self.ada(img, ctx.generator)).float()).mean()
-            ctx.backward(loss / ctx.grad_accum)
-            total += float(loss.detach()) / ctx.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"loss_g": total}
 
-    def generator_reg(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
-        """``Greg``: path-length penalty times ``pl_weight * pl_interval``; one Adam step."""
+        def loss_fn(chunk: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            img = G(**self._latents(ctx, chunk.shape[0], num_ws), generator=ctx.generator)
+            loss = F.softplus(-Du(self.ada(img, ctx.generator)).float()).mean()
+            return loss, {"loss_g": loss}
+
+        ctx.phase("G", G, batch, loss_fn)
+
+    def generator_reg(self, ctx: StepContext, batch: torch.Tensor) -> None:
+        """``Greg``: path-length penalty times ``pl_weight * pl_interval``; one Adam step.
+
+        Logs ``pl_penalty`` and ``pl_mean``."""
         L = self.cfg.loss
-        G, opt = ctx.models["G"], ctx.optimizers["G"]
+        G = ctx.models["G"]
         num_ws = unwrap_model(G).num_ws
         n = max(batch.shape[0] // L.pl_batch_shrink, ctx.grad_accum)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for chunk in self._chunks(ctx, batch[:n], G):
-            with ctx.autocast():
-                img, ws = G(**self._latents(ctx, chunk.shape[0], num_ws),
-                            generator=ctx.generator, return_ws=True)
-                lengths = path_lengths(img, ws, ctx.generator)
-                pl_mean = self.pl_mean.lerp(lengths.mean().detach(), L.pl_decay)
-                self.pl_mean = pl_mean.detach()
-                penalty = (lengths - pl_mean).square().mean()
-                loss = penalty * L.pl_weight * L.pl_interval + 0 * img[:, 0, 0, 0].sum()
-            ctx.backward(loss / ctx.grad_accum)
-            total += float(penalty.detach()) / ctx.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"pl_penalty": total, "pl_mean": float(self.pl_mean)}
 
-    def discriminator_main(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
-        """``Dmain``: ``softplus(D(aug(G(z)))) + softplus(-D(aug(x)))``; ADA sign statistics."""
-        Gu, D, opt = unwrap_model(ctx.models["G"]), ctx.models["D"], ctx.optimizers["D"]
-        opt.zero_grad(set_to_none=True)
-        tot = {"loss_d": 0.0, "d_real": 0.0, "d_fake": 0.0}
-        signs = torch.zeros([], device=ctx.device)
-        for real in self._chunks(ctx, batch, D):
-            with torch.no_grad(), ctx.autocast():
+        def loss_fn(chunk: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            img, ws = G(**self._latents(ctx, chunk.shape[0], num_ws), generator=ctx.generator,
+                        return_ws=True)
+            lengths = path_lengths(img, ws, ctx.generator)
+            pl_mean = self.pl_mean.lerp(lengths.mean().detach(), L.pl_decay)
+            self.pl_mean = pl_mean.detach()
+            penalty = (lengths - pl_mean).square().mean()
+            loss = penalty * L.pl_weight * L.pl_interval + 0 * img[:, 0, 0, 0].sum()
+            return loss, {"pl_penalty": penalty}
+
+        ctx.phase("G", G, batch[:n], loss_fn)
+        ctx.log("pl_mean", self.pl_mean)
+
+    def discriminator_main(self, ctx: StepContext, batch: torch.Tensor) -> None:
+        """``Dmain``: ``softplus(D(aug(G(z)))) + softplus(-D(aug(x)))``; ADA sign statistics.
+
+        Logs ``loss_d``, ``d_real``, ``d_fake``."""
+        Gu, D = unwrap_model(ctx.models["G"]), ctx.models["D"]
+        signs = [torch.zeros([], device=ctx.device)]
+
+        def loss_fn(real: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            with torch.no_grad():
                 fake = Gu(**self._latents(ctx, real.shape[0], Gu.num_ws), generator=ctx.generator)
-            with ctx.autocast():
-                lf = D(self.ada(fake.to(real.dtype), ctx.generator)).float()
-                lr = D(self.ada(real, ctx.generator)).float()
-                loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
-            ctx.backward(loss / ctx.grad_accum)
-            signs = signs + lr.detach().sign().sum()
-            for k, v in (("loss_d", loss), ("d_real", lr.mean()), ("d_fake", lf.mean())):
-                tot[k] += float(v.detach()) / ctx.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            lf = D(self.ada(fake.to(real.dtype), ctx.generator)).float()
+            lr = D(self.ada(real, ctx.generator)).float()
+            loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
+            signs[0] = signs[0] + lr.detach().sign().sum()
+            return loss, {"loss_d": loss, "d_real": lr.mean(), "d_fake": lf.mean()}
+
+        ctx.phase("D", D, batch, loss_fn)
         acc = ctx.accelerator
-        if acc.num_processes > 1:
-            signs = acc.reduce(signs, reduction="sum")
-        self.ada.accumulate(float(signs), batch.shape[0] * acc.num_processes)
-        return tot
+        total = acc.reduce(signs[0], reduction="sum") if acc.num_processes > 1 else signs[0]
+        # ADA keeps its statistics on the host: one read per step (not per micro-batch)
+        self.ada.accumulate(float(total), batch.shape[0] * acc.num_processes)
 
-    def discriminator_reg(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
-        """``Dreg``: R1 ``gamma/2 * |grad|^2`` times ``r1_interval``, one Adam step."""
-        D, opt = ctx.models["D"], ctx.optimizers["D"]
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for real in self._chunks(ctx, batch, D):
-            with ctx.autocast():
-                pen, logits = r1_penalty(D, real, self._aug(ctx))
-                loss = (pen.mean() * (self.r1_gamma / 2) * self.cfg.loss.r1_interval
-                        + 0 * logits.float().sum())
-            ctx.backward(loss / ctx.grad_accum)
-            total += float(pen.mean().detach()) / ctx.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"r1_penalty": total}
+    def discriminator_reg(self, ctx: StepContext, batch: torch.Tensor) -> None:
+        """``Dreg``: R1 ``gamma/2 * |grad|^2`` times ``r1_interval``, one Adam step; logs
+        ``r1_penalty``."""
+        D = ctx.models["D"]
 
-    def _encoder_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+        def loss_fn(real: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            pen, logits = r1_penalty(D, real, self._aug(ctx))
+            loss = (pen.mean() * (self.r1_gamma / 2) * self.cfg.loss.r1_interval
+                    + 0 * logits.float().sum())
+            return loss, {"r1_penalty": pen.mean()}
+
+        ctx.phase("D", D, batch, loss_fn)
+
+    def encoder_phase(self, ctx: StepContext, batch: torch.Tensor) -> None:
+        """Stage encoder: one Adam step of E on :func:`~gen_ad.inversion.projector.encoder_loss`."""
         from gen_ad.inversion.projector import encoder_loss
 
-        E, opt = ctx.models["E"], ctx.optimizers["E"]
+        E = ctx.models["E"]
         Gu = unwrap_model(ctx.models["G"]).eval()
         E.train()
-        opt.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
-        for chunk in self._chunks(ctx, batch, E):
-            with ctx.autocast():
-                loss, part = encoder_loss(E, Gu, chunk, generator=ctx.generator,
-                                          lpips_net=self._encoder_lpips(ctx.device),
-                                          w_weight=self.cfg.encoder.w_weight,
-                                          lpips_weight=self.cfg.encoder.lpips_weight,
-                                          mix_prob=self.cfg.loss.style_mixing)
-            ctx.backward(loss / ctx.grad_accum)
-            for k, v in part.items():
-                logs[k] = logs.get(k, 0.0) + v / ctx.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return logs
+
+        def loss_fn(chunk: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            return encoder_loss(E, Gu, chunk, generator=ctx.generator,
+                                lpips_net=self._encoder_lpips(ctx.device),
+                                w_weight=self.cfg.encoder.w_weight,
+                                lpips_weight=self.cfg.encoder.lpips_weight,
+                                mix_prob=self.cfg.loss.style_mixing,
+                                host_rng=ctx.host_rng)
+
+        ctx.phase("E", E, batch, loss_fn)
 
     def _encoder_lpips(self, device: torch.device) -> nn.Module | None:
         if self.cfg.encoder.lpips == "none" or self.cfg.encoder.lpips_weight == 0:

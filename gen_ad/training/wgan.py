@@ -34,7 +34,7 @@ from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.models.wgan import Critic, Encoder, Generator, sample_latent
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.export import freeze_gan_stage, unwrap_model
-from gen_ad.training.family import Family, StepContext
+from gen_ad.training.family import Family, Logs, StepContext
 
 
 @dataclass
@@ -246,85 +246,69 @@ class WGANFamily(Family):
 
     # ------------------------------------------------------------------------- steps
 
-    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> Logs:
+        """Stage gan: ``n_critic`` critic phases, then one generator phase. Stage encoder: one
+        encoder phase."""
         if self.cfg.stage == "encoder":
-            return self._encoder_step(ctx, batch)
+            self.encoder_phase(ctx, batch)
+            return ctx.logs
         g = self.cfg.gan
         subs = batch.chunk(g.n_critic) if g.critic_batches == "split" else [batch] * g.n_critic
-        logs: dict[str, float] = {}
         for real in subs:
-            logs = self.critic_update(ctx, real)
-        logs.update(self.generator_update(ctx, subs[0].shape[0]))
-        return logs
+            self.critic_phase(ctx, real)
+        self.generator_phase(ctx, subs[0].shape[0])
+        return ctx.logs
 
     def _latent(self, ctx: StepContext, n: int) -> torch.Tensor:
         return sample_latent(n, self.cfg.model.latent_dim, self.cfg.model.prior, ctx.generator,
                              ctx.device)
 
-    def critic_update(self, ctx: StepContext, real: torch.Tensor) -> dict[str, float]:
+    def critic_phase(self, ctx: StepContext, real: torch.Tensor) -> None:
         """One Adam step of D on ``real`` ``[b,3,H,W]`` and as many fresh fakes.
 
-        Returns:
-            ``loss_d`` (critic loss incl. penalty), ``w_dist`` (``E[D(x)] - E[D(G(z))]``, the
-            Wasserstein estimate), ``gp``.
+        Logs ``loss_d`` (critic loss incl. penalty), ``w_dist`` (``E[D(x)] - E[D(G(z))]``, the
+        Wasserstein estimate) and ``gp`` (the last critic phase's values stay).
         """
-        G, D, opt = ctx.models["G"], ctx.models["D"], ctx.optimizers["D"]
+        G, D = ctx.models["G"], ctx.models["D"]
         G.train()
         D.train()
-        opt.zero_grad(set_to_none=True)
-        tot = {"loss_d": 0.0, "w_dist": 0.0, "gp": 0.0}
-        for chunk in ctx.micro_batches(real, D):
+
+        def loss_fn(chunk: torch.Tensor) -> tuple[torch.Tensor, Logs]:
             z = self._latent(ctx, chunk.shape[0])
-            with torch.no_grad(), ctx.autocast():
+            with torch.no_grad():
                 fake = G(z)
-            with ctx.autocast():
-                w = D(chunk).float().mean() - D(fake).float().mean()
-                gp = gradient_penalty(D, chunk, fake.to(chunk.dtype), ctx.generator)
-                loss = -w + self.cfg.gan.gp_weight * gp
-            ctx.backward(loss / ctx.grad_accum)
-            for k, v in (("loss_d", loss), ("w_dist", w), ("gp", gp)):
-                tot[k] += float(v.detach()) / ctx.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return tot
+            w = D(chunk).float().mean() - D(fake).float().mean()
+            gp = gradient_penalty(D, chunk, fake.to(chunk.dtype), ctx.generator)
+            loss = -w + self.cfg.gan.gp_weight * gp
+            return loss, {"loss_d": loss, "w_dist": w, "gp": gp}
 
-    def generator_update(self, ctx: StepContext, n: int) -> dict[str, float]:
-        """One Adam step of G on ``n`` fakes with loss ``-E[D(G(z))]``.
+        ctx.phase("D", D, real, loss_fn)
 
-        Returns:
-            ``loss_g``.
-        """
-        G, D, opt = ctx.models["G"], ctx.models["D"], ctx.optimizers["G"]
+    def generator_phase(self, ctx: StepContext, n: int) -> None:
+        """One Adam step of G on ``n`` fakes with loss ``-E[D(G(z))]``; logs ``loss_g``."""
+        G, D = ctx.models["G"], ctx.models["D"]
         G.train()
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for zc in ctx.micro_batches(self._latent(ctx, n), G):
-            with ctx.autocast():
-                loss = -D(G(zc)).float().mean()
-            ctx.backward(loss / ctx.grad_accum)
-            total += float(loss.detach()) / ctx.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ctx.optimizers["D"].zero_grad(set_to_none=True)  # D got gradients through G's loss
-        return {"loss_g": total}
 
-    def _encoder_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
-        E, opt = ctx.models["E"], ctx.optimizers["E"]
+        def loss_fn(z: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            loss = -D(G(z)).float().mean()
+            return loss, {"loss_g": loss}
+
+        # D got gradients through G's loss: they are cleared with G's
+        ctx.phase("G", G, self._latent(ctx, n), loss_fn, also_zero=("D",))
+
+    def encoder_phase(self, ctx: StepContext, batch: torch.Tensor) -> None:
+        """One Adam step of E on the izi_f loss; logs ``loss_e``, ``mse_img``, ``mse_feat``."""
+        E = ctx.models["E"]
         G, D = unwrap_model(ctx.models["G"]), unwrap_model(ctx.models["D"])
         G.eval()
         D.eval()
         E.train()
-        opt.zero_grad(set_to_none=True)
-        tot = {"loss_e": 0.0, "mse_img": 0.0, "mse_feat": 0.0}
-        for chunk in ctx.micro_batches(batch, E):
-            with ctx.autocast():
-                loss, img, fts = izif_loss(chunk, E, G, D, self.cfg.encoder.kappa)
-            ctx.backward(loss / ctx.grad_accum)
-            for k, v in (("loss_e", loss), ("mse_img", img), ("mse_feat", fts)):
-                tot[k] += float(v.detach()) / ctx.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return tot
+
+        def loss_fn(chunk: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            loss, img, fts = izif_loss(chunk, E, G, D, self.cfg.encoder.kappa)
+            return loss, {"loss_e": loss, "mse_img": img, "mse_feat": fts}
+
+        ctx.phase("E", E, batch, loss_fn)
 
     # ------------------------------------------------------------------------- inference
 

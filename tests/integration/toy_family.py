@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gen_ad.config import DataConfig, TrainConfig, load_config
-from gen_ad.training.family import Family, StepContext
+from gen_ad.training.family import Family, Logs, StepContext
 
 
 @dataclass
@@ -69,26 +69,26 @@ class ToyFamily(Family):
     def ema_models(self) -> list[str]:
         return ["net"]
 
-    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, ctx: StepContext, batch: torch.Tensor) -> Logs:
         net, critic = ctx.models["net"], ctx.models["critic"]
-        ctx.optimizers["critic"].zero_grad(set_to_none=True)
         feats = batch.mean(dim=(2, 3)) + 0.1 * ctx.randn(batch.shape[0], 3)
-        d_loss = critic(feats).pow(2).mean()
-        ctx.backward(d_loss)
-        ctx.optimizers["critic"].step()
-        ctx.optimizers["net"].zero_grad(set_to_none=True)
-        total = torch.zeros((), device=ctx.device)
-        for chunk in ctx.micro_batches(batch, net):
+
+        def critic_loss(f: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+            loss = critic(f).pow(2).mean()
+            return loss, {"loss_critic": loss}
+
+        def net_loss(chunk: torch.Tensor) -> tuple[torch.Tensor, Logs]:
             noisy = chunk + 0.1 * ctx.randn(*chunk.shape)
-            loss = (net(noisy) - chunk).pow(2).mean() / ctx.grad_accum
-            ctx.backward(loss)
-            total += loss.detach()
-        ctx.optimizers["net"].step()
-        ctx.schedulers["net"].step()
-        self.running = 0.9 * self.running + 0.1 * total.cpu()
+            loss = (net(noisy) - chunk).pow(2).mean()
+            return loss, {"loss_net": loss}
+
+        ctx.phase("critic", critic, feats, critic_loss)
+        ctx.phase("net", net, batch, net_loss, step_scheduler=True)
+        total = ctx.logs["loss_net"]
+        self.running = 0.9 * self.running.to(total.device) + 0.1 * total
         if ctx.step == self.cfg.nan_at_step:
-            total = total * float("nan")
-        return {"loss_net": float(total), "loss_critic": float(d_loss.detach())}
+            ctx.log("loss_net", total * float("nan"))
+        return ctx.logs
 
     def sample(self, models: Mapping[str, nn.Module], n: int,
                generator: torch.Generator) -> torch.Tensor:
@@ -97,7 +97,7 @@ class ToyFamily(Family):
         return models["net"](z)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"running": self.running.clone()}
+        return {"running": self.running.detach().cpu().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.running = state["running"].clone()

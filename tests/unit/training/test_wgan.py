@@ -132,7 +132,11 @@ def test_critic_updates_raise_wasserstein_estimate() -> None:
             return float(D(real).mean() - D(G(z)).mean())
 
     before, g_before = w_est(), {k: v.clone() for k, v in G.state_dict().items()}
-    logs = [fam.critic_update(_ctx(models, opts, s), real) for s in range(8)]
+    logs = []
+    for s in range(8):
+        ctx = _ctx(models, opts, s)
+        fam.critic_phase(ctx, real)
+        logs.append(ctx.logs)
     after = w_est()
     assert after > before + 0.5, (before, after)
     assert logs[-1]["loss_d"] < logs[0]["loss_d"]
