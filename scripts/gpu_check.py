@@ -26,6 +26,7 @@ Exit status: 0 when every step passed, 1 when one failed or timed out, 2 for a u
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -78,13 +79,15 @@ def _gen_ad(*args: str) -> list[str]:
 def plan(args: argparse.Namespace, work: Path) -> list[Step]:
     """The steps, in order, for a GPU run or (``--cpu-smoke``) a tiny CPU run."""
     smoke = args.cpu_smoke
-    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+    # 4 xdist workers share the GPU (the benchmark test's demo trains on the CPU meanwhile)
+    xdist = ["-n", "4"] if importlib.util.find_spec("xdist") is not None else []
+    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, "-m", "gpu",
              *gpu_test_files()]
     if smoke:  # the GPU tests' CPU twins would take minutes here: one quick twin proves the wiring
         tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                  "tests/gpu/test_knn_gpu.py::test_gpu_search_returns_the_cpu_neighbours"
                  "[l2-torch-cpu]"]
-    steps = [Step("gpu-tests", tests, 90 if smoke else 180, "tests")]
+    steps = [Step("gpu-tests", tests, 90 if smoke else 210, "tests")]
     patches = Path(args.patches) if args.patches else work / "synth"
     if not args.patches:
         n, size = (24, 32) if smoke else (2048, 64)
