@@ -313,7 +313,7 @@ def corrupt_campaign(family: str, run: Path, root: Path, ref: dict[str, Any], ta
     mode for every file, or (``all_modes=False``) one mode per file, in rotation."""
     from gen_ad.errors import CheckpointError, GenAdError
     from gen_ad.training import checkpoint as ckpt
-    from gen_ad.training.export import load_run
+    from gen_ad.training.runs import load_run
 
     rng = random.Random(7)
     (older, _), (_, newest) = ckpt.list_states(run)[-2:]

@@ -16,7 +16,7 @@ __all__ = ["load_run", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy: `import gen_ad` (and `gen-ad --help`) stays fast; torch loads on first use.
     if name == "load_run":
-        from gen_ad.training.export import load_run
+        from gen_ad.training.runs import load_run
 
         return load_run
     raise AttributeError(f"module 'gen_ad' has no attribute {name!r}")

@@ -67,12 +67,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from gen_ad.config import families
-
     p = sub.add_parser("train", help="train a generator on normal patches (wgan, stylegan2, ddpm)",
                        description="Train a model family with the shared Accelerate loop. Use "
                        "'accelerate launch -m gen_ad.cli train ...' or train/<family>.py for DDP.")
-    p.add_argument("family", choices=families(), help="model family")
+    p.add_argument("family", help="model family: wgan, stylegan2, ddpm or another registered one "
+                   "(an unknown name lists the registered families)")
     add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
 

@@ -6,15 +6,15 @@ unknown key (with the closest valid key), a wrong type, or an impossible value (
 dataclass's ``validate``). :func:`to_dict` / :func:`save_config` give back the resolved config.
 
 Family schemas (``wgan``, ``stylegan2``, ``ddpm``) live beside their trainers in
-``gen_ad/training/<family>.py`` (so each family is one place) and are found through
-:func:`family_schema`; the common sections every training config has are defined here.
+``gen_ad/training/<family>.py`` (so each family is one place) and are found through the family
+registry (:mod:`gen_ad.training.registry`); the common sections every training config has are
+defined here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -28,15 +28,6 @@ from gen_ad.errors import ConfigError
 from gen_ad.utils.io import write_text
 
 T = TypeVar("T")
-
-# Family name -> "module:Class" of its training Family (resolved lazily; read-only). Each Family
-# class names its top-level config schema in ``config_cls``.
-_FAMILIES: Mapping[str, str] = types.MappingProxyType({
-    "wgan": "gen_ad.training.wgan:WGANFamily",
-    "stylegan2": "gen_ad.training.stylegan2:StyleGAN2Family",
-    "ddpm": "gen_ad.training.ddpm:DDPMFamily",
-})
-
 
 def check(cond: bool, key: str, msg: str) -> None:
     """Raise a :class:`ConfigError` naming ``key`` unless ``cond`` holds."""
@@ -273,19 +264,20 @@ def _validate_tree(obj: Any, prefix: str) -> None:
         validate(prefix or "<root>")
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any] | None) -> T:
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
     """Build and validate a config of schema ``cls`` from plain data.
 
     Args:
         cls: a dataclass schema.
         data: nested mapping (e.g. parsed YAML); missing keys take their defaults.
+        prefix: key prefix in error messages (e.g. ``scorer`` for scorer options).
     Returns:
         The validated config.
     Raises:
         ConfigError: unknown key, wrong type or impossible value (the message names the key).
     """
-    obj = _build(cls, data or {}, "")
-    _validate_tree(obj, "")
+    obj = _build(cls, data or {}, prefix)
+    _validate_tree(obj, prefix)
     return obj
 
 
@@ -369,23 +361,3 @@ def load_config(cls: type[T], path: str | Path | None = None,
 def save_config(cfg: Any, path: str | Path) -> None:
     """Atomically write the resolved config as YAML."""
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def family_class(name: str) -> type:
-    """The :class:`~gen_ad.training.family.Family` subclass of a family name."""
-    if name not in _FAMILIES:
-        close = difflib.get_close_matches(name, list(_FAMILIES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown model family '{name}'{hint} (known: {', '.join(_FAMILIES)})")
-    module, cls = _FAMILIES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def family_schema(name: str) -> type:
-    """The top-level config schema of a training family."""
-    return family_class(name).config_cls
-
-
-def families() -> list[str]:
-    """Names of the registered training families."""
-    return list(_FAMILIES)

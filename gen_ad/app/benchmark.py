@@ -48,7 +48,7 @@ from gen_ad.errors import ConfigError, DataError, GenAdError
 from gen_ad.report.html import generator_cell, render_report
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import calibrate
-from gen_ad.training.export import Run, load_run
+from gen_ad.training.runs import Run, load_run
 from gen_ad.utils.io import write_json, write_text
 from gen_ad.utils.lock import folder_lock
 

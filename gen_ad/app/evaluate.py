@@ -43,7 +43,7 @@ from gen_ad.metrics.detection import evaluate_scores
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.maps import save_map_png
 from gen_ad.scoring.thresholds import Threshold, calibrate
-from gen_ad.training.export import Run, load_run
+from gen_ad.training.runs import Run, load_run
 from gen_ad.utils.io import write_json, write_text
 
 SCORE_COLUMNS = ("path", "label", "class", "score", "flagged")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from gen_ad.metrics.fid import SampleFn, compute_fid
-from gen_ad.training.export import load_run
+from gen_ad.training.runs import load_run
 
 
 def is_run_folder(path: str | os.PathLike[str]) -> bool:

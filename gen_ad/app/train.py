@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from gen_ad.config import family_class, load_config
+from gen_ad.config import load_config
 from gen_ad.training.loop import run_training
+from gen_ad.training.registry import family_class
 
 
 def train(family_name: str, config: str | Path, overrides: Sequence[str] = (),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -27,7 +27,7 @@ from diffusers.optimization import (
 )
 from torch import nn
 
-from gen_ad.config import DataConfig, TrainConfig, check
+from gen_ad.config import DataConfig, TrainConfig, check, from_dict
 from gen_ad.errors import ConfigError
 from gen_ad.inversion.diffusion import (
     AnoDDPMScorer,
@@ -40,7 +40,7 @@ from gen_ad.inversion.diffusion import (
 from gen_ad.inversion.simplex import SimplexConfig
 from gen_ad.models.unet import ScheduleConfig, UNetConfig, scheduler_from_config, unet_kwargs
 from gen_ad.scoring.base import AnomalyScorer
-from gen_ad.training.family import Family, Logs, StepContext
+from gen_ad.training.family import Family, Logs, StepContext, register_family
 
 
 @dataclass
@@ -152,6 +152,31 @@ class AutoDDPMConfig:
 
 
 @dataclass
+class DDPMScorerOptions:
+    """Scorer options of a ``ddpm`` run (``anoddpm`` and ``autoddpm``).
+
+    Attributes:
+        seed / sampler: for both scorers (default: the config sections' values).
+        steps: model evaluations of AnoDDPM and of AutoDDPM's first reconstruction.
+        lpips: a ready spatial LPIPS module (programmatic use). lpips_random_init: random LPIPS
+            trunk (tests; labelled in reports).
+        anoddpm / autoddpm: overrides of fields of the config sections of the same name
+            (an unknown field is a config error).
+    """
+
+    seed: int | None = None
+    steps: int | None = None
+    sampler: Literal["ddpm", "ddim"] | None = None
+    lpips: Any = None
+    lpips_random_init: bool = False
+    anoddpm: dict[str, Any] = field(default_factory=dict)
+    autoddpm: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, prefix: str) -> None:
+        check(self.steps is None or self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+
+
+@dataclass
 class DDPMConfig:
     """Top-level DDPM config (``configs/ddpm/*.yaml``)."""
 
@@ -178,11 +203,13 @@ class DDPMConfig:
             check(v < n_t, key, f"must be < schedule.num_train_timesteps ({n_t}), got {v}")
 
 
+@register_family
 class DDPMFamily(Family):
     """Denoising diffusion (epsilon prediction) on the shared loop."""
 
     name = "ddpm"
     config_cls = DDPMConfig
+    scorer_options_cls = DDPMScorerOptions
 
     def __init__(self, cfg: DDPMConfig) -> None:
         super().__init__(cfg)
@@ -267,39 +294,25 @@ class DDPMFamily(Family):
         (a ready spatial LPIPS module), ``lpips_random_init`` (tests), and ``anoddpm`` /
         ``autoddpm``: dicts overriding fields of the config sections of the same name.
         """
-        allowed = {"seed", "steps", "sampler", "lpips", "lpips_random_init", "anoddpm",
-                   "autoddpm"}
-        unknown = set(kwargs) - allowed
-        if unknown:
-            raise ConfigError(f"unknown ddpm scorer option(s) {sorted(unknown)} "
-                              f"(valid: {', '.join(sorted(allowed))})")
-        ano, auto = self._scorer_configs(kwargs)
+        o = self.scorer_options(kwargs)
+        ano, auto = self._scorer_configs(o)
         noise = dict(noise=self.cfg.noise.kind, simplex=self.cfg.noise.simplex)
         unet = models["unet"]
         auto_kw = asdict(auto)
-        auto_kw["lpips_random_init"] = bool(kwargs.get("lpips_random_init", False))
+        auto_kw["lpips_random_init"] = o.lpips_random_init
         return {
             "anoddpm": AnoDDPMScorer(unet, self.scheduler, **asdict(ano), **noise,
                                      speed=self.cfg.speed),
-            "autoddpm": AutoDDPMScorer(unet, self.scheduler, lpips=kwargs.get("lpips"),
+            "autoddpm": AutoDDPMScorer(unet, self.scheduler, lpips=o.lpips,
                                        **auto_kw, **noise, speed=self.cfg.speed),
         }
 
-    def _scorer_configs(self, kw: Mapping[str, Any]) -> tuple[AnoDDPMConfig, AutoDDPMConfig]:
-        ano, auto = self.cfg.anoddpm, self.cfg.autoddpm
-        common: dict[str, Any] = {k: kw[k] for k in ("seed", "sampler") if kw.get(k) is not None}
-        ano = replace(ano, **common)
-        auto = replace(auto, **common)
-        if kw.get("steps") is not None:
-            ano, auto = replace(ano, steps=kw["steps"]), replace(auto, steps_recon=kw["steps"])
-        for name, base in (("anoddpm", ano), ("autoddpm", auto)):
-            extra = dict(kw.get(name) or {})
-            valid = {f.name for f in fields(base)}
-            if set(extra) - valid:
-                raise ConfigError(f"unknown {name} option(s) {sorted(set(extra) - valid)} "
-                                  f"(valid: {', '.join(sorted(valid))})")
-            if name == "anoddpm":
-                ano = replace(base, **extra)
-            else:
-                auto = replace(base, **extra)
-        return ano, auto
+    def _scorer_configs(self, o: DDPMScorerOptions) -> tuple[AnoDDPMConfig, AutoDDPMConfig]:
+        """The config sections with the options applied, validated like the config itself."""
+        common = {k: getattr(o, k) for k in ("seed", "sampler") if getattr(o, k) is not None}
+        ano = {**asdict(self.cfg.anoddpm), **common}
+        auto = {**asdict(self.cfg.autoddpm), **common}
+        if o.steps is not None:
+            ano["steps"], auto["steps_recon"] = o.steps, o.steps
+        return (from_dict(AnoDDPMConfig, {**ano, **o.anoddpm}, prefix="scorer.anoddpm"),
+                from_dict(AutoDDPMConfig, {**auto, **o.autoddpm}, prefix="scorer.autoddpm"))

@@ -13,12 +13,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from gen_ad.config import from_dict
+from gen_ad.errors import ConfigError
 from gen_ad.scoring.base import AnomalyScorer
 
 Logs = dict[str, torch.Tensor]
@@ -143,13 +145,16 @@ class StepContext:
 class Family(ABC):
     """A model family as the training loop sees it.
 
-    Subclasses set ``name`` and ``config_cls`` and implement the abstract methods. They hold the
-    config (``self.cfg``) and any adaptive state (ADA's p, path-length mean) that must survive a
-    resume: return it from :meth:`state_dict` (tensors and plain numbers only).
+    Subclasses set ``name``, ``config_cls`` and (when they offer scorer options)
+    ``scorer_options_cls``, implement the abstract methods, and are made known with
+    :func:`register_family` next to their definition. They hold the config (``self.cfg``) and any
+    adaptive state (ADA's p, path-length mean) that must survive a resume: return it from
+    :meth:`state_dict` (tensors and plain numbers only).
     """
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
+    scorer_options_cls: ClassVar[type | None] = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -212,6 +217,34 @@ class Family(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027
         """Restore what :meth:`state_dict` returned."""
 
+    def scorer_options(self, kwargs: Mapping[str, Any]) -> Any:
+        """``kwargs`` as the family's typed, validated scorer options (``scorer_options_cls``).
+
+        Raises:
+            ConfigError: an unknown key (with the closest valid one), a wrong type or an
+                impossible value, named as ``scorer.<key>``.
+        """
+        if self.scorer_options_cls is None:
+            if kwargs:
+                raise ConfigError(f"the {self.name} family takes no scorer options, got "
+                                  f"{sorted(kwargs)}")
+            return None
+        return from_dict(self.scorer_options_cls, dict(kwargs), prefix="scorer")
+
     def scorers(self, models: Mapping[str, nn.Module], **kwargs: Any) -> dict[str, AnomalyScorer]:
-        """Anomaly scorers this family offers for a trained run (name -> scorer)."""
+        """Anomaly scorers this family offers for a trained run (name -> scorer); ``kwargs`` are
+        checked by :meth:`scorer_options`."""
+        self.scorer_options(kwargs)
         return {}
+
+
+FamilyT = TypeVar("FamilyT", bound=type[Family])
+
+
+def register_family(cls: FamilyT) -> FamilyT:
+    """Class decorator: ``cls`` is a model family, found by its ``name`` through
+    :func:`gen_ad.training.registry.family_class` (``gen-ad train <name>``, :func:`load_run`)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} must set a family name before registering")
+    cls._registered = True  # type: ignore[attr-defined]  # in cls.__dict__: not inherited
+    return cls

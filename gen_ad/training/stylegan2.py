@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -45,8 +45,8 @@ from gen_ad.models.stylegan2 import (
 )
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.augment import COLOUR, GEOMETRIC, AdaptiveAugment, AugmentSpec
-from gen_ad.training.export import freeze_gan_stage, unwrap_model
-from gen_ad.training.family import Family, Logs, StepContext
+from gen_ad.training.family import Family, Logs, StepContext, register_family
+from gen_ad.training.stages import freeze_gan_stage, unwrap_model
 
 
 @dataclass
@@ -196,6 +196,53 @@ class EncoderConfig:
 
 
 @dataclass
+class StyleGAN2ScorerOptions:
+    """Scorer options of a ``stylegan2`` run (:class:`~gen_ad.inversion.projector.StyleGAN2Scorer`).
+
+    Attributes:
+        steps: projection steps (default 1000 from the mean ``w``, 200 from the encoder).
+        latent: ``w`` or ``w+`` (default ``w``; ``w+`` with the encoder).
+        lpips_weight / pixel_weight / feature_weight: weights of the score terms.
+        lpips_weights: VGG16 LPIPS weight file. lpips_random_init: random LPIPS trunk (tests;
+            labelled in reports). lpips_net: a ready LPIPS module (programmatic use).
+        seed: projection noise seed.
+        lr ... lpips_size: projection settings (default: the reference projector's, see
+            :func:`~gen_ad.inversion.projector.project`).
+    """
+
+    steps: int | None = None
+    latent: Literal["w", "w+"] | None = None
+    lpips_weight: float = 1.0
+    pixel_weight: float = 1.0
+    feature_weight: float = 0.0
+    lpips_weights: str | None = None
+    lpips_random_init: bool = False
+    lpips_net: Any = None
+    seed: int = 0
+    lr: float | None = None
+    lr_rampdown: float | None = None
+    lr_rampup: float | None = None
+    initial_noise_factor: float | None = None
+    noise_ramp: float | None = None
+    noise_reg_weight: float | None = None
+    mse_weight: float | None = None
+    optimize_noise: bool | None = None
+    lpips_size: int | None = None
+
+    def validate(self, prefix: str) -> None:
+        check(self.steps is None or self.steps >= 0, f"{prefix}.steps", "must be >= 0")
+        for k in ("lpips_weight", "pixel_weight", "feature_weight"):
+            check(getattr(self, k) >= 0, f"{prefix}.{k}", "must be >= 0")
+        check(self.lr is None or self.lr > 0, f"{prefix}.lr", "must be > 0")
+
+    def projector_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~gen_ad.inversion.projector.StyleGAN2Scorer`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # no copy of lpips_net
+        return {k: v for k, v in values.items()
+                if v is not None or k in ("steps", "latent", "lpips_weights")}
+
+
+@dataclass
 class StyleGAN2Config:
     """Top-level config of the ``stylegan2`` family.
 
@@ -249,11 +296,13 @@ def path_lengths(img: torch.Tensor, ws: torch.Tensor,
     return grad.square().sum(dim=2).mean(dim=1).sqrt()
 
 
+@register_family
 class StyleGAN2Family(Family):
     """StyleGAN2 + ADA (stage ``gan``) and the projection encoder (stage ``encoder``)."""
 
     name = "stylegan2"
     config_cls = StyleGAN2Config
+    scorer_options_cls = StyleGAN2ScorerOptions
 
     def __init__(self, cfg: StyleGAN2Config) -> None:
         super().__init__(cfg)
@@ -487,8 +536,8 @@ class StyleGAN2Family(Family):
         from gen_ad.inversion.lpips_net import build_lpips
         from gen_ad.inversion.projector import StyleGAN2Scorer
 
-        kw = dict(kwargs)
-        if "lpips_net" not in kw:
+        kw = self.scorer_options(kwargs).projector_kwargs()
+        if kw.get("lpips_net") is None:
             kw["lpips_net"] = build_lpips("vgg", weights=kw.pop("lpips_weights", None),
                                           random_init=kw.pop("lpips_random_init", False))
         out: dict[str, AnomalyScorer] = {
@@ -499,5 +548,5 @@ class StyleGAN2Family(Family):
         return out
 
 
-__all__ = ["StyleGAN2Config", "StyleGAN2Family", "r1_penalty", "path_lengths",
-           "default_r1_gamma"]
+__all__ = ["StyleGAN2Config", "StyleGAN2Family", "StyleGAN2ScorerOptions", "r1_penalty",
+           "path_lengths", "default_r1_gamma"]

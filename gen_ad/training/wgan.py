@@ -21,7 +21,7 @@ resume exactly.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import einops
@@ -33,8 +33,8 @@ from gen_ad.config import DataConfig, TrainConfig, check
 from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.models.wgan import Critic, Encoder, Generator, sample_latent
 from gen_ad.scoring.base import AnomalyScorer
-from gen_ad.training.export import freeze_gan_stage, unwrap_model
-from gen_ad.training.family import Family, Logs, StepContext
+from gen_ad.training.family import Family, Logs, StepContext, register_family
+from gen_ad.training.stages import freeze_gan_stage, unwrap_model
 
 
 @dataclass
@@ -116,6 +116,37 @@ class EncoderStageConfig:
 def _check_betas(betas: list[float], key: str) -> None:
     check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), key,
           f"must be two numbers in [0, 1), got {betas}")
+
+
+@dataclass
+class FAnoGANScorerOptions:
+    """Scorer options of a ``wgan`` run (:class:`~gen_ad.inversion.encoder.FAnoGANScorer`).
+
+    Attributes:
+        mode: ``izif`` (encoder), ``iterative`` (latent search) or ``izif+iterative``; default
+            ``izif`` with an encoder, ``iterative`` (the ``anogan`` scorer) without.
+        steps / lr / lam: latent-search steps, learning rate and residual weight.
+        kappa: weight of the critic-feature term (default ``encoder.kappa``).
+        prior: latent prior of the search start (default ``model.prior``).
+        seed: seed of the search start.
+        map_reduce: ``l2`` or ``l1`` residual map. smooth_sigma: Gaussian smoothing of the map.
+    """
+
+    mode: Literal["izif", "iterative", "izif+iterative"] | None = None
+    steps: int = 100
+    lr: float = 0.05
+    lam: float = 1.0
+    kappa: float | None = None
+    prior: Literal["normal", "uniform"] | None = None
+    seed: int = 0
+    map_reduce: Literal["l1", "l2"] = "l2"
+    smooth_sigma: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        check(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        check(self.kappa is None or self.kappa >= 0, f"{prefix}.kappa", "must be >= 0")
+        check(self.smooth_sigma >= 0, f"{prefix}.smooth_sigma", "must be >= 0")
 
 
 @dataclass
@@ -203,11 +234,13 @@ def izif_loss(x: torch.Tensor, encoder: nn.Module, generator: nn.Module, critic:
 # ----------------------------------------------------------------------------- family
 
 
+@register_family
 class WGANFamily(Family):
     """f-AnoGAN: WGAN-GP generator/critic and the izi_f encoder (see the module docstring)."""
 
     name = "wgan"
     config_cls = WGANConfig
+    scorer_options_cls = FAnoGANScorerOptions
 
     def build_models(self) -> dict[str, nn.Module]:
         """``G`` and ``D`` (stage gan); ``G``, ``D`` (frozen) and ``E`` (stage encoder)."""
@@ -322,17 +355,20 @@ class WGANFamily(Family):
     def scorers(self, models: Mapping[str, nn.Module], **kwargs: Any) -> dict[str, AnomalyScorer]:
         """``fanogan`` (izi_f; needs the encoder stage) or, for a gan-stage run, ``anogan``
         (iterative latent optimisation from a random start). ``kwargs`` go to
-        :class:`~gen_ad.inversion.encoder.FAnoGANScorer` (e.g. ``mode``, ``steps``,
-        ``smooth_sigma``)."""
-        kw: dict[str, Any] = {"kappa": self.cfg.encoder.kappa, "prior": self.cfg.model.prior}
-        kw.update(kwargs)
+        :class:`~gen_ad.inversion.encoder.FAnoGANScorer` as :class:`FAnoGANScorerOptions`
+        (e.g. ``mode``, ``steps``, ``smooth_sigma``)."""
+        o = self.scorer_options(kwargs)
+        kw: dict[str, Any] = {k: v for k, v in asdict(o).items() if k not in ("kappa", "prior")}
+        kw["kappa"] = self.cfg.encoder.kappa if o.kappa is None else o.kappa
+        kw["prior"] = self.cfg.model.prior if o.prior is None else o.prior
         if "E" in models:
+            kw["mode"] = o.mode or "izif"
             return {"fanogan": FAnoGANScorer(generator=models["G"], critic=models["D"],
                                              encoder=models["E"], **kw)}
-        kw.setdefault("mode", "iterative")  # izif modes raise: there is no encoder
+        kw["mode"] = o.mode or "iterative"  # izif modes raise: there is no encoder
         scorer = FAnoGANScorer(generator=models["G"], critic=models["D"], encoder=None, **kw)
         scorer.name = "anogan"
         return {"anogan": scorer}
 
 
-__all__ = ["WGANConfig", "WGANFamily", "gradient_penalty", "izif_loss"]
+__all__ = ["FAnoGANScorerOptions", "WGANConfig", "WGANFamily", "gradient_penalty", "izif_loss"]

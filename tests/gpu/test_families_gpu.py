@@ -16,8 +16,8 @@ from gen_ad.config import load_config
 from gen_ad.data.synthetic import generate
 from gen_ad.inversion import diffusion, projector
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
-from gen_ad.training.export import load_run
 from gen_ad.training.loop import run_training
+from gen_ad.training.runs import load_run
 from gen_ad.training.stylegan2 import StyleGAN2Config, StyleGAN2Family
 from gen_ad.training.wgan import WGANConfig, WGANFamily
 from gen_ad.utils.io import load_safetensors

@@ -10,8 +10,8 @@ import torch
 from gen_ad.config import load_config
 from gen_ad.data.synthetic import generate
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
-from gen_ad.training.export import load_run
 from gen_ad.training.loop import run_training
+from gen_ad.training.runs import load_run
 from gen_ad.utils.io import load_safetensors
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "ddpm" / "demo.yaml"

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import gen_ad.config as config_mod
 from gen_ad.config import load_config
 from gen_ad.errors import CheckpointError, TrainingDivergedError
 from gen_ad.training import checkpoint as ckpt
@@ -111,9 +110,7 @@ def test_keep_last_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     _train(tmp_path / "r", "train.max_steps=5", "train.ckpt_every=1", "train.keep_last=2")
     assert [s for s, _ in ckpt.list_states(tmp_path / "r")] == [4, 5]
     assert (tmp_path / "r" / "config.yaml").is_file()
-    monkeypatch.setattr(config_mod, "_FAMILIES",
-                        types.MappingProxyType({"toy": "toy_family:ToyFamily"}))
-    from gen_ad.training.export import load_run
+    from gen_ad.training.runs import load_run
 
     run = load_run(tmp_path / "r")
     assert run.step == 5 and set(run.models) == {"net", "critic"}

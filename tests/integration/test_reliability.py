@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-import gen_ad.config as config_mod
 import gen_ad.utils.io as gio
 from gen_ad.config import load_config
 from gen_ad.errors import CheckpointError, TrainingDivergedError
@@ -115,13 +113,14 @@ def test_half_deleted_state_never_counts(finished: Path, tmp_path: Path) -> None
 
 
 def _toy_families(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_mod, "_FAMILIES",
-                        types.MappingProxyType({"toy": "toy_family:ToyFamily"}))
+    from gen_ad.training.registry import families
+
+    assert "toy" in families()  # ToyFamily registers next to its definition (toy_family.py)
 
 
 def test_load_run_refuses_mixed_or_damaged_exports(finished: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from gen_ad.training.export import load_run
+    from gen_ad.training.runs import load_run
 
     _toy_families(monkeypatch)
     run = _copy(finished, tmp_path)

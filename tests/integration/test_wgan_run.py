@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from gen_ad.config import load_config
-from gen_ad.training.export import load_run
 from gen_ad.training.loop import run_training
+from gen_ad.training.runs import load_run
 from gen_ad.training.wgan import WGANConfig, WGANFamily
 from gen_ad.utils.io import load_safetensors
 

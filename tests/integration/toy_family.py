@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gen_ad.config import DataConfig, TrainConfig, load_config
-from gen_ad.training.family import Family, Logs, StepContext
+from gen_ad.training.family import Family, Logs, StepContext, register_family
 
 
 @dataclass
@@ -42,6 +42,7 @@ class ToyNet(nn.Module):
         return torch.tanh(self.dec(self.drop(torch.relu(self.enc(x)))))
 
 
+@register_family
 class ToyFamily(Family):
     name = "toy"
     config_cls = ToyConfig

@@ -11,7 +11,6 @@ from gen_ad.config import (
     DataConfig,
     TrainConfig,
     apply_overrides,
-    family_schema,
     from_dict,
     load_config,
     parse_override,
@@ -19,6 +18,7 @@ from gen_ad.config import (
     to_dict,
 )
 from gen_ad.errors import ConfigError
+from gen_ad.training.registry import family_schema
 
 
 @dataclass

@@ -105,10 +105,12 @@ def test_scorer_options() -> None:
     assert set(sc) == {"anoddpm", "autoddpm"}
     assert sc["anoddpm"].steps == 4 and sc["anoddpm"].t == 30 and sc["anoddpm"].seed == 3
     assert sc["autoddpm"].steps_recon == 4 and sc["autoddpm"].resample == 2
-    with pytest.raises(ConfigError, match="unknown ddpm scorer option"):
+    with pytest.raises(ConfigError, match="unknown config key 'scorer.bogus'"):
         fam.scorers({"unet": unet}, bogus=1)
-    with pytest.raises(ConfigError, match="unknown autoddpm option"):
+    with pytest.raises(ConfigError, match="unknown config key 'scorer.autoddpm.t'"):
         fam.scorers({"unet": unet}, autoddpm={"t": 3})
+    with pytest.raises(ConfigError, match="'scorer.steps'"):
+        fam.scorers({"unet": unet}, steps="many")  # a wrong type is a config error too
 
 
 # ----------------------------------------------------------------------------- trained model

@@ -111,7 +111,7 @@ def test_encoder_stage_trains_and_offers_both_scorers(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path / "enc", 2, 32, stage="encoder", gan_run=str(gan),
                encoder={"lpips": "none"})
     run = run_training(StyleGAN2Family(cfg))
-    from gen_ad.training.export import load_run
+    from gen_ad.training.runs import load_run
 
     loaded = load_run(run)
     assert set(loaded.models) == {"G", "D", "E"}

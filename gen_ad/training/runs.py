@@ -1,0 +1,119 @@
+"""A trained run rebuilt for inference: :func:`load_run` reads ``<run>/model/`` (written by
+:func:`gen_ad.training.export.export_models`) and gives a :class:`Run` with its networks, sampler
+and anomaly scorers, from the saved config alone (the family is found in the registry)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gen_ad.config import from_dict
+from gen_ad.errors import CheckpointError, ConfigError
+from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.training.checkpoint import load_weights
+from gen_ad.training.export import verify_export
+from gen_ad.training.family import Family
+from gen_ad.training.registry import family_class
+
+
+@dataclass
+class Run:
+    """A trained run rebuilt from ``model/``.
+
+    Attributes:
+        path: the run folder.
+        cfg: the resolved config.
+        family: the family object (holds ``cfg``).
+        models: networks in eval mode on ``device``; the EMA weights under the plain name where
+            the run kept an EMA (the raw training weights are not loaded).
+        step / kimg: how far the exported run had trained.
+    """
+
+    path: Path
+    cfg: Any
+    family: Family
+    models: dict[str, nn.Module]
+    step: int
+    kimg: float
+
+    @property
+    def device(self) -> torch.device:
+        for m in self.models.values():
+            for p in m.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+        """``n`` generated images ``[n,3,H,W]`` in ``[-1,1]`` on CPU (batched, seeded)."""
+        out = []
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for i in range(0, n, batch_size):
+            x = self.family.sample(self.models, min(batch_size, n - i), gen)
+            out.append(x.float().clamp(-1, 1).cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def scorers(self, **kwargs: Any) -> dict[str, AnomalyScorer]:
+        """The anomaly scorers this run offers (e.g. ``anoddpm`` and ``autoddpm``); ``kwargs``
+        are the family's typed scorer options (a bad key or value is a ConfigError)."""
+        return self.family.scorers(self.models, **kwargs)
+
+
+def read_model_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Find and read ``model.json`` of a run folder (or of a ``model/`` folder)."""
+    p = Path(path)
+    for cand in (p / "model" / "model.json", p / "model.json", *_swapped_away(p / "model")):
+        if cand.is_file():
+            try:
+                return cand.parent, json.loads(cand.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cand} is not valid JSON: {e}") from e
+    if not p.exists():
+        raise CheckpointError(f"run folder not found: {p}")
+    raise CheckpointError(f"{p} is not a trained run: no model/model.json (train it first, "
+                          "or point to the run folder that holds model/)")
+
+
+def _swapped_away(model_dir: Path) -> list[Path]:
+    """``model.json`` of the previous export when a swap was killed half-way (``model/``
+    missing, ``.model.old-*`` present); the next training call puts it back."""
+    if model_dir.exists() or not model_dir.parent.is_dir():
+        return []
+    olds = sorted(model_dir.parent.glob(".model.old-*"), key=lambda q: q.stat().st_mtime)
+    return [q / "model.json" for q in reversed(olds)]
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Rebuild a trained run's models from its exported weights and saved config alone.
+
+    Args:
+        path: run folder (``checkpoints/<run>``) or its ``model/`` folder.
+        device: where to put the models.
+    Returns:
+        A :class:`Run` with models in eval mode.
+    Raises:
+        CheckpointError: missing, damaged or mixed export (checked against its manifest), or
+            weights that do not match the config.
+    """
+    model_dir, meta = read_model_json(path)
+    verify_export(model_dir)
+    try:
+        cls = family_class(meta["family"])
+        cfg = from_dict(cls.config_cls, meta["config"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{model_dir}/model.json has an invalid config: {e}") from e
+    family = cls(cfg)
+    models = family.build_models()  # built once: an EMA'd model gets its EMA weights only
+    ema = set(meta.get("ema", []))
+    for name, m in models.items():
+        file = f"{name}_ema" if name in ema else name
+        what = f"EMA of '{name}'" if name in ema else f"model '{name}'"
+        load_weights(m, model_dir / f"{file}.safetensors", what)
+        m.to(device).eval().requires_grad_(False)
+    return Run(Path(path), cfg, family, models, int(meta.get("step", 0)),
+               float(meta.get("kimg", 0.0)))
