@@ -25,6 +25,7 @@ EXPECTED = {
     "h-optimus-0": (1536, 1135), "lunit-dino-vits8": (384, 22), "dino-vits16": (384, 22),
     "dino-resnet50": (2048, 24), "resnet50": (2048, 24),
     "vgg16-imagenet": (1024, 15), "inception-fid": (2048, 24),
+    "colour-stats": (15, 0),  # no network: 15 colour statistics (the shortcut baseline)
 }
 
 
