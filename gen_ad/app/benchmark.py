@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gen_ad.app.evaluate import (
+    PreparedMethod,
     detection_metrics,
     image_batches,
     knn_scorer,
@@ -46,7 +47,7 @@ from gen_ad.config import check, load_config, to_dict
 from gen_ad.data.folders import subset
 from gen_ad.errors import ConfigError, DataError, GenAdError
 from gen_ad.report.html import generator_cell, render_report
-from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
+from gen_ad.scoring.base import ScoreBatch
 from gen_ad.scoring.thresholds import calibrate
 from gen_ad.training.runs import Run, load_run
 from gen_ad.utils.io import write_json, write_text
@@ -250,34 +251,6 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | tuple[str, ..
 
 
 # ----------------------------------------------------------------------------- methods
-
-
-@dataclass
-class PreparedMethod:
-    """A method ready to evaluate: its scorer plus what the report says about it.
-
-    Attributes:
-        name / kind / description / notes: report labels (kind: ``generative`` or ``knn``).
-        scorer: the :class:`AnomalyScorer`.
-        size: input size of the scorer.
-        fit_root: normal folder the scorer is fitted (calibrated) on.
-        fit_limit: at most this many fit images.
-        batch_size: scoring batch size.
-        run: the run object behind a generative method (FID), else ``None``.
-        run_path: its folder.
-    """
-
-    name: str
-    kind: str
-    description: str
-    notes: list[str]
-    scorer: AnomalyScorer
-    size: int
-    fit_root: str
-    fit_limit: int | None
-    batch_size: int
-    run: Any = None
-    run_path: str | None = None
 
 
 def _random_init_notes(kwargs: dict[str, Any]) -> list[str]:

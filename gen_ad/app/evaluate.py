@@ -80,6 +80,34 @@ class LoadedScorer:
     run: Run | None = None
 
 
+@dataclass
+class PreparedMethod:
+    """A method ready to evaluate: its scorer plus what the report says about it.
+
+    Attributes:
+        name / kind / description / notes: report labels (kind: ``generative`` or ``knn``).
+        scorer: the :class:`AnomalyScorer`.
+        size: input size of the scorer.
+        fit_root: normal folder the scorer is fitted (calibrated) on.
+        fit_limit: at most this many fit images.
+        batch_size: scoring batch size.
+        run: the run object behind a generative method (FID), else ``None``.
+        run_path: its folder.
+    """
+
+    name: str
+    kind: str
+    description: str
+    notes: list[str]
+    scorer: AnomalyScorer
+    size: int
+    fit_root: str
+    fit_limit: int | None
+    batch_size: int
+    run: Any = None
+    run_path: str | None = None
+
+
 def run_scorers(run: str | os.PathLike[str] | Run, method: str | None = None, *,
                 device: str = "cpu", scorer_kwargs: dict[str, Any] | None = None,
                 ) -> dict[str, LoadedScorer]:

@@ -76,8 +76,9 @@ class ShortcutConfig:
 def shortcut_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], split: SplitCache,
                      device: str) -> list[PreparedMethod]:
     """The colour-only baseline as one more method (none when disabled or already listed)."""
-    from gen_ad.app.benchmark import PreparedMethod
-    from gen_ad.baselines.colour import colour_extractor
+    from gen_ad.app.evaluate import PreparedMethod
+    from gen_ad.baselines.colour import COLOUR_STATS
+    from gen_ad.baselines.extractors import build_extractor
     from gen_ad.baselines.knn import KNNScorer
 
     sc = cfg.shortcut
@@ -87,7 +88,7 @@ def shortcut_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], split:
     bank = sc.bank or (knn[0].fit_root if knn else cfg.data.val)
     n_bank = len(split.normal(bank, cfg.data.size, sc.bank_limit))  # type: ignore[arg-type]
     k = max(1, min(sc.k, n_bank - 1))
-    scorer = KNNScorer(colour_extractor(device), k=k, seed=sc.seed)
+    scorer = KNNScorer(build_extractor(COLOUR_STATS, device=device), k=k, seed=sc.seed)
     desc = (f"colour-only baseline: KNN (k={k}, mean L2 distance) on per-channel colour "
             f"statistics (mean, std, 10/50/90% quantiles of R, G, B), bank: {bank}")
     notes = ["shortcut check: sees nothing but colour; a method it reaches or beats may be "

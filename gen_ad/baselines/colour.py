@@ -48,10 +48,3 @@ class ColourStatsBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward_features`."""
         return self.forward_features(x)
-
-
-def colour_extractor(device: str | torch.device = "cpu") -> nn.Module:
-    """The registered ``colour-stats`` extractor (input ``[-1,1]``, output ``[B,15]``)."""
-    from gen_ad.baselines.extractors import build_extractor
-
-    return build_extractor(COLOUR_STATS, device=device)

@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -555,7 +555,3 @@ def describe(spec: ExtractorSpec) -> dict[str, Any]:
             "hf_repo": spec.hf_repo, "url": spec.url, "gated": spec.gated,
             "installed": spec.installed}
 
-
-def with_overrides(spec: ExtractorSpec, **changes: Any) -> ExtractorSpec:
-    """A copy of ``spec`` with fields replaced (e.g. a custom ``input_size``)."""
-    return replace(spec, **changes)

@@ -1,0 +1,162 @@
+"""The import graph of gen_ad: no circles, and the library never reaches up a layer.
+
+Every module is parsed (imports inside functions included; ``if TYPE_CHECKING:`` blocks are not
+imports at run time and are left out) and each ``gen_ad`` import is resolved to the module it
+names. Layers, lowest first: a module may import its own layer or any layer below it; a module
+belongs to the layer of its longest listed prefix.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[2] / "gen_ad"
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("gen_ad.errors", "gen_ad.utils", "gen_ad.config", "gen_ad.weights.registry"),
+    ("gen_ad.data",),
+    ("gen_ad.models",),
+    ("gen_ad.scoring",),
+    ("gen_ad.report",),  # presentation primitives: figures, HTML, contact sheets
+    ("gen_ad.metrics",),
+    ("gen_ad.inversion",),
+    ("gen_ad.baselines", "gen_ad.weights"),  # weights install/convert builds these networks
+    ("gen_ad.training",),
+    ("gen_ad.app",),  # the command layer
+    ("gen_ad.cli", "gen_ad"),  # the entry point and the package facade (gen_ad.load_run)
+)
+
+#: The one import allowed to run up a layer, and why.
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {
+    ("gen_ad.data.stain_shift", "gen_ad.baselines.colour"):
+        "the stain-shift re-evaluation takes its reference colour from the colour-only "
+        "baseline's statistics (one definition of those statistics, imported lazily)",
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in PKG.rglob("*.py"):
+        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _imports(tree: ast.AST, resolve: Callable[[str], str | None]) -> set[str]:
+    """Modules a parsed module imports: ``from gen_ad.x import y`` names the module
+    ``gen_ad.x.y`` when there is one, else ``gen_ad.x``."""
+    found: set[str | None] = set()
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if _is_type_checking(node):
+            todo.extend(getattr(node, "orelse", []))
+            continue
+        if isinstance(node, ast.Import):
+            found |= {resolve(a.name) for a in node.names if a.name.startswith("gen_ad")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                node.module.split(".")[0] == "gen_ad":
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                found.add(full if resolve(full) == full else resolve(node.module))
+        todo.extend(ast.iter_child_nodes(node))
+    return {m for m in found if m is not None}
+
+
+def graph() -> dict[str, set[str]]:
+    """``{module: gen_ad modules it imports}`` over the whole package."""
+    mods = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    return {m: _imports(ast.parse(p.read_text(encoding="utf-8")), resolve) - {m}
+            for m, p in mods.items()}
+
+
+def layer(module: str) -> int:
+    best = (-1, -1)
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            if module == n or module.startswith(n + "."):
+                best = max(best, (len(n), i))
+    assert best[1] >= 0, f"{module} is in no layer: add it to LAYERS"
+    return best[1]
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(edges.get(w, ())))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_graph_sees_imports_inside_functions() -> None:
+    edges = graph()
+    assert "gen_ad.app.train" in edges["gen_ad.cli"]  # imported inside a handler
+    assert "gen_ad.training.loop" in edges["gen_ad.app.train"]
+
+
+def test_no_import_circles() -> None:
+    assert cycles(graph()) == []
+
+
+def test_library_never_imports_the_command_layer() -> None:
+    top = layer("gen_ad.app")
+    bad = [(m, t) for m, ts in graph().items() for t in ts
+           if layer(m) < top and layer(t) >= top]
+    assert bad == []
+
+
+def test_at_most_one_upward_import() -> None:
+    assert len(ALLOWED_UPWARD) <= 1
+    up = sorted((m, t) for m, ts in graph().items() for t in ts if layer(t) > layer(m))
+    assert [e for e in up if e not in ALLOWED_UPWARD] == [], "imports that run up a layer"
