@@ -264,7 +264,8 @@ def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     f = knn_sub.add_parser("fit", help="embed normal patches into a feature bank + threshold")
     f.add_argument("--extractor", required=True, metavar="NAME",
                    help="virchow2, virchow, uni, uni2-h, phikon, phikon-v2, h-optimus-0, "
-                   "lunit-dino-vits8, dino-vits16, dino-resnet50, resnet50")
+                   "lunit-dino-vits8, dino-vits16, dino-resnet50, resnet50, vgg16-imagenet, "
+                   "inception-fid (the last two: `gen-ad weights install`)")
     f.add_argument("--weights", default=None, metavar="PATH",
                    help="local weights file or folder (default: caches, then the hub)")
     f.add_argument("--random-init", action="store_true", help="random weights (no download)")
