@@ -6,17 +6,21 @@ Each query batch goes through two phases:
    ``-q.b`` (``cosine``), with the bank resident on the device (or streamed in blocks when it
    does not fit the memory budget), and the ``kc = k + margin`` smallest per query (``torch.topk``
    per block, merged; or faiss' flat search).
-2. **Exact re-rank.** The candidates' float64 distances, ``sum((q - b)^2)`` (``l2``, squared) or
-   ``1 - q.b`` (``cosine``), ordered by ``(distance, bank index)``: ties go to the lower index.
+2. **Exact re-rank.** The float64 distances, ``sum((q - b)^2)`` (``l2``, squared) or ``1 - q.b``
+   (``cosine``), of the candidates whose fp32 score is within ``v_k + 2 E_q`` (below), ordered by
+   ``(distance, bank index)``: ties go to the lower index.
 
 **Why the result equals a float64 brute force.** Let ``E_q`` bound the error of the fp32 score of
 query ``q`` against *any* bank row (:func:`error_bound`: the textbook dot-product bound
 ``gamma_D ||q|| ||b||`` with ``||b|| <= max ||b||``, the rounding of the norms and sums, and the
-float64 rounding, doubled for safety). Every row left out of the candidates has an fp32 score
-``>= T_q`` (the largest candidate score, as ``topk`` keeps the smallest), hence an exact distance
-``>= T_q - E_q``. When ``T_q - E_q`` exceeds the ``k``-th float64 candidate distance, no row left
-out can enter the top ``k``, not even through a tie; queries where this does not hold are searched
-again with twice the candidates, up to the whole bank (where the result is exact by definition).
+float64 rounding, doubled for safety), and ``v_k`` be the ``k``-th smallest fp32 score. The ``k``
+rows scoring ``<= v_k`` are within ``v_k + E_q`` exactly, so the ``k``-th float64 distance ``d_k``
+is ``<= v_k + E_q``; a row scoring above ``v_k + 2 E_q`` is exactly farther than ``v_k + E_q >=
+d_k``, strictly, so it can neither enter the top ``k`` nor tie with its last member. Every row
+left out of the scan's candidates scores ``>= T_q`` (the largest candidate score, as ``topk`` keeps
+the smallest); when ``T_q > v_k + 2 E_q`` the candidates within the limit are therefore all the rows
+that can matter, and only they are re-ranked. Queries where this does not hold are scanned again
+with twice the candidates, up to the whole bank (where the result is exact by definition).
 fp32 matrix products run at full fp32 precision (TF32 and bf16 reductions are switched off for
 the call), so the bound holds on CPU and CUDA alike; faiss' GPU flat search uses full fp32 too.
 """
@@ -101,12 +105,13 @@ def error_bound(q_norm: torch.Tensor, b_max: float, dim: int, metric: Metric) ->
 
 
 def default_margin(k: int) -> int:
-    """Extra candidates re-ranked per query when none is given: ``max(8, k // 16)``.
+    """Extra candidates collected per query by the scan when none is given: ``max(32, k // 2)``.
 
-    Enough on typical features for the check to pass at once; a query where it does not is
-    searched again with twice the candidates, so the margin only trades speed, never exactness.
+    Only those within the error bound of the ``k``-th are re-ranked, so a generous margin costs
+    little (a larger ``topk``); a query whose candidates do not cover that bound is scanned again
+    with twice as many, so the margin only trades speed, never exactness.
     """
-    return max(8, k // 16)
+    return max(32, k // 2)
 
 
 def sq_norms(x: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
@@ -192,7 +197,8 @@ class ExactKNN:
         self._half_sq: torch.Tensor | None = None
         self._faiss_index: Any = None
         self._b_max: float | None = None
-        self.stats: dict[str, int] = {"widened": 0}
+        self.stats: dict[str, int] = {"widened": 0, "reranked": 0}  # queries scanned again,
+        # candidates re-ranked in float64 (summed over queries)
 
     def _pick_backend(self, backend: Backend) -> Any | None:
         faiss = faiss_module()
@@ -352,11 +358,16 @@ class ExactKNN:
         todo = torch.arange(len(q), device=self.device)
         while len(todo):
             v, i = self._candidates(q[todo], kc)
-            d, i = order_by_distance(self._rerank(q[todo], i), i, k)
-            out_d[todo], out_i[todo] = d, i
-            if kc >= self.count:
-                break
-            ok = v.max(dim=1).values - bound[todo] > d[:, -1]
+            v, order = torch.sort(v, dim=1)
+            i = i.gather(1, order)
+            limit = v[:, k - 1] + 2.0 * bound[todo]  # every true neighbour scores <= this
+            ok = v[:, -1] > limit if kc < self.count else torch.ones_like(limit, dtype=torch.bool)
+            if bool(ok.any()):
+                done, vi, ii = todo[ok], v[ok], i[ok]
+                m = max(k, int((vi <= limit[ok, None]).sum(1).max()))  # re-rank only these
+                d, idx = order_by_distance(self._rerank(q[done], ii[:, :m]), ii[:, :m], k)
+                self.stats["reranked"] += m * len(done)
+                out_d[done], out_i[done] = d, idx
             todo = todo[~ok]
             if len(todo):
                 self.stats["widened"] += len(todo)

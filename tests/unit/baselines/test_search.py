@@ -71,6 +71,8 @@ def test_equals_float64_brute_force(backend: str, metric: str, budget: int) -> N
     bd, bi = brute_force(q, bank, 40, metric)
     np.testing.assert_array_equal(i, bi)
     np.testing.assert_array_equal(d, bd)  # the same float64 formula: bitwise equal
+    # the default margin covers the bound at once; only rows near the k-th are re-ranked
+    assert knn.stats["widened"] == 0 and knn.stats["reranked"] < len(q) * (40 + 32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
