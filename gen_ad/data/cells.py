@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from gen_ad.data.tissue import tissue_mask
+from gen_ad.data.tissue import otsu_threshold, saturation, tissue_mask
 from gen_ad.errors import DataError
 
 
@@ -236,10 +236,19 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BICUBIC))
 
 
-def source_tissue(source: Source, max_side: int = 2048) -> tuple[np.ndarray, float]:
-    """Tissue mask of a whole source on a thumbnail: ``(bool [h,w], level-0 px per mask px)``."""
+def source_tissue(source: Source, max_side: int = 2048,
+                  max_threshold: float = 40.0) -> tuple[np.ndarray, float]:
+    """Tissue mask of a whole source on a thumbnail: ``(bool [h,w], level-0 px per mask px)``.
+
+    The saturation threshold is Otsu's, as in :func:`~gen_ad.data.tissue.tissue_mask`, but at
+    most ``max_threshold``: on a field of view that is nearly all tissue Otsu's cut falls between
+    pale stroma and nuclei instead of between glass and tissue (pale H&E stroma has a saturation
+    of about 60-90, glass below 15).
+    """
     thumb = source.thumbnail(max_side)
-    return tissue_mask(thumb), source.dimensions[0] / thumb.shape[1]
+    sat = ndimage.median_filter(saturation(thumb), size=3)
+    cut = min(max(otsu_threshold(sat), 15.0), max_threshold)
+    return tissue_mask(thumb, threshold=cut), source.dimensions[0] / thumb.shape[1]
 
 
 def _in_mask(mask: np.ndarray, scale: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -34,8 +34,10 @@ def _save(tmp_path: Path, name: str, image: np.ndarray) -> Path:
 def test_nuclei_found_on_synthetic_fields(tmp_path: Path, detect_mpp: float,
                                           record_property: pytest.RecordProperty) -> None:
     tp = found = true = 0
-    for i in range(3):
-        f = render_field(i, size=192, seed=3, anomaly_rate=0.15)
+    # the last field is nearly all tissue with many dark anomalous nuclei: Otsu's tissue cut
+    # alone would split the tissue itself (the capped threshold of source_tissue keeps it whole)
+    for i, size, seed in ((0, 192, 3), (1, 192, 3), (6, 320, 0)):
+        f = render_field(i, size=size, seed=seed, anomaly_rate=0.2)
         src = ImageSource(_save(tmp_path, f"f{i}.png", f.image), mpp=FIELD_MPP)
         nuc = detect_source(src, NucleusSettings(mpp=detect_mpp))
         s = detection_scores(np.stack([nuc.x, nuc.y], 1), np.stack([f.x, f.y], 1),
@@ -46,7 +48,7 @@ def test_nuclei_found_on_synthetic_fields(tmp_path: Path, detect_mpp: float,
     record_property("precision", precision)
     print(f"detection at {detect_mpp} um/px on 3 fields ({int(true)} nuclei): recall "
           f"{recall:.3f}, precision {precision:.3f} at {TOLERANCE_UM} um")
-    assert true > 150
+    assert true > 400
     assert recall >= 0.95 and precision >= 0.95
 
 
