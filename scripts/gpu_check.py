@@ -255,7 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--patches", default=None, help="patch folder (default: synthetic tissue)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="total time limit (8 min)")
     ap.add_argument("--train-minutes", type=float, default=1.0, help="per family")
-    ap.add_argument("--work", default=None, help="scratch folder (default checkpoints/gpu-check)")
+    ap.add_argument("--work", default=None, help="scratch folder; each run writes a new "
+                    "run-<UTC time>/ in it (default checkpoints/gpu-check)")
     ap.add_argument("--results", default=None, help="JSONL file (default bench/results/<gpu>)")
     ap.add_argument("--only", default=None, help="comma-separated step-name prefixes to run")
     ap.add_argument("--dry-run", action="store_true", help="print the plan as JSON, run nothing")
@@ -265,7 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = Path(args.work) if args.work else ROOT / "checkpoints" / "gpu-check"
+    base = Path(args.work) if args.work else ROOT / "checkpoints" / "gpu-check"
+    # a fresh folder per run: training never meets an earlier run's folder (that needs --resume)
+    work = base / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
     steps = plan(args, work)
     if args.only:
         keep = tuple(p.strip() for p in args.only.split(","))

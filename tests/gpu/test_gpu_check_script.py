@@ -38,7 +38,9 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
         if s["name"].startswith("train/"):
             assert (ROOT / s["settings"]["config"]).is_file()
             assert "train.max_minutes=1.0" in s["cmd"] and s["limit_s"] > 60
-            assert f"data.train={tmp_path / 'synth'}" in s["cmd"]
+            synth = steps[1]["cmd"][steps[1]["cmd"].index("--out") + 1]
+            assert Path(synth).parent.parent == tmp_path  # <work>/run-<time>/synth
+            assert f"data.train={synth}" in s["cmd"]
     # --patches replaces the synthetic folder
     gc.main(["--dry-run", "--patches", str(tmp_path / "mine"), "--only", "synth,train/ddpm"])
     steps = json.loads(capsys.readouterr().out)["steps"]
@@ -86,6 +88,7 @@ def test_cpu_smoke_runs_the_real_commands(tmp_path: Path) -> None:
     by = {r["step"]: r for r in rows}
     assert list(by) == ["gpu-tests", "synth", "train/wgan"]
     assert by["gpu-tests"]["result"] == {"passed": 1}
-    assert (tmp_path / "w" / "synth" / "normal").is_dir()
+    (run,) = (tmp_path / "w").glob("run-*")
+    assert (run / "synth" / "normal").is_dir() and (run / "logs" / "train_wgan.log").is_file()
     train = by["train/wgan"]["result"]
     assert train["steps"] == 2 and train["img_per_s_median"] > 0
