@@ -24,7 +24,7 @@ state, or a user error that is not one line with exit status 2. Classes:
 
 Processes are forked from this one (imports paid once), so a campaign stays minutes on 2 cores.
 
-    python bench/faults.py [--kills 40] [--families wgan,stylegan2,ddpm] [--seed 0] [--smoke]
+    python bench/faults.py [--kills 30] [--families wgan,stylegan2,ddpm] [--seed 0] [--smoke]
 """
 
 from __future__ import annotations
@@ -632,7 +632,7 @@ def user_error_campaign(root: Path, tally: Tally) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kills", type=int, default=40, help="SIGKILLs per family")
+    ap.add_argument("--kills", type=int, default=30, help="SIGKILLs per family")
     ap.add_argument("--families", default="wgan,stylegan2,ddpm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--one-mode", action="store_true",
