@@ -25,7 +25,8 @@ def test_demo_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
     results = json.loads((out / "benchmark" / "results.json").read_text())
     by_name = {m["name"]: m for m in results["methods"]}
-    assert set(by_name) == METHODS
+    assert set(by_name) == METHODS | {"colour-baseline"}  # + the shortcut check's baseline
+    assert set(results["shortcut"]["methods"]) == set(by_name)
     for m in by_name.values():
         assert 0.0 <= m["metrics"]["auroc"]["value"] <= 1.0
         assert m["ms_per_patch"] > 0
@@ -46,7 +47,7 @@ def test_demo_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     for name in METHODS:
         assert name in html
     srcs = re.findall(r"<img src='([^']*)'", html)
-    assert len(srcs) == len(results["figures"]) == 2 + 2 * len(METHODS)
+    assert len(srcs) == len(results["figures"]) == 2 + 2 * (len(METHODS) + 1)
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
