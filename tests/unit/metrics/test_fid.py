@@ -263,8 +263,8 @@ def test_custom_extractor_is_labelled_fd(tmp_path: Path) -> None:
 
 
 def test_kid_needs_two_images_per_subset() -> None:
-    f = torch.randn(5, 4)
-    mean, std, m = fid.kernel_distance(f, f + 1)
+    f = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    mean, std, m = fid.kernel_distance(f, f + 3)  # a shift far beyond the spread: KID > 0
     assert m == 5 and mean > 0 and std >= 0
     with pytest.raises(DataError, match="KID subset size"):
         fid.kernel_distance(f[:1], f)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,9 +13,9 @@ from torch import nn
 
 from gen_ad.config import from_dict, save_config
 from gen_ad.errors import CheckpointError, ConfigError
+from gen_ad.training.export import export_models
 from gen_ad.training.family import StepContext
 from gen_ad.training.wgan import WGANConfig, WGANFamily, gradient_penalty
-from gen_ad.utils.io import save_safetensors
 
 TINY: dict[str, Any] = {"data": {"size": 16}, "model": {"base_dim": 4, "latent_dim": 16},
                         "train": {"batch_size": 10, "cpu": True}, "gan": {"n_critic": 5}}
@@ -185,8 +186,8 @@ def _fake_gan_run(tmp_path: Path, **over: Any) -> tuple[Path, dict[str, nn.Modul
     models = fam.build_models()
     models["G"].train()(torch.randn(8, cfg.model.latent_dim))  # non-trivial BN buffers
     save_config(cfg, tmp_path / "gan" / "config.yaml")
-    for k, m in models.items():
-        save_safetensors(tmp_path / "gan" / "model" / f"{k}.safetensors", m.state_dict())
+    export_models(tmp_path / "gan" / "model", family=fam, models=models, ema={},
+                  counters=SimpleNamespace(step=1, kimg=0.008))
     return tmp_path / "gan", models
 
 
