@@ -44,7 +44,7 @@ import torch
 
 from gen_ad.baselines.extractors import build_extractor, extractor_names
 from gen_ad.baselines.knn import FeatureBank, KNNIndex, SearchSettings, _faiss
-from gen_ad.baselines.search import ExactKNN, faiss_has_gpu, order_by_distance
+from gen_ad.baselines.search import ArraySource, ExactKNN, faiss_has_gpu, order_by_distance
 from gen_ad.utils.hardware import cpu_name
 
 
@@ -68,24 +68,6 @@ def _clustered(n: int, dim: int, seed: int, n_centers: int = 256) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- ours vs peers
-
-
-class _Source:
-    """An in-memory ``[N, D]`` float32 bank for :class:`ExactKNN`."""
-
-    def __init__(self, arr: np.ndarray) -> None:
-        self.arr = arr
-        self.count, self.dim = arr.shape
-
-    def blocks(self, max_rows: int) -> Any:
-        for s in range(0, self.count, max_rows):
-            yield s, self.arr[s:s + max_rows]
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self.arr[ids]
-
-    def load(self) -> np.ndarray:
-        return self.arr
 
 
 def clustered_torch(n: int, dim: int, seed: int, device: torch.device,
@@ -123,7 +105,7 @@ def _sync(device: torch.device) -> None:
 def _peers(bank: torch.Tensor, device: torch.device, k: int) -> dict[str, Any]:
     """Search functions ``q [Q, D] on device -> idx [Q, k]``: ours and the two peers."""
     faiss = _faiss()
-    ours = ExactKNN(_Source(bank.cpu().numpy()), device=device, memory_budget_bytes=1 << 40)
+    ours = ExactKNN(ArraySource(bank.cpu().numpy()), device=device, memory_budget_bytes=1 << 40)
     half_sq = bank.pow(2).sum(1).div(2)
 
     def plain(q: torch.Tensor) -> torch.Tensor:  # fp32 matmul + topk, the bank resident

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gen_ad.baselines.search import ExactKNN, faiss_has_gpu
+from gen_ad.baselines.search import ArraySource, ExactKNN, faiss_has_gpu
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import Threshold, calibrate
@@ -212,24 +212,6 @@ class FeatureBank:
         return np.concatenate([b for _, b in self.blocks(1 << 30)], axis=0)
 
 
-class _ArraySource:
-    """An in-memory ``[N, D]`` array seen through the bank's block interface."""
-
-    def __init__(self, arr: np.ndarray) -> None:
-        self.arr = np.ascontiguousarray(arr, dtype=np.float32)
-        self.count, self.dim = self.arr.shape
-
-    def blocks(self, max_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        for s in range(0, self.count, max_rows):
-            yield s, self.arr[s:s + max_rows]
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self.arr[np.asarray(ids, dtype=np.int64)]
-
-    def load(self) -> np.ndarray:
-        return self.arr
-
-
 # ----------------------------------------------------------------------------- search
 
 
@@ -288,7 +270,7 @@ class KNNIndex:
                  seed: int = 0) -> None:
         self.settings = settings or SearchSettings()
         self.settings.validate()
-        self.source = _ArraySource(source) if isinstance(source, np.ndarray) else source
+        self.source = ArraySource(source) if isinstance(source, np.ndarray) else source
         self.count, self.dim = int(self.source.count), int(self.source.dim)
         self.seed = seed
         faiss = _faiss()

@@ -62,6 +62,24 @@ class BankSource(Protocol):
         ...
 
 
+class ArraySource:
+    """An in-memory ``[N, D]`` float32 array seen through the :class:`BankSource` interface."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = np.ascontiguousarray(arr, dtype=np.float32)
+        self.count, self.dim = self.arr.shape
+
+    def blocks(self, max_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        for s in range(0, self.count, max_rows):
+            yield s, self.arr[s:s + max_rows]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.arr[np.asarray(ids, dtype=np.int64)]
+
+    def load(self) -> np.ndarray:
+        return self.arr
+
+
 def faiss_module() -> Any | None:
     """The faiss module, or ``None`` when it is not installed."""
     try:

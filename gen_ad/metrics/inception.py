@@ -32,7 +32,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 
 from gen_ad.errors import CheckpointError, ConfigError, DataError, WeightsNotFoundError
-from gen_ad.utils.io import atomic_path, torch_load
+from gen_ad.utils.io import atomic_path, check_state_dict, torch_load
 
 FeatureFn = Callable[[Tensor], Tensor]
 """``features(x) -> [B,D]`` for uint8 images ``x`` of shape ``[B,3,H,W]``."""
@@ -264,15 +264,8 @@ def _read_inception_state_dict(path: Path) -> dict[str, Tensor]:
 def _load_weights(module: torch.nn.Module, path: Path) -> None:
     """Copy a weights-only state dict into ``module``; mismatches name the offending keys."""
     sd = _read_inception_state_dict(path)
-    own = module.state_dict()
-    problems = [f"missing {k}" for k in own if k not in sd]
-    problems += [f"unexpected {k}" for k in sd if k not in own]
-    problems += [f"{k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
-                 for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{path} does not match torch-fidelity's Inception-v3: "
-                              f"{'; '.join(problems[:3])}{more}")
+    check_state_dict(sd, module.state_dict(),
+                     f"{path} does not match torch-fidelity's Inception-v3")
     module.load_state_dict(sd)
 
 

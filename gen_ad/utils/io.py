@@ -145,6 +145,23 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
+def check_state_dict(sd: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor],
+                     what: str) -> None:
+    """Key-by-key and shape-by-shape equality of ``sd`` with ``ref`` before a strict load.
+
+    Raises:
+        CheckpointError: ``"<what>: missing k; unexpected k; k has shape (..), expected (..)"``,
+            the first three problems named.
+    """
+    problems = [f"missing {k}" for k in ref if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in ref]
+    problems += [f"{k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
+                 for k, v in ref.items() if k in sd and sd[k].shape != v.shape]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{what}: {'; '.join(problems[:3])}{more}")
+
+
 def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str] | None = None) -> None:
     """Atomically save a flat dict of tensors as safetensors (contiguous CPU copies)."""

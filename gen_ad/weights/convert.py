@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from gen_ad.errors import CheckpointError
+from gen_ad.utils.io import check_state_dict
 
 # TF block name -> torch-fidelity block name, and the branch table of each block type.
 _STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
@@ -69,18 +70,6 @@ def _fidelity_reference() -> dict[str, Tensor]:
     return random_inception_state_dict()
 
 
-def _check_against(sd: Mapping[str, Tensor], ref: Mapping[str, Tensor], what: str) -> None:
-    """Key-by-key and shape-by-shape equality of ``sd`` with ``ref`` (:class:`CheckpointError`)."""
-    problems = [f"missing {k}" for k in ref if k not in sd]
-    problems += [f"unexpected {k}" for k in sd if k not in ref]
-    problems += [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-                 for k, v in ref.items() if k in sd and sd[k].shape != v.shape]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"converted weights do not fit {what}: "
-                              f"{'; '.join(problems[:3])}{more}")
-
-
 def inception_from_tf_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename TF-named Inception tensors to torch-fidelity's state dict (bn scale 1, fc zeros).
 
@@ -106,7 +95,7 @@ def inception_from_tf_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor
         out[f"{tv}.bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
     out["fc.weight"] = torch.zeros_like(ref["fc.weight"])
     out["fc.bias"] = torch.zeros_like(ref["fc.bias"])
-    _check_against(out, ref, "torch-fidelity's inception-v3-compat")
+    check_state_dict(out, ref, "converted weights do not fit torch-fidelity's inception-v3-compat")
     from gen_ad.metrics.inception import _InceptionV3
 
     _InceptionV3().load_state_dict(out, strict=True)
@@ -190,9 +179,10 @@ def lpips_state_dict(arrays: Mapping[str, np.ndarray], arch: str) -> dict[str, T
         trunk[f"features.{idx}.bias"] = torch.from_numpy(
             np.ascontiguousarray(arrays[f"{root}/Conv_{j}/bias"])).float()
     ref = {f"features.{k}": v for k, v in feats.state_dict().items()}
-    _check_against(trunk, ref, f"torchvision {arch} features")
+    check_state_dict(trunk, ref, f"converted weights do not fit torchvision {arch} features")
     feats.load_state_dict({k.removeprefix("features."): v for k, v in trunk.items()}, strict=True)
     heads = {f"lin{k}.model.1.weight": _hwio(arrays[f"NetLinLayer_{k}/Conv_0/kernel"])
              for k in range(n_heads)}
-    _check_against(heads, lpips_heads_reference(arch), f"LPIPS v0.1 {arch} heads")
+    check_state_dict(heads, lpips_heads_reference(arch),
+                     f"converted weights do not fit LPIPS v0.1 {arch} heads")
     return {**trunk, **heads}

@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 
-from gen_ad.baselines.search import ExactKNN, brute_force, error_bound, faiss_module, full_fp32
+from gen_ad.baselines.search import (
+    ArraySource,
+    ExactKNN,
+    brute_force,
+    error_bound,
+    faiss_module,
+    full_fp32,
+)
 from gen_ad.errors import ConfigError, DataError
 
 BACKENDS = ["torch"] + (["faiss"] if faiss_module() is not None else [])
-
-
-class Source:
-    """An in-memory bank seen through the block interface."""
-
-    def __init__(self, arr: np.ndarray) -> None:
-        self.arr = np.ascontiguousarray(arr, dtype=np.float32)
-        self.count, self.dim = self.arr.shape
-
-    def blocks(self, max_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        for s in range(0, self.count, max_rows):
-            yield s, self.arr[s:s + max_rows]
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self.arr[ids]
-
-    def load(self) -> np.ndarray:
-        return self.arr
 
 
 def numpy_reference(q: np.ndarray, bank: np.ndarray, k: int, metric: str = "l2",
@@ -62,7 +49,7 @@ def test_equals_float64_brute_force(backend: str, metric: str, budget: int) -> N
     bank, q = _data(1500, 35, 30)
     if metric == "cosine":
         bank, q = _unit(bank), _unit(q)
-    knn = ExactKNN(Source(bank), metric=metric, memory_budget_bytes=budget, backend=backend)
+    knn = ExactKNN(ArraySource(bank), metric=metric, memory_budget_bytes=budget, backend=backend)
     assert knn.resident == (budget > 1 << 20)
     d, i = knn.search(q, 40)
     rd, ri = numpy_reference(q, bank, 40, metric)
@@ -83,7 +70,7 @@ def test_ties_go_to_the_lower_index(backend: str, budget: int) -> None:
     bank[400:420] = bank[3]
     q[:4] = bank[7]
     q[4:6] = bank[3] + 1e-3
-    knn = ExactKNN(Source(bank), memory_budget_bytes=budget, backend=backend, margin=0)
+    knn = ExactKNN(ArraySource(bank), memory_budget_bytes=budget, backend=backend, margin=0)
     d, i = knn.search(q, 30)
     rd, ri = numpy_reference(q, bank, 30)
     np.testing.assert_array_equal(i, ri)
@@ -96,7 +83,7 @@ def test_ties_go_to_the_lower_index(backend: str, budget: int) -> None:
 def test_k_up_to_the_bank_size(k: int) -> None:
     bank, q = _data(200, 16, 7, seed=2)
     bank[50:60] = bank[0]
-    d, i = ExactKNN(Source(bank), memory_budget_bytes=12_000).search(q, k)
+    d, i = ExactKNN(ArraySource(bank), memory_budget_bytes=12_000).search(q, k)
     rd, ri = numpy_reference(q, bank, k)
     np.testing.assert_array_equal(i, ri)
     np.testing.assert_allclose(d, rd, rtol=1e-12, atol=1e-12)
@@ -110,7 +97,7 @@ def test_large_norms_and_close_neighbours() -> None:
     centre = rng.normal(size=64) * 300
     bank = (centre + rng.normal(size=(600, 64)) * 1e-2).astype(np.float32)
     q = (centre + rng.normal(size=(9, 64)) * 1e-2).astype(np.float32)
-    knn = ExactKNN(Source(bank), margin=2)
+    knn = ExactKNN(ArraySource(bank), margin=2)
     _, i = knn.search(q, 20)
     np.testing.assert_array_equal(i, numpy_reference(q, bank, 20)[1])
     assert knn.stats["widened"] > 0  # fp32 could not separate them: the check widened
@@ -124,7 +111,7 @@ def test_error_bound_holds(metric: str) -> None:
     bank, q = bank.astype(np.float32), q.astype(np.float32)
     if metric == "cosine":
         bank, q = _unit(bank), _unit(q)
-    knn = ExactKNN(Source(bank), metric=metric)
+    knn = ExactKNN(ArraySource(bank), metric=metric)
     tq = torch.from_numpy(q)
     with full_fp32():
         v, ids = knn._scan(tq, len(bank))
@@ -140,7 +127,7 @@ def test_error_bound_holds(metric: str) -> None:
 
 def test_bad_input_is_a_clear_error() -> None:
     bank, q = _data(50, 8, 3)
-    knn = ExactKNN(Source(bank))
+    knn = ExactKNN(ArraySource(bank))
     with pytest.raises(ConfigError, match="k=51"):
         knn.search(q, 51)
     with pytest.raises(DataError, match=r"\[Q, 8\]"):
@@ -149,7 +136,7 @@ def test_bad_input_is_a_clear_error() -> None:
     with pytest.raises(DataError, match="NaN"):
         knn.search(q, 5)
     with pytest.raises(ConfigError, match="metric"):
-        ExactKNN(Source(bank), metric="manhattan")  # type: ignore[arg-type]
+        ExactKNN(ArraySource(bank), metric="manhattan")  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu
@@ -159,8 +146,8 @@ def test_cuda_equals_cpu(backend: str) -> None:
     bank, q = _data(5000, 64, 50, seed=5)
     bank[10:40] = bank[0]
     q[0] = bank[0]
-    cpu = ExactKNN(Source(bank), backend="torch").search(q, 100)
-    gpu = ExactKNN(Source(bank), device="cuda", backend=backend).search(q, 100)
+    cpu = ExactKNN(ArraySource(bank), backend="torch").search(q, 100)
+    gpu = ExactKNN(ArraySource(bank), device="cuda", backend=backend).search(q, 100)
     np.testing.assert_array_equal(gpu[1], cpu[1])
     # float64 sums in another order on the GPU: equal to ~1e-13 relative
     np.testing.assert_allclose(gpu[0], cpu[0], rtol=1e-12, atol=1e-12)
