@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import lpips
 import torch
@@ -33,15 +35,15 @@ from gen_ad.errors import WeightsNotFoundError
 from gen_ad.utils.io import torch_load
 
 # Trunk name -> (torchvision checkpoint file, download URL).
-_TRUNKS: dict[str, tuple[str, str]] = {
+_TRUNKS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
     "alex": ("alexnet-owt-7be5be79.pth",
              "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
     "squeeze": ("squeezenet1_1-b8a52dc0.pth",
                 "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"),
-}
+})
 # Trunk name -> network installable with `gen-ad weights install`.
-_INSTALLABLE = {"alex": "lpips-alex", "vgg": "lpips-vgg16"}
+_INSTALLABLE = MappingProxyType({"alex": "lpips-alex", "vgg": "lpips-vgg16"})
 
 
 def trunk_file(net: str) -> Path:

@@ -22,14 +22,15 @@ grid is built from random matrices that need no gradient.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 # Integer codes of ``aten::grid_sampler_2d_backward`` (see torch.nn.functional.grid_sample).
-_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
-_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+_MODES = MappingProxyType({"bilinear": 0, "nearest": 1, "bicubic": 2})
+_PADDINGS = MappingProxyType({"zeros": 0, "border": 1, "reflection": 2})
 
 
 def _check(mode: str, padding_mode: str) -> None:

