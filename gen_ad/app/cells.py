@@ -41,6 +41,7 @@ from gen_ad.data.cells import (
 from gen_ad.data.folders import IMAGE_EXTENSIONS, is_image_file
 from gen_ad.errors import DataError
 from gen_ad.utils.io import atomic_path, write_text
+from gen_ad.utils.lock import writes_folder
 
 CELLS_CSV = "cells.csv"
 CELL_COLUMNS = ("slide", "x", "y", "area", "path")
@@ -175,6 +176,7 @@ def write_cells_csv(out: Path, records: Sequence[CellRecord]) -> Path:
     return out / CELLS_CSV
 
 
+@writes_folder("out", "cells output folder")
 def cells(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
           mpp: float = 0.25, size: int = 64, slide_mpp: float | None = None,
           centroids: str | os.PathLike[str] | None = None,

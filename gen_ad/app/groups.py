@@ -10,8 +10,10 @@ from typing import Any
 from gen_ad.errors import DataError
 from gen_ad.metrics.stats import group_analysis, read_groups, read_scores, write_group_outputs
 from gen_ad.scoring.thresholds import Threshold
+from gen_ad.utils.lock import writes_folder
 
 
+@writes_folder("out_dir", "groups output folder")
 def run_groups(score_csvs: Sequence[str | os.PathLike[str]], groups_csv: str | os.PathLike[str],
                out_dir: str | os.PathLike[str], threshold: float | None = None,
                threshold_file: str | os.PathLike[str] | None = None,

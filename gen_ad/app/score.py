@@ -24,7 +24,7 @@ from gen_ad.app.evaluate import (
 )
 from gen_ad.scoring.thresholds import Threshold
 from gen_ad.utils.io import write_json
-from gen_ad.utils.lock import writes_folder
+from gen_ad.utils.lock import folder_lock, writes_folder
 
 
 def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike[str] | None,
@@ -35,8 +35,9 @@ def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike
     if normal is not None:
         nds = normal_dataset(normal, ls.size, normal_classes=normal_classes)
         th = calibrate_scorer(ls.scorer, nds, **cal)
-        th.save(th_file)
-        write_json(cal_file, ls.scorer.calibration())
+        with folder_lock(run, "run folder"):  # a training of this run may be writing it
+            th.save(th_file)
+            write_json(cal_file, ls.scorer.calibration())
         return th
     if cal_file.is_file():
         ls.scorer.load_calibration(json.loads(cal_file.read_text()))

@@ -101,3 +101,21 @@ def test_existing_file_is_not_a_folder(tmp_path: Path) -> None:
         with folder_lock(f, "run folder"):
             pass
     assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["groups", "cells"])
+def test_groups_and_cells_outputs_are_locked(tmp_path: Path, command: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "scores.csv").write_text("path,score,slide\na.png,1.0,s1\n")
+    (tmp_path / "groups.csv").write_text("slide,group\ns1,control\n")
+    argv = {"groups": ["groups", "--scores", str(tmp_path / "scores.csv"), "--groups",
+                       str(tmp_path / "groups.csv"), "--threshold", "0.5"],
+            "cells": ["cells", str(tmp_path / "scores.csv")]}[command]
+    pid = _hold_in_child(tmp_path / "out")
+    try:
+        rc = main([*argv, "--out", str(tmp_path / "out")])
+    finally:
+        _reap(pid)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"pid {pid}" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_NAME]  # nothing written
