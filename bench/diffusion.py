@@ -158,9 +158,11 @@ def _family(unet: str, size: int, batch: int) -> DDPMFamily:
     return DDPMFamily(cfg)
 
 
-def bench_train(fam: DDPMFamily, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
-    """Training images/s of ``steps`` optimiser steps (after one warm-up step)."""
-    acc = Accelerator(cpu=device.type == "cpu")
+def bench_train(fam: DDPMFamily, batch: int, steps: int, device: torch.device,
+                precision: str = "no") -> dict[str, Any]:
+    """Training images/s of ``steps`` optimiser steps (after one warm-up step), ``precision``
+    being the accelerator's autocast (``no``, ``bf16``, ``fp16``)."""
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     torch.manual_seed(0)
     models = {k: m.to(device) for k, m in fam.build_models().items()}
     opts = fam.build_optimizers(models)
@@ -176,7 +178,8 @@ def bench_train(fam: DDPMFamily, batch: int, steps: int, device: torch.device) -
         counter[0] += 1
 
     dt = _timed(step, device.type == "cuda", repeat=steps)
-    return {"batch": batch, "img_per_s": batch / dt, "noise": fam.cfg.noise.kind}
+    return {"batch": batch, "img_per_s": batch / dt, "noise": fam.cfg.noise.kind,
+            "precision": precision, "steps": steps}
 
 
 def bench_recon(fam: DDPMFamily, batch: int, device: torch.device, exact: bool,
@@ -278,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peer-batch", type=int, default=None, help="default: 64 CUDA, 4 CPU")
     p.add_argument("--peer-t", type=int, default=200)
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--only", choices=("peers", "all"), default="all")
+    p.add_argument("--only", choices=("peers", "train", "all"), default="all",
+                   help="peers: the AnoDDPM comparison; train: and training images/s; all")
+    p.add_argument("--train-precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="training autocast (default: bf16 on CUDA as configs/ddpm/pcam64.yaml, "
+                        "no on CPU)")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -301,9 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "peer": {"name": "plain_fp32_loop",
                             "anoddpm_ms_per_image": peers["ms_per_image"]["plain_fp32_loop"]},
                    "ratio": peers["ratio_vs_plain"], "peers": peers})
+    precision = a.train_precision or ("bf16" if cuda else "no")
+    if a.only in ("train", "all"):
+        result["train"] = bench_train(fam, a.batch, a.train_steps, device, precision)
     if a.only == "all":
         result["simplex"] = bench_simplex(a.noise_batch, a.size, device, n_ref=1)
-        result["train"] = bench_train(fam, a.batch, a.train_steps, device)
         result["recon"] = (_smoke_recon(fam, a.batch, device) if a.smoke
                            else bench_recon(fam, a.batch, device, a.exact))
     print(json.dumps(result))

@@ -165,6 +165,8 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
     from training.loss import StyleGAN2Loss  # type: ignore[import-not-found]
     from training.networks import Discriminator, Generator  # type: ignore[import-not-found]
 
+    ops = reference_ops(dev)
+
     base = model.get("channel_base", CHANNEL_BASE[preset])
     cmax, group = model.get("channel_max", 512), model.get("mbstd_group", 4)
     common = {"c_dim": 0, "img_resolution": res, "img_channels": 3}
@@ -210,10 +212,44 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.copy_(p.lerp(p_ema, beta))
     _sync(dev)
-    return batch * steps / (time.perf_counter() - t0)
+    return batch * steps / (time.perf_counter() - t0), ops
 
 
-def compare_reference(ref: str, cpu: bool, smoke: bool) -> dict[str, Any]:
+def reference_ops(dev: torch.device) -> dict[str, Any]:
+    """Build the reference's CUDA ops as its training loop would, and say which ones run.
+
+    Its ``grid_sample_gradfix`` custom op only engages on PyTorch 1.7-1.9; on later versions it
+    falls back to ``F.grid_sample``, which has no CUDA second derivative, so R1 through ADA fails
+    in the reference itself. Users of the reference on current PyTorch must patch it; here its
+    module function is pointed at gen_ad's double-differentiable op (the same sampling), which is
+    stated in the output.
+    """
+    from torch_utils.ops import (  # type: ignore[import-not-found]
+        bias_act,
+        conv2d_gradfix,
+        grid_sample_gradfix,
+        upfirdn2d,
+    )
+
+    from gen_ad.training.grid_sample import grid_sample as ours
+
+    conv2d_gradfix.enabled = grid_sample_gradfix.enabled = True  # as its training_loop.py
+    cuda = dev.type == "cuda"
+    info: dict[str, Any] = {"bias_act_cuda": bool(cuda and bias_act._init()),
+                            "upfirdn2d_cuda": bool(cuda and upfirdn2d._init())}
+    if cuda and not grid_sample_gradfix._should_use_custom_op():
+        grid_sample_gradfix.grid_sample = lambda input, grid: ours(input, grid)
+        info["grid_sample"] = ("gen_ad.training.grid_sample substituted: the reference's op "
+                               f"does not engage on PyTorch {torch.__version__}")
+    else:
+        info["grid_sample"] = "reference"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as its training_loop.py (both sides)
+    return info
+
+
+def compare_reference(ref: str, cpu: bool, smoke: bool, steps_arg: int | None = None,
+                      ) -> dict[str, Any]:
     """gen_ad vs the reference, images/s per (resolution, config, batch) and the ratio."""
     dev = torch.device("cpu" if cpu else "cuda")
     if smoke:
@@ -224,17 +260,18 @@ def compare_reference(ref: str, cpu: bool, smoke: bool) -> dict[str, Any]:
         model = {"channel_max": 64}
     else:
         grid, steps, model = [(256, "E", 64), (512, "F", 32)], 32, {}
+    steps = steps_arg or steps
     rows = []
     for res, preset, batch in grid:
         m = dict(model)
         if cpu and not smoke:
             m["channel_base"] = CHANNEL_BASE[preset] // 8
         m["mbstd_group"] = min(4, batch)
+        theirs, ops = reference_train_speed(ref, res, preset, batch, steps, m, dev)
         ours = train_speed(res, preset, batch, steps, m, cpu)
-        theirs = reference_train_speed(ref, res, preset, batch, steps, m, dev)
         rows.append({"res": res, "config": preset, "batch": batch, "steps": steps,
                      "model": m, "gen_ad_img_per_s": ours, "reference_img_per_s": theirs,
-                     "ratio": ours / theirs})
+                     "ratio": ours / theirs, "reference_ops": ops})
         print(f"{preset}{res} batch {batch}: gen_ad {ours:.3g} vs reference {theirs:.3g} "
               f"images/s", file=sys.stderr, flush=True)
     return {"rows": rows, "ours": {"img_per_s": rows[0]["gen_ad_img_per_s"]},
@@ -250,6 +287,9 @@ def main() -> None:
     p.add_argument("--lpips-weights", default=None)
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="a stylegan2-ada-pytorch checkout: compare training speed with it")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per setting of --reference (default 32 on GPU; a multiple "
+                        "of 16 holds whole lazy-regularisation periods)")
     args = p.parse_args()
     cpu = args.cpu or not torch.cuda.is_available()
     dev = torch.device("cpu" if cpu else "cuda")
@@ -257,7 +297,8 @@ def main() -> None:
         if not (Path(args.reference) / "training" / "networks.py").is_file():
             raise SystemExit(f"bench/stylegan2.py: {args.reference} is not a stylegan2-ada-pytorch "
                              "checkout (no training/networks.py)")
-        rec = compare_reference(str(Path(args.reference).resolve()), cpu, args.smoke)
+        rec = compare_reference(str(Path(args.reference).resolve()), cpu, args.smoke,
+                                args.steps)
         print(json.dumps({"bench": "stylegan2_vs_reference", "smoke": args.smoke,
                           "device": str(dev), "gpu": torch.cuda.get_device_name(0)
                           if dev.type == "cuda" else None, "cpu": cpu_name(),
