@@ -4,8 +4,9 @@ Each query batch goes through two phases:
 
 1. **Candidates.** Approximate scores from fp32 matrix products, ``||b||^2 - 2 q.b`` (``l2``) or
    ``-q.b`` (``cosine``), with the bank resident on the device (or streamed in blocks when it
-   does not fit the memory budget), and the ``kc = k + margin`` smallest per query (``torch.topk``
-   per block, merged; or faiss' flat search).
+   does not fit the memory budget), and the ``kc = k + margin`` smallest per query: faiss' flat
+   search (``knn_L2sqr`` / ``knn_inner_product``, which fuse the product with the selection) when
+   faiss is installed, on CPU, and faiss-gpu's on CUDA; else ``torch.topk`` per block, merged.
 2. **Exact re-rank.** The float64 distances, ``sum((q - b)^2)`` (``l2``, squared) or ``1 - q.b``
    (``cosine``), of the candidates whose fp32 score is within ``v_k + 2 E_q`` (below), ordered by
    ``(distance, bank index)``: ties go to the lower index.
@@ -23,6 +24,19 @@ that can matter, and only they are re-ranked. Queries where this does not hold a
 with twice the candidates, up to the whole bank (where the result is exact by definition).
 fp32 matrix products run at full fp32 precision (TF32 and bf16 reductions are switched off for
 the call), so the bound holds on CPU and CUDA alike; faiss' GPU flat search uses full fp32 too.
+
+**The faiss candidates obey the same bound.** faiss' CPU flat search computes, in fp32,
+``||q||^2 + ||b||^2 - 2 q.b`` (an sgemm for ``q.b``; the bank norms are ours, the float64 norms
+rounded once to fp32, or its own fp32 sums on a streamed block) and clamps a negative result to
+0, or ``q.b`` for ``cosine`` (we take ``1 - q.b`` in float64); below 20 queries it sums
+``(q_i - b_i)^2`` in fp32 directly, whose error is smaller still. Each of the three sums has
+error ``<= gamma_D`` times its magnitude whatever the summation order or FMA use, and the two
+additions add ``2u (||q|| + ||b||)^2``: in all ``<= gamma_{D+2} (||q|| + ||b||)^2`` (``l2``),
+``<= gamma_D ||q|| ||b||`` (``cosine``), below :func:`error_bound`'s ``gamma_{D+8}`` terms, which
+are also doubled; clamping at 0 only moves a score towards the true distance, which is ``>= 0``.
+faiss' selection (heap or reservoir) keeps exactly the ``kc`` smallest of its fp32 scores, so
+every row left out scores ``>= T_q`` as with ``topk``, and the re-rank and rescan rule above
+apply unchanged.
 """
 
 from __future__ import annotations
@@ -122,6 +136,37 @@ def error_bound(q_norm: torch.Tensor, b_max: float, dim: int, metric: Metric) ->
     return 2.0 * (2.0 * gamma32 + 2.0 * gamma64) * scale
 
 
+def faiss_knn(faiss: Any, q: np.ndarray, bank: np.ndarray, k: int, metric: Metric,
+              sq_norms32: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """faiss' exact fp32 flat search on CPU: the ``k`` best rows of ``bank`` for each query.
+
+    Args:
+        q: ``[Q, D]`` float32 queries; bank: ``[N, D]`` float32 rows, ``k <= N``.
+        metric: ``l2`` (squared distances) or ``cosine`` (``1 - q.b``, taken in float64).
+        sq_norms32: ``[N]`` float32 squared row norms of ``bank`` (``l2``), so faiss does not
+            recompute them on every call; ``None``: faiss computes them.
+    Returns:
+        ``(scores [Q, k] float64, indices [Q, k] int64)``, ascending scores.
+    """
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    (nq, dim), nb = q.shape, len(bank)
+    d = np.empty((nq, k), dtype=np.float32)
+    i = np.empty((nq, k), dtype=np.int64)
+    ptr = faiss.swig_ptr
+    if metric == "cosine":
+        faiss.knn_inner_product(ptr(q), ptr(bank), dim, nq, nb, k, ptr(d), ptr(i))
+    elif sq_norms32 is None:
+        faiss.knn_L2sqr(ptr(q), ptr(bank), dim, nq, nb, k, ptr(d), ptr(i))
+    else:
+        norms = np.ascontiguousarray(sq_norms32, dtype=np.float32)
+        faiss.knn_L2sqr(ptr(q), ptr(bank), dim, nq, nb, k, ptr(d), ptr(i), ptr(norms))
+    if nq and int(i.min()) < 0:  # faiss leaves -1 where a row's score is NaN
+        raise DataError("the feature bank or the queries contain NaN or infinite values")
+    scores = torch.from_numpy(d).double()
+    return (1.0 - scores if metric == "cosine" else scores), torch.from_numpy(i)
+
+
 def default_margin(k: int) -> int:
     """Extra candidates collected per query by the scan when none is given: ``max(32, k // 2)``.
 
@@ -139,21 +184,33 @@ def sq_norms(x: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
     return torch.cat([x[s:s + chunk].double().pow(2).sum(1) for s in range(0, len(x), chunk)])
 
 
+def rerank_chunk(candidates: int, dim: int, device: torch.device) -> int:
+    """Queries per float64 re-rank step: at most 4 MiB of temporaries on CPU (they stay in
+    cache: 2-3x faster than 12 MiB on the 2-core bench machine), 256 MiB on a GPU."""
+    target = (256 << 20) if device.type == "cuda" else (4 << 20)
+    return max(1, target // max(1, candidates * dim * 8))
+
+
 def exact_distances(q: torch.Tensor, cand: torch.Tensor, metric: Metric,
-                    chunk: int = 8) -> torch.Tensor:
+                    chunk: int | None = None) -> torch.Tensor:
     """Float64 distances of queries ``[Q, D]`` to their candidate rows ``[Q, C, D]`` -> ``[Q, C]``.
 
     ``l2``: squared Euclidean ``sum((q - b)^2)``; ``cosine``: ``1 - q.b`` (inputs normalised).
-    Computed ``chunk`` queries at a time, so the float64 temporaries stay small.
+    Computed ``chunk`` queries at a time (``None``: :func:`rerank_chunk`), so the float64
+    temporaries stay small; each row's value does not depend on the chunking.
     """
     out = torch.empty(cand.shape[:2], dtype=torch.float64, device=cand.device)
+    if chunk is None:
+        chunk = rerank_chunk(cand.shape[1], cand.shape[2], cand.device)
     q64 = q.double()[:, None, :]
     for s in range(0, len(q), chunk):
+        # a float64 copy (the fp32 -> float64 conversion is exact), then in place
+        c64 = cand[s:s + chunk].to(torch.float64, copy=True)
         if metric == "l2":
-            diff = torch.sub(cand[s:s + chunk], q64[s:s + chunk])  # float64, one pass
-            out[s:s + chunk] = diff.mul_(diff).sum(-1)
+            c64.sub_(q64[s:s + chunk])
+            out[s:s + chunk] = c64.mul_(c64).sum(-1)
         else:
-            out[s:s + chunk] = 1.0 - torch.mul(cand[s:s + chunk], q64[s:s + chunk]).sum(-1)
+            out[s:s + chunk] = 1.0 - c64.mul_(q64[s:s + chunk]).sum(-1)
     return out
 
 
@@ -191,8 +248,8 @@ class ExactKNN:
         device: where the products run (``cuda`` keeps the bank there when it fits).
         memory_budget_bytes: the bank is resident when it takes at most half of this; otherwise
             it is streamed in blocks of a third of it. Score tiles take at most a third.
-        backend: ``auto`` (faiss on a GPU when faiss-gpu is installed, else torch), ``torch`` or
-            ``faiss`` (candidates from faiss' flat search, CPU or GPU).
+        backend: ``auto`` (faiss' flat search for the candidates when faiss is installed: on
+            CPU, and on CUDA when it is faiss-gpu; else torch), ``torch`` or ``faiss``.
         margin: extra candidates per query (``None``: :func:`default_margin`).
         normalise: divide the bank rows by their norm (``cosine`` on a raw bank); queries are
             the caller's to normalise.
@@ -213,6 +270,7 @@ class ExactKNN:
         self.resident = self.count * self.dim * 4 <= self.budget // 2
         self._bank: torch.Tensor | None = None
         self._half_sq: torch.Tensor | None = None
+        self._sq32: np.ndarray | None = None  # fp32 squared norms for faiss (resident bank)
         self._faiss_index: Any = None
         self._b_max: float | None = None
         self.stats: dict[str, int] = {"widened": 0, "reranked": 0}  # queries scanned again,
@@ -228,8 +286,8 @@ class ExactKNN:
         if backend == "torch":
             return None
         gpu = self.device.type == "cuda"
-        if backend == "auto" and not (gpu and faiss_has_gpu(faiss)):
-            return None  # on CPU fp32 matmul + topk beats faiss-cpu flat (bench/knn.py)
+        if backend == "auto" and (faiss is None or (gpu and not faiss_has_gpu(faiss))):
+            return None  # on CPU faiss' fused flat search beats fp32 matmul + topk (bench/knn.py)
         if gpu and not faiss_has_gpu(faiss):
             raise ConfigError("backend 'faiss' on CUDA needs faiss-gpu "
                               "(pip install faiss-gpu-cu12)")
@@ -259,6 +317,8 @@ class ExactKNN:
             self._bank = torch.from_numpy(self._prepare(self.source.load())).to(self.device)
             sq = sq_norms(self._bank)
             self._half_sq = sq.div(2).float()
+            if self.faiss is not None and self.device.type == "cpu":
+                self._sq32 = sq.float().numpy()
             self._b_max = float(sq.max().sqrt()) if self.count else 0.0
         return self._bank
 
@@ -279,16 +339,20 @@ class ExactKNN:
         rows = self._prepare(self.source.rows(ids.cpu().numpy()))
         return torch.from_numpy(rows).to(self.device)
 
-    def _rerank(self, q: torch.Tensor, ids: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    def _rerank(self, q: torch.Tensor, ids: torch.Tensor, chunk: int | None = None,
+                ) -> torch.Tensor:
         """Float64 distances ``[Q, C]`` of ``q`` ``[Q, D]`` to the rows ``ids`` ``[Q, C]``.
 
-        Rows are gathered ``chunk`` queries at a time, so the temporaries stay in cache.
+        Rows are gathered ``chunk`` queries at a time (``None``: :func:`rerank_chunk`), so the
+        temporaries stay in cache.
         """
         out = torch.empty(ids.shape, dtype=torch.float64, device=self.device)
+        if chunk is None:
+            chunk = rerank_chunk(ids.shape[1], self.dim, self.device)
         for s in range(0, len(q), chunk):
             sel = ids[s:s + chunk]
             rows = self._rows(sel.reshape(-1)).reshape(*sel.shape, self.dim)
-            out[s:s + chunk] = exact_distances(q[s:s + chunk], rows, self.metric)
+            out[s:s + chunk] = exact_distances(q[s:s + chunk], rows, self.metric, chunk)
         return out
 
     # -- phase 1: candidates
@@ -297,14 +361,12 @@ class ExactKNN:
         """Top ``kc`` fp32 scores of ``q`` in one block and their in-block indices.
 
         torch: ``||b||^2 - 2 q.b`` / ``-q.b`` (without the ``||q||^2`` / ``1`` constant);
-        faiss (CPU): its squared L2 / ``1 - ip``.
+        faiss (CPU): its squared L2 / ``1 - ip`` (float64).
         """
         kb = min(kc, len(block))
         if use_faiss:
-            ip = self.metric == "cosine"
-            metric = self.faiss.METRIC_INNER_PRODUCT if ip else self.faiss.METRIC_L2
-            d, i = self.faiss.knn(q.numpy(), block.numpy(), kb, metric=metric)
-            return torch.from_numpy(1.0 - d if ip else d), torch.from_numpy(i)
+            norms = self._sq32 if self.resident else None
+            return faiss_knn(self.faiss, q.numpy(), block.numpy(), kb, self.metric, norms)
         s = q @ block.T
         if self.metric == "l2":  # rank by q.b - ||b||^2/2 (in place: no second tile)
             s.sub_(self._half_sq if self.resident else sq_norms(block).div(2).float())
@@ -351,8 +413,7 @@ class ExactKNN:
             v, i = self._gpu_faiss_candidates(q, kc)
             return v.double(), i
         if self.faiss is not None and not gpu:
-            v, i = self._scan(q, kc, use_faiss=True)
-            return v.double(), i
+            return self._scan(q, kc, use_faiss=True)  # float64 already
         with full_fp32():
             v, i = self._scan(q, kc)
         const = q.double().pow(2).sum(1, keepdim=True) if self.metric == "l2" else 1.0
@@ -363,8 +424,10 @@ class ExactKNN:
         return default_margin(k) if self.margin is None else max(0, int(self.margin))
 
     def _query_rows(self, kc: int) -> int:
-        per_query = 4 * (self.count if self.resident else self._block_rows())
-        per_query += 4 * kc * (self.dim + 4)  # the gathered candidates (float64: 8 at a time)
+        cpu_faiss = self.faiss is not None and self.device.type == "cpu"
+        # the score tile of a block (faiss on CPU: its own fixed 4096 x 1024 tile instead)
+        per_query = 0 if cpu_faiss else 4 * (self.count if self.resident else self._block_rows())
+        per_query += 4 * kc * (self.dim + 4)  # candidates; float64 rows 4 MiB at a time
         return max(1, self.budget // 3 // per_query)
 
     def _search_batch(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,12 +11,15 @@ from gen_ad.baselines.search import (
     ExactKNN,
     brute_force,
     error_bound,
+    exact_distances,
+    faiss_knn,
     faiss_module,
     full_fp32,
 )
 from gen_ad.errors import ConfigError, DataError
 
 BACKENDS = ["torch"] + (["faiss"] if faiss_module() is not None else [])
+needs_faiss = pytest.mark.skipif(faiss_module() is None, reason="needs faiss")
 
 
 def numpy_reference(q: np.ndarray, bank: np.ndarray, k: int, metric: str = "l2",
@@ -79,11 +82,12 @@ def test_ties_go_to_the_lower_index(backend: str, budget: int) -> None:
     assert knn.stats["widened"] > 0  # margin 0 inside a tie: verified, then widened
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 199, 200])
-def test_k_up_to_the_bank_size(k: int) -> None:
+def test_k_up_to_the_bank_size(k: int, backend: str) -> None:
     bank, q = _data(200, 16, 7, seed=2)
     bank[50:60] = bank[0]
-    d, i = ExactKNN(ArraySource(bank), memory_budget_bytes=12_000).search(q, k)
+    d, i = ExactKNN(ArraySource(bank), memory_budget_bytes=12_000, backend=backend).search(q, k)
     rd, ri = numpy_reference(q, bank, k)
     np.testing.assert_array_equal(i, ri)
     np.testing.assert_allclose(d, rd, rtol=1e-12, atol=1e-12)
@@ -91,13 +95,14 @@ def test_k_up_to_the_bank_size(k: int) -> None:
         assert sorted(i[0]) == list(range(200))
 
 
-def test_large_norms_and_close_neighbours() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_norms_and_close_neighbours(backend: str) -> None:
     """Vectors far from the origin (fp32 cancellation) with neighbours closer than fp32 resolves."""
     rng = np.random.default_rng(3)
     centre = rng.normal(size=64) * 300
     bank = (centre + rng.normal(size=(600, 64)) * 1e-2).astype(np.float32)
     q = (centre + rng.normal(size=(9, 64)) * 1e-2).astype(np.float32)
-    knn = ExactKNN(ArraySource(bank), margin=2)
+    knn = ExactKNN(ArraySource(bank), margin=2, backend=backend)
     _, i = knn.search(q, 20)
     np.testing.assert_array_equal(i, numpy_reference(q, bank, 20)[1])
     assert knn.stats["widened"] > 0  # fp32 could not separate them: the check widened
@@ -123,6 +128,49 @@ def test_error_bound_holds(metric: str) -> None:
     assert torch.all(err <= bound) and torch.all(err > 0)
     # worst case (D u) vs the typical random-walk error (sqrt(D) u): loose, but not vacuous
     assert torch.all(bound < 1e5 * err)
+
+
+@needs_faiss
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("own_norms", [True, False])
+def test_error_bound_holds_for_faiss_scores(metric: str, own_norms: bool) -> None:
+    """faiss' fp32 scores (its norms or ours, clamped at 0) stay within the same bound."""
+    rng = np.random.default_rng(6)
+    bank = (rng.normal(size=(1500, 96)) * rng.lognormal(0, 1.5, size=(1500, 1)) + 5.0)
+    q = rng.normal(size=(20, 96)) * 4 + 5.0
+    bank, q = bank.astype(np.float32), q.astype(np.float32)
+    bank[:5] = q[:5]  # distance 0: fp32 may go negative, faiss clamps
+    if metric == "cosine":
+        bank, q = _unit(bank), _unit(q)
+    norms = (bank.astype(np.float64) ** 2).sum(1).astype(np.float32) if own_norms else None
+    v, ids = faiss_knn(faiss_module(), q, bank, len(bank), metric, norms)  # type: ignore[arg-type]
+    tq, tb = torch.from_numpy(q), torch.from_numpy(bank)
+    exact = exact_distances(tq, tb[ids], metric)
+    bound = error_bound(tq.double().norm(dim=1), float(tb.double().norm(dim=1).max()), 96, metric)
+    err = (v - exact).abs().max(dim=1).values
+    assert torch.all(err <= bound) and torch.all(err > 0)
+    assert sorted(ids[0].tolist()) == list(range(len(bank)))  # k = N: every row, once
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 50])
+def test_exact_distances_do_not_depend_on_chunking(chunk: int | None) -> None:
+    bank, q = _data(60, 37, 11, seed=7)
+    cand = torch.from_numpy(bank)[torch.randint(0, 60, (11, 25))]
+    for metric in ("l2", "cosine"):
+        ref = exact_distances(torch.from_numpy(q), cand, metric, chunk=11)  # type: ignore[arg-type]
+        got = exact_distances(torch.from_numpy(q), cand, metric, chunk=chunk)  # type: ignore[arg-type]
+        assert torch.equal(got, ref)
+
+
+def test_auto_backend_takes_faiss_candidates_on_cpu_when_installed() -> None:
+    bank, q = _data(300, 16, 5, seed=8)
+    auto = ExactKNN(ArraySource(bank))
+    assert (auto.faiss is not None) == (faiss_module() is not None)
+    assert ExactKNN(ArraySource(bank), backend="torch").faiss is None
+    d, i = auto.search(q, 10)
+    dt, it = ExactKNN(ArraySource(bank), backend="torch").search(q, 10)
+    np.testing.assert_array_equal(i, it)
+    np.testing.assert_array_equal(d, dt)  # both re-rank in float64 with the same formula
 
 
 def test_bad_input_is_a_clear_error() -> None:
