@@ -215,6 +215,39 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
     return batch * steps / (time.perf_counter() - t0), ops
 
 
+def register_loaded_extensions() -> None:
+    """Let the reference's ``custom_ops.get_plugin`` find the op it just built.
+
+    It calls ``torch.utils.cpp_extension.load(name=...)`` and then imports ``name``; current
+    PyTorch returns the built module from ``load`` without registering it in ``sys.modules``,
+    so the import fails and the reference falls back to its slow ops. Wrapping ``load`` to
+    register what it returns is the usual fix; the reference's own code stays untouched.
+    """
+    import torch.utils.cpp_extension as cpp
+
+    if getattr(cpp.load, "_gen_ad_registers", False):
+        return
+    original = cpp.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        module = original(*args, **kwargs)
+        sys.modules.setdefault(kwargs.get("name") or args[0], module)
+        return module
+
+    load._gen_ad_registers = True  # type: ignore[attr-defined]
+    cpp.load = load
+
+
+def build_reference_ops(ref: str) -> dict[str, Any]:
+    """Build (or find built) the reference's CUDA ops, as its users' first run does."""
+    if ref not in sys.path:
+        sys.path.insert(0, ref)
+    register_loaded_extensions()
+    from torch_utils.ops import bias_act, upfirdn2d  # type: ignore[import-not-found]
+
+    return {"bias_act_cuda": bool(bias_act._init()), "upfirdn2d_cuda": bool(upfirdn2d._init())}
+
+
 def reference_ops(dev: torch.device) -> dict[str, Any]:
     """Build the reference's CUDA ops as its training loop would, and say which ones run.
 
@@ -235,8 +268,11 @@ def reference_ops(dev: torch.device) -> dict[str, Any]:
 
     conv2d_gradfix.enabled = grid_sample_gradfix.enabled = True  # as its training_loop.py
     cuda = dev.type == "cuda"
+    register_loaded_extensions()
     info: dict[str, Any] = {"bias_act_cuda": bool(cuda and bias_act._init()),
-                            "upfirdn2d_cuda": bool(cuda and upfirdn2d._init())}
+                            "upfirdn2d_cuda": bool(cuda and upfirdn2d._init()),
+                            "extension_loader": "module returned by torch's load() registered "
+                                                "in sys.modules (the reference imports it by name)"}
     if cuda and not grid_sample_gradfix._should_use_custom_op():
         grid_sample_gradfix.grid_sample = lambda input, grid: ours(input, grid)
         info["grid_sample"] = ("gen_ad.training.grid_sample substituted: the reference's op "
@@ -290,7 +326,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per setting of --reference (default 32 on GPU; a multiple "
                         "of 16 holds whole lazy-regularisation periods)")
+    p.add_argument("--build-ops", action="store_true",
+                   help="with --reference: only build the reference's CUDA ops, print which")
     args = p.parse_args()
+    if args.build_ops:
+        if args.reference is None:
+            raise SystemExit("bench/stylegan2.py: --build-ops needs --reference DIR")
+        print(json.dumps(build_reference_ops(str(Path(args.reference).resolve()))))
+        return
     cpu = args.cpu or not torch.cuda.is_available()
     dev = torch.device("cpu" if cpu else "cuda")
     if args.reference is not None:

@@ -76,13 +76,6 @@ BENCH_NOTES = {
     "faults.py": "CPU-only bench (fault injection into tiny CPU runs), smoke mode",
     "memory.py": "CPU-only bench (data-loading memory)",
 }
-# builds (or finds built) the reference's CUDA ops, as its users' first run does; argv[1] = DIR
-REF_OPS_BUILD = (
-    "import json, sys; sys.path.insert(0, sys.argv[1]); "
-    "from torch_utils.ops import bias_act, upfirdn2d; "
-    "print(json.dumps({'bias_act_cuda': bias_act._init(), 'upfirdn2d_cuda': upfirdn2d._init()}))")
-
-
 @dataclass
 class Step:
     """One time-boxed command and how to read its result.
@@ -97,6 +90,7 @@ class Step:
     settings: dict[str, Any] = field(default_factory=dict)
     phase: int = 0
     lane: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # on top of the check's own environment
 
 
 def _gen_ad(*args: str) -> list[str]:
@@ -117,7 +111,8 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
     smoke, ref = args.cpu_smoke, args.reference
     steps = [_bench_step(s, 0, 0, smoke) for s in ALONE]
     if ref:
-        steps.append(Step("reference-ops", [sys.executable, "-c", REF_OPS_BUILD, ref],
+        steps.append(Step("reference-ops", [sys.executable, str(ROOT / "bench" / "stylegan2.py"),
+                                            "--reference", ref, "--build-ops"],
                           60 if smoke else 240, "build", {"reference": ref}, 0, 1))
         extra = ["--smoke", "--cpu"] if smoke else ["--steps", str(args.reference_steps)]
         steps.append(Step("bench/stylegan2.py --reference", [
@@ -130,8 +125,10 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
             "synth", "--out", str(patches), "--n", str(n), "--size", str(size),
             "--anomaly-fraction", "0.25", "--seed", "0"), 60, "synth", {"n": n, "size": size},
             2, 0))
+    # one thread per xdist worker: the workers already fill the cores (torch would start one
+    # thread per core in each, and the lanes beside them would crawl)
     steps.append(Step("tests", _tests_cmd(args), 120 if smoke else 360, "tests",
-                      {"selection": args.tests}, 3, 0))
+                      {"selection": args.tests}, 3, 0, {"OMP_NUM_THREADS": "1"}))
     steps += [_train_step(fam, patches, work, args.train_minutes, smoke, lane)
               for lane, fam in enumerate(FAMILIES, start=1)]
     steps += [_bench_step(s, 3, len(FAMILIES) + 1, smoke) for s in CPU_ONLY]
@@ -142,7 +139,8 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
 
 
 def _tests_cmd(args: argparse.Namespace) -> list[str]:
-    base = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"]
+    # -v: each test's outcome is in the log as it ends, also when the step is cut at its limit
+    base = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider"]
     if args.cpu_smoke:  # the GPU tests' CPU twins would take minutes here: one quick test
         return [*base, "tests/gpu/test_knn_gpu.py::test_gpu_search_returns_the_cpu_neighbours"
                        "[l2-torch-cpu]"]
@@ -232,7 +230,8 @@ def run_step(step: Step, limit: int, env: dict[str, str], log: Path) -> dict[str
     """Run one step in its own process group; kill the whole group at its limit."""
     t0 = time.perf_counter()
     with log.open("w") as err:
-        proc = subprocess.Popen(step.cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err,
+        proc = subprocess.Popen(step.cmd, cwd=ROOT, env={**env, **step.env},
+                                stdout=subprocess.PIPE, stderr=err,
                                 text=True, start_new_session=True)
         try:
             out, _ = proc.communicate(timeout=limit)
