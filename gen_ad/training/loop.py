@@ -86,7 +86,30 @@ def make_accelerator(train_cfg: Any, run_dir: Path) -> Accelerator:
         log_with = "tensorboard"
     except ImportError:
         pass
+    release_other_state(cpu, mp)
     return Accelerator(cpu=cpu, mixed_precision=mp, log_with=log_with, project_dir=str(run_dir))
+
+
+def release_other_state(cpu: bool, mixed_precision: str) -> None:
+    """Start accelerate's process-wide state afresh when this run wants another device or
+    precision than an earlier run of the same process (a notebook, a test session).
+
+    Accelerate keeps one state per process: it refuses a later CPU run after a CUDA one, or
+    another mixed precision, and a later CUDA run after a CPU one would silently stay on the CPU.
+    Only outside a distributed launch: there the state belongs to the launcher.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if not PartialState._shared_state:
+        return
+    partial = PartialState()
+    if partial.distributed_type != DistributedType.NO:
+        return
+    other_device = (partial.device.type == "cpu") != cpu
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if other_device or (held is not None and held != mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _per_process_batch(cfg: Any, world: int) -> int:

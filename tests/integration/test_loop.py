@@ -14,7 +14,7 @@ import torch
 from gen_ad.config import load_config
 from gen_ad.errors import CheckpointError, TrainingDivergedError
 from gen_ad.training import checkpoint as ckpt
-from gen_ad.training.loop import run_training
+from gen_ad.training.loop import make_accelerator, run_training
 from gen_ad.utils.io import load_safetensors, read_jsonl
 
 HERE = Path(__file__).parent
@@ -239,3 +239,15 @@ def test_samples_and_periodic_fid(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     rows = read_jsonl(tmp_path / "on" / "fid.jsonl")
     assert [r["step"] for r in rows] == [2, 4] and rows[0]["fid"] == 1.5
     assert seen == [(2, (3, 3, 16, 16)), (4, (3, 3, 16, 16))]
+
+
+def test_a_later_run_may_ask_for_another_precision_in_the_same_process(tmp_path: Path) -> None:
+    """Accelerate keeps one state per process and refused a second run with another precision
+    (or a CPU run after a CUDA one: seen on a GPU machine when tests share a process)."""
+    from accelerate import Accelerator
+
+    assert Accelerator(cpu=True, mixed_precision="bf16").state.mixed_precision == "bf16"
+    acc = make_accelerator(types.SimpleNamespace(cpu=True, mixed_precision="no"), tmp_path)
+    assert acc.state.mixed_precision == "no" and acc.device.type == "cpu"
+    again = make_accelerator(types.SimpleNamespace(cpu=True, mixed_precision="no"), tmp_path)
+    assert again.state.mixed_precision == "no"  # an unchanged request keeps the state

@@ -67,7 +67,9 @@ def test_ddpm_models_follow_the_speed_config() -> None:
     unet = DDPMFamily(cfg).build_models()["unet"]
     w = next(p for p in unet.parameters() if p.ndim == 4)
     assert w.is_contiguous(memory_format=torch.channels_last)
-    plain = DDPMFamily(from_dict(DDPMConfig, {"data": {"size": 16}, "model": {"name": "tiny"}}))
+    # automatic settings: plain layout for a CPU run (channels-last only where CUDA trains)
+    plain = DDPMFamily(from_dict(DDPMConfig, {"data": {"size": 16}, "model": {"name": "tiny"},
+                                              "train": {"cpu": True}}))
     w0 = next(p for p in plain.build_models()["unet"].parameters() if p.ndim == 4)
     assert w0.is_contiguous() and not w0.is_contiguous(memory_format=torch.channels_last)
 
