@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkout_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the checkout first on PYTHONPATH: a subprocess imports
+    this gen_ad whether or not it is installed (a GPU box running a shipped copy)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+@pytest.fixture
+def checkout_env() -> Callable[..., dict[str, str]]:
+    """``checkout_env(**extra)``: the environment for a subprocess that must import this
+    checkout's gen_ad (see :func:`_checkout_env`)."""
+    return _checkout_env
+
+
+@pytest.fixture
+def run_bench(tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """Run ``bench/<name>`` (default ``--smoke``) in a subprocess from this checkout and return
+    its JSON line; exit 0 is asserted with the bench's stderr as the message, and with
+    ``one_line`` its stdout must be that one line."""
+
+    def run(name: str, *args: str, one_line: bool = True, timeout: int = 600,
+            cwd: Path | None = None) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), *(args or ("--smoke",))],
+                              capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd or tmp_path, env=_checkout_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.strip().splitlines()
+        if one_line:
+            assert len(lines) == 1, proc.stdout[-2000:]
+        return json.loads(lines[-1])
+
+    return run
 
 
 def pytest_configure(config: pytest.Config) -> None:

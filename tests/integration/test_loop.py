@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -191,9 +191,10 @@ def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
     assert [s for s, _ in ckpt.list_states(out)] == [3]
 
 
-def test_two_process_cpu_replicas_identical(tmp_path: Path) -> None:
+def test_two_process_cpu_replicas_identical(tmp_path: Path,
+                                            checkout_env: Callable[..., dict[str, str]]) -> None:
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # CPU forced
+    env = checkout_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # CPU forced
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", "29517",

@@ -4,6 +4,7 @@ the torch fallback, leave-one-out calibration, the scorer and the CLI."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -192,17 +193,6 @@ def test_cli_fit_and_score(tmp_path, capsys) -> None:
                  "--out", str(out), "--workers", "0"]) == 2
 
 
-def test_bench_smoke_prints_one_json_line(tmp_path) -> None:
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[3] / "bench" / "knn.py"
-    proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True,
-                          text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1
-    rec = json.loads(lines[0])
+def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
+    rec = run_bench("knn.py")
     assert "hardware" in rec and rec["hardware"]["cpu"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,18 +80,8 @@ def test_build_dataset_uses_the_cache(tmp_path: Path) -> None:
     _assert_same_items(build_dataset(DataConfig(train=str(root), size=24)), ds)
 
 
-def test_memory_bench_smoke_prints_one_json_line(tmp_path: Path) -> None:
-    import json
-    import subprocess
-    import sys
-
-    bench = Path(__file__).resolve().parents[3] / "bench" / "memory.py"
-    proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True,
-                          text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1
-    rec = json.loads(lines[0])
+def test_memory_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
+    rec = run_bench("memory.py")
     assert rec["bench"] == "memory" and [r["n"] for r in rec["rows"]] == [50, 200]
     assert all(r["cache"]["items"] == r["n"] for r in rec["rows"])
     assert rec["ours"]["peak_increase_mib"] >= 0 and rec["ratio"] > 0

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -169,13 +167,8 @@ def test_cli_synth_negative_seed_one_line_error(tmp_path: Path, capsys: pytest.C
     assert err.startswith("gen-ad: error:") and len(err.splitlines()) == 1
 
 
-def test_bench_smoke_prints_json() -> None:
-    res = subprocess.run([sys.executable, str(REPO / "bench" / "synthetic.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
-    assert len(lines) == 1
-    record = json.loads(lines[0])
+def test_bench_smoke_prints_json(run_bench: Callable[..., dict]) -> None:
+    record = run_bench("synthetic.py", timeout=300)
     assert record["bench"] == "synthetic" and record["threads"] == 1
     speeds = next(iter(record["results"].values()))
     assert speeds["patches_per_s_cpu"] > 0 and speeds["patches_per_s_wall"] > 0

@@ -4,6 +4,7 @@ for ~150 steps on synthetic normal tissue, that AnoDDPM/AutoDDPM find planted an
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -181,16 +182,8 @@ def test_trained_model_finds_planted_anomalies(trained) -> None:
     assert torch.equal(auto.score(xa).scores, fa.scores)
 
 
-def test_bench_smoke_prints_one_json_line() -> None:
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "diffusion.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT, check=True)
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == 1
-    rec = json.loads(lines[0])
+def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
+    rec = run_bench("diffusion.py")
     assert rec["bench"] == "diffusion" and rec["hardware"]["torch"] == torch.__version__
     s = rec["simplex"]
     assert s["torch_img_per_s"] > 0 and s["max_abs_diff_loop"] < 1e-9

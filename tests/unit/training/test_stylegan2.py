@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -126,14 +127,7 @@ def test_encoder_stage_trains_and_offers_both_scorers(tmp_path: Path) -> None:
     assert out.scores.shape == (2,) and out.maps.shape == (2, 32, 32) and (out.maps >= 0).all()
 
 
-def test_bench_smoke_prints_one_json_line() -> None:
-    import json
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[3]
-    out = subprocess.run([sys.executable, str(root / "bench" / "stylegan2.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=600, cwd=root, check=True)
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
+def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
+    rec = run_bench("stylegan2.py", one_line=False)
     assert rec["bench"] == "stylegan2" and rec["train_img_per_s"]["E16"] > 0
     assert rec["projection"]["plain_ms_per_image"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -235,14 +236,7 @@ def test_gan_only_run_offers_iterative_scorer() -> None:
     assert out.scores.shape == (3,) and out.maps.shape == (3, 16, 16)
 
 
-def test_bench_smoke_prints_one_json_line() -> None:
-    import json
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[3]
-    out = subprocess.run([sys.executable, str(root / "bench" / "wgan.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=600, cwd=root, check=True)
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
+def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
+    rec = run_bench("wgan.py", one_line=False)
     res = rec["results"]["cpu"]
     assert rec["bench"] == "wgan" and res["gan_img_per_s"] > 0 and res["score_izif_img_per_s"] > 0
