@@ -62,5 +62,8 @@ def test_install_real_weights_then_fid_matches_torch_fidelity_and_separates_pcam
         input1=str(valid_n), input2=str(test_n), fid=True, feature_extractor_weights_path=str(pth),
         cuda=False, cache=False, verbose=False, save_cpu_ram=True)
     assert same["fid"] == pytest.approx(ref["frechet_inception_distance"], rel=1e-4)
-    assert diff["fid"] > 3 * same["fid"]
-    assert diff["kid_mean"] > same["kid_mean"]
+    # measured here (200 + 200): FID 65.2 normal-vs-normal, 114.1 normal-vs-tumour; KID 0.0007
+    # and 0.040. FID is biased upwards at 200 images per set (at 500: 40.5 vs 84.8), which
+    # shrinks its ratio; KID is unbiased, so normal-vs-normal sits near 0
+    assert diff["fid"] > 1.5 * same["fid"]
+    assert same["kid_mean"] < 0.005 < 0.02 < diff["kid_mean"]
