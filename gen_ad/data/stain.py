@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from gen_ad.errors import DataError
+from gen_ad.errors import ConfigError, DataError
 
 StainMethod = Literal["macenko", "reinhard"]
 
@@ -87,7 +87,14 @@ class StainNormalizer:
         return read_rgb(reference)
 
     def _make(self) -> object:
-        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+        try:
+            from torchstain.numpy.normalizers import (
+                NumpyMacenkoNormalizer,
+                NumpyReinhardNormalizer,
+            )
+        except ImportError as err:  # an install without it (a wheel set carried to a GPU box)
+            raise ConfigError("stain normalisation needs torchstain, which is not installed: "
+                              "pip install torchstain (a dependency of gen_ad)") from err
 
         if self.method == "macenko":
             return NumpyMacenkoNormalizer()

@@ -80,3 +80,15 @@ def test_real_patch_shapes(shared_data: Path) -> None:
         out = StainNormalizer(method=method, reference=ref)(a)
         assert out.shape == a.shape and out.dtype == np.uint8
         assert _mean_dist(out, ref) < _mean_dist(a, ref) + 1.0
+
+
+def test_missing_torchstain_is_one_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from gen_ad.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torchstain", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torchstain.numpy", None)
+    monkeypatch.setitem(sys.modules, "torchstain.numpy.normalizers", None)
+    with pytest.raises(ConfigError, match="pip install torchstain"):
+        StainNormalizer("macenko", np.tile(np.array([150, 60, 140], np.uint8), (8, 8, 1)))
