@@ -14,7 +14,7 @@ import torch
 from gen_ad.config import load_config
 from gen_ad.errors import CheckpointError, TrainingDivergedError
 from gen_ad.training import checkpoint as ckpt
-from gen_ad.training.loop import make_accelerator, run_training
+from gen_ad.training.loop import make_accelerator, release_other_state, run_training
 from gen_ad.utils.io import load_safetensors, read_jsonl
 
 HERE = Path(__file__).parent
@@ -247,7 +247,10 @@ def test_a_later_run_may_ask_for_another_precision_in_the_same_process(tmp_path:
     (or a CPU run after a CUDA one: seen on a GPU machine when tests share a process)."""
     from accelerate import Accelerator
 
+    release_other_state(cpu=True, mixed_precision="bf16")  # whatever earlier tests left
     assert Accelerator(cpu=True, mixed_precision="bf16").state.mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="already been initialized"):  # accelerate alone refuses
+        Accelerator(cpu=True, mixed_precision="no")
     acc = make_accelerator(types.SimpleNamespace(cpu=True, mixed_precision="no"), tmp_path)
     assert acc.state.mixed_precision == "no" and acc.device.type == "cpu"
     again = make_accelerator(types.SimpleNamespace(cpu=True, mixed_precision="no"), tmp_path)
