@@ -165,7 +165,7 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
     from training.loss import StyleGAN2Loss  # type: ignore[import-not-found]
     from training.networks import Discriminator, Generator  # type: ignore[import-not-found]
 
-    ops = reference_ops(dev)
+    ops = reference_ops(ref, dev)
 
     base = model.get("channel_base", CHANNEL_BASE[preset])
     cmax, group = model.get("channel_max", 512), model.get("mbstd_group", 4)
@@ -248,7 +248,7 @@ def build_reference_ops(ref: str) -> dict[str, Any]:
     return {"bias_act_cuda": bool(bias_act._init()), "upfirdn2d_cuda": bool(upfirdn2d._init())}
 
 
-def reference_ops(dev: torch.device) -> dict[str, Any]:
+def reference_ops(ref: str, dev: torch.device) -> dict[str, Any]:
     """Build the reference's CUDA ops as its training loop would, and say which ones run.
 
     Its ``grid_sample_gradfix`` custom op only engages on PyTorch 1.7-1.9; on later versions it
@@ -258,21 +258,17 @@ def reference_ops(dev: torch.device) -> dict[str, Any]:
     stated in the output.
     """
     from torch_utils.ops import (  # type: ignore[import-not-found]
-        bias_act,
         conv2d_gradfix,
         grid_sample_gradfix,
-        upfirdn2d,
     )
 
     from gen_ad.training.grid_sample import grid_sample as ours
 
     conv2d_gradfix.enabled = grid_sample_gradfix.enabled = True  # as its training_loop.py
     cuda = dev.type == "cuda"
-    register_loaded_extensions()
-    info: dict[str, Any] = {"bias_act_cuda": bool(cuda and bias_act._init()),
-                            "upfirdn2d_cuda": bool(cuda and upfirdn2d._init()),
-                            "extension_loader": "module returned by torch's load() registered "
-                                                "in sys.modules (the reference imports it by name)"}
+    info = build_reference_ops(ref) if cuda else {"bias_act_cuda": False, "upfirdn2d_cuda": False}
+    info["extension_loader"] = ("module returned by torch's load() registered in sys.modules "
+                                "(the reference imports it by name)")
     if cuda and not grid_sample_gradfix._should_use_custom_op():
         grid_sample_gradfix.grid_sample = lambda input, grid: ours(input, grid)
         info["grid_sample"] = ("gen_ad.training.grid_sample substituted: the reference's op "

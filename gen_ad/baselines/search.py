@@ -294,6 +294,11 @@ class ExactKNN:
         return faiss
 
     # -- the bank
+    @property
+    def _faiss_on_cpu(self) -> bool:
+        """Candidates come from faiss' CPU flat search (:func:`faiss_knn`)."""
+        return self.faiss is not None and self.device.type == "cpu"
+
     def _block_rows(self) -> int:
         return max(1, self.budget // 3 // (self.dim * 4))
 
@@ -317,7 +322,7 @@ class ExactKNN:
             self._bank = torch.from_numpy(self._prepare(self.source.load())).to(self.device)
             sq = sq_norms(self._bank)
             self._half_sq = sq.div(2).float()
-            if self.faiss is not None and self.device.type == "cpu":
+            if self._faiss_on_cpu:
                 self._sq32 = sq.float().numpy()
             self._b_max = float(sq.max().sqrt()) if self.count else 0.0
         return self._bank
@@ -412,7 +417,7 @@ class ExactKNN:
         if self.faiss is not None and gpu and self.resident and kc <= FAISS_GPU_MAX_K:
             v, i = self._gpu_faiss_candidates(q, kc)
             return v.double(), i
-        if self.faiss is not None and not gpu:
+        if self._faiss_on_cpu:
             return self._scan(q, kc, use_faiss=True)  # float64 already
         with full_fp32():
             v, i = self._scan(q, kc)
@@ -424,9 +429,9 @@ class ExactKNN:
         return default_margin(k) if self.margin is None else max(0, int(self.margin))
 
     def _query_rows(self, kc: int) -> int:
-        cpu_faiss = self.faiss is not None and self.device.type == "cpu"
         # the score tile of a block (faiss on CPU: its own fixed 4096 x 1024 tile instead)
-        per_query = 0 if cpu_faiss else 4 * (self.count if self.resident else self._block_rows())
+        tile_rows = self.count if self.resident else self._block_rows()
+        per_query = 0 if self._faiss_on_cpu else 4 * tile_rows
         per_query += 4 * kc * (self.dim + 4)  # candidates; float64 rows 4 MiB at a time
         return max(1, self.budget // 3 // per_query)
 
