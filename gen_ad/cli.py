@@ -293,6 +293,15 @@ def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="weights path overriding the one recorded in the bank")
     s.add_argument("--index", choices=("flat", "ivf"), default=None,
                    help="override the bank's index type")
+    s.add_argument("--k", type=_positive_int, default=None,
+                   help="neighbours (default: the bank's k; another k re-calibrates the "
+                   "threshold on the bank's leave-one-out scores, in memory)")
+    s.add_argument("--normal", default=None, metavar="DIR",
+                   help="held-out normal patches to calibrate the threshold on (a flat folder, "
+                   "or one whose normal/ is used; default: the bank's leave-one-out scores)")
+    s.add_argument("--threshold", choices=["iqr", "fpr"], default="iqr",
+                   help="label-free threshold rule: Q3+1.5*IQR (default) or a fixed FPR")
+    s.add_argument("--fpr", type=_fraction, default=0.05, help="FPR for --threshold fpr")
     _knn_common(s)
     s.set_defaults(func=_cmd_knn_score)
 
@@ -329,8 +338,11 @@ def _cmd_knn_score(args: argparse.Namespace) -> int:
 
     metrics = score_folder(args.bank, args.data, args.out, batch_size=args.batch_size,
                            workers=args.workers, device=args.device, weights=args.weights,
-                           memory_budget_mb=args.memory_mb, index=args.index, size=args.size)
+                           memory_budget_mb=args.memory_mb, index=args.index, size=args.size,
+                           k=args.k, normal=args.normal, threshold_method=args.threshold,
+                           fpr=args.fpr)
     print(summary_line(metrics))
+    print(f"threshold: {metrics['threshold_source']}")
     print(f"outputs: {args.out}")
     return 0
 

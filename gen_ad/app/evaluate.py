@@ -352,19 +352,22 @@ def detection_metrics(scored: ScoredSet, threshold: Threshold | None = None, *,
 def write_outputs(out_dir: str | os.PathLike[str], scored: ScoredSet, dataset: Dataset | None, *,
                   method: str, threshold: Threshold | None = None, n_examples: int = 8,
                   n_boot: int = 2000, seed: int = 0,
-                  metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+                  metrics: dict[str, Any] | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``scores.csv``, ``terms.csv`` (when the method has score components),
     ``flagged.csv`` (rows above the threshold, highest first), example maps of ``dataset`` and
     ``metrics.json``; returns the metrics dict.
 
-    ``metrics``: detection metrics already computed (else :func:`detection_metrics`)."""
+    ``metrics``: detection metrics already computed (else :func:`detection_metrics`);
+    ``extra``: further entries for ``metrics.json`` (settings the numbers depend on)."""
     out = Path(out_dir)
     write_text(out / "scores.csv", scores_csv(scored, threshold))
     if scored.terms:
         write_text(out / "terms.csv", terms_csv(scored))
     found = detection_metrics(scored, threshold, n_boot=n_boot, seed=seed) if metrics is None \
         else metrics
-    metrics = {"method": method, "n": len(scored.paths), "ms_per_image": scored.ms_per_image}
+    metrics = {"method": method, "n": len(scored.paths), "ms_per_image": scored.ms_per_image,
+               **(extra or {})}
     if threshold is not None:
         flagged = threshold.apply(scored.scores)
         order = [int(i) for i in np.argsort(-scored.scores, kind="stable") if flagged[i]]

@@ -3,7 +3,9 @@
 ``fit`` embeds a folder of normal patches into a :class:`~gen_ad.baselines.knn.FeatureBank` (or
 grows one) and calibrates its label-free threshold; ``score`` scores a folder against a bank
 through the evaluation engine (:mod:`gen_ad.app.evaluate`), with the data rules and the
-``scores.csv`` format of ``gen-ad score``.
+``scores.csv`` format of ``gen-ad score``. ``score`` may search with another ``k`` than the bank
+was fitted with, and may take its threshold from held-out normal patches instead of the bank's
+leave-one-out scores; ``metrics.json`` records which (``k``, ``threshold_source``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gen_ad.app.evaluate import (
+    LoadedScorer,
     bank_scorer,
     normal_dataset,
     resolve_device,
@@ -27,13 +30,15 @@ from gen_ad.baselines.extractors import build_extractor, describe
 from gen_ad.baselines.knn import (
     META,
     FeatureBank,
+    KNNScorer,
     Reduction,
     SearchSettings,
     build_bank,
     extend_bank,
     extractor_from_info,
 )
-from gen_ad.scoring.thresholds import Threshold
+from gen_ad.errors import ConfigError
+from gen_ad.scoring.thresholds import Threshold, calibrate
 from gen_ad.utils.lock import writes_folder
 
 
@@ -81,25 +86,73 @@ def fit_summary(bank: FeatureBank) -> str:
             f"normal scores): {thr.value:.6g}")
 
 
+def knn_threshold(ls: LoadedScorer, *, k: int | None = None,
+                  normal: str | os.PathLike[str] | None = None, method: str = "iqr",
+                  fpr: float = 0.05, batch_size: int = 64, device: str = "cpu",
+                  workers: int = 0) -> tuple[Threshold, str]:
+    """Set the search's ``k`` and pick the threshold of a bank scorer.
+
+    The bank's saved threshold (``Q3 + 1.5 IQR`` of leave-one-out scores at the fitted ``k``) is
+    kept when nothing changes; another ``k`` or rule re-runs the leave-one-out calibration in
+    memory (the bank folder is not written); ``normal`` calibrates on those held-out normal
+    patches' scores instead (the bank is searched, never refitted).
+
+    Returns:
+        ``(threshold, source)``: the threshold and one line saying where it came from.
+    """
+    sc = ls.scorer
+    assert isinstance(sc, KNNScorer) and sc.index is not None
+    fitted_k = sc.k
+    if k is not None:
+        if k >= sc.index.count:
+            raise ConfigError(f"--k {k} needs more than {k} bank vectors; the bank has "
+                              f"{sc.index.count}")
+        sc.k = int(k)
+    if normal is not None:
+        scored = score_dataset(sc, normal_dataset(normal, ls.size), batch_size=batch_size,
+                               device=device, keep_maps=False, num_workers=workers)
+        return (calibrate(scored.scores, method=method, fpr=fpr),
+                f"{method} of {len(scored.scores)} held-out normal patches ({normal}), k={sc.k}")
+    if sc.k == fitted_k and method == "iqr" and ls.threshold is not None:
+        return ls.threshold, f"iqr of the bank's leave-one-out scores (k={sc.k}, saved at fit)"
+    st = sc.index.source.settings if isinstance(sc.index.source, FeatureBank) else {}
+    sc.calib_size, sc.seed = int(st.get("calib_size", 5000)), int(st.get("seed", 0))
+    sc.calibrate()
+    assert sc.calib_scores is not None
+    return (calibrate(sc.calib_scores, method=method, fpr=fpr),
+            f"{method} of {len(sc.calib_scores)} bank leave-one-out scores, k={sc.k} "
+            f"(re-calibrated; the bank was fitted with k={fitted_k})")
+
+
 @writes_folder("out", "knn score output folder")
 def score_folder(bank_dir: str | os.PathLike[str], data: str | os.PathLike[str],
                  out: str | os.PathLike[str], batch_size: int = 64, workers: int = 2,
                  device: str = "auto", weights: str | None = None,
                  memory_budget_mb: float | None = None, index: str | None = None,
                  nprobe: int | None = None, size: int | None = None,
-                 n_boot: int = 2000) -> dict[str, Any]:
+                 n_boot: int = 2000, k: int | None = None,
+                 normal: str | os.PathLike[str] | None = None, threshold_method: str = "iqr",
+                 fpr: float = 0.05) -> dict[str, Any]:
     """Score every patch under ``data`` against a bank; the engine writes ``scores.csv``,
-    ``flagged.csv`` (rows above the bank's threshold, highest first) and ``metrics.json``.
+    ``flagged.csv`` (rows above the threshold, highest first) and ``metrics.json``.
+
+    ``k``, ``normal``, ``threshold_method`` and ``fpr``: see :func:`knn_threshold`.
 
     Returns:
-        The metrics (``method``, ``n``, ``flagged``, ``threshold``, AUROC/AUPR with CIs when
-        ``data`` holds normal and anomalous classes).
+        The metrics (``method``, ``n``, ``k``, ``flagged``, ``threshold``, ``threshold_source``,
+        AUROC/AUPR with CIs when ``data`` holds normal and anomalous classes).
     """
     device = resolve_device(device)
     ls = bank_scorer(bank_dir, device=device, weights=weights, memory_budget_mb=memory_budget_mb,
                      index=index, nprobe=nprobe)
-    ds = scoring_dataset(data, size or ls.size)
+    if size is not None:
+        ls.size = size
+    thr, source = knn_threshold(ls, k=k, normal=normal, method=threshold_method, fpr=fpr,
+                                batch_size=batch_size, device=device, workers=workers)
+    ds = scoring_dataset(data, ls.size)
     scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
                            num_workers=workers)
+    assert isinstance(ls.scorer, KNNScorer)
     return write_outputs(Path(out).expanduser(), scored, None, method=ls.scorer.name,
-                         threshold=ls.threshold, n_boot=n_boot)
+                         threshold=thr, n_boot=n_boot,
+                         extra={"k": ls.scorer.k, "threshold_source": source})

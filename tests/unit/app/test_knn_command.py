@@ -1,0 +1,92 @@
+"""``gen-ad knn score --k / --normal / --threshold``: another k equals a bank fitted with it,
+a held-out normal folder sets the threshold from its own scores, the bank folder stays as it was."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gen_ad.cli import main
+from gen_ad.scoring.thresholds import fpr_threshold, iqr_threshold
+
+pytest.importorskip("faiss")
+
+COMMON = ["--workers", "0", "--device", "cpu", "--batch-size", "16"]
+
+
+def _folder(root: Path, seed: int, n_normal: int, n_tumour: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for cls, n, lo in (("normal", n_normal, 90), ("tumor", n_tumour, 150)):
+        d = root / cls
+        d.mkdir(parents=True)
+        for j in range(n):
+            arr = rng.integers(lo, lo + 70, size=(24, 24, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"{j:03d}.png")
+    return root
+
+
+def _fit(tmp: Path, name: str, k: int) -> Path:
+    bank = tmp / name
+    assert main(["knn", "fit", "--extractor", "resnet50", "--random-init", "--tiny", "--normal",
+                 str(tmp / "train"), "--out", str(bank), "--k", str(k), "--calib-size", "20",
+                 *COMMON]) == 0
+    return bank
+
+
+def _score(bank: Path, data: Path, out: Path, *extra: str) -> tuple[dict, list[float]]:
+    assert main(["knn", "score", str(bank), "--data", str(data), "--out", str(out), *extra,
+                 *COMMON]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = [float(r["score"]) for r in csv.DictReader((out / "scores.csv").open())]
+    return metrics, scores
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("knn")
+    _folder(tmp / "train", 0, 30, 0)
+    _folder(tmp / "test", 1, 8, 6)
+    _folder(tmp / "val", 2, 16, 0)
+    _fit(tmp, "bank3", 3)
+    _fit(tmp, "bank5", 5)
+    return tmp
+
+
+def test_other_k_equals_a_bank_fitted_with_it(banks: Path) -> None:
+    before = {p.name: p.read_bytes() for p in (banks / "bank5").iterdir() if p.is_file()}
+    m_k, s_k = _score(banks / "bank5", banks / "test", banks / "out-k3", "--k", "3")
+    m_3, s_3 = _score(banks / "bank3", banks / "test", banks / "out-3")
+    assert s_k == pytest.approx(s_3, rel=1e-6)
+    # the leave-one-out threshold re-calibrated in memory equals the one fitted at k=3
+    assert m_k["threshold"]["value"] == pytest.approx(m_3["threshold"]["value"], rel=1e-6)
+    assert m_k["k"] == m_3["k"] == 3
+    assert "re-calibrated" in m_k["threshold_source"]
+    assert "saved at fit" in m_3["threshold_source"]
+    after = {p.name: p.read_bytes() for p in (banks / "bank5").iterdir() if p.is_file()}
+    assert after == before  # scoring never writes into the bank
+
+
+def test_held_out_normals_set_the_threshold(banks: Path, capsys: pytest.CaptureFixture) -> None:
+    _, val_scores = _score(banks / "bank3", banks / "val", banks / "out-val")
+    m, _ = _score(banks / "bank3", banks / "test", banks / "out-held", "--normal",
+                  str(banks / "val"))
+    assert m["threshold"]["value"] == pytest.approx(iqr_threshold(np.array(val_scores)),
+                                                    rel=1e-6)
+    assert m["threshold"]["n"] == 16 and "held-out" in m["threshold_source"]
+    assert "threshold: iqr of 16 held-out normal patches" in capsys.readouterr().out
+    m, _ = _score(banks / "bank3", banks / "test", banks / "out-fpr", "--normal",
+                  str(banks / "val"), "--threshold", "fpr", "--fpr", "0.25")
+    assert m["threshold"]["value"] == pytest.approx(fpr_threshold(np.array(val_scores), 0.25),
+                                                    rel=1e-6)
+    assert m["threshold"]["method"] == "fpr"
+
+
+def test_k_beyond_the_bank_is_a_clear_error(banks: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["knn", "score", str(banks / "bank3"), "--data", str(banks / "test"), "--out",
+                 str(banks / "out-big"), "--k", "30", *COMMON]) == 2
+    assert "--k 30 needs more than 30 bank vectors; the bank has 30" in capsys.readouterr().err
