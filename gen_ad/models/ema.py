@@ -25,8 +25,10 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         decay: EMA decay in ``[0, 1)``.
     """
     ema_params = dict(ema.named_parameters())
-    for name, p in model.named_parameters():
-        ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - decay)
+    pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
+    if pairs:  # one multi-tensor kernel per dtype/device group instead of one per parameter
+        torch._foreach_lerp_([e for e, _ in pairs], [p.to(e.dtype) for e, p in pairs],
+                             1.0 - decay)
     ema_buffers = dict(ema.named_buffers())
     for name, b in model.named_buffers():
         ema_buffers[name].copy_(b)
