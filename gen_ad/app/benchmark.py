@@ -299,7 +299,10 @@ def _prepare_knn(m: MethodConfig, cfg: BenchmarkConfig, device: str) -> Prepared
     assert k is not None
     ls = knn_scorer(k.extractor, device=device, weights=k.weights, random_init=k.random_init,
                     tiny=k.tiny, k=k.k, reduction=k.reduction, metric=k.metric, seed=k.seed)
-    weights = "random-init weights" if k.random_init else f"weights {k.weights or '(cache)'}"
+    src = getattr(ls.scorer, "extractor", None)
+    src = getattr(src, "weights_source", None)
+    weights = ("random-init weights" if k.random_init else f"weights {src}" if src
+               else "no network, no weights")
     desc = (f"KNN baseline: {'tiny ' if k.tiny else ''}{k.extractor} features ({weights}), "
             f"k={k.k}, {k.reduction} {k.metric} distance, bank: {k.bank}")
     notes = []
@@ -516,8 +519,10 @@ def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig,
 def _environment(device: str) -> dict[str, Any]:
     import os
 
+    from gen_ad.utils.hardware import cpu_name
+
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+           "platform": platform.platform(), "cpu": cpu_name(),
            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))

@@ -205,7 +205,8 @@ class FeatureExtractor(nn.Module):
     """A frozen backbone with its preprocessing and embedding rule.
 
     ``forward(x)``: ``x`` ``[B,3,H,W]`` in ``[-1,1]`` (any ``H,W``) -> ``[B, dim]`` float.
-    Attributes ``name``, ``dim``, ``input_size`` and ``spec`` describe it.
+    Attributes ``name``, ``dim``, ``input_size`` and ``spec`` describe it; ``weights_source`` is
+    the weights file it loaded (``None``: random-init, or no network as for ``colour-stats``).
     """
 
     def __init__(self, spec: ExtractorSpec, backbone: nn.Module, input_size: int,
@@ -216,6 +217,7 @@ class FeatureExtractor(nn.Module):
         self.backbone = backbone
         self.input_size = int(input_size)
         self.dim = int(dim)
+        self.weights_source: str | None = None
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
@@ -315,6 +317,7 @@ def build_extractor(name: str, weights: str | os.PathLike[str] | None = None,
     if tiny and spec.embed in ("avg", "vector"):
         input_size = 32
     ext = FeatureExtractor(spec, backbone, input_size, spec.dim if not tiny else _tiny_dim(spec))
+    ext.weights_source = None if sd is None else str(path)
     ext.requires_grad_(False)
     return ext.to(device=device, dtype=dtype).eval()
 

@@ -220,3 +220,23 @@ def test_render_report_rejects_missing_figure(tmp_path: Path) -> None:
                "methods": []}
     with pytest.raises(FileNotFoundError):
         render_report(results, tmp_path)
+
+
+def test_knn_description_says_which_weights(split: dict[str, Path], tmp_path: Path) -> None:
+    """A KNN row says whether its extractor is random-init, which file it loaded, or weightless."""
+    from safetensors.torch import save_file
+
+    from gen_ad.baselines.extractors import build_extractor
+
+    tiny = build_extractor("resnet50", random_init=True, tiny=True, seed=1)
+    wfile = tmp_path / "tiny-resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.backbone.state_dict().items()}, str(wfile))
+    knn = {"k": 4, "bank": str(split["val"])}
+    cfg = from_dict(BenchmarkConfig, _cfg(split, tmp_path / "b", methods=[
+        {"knn": {**knn, "extractor": "resnet50", "random_init": True, "tiny": True}},
+        {"knn": {**knn, "extractor": "resnet50", "tiny": True, "weights": str(wfile)}},
+        {"knn": {**knn, "extractor": "colour-stats"}}]))
+    rnd, real, colour = (m.description for m in prepare_methods(cfg, "cpu"))
+    assert "(random-init weights)" in rnd
+    assert f"(weights {wfile})" in real
+    assert "(no network, no weights)" in colour
