@@ -152,9 +152,10 @@ def bench_simplex(b: int, size: int, device: torch.device, n_ref: int) -> dict[s
 # ----------------------------------------------------------------------------- model timings
 
 
-def _family(unet: str, size: int, batch: int) -> DDPMFamily:
+def _family(unet: str, size: int, batch: int, compile_train: bool = False) -> DDPMFamily:
     cfg = from_dict(DDPMConfig, {"data": {"size": size}, "model": {"name": unet},
-                                 "train": {"batch_size": batch, "max_steps": 1000}})
+                                 "train": {"batch_size": batch, "max_steps": 1000},
+                                 "speed": {"compile_train": compile_train}})
     return DDPMFamily(cfg)
 
 
@@ -179,7 +180,8 @@ def bench_train(fam: DDPMFamily, batch: int, steps: int, device: torch.device,
 
     dt = _timed(step, device.type == "cuda", repeat=steps)
     return {"batch": batch, "img_per_s": batch / dt, "noise": fam.cfg.noise.kind,
-            "precision": precision, "steps": steps}
+            "precision": precision, "steps": steps,
+            "compiled": fam.cfg.speed.compile_train}
 
 
 def bench_recon(fam: DDPMFamily, batch: int, device: torch.device, exact: bool,
@@ -286,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-precision", choices=("no", "bf16", "fp16"), default=None,
                    help="training autocast (default: bf16 on CUDA as configs/ddpm/pcam64.yaml, "
                         "no on CPU)")
+    p.add_argument("--train-compile", action="store_true",
+                   help="also time training with speed.compile_train (torch.compile of the UNet; "
+                   "the warm-up step compiles and is not timed)")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -311,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = a.train_precision or ("bf16" if cuda else "no")
     if a.only in ("train", "all"):
         result["train"] = bench_train(fam, a.batch, a.train_steps, device, precision)
+        if a.train_compile:
+            compiled = _family(a.unet, a.size, a.batch, compile_train=True)
+            result["train_compiled"] = bench_train(compiled, a.batch, a.train_steps, device,
+                                                   precision)
     if a.only == "all":
         result["simplex"] = bench_simplex(a.noise_batch, a.size, device, n_ref=1)
         result["recon"] = (_smoke_recon(fam, a.batch, device) if a.smoke

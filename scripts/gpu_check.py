@@ -56,7 +56,7 @@ BENCH_GPU: dict[str, tuple[list[str], int]] = {
     # the GPU rows of the performance table (issue 17), alone on the GPU
     "knn.py": (["--device", "cuda"], 120),  # 1M x 768, k = 200, 1000 and 100 queries
     "diffusion.py": (["--device", "cuda", "--only", "train", "--batch", "128",
-                      "--train-steps", "20", "--repeat", "1"], 180),
+                      "--train-steps", "20", "--repeat", "1", "--train-compile"], 240),
     # after the suite and the trainings
     "stylegan2.py": (["--smoke"], 90),
     "wgan.py": (["--device", "cuda", "--reps", "2"], 90),
