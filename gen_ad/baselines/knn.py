@@ -635,9 +635,25 @@ def recalibrate(bank: FeatureBank, settings: SearchSettings | None = None) -> Th
 
 def extractor_from_info(info: dict[str, Any], device: str | torch.device = "cpu",
                         weights: str | None = None) -> torch.nn.Module:
-    """Rebuild the extractor recorded in a bank's metadata (``weights`` overrides the path)."""
-    from gen_ad.baselines.extractors import build_extractor
+    """Rebuild the extractor recorded in a bank's metadata (``weights`` overrides the path).
 
-    return build_extractor(info["name"], weights=weights or info.get("weights"),
-                           random_init=bool(info.get("random_init", False)), device=device,
-                           tiny=bool(info.get("tiny", False)), seed=int(info.get("seed", 0)))
+    Raises:
+        ConfigError: the bank was built by an earlier definition of that extractor (another
+            architecture or embedding size), whose vectors this version cannot reproduce.
+    """
+    from gen_ad.baselines.extractors import build_extractor, get_spec
+
+    name = info["name"]
+    arch = get_spec(name).arch
+    rebuild = (f"rebuild the bank with `gen-ad knn fit --extractor {name}` (its vectors cannot be "
+               "compared with this version's)")
+    if info.get("arch", arch) != arch:
+        raise ConfigError(f"this bank was built with extractor '{name}' as {info['arch']}; this "
+                          f"version of gen_ad defines '{name}' as {arch}: {rebuild}")
+    ext = build_extractor(name, weights=weights or info.get("weights"),
+                          random_init=bool(info.get("random_init", False)), device=device,
+                          tiny=bool(info.get("tiny", False)), seed=int(info.get("seed", 0)))
+    if "dim" in info and int(info["dim"]) != ext.dim:
+        raise ConfigError(f"this bank holds {info['dim']}-d vectors of extractor '{name}'; this "
+                          f"version of gen_ad computes {ext.dim}-d ones: {rebuild}")
+    return ext

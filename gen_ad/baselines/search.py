@@ -269,7 +269,7 @@ class ExactKNN:
         self.faiss = self._pick_backend(backend)
         self.resident = self.count * self.dim * 4 <= self.budget // 2
         self._bank: torch.Tensor | None = None
-        self._half_sq: torch.Tensor | None = None
+        self._neg_half_sq: torch.Tensor | None = None  # -||b||^2 / 2, fp32 (l2 scan bias)
         self._sq32: np.ndarray | None = None  # fp32 squared norms for faiss (resident bank)
         self._faiss_index: Any = None
         self._b_max: float | None = None
@@ -321,7 +321,7 @@ class ExactKNN:
         if self._bank is None:
             self._bank = torch.from_numpy(self._prepare(self.source.load())).to(self.device)
             sq = sq_norms(self._bank)
-            self._half_sq = sq.div(2).float()
+            self._neg_half_sq = sq.div(-2).float()
             if self._faiss_on_cpu:
                 self._sq32 = sq.float().numpy()
             self._b_max = float(sq.max().sqrt()) if self.count else 0.0
@@ -372,9 +372,12 @@ class ExactKNN:
         if use_faiss:
             norms = self._sq32 if self.resident else None
             return faiss_knn(self.faiss, q.numpy(), block.numpy(), kb, self.metric, norms)
-        s = q @ block.T
-        if self.metric == "l2":  # rank by q.b - ||b||^2/2 (in place: no second tile)
-            s.sub_(self._half_sq if self.resident else sq_norms(block).div(2).float())
+        if self.metric == "l2":  # rank by q.b - ||b||^2/2: the bias is added in the product's
+            # epilogue (cuBLASLt fuses a 1-D addmm bias on CUDA), no second pass over the tile
+            bias = self._neg_half_sq if self.resident else sq_norms(block).div(-2).float()
+            s = torch.addmm(bias, q, block.T)
+        else:
+            s = q @ block.T
         v, i = torch.topk(s, kb, dim=1, largest=True, sorted=False)
         return v.mul_(-2.0 if self.metric == "l2" else -1.0), i
 

@@ -55,3 +55,20 @@ def test_demo_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     from gen_ad.app.benchmark import load_benchmark_config
 
     assert len(load_benchmark_config(out / "benchmark.yaml").methods) == len(METHODS)
+
+
+def test_full_demo_uses_the_installed_vgg16_at_twice_the_patch_side(tmp_path: Path) -> None:
+    """With the VGG16 weights installed the full demo's KNN row is the real `vgg16-imagenet`,
+    loaded at 2x the 32 px patch side (its relu4_3 would be 4x4 at 32 px); without them, the
+    labelled random-init stand-in."""
+    from gen_ad.app.demo import _knn_method, demo_size
+    from gen_ad.weights.registry import installed_path
+
+    sz = demo_size(fast=False)
+    assert _knn_method(sz, "bank")["name"] == "knn-resnet50-random-init"
+    installed_path("lpips-vgg16").parent.mkdir(parents=True, exist_ok=True)
+    installed_path("lpips-vgg16").write_bytes(b"")  # found by name; not loaded here
+    m = _knn_method(sz, "bank")
+    assert m["name"] == "knn-vgg16-imagenet"
+    assert m["knn"] == {"extractor": "vgg16-imagenet", "k": sz.knn_k, "bank": "bank",
+                        "size": 2 * sz.size}

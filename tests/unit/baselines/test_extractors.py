@@ -24,7 +24,7 @@ EXPECTED = {
     "uni2-h": (1536, 681), "phikon": (768, 86), "phikon-v2": (1024, 303),
     "h-optimus-0": (1536, 1135), "lunit-dino-vits8": (384, 22), "dino-vits16": (384, 22),
     "dino-resnet50": (2048, 24), "resnet50": (2048, 24),
-    "vgg16-imagenet": (1024, 15), "inception-fid": (2048, 24),
+    "vgg16-imagenet": (896, 8), "inception-fid": (2048, 24),
     "colour-stats": (15, 0),  # no network: 15 colour statistics (the shortcut baseline)
 }
 
@@ -179,29 +179,31 @@ def test_bad_input_shape() -> None:
 
 def test_registry_installed_extractors_use_the_installed_files() -> None:
     """vgg16-imagenet / inception-fid read `gen-ad weights install` files; embeddings are the
-    documented layers (VGG16 relu4_3 + relu5_3, pooled and unit-normed; FID pool3)."""
-    import torch.nn.functional as F
-
+    documented layers (VGG16 relu2_2 + relu3_3 + relu4_3, raw pools at the given size; FID
+    pool3)."""
     from gen_ad.metrics.inception import load_inception, random_inception_state_dict, to_uint8
     from gen_ad.weights.registry import installed_path
 
     with pytest.raises(WeightsNotFoundError, match="gen-ad weights install --only lpips-vgg16"):
         build_extractor("vgg16-imagenet")
     ref = build_extractor("vgg16-imagenet", random_init=True, seed=2)
-    save_safetensors(installed_path("lpips-vgg16"),
-                     {**ref.backbone.state_dict(), "lin0.model.1.weight": torch.rand(1, 64, 1, 1)})
+    full = {**ref.backbone.state_dict(), "lin0.model.1.weight": torch.rand(1, 64, 1, 1),
+            "features.24.weight": torch.rand(512, 512, 3, 3)}  # the file's conv5: ignored
+    save_safetensors(installed_path("lpips-vgg16"), full)
     ext = build_extractor("vgg16-imagenet")
-    assert ext.input_size == 224
-    ext.input_size = 64  # same layers, 12x cheaper for the test
+    assert ext.input_size == 224  # the default load size; the network takes any size >= 16
     x = torch.rand(2, 3, 40, 40) * 2 - 1
     h, pooled = ext.preprocess(x), []
-    assert h.shape == (2, 3, 64, 64)
+    assert h.shape == (2, 3, 40, 40)  # not resized: the patches' own resolution
     for i, layer in enumerate(ref.backbone.features):
         h = layer(h)
-        if i in (22, 29):
-            pooled.append(F.normalize(h.mean(dim=(2, 3)), dim=1))
+        if i in (8, 15, 22):
+            pooled.append(h.mean(dim=(2, 3)))
+    assert [p.shape[1] for p in pooled] == [128, 256, 512]
     torch.testing.assert_close(ext(x), torch.cat(pooled, 1))
-    assert ext(x).shape == (2, 1024)
+    assert ext(x).shape == (2, 896) and bool((ext(x) >= 0).all())  # raw ReLU pools
+    with pytest.raises(ValueError, match="at least 16 px"):
+        ext(torch.zeros(1, 3, 12, 12))
 
     save_safetensors(installed_path("fid-inception"), random_inception_state_dict(seed=4))
     inc = build_extractor("inception-fid")

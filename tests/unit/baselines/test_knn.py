@@ -193,6 +193,30 @@ def test_cli_fit_and_score(tmp_path, capsys) -> None:
                  "--out", str(out), "--workers", "0"]) == 2
 
 
+def test_bank_of_an_earlier_extractor_definition_is_refused(tmp_path, capsys) -> None:
+    """A bank whose extractor was defined differently (the first vgg16-imagenet: relu4_3 +
+    relu5_3, 1024-d) cannot be scored with today's vectors: a clear error, not wrong scores."""
+    from gen_ad.baselines.knn import extractor_from_info
+    from gen_ad.cli import main
+
+    info = {"name": "vgg16-imagenet", "arch": "gen_ad:vgg16-conv45", "dim": 1024,
+            "random_init": True}
+    with pytest.raises(ConfigError, match=r"as gen_ad:vgg16-conv45; .* gen_ad:vgg16-conv234: "
+                                          r"rebuild the bank with `gen-ad knn fit"):
+        extractor_from_info(info)
+    with pytest.raises(ConfigError, match="holds 1024-d vectors .* computes 896-d"):
+        extractor_from_info({**info, "arch": "gen_ad:vgg16-conv234"})
+    ext = extractor_from_info({**info, "arch": "gen_ad:vgg16-conv234", "dim": 896})
+    assert ext.dim == 896
+    bank = FeatureBank.create(tmp_path / "bank", 1024, info)
+    bank.append(np.zeros((4, 1024), np.float32))
+    data = tmp_path / "data" / "normal"
+    data.mkdir(parents=True)
+    assert main(["knn", "score", str(tmp_path / "bank"), "--data", str(data.parent), "--out",
+                 str(tmp_path / "out"), "--workers", "0", "--device", "cpu"]) == 2
+    assert "rebuild the bank" in capsys.readouterr().err
+
+
 def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
     rec = run_bench("knn.py")
     assert "hardware" in rec and rec["hardware"]["cpu"]
