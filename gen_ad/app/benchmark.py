@@ -171,7 +171,10 @@ class FIDConfig:
 
     Attributes:
         enabled: compute it at all.
-        n: generated samples per generator (real images: at most ``data.val_limit``).
+        n: generated samples per generator.
+        n_real: real images, the first ones (sorted) of ``data.val``'s normal classes; ``None``:
+            ``data.val_limit`` (the threshold set). Set it apart when thresholds use few
+            patches: FID is biased upwards by small sets, on both sides.
         kid: also compute KID (better for small sets).
         inception_weights: Inception-v3 weights file (default: torch hub cache).
         random_init_fallback: without Inception weights, report the Fréchet distance of a
@@ -181,6 +184,7 @@ class FIDConfig:
 
     enabled: bool = True
     n: int = 500
+    n_real: int | None = None
     kid: bool = True
     inception_weights: str | None = None
     random_init_fallback: bool = False
@@ -188,6 +192,8 @@ class FIDConfig:
 
     def validate(self, prefix: str) -> None:
         check(self.n >= 2, f"{prefix}.n", f"must be >= 2, got {self.n}")
+        check(self.n_real is None or self.n_real >= 2, f"{prefix}.n_real",
+              f"must be >= 2, got {self.n_real}")
         check(self.batch_size > 0, f"{prefix}.batch_size", "must be positive")
 
 
@@ -499,7 +505,8 @@ def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig,
 
         try:
             ref = real_stats(cfg.data.val, ext, batch_size=cfg.fid.batch_size,
-                             max_images=cfg.data.val_limit, size=pm.size,
+                             max_images=cfg.data.val_limit if cfg.fid.n_real is None
+                             else cfg.fid.n_real, size=pm.size,
                              classes=cfg.data.normal_classes)
             feats = fake_features(sample, ext, n=cfg.fid.n, batch_size=cfg.fid.batch_size,
                                   seed=cfg.seed, generator_device="cpu")

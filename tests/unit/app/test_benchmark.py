@@ -212,6 +212,18 @@ def test_fid_random_init_fallback_is_labelled(split: dict[str, Path], tmp_path: 
     assert "RANDOM-INIT" in rec["label"]
     cell = generator_cell(rec)
     assert "random-init Inception: not FID" in cell and "FID " not in cell.split("<br>")[0]
+    # the real set is sized on its own (fid.n_real), not by the threshold set (data.val_limit)
+    raw = _cfg(split, tmp_path, fid={"enabled": True, "n": 6, "n_real": 12,
+                                     "random_init_fallback": True})
+    raw["data"]["val_limit"] = 4
+    rec = generator_quality([pm], from_dict(BenchmarkConfig, raw), "cpu")["runX"]
+    assert rec["n_real"] == 12
+    del raw["fid"]["n_real"]
+    rec = generator_quality([pm], from_dict(BenchmarkConfig, raw), "cpu")["runX"]
+    assert rec["n_real"] == 4
+    raw["fid"]["n_real"] = 1
+    with pytest.raises(ConfigError, match="fid.n_real"):
+        from_dict(BenchmarkConfig, raw).validate()
 
 
 def test_render_report_rejects_missing_figure(tmp_path: Path) -> None:
