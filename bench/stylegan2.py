@@ -156,6 +156,8 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
     """Training images/s of NVlabs' stylegan2-ada-pytorch (checkout ``ref``), as its loop runs.
 
     Same timing window as :func:`train_speed` (steps ``1..steps`` after one warm-up step).
+    Mixed precision (``num_fp16_res = 4``) on CUDA only, as gen_ad: on CPU the reference would
+    run its float16 layers in float16 (slow CPU kernels), so there it is built as ``--fp32``.
     """
     import copy
 
@@ -170,11 +172,13 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
     base = model.get("channel_base", CHANNEL_BASE[preset])
     cmax, group = model.get("channel_max", 512), model.get("mbstd_group", 4)
     common = {"c_dim": 0, "img_resolution": res, "img_channels": 3}
+    fp16_res = 4 if dev.type == "cuda" else 0  # gen_ad's low-precision layers are CUDA-only
+    ops["num_fp16_res"] = fp16_res
     G = Generator(z_dim=model.get("z_dim", 512), w_dim=model.get("w_dim", 512), **common,
                   mapping_kwargs={"num_layers": model.get("mapping_layers", 8)},
                   synthesis_kwargs={"channel_base": base, "channel_max": cmax,
-                                    "num_fp16_res": 4, "conv_clamp": 256})
-    D = Discriminator(**common, channel_base=base, channel_max=cmax, num_fp16_res=4,
+                                    "num_fp16_res": fp16_res, "conv_clamp": 256})
+    D = Discriminator(**common, channel_base=base, channel_max=cmax, num_fp16_res=fp16_res,
                       conv_clamp=256, epilogue_kwargs={"mbstd_group_size": group})
     G, D = (m.train().requires_grad_(False).to(dev) for m in (G, D))
     G_ema = copy.deepcopy(G).eval()
