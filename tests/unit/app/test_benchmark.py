@@ -77,6 +77,19 @@ def _png_sources(html: str) -> list[str]:
     return re.findall(r"<img src='([^']*)'", html)
 
 
+@pytest.mark.parametrize("name", ["demo", "pcam64", "pcam64_cpu"])
+def test_shipped_benchmark_configs_load_and_validate(name: str) -> None:
+    """The configs the README tells users to run parse and validate (typos fail here, not
+    after an hour of training)."""
+    from gen_ad.app.benchmark import load_benchmark_config
+
+    root = Path(__file__).resolve().parents[3]
+    cfg = load_benchmark_config(root / "configs" / "benchmark" / f"{name}.yaml")
+    assert cfg.methods and len({m.name for m in cfg.methods}) == len(cfg.methods)
+    if name.startswith("pcam"):
+        assert any(m.knn is not None and m.knn.extractor == "vgg16-imagenet" for m in cfg.methods)
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     base = {"data": {"test": "t", "val": "v"}}
     with pytest.raises(ConfigError, match="methods"):
