@@ -11,11 +11,11 @@ Both expose ``forward_features(x) -> [B, D]`` on images already in ``[0,1]`` (th
   tumour patches, bank 1000 ``train/normal``, k in {1, 5, 20, 200}, 96 and 224 px) among single
   layers relu1_2..relu5_3 and their combinations, each raw, L2-normalised or bank-standardised.
   Per-layer L2 normalisation (this extractor's first version, relu4_3 + relu5_3) threw away the
-  activation magnitude, which carries most of the signal: it cost 0.10-0.20 AUROC for every layer
-  choice and left that version at chance (0.53 valid). Raw mid-level pools (relu2_2-relu4_3)
-  were best (valid 0.68 at 96 px, 0.67 at 224 px; test 0.71); relu1_2 alone scored higher still
-  but is a colour filter bank, i.e. the colour-only baseline again. 96 px equalled 224 px at a
-  fifth of the cost, hence native resolution.
+  activation magnitude, which carries most of the signal: it cost 0.06-0.22 AUROC for every
+  whole-patch average pool and left that version at chance (0.53 valid). Raw mid-level pools
+  (relu2_2-relu4_3) were best (valid 0.68 at 96 px, 0.67 at 224 px; test 0.71); relu1_2 alone
+  scored higher still but is a colour filter bank, i.e. the colour-only baseline again. 96 px
+  equalled 224 px at a fifth of the cost, hence native resolution.
 - :class:`InceptionPool3`: torch-fidelity's FID Inception (from ``fid-inception``), pool3 2048-d,
   on the same uint8 input path as FID (it resizes to 299 px itself).
 """
