@@ -53,19 +53,23 @@ def _sync(dev: torch.device) -> None:
 
 
 def train_speed(res: int, preset: str, batch: int, steps: int, model: dict[str, Any],
-                cpu: bool, width_div: int = 1) -> float:
+                cpu: bool, width_div: int = 1, compile_train: bool = False,
+                ) -> tuple[float, float]:
     """Training images/s of the full StyleGAN2 step (G, PL, D, R1, ADA) after one warm-up step.
 
     Timed steps ``1..steps``; with ``steps`` a multiple of 16 the window holds whole lazy-R1 and
     path-length periods, so the figure is the amortised rate a real run sees. ``width_div``
     divides the preset's channel_base (E 16384, F 32768), keeping F twice E's width.
+    ``compile_train``: ``speed.compile_train`` (the warm-up step compiles; not timed).
+    Returns (images/s, seconds of the warm-up step: with ``compile_train``, the compilation).
     """
     if width_div > 1:
         model = {"channel_base": CHANNEL_BASE[preset] // width_div, **model}
     cfg = from_dict(StyleGAN2Config, {
         "data": {"size": res}, "train": {"batch_size": batch, "cpu": cpu},
         "model": {"preset": preset, **model},
-        "loss": {"pl_interval": 4, "r1_interval": 16}, "augment": {"p": 0.2}})
+        "loss": {"pl_interval": 4, "r1_interval": 16}, "augment": {"p": 0.2},
+        "speed": {"compile_train": compile_train}})
     fam = StyleGAN2Family(cfg)
     acc = Accelerator(cpu=cpu)
     models = fam.build_models()
@@ -74,6 +78,7 @@ def train_speed(res: int, preset: str, batch: int, steps: int, model: dict[str, 
     models = {k: acc.prepare(m) for k, m in models.items()}
     opts = {k: acc.prepare(o) for k, o in opts.items()}
     batch_x = torch.rand(batch, 3, res, res, device=acc.device) * 2 - 1
+    t_first = time.perf_counter()
     t0 = 0.0
     for step in range(steps + 1):
         if step == 1:
@@ -83,7 +88,7 @@ def train_speed(res: int, preset: str, batch: int, steps: int, model: dict[str, 
         ctx = StepContext(acc, models, opts, {}, {}, step=step, kimg=0.0, generator=gen)
         fam.train_step(ctx, batch_x)
     _sync(acc.device)
-    return batch * steps / (time.perf_counter() - t0)
+    return batch * steps / (time.perf_counter() - t0), t0 - t_first
 
 
 def projection_speed(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
@@ -285,8 +290,11 @@ def reference_ops(ref: str, dev: torch.device) -> dict[str, Any]:
 
 
 def compare_reference(ref: str, cpu: bool, smoke: bool, steps_arg: int | None = None,
-                      ) -> dict[str, Any]:
-    """gen_ad vs the reference, images/s per (resolution, config, batch) and the ratio."""
+                      compile_train: bool = False) -> dict[str, Any]:
+    """gen_ad vs the reference, images/s per (resolution, config, batch) and the ratio.
+
+    With ``compile_train`` gen_ad is also timed with ``speed.compile_train`` (``*_compiled``
+    keys); the headline ratio is then the compiled one."""
     dev = torch.device("cpu" if cpu else "cuda")
     if smoke:
         grid, steps, model = [(16, "E", 4)], 1, {"channel_base": 64, "channel_max": 8,
@@ -304,16 +312,24 @@ def compare_reference(ref: str, cpu: bool, smoke: bool, steps_arg: int | None = 
             m["channel_base"] = CHANNEL_BASE[preset] // 8
         m["mbstd_group"] = min(4, batch)
         theirs, ops = reference_train_speed(ref, res, preset, batch, steps, m, dev)
-        ours = train_speed(res, preset, batch, steps, m, cpu)
-        rows.append({"res": res, "config": preset, "batch": batch, "steps": steps,
-                     "model": m, "gen_ad_img_per_s": ours, "reference_img_per_s": theirs,
-                     "ratio": ours / theirs, "reference_ops": ops})
-        print(f"{preset}{res} batch {batch}: gen_ad {ours:.3g} vs reference {theirs:.3g} "
-              f"images/s", file=sys.stderr, flush=True)
-    return {"rows": rows, "ours": {"img_per_s": rows[0]["gen_ad_img_per_s"]},
+        ours, _ = train_speed(res, preset, batch, steps, m, cpu)
+        row = {"res": res, "config": preset, "batch": batch, "steps": steps, "model": m,
+               "gen_ad_img_per_s": ours, "reference_img_per_s": theirs, "ratio": ours / theirs,
+               "reference_ops": ops}
+        if compile_train:
+            fast, first_s = train_speed(res, preset, batch, steps, m, cpu, compile_train=True)
+            row.update(gen_ad_compiled_img_per_s=fast, ratio_compiled=fast / theirs,
+                       compiled_first_step_s=first_s)
+        rows.append(row)
+        print(f"{preset}{res} batch {batch}: gen_ad {ours:.3g} "
+              + (f"(compiled {row['gen_ad_compiled_img_per_s']:.3g}) " if compile_train else "")
+              + f"vs reference {theirs:.3g} images/s", file=sys.stderr, flush=True)
+    key = "compiled_" if compile_train else ""
+    return {"rows": rows, "ours": {"img_per_s": rows[0][f"gen_ad_{key}img_per_s"],
+                                   "compile_train": compile_train},
             "peer": {"name": "NVlabs stylegan2-ada-pytorch",
                      "img_per_s": rows[0]["reference_img_per_s"]},
-            "ratio": rows[0]["ratio"]}
+            "ratio": rows[0][f"ratio{'_compiled' if compile_train else ''}"]}
 
 
 def main() -> None:
@@ -326,6 +342,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per setting of --reference (default 32 on GPU; a multiple "
                         "of 16 holds whole lazy-regularisation periods)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time gen_ad's training with speed.compile_train (torch.compile of "
+                        "the synthesis network and D; the warm-up step compiles, not timed)")
     p.add_argument("--build-ops", action="store_true",
                    help="with --reference: only build the reference's CUDA ops, print which")
     args = p.parse_args()
@@ -341,7 +360,7 @@ def main() -> None:
             raise SystemExit(f"bench/stylegan2.py: {args.reference} is not a stylegan2-ada-pytorch "
                              "checkout (no training/networks.py)")
         rec = compare_reference(str(Path(args.reference).resolve()), cpu, args.smoke,
-                                args.steps)
+                                args.steps, args.compile)
         print(json.dumps({"bench": "stylegan2_vs_reference", "smoke": args.smoke,
                           "device": str(dev), "gpu": torch.cuda.get_device_name(0)
                           if dev.type == "cuda" else None, "cpu": cpu_name(),
@@ -366,10 +385,15 @@ def main() -> None:
         model, width_div = {}, 1
         args.proj_res, args.proj_width, args.proj_batch = 256, 256, 32
         args.proj_steps, args.enc_steps, args.enc_chunk = 1000, 2000, 50
-    train = {}
+    train: dict[str, float] = {}
     for r, c in grid:
-        train[f"{c}{r}"] = train_speed(r, c, batch, steps, model, cpu, width_div)
-        print(f"train {c}{r}: {train[f'{c}{r}']:.3g} images/s", file=sys.stderr, flush=True)
+        modes = [False, True] if args.compile else [False]
+        for comp in modes:
+            key = f"{c}{r}" + ("_compiled" if comp else "")
+            train[key], first_s = train_speed(r, c, batch, steps, model, cpu, width_div, comp)
+            if comp:
+                train[f"{key}_first_step_s"] = first_s
+            print(f"train {key}: {train[key]:.3g} images/s", file=sys.stderr, flush=True)
     proj = projection_speed(args, dev)
     print(json.dumps({
         "bench": "stylegan2", "smoke": args.smoke, "device": str(dev),

@@ -115,9 +115,11 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
                                             "--reference", ref, "--build-ops"],
                           60 if smoke else 240, "build", {"reference": ref}, 0, 1))
         extra = ["--smoke", "--cpu"] if smoke else ["--steps", str(args.reference_steps)]
+        extra += ["--compile"] if args.reference_compile else []
+        limit = (120 if smoke else 200) + (240 if args.reference_compile else 0)
         steps.append(Step("bench/stylegan2.py --reference", [
             sys.executable, str(ROOT / "bench" / "stylegan2.py"), "--reference", ref, *extra],
-            120 if smoke else 200, "bench", {"reference": ref}, 1, 0))
+            limit, "bench", {"reference": ref, "compile": args.reference_compile}, 1, 0))
     patches = Path(args.patches) if args.patches else work / "synth"
     if not args.patches:
         n, size = (24, 32) if smoke else (2048, 64)
@@ -319,6 +321,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="a stylegan2-ada-pytorch checkout: StyleGAN2 speed against it")
     ap.add_argument("--reference-steps", type=int, default=16,
                     help="timed training steps per setting of the reference comparison")
+    ap.add_argument("--reference-compile", action="store_true",
+                    help="also time gen_ad with speed.compile_train in the reference comparison "
+                    "(adds the compilation, about 4 min, to its time box)")
     ap.add_argument("--train-minutes", type=float, default=1.0, help="per family")
     ap.add_argument("--work", default=None, help="scratch folder; each run writes a new "
                     "run-<UTC time>/ in it (default checkpoints/gpu-check)")

@@ -292,7 +292,9 @@ class SynthesisBlock(nn.Module):
         (float32)."""
         kw = {"noise_mode": noise_mode, "generator": generator, "fused": fused}
         if x is None:
-            x = einops.repeat(self.const.to(dtype), "c h w -> b c h w", b=ws.shape[0])
+            # [C,r,r] -> [B,C,r,r] (expand: einops would key its backend cache on the Parameter
+            # type, a guard that recompiles torch.compile'd graphs)
+            x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
         x = x.to(dtype)
         for i, layer in enumerate(self.layers()):
             x = layer(x, ws[:, i], noise=noises[i], **kw)

@@ -26,6 +26,7 @@ it initialises the ``stylegan2-enc`` scorer's projection.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -243,13 +244,30 @@ class StyleGAN2ScorerOptions:
 
 
 @dataclass
+class StyleGAN2SpeedConfig:
+    """How the training step runs (the losses and weights are the same either way).
+
+    Attributes:
+        compile_train: ``torch.compile`` the synthesis network and the discriminator for the main
+            phases (``Gmain``, ``Dmain``: most of a step's work). The lazy-regularisation phases
+            (path length, R1) differentiate twice, which compiled graphs do not support, so they
+            run eager on the same weights. Noise maps are drawn outside the compiled graph from
+            the step's generator in the eager order (same random stream, exact resume).
+            Single-process runs only: a multi-process (DDP) run trains eager and warns. Off by
+            default: the first steps pay the compilation (about 2 min on 2 CPU cores for 64 px).
+    """
+
+    compile_train: bool = False
+
+
+@dataclass
 class StyleGAN2Config:
     """Top-level config of the ``stylegan2`` family.
 
     Attributes:
         out: run folder. stage: ``gan`` or ``encoder``. gan_run: run folder of the gan stage
             (stage ``encoder``). data / train: shared sections. model / loss / augment / encoder:
-            family sections.
+            family sections. speed: how the step runs (:class:`StyleGAN2SpeedConfig`).
     """
 
     out: str = "checkpoints/stylegan2"
@@ -261,6 +279,7 @@ class StyleGAN2Config:
     loss: StyleGAN2LossConfig = field(default_factory=StyleGAN2LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    speed: StyleGAN2SpeedConfig = field(default_factory=StyleGAN2SpeedConfig)
 
     def validate(self, prefix: str) -> None:
         size = self.data.size
@@ -310,6 +329,7 @@ class StyleGAN2Family(Family):
         self.ada = AdaptiveAugment(target=a.target, interval=a.interval,
                                    speed_kimg=a.speed_kimg, p=a.p, spec=a.spec())
         self.pl_mean = torch.zeros([])
+        self._compiled: dict[str, nn.Module] | None = None  # built at the first compiled step
 
     # ------------------------------------------------------------------------- building
 
@@ -394,6 +414,37 @@ class StyleGAN2Family(Family):
         mix = ctx.host_rng.random() < self.cfg.loss.style_mixing
         return {"z": z, "mix_z": z2, "mix_cutoff": cut if mix else None}
 
+    def _fast(self, ctx: StepContext) -> dict[str, nn.Module]:
+        """Compiled views (same weights) of the unwrapped ``G.synthesis`` (``"synthesis"``) and
+        ``D`` (``"D"``) when ``speed.compile_train`` holds in a single-process run; else ``{}``."""
+        if not self.cfg.speed.compile_train:
+            return {}
+        if self._compiled is None:
+            if ctx.accelerator.num_processes > 1:
+                warnings.warn("speed.compile_train is ignored in multi-process (DDP) runs: "
+                              "training eager", stacklevel=2)
+                self._compiled = {}
+            else:
+                Gu, Du = unwrap_model(ctx.models["G"]), unwrap_model(ctx.models["D"])
+                self._compiled = {"synthesis": torch.compile(Gu.synthesis),
+                                  "D": torch.compile(Du)}
+        return self._compiled
+
+    def _generate(self, ctx: StepContext, G: nn.Module, n: int) -> torch.Tensor:
+        """``[n,3,R,R]`` images of ``G`` for fresh latents (style mixing; noise from the step's
+        generator), through the compiled synthesis when there is one.
+
+        The compiled path draws the noise maps before the synthesis, in the order and shapes the
+        eager synthesis draws them, so both consume the same random stream."""
+        Gu = unwrap_model(G)
+        latents = self._latents(ctx, n, Gu.num_ws)
+        synthesis = self._fast(ctx).get("synthesis")
+        if synthesis is None:
+            return G(**latents, generator=ctx.generator)
+        ws = Gu.mapping_ws(**latents).contiguous()  # one layout with or without style mixing
+        noise = [ctx.randn(n, 1, r, r) for r in Gu.synthesis.noise_resolutions()]
+        return synthesis(ws, noise=noise)
+
     def _aug(self, ctx: StepContext) -> Any:
         return lambda x: self.ada(x, ctx.generator)
 
@@ -423,11 +474,11 @@ class StyleGAN2Family(Family):
 
     def generator_main(self, ctx: StepContext, batch: torch.Tensor) -> None:
         """``Gmain``: one Adam step of G on ``softplus(-D(aug(G(z))))``; logs ``loss_g``."""
-        G, Du = ctx.models["G"], unwrap_model(ctx.models["D"])
-        num_ws = unwrap_model(G).num_ws
+        G = ctx.models["G"]
+        Du = self._fast(ctx).get("D", unwrap_model(ctx.models["D"]))
 
         def loss_fn(chunk: torch.Tensor) -> tuple[torch.Tensor, Logs]:
-            img = G(**self._latents(ctx, chunk.shape[0], num_ws), generator=ctx.generator)
+            img = self._generate(ctx, G, chunk.shape[0])
             loss = F.softplus(-Du(self.ada(img, ctx.generator)).float()).mean()
             return loss, {"loss_g": loss}
 
@@ -460,13 +511,14 @@ class StyleGAN2Family(Family):
 
         Logs ``loss_d``, ``d_real``, ``d_fake``."""
         Gu, D = unwrap_model(ctx.models["G"]), ctx.models["D"]
+        D_fwd = self._fast(ctx).get("D", D)
         signs = [torch.zeros([], device=ctx.device)]
 
         def loss_fn(real: torch.Tensor) -> tuple[torch.Tensor, Logs]:
             with torch.no_grad():
-                fake = Gu(**self._latents(ctx, real.shape[0], Gu.num_ws), generator=ctx.generator)
-            lf = D(self.ada(fake.to(real.dtype), ctx.generator)).float()
-            lr = D(self.ada(real, ctx.generator)).float()
+                fake = self._generate(ctx, Gu, real.shape[0])
+            lf = D_fwd(self.ada(fake.to(real.dtype), ctx.generator)).float()
+            lr = D_fwd(self.ada(real, ctx.generator)).float()
             loss = F.softplus(lf).mean() + F.softplus(-lr).mean()
             signs[0] = signs[0] + lr.detach().sign().sum()
             return loss, {"loss_d": loss, "d_real": lr.mean(), "d_fake": lf.mean()}

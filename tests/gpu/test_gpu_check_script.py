@@ -65,7 +65,11 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
     steps = {s["name"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
     assert steps["reference-ops"]["phase"] == 0 and steps["reference-ops"]["lane"] == 1
     ref = steps["bench/stylegan2.py --reference"]
-    assert ref["phase"] == 1 and "--steps" in ref["cmd"]
+    assert ref["phase"] == 1 and "--steps" in ref["cmd"] and "--compile" not in ref["cmd"]
+    gc.main(["--dry-run", "--reference", str(tmp_path / "ref"), "--reference-compile",
+             "--only", "bench/stylegan2.py --reference"])
+    (compiled,) = json.loads(capsys.readouterr().out)["steps"]
+    assert "--compile" in compiled["cmd"] and compiled["limit_s"] == ref["limit_s"] + 240
 
 
 def test_lanes_of_a_phase_run_at_the_same_time(tmp_path: Path) -> None:
