@@ -169,15 +169,22 @@ def test_compile_train_is_ignored_with_a_warning_under_ddp(tmp_path: Path) -> No
 
 
 @pytest.mark.slow  # inductor compiles C++ kernels on CPU: about 1.5 min on 2 cores even this tiny
-def test_compiled_training_equals_eager(tmp_path: Path) -> None:
+def test_compiled_training_equals_eager_and_resumes_exactly(tmp_path: Path) -> None:
     """The real ``torch.compile``: 3 steps (G, path length, D, R1, ADA) give the eager weights to
-    float32 rounding. Tolerance: the compiled kernels fuse and reorder float32 sums (measured
-    max abs difference 2.4e-7 after 3 steps, weights up to ~240)."""
+    float32 rounding (tolerance: the compiled kernels fuse and reorder float32 sums; measured max
+    abs difference 2.4e-7 after 3 steps, weights up to ~240), and a compiled run stopped after
+    2 steps and resumed equals the uninterrupted compiled run bitwise."""
     eager = _train(tmp_path / "eager", 3)
-    fam = StyleGAN2Family(_cfg(tmp_path / "compiled", 3, speed={"compile_train": True}))
+    speed = {"speed": {"compile_train": True}}
+    fam = StyleGAN2Family(_cfg(tmp_path / "compiled", 3, **speed))
     run = run_training(fam)
     assert fam._compiled is not None and set(fam._compiled) == {"synthesis", "D"}
     a, b = _weights(eager), _weights(run)
     for name in a:
         for k in a[name]:
             torch.testing.assert_close(b[name][k], a[name][k], rtol=1e-5, atol=1e-5)
+    run_training(StyleGAN2Family(_cfg(tmp_path / "half", 2, **speed)))
+    half = run_training(StyleGAN2Family(_cfg(tmp_path / "half", 3, **speed)), resume="latest")
+    c = _weights(half)
+    for name in b:
+        assert all(torch.equal(b[name][k], c[name][k]) for k in b[name]), name
