@@ -332,7 +332,7 @@ def compare_reference(ref: str, cpu: bool, smoke: bool, steps_arg: int | None = 
             "ratio": rows[0][f"ratio{'_compiled' if compile_train else ''}"]}
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--cpu", action="store_true")
@@ -347,7 +347,26 @@ def main() -> None:
                         "the synthesis network and D; the warm-up step compiles, not timed)")
     p.add_argument("--build-ops", action="store_true",
                    help="with --reference: only build the reference's CUDA ops, print which")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def train_grid(grid: list[tuple[int, str]], batch: int, steps: int, model: dict[str, Any],
+               cpu: bool, width_div: int, compile_train: bool) -> dict[str, float]:
+    """images/s per ``{config}{res}`` (eager; with ``compile_train`` also ``*_compiled`` and the
+    compiled warm-up step's seconds)."""
+    train: dict[str, float] = {}
+    for r, c in grid:
+        for comp in [False, True] if compile_train else [False]:
+            key = f"{c}{r}" + ("_compiled" if comp else "")
+            train[key], first_s = train_speed(r, c, batch, steps, model, cpu, width_div, comp)
+            if comp:
+                train[f"{key}_first_step_s"] = first_s
+            print(f"train {key}: {train[key]:.3g} images/s", file=sys.stderr, flush=True)
+    return train
+
+
+def main() -> None:
+    args = _parse_args()
     if args.build_ops:
         if args.reference is None:
             raise SystemExit("bench/stylegan2.py: --build-ops needs --reference DIR")
@@ -385,15 +404,7 @@ def main() -> None:
         model, width_div = {}, 1
         args.proj_res, args.proj_width, args.proj_batch = 256, 256, 32
         args.proj_steps, args.enc_steps, args.enc_chunk = 1000, 2000, 50
-    train: dict[str, float] = {}
-    for r, c in grid:
-        modes = [False, True] if args.compile else [False]
-        for comp in modes:
-            key = f"{c}{r}" + ("_compiled" if comp else "")
-            train[key], first_s = train_speed(r, c, batch, steps, model, cpu, width_div, comp)
-            if comp:
-                train[f"{key}_first_step_s"] = first_s
-            print(f"train {key}: {train[key]:.3g} images/s", file=sys.stderr, flush=True)
+    train = train_grid(grid, batch, steps, model, cpu, width_div, args.compile)
     proj = projection_speed(args, dev)
     print(json.dumps({
         "bench": "stylegan2", "smoke": args.smoke, "device": str(dev),
