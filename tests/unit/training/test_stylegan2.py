@@ -133,6 +133,13 @@ def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> Non
     assert rec["projection"]["plain_ms_per_image"] > 0
 
 
+@pytest.mark.slow  # compiles the tiny nets (about 1.5 min on 2 CPU cores)
+def test_bench_compile_times_both_modes(run_bench: Callable[..., dict]) -> None:
+    rec = run_bench("stylegan2.py", "--smoke", "--compile", one_line=False)
+    t = rec["train_img_per_s"]
+    assert t["E16"] > 0 and t["E16_compiled"] > 0 and t["E16_compiled_first_step_s"] > 0
+
+
 def _weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {n: load_safetensors(run / "model" / f"{n}.safetensors") for n in ("G", "D", "G_ema")}
 
