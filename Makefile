@@ -34,8 +34,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
-# On a CUDA machine (about 9 min, in phases): the GPU-figure benches alone, the test suite beside a
-# 1-min training per family, the other bench/*.py -> bench/results/<gpu>.jsonl. Torch preinstalled, no registry: `make gpu-check PY=python3` (no
+# On a CUDA machine (at most 8 min, in phases): the GPU-figure benches alone, the test suite beside
+# a 1-min training per family, the other bench/*.py -> bench/results/<gpu>.jsonl. Torch preinstalled, no registry: `make gpu-check PY=python3` (no
 # venv; the checkout runs from PYTHONPATH). GPU_CHECK_ARGS="--patches DIR" trains on your patches.
 gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)

@@ -26,7 +26,9 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     gc = _module()
     assert gc.main(["--dry-run", "--work", str(tmp_path)]) == 0
-    steps = json.loads(capsys.readouterr().out)["steps"]
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["budget_s"] == 480  # issue 13: at most 8 minutes on one recent GPU
+    steps = dry["steps"]
     names = [s["name"] for s in steps]
     benches = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
     # every bench script runs (one not yet tuned for the check in its smoke mode), each family
@@ -42,6 +44,10 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
     lanes = {by[n]["lane"] for n in ("tests", "train/wgan", "train/stylegan2", "train/ddpm")}
     assert len(lanes) == 4
     assert by["bench/wgan.py"]["phase"] > by["tests"]["phase"]
+    # the CPU-only benches run beside the last GPU benches, not beside the suite
+    for cpu_bench in ("bench/faults.py", "bench/memory.py"):
+        assert by[cpu_bench]["phase"] == by["bench/wgan.py"]["phase"]
+        assert by[cpu_bench]["lane"] != by["bench/wgan.py"]["lane"]
     assert "not slow and not network" in by["tests"]["cmd"] and "tests" in by["tests"]["cmd"]
     for s in steps:
         if s["name"].startswith("train/"):
@@ -66,6 +72,8 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
     assert steps["reference-ops"]["phase"] == 0 and steps["reference-ops"]["lane"] == 1
     ref = steps["bench/stylegan2.py --reference"]
     assert ref["phase"] == 1 and "--steps" in ref["cmd"] and "--compile" not in ref["cmd"]
+    gc.main(["--dry-run", "--reference", str(tmp_path / "ref")])
+    assert json.loads(capsys.readouterr().out)["budget_s"] == 480 + ref["limit_s"]
     gc.main(["--dry-run", "--reference", str(tmp_path / "ref"), "--reference-compile",
              "--only", "bench/stylegan2.py --reference"])
     (compiled,) = json.loads(capsys.readouterr().out)["steps"]
