@@ -109,8 +109,8 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
        reference's CUDA ops when ``--reference`` is given;
     1. ``bench/stylegan2.py --reference`` alone (with ``--reference``);
     2. the synthetic patch folder (without ``--patches``);
-    3. the test suite beside a one-minute training of every family (one lane each) and the
-       the lanes share the machine, so their speeds are not figures;
+    3. the test suite beside a one-minute training of every family (one lane each): the lanes
+       share the machine, so their speeds are not figures;
     4. the remaining benches, one after another, beside the CPU-only benches.
     """
     smoke, ref = args.cpu_smoke, args.reference
