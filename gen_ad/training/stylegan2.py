@@ -254,7 +254,7 @@ class StyleGAN2SpeedConfig:
             run eager on the same weights. Noise maps are drawn outside the compiled graph from
             the step's generator in the eager order (same random stream, exact resume).
             Single-process runs only: a multi-process (DDP) run trains eager and warns. Off by
-            default: the first steps pay the compilation (about 2 min on 2 CPU cores for 64 px).
+            default: the first step pays the compilation (75 s on 2 CPU cores for 64 px config F).
     """
 
     compile_train: bool = False
