@@ -324,12 +324,13 @@ def compare_reference(ref: str, cpu: bool, smoke: bool, steps_arg: int | None = 
         print(f"{preset}{res} batch {batch}: gen_ad {ours:.3g} "
               + (f"(compiled {row['gen_ad_compiled_img_per_s']:.3g}) " if compile_train else "")
               + f"vs reference {theirs:.3g} images/s", file=sys.stderr, flush=True)
-    key = "compiled_" if compile_train else ""
-    return {"rows": rows, "ours": {"img_per_s": rows[0][f"gen_ad_{key}img_per_s"],
-                                   "compile_train": compile_train},
+    head = rows[0]
+    ours, ratio = ((head["gen_ad_compiled_img_per_s"], head["ratio_compiled"]) if compile_train
+                   else (head["gen_ad_img_per_s"], head["ratio"]))
+    return {"rows": rows, "ours": {"img_per_s": ours, "compile_train": compile_train},
             "peer": {"name": "NVlabs stylegan2-ada-pytorch",
-                     "img_per_s": rows[0]["reference_img_per_s"]},
-            "ratio": rows[0][f"ratio{'_compiled' if compile_train else ''}"]}
+                     "img_per_s": head["reference_img_per_s"]},
+            "ratio": ratio}
 
 
 def _parse_args() -> argparse.Namespace:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from gen_ad.baselines.extractors import FeatureExtractor, build_extractor
-from gen_ad.baselines.knn import KNNScorer
+from gen_ad.baselines.knn import KNNScorer, embed_batches
 from gen_ad.data.folders import load_image
 from gen_ad.errors import GenAdError
 from gen_ad.metrics.detection import bootstrap_metrics
@@ -92,10 +92,9 @@ def parse_extractor(text: str) -> FeatureExtractor:
     return build_extractor(name)
 
 
-@torch.no_grad()
 def embed(ext: FeatureExtractor, x: torch.Tensor, batch: int = 50) -> np.ndarray:
-    """``[N,3,H,W]`` -> ``[N,D]`` float32 features."""
-    return np.concatenate([ext(x[i:i + batch]).float().numpy() for i in range(0, len(x), batch)])
+    """``[N,3,H,W]`` -> ``[N,D]`` float32 features (the KNN baseline's own embedding loop)."""
+    return np.concatenate([f for f, _, _ in embed_batches(ext, x.split(batch))])
 
 
 def run_one(ext: FeatureExtractor, bank: torch.Tensor, test: torch.Tensor, labels: np.ndarray,

@@ -328,6 +328,13 @@ class SynthesisNetwork(nn.Module):
         """Resolution of every noise input, in layer order."""
         return [layer.resolution for b in self.blocks for layer in b.layers()]
 
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """Fresh standard-normal ``[batch,1,r,r]`` maps for every noise layer, in layer order
+        (``noise_mode="random"``; callers that run the synthesis compiled draw them with this)."""
+        return [torch.randn(batch, 1, r, r, generator=generator, device=device)
+                for r in self.noise_resolutions()]
+
     def forward(self, ws: torch.Tensor, *, noise: Sequence[torch.Tensor] | None = None,
                 noise_mode: NoiseMode = "random", generator: torch.Generator | None = None,
                 fused: bool | None = None, force_fp32: bool = False) -> torch.Tensor:
@@ -339,6 +346,8 @@ class SynthesisNetwork(nn.Module):
         n_noise = len(self.noise_resolutions())
         if noise is not None and len(noise) != n_noise:
             raise ValueError(f"expected {n_noise} noise maps, got {len(noise)}")
+        if noise is None and noise_mode == "random":
+            noise = self.draw_noise(ws.shape[0], generator, ws.device)
         noises = list(noise) if noise is not None else [None] * n_noise
         ws = ws.float()
         x = img = None

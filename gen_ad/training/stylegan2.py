@@ -434,16 +434,15 @@ class StyleGAN2Family(Family):
         """``[n,3,R,R]`` images of ``G`` for fresh latents (style mixing; noise from the step's
         generator), through the compiled synthesis when there is one.
 
-        The compiled path draws the noise maps before the synthesis, in the order and shapes the
-        eager synthesis draws them, so both consume the same random stream."""
+        Both paths draw the noise maps with ``synthesis.draw_noise`` from the step's generator
+        (the compiled graph cannot take a generator), so they consume the same random stream."""
         Gu = unwrap_model(G)
         latents = self._latents(ctx, n, Gu.num_ws)
         synthesis = self._fast(ctx).get("synthesis")
         if synthesis is None:
             return G(**latents, generator=ctx.generator)
         ws = Gu.mapping_ws(**latents).contiguous()  # one layout with or without style mixing
-        noise = [ctx.randn(n, 1, r, r) for r in Gu.synthesis.noise_resolutions()]
-        return synthesis(ws, noise=noise)
+        return synthesis(ws, noise=Gu.synthesis.draw_noise(n, ctx.generator, ctx.device))
 
     def _aug(self, ctx: StepContext) -> Any:
         return lambda x: self.ada(x, ctx.generator)
