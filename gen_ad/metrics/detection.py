@@ -1,4 +1,7 @@
-"""Detection metrics: AUROC, AUPR with bootstrap CIs, per-class and pixel-level metrics, Dice.
+"""Image-level detection metrics: AUROC, AUPR with bootstrap CIs, per-class, at a threshold.
+
+The pixel-level metrics (pooled AUROC/AUPR, AUPRO, Dice) live in
+:mod:`gen_ad.metrics.localisation` and are re-exported here; :func:`evaluate_scores` gathers both.
 
 All metrics come from one computation: the scores are sorted once (descending), tied scores form
 groups, and the cumulative true/false positive counts at the end of each group give the ROC and
@@ -22,10 +25,21 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from gen_ad.errors import DataError
+from gen_ad.metrics.curves import (
+    check_binary,
+    curve_metrics,
+    json_safe,
+    percentile_interval,
+    sorted_groups,
+    to_numpy,
+)
+from gen_ad.metrics.localisation import dice, pixel_metrics
 from gen_ad.scoring.thresholds import Threshold
+
+__all__ = ["MetricCI", "auroc", "average_precision", "bootstrap_metrics", "dice",
+           "evaluate_scores", "per_class_auroc", "pixel_metrics", "threshold_metrics"]
 
 _CHUNK_ELEMS = 4_000_000  # bootstrap works on [chunk, N] count matrices of at most this many cells
 
@@ -50,78 +64,7 @@ class MetricCI:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (non-finite floats become ``None``)."""
-        return _json_safe(asdict(self))
-
-
-def _json_safe(obj: Any) -> Any:
-    """Recursively replace NaN/inf floats by ``None`` and numpy scalars by Python ones."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj
-
-
-def _to_numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
-def _check_binary(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Flatten and validate ``scores`` (finite floats) and ``labels`` (0/1, both present)."""
-    s = _to_numpy(scores).reshape(-1)
-    y_raw = _to_numpy(labels).reshape(-1)
-    if s.shape != y_raw.shape:
-        raise DataError(f"scores and labels differ in length: {s.size} vs {y_raw.size}")
-    if not np.all(np.isfinite(s)):
-        raise DataError(f"{int((~np.isfinite(s)).sum())} scores are NaN or infinite")
-    if not np.all((y_raw == 0) | (y_raw == 1)):
-        raise DataError("labels must be 0 (normal) or 1 (anomalous)")
-    y = y_raw.astype(bool)
-    if y.all() or not y.any():
-        raise DataError(f"AUROC/AUPR need both classes; got {int(y.sum())} anomalous and "
-                        f"{int((~y).sum())} normal")
-    return s, y
-
-
-def _sorted_groups(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort descending; return (order, group end indices, label sorted)."""
-    order = np.argsort(-s, kind="mergesort")
-    ss = s[order]
-    ends = np.flatnonzero(np.diff(ss) != 0)
-    ends = np.append(ends, ss.size - 1)
-    return order, ends, y[order]
-
-
-def _curve_metrics(tps: np.ndarray, fps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """AUROC and AP from cumulative counts at group ends.
-
-    Args:
-        tps, fps: ``[B, G]`` cumulative true/false positives at each distinct threshold.
-    Returns:
-        ``(auroc [B], ap [B])``; ``NaN`` where a row lacks a class.
-    """
-    tps = tps.astype(np.float64)
-    fps = fps.astype(np.float64)
-    p, n = tps[:, -1], fps[:, -1]
-    tp_prev = np.concatenate([np.zeros_like(tps[:, :1]), tps[:, :-1]], axis=1)
-    dfp = np.diff(fps, axis=1, prepend=0.0)
-    dtp = tps - tp_prev
-    with np.errstate(divide="ignore", invalid="ignore"):
-        area = (dfp * (tp_prev + tps)).sum(axis=1) / 2.0
-        auroc = area / (p * n)
-        prec = np.where(tps + fps > 0, tps / np.maximum(tps + fps, 1.0), 0.0)
-        ap = (dtp * prec).sum(axis=1) / p
-    bad = (p == 0) | (n == 0)
-    auroc[bad] = np.nan
-    ap[bad] = np.nan
-    return auroc, ap
+        return json_safe(asdict(self))
 
 
 def auroc(scores: Any, labels: Any) -> float:
@@ -131,21 +74,21 @@ def auroc(scores: Any, labels: Any) -> float:
         scores: ``[N]`` higher = more anomalous.
         labels: ``[N]`` 0 normal / 1 anomalous; both classes must be present.
     """
-    s, y = _check_binary(scores, labels)
+    s, y = check_binary(scores, labels)
     return float(_point(s, y)[0])
 
 
 def average_precision(scores: Any, labels: Any) -> float:
     """Average precision, the AUPR (equals ``sklearn.metrics.average_precision_score``)."""
-    s, y = _check_binary(scores, labels)
+    s, y = check_binary(scores, labels)
     return float(_point(s, y)[1])
 
 
 def _point(s: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    order, ends, ys = _sorted_groups(s, y)
+    order, ends, ys = sorted_groups(s, y)
     tps = np.cumsum(ys, dtype=np.int64)[ends][None]
     fps = np.cumsum(~ys, dtype=np.int64)[ends][None]
-    a, ap = _curve_metrics(tps, fps)
+    a, ap = curve_metrics(tps, fps)
     return float(a[0]), float(ap[0])
 
 
@@ -177,11 +120,11 @@ def bootstrap_metrics(scores: Any, labels: Any, n_boot: int = 2000, seed: int = 
     Returns:
         ``{"auroc": MetricCI, "aupr": MetricCI}``.
     """
-    s, y = _check_binary(scores, labels)
+    s, y = check_binary(scores, labels)
     a0, ap0 = _point(s, y)
     if n_boot <= 0:
         return {"auroc": MetricCI(a0), "aupr": MetricCI(ap0)}
-    order, ends, ys = _sorted_groups(s, y)
+    order, ends, ys = sorted_groups(s, y)
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, _CHUNK_ELEMS // max(s.size, 1)))
     aurocs, aps = [], []
@@ -189,16 +132,14 @@ def bootstrap_metrics(scores: Any, labels: Any, n_boot: int = 2000, seed: int = 
         counts = _resample_counts(rng, ys, min(chunk, n_boot - start), stratified)
         tps = np.cumsum(counts * ys, axis=1, dtype=np.int32)[:, ends]
         fps = np.cumsum(counts, axis=1, dtype=np.int32)[:, ends] - tps
-        a, ap = _curve_metrics(tps, fps)
+        a, ap = curve_metrics(tps, fps)
         aurocs.append(a)
         aps.append(ap)
-    q = [50.0 * (1.0 - ci), 100.0 - 50.0 * (1.0 - ci)]
     out = {}
-    for name, val, arr in (("auroc", a0, np.concatenate(aurocs)), ("aupr", ap0,
-                                                                    np.concatenate(aps))):
-        ok = arr[np.isfinite(arr)]
-        lo, hi = np.percentile(ok, q) if ok.size else (math.nan, math.nan)
-        out[name] = MetricCI(val, float(lo), float(hi), n_boot=n_boot, n_valid=int(ok.size))
+    for name, val, arr in (("auroc", a0, np.concatenate(aurocs)),
+                           ("aupr", ap0, np.concatenate(aps))):
+        lo, hi, n_valid = percentile_interval(arr, ci)
+        out[name] = MetricCI(val, lo, hi, n_boot=n_boot, n_valid=n_valid)
     return out
 
 
@@ -214,7 +155,7 @@ def per_class_auroc(scores: Any, labels: Any, classes: Sequence[Any], n_boot: in
     Returns:
         ``{class: {"n": count, "auroc": {...}, "aupr": {...}}}`` in sorted class order.
     """
-    s, y = _check_binary(scores, labels)
+    s, y = check_binary(scores, labels)
     cls = np.asarray([str(c) for c in classes])
     if cls.size != s.size:
         raise DataError(f"classes and scores differ in length: {cls.size} vs {s.size}")
@@ -238,8 +179,8 @@ def threshold_metrics(scores: Any, labels: Any, threshold: float | Threshold) ->
         balanced_accuracy, accuracy``.
     """
     t = threshold.value if isinstance(threshold, Threshold) else float(threshold)
-    s = _to_numpy(scores).reshape(-1)
-    y = _to_numpy(labels).reshape(-1).astype(bool)
+    s = to_numpy(scores).reshape(-1)
+    y = to_numpy(labels).reshape(-1).astype(bool)
     pred = s > t
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
@@ -249,61 +190,10 @@ def threshold_metrics(scores: Any, labels: Any, threshold: float | Threshold) ->
 
     sens, spec, prec = ratio(tp, tp + fn), ratio(tn, tn + fp), ratio(tp, tp + fp)
     f1 = ratio(2 * tp, 2 * tp + fp + fn)
-    return _json_safe({
+    return json_safe({
         "threshold": t, "tp": tp, "fp": fp, "tn": tn, "fn": fn, "sensitivity": sens,
         "specificity": spec, "precision": prec, "f1": f1,
         "balanced_accuracy": (sens + spec) / 2.0, "accuracy": ratio(tp + tn, s.size)})
-
-
-def dice(pred: Any, target: Any) -> float:
-    """Pooled Dice ``2|A∩B| / (|A|+|B|)`` of two equal-shape boolean masks (1 if both empty)."""
-    p = _to_numpy(pred, bool)
-    t = _to_numpy(target, bool)
-    if p.shape != t.shape:
-        raise DataError(f"mask shapes differ: {p.shape} vs {t.shape}")
-    denom = int(p.sum()) + int(t.sum())
-    return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
-
-
-def pixel_metrics(maps: Any, masks: Any, map_threshold: float | None = None) -> dict[str, Any]:
-    """Pixel-level AUROC, AUPR and Dice over all pixels of all images, pooled.
-
-    Best Dice ("DICE at the best threshold", as commonly reported) scans every distinct map value
-    ``v`` with prediction ``map >= v`` on the pooled pixels and keeps the maximum; it uses the
-    labels, so it is an upper bound, not a deployable operating point. With ``map_threshold`` the
-    pooled Dice of ``map > map_threshold`` is reported too.
-
-    Args:
-        maps: ``[B,H,W]`` anomaly maps (>= 0).
-        masks: ``[B,H,W]`` ground-truth masks (bool or 0/1).
-        map_threshold: optional fixed threshold on map values.
-    Returns:
-        dict ``auroc, aupr, best_dice, best_dice_threshold, n_pixels, n_anomalous_pixels`` and
-        ``dice`` when ``map_threshold`` is given (``None`` entries where undefined).
-    """
-    m = _to_numpy(maps)
-    g = _to_numpy(masks)
-    if m.shape != g.shape or m.ndim != 3:
-        raise DataError(f"maps and masks must both be [B,H,W] of equal shape, got {m.shape} "
-                        f"and {g.shape}")
-    s, y = m.reshape(-1), g.reshape(-1) > 0.5
-    out: dict[str, Any] = {"n_pixels": int(s.size), "n_anomalous_pixels": int(y.sum())}
-    if y.any() and not y.all():
-        s, y = _check_binary(s, y)
-        order, ends, ys = _sorted_groups(s, y)
-        tps = np.cumsum(ys, dtype=np.int64)[ends]
-        fps = np.cumsum(~ys, dtype=np.int64)[ends]
-        a, ap = _curve_metrics(tps[None], fps[None])
-        d = 2.0 * tps / (tps + fps + tps[-1])
-        best = int(np.argmax(d))
-        out.update(auroc=float(a[0]), aupr=float(ap[0]), best_dice=float(d[best]),
-                   best_dice_threshold=float(s[order][ends[best]]))
-    else:
-        out.update(auroc=None, aupr=None, best_dice=None, best_dice_threshold=None)
-    if map_threshold is not None:
-        out["dice"] = dice(m > float(map_threshold), g > 0.5)
-        out["map_threshold"] = float(map_threshold)
-    return _json_safe(out)
 
 
 def evaluate_scores(scores: Any, labels: Any, classes: Sequence[Any] | None = None,
@@ -317,14 +207,15 @@ def evaluate_scores(scores: Any, labels: Any, classes: Sequence[Any] | None = No
         labels: ``[N]`` 0 normal / 1 anomalous.
         classes: optional ``[N]`` anomaly sub-class names (per-class AUROC vs all normals).
         threshold: optional saved label-free threshold (value or :class:`Threshold`).
-        maps, masks: optional ``[N,H,W]`` anomaly maps and ground-truth masks (pixel metrics).
+        maps, masks: optional ``[N,H,W]`` anomaly maps and ground-truth masks (pixel metrics,
+            AUPRO included; their CIs resample images: :mod:`gen_ad.metrics.localisation`).
         map_threshold: optional threshold on map values for a fixed-threshold Dice.
         n_boot, seed, ci: stratified percentile bootstrap settings.
     Returns:
         ``{"n", "n_normal", "n_anomalous", "auroc", "aupr", "bootstrap"}`` plus ``per_class``,
         ``at_threshold`` and ``pixel`` when the corresponding inputs are given.
     """
-    s, y = _check_binary(scores, labels)
+    s, y = check_binary(scores, labels)
     m = bootstrap_metrics(s, y, n_boot=n_boot, seed=seed, ci=ci)
     out: dict[str, Any] = {
         "n": int(s.size), "n_normal": int((~y).sum()), "n_anomalous": int(y.sum()),
@@ -339,5 +230,6 @@ def evaluate_scores(scores: Any, labels: Any, classes: Sequence[Any] | None = No
     if (maps is None) != (masks is None):
         raise DataError("pixel metrics need both maps and masks")
     if maps is not None:
-        out["pixel"] = pixel_metrics(maps, masks, map_threshold=map_threshold)
-    return _json_safe(out)
+        out["pixel"] = pixel_metrics(maps, masks, map_threshold=map_threshold,
+                                     n_boot=n_boot, seed=seed, ci=ci)
+    return json_safe(out)

@@ -72,6 +72,19 @@ def _ci(m: dict[str, Any] | None) -> str:
     return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
+def pixel_cell(pixel: dict[str, Any] | None) -> str:
+    """Pixel AUROC and AUPRO with their image-level CIs (or why there are none), escaped HTML."""
+    if not pixel or pixel.get("auroc") is None:
+        return "– (no anomalous pixels)" if pixel else "– (no masks)"
+    ci = pixel.get("ci") or {}
+    lines = []
+    for key, name in (("auroc", "AUROC"), ("aupro", f"AUPRO@{pixel.get('aupro_fpr_limit')}")):
+        low, high = ci.get(key) or (None, None)
+        lines.append(f"{_e(name)} " + _ci({"value": pixel.get(key), "low": low, "high": high}))
+    regions = f"<span class='note'>{_e(pixel.get('n_regions'))} regions</span>"
+    return "<br>".join([*lines, regions])
+
+
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], num_from: int = 1,
            num_to: int | None = None) -> str:
     """An HTML table of already-escaped cells; columns ``num_from:num_to`` are right-aligned."""
@@ -122,16 +135,16 @@ def _summary_table(methods: list[dict[str, Any]]) -> str:
     rows = []
     for m in methods:
         mt = m["metrics"]
-        pix = (mt.get("pixel") or {}).get("auroc")
         at = mt.get("at_threshold") or {}
         sens_spec = f"{_fmt(at.get('sensitivity'))} / {_fmt(at.get('specificity'))}"
         flag = any("RANDOM" in n for n in m["notes"])
         rows.append([f"<b>{_e(m['name'])}</b>" + ("<br><span class='note'>random-init weights "
                                                   "inside: see notes</span>" if flag else ""),
                      _e(m["kind"]), _ci(mt.get("auroc")), _ci(mt.get("aupr")),
-                     _fmt(pix) if m["has_maps"] else "– (no maps)", sens_spec,
+                     pixel_cell(mt.get("pixel")) if m["has_maps"] else "– (no maps)", sens_spec,
                      f"{m['ms_per_patch']:.1f}", generator_cell(m.get("generator"))])
-    head = ["method", "kind", "AUROC [95% CI]", "AUPR [95% CI]", "pixel AUROC",
+    head = ["method", "kind", "AUROC [95% CI]", "AUPR [95% CI]",
+            "pixel AUROC / AUPRO [95% CI, images resampled]",
             "sensitivity / specificity at threshold", "ms / patch", "generator FID / KID"]
     return _table(head, rows, num_from=2, num_to=len(head) - 1)
 

@@ -162,6 +162,9 @@ def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
     assert any("RANDOMLY INITIALISED" in n for n in knn["notes"])
     assert knn["has_maps"] is False and "pixel" not in knn["metrics"]
     assert bl["has_maps"] is True and 0.0 <= bl["metrics"]["pixel"]["auroc"] <= 1.0
+    pixel = bl["metrics"]["pixel"]  # AUPRO and image-resampled CIs beside the pooled AUROC
+    assert 0.0 <= pixel["aupro"] <= 1.0 and pixel["ci"]["n_boot"] == 50
+    assert pixel["n_regions"] >= 1 and len(pixel["ci"]["aupro"]) == 2
     assert blur.fitted == 16  # fit saw the normal validation folder only
 
     # the blur method's AUROC equals a direct computation on its own scores
@@ -185,6 +188,7 @@ def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
         assert n in html
     assert "&lt;note&gt;" in html and "<note>" not in html
     assert "unit &lt;benchmark&gt;" in html
+    assert f"AUPRO@0.3 {pixel['aupro']:.3f} [" in html and "– (no maps)" in html
     assert results["report"] == str(out / "report.html")
     lines = summary_lines(results)
     assert len(lines) == 2 and lines[1].startswith("blur-recon: 20 images, ")
