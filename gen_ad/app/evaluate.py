@@ -382,7 +382,8 @@ def write_outputs(out_dir: str | os.PathLike[str], scored: ScoredSet, dataset: D
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
-    """The one human line of every scoring command: method, n, latency, flagged, AUROC/AUPR."""
+    """The one human line of every scoring command: method, n, latency, flagged, AUROC/AUPR
+    (and pixel AUROC/AUPRO when masks exist)."""
     parts = [f"{metrics['method']}: {metrics['n']} images, {metrics['ms_per_image']:.1f} ms/image"]
     if "flagged" in metrics:
         parts.append(f"{metrics['flagged']} above threshold {metrics['threshold']['value']:.6g}")
@@ -392,6 +393,9 @@ def summary_line(metrics: dict[str, Any]) -> str:
             ci = (f" [{m['low']:.3f}, {m['high']:.3f}]"
                   if m.get("low") is not None and m.get("high") is not None else "")
             parts.append(f"{key.upper()} {m['value']:.3f}{ci}")
+    pixel = metrics.get("pixel") or {}
+    if pixel.get("aupro") is not None:
+        parts.append(f"pixel AUROC {pixel['auroc']:.3f}, AUPRO {pixel['aupro']:.3f}")
     return ", ".join(parts)
 
 

@@ -192,7 +192,8 @@ def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
     assert results["report"] == str(out / "report.html")
     lines = summary_lines(results)
     assert len(lines) == 2 and lines[1].startswith("blur-recon: 20 images, ")
-    assert "AUROC" in lines[1]
+    assert "AUROC" in lines[1] and f"AUPRO {pixel['aupro']:.3f}" in lines[1]
+    assert "AUPRO" not in lines[0]  # the KNN has no maps
     header = (out / "methods/blur-recon/scores.csv").read_text().splitlines()[0]
     assert header == "path,label,class,score,flagged"  # the engine's one format
 
