@@ -87,15 +87,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("groups", help="per-slide %% anomalous patches; control vs treated tests",
                        description="Per-slide percentage of patches above a label-free threshold, "
-                       "compared between groups (Mann-Whitney U, Welch's t-test, effect sizes).")
+                       "compared between groups: Mann-Whitney U and Welch's t-test (raw and "
+                       "Holm-adjusted), Dunnett's many-to-one test, effect sizes with confidence "
+                       "intervals, Kruskal-Wallis, and the Jonckheere-Terpstra dose trend.")
     p.add_argument("--scores", nargs="+", required=True, metavar="CSV",
                    help="score tables with path,score[,slide] (slide from <slide>_x.._y...png)")
-    p.add_argument("--groups", required=True, metavar="CSV", help="table with slide,group")
+    p.add_argument("--groups", required=True, metavar="CSV",
+                   help="table with slide,group (optional numeric dose column: the dose order)")
     thr = p.add_mutually_exclusive_group(required=True)
     thr.add_argument("--threshold", type=float, help="threshold value (score > T is anomalous)")
     thr.add_argument("--threshold-file", metavar="JSON", help="saved threshold (threshold.json)")
     p.add_argument("--control", default=None,
                    help="reference group (default: 'control' if present, else the first by name)")
+    p.add_argument("--order", default=None, metavar="G1,G2,...",
+                   help="every group in dose order, for the trend test (overrides a dose column)")
+    p.add_argument("--n-boot", type=_positive_int, default=2000,
+                   help="bootstrap resamples of the effect-size intervals (2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random step (0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_groups)
 
@@ -104,8 +112,10 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     from gen_ad.app.groups import run_groups
     from gen_ad.metrics.stats import format_summary
 
+    order = [g.strip() for g in args.order.split(",")] if args.order else None
     result = run_groups(args.scores, args.groups, args.out, threshold=args.threshold,
-                        threshold_file=args.threshold_file, control=args.control)
+                        threshold_file=args.threshold_file, control=args.control, order=order,
+                        n_boot=args.n_boot, seed=args.seed)
     print(format_summary(result))
     print(f"wrote {', '.join(result['outputs'].values())}")
     return 0

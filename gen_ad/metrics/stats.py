@@ -5,6 +5,9 @@ Each slide gets the percentage of its patches whose score is above a saved label
 group is compared with the control group by the Mann-Whitney U test (two-sided) and Welch's t-test,
 with effect sizes: the difference of means and medians, Hedges' g (bias-corrected standardised
 mean difference, pooled SD) and Cliff's delta (``P(treated > control) - P(treated < control)``).
+With several dose groups, :mod:`gen_ad.metrics.dose_response` adds Holm-adjusted p-values,
+Dunnett's many-to-one test, the Kruskal-Wallis omnibus test, the Jonckheere-Terpstra trend test
+over the dose order, and confidence intervals of every effect size.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ import numpy as np
 from scipy import stats as sps
 
 from gen_ad.errors import DataError
+from gen_ad.metrics.curves import json_safe
+from gen_ad.metrics.dose_response import (
+    effect_intervals,
+    holm,
+    jonckheere_terpstra,
+    kruskal_wallis,
+    many_to_one,
+)
 from gen_ad.utils.io import write_json, write_text
 
 _TILE_NAME = re.compile(r"^(?P<slide>.+?)_x-?\d+_y-?\d+")
@@ -92,6 +103,29 @@ def read_groups(path: str | os.PathLike[str]) -> dict[str, str]:
             raise DataError(f"{path}:{i}: slide '{slide}' is in two groups")
         out[slide] = group
     return out
+
+
+def read_group_order(path: str | os.PathLike[str]) -> list[str] | None:
+    """The groups in dose order from an optional numeric ``dose`` column (``None`` without one).
+
+    Every row of a group must give the same dose, and two groups may not share one.
+    """
+    rows = _read_csv(path, ["slide", "group"])
+    if "dose" not in rows[0]:
+        return None
+    doses: dict[str, float] = {}
+    for i, r in enumerate(rows, start=2):
+        try:
+            dose = float(r["dose"])
+        except ValueError as e:
+            raise DataError(f"{path}:{i}: dose '{r['dose']}' is not a number") from e
+        if doses.setdefault(r["group"], dose) != dose:
+            raise DataError(f"{path}:{i}: group '{r['group']}' has two doses "
+                            f"({doses[r['group']]:g} and {dose:g})")
+    shared = len(set(doses.values())) < len(doses)
+    if shared:
+        raise DataError(f"{path}: two groups share a dose; the trend test needs one order")
+    return sorted(doses, key=lambda g: doses[g])
 
 
 @dataclass
@@ -174,20 +208,29 @@ def pick_control(groups: Sequence[str], control: str | None = None) -> str:
     return names[0]
 
 
-def group_analysis(slides: Sequence[str], scores: Any, slide_groups: Mapping[str, str],
-                   threshold: float, control: str | None = None) -> dict[str, Any]:
-    """Per-slide % above threshold, grouped, every other group compared with the control.
+@dataclass
+class GroupSettings:
+    """How the groups are compared.
 
-    Args:
-        slides: ``[N]`` slide id of each patch.
-        scores: ``[N]`` patch scores.
-        slide_groups: ``{slide: group}``.
-        threshold: label-free threshold (a score ``>`` it is anomalous).
+    Attributes:
         control: name of the reference group (see :func:`pick_control`).
-    Returns:
-        JSON-ready dict: ``threshold, control, groups {name: [percent...]}, per_slide [...],
-        comparisons {group: compare_groups(...)}, unassigned_slides, slides_without_scores``.
+        order: every group in dose order, for the trend test (``None``: no trend test).
+        n_boot: bootstrap resamples of the effect-size intervals.
+        n_perm: random permutations of the trend test when it cannot be exact.
+        seed: seed of the bootstrap, the permutations and Dunnett's integration.
+        ci: coverage of every interval.
     """
+
+    control: str | None = None
+    order: Sequence[str] | None = None
+    n_boot: int = 2000
+    n_perm: int = 20000
+    seed: int = 0
+    ci: float = 0.95
+
+
+def _grouped(slides: Sequence[str], scores: Any, slide_groups: Mapping[str, str],
+             threshold: float) -> tuple[list[SlideStat], list[SlideStat], dict[str, list[float]]]:
     per = per_slide_percent(slides, scores, threshold)
     assigned = [p for p in per if p.slide in slide_groups]
     by_group: dict[str, list[float]] = {}
@@ -199,17 +242,70 @@ def group_analysis(slides: Sequence[str], scores: Any, slide_groups: Mapping[str
     small = [f"{g} ({len(v)})" for g, v in sorted(by_group.items()) if len(v) < 2]
     if small:
         raise DataError(f"each group needs at least 2 scored slides: {', '.join(small)}")
-    ref = pick_control(list(by_group), control)
+    return per, assigned, {g: by_group[g] for g in sorted(by_group)}
+
+
+def _comparisons(by_group: Mapping[str, list[float]], ref: str,
+                 st: GroupSettings) -> dict[str, dict[str, Any]]:
+    """Each group vs the control: the pairwise tests, Holm, Dunnett and effect-size intervals."""
+    treated = [g for g in by_group if g != ref]
+    out = {g: compare_groups(by_group[ref], by_group[g]) for g in treated}
+    dunnett = many_to_one(by_group[ref], [by_group[g] for g in treated], st.ci, st.seed)
+    for key in ("mannwhitney_p", "welch_p"):
+        for g, adj in zip(treated, holm([out[g][key] for g in treated])):
+            out[g][f"{key}_holm"] = adj
+    for i, g in enumerate(treated):
+        out[g]["dunnett_p"] = dunnett["dunnett_p"][i]
+        out[g]["dunnett_ci"] = dunnett["dunnett_ci"][i]
+        out[g]["ci"] = effect_intervals(by_group[ref], by_group[g], st.n_boot, st.seed, st.ci)
+    return out
+
+
+def _trend(by_group: Mapping[str, list[float]], st: GroupSettings) -> dict[str, Any]:
+    if st.order is None:
+        return {"order": None, "note": "no dose order given (--order or a dose column in the "
+                                       "groups table): no trend test"}
+    order = list(st.order)
+    unknown = sorted(set(order) - set(by_group))
+    missing = sorted(set(by_group) - set(order))
+    if unknown or missing or len(order) != len(set(order)):
+        raise DataError(f"the dose order must name every group with scored slides once "
+                        f"(groups: {', '.join(by_group)}; unknown: {', '.join(unknown) or '-'}; "
+                        f"missing: {', '.join(missing) or '-'})")
+    jt = jonckheere_terpstra([by_group[g] for g in order], n_perm=st.n_perm, seed=st.seed)
+    return {"order": order, "test": "Jonckheere-Terpstra", **jt}
+
+
+def group_analysis(slides: Sequence[str], scores: Any, slide_groups: Mapping[str, str],
+                   threshold: float, settings: GroupSettings | None = None) -> dict[str, Any]:
+    """Per-slide % above threshold, grouped, every other group compared with the control.
+
+    Args:
+        slides: ``[N]`` slide id of each patch.
+        scores: ``[N]`` patch scores.
+        slide_groups: ``{slide: group}``.
+        threshold: label-free threshold (a score ``>`` it is anomalous).
+        settings: control, dose order and interval settings (:class:`GroupSettings`).
+    Returns:
+        JSON-ready dict: ``threshold, control, groups {name: [percent...]}, per_slide [...],
+        comparisons {group: compare_groups(...) + Holm, Dunnett, ci}, omnibus (Kruskal-Wallis,
+        3+ groups), trend (Jonckheere-Terpstra over the order), settings, unassigned_slides,
+        slides_without_scores``.
+    """
+    st = settings or GroupSettings()
+    per, assigned, by_group = _grouped(slides, scores, slide_groups, threshold)
+    ref = pick_control(list(by_group), st.control)
     scored = {p.slide for p in per}
-    return {
-        "threshold": float(threshold), "control": ref,
-        "groups": {g: by_group[g] for g in sorted(by_group)},
+    return json_safe({
+        "threshold": float(threshold), "control": ref, "groups": by_group,
         "per_slide": [{**asdict(p), "group": slide_groups[p.slide]} for p in assigned],
-        "comparisons": {g: compare_groups(by_group[ref], by_group[g])
-                        for g in sorted(by_group) if g != ref},
+        "comparisons": _comparisons(by_group, ref, st),
+        "omnibus": kruskal_wallis(list(by_group.values())) if len(by_group) > 2 else None,
+        "trend": _trend(by_group, st),
+        "settings": {**asdict(st), "order": None if st.order is None else list(st.order)},
         "unassigned_slides": sorted(p.slide for p in per if p.slide not in slide_groups),
         "slides_without_scores": sorted(s for s in slide_groups if s not in scored),
-    }
+    })
 
 
 def write_group_outputs(result: Mapping[str, Any],
@@ -235,18 +331,51 @@ def _csv_cell(v: Any) -> str:
     return f'"{s}"' if any(c in s for c in ',"\n') else s
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _fmt_ci(bounds: Sequence[float] | None) -> str:
+    return "" if not bounds else f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
+
+
+def _comparison_lines(name: str, control: str, c: Mapping[str, Any]) -> list[str]:
+    ci = c.get("ci") or {}
+    return [
+        f"  {name} vs {control}: mean diff {_fmt(c['mean_diff'])} points"
+        f"{_fmt_ci(ci.get('mean_diff'))}, Hedges g={_fmt(c['hedges_g'])}"
+        f"{_fmt_ci(ci.get('hedges_g'))}, Cliff's delta={_fmt(c['cliffs_delta'])}"
+        f"{_fmt_ci(ci.get('cliffs_delta'))}",
+        f"    Mann-Whitney p={_fmt(c['mannwhitney_p'])} (Holm {_fmt(c.get('mannwhitney_p_holm'))})"
+        f", Welch p={_fmt(c['welch_p'])} (Holm {_fmt(c.get('welch_p_holm'))}), "
+        f"Dunnett p={_fmt(c.get('dunnett_p'))}",
+    ]
+
+
+def _trend_line(result: Mapping[str, Any]) -> str | None:
+    trend = result.get("trend") or {}
+    if not trend.get("order"):
+        return None
+    return (f"  trend over {' < '.join(trend['order'])}: Jonckheere-Terpstra "
+            f"p={_fmt(trend['p_two_sided'])} (two-sided, {trend['method']}; increasing "
+            f"{_fmt(trend['p_increasing'])}; normal approximation "
+            f"{_fmt(trend['p_normal_two_sided'])})")
+
+
 def format_summary(result: Mapping[str, Any]) -> str:
-    """A few human-readable lines: per-group median % and each comparison's p-values."""
+    """A few human-readable lines: per-group median %, each comparison (effect sizes with their
+    intervals, raw and Holm-adjusted p-values, Dunnett), the omnibus and trend tests."""
     lines = [f"threshold {result['threshold']:.6g}; control group '{result['control']}'"]
     for g, v in result["groups"].items():
         lines.append(f"  {g}: {len(v)} slides, median {np.median(v):.2f}% "
                      f"(mean {np.mean(v):.2f}%) patches above threshold")
     for g, c in result["comparisons"].items():
-        def fmt(x: float | None) -> str:
-            return "n/a" if x is None else f"{x:.3g}"
-        lines.append(f"  {g} vs {result['control']}: Mann-Whitney p={fmt(c['mannwhitney_p'])}, "
-                     f"Welch p={fmt(c['welch_p'])}, Hedges g={fmt(c['hedges_g'])}, "
-                     f"Cliff's delta={fmt(c['cliffs_delta'])}")
+        lines += _comparison_lines(g, result["control"], c)
+    if result.get("omnibus"):
+        lines.append(f"  all groups: Kruskal-Wallis p={_fmt(result['omnibus']['kruskal_p'])}")
+    trend = _trend_line(result)
+    if trend:
+        lines.append(trend)
     if result["unassigned_slides"]:
         lines.append(f"  note: {len(result['unassigned_slides'])} scored slide(s) not in the "
                      "groups table were ignored")
