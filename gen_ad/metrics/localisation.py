@@ -24,13 +24,20 @@ resample chunk. Point estimates always use every distinct value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from gen_ad.errors import DataError
-from gen_ad.metrics.curves import curve_metrics, json_safe, percentile_interval, sorted_groups
+from gen_ad.metrics.curves import (
+    check_binary,
+    curve_metrics,
+    json_safe,
+    percentile_interval,
+    sorted_groups,
+)
 from gen_ad.metrics.curves import to_numpy as _np
 
 FPR_LIMIT = 0.3  # the MVTec AD integration limit
@@ -127,67 +134,116 @@ def threshold_grid(s: np.ndarray, y: np.ndarray, size: int = _GRID) -> np.ndarra
     return np.unique(np.concatenate([np.quantile(s[~y], q), np.quantile(s[y], q)]))[::-1]
 
 
-def per_image_counts(m: np.ndarray, g: np.ndarray, w: np.ndarray,
-                     grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per image and grid threshold: anomalous / normal pixel counts and region weight at or above.
+def cluster_counts(s: np.ndarray, y: np.ndarray, w: np.ndarray, clusters: np.ndarray,
+                   n_clusters: int, grid: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per cluster (image, slide) and grid threshold: positives, negatives and weight at or above.
 
     Args:
-        m, g, w: ``[B,H,W]`` maps, masks and region weights (``1/|region|``).
-        grid: ``[G]`` descending thresholds whose last value is the smallest map value.
+        s, y, w: ``[P]`` values, labels (bool) and weights (e.g. ``1/|region|``).
+        clusters: ``[P]`` cluster index of each item in ``[0, n_clusters)``.
+        n_clusters: number of clusters.
+        grid: ``[G]`` descending thresholds whose last value is the smallest value.
     Returns:
-        ``(tp [B,G], fp [B,G], overlap [B,G])`` float64, cumulative along the grid.
+        ``(tp [C,G], fp [C,G], weight [C,G])`` float64, cumulative along the grid.
     """
-    b, k = m.shape[0], grid.size
-    asc = grid[::-1]
-    idx = np.searchsorted(asc, m.reshape(b, -1), side="right") - 1  # largest threshold <= value
-    flat = ((k - 1 - idx) + k * np.arange(b)[:, None]).ravel()  # position in descending order
-    gg = g.reshape(-1)
+    k = grid.size
+    idx = np.searchsorted(grid[::-1], s, side="right") - 1  # largest threshold <= value
+    flat = (k - 1 - idx) + k * clusters  # position in descending order, per cluster
 
     def cum(weights: np.ndarray) -> np.ndarray:
-        hist = np.bincount(flat, weights=weights, minlength=b * k).reshape(b, k)
-        return np.cumsum(hist, axis=1)
+        hist = np.bincount(flat, weights=weights, minlength=n_clusters * k)
+        return np.cumsum(hist.reshape(n_clusters, k), axis=1)
 
-    return cum(gg.astype(np.float64)), cum((~gg).astype(np.float64)), cum(w.reshape(-1))
+    return cum(y.astype(np.float64)), cum((~y).astype(np.float64)), cum(w)
 
 
-def _image_resamples(rng: np.random.Generator, has_region: np.ndarray, n: int) -> np.ndarray:
-    """``[n, B]`` count matrix of image resamples, stratified by ``has_region``."""
-    b = has_region.size
-    out = np.zeros((n, b), dtype=np.float64)
+def _cluster_resamples(rng: np.random.Generator, strata: np.ndarray, n: int) -> np.ndarray:
+    """``[n, C]`` count matrix of cluster resamples, stratified by the boolean ``strata``."""
+    out = np.zeros((n, strata.size), dtype=np.float64)
     rows = np.arange(n)[:, None]
-    for group in (np.flatnonzero(has_region), np.flatnonzero(~has_region)):
+    for group in (np.flatnonzero(strata), np.flatnonzero(~strata)):
         if group.size:
             picks = group[rng.integers(0, group.size, size=(n, group.size))]
             np.add.at(out, (np.broadcast_to(rows, picks.shape), picks), 1.0)
     return out
 
 
-def _bootstrap(m: np.ndarray, g: np.ndarray, w: np.ndarray, regions: np.ndarray, n_boot: int,
-               seed: int, ci: float, limit: float) -> dict[str, Any]:
-    """Image-level stratified bootstrap CIs of pixel AUROC, AUPR and AUPRO."""
-    size = int(min(_GRID, max(64, _GRID_CELLS // max(m.shape[0], 1))))
-    grid = threshold_grid(m.reshape(-1), g.reshape(-1), size)
-    tp, fp, ov = per_image_counts(m, g, w, grid)
+def _resampled(counts: tuple[np.ndarray, ...], regions: np.ndarray, n_boot: int, seed: int,
+               limit: float | None) -> dict[str, np.ndarray]:
+    """AUROC, AUPR (and AUPRO with ``limit``) of ``n_boot`` stratified cluster resamples."""
+    tp, fp, ov = counts
     rng = np.random.default_rng(seed)
     vals: dict[str, list[np.ndarray]] = {"auroc": [], "aupr": [], "aupro": []}
     for start in range(0, n_boot, _BOOT_CHUNK):
-        c = _image_resamples(rng, regions > 0, min(_BOOT_CHUNK, n_boot - start))
-        tps, fps, ovs = c @ tp, c @ fp, c @ ov
+        c = _cluster_resamples(rng, tp[:, -1] > 0, min(_BOOT_CHUNK, n_boot - start))
+        tps, fps = c @ tp, c @ fp
         a, ap = curve_metrics(tps, fps)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pro = ovs / (c @ regions.astype(np.float64))[:, None]
-            fpr = fps / fps[:, -1:]
         vals["auroc"].append(a)
         vals["aupr"].append(ap)
-        vals["aupro"].append(pro_area(fpr, pro, limit))
+        if limit is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pro = (c @ ov) / (c @ regions.astype(np.float64))[:, None]
+                vals["aupro"].append(pro_area(fps / fps[:, -1:], pro, limit))
+    return {k: np.concatenate(v) for k, v in vals.items() if v}
+
+
+def _grid_for(s: np.ndarray, y: np.ndarray, n_clusters: int) -> np.ndarray:
+    return threshold_grid(s, y, int(min(_GRID, max(64, _GRID_CELLS // max(n_clusters, 1)))))
+
+
+def _bootstrap(m: np.ndarray, g: np.ndarray, w: np.ndarray, regions: np.ndarray, n_boot: int,
+               seed: int, ci: float, limit: float) -> dict[str, Any]:
+    """Image-level stratified bootstrap CIs of pixel AUROC, AUPR and AUPRO."""
+    b = m.shape[0]
+    s, y = m.reshape(-1), g.reshape(-1)
+    grid = _grid_for(s, y, b)
+    images = np.repeat(np.arange(b), s.size // b)
+    draws = _resampled(cluster_counts(s, y, w.reshape(-1), images, b, grid), regions, n_boot,
+                       seed, limit)
     out: dict[str, Any] = {}
-    for name, parts in vals.items():
-        lo, hi, n_valid = percentile_interval(np.concatenate(parts), ci)
+    for name, values in draws.items():
+        lo, hi, n_valid = percentile_interval(values, ci)
         out[name] = [lo, hi]
         out["n_valid"] = min(out.get("n_valid", n_valid), n_valid)
     out.update(n_boot=n_boot, seed=seed, ci=ci, thresholds=int(grid.size),
                resampled="images, stratified (with / without anomalous pixels)")
     return out
+
+
+def clustered_metrics(scores: Any, labels: Any, clusters: Sequence[Any], n_boot: int = 2000,
+                      seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+    """AUROC and AUPR of items that come in clusters (tiles of slides), with cluster-level CIs.
+
+    Tiles of one slide are not independent, so the interval resamples whole clusters (stratified
+    into clusters with and without positives); the point estimates are exact (as scikit-learn).
+
+    Args:
+        scores: ``[N]`` scores, higher = more anomalous.
+        labels: ``[N]`` 0/1, both present.
+        clusters: ``[N]`` cluster id of each item (e.g. its slide).
+        n_boot, seed, ci: bootstrap settings (``n_boot = 0``: point estimates only).
+    Returns:
+        ``{"auroc": {value, low, high, n_boot, n_valid}, "aupr": {...}, "n", "n_clusters",
+        "resampled", "thresholds"}``.
+    """
+    s, y = check_binary(scores, labels)
+    names, ids = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    if ids.size != s.size:
+        raise DataError(f"clusters and scores differ in length: {ids.size} vs {s.size}")
+    _, ends, ys = sorted_groups(s, y)
+    a, ap = curve_metrics(np.cumsum(ys)[ends][None], np.cumsum(~ys)[ends][None])
+    out: dict[str, Any] = {"n": int(s.size), "n_clusters": int(names.size),
+                           "resampled": "clusters, stratified (with / without positives)"}
+    draws: dict[str, np.ndarray] = {}
+    if n_boot > 0:
+        grid = _grid_for(s, y, names.size)
+        counts = cluster_counts(s, y, np.zeros_like(s), ids, names.size, grid)
+        draws = _resampled(counts, np.zeros(names.size), n_boot, seed, None)
+        out["thresholds"] = int(grid.size)
+    for name, value in (("auroc", float(a[0])), ("aupr", float(ap[0]))):
+        lo, hi, n_valid = percentile_interval(draws[name], ci) if draws else (None, None, 0)
+        out[name] = {"value": value, "low": lo, "high": hi, "n_boot": n_boot, "n_valid": n_valid}
+    return json_safe(out)
 
 
 def pixel_metrics(maps: Any, masks: Any, map_threshold: float | None = None,

@@ -13,7 +13,8 @@ from gen_ad.errors import DataError
 from gen_ad.metrics.curves import curve_metrics
 from gen_ad.metrics.detection import evaluate_scores
 from gen_ad.metrics.localisation import (
-    per_image_counts,
+    cluster_counts,
+    clustered_metrics,
     pixel_metrics,
     pro_area,
     region_weights,
@@ -109,7 +110,9 @@ def test_grid_counts_reproduce_the_exact_curves() -> None:
     w, regions = region_weights(masks)
     grid = threshold_grid(maps.ravel(), masks.ravel())
     assert grid.size == np.unique(maps).size  # few distinct values: the grid is exact
-    tp, fp, ov = per_image_counts(maps, masks, w, grid)
+    images = np.repeat(np.arange(maps.shape[0]), maps[0].size)
+    tp, fp, ov = cluster_counts(maps.ravel(), masks.ravel(), w.ravel(), images, maps.shape[0],
+                                grid)
     ones = np.ones((1, maps.shape[0]))
     a, _ = curve_metrics(ones @ tp, ones @ fp)
     fps = ones @ fp
@@ -156,3 +159,22 @@ def test_evaluate_scores_reports_pixel_intervals() -> None:
     pixel = out["pixel"]
     assert pixel["ci"]["n_boot"] == 50 and pixel["ci"]["seed"] == 1
     assert pixel["aupro"] == pytest.approx(brute_aupro(maps, masks, 0.3), abs=1e-12)
+
+
+def test_clustered_metrics_resample_whole_clusters() -> None:
+    rng = np.random.default_rng(6)
+    slides = np.repeat(np.arange(12), 40)  # 12 slides of 40 tiles
+    slide_effect = rng.normal(0, 1.0, 12)[slides]  # tiles of a slide share a shift
+    labels = (slides >= 6) & (rng.random(slides.size) < 0.5)
+    scores = np.round(slide_effect + 0.8 * labels + rng.normal(0, 0.5, slides.size), 2)
+    out = clustered_metrics(scores, labels.astype(int), slides, n_boot=1000, seed=2)
+    assert out["auroc"]["value"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert out["n_clusters"] == 12 and "clusters" in out["resampled"]
+    tiles = evaluate_scores(scores, labels.astype(int), n_boot=1000, seed=2)["auroc"]
+    width = out["auroc"]["high"] - out["auroc"]["low"]
+    assert width > 1.5 * (tiles["high"] - tiles["low"])  # tile resampling is overconfident
+    assert out["auroc"]["low"] < out["auroc"]["value"] < out["auroc"]["high"]
+    point = clustered_metrics(scores, labels.astype(int), slides, n_boot=0)
+    assert point["auroc"]["low"] is None and point["aupr"]["value"] == out["aupr"]["value"]
+    with pytest.raises(DataError, match="differ in length"):
+        clustered_metrics(scores, labels.astype(int), slides[:-1])
