@@ -403,7 +403,7 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        description="Tile a slide's tissue, score every tile with a run's scorer "
                        "or a KNN bank, smooth the heatmap with a 3x3 erosion, report the slide "
                        "score (max and mean of the top 1%%) and write an overlay PNG.")
-    p.add_argument("slide", metavar="SLIDE", help="slide file (.svs, .tiff, ...)")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (.svs, .tiff, ...)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="trained run folder")
     src.add_argument("--bank", help="KNN bank folder (gen-ad knn fit)")
@@ -427,25 +427,38 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="inversion steps for iterative scorers")
+    p.add_argument("--labels", default=None, metavar="CSV",
+                   help="slide,label table (0 normal, 1 tumour): slide-level AUROC/AUPR")
+    p.add_argument("--annotations", default=None, metavar="DIR",
+                   help="region files <slide>.geojson or ASAP <slide>.xml: tile-level metrics")
+    p.add_argument("--n-boot", type=_positive_int, default=2000,
+                   help="bootstrap resamples of the cohort's intervals (2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     p.set_defaults(func=_cmd_slide)
 
 
 def _cmd_slide(args: argparse.Namespace) -> int:
+    from gen_ad.app.cohort import cohort_lines
     from gen_ad.app.slide import slide_command
 
-    rec = slide_command(args.slide, args.out, run=args.run, bank=args.bank, method=args.method,
+    res = slide_command(args.slides, args.out, run=args.run, bank=args.bank, method=args.method,
                         normal=args.normal, device=args.device, size=args.size,
                         scorer_kwargs={"steps": args.steps} if args.steps else None,
                         level=args.level, mpp=args.mpp, stride=args.stride,
                         min_tissue=args.min_tissue, erosion=args.erosion, frac=args.top,
-                        batch_size=args.batch_size)
-    line = (f"{rec['slide']}: {rec['n_tiles']} tiles scored with {rec['method']}; slide score "
-            f"max {rec['score_max']:.6g}, top {args.top:.0%} mean {rec['score_top1pct']:.6g} "
-            f"(after {args.erosion}x{args.erosion} erosion)")
-    if "flagged_fraction" in rec:
-        line += f"; {rec['flagged_fraction']:.1%} of tiles above the threshold"
-    print(line)
-    print(f"overlay: {rec['outputs']['overlay']}")
+                        batch_size=args.batch_size, labels=args.labels,
+                        annotations=args.annotations, n_boot=args.n_boot, seed=args.seed)
+    for rec in res["slides"]:
+        line = (f"{rec['slide']}: {rec['n_tiles']} tiles scored with {rec['method']}; slide "
+                f"score max {rec['score_max']:.6g}, top {args.top:.0%} mean "
+                f"{rec['score_top1pct']:.6g} (after {args.erosion}x{args.erosion} erosion)")
+        if "flagged_fraction" in rec:
+            line += f"; {rec['flagged_fraction']:.1%} of tiles above the threshold"
+        print(line)
+        print(f"overlay: {rec['outputs']['overlay']}")
+    if "cohort" in res:
+        print("\n".join(cohort_lines(res["cohort"])))
+        print(f"cohort: {res['cohort']['outputs']['cohort']}")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,13 +177,43 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     return rec
 
 
+def _check_cohort(paths: Sequence[str], labels: Mapping[str, int] | None,
+                  annotations: str | None) -> None:
+    """Fail before any scoring: duplicate slide names, unlabelled slides, a missing folder."""
+    from gen_ad.app.cohort import slide_key
+
+    keys = [slide_key(p) for p in paths]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise DataError(f"two slides share the name {', '.join(dupes)} (outputs go to "
+                        "<out>/<slide name>/)")
+    if labels is not None and any(k not in labels for k in keys):
+        raise DataError(f"no label for slide(s) {', '.join(k for k in keys if k not in labels)} "
+                        "in the label table")
+    if annotations is not None and not Path(annotations).is_dir():
+        raise DataError(f"annotation folder not found: {annotations}")
+
+
 @writes_folder("out", "slide output folder")
-def slide_command(slide_path: str, out: str, *, run: str | None = None, bank: str | None = None,
-                  method: str | None = None, normal: str | None = None, device: str = "auto",
-                  size: int | None = None, scorer_kwargs: dict[str, Any] | None = None,
+def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = None,
+                  bank: str | None = None, method: str | None = None, normal: str | None = None,
+                  device: str = "auto", size: int | None = None,
+                  scorer_kwargs: dict[str, Any] | None = None, labels: str | None = None,
+                  annotations: str | None = None, n_boot: int = 2000, seed: int = 0,
                   **kwargs: Any) -> dict[str, Any]:
     """What ``gen-ad slide`` does: load the scorer (evaluation engine), optionally fit it and
-    calibrate a label-free threshold on a ``normal`` folder, then :func:`score_slide`."""
+    calibrate a label-free threshold on a ``normal`` folder, :func:`score_slide` every slide, and
+    with several slides, ``labels`` or ``annotations`` evaluate the cohort
+    (:mod:`gen_ad.app.cohort`).
+
+    Returns:
+        ``{"slides": [slide.json records], "cohort": metrics + outputs (when evaluated)}``.
+    """
+    from gen_ad.app.cohort import evaluate_cohort, read_slide_labels, write_cohort
+
+    paths = [str(slides)] if isinstance(slides, (str, os.PathLike)) else [str(p) for p in slides]
+    label_map = read_slide_labels(labels) if labels is not None else None
+    _check_cohort(paths, label_map, annotations)
     device = resolve_device(device)
     if bank is not None and normal is not None:
         raise ConfigError("--normal fits a run's scorer; a KNN bank already holds its normal "
@@ -194,5 +225,11 @@ def slide_command(slide_path: str, out: str, *, run: str | None = None, bank: st
     if normal is not None:
         threshold = calibrate_scorer(ls.scorer, normal_dataset(normal, size), device=device,
                                      batch_size=int(kwargs.get("batch_size", 32)))
-    return score_slide(slide_path, ls.scorer, out, size=size, device=device,
-                       threshold=threshold, method=ls.label, **kwargs)
+    recs = [score_slide(p, ls.scorer, out, size=size, device=device, threshold=threshold,
+                        method=ls.label, **kwargs) for p in paths]
+    result: dict[str, Any] = {"slides": recs}
+    if len(paths) > 1 or label_map is not None or annotations is not None:
+        cohort = evaluate_cohort(recs, label_map, annotations, n_boot=n_boot, seed=seed)
+        cohort["outputs"] = write_cohort(out, recs, label_map, cohort)
+        result["cohort"] = cohort
+    return result

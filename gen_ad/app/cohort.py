@@ -1,0 +1,188 @@
+"""A cohort of scored slides against its labels: slide-level and tile-level detection metrics.
+
+``gen-ad slide A.svs B.svs ... --labels slides.csv [--annotations DIR]`` scores every slide
+(:func:`gen_ad.app.slide.score_slide`) and then evaluates the cohort here:
+
+- **slide level** (``--labels``: ``slide,label`` with 0 = normal, 1 = tumour): AUROC/AUPR of each
+  slide score (max and top-1 % mean of the eroded heatmap, their raw variants, and the flagged
+  fraction when a threshold exists) with stratified bootstrap CIs over slides;
+- **tile level** (``--annotations``: one region file per slide, ``<stem>.geojson`` or ASAP
+  ``<stem>.xml``, level-0 pixels): a tile is tumour when its centre lies in an annotated region.
+  Slides labelled normal need no file (all their tiles are normal, as in Camelyon16); tumour
+  slides without one are left out of the tile metrics. Tile AUROC/AUPR are pooled over slides
+  with CIs that resample whole slides (tiles of one slide are not independent), plus each
+  slide's own tile AUROC where it has both kinds of tile.
+
+Outputs: ``slides.csv`` (one row per slide) and ``cohort.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gen_ad.data.annotations import find_annotation, read_regions
+from gen_ad.errors import DataError
+from gen_ad.metrics.detection import auroc, evaluate_scores
+from gen_ad.metrics.localisation import clustered_metrics
+from gen_ad.utils.io import write_json, write_text
+
+SLIDE_SCORES = ("score_max", "score_top1pct", "score_max_raw", "score_top1pct_raw",
+                "flagged_fraction")
+
+
+def slide_key(path: str | os.PathLike[str]) -> str:
+    """The name a slide goes by in label tables: its file stem."""
+    return Path(path).stem
+
+
+def read_slide_labels(path: str | os.PathLike[str]) -> dict[str, int]:
+    """``slide,label`` CSV (``slide``: file name or stem; ``label``: 0 normal, 1 tumour)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"label table not found: {p}")
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"slide", "label"} <= {c.strip() for c in reader.fieldnames or []}:
+            raise DataError(f"{p}: needs the columns slide,label")
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    out: dict[str, int] = {}
+    for i, r in enumerate(rows, start=2):
+        if r["label"] not in ("0", "1"):
+            raise DataError(f"{p}:{i}: label must be 0 (normal) or 1 (tumour), got "
+                            f"'{r['label']}'")
+        key = slide_key(r["slide"])
+        if out.setdefault(key, int(r["label"])) != int(r["label"]):
+            raise DataError(f"{p}:{i}: slide '{key}' has two labels")
+    return out
+
+
+def _tile_table(rec: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tile centres (level-0 x, y) and scores of one scored slide, from its ``tiles.csv``."""
+    with open(rec["outputs"]["tiles"], newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    half = float(rec["tile_footprint_level0"]) / 2.0
+    xs = np.array([float(r["x"]) + half for r in rows])
+    ys = np.array([float(r["y"]) + half for r in rows])
+    return xs, ys, np.array([float(r["score"]) for r in rows])
+
+
+def _tile_labels(rec: Mapping[str, Any], label: int | None,
+                 annotations: str | os.PathLike[str]) -> tuple[np.ndarray | None, str]:
+    """Tile labels of one slide and where they came from (``None`` when unknown)."""
+    xs, ys, _ = _tile_table(rec)
+    found = find_annotation(annotations, slide_key(rec["slide"]))
+    if found is not None:
+        return read_regions(found).contains(xs, ys).astype(int), str(found)
+    if label == 0:
+        return np.zeros(xs.size, dtype=int), "slide labelled normal: every tile normal"
+    return None, "no annotation file: left out of the tile metrics"
+
+
+def _slide_level(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int], n_boot: int,
+                 seed: int) -> dict[str, Any]:
+    y = np.array([labels[slide_key(r["slide"])] for r in recs])
+    if y.min() == y.max():
+        return {"note": f"all {y.size} labelled slides are of one class: no slide-level AUROC"}
+    out: dict[str, Any] = {"n": int(y.size), "n_tumour": int(y.sum())}
+    for key in SLIDE_SCORES:
+        if all(key in r for r in recs):
+            s = np.array([float(r[key]) for r in recs])
+            out[key] = evaluate_scores(s, y, n_boot=n_boot, seed=seed)
+    return out
+
+
+def _tile_level(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int],
+                annotations: str | os.PathLike[str], n_boot: int, seed: int) -> dict[str, Any]:
+    scores, ys, slides, sources, per_slide = [], [], [], {}, {}
+    for r in recs:
+        key = slide_key(r["slide"])
+        tl, sources[key] = _tile_labels(r, labels.get(key), annotations)
+        if tl is None:
+            continue
+        s = _tile_table(r)[2]
+        scores.append(s)
+        ys.append(tl)
+        slides += [key] * s.size
+        per_slide[key] = {"n_tiles": int(s.size), "n_tumour_tiles": int(tl.sum()),
+                          "auroc": auroc(s, tl) if 0 < tl.sum() < tl.size else None}
+    out: dict[str, Any] = {"rule": "a tile is tumour when its centre lies in an annotated region",
+                           "label_source": sources, "per_slide": per_slide}
+    if not scores or len(np.unique(np.concatenate(ys))) < 2:
+        out["note"] = "tile metrics need tumour and normal tiles among the labelled slides"
+        return out
+    out["pooled"] = clustered_metrics(np.concatenate(scores), np.concatenate(ys), slides,
+                                      n_boot=n_boot, seed=seed)
+    return out
+
+
+def evaluate_cohort(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int] | None,
+                    annotations: str | os.PathLike[str] | None, n_boot: int = 2000,
+                    seed: int = 0) -> dict[str, Any]:
+    """Slide-level and tile-level metrics of scored slides (see the module docstring)."""
+    labels = dict(labels or {})
+    missing = [slide_key(r["slide"]) for r in recs if slide_key(r["slide"]) not in labels]
+    if labels and missing:
+        raise DataError(f"no label for slide(s) {', '.join(missing)} in the label table")
+    out: dict[str, Any] = {"n_slides": len(recs), "n_boot": n_boot, "seed": seed}
+    if labels:
+        out["slide_level"] = _slide_level(recs, labels, n_boot, seed)
+    if annotations is not None:
+        if not Path(annotations).is_dir():
+            raise DataError(f"annotation folder not found: {annotations}")
+        out["tile_level"] = _tile_level(recs, labels, annotations, n_boot, seed)
+    return out
+
+
+def slides_csv(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int] | None) -> str:
+    """One row per slide: name, label (empty when unknown), tiles and every slide score."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    keys = [k for k in SLIDE_SCORES if any(k in r for r in recs)]
+    w.writerow(["slide", "label", "n_tiles", *keys, "path"])
+    for r in recs:
+        key = slide_key(r["slide"])
+        w.writerow([key, (labels or {}).get(key, ""), r["n_tiles"],
+                    *[f"{r[k]:.8g}" if k in r else "" for k in keys], r["slide"]])
+    return buf.getvalue()
+
+
+def write_cohort(out: str | os.PathLike[str], recs: Sequence[Mapping[str, Any]],
+                 labels: Mapping[str, int] | None, result: Mapping[str, Any]) -> dict[str, str]:
+    """Write ``slides.csv`` and ``cohort.json`` into ``out``; return their paths."""
+    paths = {"slides": Path(out) / "slides.csv", "cohort": Path(out) / "cohort.json"}
+    write_text(paths["slides"], slides_csv(recs, labels))
+    write_json(paths["cohort"], dict(result))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _ci_text(m: Mapping[str, Any]) -> str:
+    if m.get("low") is None:
+        return f"{m['value']:.3f}"
+    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+
+def cohort_lines(result: Mapping[str, Any]) -> list[str]:
+    """Human lines: slide-level AUROC of each slide score, pooled tile AUROC."""
+    lines = []
+    sl = result.get("slide_level") or {}
+    if "note" in sl:
+        lines.append(f"slide level: {sl['note']}")
+    for key in SLIDE_SCORES:
+        if key in sl:
+            lines.append(f"slide level ({sl['n']} slides, {sl['n_tumour']} tumour), {key}: "
+                         f"AUROC {_ci_text(sl[key]['auroc'])}")
+    tl = result.get("tile_level") or {}
+    if "pooled" in tl:
+        p = tl["pooled"]
+        lines.append(f"tile level ({p['n']} tiles of {p['n_clusters']} slides, CIs resample "
+                     f"slides): AUROC {_ci_text(p['auroc'])}, AUPR {_ci_text(p['aupr'])}")
+    elif "note" in tl:
+        lines.append(f"tile level: {tl['note']}")
+    return lines
