@@ -9,9 +9,10 @@
 - **tile level** (``--annotations``: one region file per slide, ``<stem>.geojson`` or ASAP
   ``<stem>.xml``, level-0 pixels): a tile is tumour when its centre lies in an annotated region.
   Slides labelled normal need no file (all their tiles are normal, as in Camelyon16); tumour
-  slides without one are left out of the tile metrics. Tile AUROC/AUPR are pooled over slides
-  with CIs that resample whole slides (tiles of one slide are not independent), plus each
-  slide's own tile AUROC where it has both kinds of tile.
+  slides without one are left out of the tile metrics. Tile AUROC/AUPR and AUPRO (regions:
+  8-connected groups of tumour tiles, so a small lesion counts as much as a large one) are
+  pooled over slides with CIs that resample whole slides (tiles of one slide are not
+  independent), plus each slide's own tile AUROC where it has both kinds of tile.
 
 Outputs: ``slides.csv`` (one row per slide) and ``cohort.json``.
 """
@@ -30,7 +31,7 @@ import numpy as np
 from gen_ad.data.annotations import find_annotation, read_regions
 from gen_ad.errors import DataError
 from gen_ad.metrics.detection import auroc, evaluate_scores
-from gen_ad.metrics.localisation import clustered_metrics
+from gen_ad.metrics.localisation import clustered_metrics, region_weights
 from gen_ad.utils.io import write_json, write_text
 
 SLIDE_SCORES = ("score_max", "score_top1pct", "score_max_raw", "score_top1pct_raw",
@@ -63,25 +64,37 @@ def read_slide_labels(path: str | os.PathLike[str]) -> dict[str, int]:
     return out
 
 
-def _tile_table(rec: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tile centres (level-0 x, y) and scores of one scored slide, from its ``tiles.csv``."""
+def _tile_table(rec: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Tile centres (level-0 ``x, y``), grid cells (``row, col``) and ``score`` of one scored
+    slide, from its ``tiles.csv``."""
     with open(rec["outputs"]["tiles"], newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     half = float(rec["tile_footprint_level0"]) / 2.0
-    xs = np.array([float(r["x"]) + half for r in rows])
-    ys = np.array([float(r["y"]) + half for r in rows])
-    return xs, ys, np.array([float(r["score"]) for r in rows])
+    return {"x": np.array([float(r["x"]) + half for r in rows]),
+            "y": np.array([float(r["y"]) + half for r in rows]),
+            "row": np.array([int(r["row"]) for r in rows], dtype=np.int64),
+            "col": np.array([int(r["col"]) for r in rows], dtype=np.int64),
+            "score": np.array([float(r["score"]) for r in rows])}
+
+
+def tile_region_weights(table: Mapping[str, np.ndarray], tumour: np.ndarray,
+                        grid: Sequence[int]) -> np.ndarray:
+    """``1/|region|`` of each tumour tile (0 for the others): regions are 8-connected groups of
+    tumour tiles on the slide's tile grid (one lesion = one region, whatever its size)."""
+    mask = np.zeros((1, int(grid[0]), int(grid[1])), dtype=bool)
+    mask[0, table["row"], table["col"]] = tumour.astype(bool)
+    return region_weights(mask)[0][0, table["row"], table["col"]]
 
 
 def _tile_labels(rec: Mapping[str, Any], label: int | None,
                  annotations: str | os.PathLike[str]) -> tuple[np.ndarray | None, str]:
     """Tile labels of one slide and where they came from (``None`` when unknown)."""
-    xs, ys, _ = _tile_table(rec)
+    t = _tile_table(rec)
     found = find_annotation(annotations, slide_key(rec["slide"]))
     if found is not None:
-        return read_regions(found).contains(xs, ys).astype(int), str(found)
+        return read_regions(found).contains(t["x"], t["y"]).astype(int), str(found)
     if label == 0:
-        return np.zeros(xs.size, dtype=int), "slide labelled normal: every tile normal"
+        return np.zeros(t["x"].size, dtype=int), "slide labelled normal: every tile normal"
     return None, "no annotation file: left out of the tile metrics"
 
 
@@ -100,25 +113,31 @@ def _slide_level(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int], n
 
 def _tile_level(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int],
                 annotations: str | os.PathLike[str], n_boot: int, seed: int) -> dict[str, Any]:
-    scores, ys, slides, sources, per_slide = [], [], [], {}, {}
+    parts: dict[str, list[np.ndarray]] = {"score": [], "label": [], "weight": [], "slide": []}
+    sources, per_slide = {}, {}
     for r in recs:
         key = slide_key(r["slide"])
         tl, sources[key] = _tile_labels(r, labels.get(key), annotations)
         if tl is None:
             continue
-        s = _tile_table(r)[2]
-        scores.append(s)
-        ys.append(tl)
-        slides += [key] * s.size
-        per_slide[key] = {"n_tiles": int(s.size), "n_tumour_tiles": int(tl.sum()),
-                          "auroc": auroc(s, tl) if 0 < tl.sum() < tl.size else None}
-    out: dict[str, Any] = {"rule": "a tile is tumour when its centre lies in an annotated region",
+        t = _tile_table(r)
+        w = tile_region_weights(t, tl, r["grid"])
+        for name, v in (("score", t["score"]), ("label", tl), ("weight", w),
+                        ("slide", np.full(tl.size, key))):
+            parts[name].append(v)
+        per_slide[key] = {"n_tiles": int(tl.size), "n_tumour_tiles": int(tl.sum()),
+                          "n_regions": int(round(w.sum())),
+                          "auroc": auroc(t["score"], tl) if 0 < tl.sum() < tl.size else None}
+    out: dict[str, Any] = {"rule": "a tile is tumour when its centre lies in an annotated region;"
+                                   " regions: 8-connected tumour tiles",
                            "label_source": sources, "per_slide": per_slide}
-    if not scores or len(np.unique(np.concatenate(ys))) < 2:
+    y = np.concatenate(parts["label"]) if parts["label"] else np.zeros(0)
+    if len(np.unique(y)) < 2:
         out["note"] = "tile metrics need tumour and normal tiles among the labelled slides"
         return out
-    out["pooled"] = clustered_metrics(np.concatenate(scores), np.concatenate(ys), slides,
-                                      n_boot=n_boot, seed=seed)
+    out["pooled"] = clustered_metrics(np.concatenate(parts["score"]), y,
+                                      np.concatenate(parts["slide"]), n_boot=n_boot, seed=seed,
+                                      weights=np.concatenate(parts["weight"]))
     return out
 
 
@@ -182,7 +201,9 @@ def cohort_lines(result: Mapping[str, Any]) -> list[str]:
     if "pooled" in tl:
         p = tl["pooled"]
         lines.append(f"tile level ({p['n']} tiles of {p['n_clusters']} slides, CIs resample "
-                     f"slides): AUROC {_ci_text(p['auroc'])}, AUPR {_ci_text(p['aupr'])}")
+                     f"slides): AUROC {_ci_text(p['auroc'])}, AUPR {_ci_text(p['aupr'])}, "
+                     f"AUPRO@{p['aupro_fpr_limit']} {_ci_text(p['aupro'])} "
+                     f"({p['n_regions']} regions)")
     elif "note" in tl:
         lines.append(f"tile level: {tl['note']}")
     return lines

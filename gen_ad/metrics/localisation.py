@@ -211,8 +211,10 @@ def _bootstrap(m: np.ndarray, g: np.ndarray, w: np.ndarray, regions: np.ndarray,
 
 
 def clustered_metrics(scores: Any, labels: Any, clusters: Sequence[Any], n_boot: int = 2000,
-                      seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
-    """AUROC and AUPR of items that come in clusters (tiles of slides), with cluster-level CIs.
+                      seed: int = 0, ci: float = 0.95, weights: Any = None,
+                      fpr_limit: float = FPR_LIMIT) -> dict[str, Any]:
+    """AUROC and AUPR (and AUPRO) of items that come in clusters (tiles of slides), with
+    cluster-level CIs.
 
     Tiles of one slide are not independent, so the interval resamples whole clusters (stratified
     into clusters with and without positives); the point estimates are exact (as scikit-learn).
@@ -222,25 +224,38 @@ def clustered_metrics(scores: Any, labels: Any, clusters: Sequence[Any], n_boot:
         labels: ``[N]`` 0/1, both present.
         clusters: ``[N]`` cluster id of each item (e.g. its slide).
         n_boot, seed, ci: bootstrap settings (``n_boot = 0``: point estimates only).
+        weights: optional ``[N]`` region weights ``1/|region|`` of the positives (0 for the
+            negatives; see :func:`region_weights`): adds AUPRO, every region weighing the same.
+        fpr_limit: AUPRO integration limit.
     Returns:
-        ``{"auroc": {value, low, high, n_boot, n_valid}, "aupr": {...}, "n", "n_clusters",
-        "resampled", "thresholds"}``.
+        ``{"auroc": {value, low, high, n_boot, n_valid}, "aupr": {...}, ["aupro": {...},
+        "n_regions", "aupro_fpr_limit"], "n", "n_clusters", "resampled", "thresholds"}``.
     """
     s, y = check_binary(scores, labels)
     names, ids = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
-    if ids.size != s.size:
-        raise DataError(f"clusters and scores differ in length: {ids.size} vs {s.size}")
-    _, ends, ys = sorted_groups(s, y)
-    a, ap = curve_metrics(np.cumsum(ys)[ends][None], np.cumsum(~ys)[ends][None])
+    w = np.zeros_like(s) if weights is None else _np(weights).reshape(-1)
+    if ids.size != s.size or w.size != s.size:
+        raise DataError(f"clusters, weights and scores differ in length: {ids.size}, {w.size} "
+                        f"and {s.size}")
+    order, ends, ys = sorted_groups(s, y)
+    tps, fps = np.cumsum(ys)[ends], np.cumsum(~ys)[ends]
+    a, ap = curve_metrics(tps[None], fps[None])
+    points = {"auroc": float(a[0]), "aupr": float(ap[0])}
     out: dict[str, Any] = {"n": int(s.size), "n_clusters": int(names.size),
                            "resampled": "clusters, stratified (with / without positives)"}
+    regions = np.bincount(ids, weights=w, minlength=names.size)  # each region's weights sum to 1
+    limit = fpr_limit if weights is not None else None
+    if limit is not None:
+        pro = np.cumsum(w[order])[ends] / regions.sum()
+        points["aupro"] = float(pro_area((fps / fps[-1])[None], pro[None], limit)[0])
+        out.update(n_regions=int(round(regions.sum())), aupro_fpr_limit=limit)
     draws: dict[str, np.ndarray] = {}
     if n_boot > 0:
         grid = _grid_for(s, y, names.size)
-        counts = cluster_counts(s, y, np.zeros_like(s), ids, names.size, grid)
-        draws = _resampled(counts, np.zeros(names.size), n_boot, seed, None)
+        counts = cluster_counts(s, y, w, ids, names.size, grid)
+        draws = _resampled(counts, regions, n_boot, seed, limit)
         out["thresholds"] = int(grid.size)
-    for name, value in (("auroc", float(a[0])), ("aupr", float(ap[0]))):
+    for name, value in points.items():
         lo, hi, n_valid = percentile_interval(draws[name], ci) if draws else (None, None, 0)
         out[name] = {"value": value, "low": lo, "high": hi, "n_boot": n_boot, "n_valid": n_valid}
     return json_safe(out)

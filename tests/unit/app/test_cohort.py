@@ -12,7 +12,12 @@ import tifffile
 import torch
 from sklearn.metrics import roc_auc_score
 
-from gen_ad.app.cohort import evaluate_cohort, read_slide_labels, slides_csv
+from gen_ad.app.cohort import (
+    evaluate_cohort,
+    read_slide_labels,
+    slides_csv,
+    tile_region_weights,
+)
 from gen_ad.app.slide import score_slide
 from gen_ad.errors import DataError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
@@ -85,6 +90,8 @@ def test_cohort_metrics_equal_direct_computations(cohort: dict) -> None:
     expected = roc_auc_score(np.concatenate(ys), np.concatenate(ss))
     assert pooled["auroc"]["value"] == pytest.approx(expected, abs=1e-12) and expected > 0.99
     assert pooled["n_clusters"] == 4 and "s3.xml" in tl["label_source"]["s3"]
+    assert pooled["n_regions"] == 2 and tl["per_slide"]["s1"]["n_regions"] == 1
+    assert pooled["aupro"]["value"] > 0.95 and pooled["aupro"]["n_boot"] == 200
     assert tl["per_slide"]["s0"]["auroc"] is None and tl["per_slide"]["s1"]["auroc"] > 0.99
     assert [tl["per_slide"][f"s{i}"]["n_tiles"] for i in range(4)] == [80] * 4  # 10 x 8 tiles
     table = slides_csv(recs, labels).splitlines()
@@ -129,3 +136,10 @@ def test_slide_cli_cohort_end_to_end(cohort: dict, capsys) -> None:
     (tmp / "worse.csv").write_text("slide,label\ns0,tumour\n")
     with pytest.raises(DataError, match="must be 0"):
         read_slide_labels(tmp / "worse.csv")
+
+
+def test_tile_regions_are_connected_groups_of_tumour_tiles() -> None:
+    table = {"row": np.array([0, 0, 1, 3, 3, 2]), "col": np.array([0, 1, 1, 3, 4, 4])}
+    tumour = np.array([1, 1, 1, 1, 1, 0])
+    w = tile_region_weights(table, tumour, (4, 5))
+    assert w == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2, 0.0])

@@ -178,3 +178,17 @@ def test_clustered_metrics_resample_whole_clusters() -> None:
     assert point["auroc"]["low"] is None and point["aupr"]["value"] == out["aupr"]["value"]
     with pytest.raises(DataError, match="differ in length"):
         clustered_metrics(scores, labels.astype(int), slides[:-1])
+
+
+def test_clustered_aupro_equals_pixel_aupro_with_images_as_clusters() -> None:
+    maps, masks = random_case(5, n=10)
+    w, _ = region_weights(masks)
+    images = np.repeat(np.arange(10), maps[0].size)
+    flat = clustered_metrics(maps.ravel(), masks.ravel().astype(int), images, n_boot=200,
+                             seed=3, weights=w.ravel())
+    pix = pixel_metrics(maps, masks, n_boot=200, seed=3)
+    assert flat["aupro"]["value"] == pytest.approx(pix["aupro"], abs=1e-12)
+    assert flat["n_regions"] == pix["n_regions"]
+    assert [flat["aupro"]["low"], flat["aupro"]["high"]] == pytest.approx(pix["ci"]["aupro"])
+    assert "aupro" not in clustered_metrics(maps.ravel(), masks.ravel().astype(int), images,
+                                            n_boot=0)
