@@ -84,6 +84,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bootstrap_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--n-boot`` and ``--seed`` of a command whose intervals are bootstrapped."""
+    p.add_argument("--n-boot", type=_positive_int, default=2000,
+                   help=f"bootstrap resamples of {what} (2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random step (0)")
+
+
 def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("groups", help="per-slide %% anomalous patches; control vs treated tests",
                        description="Per-slide percentage of patches above a label-free threshold, "
@@ -101,9 +108,7 @@ def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="reference group (default: 'control' if present, else the first by name)")
     p.add_argument("--order", default=None, metavar="G1,G2,...",
                    help="every group in dose order, for the trend test (overrides a dose column)")
-    p.add_argument("--n-boot", type=_positive_int, default=2000,
-                   help="bootstrap resamples of the effect-size intervals (2000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random step (0)")
+    _add_bootstrap_args(p, "the effect-size intervals")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_groups)
 
@@ -431,9 +436,7 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="slide,label table (0 normal, 1 tumour): slide-level AUROC/AUPR")
     p.add_argument("--annotations", default=None, metavar="DIR",
                    help="region files <slide>.geojson or ASAP <slide>.xml: tile-level metrics")
-    p.add_argument("--n-boot", type=_positive_int, default=2000,
-                   help="bootstrap resamples of the cohort's intervals (2000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    _add_bootstrap_args(p, "the cohort's intervals")
     p.set_defaults(func=_cmd_slide)
 
 
