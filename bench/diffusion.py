@@ -89,28 +89,31 @@ def _np_pixel(perm: np.ndarray, grad: np.ndarray, oi: int, oj: int, x: float, y:
     return 70.0 * total
 
 
-def numpy_loop_field(perm: np.ndarray, grad: np.ndarray, off: np.ndarray, h: int, w: int,
-                     octaves: int, persistence: float, frequency: float) -> np.ndarray:
+def numpy_loop_field(perm: np.ndarray, grad: np.ndarray, off: np.ndarray, shift: np.ndarray,
+                     h: int, w: int, octaves: int, persistence: float,
+                     frequency: float) -> np.ndarray:
     """One fractal field ``[H,W]`` by a scalar loop over pixels and octaves."""
     out = np.zeros((h, w))
     for yy in range(h):
         for xx in range(w):
             amp, wl, v = 1.0, frequency, 0.0
             for k in range(octaves):
-                v += amp * _np_pixel(perm, grad, int(off[k, 0]), int(off[k, 1]), xx / wl, yy / wl)
+                v += amp * _np_pixel(perm, grad, int(off[k, 0]), int(off[k, 1]),
+                                     xx / wl + shift[k, 0], yy / wl + shift[k, 1])
                 amp, wl = amp * persistence, wl / 2
             out[yy, xx] = v
     return out
 
 
-def numpy_vec_field(perm: np.ndarray, grad: np.ndarray, off: np.ndarray, h: int, w: int,
-                    octaves: int, persistence: float, frequency: float) -> np.ndarray:
+def numpy_vec_field(perm: np.ndarray, grad: np.ndarray, off: np.ndarray, shift: np.ndarray,
+                    h: int, w: int, octaves: int, persistence: float,
+                    frequency: float) -> np.ndarray:
     """One fractal field ``[H,W]``, NumPy-vectorised over the pixels."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     out = np.zeros((h, w))
     amp, wl = 1.0, frequency
     for k in range(octaves):
-        x, y = xx / wl, yy / wl
+        x, y = xx / wl + shift[k, 0], yy / wl + shift[k, 1]
         s = (x + y) * _F2
         i, j = np.floor(x + s), np.floor(y + s)
         t = (i + j) * _G2
@@ -136,11 +139,12 @@ def bench_simplex(b: int, size: int, device: torch.device, n_ref: int) -> dict[s
     t_torch = _timed(lambda: simplex_noise((b, 3, size, size), gen), sync, repeat=3)
     tables = draw_tables(3 * n_ref, 6, torch.Generator().manual_seed(1), dtype=torch.float64)
     perm, grad, off = tables.perm.numpy(), tables.grad.numpy(), tables.offset.numpy()
+    shift = tables.shift.numpy()
     ref_fast = fractal_from_tables(tables, size, size, 6, 0.8, 64.0).numpy()
     out: dict[str, Any] = {"batch": b, "size": size, "torch_img_per_s": b / t_torch}
     for name, fn in (("vectorised", numpy_vec_field), ("loop", numpy_loop_field)):
         t0 = time.perf_counter()
-        fields = [fn(perm[f], grad[f], off[f], size, size, 6, 0.8, 64.0)
+        fields = [fn(perm[f], grad[f], off[f], shift, size, size, 6, 0.8, 64.0)
                   for f in range(3 * n_ref)]  # 3 channels per image
         per_img = (time.perf_counter() - t0) / n_ref
         out[f"numpy_{name}_img_per_s"] = 1.0 / per_img
