@@ -5,7 +5,13 @@ pipeline; each transform is applied to a sample with probability ``p``:
 
 * geometric, one 2-D affine resampling per image (bilinear ``grid_sample`` with reflection
   padding, through :mod:`gen_ad.training.grid_sample` on every device: double-differentiable
-  w.r.t. the image, so R1 works through it on CUDA too): x-flip, 90-degree rotations, integer
+  w.r.t. the image, so R1 works through it on CUDA too). As in the reference implementation, a
+  batch with any non-integer transform is resampled **anti-aliased**: reflect-padded, upsampled
+  2x with the symlet-6 low-pass filter, sampled at twice the resolution, low-pass filtered and
+  decimated back (the up/down pair alone is the identity, tested), so rotations and down-scaling
+  do not alias; a batch of integer transforms only (flips, 90-degree turns, whole-pixel shifts)
+  is sampled directly and stays an exact pixel permutation. Transforms: x-flip, 90-degree
+  rotations, integer
   translation (up to 1/8 of the size), isotropic scaling (log2-normal, std 0.2), arbitrary rotation
   (probability ``1 - sqrt(1 - p)`` before and after the anisotropic scaling, as in the paper),
   anisotropic scaling (std 0.2), fractional translation (normal, std 1/8);
@@ -28,10 +34,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gen_ad.models.fir import downsample2d, setup_filter, upsample2d
 from gen_ad.training.grid_sample import grid_sample
 
 GEOMETRIC = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
 COLOUR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
+#: Daubechies symlet-6 scaling (low-pass) filter, the standard wavelet table values; the
+#: reference implementation's anti-aliasing filter for geometric augmentation.
+SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036,
+        -0.007800708325034148)
 
 
 @dataclass
@@ -158,6 +171,57 @@ def _rotate_about(axis: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _integer_transforms(m: torch.Tensor, size: int) -> bool:
+    """Whether every ``[B,3,3]`` map is a flip / 90-degree turn / whole-pixel shift."""
+    lin, t = m[:, :2, :2], m[:, :2, 2] * size / 2
+    return bool(((lin - lin.round()).abs().max() < 1e-6) & ((t - t.round()).abs().max() < 1e-4))
+
+
+def _fine_grid(m: torch.Tensor, h: int, w: int, pad: int, margin: int) -> torch.Tensor:
+    """Sampling grid ``[B, 2(H+2pad), 2(W+2pad), 2]`` at twice the resolution over the output
+    extended by ``pad`` pixels, in the normalised coordinates of the upsampled input padded by
+    ``margin``.
+
+    FIR upsampling by 2 puts fine pixel ``j`` at coarse position ``j / 2`` (pixel centres at
+    integers), a quarter pixel off the centre-of-cell convention; the output's fine pixels are
+    placed with the same convention, so the transform turns about the true image centre (the
+    reference's ``translate2d(-0.5, -0.5)`` conjugation at twice the resolution).
+
+    Args:
+        m: ``[B,3,3]`` output-to-input maps in the unpadded ``[-1,1]`` coordinates.
+    """
+    dev, dtype = m.device, m.dtype
+
+    def centres(n: int) -> torch.Tensor:  # fine pixel centres of the padded output, normalised
+        fine = torch.arange(2 * (n + 2 * pad), device=dev, dtype=dtype)
+        return 2 * ((fine + 1) / 2 - pad) / n - 1
+
+    gy, gx = torch.meshgrid(centres(h), centres(w), indexing="ij")
+    pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)
+    src = torch.einsum("bij,hwj->bhwi", m[:, :2, :], pts)  # input points, unpadded coords
+    size = torch.tensor([w, h], device=dev, dtype=dtype)
+    # unpadded normalised -> pixels of the padded input, less the upsampling's quarter pixel
+    px = (src + 1) * size / 2 + margin - 0.25
+    return 2 * px / (size + 2 * margin) - 1
+
+
+def _resample(x: torch.Tensor, m: torch.Tensor, antialias: bool) -> torch.Tensor:
+    """Sample ``x`` ``[B,C,H,W]`` at ``m`` (normalised output-to-input maps ``[B,3,3]``),
+    directly or anti-aliased: the input reflect-padded and upsampled 2x, the output (padded by
+    the filter's reach) sampled at twice the resolution, low-pass filtered, decimated, cropped."""
+    b, c, h, w = x.shape
+    if not antialias:
+        grid = F.affine_grid(m[:, :2, :].to(x.dtype), [b, c, h, w], align_corners=False)
+        return grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                           align_corners=False)
+    f = setup_filter(SYM6)
+    pad = f.numel() // 4  # the filter's reach at the lower resolution
+    up = upsample2d(F.pad(x, [2 * pad] * 4, mode="reflect"), f)
+    grid = _fine_grid(m.to(x.dtype), h, w, pad, 2 * pad)
+    fine = grid_sample(up, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return downsample2d(fine, f.flip(0))[..., pad:pad + h, pad:pad + w]
+
+
 def augment(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
             spec: AugmentSpec | None = None) -> torch.Tensor:
     """Apply the ADA pipeline with probability ``p`` per transform and sample.
@@ -178,9 +242,7 @@ def augment(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
     if any(getattr(spec, k) > 0 for k in GEOMETRIC):
         m = geometric_matrix(b, w, p, spec, generator, dev)
         if not torch.equal(m, _eye(b, 3, m)):
-            grid = F.affine_grid(m[:, :2, :].to(x.dtype), [b, c, h, w], align_corners=False)
-            x = grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
-                            align_corners=False)
+            x = _resample(x, m, antialias=not _integer_transforms(m, w))
     if c == 3 and any(getattr(spec, k) > 0 for k in COLOUR):
         cm = colour_matrix(b, p, spec, generator, dev).to(x.dtype)
         x = torch.einsum("bij,bjhw->bihw", cm[:, :3, :3], x) + cm[:, :3, 3, None, None]
