@@ -271,10 +271,14 @@ def calibrate_scorer(scorer: AnomalyScorer, normal: Dataset, *, batch_size: int 
                      limit: int | None = None, num_workers: int = 0) -> Threshold:
     """Fit ``scorer`` on normal images, then calibrate a label-free threshold on their scores.
 
-    The scores used for the threshold come from the same normal images after fitting; methods
-    that fit a bank on them (KNN) exclude each point from its own neighbours.
+    The scores used for the threshold come from the same normal images after fitting; a scorer
+    that stores them (a KNN bank) gives its leave-one-out scores instead
+    (:meth:`AnomalyScorer.fit_scores`), so no image is its own neighbour.
     """
     scorer.fit(b.to(device) for b in image_batches(normal, batch_size, limit, num_workers))
+    held_out = scorer.fit_scores()
+    if held_out is not None:
+        return calibrate(held_out, method=method, fpr=fpr)
     if limit is not None and limit < len(normal):  # type: ignore[arg-type]
         normal = Subset(normal, list(range(limit)))
     scored = score_dataset(scorer, normal, batch_size=batch_size, device=device, keep_maps=False,

@@ -542,6 +542,10 @@ class KNNScorer(AnomalyScorer):
         self.threshold = calibrate(self.calib_scores, method="iqr")
         return self
 
+    def fit_scores(self) -> np.ndarray | None:
+        """The bank's leave-one-out calibration scores (``None`` before :meth:`calibrate`)."""
+        return self.calib_scores
+
     def score_features(self, feats: np.ndarray | torch.Tensor) -> np.ndarray:
         """``[B, D]`` features -> ``[B]`` scores."""
         if self.index is None:

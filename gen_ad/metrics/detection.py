@@ -144,14 +144,14 @@ def bootstrap_metrics(scores: Any, labels: Any, n_boot: int = 2000, seed: int = 
 
 
 def per_class_auroc(scores: Any, labels: Any, classes: Sequence[Any], n_boot: int = 2000,
-                    seed: int = 0) -> dict[str, dict[str, Any]]:
+                    seed: int = 0, ci: float = 0.95) -> dict[str, dict[str, Any]]:
     """AUROC/AUPR of each anomaly class against all normals.
 
     Args:
         scores: ``[N]`` scores.
         labels: ``[N]`` 0/1.
         classes: ``[N]`` class names; only those of anomalous items (label 1) are used.
-        n_boot, seed: bootstrap settings (stratified).
+        n_boot, seed, ci: bootstrap settings (stratified).
     Returns:
         ``{class: {"n": count, "auroc": {...}, "aupr": {...}}}`` in sorted class order.
     """
@@ -162,7 +162,7 @@ def per_class_auroc(scores: Any, labels: Any, classes: Sequence[Any], n_boot: in
     out: dict[str, dict[str, Any]] = {}
     for c in sorted(set(cls[y].tolist())):
         keep = ~y | (cls == c)
-        m = bootstrap_metrics(s[keep], y[keep], n_boot=n_boot, seed=seed)
+        m = bootstrap_metrics(s[keep], y[keep], n_boot=n_boot, seed=seed, ci=ci)
         out[c] = {"n": int((y & (cls == c)).sum()), "auroc": m["auroc"].to_dict(),
                   "aupr": m["aupr"].to_dict()}
     return out
@@ -181,6 +181,8 @@ def threshold_metrics(scores: Any, labels: Any, threshold: float | Threshold) ->
     t = threshold.value if isinstance(threshold, Threshold) else float(threshold)
     s = to_numpy(scores).reshape(-1)
     y = to_numpy(labels).reshape(-1).astype(bool)
+    if s.shape != y.shape:
+        raise DataError(f"scores and labels differ in length: {s.size} vs {y.size}")
     pred = s > t
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
@@ -224,7 +226,7 @@ def evaluate_scores(scores: Any, labels: Any, classes: Sequence[Any] | None = No
                       "interval": "percentile"},
     }
     if classes is not None:
-        out["per_class"] = per_class_auroc(s, y, classes, n_boot=n_boot, seed=seed)
+        out["per_class"] = per_class_auroc(s, y, classes, n_boot=n_boot, seed=seed, ci=ci)
     if threshold is not None:
         out["at_threshold"] = threshold_metrics(s, y, threshold)
     if (maps is None) != (masks is None):

@@ -22,6 +22,7 @@ hub cache, download unless offline), which also holds the extractors.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 import warnings
@@ -346,7 +347,9 @@ def kernel_distance(f1: Tensor, f2: Tensor, *, subset_size: int | None = None,
         subset_size: images per subset (default ``min(1000, N1, N2)``, so small sets work).
         subsets: number of subsets; seed: their sampling seed (torch-fidelity's default 2020).
     Returns:
-        ``(mean, std, subset_size)``.
+        ``(mean, std, subset_size)``; ``std`` is NaN when every subset is the whole of both sets
+        (equal sets of at most the subset size): the subsets then cannot vary, and a spread of
+        0 would read as certainty.
     """
     m = subset_size or min(KID_SUBSET_SIZE, len(f1), len(f2))
     if m < 2 or m > min(len(f1), len(f2)):
@@ -354,8 +357,9 @@ def kernel_distance(f1: Tensor, f2: Tensor, *, subset_size: int | None = None,
                         f"(sets of {len(f1)} and {len(f2)} images)")
     out = kid_features_to_metric(f1, f2, kid_subsets=subsets, kid_subset_size=m, rng_seed=seed,
                                  verbose=False)
-    return (float(out["kernel_inception_distance_mean"]),
-            float(out["kernel_inception_distance_std"]), m)
+    whole = m == len(f1) == len(f2)
+    std = math.nan if whole else float(out["kernel_inception_distance_std"])
+    return float(out["kernel_inception_distance_mean"]), std, m
 
 
 def distances(ref: SetStats, fake: Tensor, extractor: FeatureExtractor, *,
@@ -366,7 +370,8 @@ def distances(ref: SetStats, fake: Tensor, extractor: FeatureExtractor, *,
     if kid:
         mean, std, m = kernel_distance(ref.features, fake)
         lab = extractor.kid_label
-        out.update({f"{lab}_mean": mean, f"{lab}_std": std, f"{lab}_subset_size": m})
+        out.update({f"{lab}_mean": mean, f"{lab}_std": None if math.isnan(std) else std,
+                    f"{lab}_subset_size": m})
     out.update(n_real=ref.n, n_fake=fake_stats.n, extractor=extractor.name,
                cache_hit=ref.cache_hit)
     return out

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -82,6 +83,13 @@ class AnomalyScorer(ABC):
 
     def load_calibration(self, state: dict[str, float]) -> None:  # noqa: B027
         """Restore what :meth:`calibration` returned, instead of fitting again."""
+
+    def fit_scores(self) -> np.ndarray | None:
+        """Scores of (a subset of) the images :meth:`fit` saw, each scored without itself, for a
+        threshold; ``None`` (the default): scoring them again is fair (nothing memorised them).
+        A scorer whose fit stores the images (a KNN bank) must return leave-one-out scores:
+        re-scored, every image would find itself at distance 0."""
+        return None
 
     @abstractmethod
     def score(self, x: torch.Tensor) -> ScoreBatch:

@@ -54,7 +54,9 @@ def iqr_threshold(scores: Any) -> float:
 
 
 def fpr_threshold(scores: Any, fpr: float) -> float:
-    """The ``1 - fpr`` quantile of normal scores (a fraction ``fpr`` of them lies above it).
+    """The ``1 - fpr`` quantile of normal scores (about a fraction ``fpr`` of them lies above it;
+    interpolated, so with few scores the fraction above can exceed ``fpr``: with 10 scores and
+    ``fpr = 0.05``, one of them).
 
     Args:
         scores: ``[N]`` normal scores.

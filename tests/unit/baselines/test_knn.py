@@ -220,3 +220,22 @@ def test_bank_of_an_earlier_extractor_definition_is_refused(tmp_path, capsys) ->
 def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
     rec = run_bench("knn.py")
     assert "hardware" in rec and rec["hardware"]["cpu"]
+
+
+def test_calibrating_a_knn_scorer_uses_leave_one_out_scores(extractor) -> None:
+    """The engine's fit-then-threshold must not let the bank images find themselves."""
+    from torch.utils.data import TensorDataset
+
+    from gen_ad.app.evaluate import calibrate_scorer
+    from gen_ad.scoring.thresholds import calibrate
+
+    class Images(TensorDataset):
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"image": self.tensors[0][i]}
+
+    images = torch.cat(_batches(48, 6))
+    scorer = KNNScorer(extractor, k=5, calib_size=48)
+    th = calibrate_scorer(scorer, Images(images), batch_size=16)
+    assert th.value == pytest.approx(calibrate(scorer.fit_scores(), method="iqr").value)
+    rescored = scorer.score(images).scores.numpy()  # each image its own nearest neighbour
+    assert th.value > iqr_threshold(rescored)

@@ -112,6 +112,9 @@ def test_per_class_is_each_class_vs_all_normals() -> None:
     keep = np.r_[np.ones(30, bool), np.ones(10, bool), np.zeros(20, bool)]
     assert out["tumor"]["n"] == 10
     assert out["tumor"]["auroc"]["value"] == pytest.approx(roc_auc_score(y[keep], s[keep]))
+    half = per_class_auroc(s, y, cls, n_boot=200, ci=0.5)["tumor"]["auroc"]  # ci reaches it
+    wide = per_class_auroc(s, y, cls, n_boot=200, ci=0.95)["tumor"]["auroc"]
+    assert wide["low"] < half["low"] <= half["high"] < wide["high"]
 
 
 def test_threshold_metrics_hand_made() -> None:
@@ -124,6 +127,8 @@ def test_threshold_metrics_hand_made() -> None:
     assert m["balanced_accuracy"] == pytest.approx(2 / 3)
     none_called = threshold_metrics(s, y, 5.0)
     assert none_called["precision"] is None and none_called["specificity"] == 1.0
+    with pytest.raises(DataError, match="differ in length"):
+        threshold_metrics(s, y[:1], 0.5)
 
 
 def test_dice_hand_made() -> None:
