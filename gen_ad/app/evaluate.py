@@ -310,7 +310,9 @@ def write_examples(out_dir: Path, scored: ScoredSet, dataset: Dataset, n: int = 
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.8g}"
+    """Shortest text that reads back as the same float (``gen-ad groups`` re-applies the
+    threshold to these values, so rounding could flip a score right at it)."""
+    return repr(float(v))
 
 
 def scores_csv(scored: ScoredSet, threshold: Threshold | None = None,

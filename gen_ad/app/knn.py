@@ -33,6 +33,7 @@ from gen_ad.baselines.knn import (
     KNNScorer,
     Reduction,
     SearchSettings,
+    bank_settings,
     build_bank,
     extend_bank,
     extractor_from_info,
@@ -66,7 +67,10 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
         ext = extractor_from_info(bank.meta["extractor"], device, weights)
         size = size or int(bank.meta["extractor"].get("load_size", ext.input_size))
         loader = _normal_loader(normal, size, batch_size, workers)
-        return extend_bank(bank, ext, loader, total=len(loader))
+        resources = None if settings is None else bank_settings(  # the bank's metric, index
+            bank, memory_budget_mb=settings.memory_budget_mb, backend=settings.backend,
+            use_gpu=settings.use_gpu)
+        return extend_bank(bank, ext, loader, total=len(loader), settings=resources)
     ext = build_extractor(extractor_name, weights=weights, random_init=random_init,
                           device=device, tiny=tiny, seed=seed)
     size = size or ext.input_size

@@ -79,7 +79,7 @@ def _tiles_csv(recs: list[Any], rows: np.ndarray, cols: np.ndarray, scores: np.n
     w = csv.writer(buf)
     w.writerow(["x", "y", "row", "col", "score", "path"])
     for r, i, j, s in zip(recs, rows, cols, scores):
-        w.writerow([r.x, r.y, int(i), int(j), f"{s:.8g}", r.path])
+        w.writerow([r.x, r.y, int(i), int(j), repr(float(s)), r.path])
     return buf.getvalue()
 
 

@@ -580,7 +580,8 @@ def build_bank(extractor: torch.nn.Module, batches: Iterable[Any], out: str | os
               "index": settings.index, "nlist": settings.nlist, "nprobe": settings.nprobe,
               "calib_size": int(calib_size), "seed": int(seed)}
     bank = FeatureBank.create(out, dim, extractor_info, stored)
-    extend_bank(bank, extractor, batches, total=total, shard_rows=shard_rows)
+    extend_bank(bank, extractor, batches, total=total, shard_rows=shard_rows,
+                settings=settings)  # the memory budget and backend apply to calibration too
     return bank
 
 
