@@ -210,12 +210,12 @@ def _resample(x: torch.Tensor, m: torch.Tensor, antialias: bool) -> torch.Tensor
     directly or anti-aliased: the input reflect-padded and upsampled 2x, the output (padded by
     the filter's reach) sampled at twice the resolution, low-pass filtered, decimated, cropped."""
     b, c, h, w = x.shape
-    if not antialias:
+    pad = len(SYM6) // 4  # the filter's reach at the lower resolution
+    if not antialias or min(h, w) <= 2 * pad:  # reflect padding needs a few pixels
         grid = F.affine_grid(m[:, :2, :].to(x.dtype), [b, c, h, w], align_corners=False)
         return grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
                            align_corners=False)
     f = setup_filter(SYM6)
-    pad = f.numel() // 4  # the filter's reach at the lower resolution
     up = upsample2d(F.pad(x, [2 * pad] * 4, mode="reflect"), f)
     grid = _fine_grid(m.to(x.dtype), h, w, pad, 2 * pad)
     fine = grid_sample(up, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
