@@ -368,7 +368,8 @@ class StyleGAN2Scorer(AnomalyScorer):
         terms = {"lpips": res.lpips, "pixel": pix_map.mean(dim=[1, 2])}
         scores = wl * terms["lpips"] + wp * terms["pixel"]
         if self.D is not None and wf > 0:
-            feat = (self.D.features(x) - self.D.features(res.recon)).square().mean(dim=1)
+            feat = (self.D.features(x, mbstd_group=1)  # per image: no batch-mate dependence
+                    - self.D.features(res.recon, mbstd_group=1)).square().mean(dim=1)
             terms["feature"] = feat
             scores = scores + wf * feat
         maps = (wl * lp_map + wp * pix_map).clamp_min(0)

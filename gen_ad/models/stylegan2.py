@@ -510,8 +510,13 @@ class Discriminator(nn.Module):
         self.fc = FullyConnected(c4 * self.init_res ** 2, c4, lrelu=True)
         self.out = FullyConnected(c4, 1)
 
-    def features(self, img: torch.Tensor, force_fp32: bool = False) -> torch.Tensor:
-        """Features before the last layer, ``[B,C]`` (for feature residuals)."""
+    def features(self, img: torch.Tensor, force_fp32: bool = False,
+                 mbstd_group: int | None = None) -> torch.Tensor:
+        """Features before the last layer, ``[B,C]`` (for feature residuals).
+
+        ``mbstd_group = 1`` computes the minibatch-std channel within each image alone (it is
+        then constant), so an image's features do not depend on the rest of its batch.
+        """
         if img.ndim != 4 or img.shape[-1] != self.resolution or img.shape[-2] != self.resolution:
             raise ValueError(f"expected images [B,C,{self.resolution},{self.resolution}], got "
                              f"{tuple(img.shape)}")
@@ -521,7 +526,7 @@ class Discriminator(nn.Module):
             x = block(x, self.lowp_dtype if lowp else torch.float32)
         x = x.float()
         if self.mbstd_channels > 0:
-            x = minibatch_stddev(x, self.mbstd_group, self.mbstd_channels)
+            x = minibatch_stddev(x, mbstd_group or self.mbstd_group, self.mbstd_channels)
         x = self.conv(x)
         return self.fc(einops.rearrange(x, "b c h w -> b (c h w)"))
 

@@ -103,3 +103,5 @@ def test_scorer_outputs_scores_maps_and_terms() -> None:
     assert set(out.terms) == {"lpips", "pixel", "feature"}
     expected = out.terms["lpips"] + out.terms["pixel"] + 0.1 * out.terms["feature"]
     torch.testing.assert_close(out.scores, expected)
+    alone = torch.cat([scorer.score(x[i:i + 1]).terms["feature"] for i in range(3)])
+    torch.testing.assert_close(out.terms["feature"], alone)  # no dependence on batch mates
