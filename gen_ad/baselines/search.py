@@ -81,6 +81,11 @@ class ArraySource:
 
     def __init__(self, arr: np.ndarray) -> None:
         self.arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if self.arr.ndim != 2:
+            raise DataError(f"a feature bank must be [N, D], got {self.arr.shape}")
+        if not np.all(np.isfinite(self.arr)):  # as FeatureBank.append: one rule, every backend
+            bad = int((~np.isfinite(self.arr)).any(axis=1).sum())
+            raise DataError(f"{bad} feature rows contain NaN or infinite values")
         self.count, self.dim = self.arr.shape
 
     def blocks(self, max_rows: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -185,6 +185,11 @@ def test_bad_input_is_a_clear_error() -> None:
         knn.search(q, 5)
     with pytest.raises(ConfigError, match="metric"):
         ExactKNN(ArraySource(bank), metric="manhattan")  # type: ignore[arg-type]
+    bank[7, 0] = np.inf  # an in-memory bank is checked like a saved one, whatever the backend
+    with pytest.raises(DataError, match="1 feature rows contain NaN"):
+        ArraySource(bank)
+    with pytest.raises(DataError, match=r"\[N, D\]"):
+        ArraySource(bank[0])
 
 
 @pytest.mark.gpu
