@@ -32,6 +32,7 @@ from gen_ad.data.annotations import find_annotation, read_regions
 from gen_ad.errors import DataError
 from gen_ad.metrics.detection import auroc, evaluate_scores
 from gen_ad.metrics.localisation import clustered_metrics, region_weights
+from gen_ad.report.html import ci_text
 from gen_ad.utils.io import write_json, write_text
 
 SLIDE_SCORES = ("score_max", "score_top1pct", "score_max_raw", "score_top1pct_raw",
@@ -86,10 +87,10 @@ def tile_region_weights(table: Mapping[str, np.ndarray], tumour: np.ndarray,
     return region_weights(mask)[0][0, table["row"], table["col"]]
 
 
-def _tile_labels(rec: Mapping[str, Any], label: int | None,
+def _tile_labels(rec: Mapping[str, Any], t: Mapping[str, np.ndarray], label: int | None,
                  annotations: str | os.PathLike[str]) -> tuple[np.ndarray | None, str]:
-    """Tile labels of one slide and where they came from (``None`` when unknown)."""
-    t = _tile_table(rec)
+    """Tile labels of one slide (its tile table ``t``) and where they came from (``None`` when
+    unknown)."""
     found = find_annotation(annotations, slide_key(rec["slide"]))
     if found is not None:
         return read_regions(found).contains(t["x"], t["y"]).astype(int), str(found)
@@ -117,10 +118,10 @@ def _tile_level(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int],
     sources, per_slide = {}, {}
     for r in recs:
         key = slide_key(r["slide"])
-        tl, sources[key] = _tile_labels(r, labels.get(key), annotations)
+        t = _tile_table(r)
+        tl, sources[key] = _tile_labels(r, t, labels.get(key), annotations)
         if tl is None:
             continue
-        t = _tile_table(r)
         w = tile_region_weights(t, tl, r["grid"])
         for name, v in (("score", t["score"]), ("label", tl), ("weight", w),
                         ("slide", np.full(tl.size, key))):
@@ -141,20 +142,32 @@ def _tile_level(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int],
     return out
 
 
+def check_inputs(slides: Sequence[str | os.PathLike[str]], labels: Mapping[str, int] | None,
+                 annotations: str | os.PathLike[str] | None) -> None:
+    """Duplicate slide names, slides missing from the label table, a missing annotation folder:
+    each a :class:`DataError` (``gen-ad slide`` calls this before any scoring)."""
+    keys = [slide_key(p) for p in slides]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise DataError(f"two slides share the name {', '.join(dupes)} (outputs go to "
+                        "<out>/<slide name>/)")
+    missing = [k for k in keys if labels is not None and k not in labels]
+    if missing:
+        raise DataError(f"no label for slide(s) {', '.join(missing)} in the label table")
+    if annotations is not None and not Path(annotations).is_dir():
+        raise DataError(f"annotation folder not found: {annotations}")
+
+
 def evaluate_cohort(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int] | None,
                     annotations: str | os.PathLike[str] | None, n_boot: int = 2000,
                     seed: int = 0) -> dict[str, Any]:
     """Slide-level and tile-level metrics of scored slides (see the module docstring)."""
+    check_inputs([r["slide"] for r in recs], labels or None, annotations)
     labels = dict(labels or {})
-    missing = [slide_key(r["slide"]) for r in recs if slide_key(r["slide"]) not in labels]
-    if labels and missing:
-        raise DataError(f"no label for slide(s) {', '.join(missing)} in the label table")
     out: dict[str, Any] = {"n_slides": len(recs), "n_boot": n_boot, "seed": seed}
     if labels:
         out["slide_level"] = _slide_level(recs, labels, n_boot, seed)
     if annotations is not None:
-        if not Path(annotations).is_dir():
-            raise DataError(f"annotation folder not found: {annotations}")
         out["tile_level"] = _tile_level(recs, labels, annotations, n_boot, seed)
     return out
 
@@ -181,12 +194,6 @@ def write_cohort(out: str | os.PathLike[str], recs: Sequence[Mapping[str, Any]],
     return {k: str(v) for k, v in paths.items()}
 
 
-def _ci_text(m: Mapping[str, Any]) -> str:
-    if m.get("low") is None:
-        return f"{m['value']:.3f}"
-    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
-
-
 def cohort_lines(result: Mapping[str, Any]) -> list[str]:
     """Human lines: slide-level AUROC of each slide score, pooled tile AUROC."""
     lines = []
@@ -196,13 +203,13 @@ def cohort_lines(result: Mapping[str, Any]) -> list[str]:
     for key in SLIDE_SCORES:
         if key in sl:
             lines.append(f"slide level ({sl['n']} slides, {sl['n_tumour']} tumour), {key}: "
-                         f"AUROC {_ci_text(sl[key]['auroc'])}")
+                         f"AUROC {ci_text(sl[key]['auroc'])}")
     tl = result.get("tile_level") or {}
     if "pooled" in tl:
         p = tl["pooled"]
         lines.append(f"tile level ({p['n']} tiles of {p['n_clusters']} slides, CIs resample "
-                     f"slides): AUROC {_ci_text(p['auroc'])}, AUPR {_ci_text(p['aupr'])}, "
-                     f"AUPRO@{p['aupro_fpr_limit']} {_ci_text(p['aupro'])} "
+                     f"slides): AUROC {ci_text(p['auroc'])}, AUPR {ci_text(p['aupr'])}, "
+                     f"AUPRO@{p['aupro_fpr_limit']} {ci_text(p['aupro'])} "
                      f"({p['n_regions']} regions)")
     elif "note" in tl:
         lines.append(f"tile level: {tl['note']}")

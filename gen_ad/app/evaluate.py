@@ -40,6 +40,7 @@ from gen_ad.baselines.knn import (
 from gen_ad.data.folders import PatchFolder, discover_classes, find_mask_root
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.metrics.detection import evaluate_scores
+from gen_ad.report.html import ci_text
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.maps import save_map_png
 from gen_ad.scoring.thresholds import Threshold, calibrate
@@ -396,9 +397,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
     for key in ("auroc", "aupr"):
         m = metrics.get(key)
         if isinstance(m, dict) and m.get("value") is not None:
-            ci = (f" [{m['low']:.3f}, {m['high']:.3f}]"
-                  if m.get("low") is not None and m.get("high") is not None else "")
-            parts.append(f"{key.upper()} {m['value']:.3f}{ci}")
+            parts.append(f"{key.upper()} {ci_text(m)}")
     pixel = metrics.get("pixel") or {}
     if pixel.get("aupro") is not None:
         parts.append(f"pixel AUROC {pixel['auroc']:.3f}, AUPRO {pixel['aupro']:.3f}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,23 +177,6 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     return rec
 
 
-def _check_cohort(paths: Sequence[str], labels: Mapping[str, int] | None,
-                  annotations: str | None) -> None:
-    """Fail before any scoring: duplicate slide names, unlabelled slides, a missing folder."""
-    from gen_ad.app.cohort import slide_key
-
-    keys = [slide_key(p) for p in paths]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise DataError(f"two slides share the name {', '.join(dupes)} (outputs go to "
-                        "<out>/<slide name>/)")
-    if labels is not None and any(k not in labels for k in keys):
-        raise DataError(f"no label for slide(s) {', '.join(k for k in keys if k not in labels)} "
-                        "in the label table")
-    if annotations is not None and not Path(annotations).is_dir():
-        raise DataError(f"annotation folder not found: {annotations}")
-
-
 @writes_folder("out", "slide output folder")
 def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = None,
                   bank: str | None = None, method: str | None = None, normal: str | None = None,
@@ -209,11 +192,16 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
     Returns:
         ``{"slides": [slide.json records], "cohort": metrics + outputs (when evaluated)}``.
     """
-    from gen_ad.app.cohort import evaluate_cohort, read_slide_labels, write_cohort
+    from gen_ad.app.cohort import (
+        check_inputs,
+        evaluate_cohort,
+        read_slide_labels,
+        write_cohort,
+    )
 
     paths = [str(slides)] if isinstance(slides, (str, os.PathLike)) else [str(p) for p in slides]
     label_map = read_slide_labels(labels) if labels is not None else None
-    _check_cohort(paths, label_map, annotations)
+    check_inputs(paths, label_map, annotations)
     device = resolve_device(device)
     if bank is not None and normal is not None:
         raise ConfigError("--normal fits a run's scorer; a KNN bank already holds its normal "

@@ -95,3 +95,22 @@ def percentile_interval(values: np.ndarray, ci: float) -> tuple[float, float, in
         return math.nan, math.nan, 0
     lo, hi = np.percentile(ok, [50.0 * (1.0 - ci), 100.0 - 50.0 * (1.0 - ci)])
     return float(lo), float(hi), int(ok.size)
+
+
+def resample_counts(rng: np.random.Generator, strata: np.ndarray, b: int,
+                    stratified: bool = True) -> np.ndarray:
+    """Draw ``b`` bootstrap resamples of ``N`` items as a ``[b, N]`` int32 count matrix.
+
+    Stratified: the items with ``strata`` True and those with False are drawn separately (in that
+    order), each stratum keeping its size; an empty stratum draws nothing. Otherwise items are
+    drawn from the pooled set.
+    """
+    n = strata.size
+    if stratified:
+        groups = [g for g in (np.flatnonzero(strata), np.flatnonzero(~strata)) if g.size]
+        idx = np.concatenate([g[rng.integers(0, g.size, size=(b, g.size))] for g in groups],
+                             axis=1)
+    else:
+        idx = rng.integers(0, n, size=(b, n))
+    flat = (idx + (np.arange(b) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.int32)

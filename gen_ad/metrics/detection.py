@@ -32,6 +32,7 @@ from gen_ad.metrics.curves import (
     curve_metrics,
     json_safe,
     percentile_interval,
+    resample_counts,
     sorted_groups,
     to_numpy,
 )
@@ -92,20 +93,6 @@ def _point(s: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(a[0]), float(ap[0])
 
 
-def _resample_counts(rng: np.random.Generator, ys: np.ndarray, b: int,
-                     stratified: bool) -> np.ndarray:
-    """Draw ``b`` bootstrap resamples as a ``[b, N]`` count matrix over the sorted items."""
-    n = ys.size
-    if stratified:
-        pos, neg = np.flatnonzero(ys), np.flatnonzero(~ys)
-        idx = np.concatenate([pos[rng.integers(0, pos.size, size=(b, pos.size))],
-                              neg[rng.integers(0, neg.size, size=(b, neg.size))]], axis=1)
-    else:
-        idx = rng.integers(0, n, size=(b, n))
-    flat = (idx + (np.arange(b) * n)[:, None]).ravel()
-    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.int32)
-
-
 def bootstrap_metrics(scores: Any, labels: Any, n_boot: int = 2000, seed: int = 0,
                       ci: float = 0.95, stratified: bool = True) -> dict[str, MetricCI]:
     """AUROC and AUPR with percentile bootstrap confidence intervals.
@@ -129,7 +116,7 @@ def bootstrap_metrics(scores: Any, labels: Any, n_boot: int = 2000, seed: int = 
     chunk = max(1, min(n_boot, _CHUNK_ELEMS // max(s.size, 1)))
     aurocs, aps = [], []
     for start in range(0, n_boot, chunk):
-        counts = _resample_counts(rng, ys, min(chunk, n_boot - start), stratified)
+        counts = resample_counts(rng, ys, min(chunk, n_boot - start), stratified)
         tps = np.cumsum(counts * ys, axis=1, dtype=np.int32)[:, ends]
         fps = np.cumsum(counts, axis=1, dtype=np.int32)[:, ends] - tps
         a, ap = curve_metrics(tps, fps)

@@ -36,6 +36,7 @@ from gen_ad.metrics.curves import (
     curve_metrics,
     json_safe,
     percentile_interval,
+    resample_counts,
     sorted_groups,
 )
 from gen_ad.metrics.curves import to_numpy as _np
@@ -109,6 +110,14 @@ def _pooled(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
     return m, g
 
 
+def exact_aupro(w_sorted: np.ndarray, ends: np.ndarray, fps: np.ndarray, n_regions: float,
+                limit: float) -> float:
+    """AUPRO on every distinct value: region weights in descending-score order ``w_sorted``,
+    tie-group ends ``ends`` and the cumulative false positives there ``fps``."""
+    pro = np.cumsum(w_sorted)[ends] / n_regions
+    return float(pro_area((fps / fps[-1])[None], pro[None], limit)[0])
+
+
 def _exact(m: np.ndarray, g: np.ndarray, w: np.ndarray, n_regions: int,
            limit: float) -> dict[str, Any]:
     """Point estimates on every distinct map value."""
@@ -119,9 +128,8 @@ def _exact(m: np.ndarray, g: np.ndarray, w: np.ndarray, n_regions: int,
     a, ap = curve_metrics(tps[None], fps[None])
     d = 2.0 * tps / (tps + fps + tps[-1])
     best = int(np.argmax(d))
-    pro = np.cumsum(w.reshape(-1)[order])[ends] / n_regions
-    aupro = pro_area((fps / fps[-1])[None], pro[None], limit)
-    return {"auroc": float(a[0]), "aupr": float(ap[0]), "aupro": float(aupro[0]),
+    return {"auroc": float(a[0]), "aupr": float(ap[0]),
+            "aupro": exact_aupro(w.reshape(-1)[order], ends, fps, n_regions, limit),
             "best_dice": float(d[best]), "best_dice_threshold": float(s[order][ends[best]])}
 
 
@@ -157,17 +165,6 @@ def cluster_counts(s: np.ndarray, y: np.ndarray, w: np.ndarray, clusters: np.nda
     return cum(y.astype(np.float64)), cum((~y).astype(np.float64)), cum(w)
 
 
-def _cluster_resamples(rng: np.random.Generator, strata: np.ndarray, n: int) -> np.ndarray:
-    """``[n, C]`` count matrix of cluster resamples, stratified by the boolean ``strata``."""
-    out = np.zeros((n, strata.size), dtype=np.float64)
-    rows = np.arange(n)[:, None]
-    for group in (np.flatnonzero(strata), np.flatnonzero(~strata)):
-        if group.size:
-            picks = group[rng.integers(0, group.size, size=(n, group.size))]
-            np.add.at(out, (np.broadcast_to(rows, picks.shape), picks), 1.0)
-    return out
-
-
 def _resampled(counts: tuple[np.ndarray, ...], regions: np.ndarray, n_boot: int, seed: int,
                limit: float | None) -> dict[str, np.ndarray]:
     """AUROC, AUPR (and AUPRO with ``limit``) of ``n_boot`` stratified cluster resamples."""
@@ -175,7 +172,7 @@ def _resampled(counts: tuple[np.ndarray, ...], regions: np.ndarray, n_boot: int,
     rng = np.random.default_rng(seed)
     vals: dict[str, list[np.ndarray]] = {"auroc": [], "aupr": [], "aupro": []}
     for start in range(0, n_boot, _BOOT_CHUNK):
-        c = _cluster_resamples(rng, tp[:, -1] > 0, min(_BOOT_CHUNK, n_boot - start))
+        c = resample_counts(rng, tp[:, -1] > 0, min(_BOOT_CHUNK, n_boot - start))
         tps, fps = c @ tp, c @ fp
         a, ap = curve_metrics(tps, fps)
         vals["auroc"].append(a)
@@ -246,8 +243,7 @@ def clustered_metrics(scores: Any, labels: Any, clusters: Sequence[Any], n_boot:
     regions = np.bincount(ids, weights=w, minlength=names.size)  # each region's weights sum to 1
     limit = fpr_limit if weights is not None else None
     if limit is not None:
-        pro = np.cumsum(w[order])[ends] / regions.sum()
-        points["aupro"] = float(pro_area((fps / fps[-1])[None], pro[None], limit)[0])
+        points["aupro"] = exact_aupro(w[order], ends, fps, regions.sum(), limit)
         out.update(n_regions=int(round(regions.sum())), aupro_fpr_limit=limit)
     draws: dict[str, np.ndarray] = {}
     if n_boot > 0:

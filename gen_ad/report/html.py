@@ -63,7 +63,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def _ci(m: dict[str, Any] | None) -> str:
+def ci_text(m: dict[str, Any] | None) -> str:
     """``0.912 [0.880, 0.940]`` from a MetricCI dict."""
     if not m or m.get("value") is None:
         return "–"
@@ -80,7 +80,7 @@ def pixel_cell(pixel: dict[str, Any] | None) -> str:
     lines = []
     for key, name in (("auroc", "AUROC"), ("aupro", f"AUPRO@{pixel.get('aupro_fpr_limit')}")):
         low, high = ci.get(key) or (None, None)
-        lines.append(f"{_e(name)} " + _ci({"value": pixel.get(key), "low": low, "high": high}))
+        lines.append(f"{_e(name)} " + ci_text({"value": pixel.get(key), "low": low, "high": high}))
     regions = f"<span class='note'>{_e(pixel.get('n_regions'))} regions</span>"
     return "<br>".join([*lines, regions])
 
@@ -140,7 +140,7 @@ def _summary_table(methods: list[dict[str, Any]]) -> str:
         flag = any("RANDOM" in n for n in m["notes"])
         rows.append([f"<b>{_e(m['name'])}</b>" + ("<br><span class='note'>random-init weights "
                                                   "inside: see notes</span>" if flag else ""),
-                     _e(m["kind"]), _ci(mt.get("auroc")), _ci(mt.get("aupr")),
+                     _e(m["kind"]), ci_text(mt.get("auroc")), ci_text(mt.get("aupr")),
                      pixel_cell(mt.get("pixel")) if m["has_maps"] else "– (no maps)", sens_spec,
                      f"{m['ms_per_patch']:.1f}", generator_cell(m.get("generator"))])
     head = ["method", "kind", "AUROC [95% CI]", "AUPR [95% CI]",
@@ -168,7 +168,7 @@ def _per_class_table(methods: list[dict[str, Any]]) -> str:
     rows = []
     for m in methods:
         pc = m["metrics"].get("per_class") or {}
-        rows.append([_e(m["name"])] + [_ci((pc.get(c) or {}).get("auroc")) for c in classes])
+        rows.append([_e(m["name"])] + [ci_text((pc.get(c) or {}).get("auroc")) for c in classes])
     head = ["method"] + [f"AUROC {_e(c)} (n={_e(_class_n(methods, c))})" for c in classes]
     return "<h3>Per anomaly class (each against all normals)</h3>" + _table(head, rows)
 
