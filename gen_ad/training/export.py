@@ -1,11 +1,12 @@
 """Inference export (``<run>/model/``); :func:`gen_ad.training.runs.load_run` rebuilds a run.
 
 ``model/`` holds one safetensors file per network (EMA copies as ``<name>_ema``),
-``model.json`` with the family name, the resolved config, the counters and the file list, and
-``manifest.json`` (sizes and sha256 of every file, written last). A run is rebuilt from its saved
-config alone, without pickles and without the training code's state. The folder is assembled
-under a temporary name and swapped in as a set, and ``load_run`` checks the manifest, so
-weights of different steps are never mixed and damaged files are never loaded.
+``model.json`` with the family name, the resolved config, the counters and the file list,
+``stain_ref.png`` for a run trained on stain-normalised patches (its scorers normalise queries
+towards it), and ``manifest.json`` (sizes and sha256 of every file, written last). A run is
+rebuilt from its saved config alone, without pickles and without the training code's state.
+The folder is assembled under a temporary name and swapped in as a set, and ``load_run`` checks
+the manifest, so weights of different steps are never mixed and damaged files are never loaded.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gen_ad.utils.io import (
 )
 
 FORMAT_VERSION = 2
+STAIN_REF = "stain_ref.png"  # the stain reference of a stain-normalised run, copied in
 
 
 def export_models(model_dir: Path, *, family: Family, models: Mapping[str, nn.Module],
@@ -48,7 +50,7 @@ def export_models(model_dir: Path, *, family: Family, models: Mapping[str, nn.Mo
         for name, m in ema.items():
             save_safetensors(tmp / f"{name}_ema.safetensors", m.state_dict())
             files[f"{name}_ema"] = f"{name}_ema.safetensors"
-        write_json(tmp / "model.json", {
+        meta = {
             "format": FORMAT_VERSION,
             "family": family.name,
             "files": files,
@@ -56,11 +58,29 @@ def export_models(model_dir: Path, *, family: Family, models: Mapping[str, nn.Mo
             "step": counters.step,
             "kimg": counters.kimg,
             "config": to_dict(family.cfg),
-        })
+        }
+        stain_ref = _copy_stain_reference(family.cfg, tmp)
+        if stain_ref is not None:
+            meta["stain_ref"] = stain_ref
+        write_json(tmp / "model.json", meta)
         write_manifest(tmp, {"step": counters.step})
         publish_dir(tmp, model_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_stain_reference(cfg: Any, folder: Path) -> str | None:
+    """Copy the stain reference of a stain-normalised run into the export (as PNG), so scoring
+    normalises queries the same way wherever the run folder goes; returns its file name."""
+    data = getattr(cfg, "data", None)
+    if data is None or getattr(data, "stain_norm", "none") == "none" or data.stain_ref is None:
+        return None
+    from PIL import Image
+
+    from gen_ad.data.folders import read_rgb
+
+    Image.fromarray(read_rgb(data.stain_ref)).save(folder / STAIN_REF, format="PNG")
+    return STAIN_REF
 
 
 def _json_field(path: Path, key: str) -> Any:

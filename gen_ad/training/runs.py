@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,10 +15,14 @@ from torch import nn
 from gen_ad.config import from_dict
 from gen_ad.errors import CheckpointError, ConfigError
 from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.scoring.stain import StainNormalizedScorer
 from gen_ad.training.checkpoint import load_weights
 from gen_ad.training.export import verify_export
 from gen_ad.training.family import Family
 from gen_ad.training.registry import family_class
+
+if TYPE_CHECKING:
+    from gen_ad.data.stain import StainNormalizer
 
 
 @dataclass
@@ -32,6 +36,8 @@ class Run:
         models: networks in eval mode on ``device``; the EMA weights under the plain name where
             the run kept an EMA (the raw training weights are not loaded).
         step / kimg: how far the exported run had trained.
+        stain: the run's stain normaliser when it trained on stain-normalised patches
+            (``data.stain_norm``); its scorers then normalise every query the same way.
     """
 
     path: Path
@@ -40,6 +46,7 @@ class Run:
     models: dict[str, nn.Module]
     step: int
     kimg: float
+    stain: StainNormalizer | None = None
 
     @property
     def device(self) -> torch.device:
@@ -60,8 +67,12 @@ class Run:
 
     def scorers(self, **kwargs: Any) -> dict[str, AnomalyScorer]:
         """The anomaly scorers this run offers (e.g. ``anoddpm`` and ``autoddpm``); ``kwargs``
-        are the family's typed scorer options (a bad key or value is a ConfigError)."""
-        return self.family.scorers(self.models, **kwargs)
+        are the family's typed scorer options (a bad key or value is a ConfigError). A
+        stain-normalised run's scorers normalise their inputs as training did."""
+        scorers = self.family.scorers(self.models, **kwargs)
+        if self.stain is None:
+            return scorers
+        return {k: StainNormalizedScorer(s, self.stain) for k, s in scorers.items()}
 
 
 def read_model_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -116,4 +127,27 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         load_weights(m, model_dir / f"{file}.safetensors", what)
         m.to(device).eval().requires_grad_(False)
     return Run(Path(path), cfg, family, models, int(meta.get("step", 0)),
-               float(meta.get("kimg", 0.0)))
+               float(meta.get("kimg", 0.0)), run_stain(model_dir, meta, cfg))
+
+
+def run_stain(model_dir: Path, meta: dict[str, Any], cfg: Any) -> StainNormalizer | None:
+    """The stain normaliser of a run trained with ``data.stain_norm`` (else ``None``): fitted on
+    the reference copied into the export, or, for an export without that copy, on
+    ``data.stain_ref`` as the config names it.
+
+    Raises:
+        CheckpointError: neither reference image can be found.
+    """
+    data = getattr(cfg, "data", None)
+    if data is None or getattr(data, "stain_norm", "none") == "none":
+        return None
+    ref = model_dir / meta["stain_ref"] if meta.get("stain_ref") else Path(str(data.stain_ref))
+    if not ref.is_file():
+        raise CheckpointError(
+            f"the run in {model_dir.parent} was trained on {data.stain_norm}-normalised patches "
+            f"and its scorers normalise queries the same way, but the stain reference {ref} is "
+            "missing (put the image there, or export the run again with gen_ad >= this version, "
+            "which copies it into model/)")
+    from gen_ad.data.stain import StainNormalizer
+
+    return StainNormalizer(method=data.stain_norm, reference=ref)

@@ -1,0 +1,102 @@
+"""A run trained on stain-normalised patches scores stain-normalised queries (issue: scoring
+used raw pixels), with the stain reference carried inside its export."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gen_ad.cli import main
+from gen_ad.data.folders import image_to_tensor, read_rgb, tensor_to_uint8
+from gen_ad.data.stain import StainNormalizer
+from gen_ad.data.synthetic import write_folder
+from gen_ad.errors import CheckpointError
+from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
+from gen_ad.scoring.stain import StainNormalizedScorer, normalise_batch
+from gen_ad.training.runs import load_run
+
+needs_torchstain = pytest.mark.skipif(importlib.util.find_spec("torchstain") is None,
+                                      reason="torchstain is not installed (pip install torchstain)")
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "wgan"
+
+
+class _Recorder(AnomalyScorer):
+    """Scores = mean pixel value; remembers what it was given."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+        self.marker = "inner attribute"
+
+    def fit(self, normal_batches):  # type: ignore[no-untyped-def]
+        self.seen += list(normal_batches)
+        return self
+
+    def score(self, x: torch.Tensor) -> ScoreBatch:
+        self.seen.append(x)
+        return ScoreBatch(x.mean(dim=(1, 2, 3)))
+
+
+def _folder(tmp_path: Path) -> tuple[Path, Path]:
+    write_folder(tmp_path / "data", n=12, size=32, seed=0, anomaly_fraction=0.0)
+    ref = tmp_path / "ref.png"
+    shutil.copy(sorted((tmp_path / "data" / "normal").iterdir())[0], ref)
+    return tmp_path / "data", ref
+
+
+@needs_torchstain
+def test_wrapper_normalises_before_fit_and_score(tmp_path: Path) -> None:
+    data, ref = _folder(tmp_path)
+    stain = StainNormalizer(method="reinhard", reference=ref)
+    files = sorted((data / "normal").iterdir())[1:5]
+    x = torch.stack([image_to_tensor(read_rgb(f)) for f in files])
+    expected = torch.stack([image_to_tensor(stain(u.numpy())) for u in tensor_to_uint8(x)])
+    assert not torch.equal(expected, x)  # the stain really moves
+    inner = _Recorder()
+    sc = StainNormalizedScorer(inner, stain)
+    sc.fit([x[:2], x[2:]])
+    out = sc.score(x)
+    assert torch.equal(torch.cat(inner.seen[:2]), expected)
+    assert torch.equal(inner.seen[2], expected)
+    assert torch.allclose(out.scores, expected.mean(dim=(1, 2, 3)))
+    assert sc.name == "recorder" and sc.marker == "inner attribute"  # inspection sees the method
+    assert torch.equal(normalise_batch(x, stain), expected)
+
+
+@needs_torchstain
+def test_stain_run_exports_reference_and_scores_normalised(tmp_path: Path) -> None:
+    data, ref = _folder(tmp_path)
+    run = tmp_path / "gan"
+    assert main(["train", "wgan", "--config", str(CONFIGS / "demo.yaml"), f"out={run}",
+                 f"data.train={data}", "data.stain_norm=reinhard", f"data.stain_ref={ref}",
+                 "train.max_steps=1", "train.batch_size=10", "train.sample_every=0",
+                 "train.fid_every=0", "train.ckpt_every=0"]) == 0
+    meta = json.loads((run / "model" / "model.json").read_text())
+    assert meta["stain_ref"] == "stain_ref.png"
+    assert np.array_equal(read_rgb(run / "model" / "stain_ref.png"), read_rgb(ref))
+    ref.unlink()  # the run folder alone is enough
+    r = load_run(run)
+    assert r.stain is not None
+    (name, sc), = r.scorers(steps=2).items()
+    assert isinstance(sc, StainNormalizedScorer) and name == "anogan"
+    x = torch.stack([image_to_tensor(read_rgb(f)) for f in sorted((data / "normal").iterdir())[:3]])
+    plain = r.family.scorers(r.models, steps=2)["anogan"]
+    want = plain.score(normalise_batch(x, r.stain)).scores
+    assert torch.allclose(sc.score(x).scores, want)
+
+    # an export without the copy (older gen_ad) and without the original: a clear error
+    del meta["stain_ref"]
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    (run / "model" / "manifest.json").unlink()
+    meta["format"] = 1
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="no integrity manifest"), \
+            pytest.raises(CheckpointError, match="stain reference .* is missing"):
+        load_run(run)
