@@ -95,7 +95,7 @@ class StepContext:
 
     def phase(self, optimizer: str, model: nn.Module, batch: torch.Tensor, loss_fn: LossFn, *,
               clip_grad: float = 0.0, also_zero: Sequence[str] = (),
-              step_scheduler: bool = False) -> None:
+              step_scheduler: bool = False, nan_to_num: bool = False) -> None:
         """One optimisation phase: ``grad_accum`` micro-batches, then one optimiser step.
 
         Zeroes the gradients of ``optimizer``; for each chunk of ``batch`` (DDP gradient sync of
@@ -104,7 +104,11 @@ class StepContext:
         ``grad_norm``); steps and zeroes the optimiser (and the gradients of ``also_zero``, e.g. a
         critic that received gradients through the generator's loss) and, with
         ``step_scheduler``, its LR schedule. The logged values are averaged over the
-        micro-batches on the device; nothing is read back to the host.
+        micro-batches on the device; nothing is read back to the host. With ``nan_to_num``
+        the gradients are sanitised before clipping and the step (NaN -> 0, +-inf -> +-1e5), as
+        stylegan2-ada-pytorch does for its float16 layers trained without loss scaling: one
+        overflow would otherwise turn a weight into NaN for good (Adam with beta1 = 0 gives
+        inf / inf).
 
         Args:
             optimizer: name of the optimiser (and schedule) to step.
@@ -122,6 +126,10 @@ class StepContext:
             for k, v in logs.items():
                 v = v.detach().float() / self.grad_accum
                 sums[k] = sums[k] + v if k in sums else v
+        if nan_to_num:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.nan_to_num_(nan=0.0, posinf=1e5, neginf=-1e5)
         if clip_grad > 0:
             sums["grad_norm"] = torch.as_tensor(
                 self.accelerator.clip_grad_norm_(model.parameters(), clip_grad)).detach().float()

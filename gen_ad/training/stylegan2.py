@@ -481,7 +481,7 @@ class StyleGAN2Family(Family):
             loss = F.softplus(-Du(self.ada(img, ctx.generator)).float()).mean()
             return loss, {"loss_g": loss}
 
-        ctx.phase("G", G, batch, loss_fn)
+        ctx.phase("G", G, batch, loss_fn, nan_to_num=True)
 
     def generator_reg(self, ctx: StepContext, batch: torch.Tensor) -> None:
         """``Greg``: path-length penalty times ``pl_weight * pl_interval``; one Adam step.
@@ -496,13 +496,14 @@ class StyleGAN2Family(Family):
             img, ws = G(**self._latents(ctx, chunk.shape[0], num_ws), generator=ctx.generator,
                         return_ws=True)
             lengths = path_lengths(img, ws, ctx.generator)
-            pl_mean = self.pl_mean.lerp(lengths.mean().detach(), L.pl_decay)
+            # the updated mean stays in the graph for this penalty, as in the reference
+            pl_mean = self.pl_mean.lerp(lengths.mean(), L.pl_decay)
             self.pl_mean = pl_mean.detach()
             penalty = (lengths - pl_mean).square().mean()
             loss = penalty * L.pl_weight * L.pl_interval + 0 * img[:, 0, 0, 0].sum()
             return loss, {"pl_penalty": penalty}
 
-        ctx.phase("G", G, batch[:n], loss_fn)
+        ctx.phase("G", G, batch[:n], loss_fn, nan_to_num=True)
         ctx.log("pl_mean", self.pl_mean)
 
     def discriminator_main(self, ctx: StepContext, batch: torch.Tensor) -> None:
@@ -522,24 +523,32 @@ class StyleGAN2Family(Family):
             signs[0] = signs[0] + lr.detach().sign().sum()
             return loss, {"loss_d": loss, "d_real": lr.mean(), "d_fake": lf.mean()}
 
-        ctx.phase("D", D, batch, loss_fn)
+        ctx.phase("D", D, batch, loss_fn, nan_to_num=True)
+        self._ada_signs(ctx, signs[0], batch.shape[0])
+
+    def _ada_signs(self, ctx: StepContext, signs: torch.Tensor, n: int) -> None:
+        """Add the summed ``sign(D(aug(real)))`` of ``n`` images per process to ADA's statistics
+        (one host read per phase, not per micro-batch)."""
         acc = ctx.accelerator
-        total = acc.reduce(signs[0], reduction="sum") if acc.num_processes > 1 else signs[0]
-        # ADA keeps its statistics on the host: one read per step (not per micro-batch)
-        self.ada.accumulate(float(total), batch.shape[0] * acc.num_processes)
+        total = acc.reduce(signs, reduction="sum") if acc.num_processes > 1 else signs
+        self.ada.accumulate(float(total), n * acc.num_processes)
 
     def discriminator_reg(self, ctx: StepContext, batch: torch.Tensor) -> None:
         """``Dreg``: R1 ``gamma/2 * |grad|^2`` times ``r1_interval``, one Adam step; logs
-        ``r1_penalty``."""
+        ``r1_penalty``. Its real logits count in ADA's statistics too, as in the reference."""
         D = ctx.models["D"]
+        signs = [torch.zeros([], device=ctx.device)]
 
         def loss_fn(real: torch.Tensor) -> tuple[torch.Tensor, Logs]:
             pen, logits = r1_penalty(D, real, self._aug(ctx))
             loss = (pen.mean() * (self.r1_gamma / 2) * self.cfg.loss.r1_interval
                     + 0 * logits.float().sum())
+            signs[0] = signs[0] + logits.detach().float().sign().sum()
             return loss, {"r1_penalty": pen.mean()}
 
-        ctx.phase("D", D, batch, loss_fn)
+        ctx.phase("D", D, batch, loss_fn, nan_to_num=True)
+        if self.cfg.augment.ada:
+            self._ada_signs(ctx, signs[0], batch.shape[0])
 
     def encoder_phase(self, ctx: StepContext, batch: torch.Tensor) -> None:
         """Stage encoder: one Adam step of E on :func:`~gen_ad.inversion.projector.encoder_loss`."""
@@ -557,7 +566,7 @@ class StyleGAN2Family(Family):
                                 mix_prob=self.cfg.loss.style_mixing,
                                 host_rng=ctx.host_rng)
 
-        ctx.phase("E", E, batch, loss_fn)
+        ctx.phase("E", E, batch, loss_fn, nan_to_num=True)
 
     def _encoder_lpips(self, device: torch.device) -> nn.Module | None:
         if self.cfg.encoder.lpips == "none" or self.cfg.encoder.lpips_weight == 0:

@@ -195,3 +195,48 @@ def test_compiled_training_equals_eager_and_resumes_exactly(tmp_path: Path) -> N
     c = _weights(half)
     for name in b:
         assert all(torch.equal(b[name][k], c[name][k]) for k in b[name]), name
+
+
+def _ctx(fam: StyleGAN2Family | None, models: dict[str, nn.Module], step: int = 0):  # type: ignore[no-untyped-def]
+    from accelerate import Accelerator
+
+    from gen_ad.training.family import StepContext
+
+    opts = fam.build_optimizers(models) if fam is not None else {
+        "w": torch.optim.Adam(models["w"].parameters(), lr=1e-3, betas=(0.0, 0.99))}
+    return StepContext(Accelerator(cpu=True), models, opts, {}, {}, step, 0.0,
+                       torch.Generator().manual_seed(step))
+
+
+@pytest.mark.parametrize("sanitise", [False, True])
+def test_phase_sanitises_non_finite_gradients_as_the_reference(sanitise: bool) -> None:
+    # stylegan2-ada-pytorch replaces NaN/inf gradients before every step (its float16 layers
+    # train without loss scaling); without it one overflow makes a weight NaN for good
+    net = _Linear(torch.ones(1, 3, 1, 1))
+    ctx = _ctx(None, {"w": net})
+    k = torch.tensor([1.0, float("inf"), 1.0]).reshape(1, 3, 1, 1)
+
+    def loss_fn(chunk: torch.Tensor):  # type: ignore[no-untyped-def]
+        loss = (net.w * k * chunk).sum()
+        return loss, {"loss": loss.detach().clamp(-1e9, 1e9)}
+
+    ctx.phase("w", net, torch.ones(2, 1, 1, 1), loss_fn, nan_to_num=sanitise)
+    w = net.w.detach().flatten()
+    if sanitise:
+        assert torch.isfinite(w).all()
+        assert w[0] == w[2] != 1.0 and w[1] < 1.0  # +inf -> 1e5: a finite step down
+    else:
+        assert torch.isnan(w[1])  # Adam with beta1 = 0: inf / inf
+
+
+def test_ada_statistics_count_the_r1_phase_reals(tmp_path: Path) -> None:
+    # the reference reports sign(D(real)) in Dmain and in Dreg: lazy-R1 steps add a second batch
+    fam = StyleGAN2Family(_cfg(tmp_path, 2, augment={"p": 0.2, "interval": 4,
+                                                     "speed_kimg": 0.05}))
+    models = fam.build_models()
+    fam.setup(models, torch.device("cpu"))
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    fam.train_step(_ctx(fam, models, 0), x)  # step 0: R1 (interval 2)
+    assert fam.ada.count == 8
+    fam.train_step(_ctx(fam, models, 1), x)  # step 1: no R1
+    assert fam.ada.count == 12
