@@ -207,9 +207,9 @@ def bench_recon(fam: DDPMFamily, batch: int, device: torch.device, exact: bool,
         "anoddpm_full": (AnoDDPMScorer(unet, sched, t=200, noise="simplex"), 201),
         "anoddpm_ddim": (AnoDDPMScorer(unet, sched, t=200, noise="simplex", sampler="ddim",
                                        steps=20), 20),
-        "autoddpm_full": (AutoDDPMScorer(unet, sched, lpips=lp, threshold=0.1), 201 + 51 * 5),
+        "autoddpm_full": (AutoDDPMScorer(unet, sched, lpips=lp, threshold=0.1), 201 + 50 * 5 + 1),
         "autoddpm_ddim": (AutoDDPMScorer(unet, sched, lpips=lp, threshold=0.1, sampler="ddim",
-                                         steps_recon=20, steps_inpaint=10), 20 + 10 * 5),
+                                         steps_recon=20, steps_inpaint=10), 20 + 9 * 5 + 1),
     }
     out: dict[str, Any] = {"batch": batch, "unet_eval_ms_per_image": 1e3 * per_eval / batch}
     for name, (scorer, evals) in variants.items():

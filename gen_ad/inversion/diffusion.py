@@ -49,10 +49,6 @@ from gen_ad.scoring.thresholds import fpr_threshold
 NoiseKind = Literal["gaussian", "simplex"]
 SamplerKind = Literal["ddpm", "ddim"]
 
-# AutoDDPM's reference mask threshold (LPIPS-squeeze x normalised residual); used only when the
-# scorer was neither calibrated with fit() nor given a threshold.
-REFERENCE_MASK_THRESHOLD = 0.13
-
 
 # ----------------------------------------------------------------------------- speed
 
@@ -275,6 +271,8 @@ class Denoiser:
             t_start: first timestep (AutoDDPM: 50).
             steps: model evaluations per round (``None``: every step).
             resample: rounds per step (AutoDDPM: 5); each but the last jumps back one step.
+                The final step (to the clean image) runs once, as in RePaint and the AutoDDPM
+                reference code (``t > 0`` condition).
             gen: generator of every draw.
         Returns:
             ``[B,3,H,W]`` image: ``x`` outside the mask, re-sampled inside.
@@ -283,11 +281,12 @@ class Denoiser:
         x_t = add_noise(self.scheduler, start, t_start, self.draw(start, gen))
         ts = timestep_sequence(t_start, steps)
         for t, t_prev in zip(ts, ts[1:] + [-1]):
-            for u in range(resample):
+            rounds = resample if t_prev >= 0 else 1  # as RePaint: no re-sampling of the last step
+            for u in range(rounds):
                 unknown = self.step(x_t, t, t_prev, gen)
                 known = add_noise(self.scheduler, x, t_prev, self.draw(x, gen))
                 x_prev = m * unknown + (1.0 - m) * known
-                if u < resample - 1:
+                if u < rounds - 1:
                     x_t = renoise(self.scheduler, x_prev, t_prev, t, self.draw(x, gen))
             x_t = x_prev
         return x_t
@@ -466,12 +465,16 @@ class AutoDDPMScorer(AnomalyScorer):
         self.threshold = fpr_threshold(torch.cat(values), self.fpr)
         return self
 
-    def _threshold(self) -> float:
-        if self.threshold is None:
-            warnings.warn("AutoDDPM mask threshold not calibrated (call fit() on normal images); "
-                          f"using the reference value {REFERENCE_MASK_THRESHOLD}", stacklevel=3)
-            return REFERENCE_MASK_THRESHOLD
-        return float(self.threshold)
+    def _threshold(self, init: torch.Tensor) -> torch.Tensor | float:
+        """The calibrated threshold, or without one each image's own ``1 - fpr`` quantile of
+        its initial map ``[B,H,W]`` (``[B,1,1]``; the reference code's fallback, its fixed 0.13
+        being a value for its own MRI input scaling, meaningless for [-1,1] RGB LPIPS)."""
+        if self.threshold is not None:
+            return float(self.threshold)
+        warnings.warn("AutoDDPM mask threshold not calibrated (call fit() on normal images); "
+                      f"masking each image's top {100 * self.fpr:g} % of pixels instead",
+                      stacklevel=3)
+        return torch.quantile(init.flatten(1).float(), 1.0 - self.fpr, dim=1)[:, None, None]
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> ScoreBatch:
@@ -480,7 +483,7 @@ class AutoDDPMScorer(AnomalyScorer):
         x = x.to(dev, torch.float32)
         gen = torch.Generator(device=dev).manual_seed(self.seed)
         recon, init = self.initial_map(x, gen)
-        mask = dilate(init > self._threshold(), self.dilation)
+        mask = dilate(init > self._threshold(init), self.dilation)
         stitched = torch.where(mask[:, None], recon, x)
         out = self.denoiser.inpaint(x, stitched, mask, self.t_inpaint, self.steps_inpaint,
                                     self.resample, gen).clamp(-1.0, 1.0)

@@ -221,7 +221,10 @@ def simplex_noise(shape: tuple[int, ...] | torch.Size, generator: torch.Generato
                           f" frequency={frequency}")
     work = torch.float64 if dtype == torch.float64 else torch.float32
     tables = draw_tables(b * c, octaves, generator, dtype=work)
-    v = fractal_from_tables(tables, h, w, octaves, persistence, frequency)
+    # full precision even when called under autocast (a bf16 training step): the sparse product
+    # would otherwise run in bf16 (CUDA) or fail (CPU has no bf16 sparse kernel)
+    with torch.autocast(generator.device.type, enabled=False):
+        v = fractal_from_tables(tables, h, w, octaves, persistence, frequency)
     if normalize:
         v = standardize(v)
     return rearrange(v, "(b c) h w -> b c h w", b=b).to(dtype)

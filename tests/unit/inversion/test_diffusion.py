@@ -108,6 +108,27 @@ def test_inpaint_keeps_the_known_region(unet: torch.nn.Module) -> None:
     assert not torch.allclose(out[:, :, mask[0]], x[:, :, mask[0]])
 
 
+def test_inpaint_resamples_every_step_but_the_last(unet: torch.nn.Module) -> None:
+    # RePaint / AutoDDPM: `resample` rounds per step while t > 0; the final step runs once
+    calls: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = unet
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor):  # type: ignore[no-untyped-def]
+            calls.append(int(t[0]))
+            return self.inner(x, t)
+
+    den = Denoiser(Counting(), build_scheduler("ddpm"), "gaussian")
+    x = _x(1)
+    mask = torch.ones(1, 16, 16, dtype=torch.bool)
+    den.inpaint(x, x, mask, t_start=4, steps=None, resample=3,
+                gen=torch.Generator().manual_seed(0))
+    assert calls == [4] * 3 + [3] * 3 + [2] * 3 + [1] * 3 + [0]
+
+
 @pytest.mark.parametrize("noise, sampler", [("simplex", "ddpm"), ("gaussian", "ddim")])
 def test_anoddpm_maps_scores_and_seeds(unet: torch.nn.Module, noise: str, sampler: str) -> None:
     s = build_scheduler("ddpm")
@@ -155,10 +176,18 @@ def test_autoddpm_fit_mask_and_final_map(unet: torch.nn.Module, lp: torch.nn.Mod
 
 def test_autoddpm_without_calibration_warns(unet: torch.nn.Module, lp: torch.nn.Module) -> None:
     s = build_scheduler("ddpm")
-    sc = AutoDDPMScorer(unet, s, t_recon=5, t_inpaint=2, resample=1, lpips=lp)
-    with pytest.warns(UserWarning, match="not calibrated"):
-        out = sc.score(_x(1, size=32))
-    assert out.scores.shape == (1,)
+    sc = AutoDDPMScorer(unet, s, t_recon=5, t_inpaint=2, resample=1, lpips=lp, fpr=0.1,
+                        dilation=1)
+    x = _x(2, size=32)
+    with pytest.warns(UserWarning, match="not calibrated.*top 10 % of pixels"):
+        out = sc.score(x)
+    assert out.scores.shape == (2,)
+    # each image masks its own top 10 % of initial-map pixels (the reference's fallback)
+    init = sc.initial_map(x, torch.Generator().manual_seed(0))[1]
+    q = torch.quantile(init.flatten(1), 0.9, dim=1)
+    assert torch.equal(out.terms["mask_fraction"], (init > q[:, None, None]).float().mean((1, 2)))
+    frac = out.terms["mask_fraction"]  # 10 % up to the interpolated quantile's one pixel
+    assert ((frac >= 0.1 - 1 / 1024) & (frac <= 0.1 + 1 / 1024)).all()
     with pytest.raises(DataError, match="LPIPS"):
         sc.score(_x(1, size=16))
     with pytest.raises(ConfigError):

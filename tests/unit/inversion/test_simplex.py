@@ -117,3 +117,12 @@ def test_bad_parameters_are_clear_errors(kw: dict) -> None:
         simplex_noise((1, 3, 8, 8), _gen(0), **kw)
     with pytest.raises(ConfigError):
         simplex_noise((3, 8, 8), _gen(0))
+
+
+def test_noise_stays_float32_under_bf16_autocast() -> None:
+    # a bf16 training step draws its simplex noise inside autocast (configs/ddpm/pcam64.yaml)
+    want = simplex_noise((2, 3, 24, 24), torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = simplex_noise((2, 3, 24, 24), torch.Generator().manual_seed(5))
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)
