@@ -11,6 +11,7 @@ from gen_ad.errors import DataError
 from gen_ad.metrics.stats import (
     GroupSettings,
     group_analysis,
+    read_animals,
     read_group_order,
     read_groups,
     read_scores,
@@ -30,7 +31,8 @@ def run_groups(score_csvs: Sequence[str | os.PathLike[str]], groups_csv: str | o
 
     Args:
         score_csvs: ``path,score[,slide]`` CSVs.
-        groups_csv: ``slide,group`` CSV.
+        groups_csv: ``slide,group`` CSV (optional ``dose``; optional ``animal``: the animal is
+            then the unit of analysis, its slides pooled).
         out_dir: folder for ``groups.json``, ``per_slide.csv``, ``groups_box.png``.
         threshold: threshold value; exactly one of ``threshold`` / ``threshold_file``.
         threshold_file: JSON written by :meth:`gen_ad.scoring.thresholds.Threshold.save`.
@@ -53,7 +55,8 @@ def run_groups(score_csvs: Sequence[str | os.PathLike[str]], groups_csv: str | o
     slides, scores = read_scores(score_csvs)
     order = list(order) if order is not None else read_group_order(groups_csv)
     settings = GroupSettings(control=control, order=order, n_boot=n_boot, seed=seed)
-    result = group_analysis(slides, scores, read_groups(groups_csv), t_value, settings)
+    result = group_analysis(slides, scores, read_groups(groups_csv), t_value, settings,
+                            slide_animals=read_animals(groups_csv))
     result["threshold_info"] = t_info
     result["score_files"] = [str(p) for p in score_csvs]
     paths = write_group_outputs(result, out_dir)

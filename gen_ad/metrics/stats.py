@@ -105,6 +105,27 @@ def read_groups(path: str | os.PathLike[str]) -> dict[str, str]:
     return out
 
 
+def read_animals(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """``{slide: animal}`` from an optional ``animal`` column of the groups table (``None``
+    without one). Every slide needs an animal, and one animal's slides one group."""
+    rows = _read_csv(path, ["slide", "group"])
+    if "animal" not in rows[0]:
+        return None
+    out: dict[str, str] = {}
+    group_of: dict[str, str] = {}
+    for i, r in enumerate(rows, start=2):
+        animal = r["animal"]
+        if not animal:
+            raise DataError(f"{path}:{i}: empty animal (fill the column for every slide, or "
+                            "drop it to count slides as independent)")
+        if group_of.setdefault(animal, r["group"]) != r["group"]:
+            raise DataError(f"{path}:{i}: animal '{animal}' is in two groups "
+                            f"({group_of[animal]} and {r['group']})")
+        if out.setdefault(r["slide"], animal) != animal:
+            raise DataError(f"{path}:{i}: slide '{r['slide']}' has two animals")
+    return out
+
+
 def read_group_order(path: str | os.PathLike[str]) -> list[str] | None:
     """The groups in dose order from an optional numeric ``dose`` column (``None`` without one).
 
@@ -229,19 +250,44 @@ class GroupSettings:
     ci: float = 0.95
 
 
+def per_animal_percent(per_slide: Sequence[SlideStat],
+                       slide_animals: Mapping[str, str]) -> list[SlideStat]:
+    """Pool each animal's slides: % of all its patches above the threshold (its ``slide``
+    field holds the animal id; mean and max over all its patches), animals in sorted order."""
+    pooled: dict[str, list[SlideStat]] = {}
+    for p in per_slide:
+        pooled.setdefault(slide_animals[p.slide], []).append(p)
+    out = []
+    for animal in sorted(pooled):
+        ps = pooled[animal]
+        n, above = sum(p.n_patches for p in ps), sum(p.n_above for p in ps)
+        out.append(SlideStat(animal, n, above, 100.0 * above / n,
+                             sum(p.mean_score * p.n_patches for p in ps) / n,
+                             max(p.max_score for p in ps)))
+    return out
+
+
 def _grouped(slides: Sequence[str], scores: Any, slide_groups: Mapping[str, str],
-             threshold: float) -> tuple[list[SlideStat], list[SlideStat], dict[str, list[float]]]:
+             threshold: float, slide_animals: Mapping[str, str] | None = None,
+             ) -> tuple[list[SlideStat], list[SlideStat], dict[str, list[float]]]:
+    """Per-slide stats, the units compared (slides, or animals when ``slide_animals`` is
+    given) and their % above threshold by group."""
     per = per_slide_percent(slides, scores, threshold)
     assigned = [p for p in per if p.slide in slide_groups]
+    unit, unit_group = "slide", dict(slide_groups)
+    if slide_animals is not None:
+        unit = "animal"
+        unit_group = {slide_animals[s]: g for s, g in slide_groups.items()}
+        assigned = per_animal_percent(assigned, slide_animals)
     by_group: dict[str, list[float]] = {}
     for p in assigned:
-        by_group.setdefault(slide_groups[p.slide], []).append(p.percent_above)
+        by_group.setdefault(unit_group[p.slide], []).append(p.percent_above)
     if len(by_group) < 2:
         raise DataError(f"need at least 2 groups with scored slides, found {len(by_group)} "
                         f"({', '.join(sorted(by_group)) or 'none'}); check that slide ids match")
     small = [f"{g} ({len(v)})" for g, v in sorted(by_group.items()) if len(v) < 2]
     if small:
-        raise DataError(f"each group needs at least 2 scored slides: {', '.join(small)}")
+        raise DataError(f"each group needs at least 2 scored {unit}s: {', '.join(small)}")
     return per, assigned, {g: by_group[g] for g in sorted(by_group)}
 
 
@@ -277,8 +323,13 @@ def _trend(by_group: Mapping[str, list[float]], st: GroupSettings) -> dict[str, 
 
 
 def group_analysis(slides: Sequence[str], scores: Any, slide_groups: Mapping[str, str],
-                   threshold: float, settings: GroupSettings | None = None) -> dict[str, Any]:
+                   threshold: float, settings: GroupSettings | None = None,
+                   slide_animals: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Per-slide % above threshold, grouped, every other group compared with the control.
+
+    With ``slide_animals`` the unit of analysis is the animal (the experimental unit of a
+    toxicology study): each animal's slides are pooled into one percentage before any test,
+    so several slides of one animal do not count as independent replicates.
 
     Args:
         slides: ``[N]`` slide id of each patch.
@@ -286,19 +337,35 @@ def group_analysis(slides: Sequence[str], scores: Any, slide_groups: Mapping[str
         slide_groups: ``{slide: group}``.
         threshold: label-free threshold (a score ``>`` it is anomalous).
         settings: control, dose order and interval settings (:class:`GroupSettings`).
+        slide_animals: ``{slide: animal}`` (optional).
     Returns:
-        JSON-ready dict: ``threshold, control, groups {name: [percent...]}, per_slide [...],
+        JSON-ready dict: ``threshold, unit (slide or animal), control, groups {name:
+        [percent per unit...]}, per_slide [...], per_animal [...] (with animals),
         comparisons {group: compare_groups(...) + Holm, Dunnett, ci}, omnibus (Kruskal-Wallis,
         3+ groups), trend (Jonckheere-Terpstra over the order), settings, unassigned_slides,
         slides_without_scores``.
     """
     st = settings or GroupSettings()
-    per, assigned, by_group = _grouped(slides, scores, slide_groups, threshold)
+    if slide_animals is not None:
+        missing = sorted(set(slide_groups) - set(slide_animals))
+        if missing:
+            raise DataError(f"slides without an animal: {', '.join(missing[:5])}")
+    per, units, by_group = _grouped(slides, scores, slide_groups, threshold, slide_animals)
     ref = pick_control(list(by_group), st.control)
     scored = {p.slide for p in per}
+    assigned = [p for p in per if p.slide in slide_groups]
+    animals = None
+    if slide_animals is not None:
+        group_of = {slide_animals[s]: g for s, g in slide_groups.items()}
+        animals = [{"animal": p.slide, "group": group_of[p.slide],
+                    **{k: v for k, v in asdict(p).items() if k != "slide"}} for p in units]
     return json_safe({
-        "threshold": float(threshold), "control": ref, "groups": by_group,
-        "per_slide": [{**asdict(p), "group": slide_groups[p.slide]} for p in assigned],
+        "threshold": float(threshold), "unit": "animal" if animals else "slide",
+        "control": ref, "groups": by_group,
+        "per_slide": [{**asdict(p), "group": slide_groups[p.slide],
+                       **({"animal": slide_animals[p.slide]} if slide_animals else {})}
+                      for p in assigned],
+        "per_animal": animals,
         "comparisons": _comparisons(by_group, ref, st),
         "omnibus": kruskal_wallis(list(by_group.values())) if len(by_group) > 2 else None,
         "trend": _trend(by_group, st),
@@ -310,20 +377,30 @@ def group_analysis(slides: Sequence[str], scores: Any, slide_groups: Mapping[str
 
 def write_group_outputs(result: Mapping[str, Any],
                         out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``groups.json``, ``per_slide.csv`` and ``groups_box.png`` into ``out_dir``."""
+    """Write ``groups.json``, ``per_slide.csv`` (and ``per_animal.csv`` when animals are the
+    unit) and ``groups_box.png`` into ``out_dir``."""
     from gen_ad.report.figures import box_plot  # matplotlib only when figures are written
 
     out = Path(out_dir)
-    cols = ["slide", "group", "n_patches", "n_above", "percent_above", "mean_score", "max_score"]
-    lines = [",".join(cols)] + [",".join(_csv_cell(r[c]) for c in cols)
-                                for r in result["per_slide"]]
+    stats = ["n_patches", "n_above", "percent_above", "mean_score", "max_score"]
+    animals = result.get("per_animal")
     paths = {"json": out / "groups.json", "csv": out / "per_slide.csv",
              "png": out / "groups_box.png"}
     write_json(paths["json"], dict(result))
-    write_text(paths["csv"], "\n".join(lines) + "\n")
-    box_plot(result["groups"], paths["png"], ylabel="% patches above threshold",
+    slide_cols = ["slide", "group", *(["animal"] if animals else []), *stats]
+    write_text(paths["csv"], _csv_table(result["per_slide"], slide_cols))
+    if animals:
+        paths["animals_csv"] = out / "per_animal.csv"
+        write_text(paths["animals_csv"], _csv_table(animals, ["animal", "group", *stats]))
+    unit = result.get("unit", "slide")
+    box_plot(result["groups"], paths["png"], ylabel=f"% patches above threshold (per {unit})",
              title=f"threshold {result['threshold']:.4g}")
     return paths
+
+
+def _csv_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
+    lines = [",".join(cols)] + [",".join(_csv_cell(r[c]) for c in cols) for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _csv_cell(v: Any) -> str:
@@ -365,9 +442,11 @@ def _trend_line(result: Mapping[str, Any]) -> str | None:
 def format_summary(result: Mapping[str, Any]) -> str:
     """A few human-readable lines: per-group median %, each comparison (effect sizes with their
     intervals, raw and Holm-adjusted p-values, Dunnett), the omnibus and trend tests."""
-    lines = [f"threshold {result['threshold']:.6g}; control group '{result['control']}'"]
+    unit = result.get("unit", "slide")
+    lines = [f"threshold {result['threshold']:.6g}; control group '{result['control']}'; "
+             f"unit of analysis: {unit}"]
     for g, v in result["groups"].items():
-        lines.append(f"  {g}: {len(v)} slides, median {np.median(v):.2f}% "
+        lines.append(f"  {g}: {len(v)} {unit}s, median {np.median(v):.2f}% "
                      f"(mean {np.mean(v):.2f}%) patches above threshold")
     for g, c in result["comparisons"].items():
         lines += _comparison_lines(g, result["control"], c)

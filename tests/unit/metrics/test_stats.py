@@ -15,6 +15,9 @@ from gen_ad.metrics.stats import (
     group_analysis,
     per_slide_percent,
     pick_control,
+    read_animals,
+    read_groups,
+    read_scores,
     slide_from_path,
 )
 from gen_ad.scoring.thresholds import Threshold
@@ -119,3 +122,42 @@ def test_groups_cli_one_line_errors(tmp_path, capsys) -> None:
     assert "at least 2 scored slides: t (1)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--groups", str(tmp_path / "g1.csv")])  # threshold is required
+
+
+def test_animals_are_the_unit_when_the_table_names_them(tmp_path, capsys) -> None:
+    # 6 slides of 3 animals: the tests compare 3 pooled animal percentages, not 6 slides
+    _write_tables(tmp_path)
+    animal = {0: "c1", 1: "c1", 2: "c2", 3: "t1", 4: "t1", 5: "t2"}
+    rows = ["slide,group,animal"] + [f"slide{i},{'treated' if i >= 3 else 'control'},{animal[i]}"
+                                     for i in range(6)]
+    (tmp_path / "groups.csv").write_text("\n".join(rows) + "\n")
+    slides, scores = read_scores([tmp_path / "scores.csv", tmp_path / "more.csv"])
+    by_slide = group_analysis(slides, scores, read_groups(tmp_path / "groups.csv"), 1.0)
+    pct = {p["slide"]: p["percent_above"] for p in by_slide["per_slide"]}
+    assert by_slide["unit"] == "slide" and by_slide["per_animal"] is None
+
+    res = group_analysis(slides, scores, read_groups(tmp_path / "groups.csv"), 1.0,
+                         slide_animals=read_animals(tmp_path / "groups.csv"))
+    assert res["unit"] == "animal"
+    # 20 patches per slide: an animal's pooled % is the mean of its slides' %
+    assert res["groups"]["control"] == pytest.approx([(pct["slide0"] + pct["slide1"]) / 2,
+                                                      pct["slide2"]])
+    assert res["groups"]["treated"] == pytest.approx([(pct["slide3"] + pct["slide4"]) / 2,
+                                                      pct["slide5"]])
+    assert [a["animal"] for a in res["per_animal"]] == ["c1", "c2", "t1", "t2"]
+    assert res["per_animal"][0]["n_patches"] == 40 and res["per_slide"][0]["animal"] == "c1"
+    assert res["comparisons"]["treated"]["n_control"] == 2
+
+    Threshold(value=1.0, method="iqr", n=100).save(tmp_path / "thr.json")
+    capsys.readouterr()
+    assert main(["groups", "--scores", str(tmp_path / "scores.csv"), str(tmp_path / "more.csv"),
+                 "--groups", str(tmp_path / "groups.csv"), "--threshold-file",
+                 str(tmp_path / "thr.json"), "--out", str(tmp_path / "out")]) == 0
+    assert "unit of analysis: animal" in capsys.readouterr().out
+    lines = (tmp_path / "out" / "per_animal.csv").read_text().splitlines()
+    assert lines[0].startswith("animal,group,n_patches") and len(lines) == 5
+    assert (tmp_path / "out" / "per_slide.csv").read_text().startswith("slide,group,animal,")
+
+    (tmp_path / "bad.csv").write_text("slide,group,animal\nslide0,control,a\nslide3,treated,a\n")
+    with pytest.raises(DataError, match="animal 'a' is in two groups"):
+        read_animals(tmp_path / "bad.csv")
