@@ -11,6 +11,7 @@ leave-one-out scores; ``metrics.json`` records which (``k``, ``threshold_source`
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +155,25 @@ def score_folder(bank_dir: str | os.PathLike[str], data: str | os.PathLike[str],
     thr, source = knn_threshold(ls, k=k, normal=normal, method=threshold_method, fpr=fpr,
                                 batch_size=batch_size, device=device, workers=workers)
     ds = scoring_dataset(data, ls.size)
+    assert isinstance(ls.scorer, KNNScorer)
+    overlap = bank_overlap(FeatureBank(bank_dir).paths, ds.paths)
     scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
                            num_workers=workers)
-    assert isinstance(ls.scorer, KNNScorer)
     return write_outputs(Path(out).expanduser(), scored, None, method=ls.scorer.name,
                          threshold=thr, n_boot=n_boot,
-                         extra={"k": ls.scorer.k, "threshold_source": source})
+                         extra={"k": ls.scorer.k, "threshold_source": source,
+                                "images_also_in_bank": overlap})
+
+
+def bank_overlap(bank_paths: list[str], query_paths: list[str]) -> int:
+    """How many query images are bank images too (same resolved file), with a warning: each
+    finds itself at distance 0, so its score is biased low (and so are the percentages of a
+    group analysis that scores the slides the bank came from)."""
+    bank = {str(Path(p).expanduser().resolve()) for p in bank_paths}
+    n = sum(str(Path(p).expanduser().resolve()) in bank for p in query_paths)
+    if n:
+        warnings.warn(f"{n} of {len(query_paths)} images to score are in the KNN bank itself: "
+                      "each finds itself at distance 0 and scores too low (metrics.json "
+                      "'images_also_in_bank'); build the bank from other images or slides",
+                      stacklevel=2)
+    return n

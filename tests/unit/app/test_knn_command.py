@@ -90,3 +90,12 @@ def test_k_beyond_the_bank_is_a_clear_error(banks: Path, capsys: pytest.CaptureF
     assert main(["knn", "score", str(banks / "bank3"), "--data", str(banks / "test"), "--out",
                  str(banks / "out-big"), "--k", "30", *COMMON]) == 2
     assert "--k 30 needs more than 30 bank vectors; the bank has 30" in capsys.readouterr().err
+
+
+def test_scoring_the_bank_images_warns_and_is_recorded(banks: Path, tmp_path: Path) -> None:
+    # the bank's own images find themselves at distance 0: say so rather than report low scores
+    metrics, _ = _score(banks / "bank3", banks / "test", tmp_path / "clean")
+    assert metrics["images_also_in_bank"] == 0
+    with pytest.warns(UserWarning, match="30 of 30 images to score are in the KNN bank"):
+        metrics, scores = _score(banks / "bank3", banks / "train", tmp_path / "self")
+    assert metrics["images_also_in_bank"] == 30
