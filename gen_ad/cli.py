@@ -222,7 +222,8 @@ def _add_tile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     res.add_argument("--mpp", type=_positive_float, default=None,
                      help="target microns per pixel (best level, then resized)")
     p.add_argument("--slide-mpp", type=_positive_float, default=None,
-                   help="level-0 microns per pixel for slides that do not record it")
+                   help="level-0 microns per pixel of the slides: needed with --mpp when a "
+                   "slide does not record it; overrides the recorded value")
     p.add_argument("--min-tissue", type=_fraction, default=0.9,
                    help="minimum tissue fraction of a kept tile (default 0.9)")
     p.add_argument("--stride", type=_positive_int, default=None,
@@ -420,6 +421,9 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     res.add_argument("--level", type=int, default=None, help="pyramid level to read")
     res.add_argument("--mpp", type=_positive_float, default=None,
                      help="target microns per pixel")
+    p.add_argument("--slide-mpp", type=_positive_float, default=None,
+                   help="level-0 microns per pixel of the slides: needed with --mpp when a "
+                   "slide does not record it; overrides the recorded value")
     p.add_argument("--stride", type=_positive_int, default=None, help="tile step in pixels")
     p.add_argument("--min-tissue", type=_fraction, default=0.5,
                    help="minimum tissue fraction of a scored tile (default 0.5)")
@@ -447,7 +451,8 @@ def _cmd_slide(args: argparse.Namespace) -> int:
     res = slide_command(args.slides, args.out, run=args.run, bank=args.bank, method=args.method,
                         normal=args.normal, device=args.device, size=args.size,
                         scorer_kwargs={"steps": args.steps} if args.steps else None,
-                        level=args.level, mpp=args.mpp, stride=args.stride,
+                        level=args.level, mpp=args.mpp, slide_mpp=args.slide_mpp,
+                        stride=args.stride,
                         min_tissue=args.min_tissue, erosion=args.erosion, frac=args.top,
                         batch_size=args.batch_size, labels=args.labels,
                         annotations=args.annotations, n_boot=args.n_boot, seed=args.seed)
@@ -506,9 +511,9 @@ def _add_cells(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--centroids", default=None, metavar="FILE",
                    help="cell centres from another tool: CSV x,y[,slide] or GeoJSON points/"
                    "polygons (level-0 pixels) instead of the built-in detection")
-    p.add_argument("--slide-mpp", type=float, default=None,
-                   help="level-0 microns per pixel of slides that do not record it, and of "
-                   "images (default for images: --mpp)")
+    p.add_argument("--slide-mpp", type=_positive_float, default=None,
+                   help="level-0 microns per pixel of the inputs: needed when a slide does not "
+                   "record it; overrides the recorded value (default for images: --mpp)")
     p.add_argument("--detect-mpp", type=float, default=0.5,
                    help="resolution of the built-in nucleus detection (default 0.5 um/px)")
     p.add_argument("--workers", type=_positive_int, default=None, help="crop-writing threads")

@@ -39,13 +39,29 @@ SLIDE_SCORES = ("score_max", "score_top1pct", "score_max_raw", "score_top1pct_ra
                 "flagged_fraction")
 
 
+# Suffixes of the files gen-ad slide reads (OpenSlide and tiffslide formats, plain images): a
+# label-table entry ending in one of them is a file name; any other entry is already a stem
+# (TCGA stems such as ``TCGA-...-DX1.B34C267B`` contain dots).
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
+                  ".bif", ".dcm", ".czi", ".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
 def slide_key(path: str | os.PathLike[str]) -> str:
-    """The name a slide goes by in label tables: its file stem."""
+    """The name a scored slide goes by: its file stem (the name of its output folder)."""
     return Path(path).stem
 
 
+def label_key(entry: str) -> str:
+    """The slide a label-table entry names: the entry without its folder and without a known
+    slide/image suffix (:data:`SLIDE_SUFFIXES`, any case); other dots are kept."""
+    name = Path(entry.strip()).name
+    suffix = Path(name).suffix
+    return name[:-len(suffix)] if suffix.lower() in SLIDE_SUFFIXES else name
+
+
 def read_slide_labels(path: str | os.PathLike[str]) -> dict[str, int]:
-    """``slide,label`` CSV (``slide``: file name or stem; ``label``: 0 normal, 1 tumour)."""
+    """``slide,label`` CSV (``slide``: file name or stem, see :func:`label_key`; ``label``: 0
+    normal, 1 tumour)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"label table not found: {p}")
@@ -59,7 +75,7 @@ def read_slide_labels(path: str | os.PathLike[str]) -> dict[str, int]:
         if r["label"] not in ("0", "1"):
             raise DataError(f"{p}:{i}: label must be 0 (normal) or 1 (tumour), got "
                             f"'{r['label']}'")
-        key = slide_key(r["slide"])
+        key = label_key(r["slide"])
         if out.setdefault(key, int(r["label"])) != int(r["label"]):
             raise DataError(f"{p}:{i}: slide '{key}' has two labels")
     return out
@@ -153,7 +169,8 @@ def check_inputs(slides: Sequence[str | os.PathLike[str]], labels: Mapping[str, 
                         "<out>/<slide name>/)")
     missing = [k for k in keys if labels is not None and k not in labels]
     if missing:
-        raise DataError(f"no label for slide(s) {', '.join(missing)} in the label table")
+        raise DataError(f"no label for slide(s) {', '.join(missing)} in the label table (its "
+                        "slide column holds file names or stems)")
     if annotations is not None and not Path(annotations).is_dir():
         raise DataError(f"annotation folder not found: {annotations}")
 

@@ -17,6 +17,7 @@ import csv
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,10 +97,9 @@ def _slide_scores(hm: SlideHeatmap, erosion: int, frac: float) -> dict[str, floa
 def _write_maps(dest: Path, hm: SlideHeatmap, thumb: np.ndarray, thumb_ds: float,
                 erosion: int) -> dict[str, str]:
     """Overlays of the eroded and raw heatmap on one colour scale, and the raw grid as .npy."""
-    from gen_ad.scoring.slide import SlideHeatmap, erode_valid, save_heatmap_overlay
+    from gen_ad.scoring.slide import erode_valid, save_heatmap_overlay
 
-    eroded = SlideHeatmap(erode_valid(hm.grid, erosion) if erosion > 1 else hm.grid,
-                          hm.stride, hm.tile_size)
+    eroded = replace(hm, grid=erode_valid(hm.grid, erosion) if erosion > 1 else hm.grid)
     lo, hi = float(np.nanmin(hm.grid)), float(np.nanmax(hm.grid))
     save_heatmap_overlay(dest / "overlay.png", thumb, eroded, thumb_ds, vmin=lo, vmax=hi)
     save_heatmap_overlay(dest / "overlay_raw.png", thumb, hm, thumb_ds, vmin=lo, vmax=hi)
@@ -110,7 +110,7 @@ def _write_maps(dest: Path, hm: SlideHeatmap, thumb: np.ndarray, thumb_ds: float
 
 def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
                 out: str | os.PathLike[str], *, size: int, level: int | None = None,
-                mpp: float | None = None,
+                mpp: float | None = None, slide_mpp: float | None = None,
                 stride: int | None = None, min_tissue: float = 0.5, batch_size: int = 32,
                 device: str = "cpu", frac: float = 0.01, erosion: int = 3,
                 thumbnail_size: int = 1024, tile_dir: str | os.PathLike[str] | None = None,
@@ -122,7 +122,8 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
         slide_path: the slide file.
         scorer: any (fitted) scorer; tiles are given to it at ``size`` x ``size``.
         out: output folder (results go to ``out/<slide stem>/``).
-        size / level / mpp / stride / min_tissue: tiling (see :func:`gen_ad.data.wsi.plan_grid`).
+        size / level / mpp / slide_mpp / stride / min_tissue: tiling (see
+            :func:`gen_ad.data.wsi.plan_grid`; ``slide_mpp`` overrides the file's resolution).
         batch_size / device: scoring.
         frac: top fraction for the ``topk`` slide score (default 1 %).
         erosion: erosion window on the heatmap (3 = 3x3; 1 = none).
@@ -140,21 +141,24 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     stem = Path(slide_path).stem
     dest = Path(out) / stem
     recs = tile_slide(slide_path, tile_dir or dest / "tiles", size, level=level, mpp=mpp,
-                      min_tissue=min_tissue, stride=stride, progress=progress)
+                      min_tissue=min_tissue, stride=stride, slide_mpp=slide_mpp,
+                      progress=progress)
     if not recs:
         raise DataError(f"no tile of {slide_path} reaches the tissue fraction {min_tissue}; "
                         "lower --min-tissue or the tile size")
     with open_slide(slide_path) as slide:
-        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride)
+        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=slide_mpp)
         thumb = slide.thumbnail(thumbnail_size)
         thumb_ds = slide.dimensions[0] / thumb.shape[1]
+        level0_mpp = slide_mpp if slide_mpp is not None else slide.mpp
     scored = score_dataset(scorer, TileSet([r.path for r in recs], size, stem),
                            batch_size=batch_size, device=device, keep_maps=False,
                            progress=progress)
     rows, cols = _grid_cells(np.array([r.x for r in recs]), np.array([r.y for r in recs]), grid)
     cells = build_heatmap(cols, rows, scored.scores, tile_size=1, stride=1, shape=grid.shape)
-    step = float(grid.footprint) * (stride or size) / size
-    hm = SlideHeatmap(cells.grid, stride=max(1, round(step)), tile_size=round(grid.footprint))
+    half = grid.footprint / 2.0  # each cell drawn around its tile's exact level-0 centre
+    hm = SlideHeatmap(cells.grid, stride=grid.footprint * (stride or size) / size,
+                      tile_size=grid.footprint, xs=grid.xs + half, ys=grid.ys + half)
     outputs = _write_maps(dest, hm, thumb, thumb_ds, erosion)
     write_text(dest / "tiles.csv", _tiles_csv(recs, rows, cols, scored.scores))
     thr = Threshold(float(threshold), "given") if isinstance(threshold, (int, float)) \
@@ -164,7 +168,8 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     rec: dict[str, Any] = {
         "slide": str(slide_path), "method": label, "n_tiles": len(recs),
         "grid": list(grid.shape),
-        "level": grid.level, "tile_size": size, "tile_footprint_level0": grid.footprint,
+        "level": grid.level, "slide_mpp": level0_mpp, "tile_size": size,
+        "tile_footprint_level0": grid.footprint,
         "erosion": erosion, "top_fraction": frac, **_slide_scores(hm, erosion, frac),
         "ms_per_tile": scored.ms_per_image,
         "outputs": {**outputs, "tiles": str(dest / "tiles.csv"),

@@ -102,11 +102,13 @@ class ImageSource:
 
 
 def base_mpp(source: Source, slide_mpp: float | None) -> float:
-    """Level-0 microns per pixel: ``slide_mpp`` if given, else the file's; DataError if neither."""
+    """Level-0 microns per pixel: ``slide_mpp`` if given (it overrides the file's value), else
+    the file's; DataError if neither."""
+    from gen_ad.data.wsi import unknown_mpp_error
+
     mpp = slide_mpp if slide_mpp is not None else source.mpp
     if mpp is None:
-        raise DataError(f"{source.path} does not record its microns per pixel; give it "
-                        "(--slide-mpp)")
+        raise unknown_mpp_error(source)
     if not mpp > 0:
         raise DataError(f"microns per pixel must be positive, got {mpp}")
     return float(mpp)

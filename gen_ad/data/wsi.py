@@ -13,6 +13,7 @@ import io
 import math
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,12 @@ from gen_ad.utils.lock import folder_lock
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("slide", "level", "x", "y", "tissue_fraction", "path")
 _LEVEL_TOLERANCE = 0.01  # a level whose downsample is within 1% of the wanted one is used as is
+# Plausible level-0 microns per pixel of a microscopy image. Scanners record 0.1-0.5 (80x-20x
+# objectives), overview levels reach a few um/px; below 0.01 um/px (10 nm, 20x below the optical
+# resolution limit) or above 20 um/px (a 0.5x objective) the value is not a microscope's: most
+# often a TIFF's DPI tag (72 dpi = 352.8 um/px, 300 dpi = 84.7, 1200 dpi = 21.2).
+MPP_RANGE = (0.01, 20.0)
+_THUMB_READ_PIXELS = 1 << 24  # thumbnails of larger levels are built strip by strip
 
 
 def _rgba_to_rgb(arr: np.ndarray) -> np.ndarray:
@@ -55,7 +62,9 @@ class Slide:
         backend: ``openslide`` or ``tiffslide``.
         dimensions: level-0 ``(width, height)``.
         level_dimensions / level_downsamples: per pyramid level.
-        mpp: level-0 microns per pixel (mean of x and y), or ``None`` when the file does not say.
+        mpp: level-0 microns per pixel (mean of x and y), or ``None`` when the file does not
+            say or records a value outside :data:`MPP_RANGE` (then ignored with a warning).
+        mpp_ignored: the implausible value the file recorded, or ``None``.
     """
 
     def __init__(self, path: str | os.PathLike[str],
@@ -79,6 +88,7 @@ class Slide:
         self.dimensions: tuple[int, int] = tuple(self._osr.dimensions)  # type: ignore[assignment]
         self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
         self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
+        self.mpp_ignored: float | None = None
         self.mpp = self._read_mpp()
 
     def _open(self, name: str) -> Any:
@@ -102,7 +112,18 @@ class Slide:
                     vals.append(float(v))
             except (TypeError, ValueError):
                 pass
-        return float(np.mean(vals)) if vals else None
+        if not vals:
+            return None
+        mpp = float(np.mean(vals))
+        if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+            self.mpp_ignored = mpp
+            warnings.warn(f"{self.path}: ignoring its recorded resolution of {mpp:.4g} um/px "
+                          f"(outside the plausible {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px of "
+                          "microscopy; often a TIFF's DPI); give the slide's microns per pixel "
+                          "(--slide-mpp) where a resolution is needed", RuntimeWarning,
+                          stacklevel=3)
+            return None
+        return mpp
 
     @property
     def level_count(self) -> int:
@@ -123,15 +144,39 @@ class Slide:
         try:
             if self._lock is not None:
                 with self._lock:
-                    arr = self._osr.read_region((int(x0), int(y0)), level, (int(w), int(h)),
-                                                as_array=True)
+                    arr = self._tiffslide_region(int(x0), int(y0), level, int(w), int(h))
             else:
                 arr = np.asarray(self._osr.read_region((int(x0), int(y0)), level,
                                                        (int(w), int(h))))
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read region ({x0}, {y0}) level {level} of {self.path}: "
                             f"{type(e).__name__}: {e}") from e
+        if arr.dtype != np.uint8:
+            raise DataError(f"{self.path} holds {arr.dtype} pixels; only 8-bit RGB slides are "
+                            "supported")
+        if arr.shape[-1] == 1:  # grayscale
+            arr = np.repeat(arr, 3, axis=-1)
         return _rgba_to_rgb(arr)
+
+    def _tiffslide_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+        """tiffslide's region with the parts outside the level white (it pads with 0 = black).
+
+        tiffslide maps the level-0 corner to ``int(x0 / downsample)`` at the level; only the
+        part inside the level is read and pasted into a white canvas there.
+        """
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        rx, ry = int(x0 / ds), int(y0 / ds)
+        if 0 <= rx and rx + w <= lw and 0 <= ry and ry + h <= lh:
+            return np.asarray(self._osr.read_region((x0, y0), level, (w, h), as_array=True))
+        xa, ya = min(max(rx, 0), lw), min(max(ry, 0), lh)
+        xb, yb = min(max(rx + w, 0), lw), min(max(ry + h, 0), lh)
+        part = np.asarray(self._osr.read_region((x0, y0), level, (w, h), as_array=True,
+                                                padding=False))
+        canvas = np.full((h, w, part.shape[-1] if part.ndim == 3 else 3), 255, part.dtype)
+        if xb > xa and yb > ya:
+            canvas[ya - ry:yb - ry, xa - rx:xb - rx] = part.reshape(yb - ya, xb - xa, -1)
+        return canvas
 
     def best_level(self, downsample: float) -> int:
         """The level with the largest downsample not above ``downsample`` (1% tolerance)."""
@@ -139,17 +184,47 @@ class Slide:
               if d <= downsample * (1 + _LEVEL_TOLERANCE)]
         return max(ok, key=lambda i: self.level_downsamples[i]) if ok else 0
 
-    def thumbnail(self, max_size: int) -> np.ndarray:
-        """The whole slide as RGB uint8 ``[h,w,3]`` with its longer side at most ``max_size``."""
+    def thumbnail(self, max_size: int, max_read_pixels: int = _THUMB_READ_PIXELS) -> np.ndarray:
+        """The whole slide as RGB uint8 ``[h,w,3]`` with its longer side at most ``max_size``.
+
+        Read from the best level; a level of more than ``max_read_pixels`` pixels (a large
+        single-level file) is read and reduced in horizontal strips, so memory stays bounded.
+        """
         w0, h0 = self.dimensions
         ds = max(1.0, max(w0, h0) / max_size)
         level = self.best_level(ds)
         lw, lh = self.level_dimensions[level]
-        img = self.read_region(0, 0, level, lw, lh)
         tw, th = max(1, round(w0 / ds)), max(1, round(h0 / ds))
-        if (tw, th) != (lw, lh):
-            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BICUBIC))
-        return img
+        if (tw, th) == (lw, lh):
+            return self.read_region(0, 0, level, lw, lh)
+        if lw * lh <= max_read_pixels:
+            img = self.read_region(0, 0, level, lw, lh)
+            return np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BICUBIC))
+        return self._strip_thumbnail(level, tw, th, max_read_pixels)
+
+    def _strip_thumbnail(self, level: int, tw: int, th: int, max_read_pixels: int) -> np.ndarray:
+        """Bicubic ``tw x th`` reduction of a level, computed strip by strip.
+
+        Each strip of output rows is resized from the level rows under it plus a margin as wide
+        as the bicubic filter's support, through PIL's ``box``: the same filter weights as
+        one resize of the whole level (up to float rounding of the box coordinates).
+        """
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        sy = lh / th  # level rows per output row
+        margin = math.ceil(2.0 * max(sy, 1.0)) + 2  # bicubic support (2) scaled by the reduction
+        rows = max(1, int(max_read_pixels / lw / sy) - 1)  # output rows per strip
+        out = np.empty((th, tw, 3), np.uint8)
+        for r0 in range(0, th, rows):
+            r1 = min(th, r0 + rows)
+            top = max(0, math.floor(r0 * sy) - margin)
+            bottom = min(lh, math.ceil(r1 * sy) + margin)
+            # ceil: the level-0 row that maps back to level row ``top`` (int(y / ds) in readers)
+            strip = self.read_region(0, math.ceil(top * ds), level, lw, bottom - top)
+            box = (0.0, r0 * sy - top, float(lw), r1 * sy - top)
+            out[r0:r1] = np.asarray(Image.fromarray(strip).resize(
+                (tw, r1 - r0), Image.Resampling.BICUBIC, box=box))
+        return out
 
     def close(self) -> None:
         """Release the file."""
@@ -160,6 +235,17 @@ class Slide:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unknown_mpp_error(source: Any) -> DataError:
+    """The error for a slide or image whose level-0 microns per pixel is unknown (``source``:
+    anything with ``path`` and, optionally, ``mpp_ignored``)."""
+    ignored = getattr(source, "mpp_ignored", None)
+    why = ("does not record its microns per pixel" if ignored is None else
+           f"records an implausible {ignored:.4g} um/px (outside {MPP_RANGE[0]:g}-"
+           f"{MPP_RANGE[1]:g}; a TIFF's DPI, perhaps), which is ignored")
+    return DataError(f"slide {source.path} {why}; give its microns per pixel (--slide-mpp) or, "
+                     "for tiles, a pyramid level (--level) instead of --mpp")
 
 
 def open_slide(path: str | os.PathLike[str],
@@ -209,7 +295,8 @@ def plan_grid(slide: Slide, size: int, level: int | None = None, mpp: float | No
         mpp: wanted microns per pixel of the output tiles: read at the best level for it and
             resize the region so the tiles have exactly this resolution.
         stride: step between tiles in output pixels (default ``size``: no overlap).
-        slide_mpp: level-0 microns per pixel when the file does not say (or to override it).
+        slide_mpp: level-0 microns per pixel; overrides the file's value (needed when the file
+            does not record one, or records an implausible one).
     Returns:
         The grid of tiles that lie fully inside the slide.
     """
@@ -221,8 +308,7 @@ def plan_grid(slide: Slide, size: int, level: int | None = None, mpp: float | No
     if mpp is not None:
         base = slide_mpp if slide_mpp is not None else slide.mpp
         if base is None:
-            raise DataError(f"slide {slide.path} does not record its microns per pixel; "
-                            "give a level, or the slide's mpp (slide_mpp / --slide-mpp)")
+            raise unknown_mpp_error(slide)
         if not (math.isfinite(mpp) and math.isfinite(base) and mpp > 0 and base > 0):
             raise DataError(f"mpp must be a positive number, got {mpp} (slide {base})")
         downsample = mpp / base

@@ -2,10 +2,13 @@
 
 Tiles are placed on a grid by their level-0 top-left coordinates: cell ``(row, col) =
 (y // stride, x // stride)`` with ``stride`` = the tile step in level-0 pixels (default: the tile
-size). Cells without a tile (background, no tissue) are ``NaN``. The heatmap is smoothed with a
-3x3 grey erosion over valid cells only (an isolated high tile is removed, a cluster survives), and
-the slide score is the maximum, or the mean of the top 1 %, of the valid (smoothed) cells.
-All functions are pure numpy; the loop that scores tiles belongs to the evaluation code.
+size). Cells without a tile (background, no tissue) are ``NaN``. On an overlay each cell is
+painted over a ``stride``-wide square centred on its tile's centre (the exact level-0 centres
+when the heatmap carries them), so overlapping tiles show where they are. The heatmap is
+smoothed with a 3x3 grey erosion over valid cells only (an isolated high tile is removed, a
+cluster survives), and the slide score is the maximum, or the mean of the top 1 %, of the
+valid (smoothed) cells. All functions are pure numpy; the loop that scores tiles belongs to the
+evaluation code.
 """
 
 from __future__ import annotations
@@ -29,18 +32,34 @@ class SlideHeatmap:
 
     Attributes:
         grid: ``[rows, cols]`` float64, ``NaN`` where there is no tile.
-        stride: level-0 pixels per grid cell.
+        stride: level-0 pixels per grid cell (the tile step; may be fractional).
         tile_size: tile size in level-0 pixels.
+        xs, ys: optional level-0 centres of the tiles of each column ``[cols]`` and row
+            ``[rows]``; default ``i * stride + tile_size / 2``.
     """
 
     grid: np.ndarray
-    stride: int
-    tile_size: int
+    stride: float
+    tile_size: float
+    xs: np.ndarray | None = None
+    ys: np.ndarray | None = None
 
     @property
     def valid(self) -> np.ndarray:
         """``[rows, cols]`` bool, True where a tile was scored."""
         return np.isfinite(self.grid)
+
+    def centres(self, axis: int) -> np.ndarray:
+        """Level-0 tile centres along ``axis`` (0: rows -> y, 1: columns -> x), float64."""
+        given = self.ys if axis == 0 else self.xs
+        n = self.grid.shape[axis]
+        if given is None:
+            return np.arange(n) * float(self.stride) + float(self.tile_size) / 2.0
+        c = np.asarray(given, np.float64).reshape(-1)
+        if c.size != n:
+            raise DataError(f"{c.size} tile centres for {n} heatmap "
+                            f"{'rows' if axis == 0 else 'columns'}")
+        return c
 
 
 def _np1d(x: Any, name: str) -> np.ndarray:
@@ -145,7 +164,8 @@ def heatmap_overlay(thumbnail: np.ndarray, heatmap: SlideHeatmap, downsample: fl
 
     Args:
         thumbnail: ``[h,w,3]`` uint8 thumbnail of the slide.
-        heatmap: the grid (level-0 geometry).
+        heatmap: the grid (level-0 geometry): each cell colours the thumbnail pixels whose
+            centre is nearest to its tile's centre, up to ``stride / 2`` beyond the outer tiles.
         downsample: level-0 pixels per thumbnail pixel.
         alpha: overlay weight; cells without tiles show the bare thumbnail.
         vmin, vmax: colour range (default: the heatmap's valid min/max).
@@ -157,18 +177,27 @@ def heatmap_overlay(thumbnail: np.ndarray, heatmap: SlideHeatmap, downsample: fl
         raise DataError(f"thumbnail must be uint8 [h,w,3], got {thumb.shape} {thumb.dtype}")
     if downsample <= 0:
         raise ConfigError(f"downsample must be positive, got {downsample}")
-    h, w = thumb.shape[:2]
-    rows = (np.arange(h) * downsample // heatmap.stride).astype(np.int64)
-    cols = (np.arange(w) * downsample // heatmap.stride).astype(np.int64)
-    gr, gc = heatmap.grid.shape
-    inside = (rows[:, None] < gr) & (cols[None, :] < gc)
-    up = heatmap.grid[np.minimum(rows, gr - 1)[:, None], np.minimum(cols, gc - 1)[None, :]]
-    up = np.where(inside, up, np.nan)
     if not heatmap.valid.any():
         raise DataError("heatmap has no scored tiles")
+    h, w = thumb.shape[:2]
+    rows = _cells_of((np.arange(h) + 0.5) * downsample, heatmap.centres(0), heatmap.stride)
+    cols = _cells_of((np.arange(w) + 0.5) * downsample, heatmap.centres(1), heatmap.stride)
+    inside = (rows[:, None] >= 0) & (cols[None, :] >= 0)
+    up = heatmap.grid[np.maximum(rows, 0)[:, None], np.maximum(cols, 0)[None, :]]
+    up = np.where(inside, up, np.nan)
     lo = float(np.nanmin(heatmap.grid)) if vmin is None else float(vmin)
     hi = float(np.nanmax(heatmap.grid)) if vmax is None else float(vmax)
     return overlay(thumb, normalize(up, lo, hi), alpha)  # NaN cells keep the thumbnail
+
+
+def _cells_of(pos: np.ndarray, centres: np.ndarray, step: float) -> np.ndarray:
+    """Cell index of each level-0 position: the tile centre it is nearest to, within the span
+    ``[first centre - step/2, last centre + step/2)``; ``-1`` outside."""
+    half = float(step) / 2.0
+    edges = np.concatenate([[centres[0] - half], (centres[1:] + centres[:-1]) / 2.0,
+                            [centres[-1] + half]])
+    idx = np.searchsorted(edges, pos, side="right") - 1
+    return np.where((idx >= 0) & (idx < centres.size), idx, -1).astype(np.int64)
 
 
 def save_heatmap_overlay(path: str | os.PathLike[str], thumbnail: np.ndarray,

@@ -90,3 +90,28 @@ def test_slide_without_mpp_needs_slide_mpp(shared_data: Path, tmp_path: Path,
     assert main(["cells", str(slide), "--out", str(tmp_path / "o"), "--slide-mpp", "0.25",
                  "--mpp", "0.5", "--centroids", str(tmp_path / "c.csv")]) == 0
     assert "from level 1 (64px read)" in capsys.readouterr().out
+
+
+def test_tiff_dpi_is_not_a_resolution_and_slide_mpp_overrides(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "dpi.tif", dpi=(72, 72))  # 352.8 "um/px"
+    (tmp_path / "c.csv").write_text("x,y\n30,20\n")
+    args = ["cells", str(tmp_path / "dpi.tif"), "--out", str(tmp_path / "o"), "--size", "8",
+            "--mpp", "0.5", "--centroids", str(tmp_path / "c.csv")]
+    with pytest.warns(RuntimeWarning, match=r"352\.8 um/px"):
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "implausible 352.8 um/px" in err and "--slide-mpp" in err
+    with pytest.warns(RuntimeWarning, match=r"352\.8 um/px"):
+        assert main(args + ["--slide-mpp", "0.25"]) == 0
+    assert "8px crops at 0.5 um/px from level 0 (16px read)" in capsys.readouterr().out
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "um.tif", img, photometric="rgb",
+                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    args[1] = str(tmp_path / "um.tif")
+    assert main(args) == 0 and "(16px read)" in capsys.readouterr().out  # recorded 0.25
+    assert main(args + ["--slide-mpp", "1"]) == 0  # the user's value wins
+    assert "(4px read)" in capsys.readouterr().out

@@ -143,3 +143,19 @@ def test_tile_regions_are_connected_groups_of_tumour_tiles() -> None:
     tumour = np.array([1, 1, 1, 1, 1, 0])
     w = tile_region_weights(table, tumour, (4, 5))
     assert w == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2, 0.0])
+
+
+def test_label_entries_keep_dots_that_are_not_slide_suffixes(tmp_path: Path) -> None:
+    """TCGA stems contain dots: a label entry loses only a known slide/image suffix."""
+    from gen_ad.app.cohort import check_inputs, label_key
+
+    assert label_key("TCGA-A1-A0SB-01Z-00-DX1.B34C267B") == "TCGA-A1-A0SB-01Z-00-DX1.B34C267B"
+    assert label_key("dir/TCGA-A1-A0SB-01Z-00-DX1.B34C267B.SVS") == \
+        "TCGA-A1-A0SB-01Z-00-DX1.B34C267B"
+    assert label_key("case.ome.tiff") == "case.ome" and label_key("a.mrxs") == "a"
+    (tmp_path / "l.csv").write_text("slide,label\nTCGA-X-DX1.B34C267B,1\nTCGA-X-DX1.5F2E,0\n"
+                                    "c.svs,0\n")
+    labels = read_slide_labels(tmp_path / "l.csv")
+    assert labels == {"TCGA-X-DX1.B34C267B": 1, "TCGA-X-DX1.5F2E": 0, "c": 0}  # not merged
+    check_inputs(["/d/TCGA-X-DX1.B34C267B.svs", "/d/TCGA-X-DX1.5F2E.svs", "/d/c.svs"],
+                 labels, None)

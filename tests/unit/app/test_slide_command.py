@@ -87,3 +87,48 @@ def test_load_scorer_needs_one_source(tmp_path: Path) -> None:
         load_scorer()
     with pytest.raises(ConfigError, match="exactly one"):
         load_scorer(run=tmp_path, bank=tmp_path)
+
+
+def test_slide_cli_slide_mpp_and_overlay_at_exact_tile_centres(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A slide recording no mpp is scored at --mpp with --slide-mpp; with a fractional level-0
+    step (0.5 / 0.2425 um/px, stride < size) every tile's overlay colour sits at its centre and
+    agrees with heatmap.npy, while tiles.csv keeps the grid's corners."""
+    import tifffile
+
+    import gen_ad.app.slide as app_slide
+    from gen_ad.app.evaluate import LoadedScorer
+    from gen_ad.cli import main
+    from gen_ad.data.wsi import open_slide, plan_grid
+    from gen_ad.scoring.maps import normalize, overlay
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal((200, 110, 170), 35, (200, 400, 3)), 0, 255).astype(np.uint8)
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb")  # no resolution recorded
+    monkeypatch.setattr(app_slide, "load_scorer",
+                        lambda **kw: LoadedScorer(DarkScorer(), 16, "dark"))
+    args = ["slide", str(path), "--run", "unused", "--out", str(tmp_path / "out"), "--size",
+            "16", "--mpp", "0.5", "--stride", "4", "--device", "cpu", "--min-tissue", "0.5"]
+    assert main(args) == 2
+    assert "does not record its microns per pixel" in capsys.readouterr().err
+    assert main(args + ["--slide-mpp", "0.2425"]) == 0
+    dest = tmp_path / "out" / "s"
+    rec = json.loads((dest / "slide.json").read_text())
+    assert rec["slide_mpp"] == 0.2425
+    with open_slide(path) as s:
+        grid = plan_grid(s, 16, mpp=0.5, stride=4, slide_mpp=0.2425)
+        thumb = s.thumbnail(400)
+    assert grid.level == 0 and rec["grid"] == list(grid.shape) and thumb.shape == img.shape
+    heat = np.load(dest / "heatmap.npy")
+    lo, hi = np.nanmin(heat), np.nanmax(heat)
+    ov = np.asarray(Image.open(dest / "overlay_raw.png"))
+    rows = list(csv.DictReader(open(dest / "tiles.csv")))
+    assert len(rows) == rec["n_tiles"] > 300
+    for r in rows:
+        i, j = int(r["row"]), int(r["col"])
+        assert (int(r["x"]), int(r["y"])) == (grid.xs[j], grid.ys[i])
+        assert heat[i, j] == pytest.approx(float(r["score"]), rel=1e-6)
+        cx, cy = int(grid.xs[j] + grid.footprint / 2), int(grid.ys[i] + grid.footprint / 2)
+        want = overlay(thumb[cy:cy + 1, cx:cx + 1], normalize(heat[i:i + 1, j:j + 1], lo, hi))
+        assert (ov[cy, cx] == want[0, 0]).all(), (i, j)

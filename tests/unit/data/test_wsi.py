@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from gen_ad.cli import main
 from gen_ad.data.tissue import tissue_mask
 from gen_ad.data.wsi import (
+    Slide,
     open_slide,
     plan_grid,
     read_manifest,
@@ -170,3 +172,97 @@ def test_cli_tile(wsi: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
         main(["tile", str(wsi / CMU), "--out", str(out), "--size", "64", "--level", "0",
               "--mpp", "1"])
     assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- synthetic files
+
+
+def _tissue(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal((200, 120, 170), 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def test_tiffslide_fallback_is_white_outside_the_slide(tmp_path: Path) -> None:
+    """A plain strip TIFF opens with tiffslide (not OpenSlide): outside the image is white,
+    as OpenSlide's transparent pixels composited on white, never tiffslide's black padding."""
+    img = _tissue(60, 80)
+    Image.fromarray(img).save(tmp_path / "field.tif")
+    tifffile.imwrite(tmp_path / "tiled.tif", img, tile=(32, 32), photometric="rgb")
+    with open_slide(tmp_path / "field.tif") as s:
+        assert s.backend == "tiffslide"
+        r = s.read_region(-8, -5, 0, 30, 20)
+        assert (r[:5] == 255).all() and (r[:, :8] == 255).all()
+        assert (r[5:, 8:] == img[:15, :22]).all()
+        assert (s.read_region(70, 50, 0, 20, 20)[10:, :] == 255).all()
+        assert (s.read_region(200, 200, 0, 8, 8) == 255).all()  # wholly outside
+    with open_slide(tmp_path / "tiled.tif") as a, \
+            open_slide(tmp_path / "tiled.tif", backend="tiffslide") as b:
+        assert a.backend == "openslide"
+        for x, y in ((-8, -5), (60, 40), (-100, 10)):
+            assert (a.read_region(x, y, 0, 40, 30) == b.read_region(x, y, 0, 40, 30)).all()
+
+
+def test_tiffslide_pyramid_level_is_white_outside(tmp_path: Path) -> None:
+    img = _tissue(100, 140)
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        tw.write(img, tile=(32, 32), photometric="rgb", subifds=1)
+        tw.write(np.ascontiguousarray(img[::2, ::2]), tile=(32, 32), photometric="rgb",
+                 subfiletype=1)
+    with open_slide(tmp_path / "p.tif", backend="tiffslide") as s:
+        assert s.level_downsamples == [1.0, 2.0]
+        r = s.read_region(-20, -40, 1, 50, 50)  # level-1 corner (-10, -20)
+        assert (r[:20] == 255).all() and (r[:, :10] == 255).all()
+        assert (r[20:, 10:] == img[::2, ::2][:30, :40]).all()
+
+
+def test_implausible_recorded_mpp_is_ignored_and_slide_mpp_overrides(tmp_path: Path) -> None:
+    img = _tissue(300, 400)
+    Image.fromarray(img).save(tmp_path / "dpi.tif", dpi=(72, 72))  # 352.8 um/px
+    with pytest.warns(RuntimeWarning, match=r"352\.8 um/px"), \
+            open_slide(tmp_path / "dpi.tif") as s:
+        assert s.mpp is None and s.mpp_ignored == pytest.approx(25400 / 72)
+        with pytest.raises(DataError, match=r"implausible 352\.8 um/px.*--slide-mpp"):
+            plan_grid(s, 32, mpp=0.5)
+        g = plan_grid(s, 32, mpp=0.5, slide_mpp=0.25)
+        assert g.read_size == 64 and g.shape == (300 // 64, 400 // 64)
+    tifffile.imwrite(tmp_path / "um.tif", img, tile=(64, 64), photometric="rgb",
+                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "um.tif") as s:
+        assert s.mpp == pytest.approx(0.25) and s.mpp_ignored is None
+        assert plan_grid(s, 32, mpp=0.5).read_size == 64
+        assert plan_grid(s, 32, mpp=0.5, slide_mpp=0.125).read_size == 128  # the user's wins
+
+
+def _record_reads(slide: Slide) -> list[tuple[int, int]]:
+    """Make ``slide`` record the ``(w, h)`` of every region it reads; returns the record."""
+    reads: list[tuple[int, int]] = []
+    read = slide.read_region
+
+    def spy(x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+        reads.append((w, h))
+        return read(x0, y0, level, w, h)
+
+    slide.read_region = spy  # type: ignore[method-assign]
+    return reads
+
+
+def test_strip_thumbnail_equals_whole_level_thumbnail(tmp_path: Path) -> None:
+    """Tolerance 1 grey level: the strip boxes give PIL the same bicubic weights as one resize
+    up to float rounding of the box coordinates, which can move a uint8 value by one step."""
+    img = _tissue(500, 700)
+    tifffile.imwrite(tmp_path / "big.tif", img, tile=(128, 128), photometric="rgb")
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        tw.write(img, tile=(64, 64), photometric="rgb", subifds=1)
+        tw.write(np.ascontiguousarray(img[::2, ::2]), tile=(64, 64), photometric="rgb",
+                 subfiletype=1)
+    for path, backend in ((tmp_path / "big.tif", "auto"), (tmp_path / "p.tif", "tiffslide")):
+        with open_slide(path, backend=backend) as s:
+            whole = s.thumbnail(128)
+            level = s.best_level(700 / 128)
+            reads = _record_reads(s)
+            for budget in (5_000, 40_000):
+                strips = s.thumbnail(128, max_read_pixels=budget)
+                assert strips.shape == whole.shape == (91, 128, 3)
+                assert np.abs(strips.astype(int) - whole.astype(int)).max() <= 1
+            lw, lh = s.level_dimensions[level]
+            assert len(reads) > 4 and all(w == lw and h < lh for w, h in reads)

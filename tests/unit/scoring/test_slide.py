@@ -7,6 +7,7 @@ import pytest
 
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.slide import (
+    SlideHeatmap,
     aggregate,
     build_heatmap,
     erode_valid,
@@ -74,3 +75,46 @@ def test_overlay_on_thumbnail(tmp_path) -> None:
     assert out[5, 20, 0] > out[5, 5, 0]  # high-score tile is redder than the low one
     save_heatmap_overlay(tmp_path / "o.png", thumb, hm, 32.0)
     assert (tmp_path / "o.png").stat().st_size > 0
+
+
+def _painted(out: np.ndarray, thumb: np.ndarray, value: float, lo: float, hi: float) -> np.ndarray:
+    """``[h,w]`` bool: where an alpha-1 overlay shows the colour of ``value``."""
+    from gen_ad.scoring.maps import normalize, overlay
+
+    colour = overlay(thumb[:1, :1], normalize(np.array([[value]]), lo, hi), 1.0)[0, 0]
+    return (out == colour).all(-1)
+
+
+def test_overlapping_tiles_are_drawn_around_their_centres() -> None:
+    """Stride 64 < tile 256: the tile with corner (256, 256) covers [256, 512); its cell is
+    drawn as the 64 px square around its centre (384, 384), not at its corner."""
+    g = np.full((9, 9), np.nan)
+    g[4, 4], g[0, 0] = 1.0, 0.0
+    hm = SlideHeatmap(g, stride=64, tile_size=256)
+    thumb = np.full((768, 768, 3), 128, np.uint8)
+    out = heatmap_overlay(thumb, hm, downsample=1.0, alpha=1.0, vmin=0, vmax=1)
+    hot = np.argwhere(_painted(out, thumb, 1.0, 0, 1))
+    assert hot.min(0).tolist() == [352, 352] and hot.max(0).tolist() == [415, 415]
+    assert _painted(out, thumb, 0.0, 0, 1)[96:160, 96:160].all()  # tile (0, 0): centre 128
+    assert (out[:96, :96] == 128).all() and (out[160:352, :] == 128).all()
+
+
+def test_overlay_follows_exact_tile_centres_across_a_long_slide() -> None:
+    """A fractional step (0.5 um/px tiles of 224 px, stride 56, from a 0.2425 um/px scan:
+    step 115.46 level-0 px) keeps every tile's colour at its centre on a 100k px slide; a
+    rounded step (115) would drift by 5 cells by the end of the row."""
+    ds = 0.5 / 0.2425
+    foot, step = 224 * ds, 56 * ds
+    n = int((100_000 - foot) / step) + 1
+    xs = np.round(np.arange(n) * step) + foot / 2
+    g = np.arange(n, dtype=np.float64)[None, :]
+    hm = SlideHeatmap(g, stride=step, tile_size=foot, xs=xs, ys=np.array([foot / 2]))
+    down = 25.0
+    thumb = np.full((int(foot // down), 4000, 3), 100, np.uint8)
+    out = heatmap_overlay(thumb, hm, downsample=down, alpha=1.0, vmin=0, vmax=n - 1)
+    row = thumb.shape[0] // 2
+    for c in range(0, n, 37):
+        px = int(xs[c] // down)
+        assert _painted(out[row:row + 1, px:px + 1], thumb, float(c), 0, n - 1).all(), c
+    with pytest.raises(DataError, match="tile centres"):
+        heatmap_overlay(thumb, SlideHeatmap(g, step, foot, xs=xs[:-1]), down)
