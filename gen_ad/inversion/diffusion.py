@@ -18,9 +18,12 @@ checked against ``DDPMScheduler.step`` / ``DDIMScheduler.step`` in the tests).
   the noised original, the unknown region from the model; then jump back one step and repeat);
   final map = residual of the re-sampled image inside the mask; score = mean of the final map.
 
-Every random draw of a ``score`` call comes from one ``torch.Generator`` seeded with ``seed``, so a
-batch scored twice gets identical scores (the noise of an image depends on its position in the
-batch). All steps are batched over images.
+Every random draw of a ``score`` call comes, by default (``streams="image"``), from the image's own
+counter-based stream (:class:`~gen_ad.inversion.noise.ImageStreams`, keyed by the image's pixels
+and ``seed``), so an image gets the same noise, and the same score, whatever batch it is scored
+in; ``streams="batch"`` draws from one ``torch.Generator`` seeded with ``seed`` per call, as a
+plain sampling loop does (the noise of an image then depends on its position in the batch). All
+steps are batched over images.
 
 Speed (:class:`SpeedConfig`): the UNet can run under bf16 autocast, in channels-last memory format
 and through ``torch.compile``; each defaults to on for CUDA and off on CPU (compile: on for
@@ -40,6 +43,7 @@ import torch
 from torch import nn
 
 from gen_ad.errors import ConfigError, DataError
+from gen_ad.inversion.noise import ImageStreams
 from gen_ad.inversion.simplex import SimplexConfig, simplex_like
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.maps import dilate
@@ -48,6 +52,8 @@ from gen_ad.scoring.thresholds import fpr_threshold
 
 NoiseKind = Literal["gaussian", "simplex"]
 SamplerKind = Literal["ddpm", "ddim"]
+StreamKind = Literal["image", "batch"]
+Noise = torch.Generator | ImageStreams  # where a reconstruction's random draws come from
 
 
 # ----------------------------------------------------------------------------- speed
@@ -231,10 +237,12 @@ class Denoiser:
             out = self.unet(inp, ts).sample
         return out.to(x_t.dtype).contiguous()
 
-    def draw(self, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def draw(self, like: torch.Tensor, gen: Noise) -> torch.Tensor:
+        if isinstance(gen, ImageStreams):
+            return gen.draw(self.noise, like, self.simplex)
         return draw_noise(self.noise, like, gen, self.simplex)
 
-    def step(self, x_t: torch.Tensor, t: int, t_prev: int, gen: torch.Generator) -> torch.Tensor:
+    def step(self, x_t: torch.Tensor, t: int, t_prev: int, gen: Noise) -> torch.Tensor:
         """One reverse step ``x_t -> x_{t_prev}``."""
         e = self.eps(x_t, t)
         if self.sampler == "ddim":
@@ -245,8 +253,7 @@ class Denoiser:
         return ddpm_step(self.scheduler, e, x_t, t, t_prev, noise, self.clip)
 
     @torch.no_grad()
-    def denoise(self, x_t: torch.Tensor, timesteps: list[int], gen: torch.Generator,
-                ) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, timesteps: list[int], gen: Noise) -> torch.Tensor:
         """Run the reverse process from ``timesteps[0]`` to the clean image."""
         for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
             x_t = self.step(x_t, t, t_prev, gen)
@@ -254,14 +261,14 @@ class Denoiser:
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, t_start: int, steps: int | None,
-                    gen: torch.Generator) -> torch.Tensor:
+                    gen: Noise) -> torch.Tensor:
         """Noise ``x`` ``[B,3,H,W]`` to ``t_start`` and denoise back; returns ``[B,3,H,W]``."""
         x_t = add_noise(self.scheduler, x, t_start, self.draw(x, gen))
         return self.denoise(x_t, timestep_sequence(t_start, steps), gen)
 
     @torch.no_grad()
     def inpaint(self, x: torch.Tensor, start: torch.Tensor, mask: torch.Tensor, t_start: int,
-                steps: int | None, resample: int, gen: torch.Generator) -> torch.Tensor:
+                steps: int | None, resample: int, gen: Noise) -> torch.Tensor:
         """RePaint-style re-sampling of the masked region.
 
         Args:
@@ -273,7 +280,7 @@ class Denoiser:
             resample: rounds per step (AutoDDPM: 5); each but the last jumps back one step.
                 The final step (to the clean image) runs once, as in RePaint and the AutoDDPM
                 reference code (``t > 0`` condition).
-            gen: generator of every draw.
+            gen: source of every draw (a generator, or per-image streams).
         Returns:
             ``[B,3,H,W]`` image: ``x`` outside the mask, re-sampled inside.
         """
@@ -311,6 +318,15 @@ def _denoiser(unet: nn.Module, scheduler: Any, noise: str, simplex: SimplexConfi
                     sampler, bool(scheduler.config.clip_sample), fast)
 
 
+def _noise_source(x: torch.Tensor, seed: int, streams: str) -> Noise:
+    """The random draws of one ``score`` call on ``x`` (on the UNet's device)."""
+    if streams == "image":
+        return ImageStreams.for_images(x, seed)
+    if streams == "batch":
+        return torch.Generator(device=x.device).manual_seed(seed)
+    raise ConfigError(f"unknown noise streams '{streams}' (choose image or batch)")
+
+
 def _check_images(x: torch.Tensor) -> None:
     if x.ndim != 4 or x.shape[1] != 3:
         raise DataError(f"images must be [B,3,H,W], got {tuple(x.shape)}")
@@ -331,7 +347,10 @@ class AnoDDPMScorer(AnomalyScorer):
         steps: model evaluations (``None`` = all ``t + 1``; use e.g. 20 with DDIM).
         residual: ``l1`` (mean ``|x - recon|`` over channels) or ``l2`` (mean squared).
         reduce: image score from the map: ``mean``, ``max`` or ``topk``.
-        seed: seed of the per-call generator.
+        seed: seed of the noise.
+        streams: ``image`` (each image's noise from its own stream, keyed by its pixels and
+            ``seed``: its score does not depend on the batch) or ``batch`` (one generator per
+            call, as a plain sampling loop).
     """
 
     name = "anoddpm"
@@ -341,19 +360,21 @@ class AnoDDPMScorer(AnomalyScorer):
                  sampler: SamplerKind = "ddpm", steps: int | None = None,
                  residual: Literal["l1", "l2"] = "l1",
                  reduce: Literal["mean", "max", "topk"] = "mean", seed: int = 0,
+                 streams: StreamKind = "image",
                  speed: SpeedConfig | Speed | None = None) -> None:
         n_t = int(scheduler.config.num_train_timesteps)
         if not 0 <= t < n_t:
             raise ConfigError(f"anoddpm t must be in [0, {n_t}), got {t}")
         self.denoiser = _denoiser(unet, scheduler, noise, simplex, sampler, speed)
         self.t, self.steps, self.residual, self.reduce, self.seed = t, steps, residual, reduce, seed
+        self.streams = streams
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> ScoreBatch:
         _check_images(x)
         dev = _device_of(self.denoiser.unet)
         x = x.to(dev, torch.float32)
-        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        gen = _noise_source(x, self.seed, self.streams)
         recon = self.denoiser.reconstruct(x, self.t, self.steps, gen).clamp(-1.0, 1.0)
         maps = pixel_residual(x, recon, self.residual)
         return ScoreBatch(image_score(maps, self.reduce), maps, recon)
@@ -386,7 +407,8 @@ class AutoDDPMScorer(AnomalyScorer):
             :func:`gen_ad.inversion.lpips_net.build_lpips` when ``None``; without SqueezeNet
             weights it uses the installed AlexNet (``gen-ad weights install``), with a warning,
             and its ``gen_ad_source`` says so.
-        seed: seed of the per-call generator.
+        seed: seed of the noise.
+        streams: ``image`` or ``batch`` (see :class:`AnoDDPMScorer`).
     """
 
     name = "autoddpm"
@@ -400,6 +422,7 @@ class AutoDDPMScorer(AnomalyScorer):
                  reduce: Literal["mean", "max", "topk"] = "mean", lpips: nn.Module | None = None,
                  lpips_net: str = "squeeze", lpips_weights: str | None = None,
                  lpips_random_init: bool = False, seed: int = 0,
+                 streams: StreamKind = "image",
                  speed: SpeedConfig | Speed | None = None) -> None:
         n_t = int(scheduler.config.num_train_timesteps)
         for key, v in (("t_recon", t_recon), ("t_inpaint", t_inpaint)):
@@ -417,7 +440,7 @@ class AutoDDPMScorer(AnomalyScorer):
         self._lpips = lpips
         self._lpips_args = dict(net=lpips_net, weights=lpips_weights, random_init=lpips_random_init,
                                 fallback="alex" if lpips_net == "squeeze" else None)  # labelled
-        self.seed = seed
+        self.seed, self.streams = seed, streams
 
     def lpips(self) -> nn.Module:
         """The spatial LPIPS module (built on first use, on the UNet's device)."""
@@ -427,8 +450,7 @@ class AutoDDPMScorer(AnomalyScorer):
             self._lpips = build_lpips(spatial=True, **self._lpips_args)
         return self._lpips.to(_device_of(self.denoiser.unet))
 
-    def initial_map(self, x: torch.Tensor, gen: torch.Generator,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_map(self, x: torch.Tensor, gen: Noise) -> tuple[torch.Tensor, torch.Tensor]:
         """First reconstruction ``[B,3,H,W]`` and initial map ``[B,H,W]`` (LPIPS x residual)."""
         recon = self.denoiser.reconstruct(x, self.t_recon, self.steps_recon, gen).clamp(-1, 1)
         res = pixel_residual(x, recon, "l1")
@@ -455,11 +477,13 @@ class AutoDDPMScorer(AnomalyScorer):
     def fit(self, normal_batches: Iterable[torch.Tensor]) -> AutoDDPMScorer:
         """Set the mask threshold to the ``1 - fpr`` quantile of normal initial-map pixels."""
         dev = _device_of(self.denoiser.unet)
-        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        gen = torch.Generator(device=dev).manual_seed(self.seed)  # streams="batch": one for all
         values = []
         for xb in normal_batches:
             _check_images(xb)
-            values.append(self.initial_map(xb.to(dev, torch.float32), gen)[1].flatten().cpu())
+            xb = xb.to(dev, torch.float32)
+            noise = gen if self.streams == "batch" else _noise_source(xb, self.seed, self.streams)
+            values.append(self.initial_map(xb, noise)[1].flatten().cpu())
         if not values:
             raise DataError("autoddpm fit() got no normal images to calibrate the mask threshold")
         self.threshold = fpr_threshold(torch.cat(values), self.fpr)
@@ -481,7 +505,7 @@ class AutoDDPMScorer(AnomalyScorer):
         _check_images(x)
         dev = _device_of(self.denoiser.unet)
         x = x.to(dev, torch.float32)
-        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        gen = _noise_source(x, self.seed, self.streams)
         recon, init = self.initial_map(x, gen)
         mask = dilate(init > self._threshold(init), self.dilation)
         stitched = torch.where(mask[:, None], recon, x)

@@ -109,6 +109,7 @@ class AnoDDPMConfig:
     residual: Literal["l1", "l2"] = "l1"
     reduce: Literal["mean", "max", "topk"] = "mean"
     seed: int = 0
+    streams: Literal["image", "batch"] = "image"
 
     def validate(self, prefix: str) -> None:
         check(self.t >= 0, f"{prefix}.t", "must be >= 0")
@@ -138,6 +139,7 @@ class AutoDDPMConfig:
     lpips_net: Literal["vgg", "alex", "squeeze"] = "squeeze"
     lpips_weights: str | None = None
     seed: int = 0
+    streams: Literal["image", "batch"] = "image"
 
     def validate(self, prefix: str) -> None:
         check(self.t_recon >= 0, f"{prefix}.t_recon", "must be >= 0")

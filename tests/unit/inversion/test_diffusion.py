@@ -19,6 +19,7 @@ from gen_ad.inversion.diffusion import (
     timestep_sequence,
 )
 from gen_ad.inversion.lpips_net import build_lpips
+from gen_ad.inversion.noise import ImageStreams
 from gen_ad.models.unet import build_scheduler, build_unet
 
 
@@ -165,7 +166,7 @@ def test_autoddpm_fit_mask_and_final_map(unet: torch.nn.Module, lp: torch.nn.Mod
     frac = a.terms["mask_fraction"]
     assert ((frac > 0) & (frac < 1)).all()  # ~10% of pixels over threshold, then dilated
     # the final map lives inside the dilated mask only
-    init = sc.initial_map(x, torch.Generator().manual_seed(0))[1]
+    init = sc.initial_map(x, ImageStreams.for_images(x, 0))[1]
     from gen_ad.scoring.maps import dilate
 
     mask = dilate(init > sc.threshold, 3)
@@ -183,7 +184,7 @@ def test_autoddpm_without_calibration_warns(unet: torch.nn.Module, lp: torch.nn.
         out = sc.score(x)
     assert out.scores.shape == (2,)
     # each image masks its own top 10 % of initial-map pixels (the reference's fallback)
-    init = sc.initial_map(x, torch.Generator().manual_seed(0))[1]
+    init = sc.initial_map(x, ImageStreams.for_images(x, 0))[1]
     q = torch.quantile(init.flatten(1), 0.9, dim=1)
     assert torch.equal(out.terms["mask_fraction"], (init > q[:, None, None]).float().mean((1, 2)))
     frac = out.terms["mask_fraction"]  # 10 % up to the interpolated quantile's one pixel

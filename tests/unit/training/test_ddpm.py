@@ -15,6 +15,7 @@ from gen_ad.config import from_dict, load_config
 from gen_ad.data.synthetic import generate
 from gen_ad.errors import ConfigError
 from gen_ad.inversion.lpips_net import build_lpips
+from gen_ad.inversion.noise import ImageStreams
 from gen_ad.models.ema import ema_copy, ema_update
 from gen_ad.scoring.maps import dilate
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
@@ -168,7 +169,7 @@ def test_trained_model_finds_planted_anomalies(trained) -> None:
 
     auto = sc["autoddpm"].fit([_images(generate(32, 32, seed=7))])
     fa, fn = auto.score(xa), auto.score(xn)
-    init = auto.initial_map(xa, torch.Generator().manual_seed(auto.seed))[1]
+    init = auto.initial_map(xa, ImageStreams.for_images(xa, auto.seed))[1]
     pred = dilate(init > auto.threshold, auto.dilation)
     assert torch.equal(pred.float().mean(dim=(1, 2)), fa.terms["mask_fraction"])
     dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
