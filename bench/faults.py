@@ -437,11 +437,16 @@ def concurrent_campaign(root: Path, ddpm_run: Path | None, tally: Tally) -> None
                                           lambda: None if FeatureBank(bank).count else "empty"),
               "knn fit")
     count = FeatureBank(bank).count
+    more = root / "synth-more"  # extending adds new files only (files in the bank are skipped)
+    assert cli(["synth", "--out", str(more), "--n", "12", "--size", "32", "--seed", "1",
+                "--anomaly-fraction", "0"])() == 0
     ext = [*fit, "--extend"]
+    ext[ext.index(str(synth))] = str(more)
     tally.add("concurrent", second_writer(
         blocked(ext, g), ext, bank, root,
-        lambda: None if FeatureBank(bank).count == 2 * count else
-        f"{FeatureBank(bank).count} vectors after one extend of {count}"), "knn fit --extend")
+        lambda: None if FeatureBank(bank).count == count + 12 else
+        f"{FeatureBank(bank).count} vectors after one extend of {count} by 12"),
+        "knn fit --extend")
     ks = ["knn", "score", str(bank), "--data", str(synth), "--out", str(root / "kscore"),
           "--workers", "0", "--device", "cpu"]
     tally.add("concurrent", second_writer(blocked(ks, g), ks, root / "kscore", root), "knn score")

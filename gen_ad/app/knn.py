@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from gen_ad.app.evaluate import (
     LoadedScorer,
@@ -27,27 +27,53 @@ from gen_ad.app.evaluate import (
     scoring_dataset,
     write_outputs,
 )
-from gen_ad.baselines.extractors import build_extractor, describe
+from gen_ad.baselines.extractors import (
+    build_extractor,
+    describe,
+    get_spec,
+    training_resolution,
+    weights_identity,
+)
 from gen_ad.baselines.knn import (
     META,
     FeatureBank,
     KNNScorer,
+    Precision,
     Reduction,
     SearchSettings,
     bank_settings,
     build_bank,
     extend_bank,
     extractor_from_info,
+    resolved,
 )
-from gen_ad.errors import ConfigError
+from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.thresholds import Threshold, calibrate
 from gen_ad.utils.lock import writes_folder
 
 
-def _normal_loader(root: str | os.PathLike[str], size: int, batch_size: int,
-                   workers: int) -> DataLoader:
-    return DataLoader(normal_dataset(root, size), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=torch.cuda.is_available())
+def _normal_loader(ds: Dataset, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def new_images(ds: Dataset, bank: FeatureBank, folder: str | os.PathLike[str]) -> Dataset:
+    """The images of ``ds`` whose file is not in ``bank`` yet (the count skipped is printed).
+
+    Raises:
+        DataError: every image of ``folder`` is in the bank already.
+    """
+    known = {resolved(p) for p in bank.paths if p}
+    paths: list[str] = ds.paths  # type: ignore[attr-defined]
+    keep = [j for j, p in enumerate(paths) if resolved(p) not in known]
+    if not keep:
+        raise DataError(f"all {len(paths)} images of {folder} are in the bank at {bank.root} "
+                        "already: nothing to add")
+    if len(keep) < len(paths):
+        print(f"skipping {len(paths) - len(keep)} of {len(paths)} images of {folder}: already "
+              "in the bank")
+        return Subset(ds, keep)
+    return ds
 
 
 @writes_folder("out", "bank folder")
@@ -56,10 +82,14 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
                k: int = 200, reduction: Reduction = "mean",
                settings: SearchSettings | None = None, size: int | None = None,
                batch_size: int = 64, workers: int = 2, device: str = "auto",
-               calib_size: int = 5000, extend: bool = False, seed: int = 0) -> FeatureBank:
+               calib_size: int = 5000, extend: bool = False, seed: int = 0,
+               precision: Precision = "fp32") -> FeatureBank:
     """Build (or with ``extend`` grow) a bank from a folder of normal patches.
 
     A folder with class subfolders uses only ``normal/``; a flat folder uses all its images.
+    Extending skips images already in the bank and embeds in the bank's recorded precision
+    (``precision`` applies to a new bank); the weights file must be the one it was fitted with.
+    The bank records the weights file, its sha256 and size (``weights_identity``).
     """
     device = resolve_device(device)
     root = Path(out).expanduser()
@@ -67,7 +97,8 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
         bank = FeatureBank(root)
         ext = extractor_from_info(bank.meta["extractor"], device, weights)
         size = size or int(bank.meta["extractor"].get("load_size", ext.input_size))
-        loader = _normal_loader(normal, size, batch_size, workers)
+        loader = _normal_loader(new_images(normal_dataset(normal, size), bank, normal),
+                                batch_size, workers)
         resources = None if settings is None else bank_settings(  # the bank's metric, index
             bank, memory_budget_mb=settings.memory_budget_mb, backend=settings.backend,
             use_gpu=settings.use_gpu)
@@ -77,18 +108,31 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
     size = size or ext.input_size
     info = {**describe(ext.spec), "dim": ext.dim, "input_size": ext.input_size,
             "load_size": size, "random_init": random_init, "tiny": tiny, "seed": seed,
-            "weights": None if weights is None else str(Path(weights).expanduser().resolve())}
-    loader = _normal_loader(normal, size, batch_size, workers)
+            "weights": None if weights is None else str(Path(weights).expanduser().resolve()),
+            "weights_identity": weights_identity(ext, random_init, seed)}
+    loader = _normal_loader(normal_dataset(normal, size), batch_size, workers)
     return build_bank(ext, loader, out, info, k=k, reduction=reduction, settings=settings,
-                      total=len(loader), calib_size=calib_size, seed=seed)
+                      total=len(loader), calib_size=calib_size, seed=seed, precision=precision)
 
 
 def fit_summary(bank: FeatureBank) -> str:
-    """The line ``gen-ad knn fit`` prints: the bank and its threshold."""
+    """The lines ``gen-ad knn fit`` prints: the bank, its weights and precision, the training
+    resolution of its extractor, and its threshold."""
     thr = Threshold.load(bank.root / "threshold.json")
-    return (f"bank: {bank.root} ({bank.count} x {bank.dim}, extractor "
-            f"{bank.meta['extractor']['name']}); threshold (Q3+1.5 IQR of {thr.n} leave-one-out "
-            f"normal scores): {thr.value:.6g}")
+    info = bank.meta["extractor"]
+    return (f"bank: {bank.root} ({bank.count} x {bank.dim}, extractor {info['name']}, weights "
+            f"{_weights_line(info)}, {info.get('precision', 'unrecorded')} embeddings)\n"
+            f"extractor {info['name']}: {training_resolution(get_spec(info['name']))}\n"
+            f"threshold (Q3+1.5 IQR of {thr.n} leave-one-out normal scores): {thr.value:.6g}")
+
+
+def _weights_line(info: dict[str, Any]) -> str:
+    rec = info.get("weights_identity") or {}
+    if rec.get("kind") == "file":
+        return f"{rec['file']} (sha256 {str(rec['sha256'])[:12]}...)"
+    if rec.get("kind") == "random-init" or info.get("random_init"):
+        return "RANDOM-INIT (no pretrained weights)"
+    return "none" if rec.get("kind") == "none" else "unrecorded"
 
 
 def knn_threshold(ls: LoadedScorer, *, k: int | None = None,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ class ExtractorSpec:
         installed: the ``gen-ad weights install`` network holding the weights, or ``None``.
         resize: resize to ``input_size`` in preprocessing (``False``: the backbone takes the
             size it is given; ``input_size`` is then only the default load size).
+        train_mpp: microns per pixel of the model's training patches where its model card
+            states one resolution (``None``: mixed or not stated).
+        train_magnification: that resolution in words (``20x``, ``mixed 5x-40x``, ``unknown``).
     """
 
     name: str
@@ -99,6 +103,8 @@ class ExtractorSpec:
     note: str = ""
     installed: str | None = None
     resize: bool = True
+    train_mpp: float | None = None
+    train_magnification: str = "unknown"
 
     @property
     def dim(self) -> int:
@@ -118,19 +124,21 @@ _TINY_RESNET: Mapping[str, Any] = MappingProxyType({"layers": (1, 1, 1, 1)})
 def _registry() -> dict[str, ExtractorSpec]:
     """The registered extractors (built fresh: no module-level mutable state)."""
     virchow = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **_swiglu()}
+    at_20x: dict[str, Any] = {"train_mpp": 0.5, "train_magnification": "20x"}  # model cards
     specs = [
         ExtractorSpec(
             "virchow2", "vit_huge_patch14_224", {**virchow, "reg_tokens": 4}, "cls+mean", 1280,
             hf_repo="paige-ai/Virchow2", gated=True, tiny=_TINY_VIT,
+            train_magnification="mixed 5x-40x",
             note="ViT-H/14, 632M params, 4 register tokens; class token ++ mean patch tokens"),
         ExtractorSpec(
             "virchow", "vit_huge_patch14_224", virchow, "cls+mean", 1280,
-            hf_repo="paige-ai/Virchow", gated=True, tiny=_TINY_VIT,
+            hf_repo="paige-ai/Virchow", gated=True, tiny=_TINY_VIT, **at_20x,
             note="ViT-H/14, 632M params; class token ++ mean patch tokens"),
         ExtractorSpec(
             "uni", "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5}, "cls", 1024,
             hf_repo="MahmoodLab/UNI", hf_files=("pytorch_model.bin", "model.safetensors"),
-            gated=True, tiny=_TINY_VIT, note="ViT-L/16, 303M params"),
+            gated=True, tiny=_TINY_VIT, note="ViT-L/16, 303M params", **at_20x),
         ExtractorSpec(
             "uni2-h", "vit_giant_patch14_224",
             {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
@@ -142,16 +150,17 @@ def _registry() -> dict[str, ExtractorSpec]:
         ExtractorSpec(
             "phikon", "vit_base_patch16_224",
             {"img_size": 224, "norm_layer": partial(nn.LayerNorm, eps=1e-12)}, "cls", 768,
-            hf_repo="owkin/phikon", layout="hf-vit", tiny=_TINY_VIT,
+            hf_repo="owkin/phikon", layout="hf-vit", tiny=_TINY_VIT, **at_20x,
             note="ViT-B/16 iBOT, 86M params (transformers ViTModel layout, converted)"),
         ExtractorSpec(
             "phikon-v2", "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5}, "cls",
-            1024, hf_repo="owkin/phikon-v2", layout="hf-dinov2", tiny=_TINY_VIT,
+            1024, hf_repo="owkin/phikon-v2", layout="hf-dinov2", tiny=_TINY_VIT, **at_20x,
             note="ViT-L/16 DINOv2, 303M params (transformers Dinov2Model layout, converted)"),
         ExtractorSpec(
             "h-optimus-0", "vit_giant_patch14_reg4_dinov2", {"img_size": 224}, "cls", 1536,
             mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, hf_repo="bioptimus/H-optimus-0", gated=True,
-            tiny=_TINY_VIT, note="ViT-g/14, 1.1B params, 4 register tokens, own mean/std"),
+            tiny=_TINY_VIT, note="ViT-g/14, 1.1B params, 4 register tokens, own mean/std",
+            **at_20x),
         ExtractorSpec(
             "lunit-dino-vits8", "vit_small_patch8_224", {"img_size": 224}, "cls", 384,
             mean=LUNIT_MEAN, std=LUNIT_STD, hf_repo="1aurent/vit_small_patch8_224.lunit_dino",
@@ -361,10 +370,26 @@ def _where_to_put(spec: ExtractorSpec) -> str:
     return "; ".join(parts)
 
 
+def hf_snapshots(folder: Path) -> list[Path]:
+    """Snapshot folders of a Hugging Face ``models--*`` cache tree, the one to use first.
+
+    ``refs/main`` names the current snapshot; the others follow newest first (by mtime), which
+    is also the order when the tree has no refs. A plain folder has none.
+    """
+    snap_dir = folder / "snapshots"
+    if not snap_dir.is_dir():
+        return []
+    snaps = sorted((p for p in snap_dir.iterdir() if p.is_dir()),
+                   key=lambda p: (-p.stat().st_mtime, p.name))
+    ref = folder / "refs" / "main"
+    main = ref.read_text(encoding="utf-8").strip() if ref.is_file() else ""
+    return sorted(snaps, key=lambda p: p.name != main)  # stable: main first, then by mtime
+
+
 def find_weights_file(folder: Path) -> Path | None:
-    """The weights file inside ``folder`` (a plain folder or a HF ``models--*`` snapshot tree)."""
-    snaps = sorted((folder / "snapshots").glob("*")) if (folder / "snapshots").is_dir() else []
-    for root in [*snaps, folder]:
+    """The weights file inside ``folder`` (a plain folder or a HF ``models--*`` snapshot tree:
+    the snapshot ``refs/main`` points to, see :func:`hf_snapshots`)."""
+    for root in [*hf_snapshots(folder), folder]:
         for fname in _HF_FILES:
             if (root / fname).is_file():
                 return root / fname
@@ -424,11 +449,18 @@ def _download(spec: ExtractorSpec) -> Path:
     errors: list[str] = []
     if spec.hf_repo:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError, GatedRepoError
+        from huggingface_hub.utils import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+        )
 
         for fname in spec.hf_files:
             try:
                 return Path(hf_hub_download(repo_id=spec.hf_repo, filename=fname))
+            except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: catch it first
+                errors.append(f"the hub is unreachable (offline) for {spec.hf_repo}")
+                break
             except EntryNotFoundError:
                 continue
             except GatedRepoError as e:
@@ -560,5 +592,66 @@ def describe(spec: ExtractorSpec) -> dict[str, Any]:
     return {"name": spec.name, "arch": spec.arch, "dim": spec.dim, "embed": spec.embed,
             "input_size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std),
             "hf_repo": spec.hf_repo, "url": spec.url, "gated": spec.gated,
-            "installed": spec.installed}
+            "installed": spec.installed, "train_mpp": spec.train_mpp,
+            "train_magnification": spec.train_magnification}
+
+
+def training_resolution(spec: ExtractorSpec) -> str:
+    """One line: the patch resolution ``spec`` was trained at, and how to extract patches."""
+    if spec.train_mpp is not None:
+        return (f"trained on ~{spec.train_mpp:g} um/px ({spec.train_magnification}) patches: "
+                f"extract patches at that resolution (`gen-ad tile --mpp {spec.train_mpp:g}`)")
+    if spec.train_magnification != "unknown":
+        return f"trained on {spec.train_magnification} patches"
+    return "training resolution: not stated by the model card"
+
+
+# ----------------------------------------------------------------------------- weights identity
+
+
+def weights_identity(ext: FeatureExtractor, random_init: bool, seed: int = 0) -> dict[str, Any]:
+    """What a bank records about the weights behind its vectors.
+
+    ``{"kind": "file", "file", "sha256", "bytes"}`` (the resolved file, hashed streamed),
+    ``{"kind": "random-init", "seed"}`` or ``{"kind": "none"}`` (no network, ``colour-stats``).
+    """
+    if ext.weights_source is not None:
+        from gen_ad.weights.install import file_sha256
+
+        path = Path(ext.weights_source).resolve()
+        return {"kind": "file", "file": str(path), "sha256": file_sha256(path),
+                "bytes": path.stat().st_size}
+    if random_init:
+        return {"kind": "random-init", "seed": int(seed)}
+    return {"kind": "none"}
+
+
+def check_weights_identity(recorded: dict[str, Any] | None, ext: FeatureExtractor,
+                           random_init: bool, seed: int = 0, where: str = "the bank") -> None:
+    """Refuse an extractor whose weights differ from those ``recorded`` at fit.
+
+    Raises:
+        CheckpointError: another file content (sha256) or kind of weights than recorded.
+    Warns:
+        When nothing is recorded (a bank built before the record existed): cannot verify.
+    """
+    if recorded is None:
+        if ext.weights_source is not None:
+            warnings.warn(f"{where} does not record which weights file it was fitted with (built "
+                          f"by an earlier gen_ad): cannot verify that {ext.weights_source} holds "
+                          "the same weights; rebuild the bank to record them", stacklevel=3)
+        return
+    now = weights_identity(ext, random_init, seed)
+    if recorded.get("kind") != "file":
+        if now != recorded:
+            raise CheckpointError(f"{where} was fitted with weights {recorded}, this extractor "
+                                  f"has {now}: its vectors are not comparable")
+        return
+    if now.get("sha256") != recorded.get("sha256"):
+        raise CheckpointError(
+            f"{where} was fitted with the weights file {recorded.get('file')} (sha256 "
+            f"{recorded.get('sha256')}, {recorded.get('bytes')} bytes) but the weights found now "
+            f"are {now.get('file', now.get('kind'))} (sha256 {now.get('sha256')}, "
+            f"{now.get('bytes')} bytes): the vectors would not be comparable; pass the bank's "
+            "file with --weights, or rebuild the bank with `gen-ad knn fit`")
 

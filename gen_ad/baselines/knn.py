@@ -9,9 +9,16 @@ they are square-rooted here, everywhere). ``cosine`` scores are cosine distances
 vectors are L2-normalised and searched by inner product).
 
 Threshold. When a bank is fitted, a random subset of its own vectors (``calib_size``) is scored
-*leave-one-out*: each against all other bank vectors (the ``k+1`` nearest are searched and the
-point itself is dropped), so no point matches itself and the whole bank stays usable. The
-label-free threshold is ``Q3 + 1.5*IQR`` of these normal scores; it is saved with the bank.
+*leave-one-out*: each against the other bank vectors, leaving out its own row **and every row
+identical to it** (the same vector: Euclidean distance exactly 0, as the float64 re-rank gives
+it), so neither a point nor a duplicate of its image finds itself and the whole bank stays
+usable. The label-free threshold is ``Q3 + 1.5*IQR`` of these normal scores; it is saved with the
+bank. Near-duplicates (overlapping tiles of one slide) are *not* left out and still make this
+threshold optimistic; a threshold from held-out normal patches avoids that.
+
+Precision. Features are embedded in fp32 unless a bank records ``bf16`` (and the device has
+it); the precision is recorded in ``bank.json`` (``extractor.precision``) and queries are embedded
+in the bank's precision, with a warning when the device cannot match it.
 
 Exact search (``flat``) is :class:`gen_ad.baselines.search.ExactKNN`: fp32 matrix-product
 candidates, then a float64 re-rank, so the neighbours equal a float64 brute force (ties to the
@@ -23,8 +30,10 @@ vectors that fit.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gen_ad.baselines.search import ArraySource, ExactKNN, faiss_has_gpu
+from gen_ad.baselines.search import ArraySource, ExactKNN, error_bound, faiss_has_gpu
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import Threshold, calibrate
@@ -43,6 +52,8 @@ from gen_ad.utils.io import atomic_path, inside, unique_tag, write_json
 Metric = Literal["l2", "cosine"]
 Reduction = Literal["mean", "kth"]
 IndexKind = Literal["flat", "ivf"]
+Precision = Literal["fp32", "bf16"]
+PRECISIONS = ("fp32", "bf16")
 META = "bank.json"
 CALIB = "calibration.npy"
 THRESH = "threshold.json"
@@ -67,8 +78,9 @@ def _gpu_faiss(faiss: Any) -> bool:
 class FeatureBank:
     """Normal feature vectors on disk: float32 ``.npy`` shards + ``bank.json`` metadata.
 
-    ``bank.json`` holds the extractor (name, weights, random_init, tiny, dim), ``count``, the
-    search settings, the shard list and the source ``paths``. New shards can be appended at any
+    ``bank.json`` holds the extractor (name, weights, ``weights_identity`` (file, sha256, size),
+    random_init, tiny, dim, embedding ``precision``, training resolution), ``count``, the search
+    settings, the shard list and the source ``paths``. New shards can be appended at any
     time (:meth:`append`) without touching the existing ones; every write is atomic.
     """
 
@@ -359,7 +371,8 @@ class KNNIndex:
         Args:
             queries: ``[Q, D]`` float.
             k: neighbours per query (``1 <= k <= N``, ``k <= N-1`` with ``exclude``).
-            exclude: optional ``[Q]`` bank index per query to leave out (leave-one-out).
+            exclude: optional ``[Q]`` bank index per query to leave out (leave-one-out); bank
+                rows identical to the query (the same vector) are left out with it.
         Returns:
             ``(dist [Q,k] float32 ascending, idx [Q,k] int64)``; distances are Euclidean for
             ``l2`` and ``1 - cos`` for ``cosine``.
@@ -372,13 +385,66 @@ class KNNIndex:
         if not 1 <= k <= limit:
             raise ConfigError(f"k={k} needs a bank of at least {k + (exclude is not None)} "
                               f"vectors; this one has {self.count}")
-        kk = k + 1 if exclude is not None else k
         if self.settings.metric == "cosine":
             q = _normalise(q)
-        d, i = self._search_raw(q, kk)
-        if exclude is not None:
-            d, i = _drop_self(d, i, np.asarray(exclude, dtype=np.int64), k)
+        if exclude is None:
+            d, i = self._search_raw(q, k)
+        else:
+            d, i = self._search_leave_out(q, k, np.asarray(exclude, dtype=np.int64))
         return self._to_distance(d), i
+
+    def _search_leave_out(self, q: np.ndarray, k: int,
+                          self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw ``k`` nearest rows of each query other than its own row and rows identical to it.
+
+        Searches ``k+1`` candidates, then twice as many for the queries whose duplicates used
+        them up, up to the whole bank.
+
+        Raises:
+            DataError: fewer than ``k`` bank rows differ from some query.
+        """
+        out_d = np.empty((len(q), k), dtype=np.float64)
+        out_i = np.empty((len(q), k), dtype=np.int64)
+        todo, kk = np.arange(len(q)), min(self.count, k + 1)
+        while len(todo):
+            d, i = self._search_raw(q[todo], kk)
+            drop = (i == self_ids[todo, None]) | self._identical(q[todo], d, i)
+            ok = (~drop).sum(axis=1) >= k
+            if kk >= self.count and not ok.all():
+                raise DataError(
+                    f"the bank has fewer than k={k} vectors that differ from bank vector "
+                    f"{int(self_ids[todo[~ok][0]])} (duplicated images): remove the duplicates "
+                    "or use a smaller k")
+            keep = np.argsort(drop[ok], axis=1, kind="stable")[:, :k]  # first k not dropped
+            out_d[todo[ok]] = np.take_along_axis(d[ok], keep, axis=1)
+            out_i[todo[ok]] = np.take_along_axis(i[ok], keep, axis=1)
+            todo, kk = todo[~ok], min(self.count, 2 * kk)
+        return out_d, out_i
+
+    def _identical(self, q: np.ndarray, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """``[Q, C]`` mask of candidates ``i`` whose bank row equals the query exactly.
+
+        Only candidates whose raw distance could be that of an identical row are read and
+        compared, a block at a time: for ``l2`` on the exact (float64) search those at exactly 0;
+        else (cosine, IVF's fp32 scores) those within the fp32 error bound of an identical row.
+        """
+        if self.settings.metric == "l2" and self.settings.index == "flat":
+            tol = np.zeros((len(q), 1))
+        else:  # an identical row has the query's norm: ||q|| + ||b|| = 2 ||q|| (1 + 1 if cosine)
+            qn = torch.from_numpy(np.linalg.norm(q.astype(np.float64), axis=1))
+            b_max = 0.0 if self.settings.metric == "l2" else 1.0
+            scale = 2.0 if self.settings.metric == "l2" else 1.0
+            tol = error_bound(scale * qn, b_max, self.dim, self.settings.metric).numpy()[:, None]
+        rows, cols = np.nonzero((d <= tol) & (i >= 0))
+        same = np.zeros(d.shape, dtype=bool)
+        step = self._block_rows()
+        for s in range(0, len(rows), step):
+            r, c = rows[s:s + step], cols[s:s + step]
+            cand = self.source.rows(i[r, c])
+            if self.settings.metric == "cosine":
+                cand = _normalise(cand)
+            same[r, c] = np.all(cand == q[r], axis=1)
+        return same
 
     def _to_distance(self, raw: np.ndarray) -> np.ndarray:
         """Internal ascending scores -> reported distances (sqrt of squared L2; 1-cos as is)."""
@@ -391,12 +457,19 @@ class KNNIndex:
         if self.settings.index == "flat":
             return self._exact_index().search(q, k)
         step = self._query_rows(k, 0)  # IVF: the whole bank is in one faiss index
-        out_d = np.empty((len(q), k), dtype=np.float32)
+        out_d = np.empty((len(q), k), dtype=np.float64)
         out_i = np.empty((len(q), k), dtype=np.int64)
         for s in range(0, len(q), step):
             d, i = self._get_index(k).search(q[s:s + step], k)
             out_d[s:s + step] = 1.0 - d if self.settings.metric == "cosine" else d
             out_i[s:s + step] = i
+        short = np.nonzero((out_i < 0).any(axis=1))[0]  # faiss pads missing neighbours with -1
+        if len(short):
+            warnings.warn(
+                f"{len(short)} of {len(q)} queries found fewer than k={k} neighbours in the "
+                f"{self._get_index(k).nprobe} IVF lists probed; they were searched exactly "
+                "(raise nprobe, or use --index flat)", stacklevel=3)
+            out_d[short], out_i[short] = self._exact_index().search(q[short], k)
         return out_d, out_i
 
     def _exact_index(self) -> ExactKNN:
@@ -415,17 +488,6 @@ class KNNIndex:
         return torch.device("cuda" if cuda else "cpu")
 
 
-def _drop_self(d: np.ndarray, i: np.ndarray, self_ids: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
-    """From ``k+1`` neighbours drop the query's own index (or the farthest if it is absent)."""
-    is_self = i == self_ids[:, None]
-    is_self[~is_self.any(axis=1), -1] = True  # self not found: drop the (k+1)-th
-    first = np.argmax(is_self, axis=1)
-    keep = np.ones_like(is_self)
-    keep[np.arange(len(i)), first] = False
-    return d[keep].reshape(len(d), k), i[keep].reshape(len(i), k)
-
-
 def reduce_distances(dist: np.ndarray, reduction: Reduction = "mean") -> np.ndarray:
     """``[Q,k]`` ascending distances -> ``[Q]`` scores (mean of the k, or the k-th)."""
     if reduction == "mean":
@@ -438,27 +500,64 @@ def reduce_distances(dist: np.ndarray, reduction: Reduction = "mean") -> np.ndar
 # ----------------------------------------------------------------------------- features
 
 
-def _autocast(device: torch.device) -> Any:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _device_of(extractor: torch.nn.Module) -> torch.device:
+    """Where the extractor's tensors live (CPU for one without any)."""
+    t = next(itertools.chain(extractor.parameters(), extractor.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether embeddings can be computed under bf16 autocast on ``device`` (CUDA with bf16)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def usable_precision(wanted: str | None, device: torch.device,
+                     where: str = "the bank") -> Precision:
+    """The precision to embed with on ``device`` so as to match ``wanted`` (a bank's record).
+
+    ``None`` (a bank from before the record) and ``fp32`` give fp32; ``bf16`` gives bf16 where
+    the device has it, else fp32 with a warning (the vectors then differ slightly).
+    """
+    if wanted is None:
+        warnings.warn(f"{where} does not record its embedding precision (built by an earlier "
+                      "gen_ad: bf16 autocast on a GPU, fp32 on a CPU); embedding in fp32",
+                      stacklevel=3)
+        return "fp32"
+    if wanted not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {wanted!r}")
+    if wanted == "bf16" and not bf16_supported(device):
+        warnings.warn(f"{where} was embedded in bf16 but {device} has no bf16 autocast: "
+                      "embedding in fp32, so vectors differ slightly from the bank's",
+                      stacklevel=3)
+        return "fp32"
+    return "bf16" if wanted == "bf16" else "fp32"
+
+
+def _autocast(device: torch.device, precision: Precision = "fp32") -> Any:
+    """bf16 autocast for ``bf16`` on a device that has it; else autocast off (fp32)."""
+    kind = device.type if device.type in ("cuda", "cpu") else "cpu"
+    if precision == "bf16" and bf16_supported(device):
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return torch.autocast(kind, enabled=False)
 
 
 @torch.no_grad()
 def embed_batches(extractor: torch.nn.Module, batches: Iterable[Any], total: int | None = None,
-                  desc: str = "embedding") -> Iterator[tuple[np.ndarray, list[str], list[int]]]:
-    """Stream batches through the extractor (bf16 autocast on GPU), with a progress bar.
+                  desc: str = "embedding", precision: Precision = "fp32",
+                  ) -> Iterator[tuple[np.ndarray, list[str], list[int]]]:
+    """Stream batches through the extractor, with a progress bar.
 
     Args:
         extractor: a :class:`~gen_ad.baselines.extractors.FeatureExtractor`.
         batches: tensors ``[B,3,H,W]`` in ``[-1,1]`` or dataset dict batches (``image``,
             optional ``path`` and ``label``).
         total: number of batches for the progress bar.
+        precision: ``fp32`` or ``bf16`` (autocast; CUDA only, see :func:`usable_precision`).
     Yields:
         ``(features [B, D] float32, paths, labels)`` per batch (paths ``""``, labels ``-1`` when
         the batches are bare tensors).
     """
-    device = next(extractor.parameters()).device
+    device = _device_of(extractor)
     for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
         if isinstance(batch, dict):
             x = batch["image"]
@@ -466,7 +565,7 @@ def embed_batches(extractor: torch.nn.Module, batches: Iterable[Any], total: int
             labels = [int(v) for v in batch.get("label", [-1] * len(x))]
         else:
             x, paths, labels = batch, [""] * len(batch), [-1] * len(batch)
-        with _autocast(device):
+        with _autocast(device, precision):
             f = extractor(x.to(device, non_blocking=True))
         yield f.float().cpu().numpy(), paths, labels
 
@@ -475,8 +574,12 @@ def calibrate_bank(index: KNNIndex, k: int, reduction: Reduction = "mean",
                    calib_size: int = 5000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out scores of a random subset of the bank.
 
+    Each chosen row is scored against the bank without its own row and without the rows
+    identical to it (the same vector, Euclidean distance exactly 0: a duplicated image), which
+    would otherwise score it at 0. Near-duplicates stay, so the threshold can be optimistic.
+
     Returns:
-        ``(ids [n], scores [n])``: the bank rows used and their scores against all other rows.
+        ``(ids [n], scores [n])``: the bank rows used and their scores against the other rows.
     """
     n = min(index.count, int(calib_size))
     rng = np.random.default_rng(seed)
@@ -498,6 +601,8 @@ class KNNScorer(AnomalyScorer):
         k: neighbours (default 200). reduction: ``mean`` or ``kth``.
         settings: search settings (metric, index, memory budget, backend).
         calib_size: normal vectors scored leave-one-out for the threshold.
+        precision: embedding precision (``fp32``, or ``bf16`` on CUDA); a
+            :class:`FeatureBank` given to :meth:`set_bank` sets it to the bank's.
     """
 
     name = "knn"
@@ -505,10 +610,11 @@ class KNNScorer(AnomalyScorer):
     def __init__(self, extractor: torch.nn.Module, bank: FeatureBank | np.ndarray | None = None,
                  k: int = 200, reduction: Reduction = "mean",
                  settings: SearchSettings | None = None, calib_size: int = 5000,
-                 seed: int = 0) -> None:
+                 seed: int = 0, precision: Precision = "fp32") -> None:
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
         self.extractor = extractor
+        self.precision = usable_precision(precision, _device_of(extractor), "KNNScorer")
         self.k, self.reduction = int(k), reduction
         self.settings = settings or SearchSettings()
         self.calib_size, self.seed = int(calib_size), int(seed)
@@ -519,15 +625,19 @@ class KNNScorer(AnomalyScorer):
             self.set_bank(bank)
 
     def set_bank(self, bank: FeatureBank | np.ndarray) -> KNNScorer:
-        """Use ``bank`` for search (and its saved threshold, if it has one)."""
+        """Use ``bank`` for search (and its saved threshold and embedding precision)."""
         self.index = KNNIndex(bank, self.settings, seed=self.seed)
-        if isinstance(bank, FeatureBank) and (bank.root / THRESH).is_file():
-            self.threshold = Threshold.load(bank.root / THRESH)
+        if isinstance(bank, FeatureBank):
+            self.precision = usable_precision(bank.meta["extractor"].get("precision"),
+                                              _device_of(self.extractor), f"bank {bank.root}")
+            if (bank.root / THRESH).is_file():
+                self.threshold = Threshold.load(bank.root / THRESH)
         return self
 
     def fit(self, normal_batches: Iterable[Any]) -> KNNScorer:
         """Embed normal batches into an in-memory bank and calibrate the threshold."""
-        feats = [f for f, _, _ in embed_batches(self.extractor, normal_batches)]
+        feats = [f for f, _, _ in embed_batches(self.extractor, normal_batches,
+                                                precision=self.precision)]
         if not feats:
             raise DataError("no normal batches to fit the KNN bank on")
         self.set_bank(np.concatenate(feats, axis=0))
@@ -556,8 +666,8 @@ class KNNScorer(AnomalyScorer):
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> ScoreBatch:
         """Score images ``[B,3,H,W]`` in ``[-1,1]`` -> :class:`ScoreBatch` (no maps)."""
-        device = next(self.extractor.parameters()).device
-        with _autocast(device):
+        device = _device_of(self.extractor)
+        with _autocast(device, self.precision):
             f = self.extractor(x.to(device))
         return ScoreBatch(scores=torch.from_numpy(self.score_features(f.float())).float())
 
@@ -568,10 +678,13 @@ class KNNScorer(AnomalyScorer):
 def build_bank(extractor: torch.nn.Module, batches: Iterable[Any], out: str | os.PathLike[str],
                extractor_info: dict[str, Any], k: int = 200, reduction: Reduction = "mean",
                settings: SearchSettings | None = None, total: int | None = None,
-               shard_rows: int = 65536, calib_size: int = 5000, seed: int = 0) -> FeatureBank:
+               shard_rows: int = 65536, calib_size: int = 5000, seed: int = 0,
+               precision: Precision = "fp32") -> FeatureBank:
     """Embed normal batches into a new bank at ``out`` and calibrate its threshold.
 
-    Features are flushed to disk every ``shard_rows`` rows, so memory stays bounded.
+    Features are flushed to disk every ``shard_rows`` rows, so memory stays bounded. The
+    precision used (``precision`` where the device has it, else fp32) is recorded in
+    ``bank.json`` as ``extractor.precision``.
     """
     settings = settings or SearchSettings()
     settings.validate()
@@ -579,7 +692,8 @@ def build_bank(extractor: torch.nn.Module, batches: Iterable[Any], out: str | os
     stored = {"k": int(k), "reduction": reduction, "metric": settings.metric,
               "index": settings.index, "nlist": settings.nlist, "nprobe": settings.nprobe,
               "calib_size": int(calib_size), "seed": int(seed)}
-    bank = FeatureBank.create(out, dim, extractor_info, stored)
+    used = usable_precision(precision, _device_of(extractor), "the requested precision")
+    bank = FeatureBank.create(out, dim, {**extractor_info, "precision": used}, stored)
     extend_bank(bank, extractor, batches, total=total, shard_rows=shard_rows,
                 settings=settings)  # the memory budget and backend apply to calibration too
     return bank
@@ -588,24 +702,44 @@ def build_bank(extractor: torch.nn.Module, batches: Iterable[Any], out: str | os
 def extend_bank(bank: FeatureBank, extractor: torch.nn.Module, batches: Iterable[Any],
                 total: int | None = None, shard_rows: int = 65536,
                 settings: SearchSettings | None = None) -> FeatureBank:
-    """Append more normal data to ``bank`` (existing shards untouched) and re-calibrate."""
+    """Append more normal data to ``bank`` (existing shards untouched) and re-calibrate.
+
+    Images whose path is already in the bank are skipped (with a warning: a second copy of an
+    image would be its own nearest neighbour). Embeds in the bank's recorded precision.
+    """
     dim = int(extractor.dim)
     if dim != bank.dim:
         raise ConfigError(f"extractor gives {dim}-d features but the bank holds {bank.dim}-d")
+    precision = usable_precision(bank.meta["extractor"].get("precision"),
+                                 _device_of(extractor), f"bank {bank.root}")
+    known = {resolved(p) for p in bank.paths if p}
     buf: list[np.ndarray] = []
     buf_paths: list[str] = []
-    for f, paths, _ in embed_batches(extractor, batches, total=total, desc="feature bank"):
-        buf.append(f)
-        buf_paths.extend(paths)
+    skipped = 0
+    for f, paths, _ in embed_batches(extractor, batches, total=total, desc="feature bank",
+                                     precision=precision):
+        new = np.array([not p or resolved(p) not in known for p in paths], dtype=bool)
+        skipped += int((~new).sum())
+        buf.append(f[new])
+        buf_paths.extend(p for p, n in zip(paths, new) if n)
+        known.update(resolved(p) for p, n in zip(paths, new) if n and p)
         if sum(len(b) for b in buf) >= shard_rows:
             bank.append(np.concatenate(buf), buf_paths)
             buf, buf_paths = [], []
     if buf:
         bank.append(np.concatenate(buf), buf_paths)
+    if skipped:
+        warnings.warn(f"skipped {skipped} images already in the bank at {bank.root}",
+                      stacklevel=2)
     if bank.count == 0:
         raise DataError("no normal images were embedded; the bank is empty")
     recalibrate(bank, settings)
     return bank
+
+
+def resolved(path: str) -> str:
+    """``path`` made absolute with symlinks resolved: how bank paths are compared."""
+    return str(Path(path).expanduser().resolve())
 
 
 def bank_settings(bank: FeatureBank, **overrides: Any) -> SearchSettings:
@@ -642,11 +776,15 @@ def extractor_from_info(info: dict[str, Any], device: str | torch.device = "cpu"
                         weights: str | None = None) -> torch.nn.Module:
     """Rebuild the extractor recorded in a bank's metadata (``weights`` overrides the path).
 
+    The weights file found (``weights``, the recorded path, or the caches) must have the sha256
+    recorded at fit (``weights_identity``); a bank without that record loads with a warning.
+
     Raises:
         ConfigError: the bank was built by an earlier definition of that extractor (another
             architecture or embedding size), whose vectors this version cannot reproduce.
+        CheckpointError: the weights found now differ from those the bank was fitted with.
     """
-    from gen_ad.baselines.extractors import build_extractor, get_spec
+    from gen_ad.baselines.extractors import build_extractor, check_weights_identity, get_spec
 
     name = info["name"]
     arch = get_spec(name).arch
@@ -661,4 +799,7 @@ def extractor_from_info(info: dict[str, Any], device: str | torch.device = "cpu"
     if "dim" in info and int(info["dim"]) != ext.dim:
         raise ConfigError(f"this bank holds {info['dim']}-d vectors of extractor '{name}'; this "
                           f"version of gen_ad computes {ext.dim}-d ones: {rebuild}")
+    check_weights_identity(info.get("weights_identity"), ext,
+                           random_init=bool(info.get("random_init", False)),
+                           seed=int(info.get("seed", 0)), where=f"this bank (extractor '{name}')")
     return ext

@@ -99,3 +99,80 @@ def test_scoring_the_bank_images_warns_and_is_recorded(banks: Path, tmp_path: Pa
     with pytest.warns(UserWarning, match="30 of 30 images to score are in the KNN bank"):
         metrics, scores = _score(banks / "bank3", banks / "train", tmp_path / "self")
     assert metrics["images_also_in_bank"] == 30
+
+
+def _fit_args(bank: Path, normal: Path, *extra: str) -> list[str]:
+    return ["knn", "fit", "--extractor", "resnet50", "--tiny", "--normal", str(normal), "--out",
+            str(bank), "--k", "3", "--calib-size", "20", *extra, *COMMON]
+
+
+def test_extending_with_images_already_in_the_bank_skips_them(
+        banks: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`fit --extend` with the bank's own folder would put every image in twice (each then its
+    own leave-one-out neighbour at distance 0): those files are skipped, with a count."""
+    bank = tmp_path / "bank"
+    assert main(_fit_args(bank, banks / "train", "--random-init")) == 0
+    threshold = json.loads((bank / "threshold.json").read_text())["value"]
+    assert main(_fit_args(bank, banks / "train", "--extend")) == 2
+    assert "all 30 images of" in capsys.readouterr().err
+    assert json.loads((bank / "bank.json").read_text())["count"] == 30
+    more = tmp_path / "more" / "normal"
+    more.mkdir(parents=True)
+    for j, src in enumerate(sorted((banks / "train" / "normal").iterdir())[:5]):
+        (more / src.name).symlink_to(src)  # the same files through links: skipped
+        _folder(tmp_path / f"new{j}", 10 + j, 1, 0)
+        (tmp_path / f"new{j}" / "normal" / "000.png").rename(more / f"new{j}.png")
+    assert main(_fit_args(bank, more.parent, "--extend")) == 0
+    assert "skipping 5 of 10 images" in capsys.readouterr().out
+    meta = json.loads((bank / "bank.json").read_text())
+    assert meta["count"] == 35 and len(set(meta["paths"])) == 35
+    assert json.loads((bank / "threshold.json").read_text())["value"] > 0.5 * threshold
+
+
+def test_bank_records_and_checks_its_weights_file(banks: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """The bank records the resolved weights file with its sha256 and size; scoring with a file
+    of other content is refused naming both; an older bank without the record warns."""
+    import hashlib
+
+    from gen_ad.baselines.extractors import build_extractor
+    from gen_ad.utils.io import save_safetensors
+
+    weights = tmp_path / "w" / "model.safetensors"
+    weights.parent.mkdir()
+    save_safetensors(weights, build_extractor("resnet50", random_init=True, tiny=True,
+                                              seed=1).backbone.state_dict())
+    bank = tmp_path / "bank"
+    assert main(_fit_args(bank, banks / "train", "--weights", str(weights.parent))) == 0
+    assert f"weights {weights}" in capsys.readouterr().out
+    rec = json.loads((bank / "bank.json").read_text())["extractor"]["weights_identity"]
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert rec == {"kind": "file", "file": str(weights.resolve()), "sha256": sha,
+                   "bytes": weights.stat().st_size}
+    _score(bank, banks / "test", tmp_path / "ok")
+    save_safetensors(weights, build_extractor("resnet50", random_init=True, tiny=True,
+                                              seed=2).backbone.state_dict())  # replaced
+    new_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert main(["knn", "score", str(bank), "--data", str(banks / "test"), "--out",
+                 str(tmp_path / "bad"), *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert sha in err and new_sha in err and str(weights) in err and "--weights" in err
+    meta = json.loads((bank / "bank.json").read_text())
+    del meta["extractor"]["weights_identity"]  # a bank from an earlier gen_ad
+    (bank / "bank.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="does not record which weights file"):
+        _score(bank, banks / "test", tmp_path / "old")
+    random = json.loads((banks / "bank3" / "bank.json").read_text())["extractor"]
+    assert random["weights_identity"] == {"kind": "random-init", "seed": 0}
+
+
+def test_fit_prints_weights_precision_and_training_resolution(
+        banks: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = _fit_args(tmp_path / "bank", banks / "train", "--random-init")
+    args[args.index("resnet50")] = "uni"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM-INIT" in out and "fp32 embeddings" in out
+    assert "~0.5 um/px (20x)" in out and "gen-ad tile --mpp 0.5" in out
+    meta = json.loads((tmp_path / "bank" / "bank.json").read_text())["extractor"]
+    assert meta["train_mpp"] == 0.5 and meta["precision"] == "fp32"

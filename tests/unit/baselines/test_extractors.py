@@ -211,3 +211,64 @@ def test_registry_installed_extractors_use_the_installed_files() -> None:
     x = torch.rand(1, 3, 48, 48) * 2 - 1
     torch.testing.assert_close(inc(x), fid(to_uint8(x)), rtol=1e-5, atol=1e-5)
     assert fid.is_inception and fid.label == "fid"
+
+
+def _fake_repo(root, names: tuple[str, ...], main: str | None):
+    """A ``models--*`` cache tree with one weights file per snapshot (content = its name)."""
+    import os
+
+    repo = root / "models--paige-ai--Virchow2"
+    for j, name in enumerate(names):
+        snap = repo / "snapshots" / name
+        snap.mkdir(parents=True)
+        (snap / "pytorch_model.bin").write_bytes(name.encode())
+        os.utime(snap, (1_000_000 + j, 1_000_000 + j))  # later in `names` = newer
+    if main is not None:
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(main + "\n")
+    return repo
+
+
+def test_weights_folder_uses_the_snapshot_refs_main_points_to(tmp_path) -> None:
+    """Not the alphabetically first snapshot: the one refs/main names, else the newest."""
+    from gen_ad.baselines.extractors import find_weights_file, resolve_weights
+
+    repo = _fake_repo(tmp_path / "a", ("0aaa", "f00d", "9bbb"), main="f00d")
+    assert find_weights_file(repo) == repo / "snapshots" / "f00d" / "pytorch_model.bin"
+    assert resolve_weights(get_spec("virchow2"), repo).read_bytes() == b"f00d"
+    repo = _fake_repo(tmp_path / "b", ("0aaa", "f00d", "9bbb"), main=None)
+    assert find_weights_file(repo) == repo / "snapshots" / "9bbb" / "pytorch_model.bin"
+
+
+def test_unreachable_hub_is_reported_as_offline(monkeypatch) -> None:
+    """huggingface_hub's LocalEntryNotFoundError (no connection) is a subclass of
+    EntryNotFoundError; it must not read as "file not in the repo" / "no source"."""
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    def unreachable(**kw: object) -> str:
+        raise LocalEntryNotFoundError("Cannot find the requested files in the local cache")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online as far as the settings go
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(WeightsNotFoundError) as e:
+        build_extractor("uni")
+    msg = str(e.value)
+    assert "the hub is unreachable (offline)" in msg and "no source" not in msg
+    assert "pytorch_model.bin or model.safetensors" in msg and "MahmoodLab/UNI" in msg
+    assert "--weights" in msg and "$HF_HOME/hub" in msg
+
+
+def test_training_resolution_is_recorded_per_model() -> None:
+    from gen_ad.baselines.extractors import describe, training_resolution
+
+    for name in ("uni", "phikon", "phikon-v2", "h-optimus-0", "virchow"):
+        spec = get_spec(name)
+        assert (spec.train_mpp, spec.train_magnification) == (0.5, "20x")
+        assert "gen-ad tile --mpp 0.5" in training_resolution(spec)
+    v2 = get_spec("virchow2")
+    assert v2.train_mpp is None and v2.train_magnification == "mixed 5x-40x"
+    assert "mixed 5x-40x" in training_resolution(v2)
+    assert get_spec("dino-vits16").train_magnification == "unknown"
+    assert "not stated" in training_resolution(get_spec("uni2-h"))
+    assert describe(get_spec("uni"))["train_mpp"] == 0.5

@@ -18,10 +18,11 @@ from gen_ad.baselines.knn import (
     KNNScorer,
     SearchSettings,
     build_bank,
+    calibrate_bank,
     extend_bank,
     reduce_distances,
 )
-from gen_ad.errors import ConfigError
+from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.thresholds import iqr_threshold
 
 pytest.importorskip("faiss")
@@ -239,3 +240,121 @@ def test_calibrating_a_knn_scorer_uses_leave_one_out_scores(extractor) -> None:
     assert th.value == pytest.approx(calibrate(scorer.fit_scores(), method="iqr").value)
     rescored = scorer.score(images).scores.numpy()  # each image its own nearest neighbour
     assert th.value > iqr_threshold(rescored)
+
+
+def _loo_reference(bank: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Brute force: mean Euclidean distance to the k nearest rows that differ from the query."""
+    out = []
+    for j in ids:
+        d = np.sqrt(((bank.astype(np.float64) - bank[j]) ** 2).sum(1))
+        d[d == 0] = np.inf  # its own row and its identical copies
+        out.append(np.sort(d)[:k].mean())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_leave_one_out_also_leaves_out_identical_rows(backend: str) -> None:
+    """A bank holding every image twice (or three times) must not score each point against its
+    twin at distance 0: the threshold stays that of the unique bank."""
+    x, _ = _data(n=300, d=8)
+    settings = SearchSettings(backend=backend)  # type: ignore[arg-type]
+    ids1, once = calibrate_bank(KNNIndex(x, settings), 1, calib_size=300)
+    twice = KNNIndex(np.concatenate([x, x]), settings)
+    ids2, s2 = calibrate_bank(twice, 1, calib_size=600)
+    np.testing.assert_allclose(s2, once[ids2 % 300], rtol=1e-6)  # not 0
+    thrice = np.concatenate([x, x, x])  # more copies than the first k+1 candidates hold
+    ids3, s3 = calibrate_bank(KNNIndex(thrice, settings), 5, calib_size=200)
+    np.testing.assert_allclose(s3, _loo_reference(thrice, ids3, 5), rtol=1e-5)
+    d, i = twice.search(x[:3], 4, exclude=np.array([0, 1, 2]))
+    assert not np.isin(i, [0, 1, 2, 300, 301, 302]).any() and (d > 0).all()
+
+
+def test_leave_one_out_with_too_few_distinct_rows_is_a_clear_error() -> None:
+    x, _ = _data(n=3, d=4)
+    index = KNNIndex(np.concatenate([x] * 4), SearchSettings())
+    calibrate_bank(index, 8)  # each row has 8 others that differ from it
+    with pytest.raises(DataError, match=r"fewer than k=9 vectors that differ .* \(duplicated"):
+        calibrate_bank(index, 9)
+
+
+def test_ivf_missing_neighbours_are_searched_exactly() -> None:
+    """nprobe=1 of 10 lists holds about 40 vectors: k=100 must not return faiss' -1 ids (and
+    ~1.8e19 distances) but the exact neighbours, with a warning naming nprobe."""
+    x, q = _data(n=400, d=8, q=6)
+    ivf = KNNIndex(x, SearchSettings(index="ivf", nlist=10, nprobe=1, use_gpu=False))
+    with pytest.warns(UserWarning, match=r"fewer than k=100 neighbours .*\(raise nprobe"):
+        d, i = ivf.search(q, 100)
+    de, ie = KNNIndex(x, SearchSettings()).search(q, 100)
+    assert (i >= 0).all() and d.max() < 100
+    np.testing.assert_array_equal(i, ie)
+    np.testing.assert_allclose(d, de, rtol=1e-5)
+    with pytest.warns(UserWarning, match="raise nprobe"):
+        _, scores = calibrate_bank(ivf, 100, calib_size=20)
+    assert scores.max() < 100
+
+
+def _path_batches(paths: list[str], seed: int) -> list[dict]:
+    images = torch.cat(_batches(len(paths), seed))
+    return [{"image": images[s:s + 8], "path": paths[s:s + 8]} for s in range(0, len(paths), 8)]
+
+
+def test_extend_skips_images_already_in_the_bank(tmp_path, extractor) -> None:
+    paths = [str(tmp_path / f"img{j:02d}.png") for j in range(32)]
+    bank = build_bank(extractor, _path_batches(paths, 0), tmp_path / "bank", {"name": "x"},
+                      k=5, calib_size=32)
+    before = json.loads((tmp_path / "bank" / "threshold.json").read_text())["value"]
+    more = [str(tmp_path / f"new{j:02d}.png") for j in range(8)]
+    with pytest.warns(UserWarning, match="skipped 32 images already in the bank"):
+        extend_bank(bank, extractor, _path_batches(paths + more, 0))  # the folder again, + 8
+    assert bank.count == 40 and bank.paths == paths + more
+    again = build_bank(extractor, _path_batches(paths + more, 0), tmp_path / "once",
+                       {"name": "x"}, k=5, calib_size=32)
+    np.testing.assert_array_equal(bank.load(), again.load())
+    assert before > 0
+
+
+def test_bank_records_precision_and_queries_use_it(tmp_path, extractor, monkeypatch) -> None:
+    """A bank records its embedding precision; a scorer embeds queries in the bank's precision
+    where the device has it, else fp32 with a warning; an older bank (no record) warns."""
+    import gen_ad.baselines.knn as knn
+
+    bank = build_bank(extractor, _batches(32, 0), tmp_path / "bank", {"name": "x"}, k=3,
+                      calib_size=20)
+    assert bank.meta["extractor"]["precision"] == "fp32"
+    x = _batches(4, 9)[0]
+    fp32 = KNNScorer(extractor, bank, k=3).score(x).scores
+    bank.meta["extractor"]["precision"] = "bf16"  # as fitted on a GPU
+    bank.save_meta()
+    with pytest.warns(UserWarning, match="embedded in bf16 but cpu has no bf16"):
+        sc = KNNScorer(extractor, FeatureBank(tmp_path / "bank"), k=3)
+    assert sc.precision == "fp32"
+    torch.testing.assert_close(sc.score(x).scores, fp32)
+    monkeypatch.setattr(knn, "bf16_supported", lambda device: True)  # a device with bf16
+    sc = KNNScorer(extractor, FeatureBank(tmp_path / "bank"), k=3)
+    assert sc.precision == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = sc.score_features(extractor(x).float())
+    np.testing.assert_allclose(sc.score(x).scores.numpy(), ref, rtol=1e-6)
+    assert not np.allclose(ref, fp32.numpy(), rtol=1e-6, atol=0)
+    del bank.meta["extractor"]["precision"]
+    bank.save_meta()
+    with pytest.warns(UserWarning, match="does not record its embedding precision"):
+        assert KNNScorer(extractor, FeatureBank(tmp_path / "bank"), k=3).precision == "fp32"
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        build_bank(extractor, _batches(8, 0), tmp_path / "b2", {"name": "x"},
+                   precision="fp16")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("metric", "index"), [("cosine", "flat"), ("l2", "ivf"),
+                                               ("cosine", "ivf")])
+def test_identical_rows_are_left_out_for_cosine_and_ivf(metric: str, index: str) -> None:
+    """IVF fp32 scores and the cosine re-rank are not exactly 0 for a twin: still left out."""
+    x, _ = _data(n=400, d=8)
+    st = {"metric": metric, "index": index, "use_gpu": False}
+    if index == "ivf":
+        st |= {"nlist": 5, "nprobe": 5}  # every list probed: comparable with the flat search
+    _, once = calibrate_bank(KNNIndex(x, SearchSettings(**st)), 1, calib_size=400)
+    ids, twice = calibrate_bank(KNNIndex(np.concatenate([x, x]), SearchSettings(**st)), 1,
+                                calib_size=800)
+    assert twice.min() > 0
+    np.testing.assert_allclose(twice, once[ids % 400], rtol=1e-4, atol=1e-6)
