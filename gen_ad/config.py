@@ -95,7 +95,8 @@ class TrainConfig:
             schedules still follow ``max_steps``.
         seed: seed of every random draw (data order, noise, initialisation).
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (GPU only; CPU runs in fp32).
-        grad_accum: micro-batches per step.
+        grad_accum: micro-batches per step; must divide the per-process batch (``batch_size``
+            / processes), checked when training starts.
         log_every / sample_every / ckpt_every / fid_every: intervals in steps (0 = never).
         keep_last: number of training states kept in ``state/``.
         fid_n: generated (and at most real) images per periodic FID/KID.

@@ -12,17 +12,21 @@ the folder once (DataLoader workers) into
 * ``cache.json``: the key, count, size and class names, written last,
 
 assembled in a temporary folder and renamed into place. Later calls with the same key open it
-(:class:`PatchCache`) without touching the images. Items equal :class:`PatchFolder`'s exactly.
+(:class:`PatchCache`) without touching the images; a cache another process installed first (two
+ranks building at once) is used as it is, after checking its key and file sizes. Items equal
+:class:`PatchFolder`'s exactly.
 Each process (each DataLoader worker) maps the files itself; nothing per item is held in Python
 memory, and mapped pages are file-backed, so the kernel can drop them under pressure.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gen_ad.data.folders import PatchFolder, image_to_tensor, is_image_file
 from gen_ad.errors import DataError
-from gen_ad.utils.io import unique_tag, write_json
+from gen_ad.utils.io import remove_dir, unique_tag, write_json
 
 META = "cache.json"
 VERSION = 1
@@ -155,14 +159,57 @@ def build_cache(folder: PatchFolder, out: str | os.PathLike[str], key: str,
         (tmp / "paths.txt").write_bytes(b"".join(encoded))
         write_json(tmp / META, {"version": VERSION, "key": key, "count": n, "size": s,
                                 "classes": names, "root": str(folder.root)})
-        if final.exists():  # another process built the same cache meanwhile
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
+        _install(tmp, final, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PatchCache(final)
+
+
+def is_complete(where: Path, key: str) -> bool:
+    """Whether ``where`` holds a finished cache for ``key``: ``cache.json`` readable with this
+    key, and every data file of the size its count and patch size imply."""
+    try:
+        meta = json.loads((where / META).read_text())
+        n, s = int(meta["count"]), int(meta["size"])
+        if meta.get("key") != key:
+            return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    sizes = {"images.u8": n * s * s * 3, "labels.u8": n, "classes.u16": 2 * n,
+             "paths.i64": 8 * (n + 1)}
+    try:
+        return all((where / f).stat().st_size == size for f, size in sizes.items()) \
+            and (where / "paths.txt").is_file()
+    except OSError:
+        return False
+
+
+def _install(tmp: Path, final: Path, key: str, tries: int = 3) -> None:
+    """Rename the finished ``tmp`` to ``final``; when another process (another rank, another
+    machine on a shared disk) installed the same cache first, keep its and drop ``tmp``.
+
+    A stale or damaged folder under ``final`` is renamed away and deleted, then ``tmp`` goes in.
+
+    Raises:
+        DataError: ``final`` kept being replaced by something else.
+    """
+    for _ in range(tries):
+        try:
+            os.replace(tmp, final)  # a directory replaces only a missing or empty one
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if is_complete(final, key):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            remove_dir(final)
+        except FileNotFoundError:  # another process removed it meanwhile
+            pass
+    raise DataError(f"could not install the patch cache at {final}: another process keeps "
+                    "replacing it with a different one")
 
 
 def cached_folder(cache_dir: str | os.PathLike[str], *, root: str | os.PathLike[str], size: int,
@@ -184,10 +231,11 @@ def cached_folder(cache_dir: str | os.PathLike[str], *, root: str | os.PathLike[
                 "normal": list(normal_classes), "stain": stain_settings}
     key = content_key(root, settings)
     where = Path(cache_dir).expanduser() / key[:24]
-    if (where / META).is_file():
-        cache = PatchCache(where)
-        if cache.meta.get("key") == key:
-            return cache
+    if is_complete(where, key):
+        return PatchCache(where)
+    if where.exists():
+        warnings.warn(f"the patch cache at {where} is incomplete or stale: rebuilding it",
+                      stacklevel=2)
     folder = PatchFolder(root=root, size=size, classes=classes, normal_classes=normal_classes,
                          resize=resize, max_bad_fraction=max_bad_fraction, stain=stain)
     return build_cache(folder, where, key, workers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -35,12 +36,14 @@ from gen_ad.utils.io import (
     save_safetensors,
     torch_load,
     torch_save,
+    unique_tag,
     write_json,
     write_manifest,
 )
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FORMAT = 2  # 2: the folder has a manifest.json (sizes + sha256), written last
+ABANDONED_PREFIX = "abandoned-after-step-"  # states of a branch left by a resume (never pruned)
 
 
 @dataclass
@@ -303,13 +306,49 @@ def prune_states(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` states, and stale temporary folders.
 
     A pruned folder is renamed away first (:func:`~gen_ad.utils.io.remove_dir`), so a kill
-    never leaves a half-deleted folder under a ``step-<N>`` name. Call with the run locked.
+    never leaves a half-deleted folder under a ``step-<N>`` name. States set aside by
+    :func:`set_aside_newer` are never pruned. Call with the run locked.
     """
     states = list_states(run_dir)
     for _, p in states[:-keep_last]:
         remove_dir(p)
     for p in state_root(run_dir).glob(".step-*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def state_step(path: Path) -> int:
+    """The step of a state folder (its ``meta.json``)."""
+    try:
+        return int(json.loads((path / "meta.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path / 'meta.json'} is unreadable ({e})") from e
+
+
+def set_aside_newer(run_dir: str | Path, step: int) -> tuple[Path, list[str]] | None:
+    """Move the states of ``run_dir`` newer than ``step`` into ``state/abandoned-...``.
+
+    A run resumed from step ``step`` while newer states exist (a roll-back to an older state, or
+    newer ones skipped as damaged) continues a new branch: left in place, the abandoned branch's
+    higher step numbers would win keep-last pruning (deleting the new branch's states) and
+    ``--resume latest``. Nothing is deleted: the folders are renamed, one by one, into
+    ``state/abandoned-after-step-<step>-<time>/``, which :func:`list_states` ignores. Call with
+    the run locked.
+
+    Returns:
+        ``(folder, moved names)``, or ``None`` when no newer state exists.
+    """
+    root = state_root(run_dir)
+    newer = sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                   if (m := _STEP_RE.match(p.name)) and int(m.group(1)) > step)
+    if not newer:
+        return None
+    folder = root / f"{ABANDONED_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if folder.exists():
+        folder = folder.with_name(f"{folder.name}-{unique_tag()}")
+    folder.mkdir()
+    for _, p in reversed(newer):  # newest first; a kill midway: the same command moves the rest
+        os.replace(p, folder / p.name)
+    return folder, [p.name for _, p in newer]
 
 
 # ----------------------------------------------------------------------------- optimiser settings

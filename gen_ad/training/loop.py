@@ -112,12 +112,25 @@ def release_other_state(cpu: bool, mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _per_process_batch(cfg: Any, world: int) -> int:
-    b = cfg.train.batch_size
+def per_process_batch(train_cfg: Any, world: int) -> int:
+    """``train.batch_size`` split over ``world`` processes, checked at start-up.
+
+    Raises:
+        ConfigError: the batch does not split evenly over the processes, or the per-process
+            batch not into ``train.grad_accum`` equal micro-batches (unequal chunks would
+            mis-scale the gradients, each being divided by ``grad_accum``).
+    """
+    b, accum = train_cfg.batch_size, train_cfg.grad_accum
     if b % world:
         raise ConfigError(f"config key 'train.batch_size': {b} is not divisible by the number of "
                           f"processes ({world})")
-    return b // world
+    per = b // world
+    if per % accum:
+        raise ConfigError(
+            f"config keys 'train.batch_size' and 'train.grad_accum': the per-process batch "
+            f"{b} / {world} processes = {per} is not divisible by train.grad_accum={accum}; "
+            f"use a train.batch_size divisible by {world * accum} (processes x grad_accum)")
+    return per
 
 
 def make_loader(dataset: Dataset, *, batch: int, seed: int, rank: int, world: int,
@@ -158,12 +171,59 @@ def _check_new_or_resume(run_dir: Path, resume: str | None) -> Path | None:
     return None
 
 
+def _start_branch(run_dir: Path, path: Path) -> None:
+    """Set aside the run's states newer than the resumed one (see
+    :func:`~gen_ad.training.checkpoint.set_aside_newer`), saying so on stderr."""
+    step = ckpt.state_step(path)
+    moved = ckpt.set_aside_newer(run_dir, step)
+    if moved is not None:
+        folder, names = moved
+        tqdm.write(f"resume: continuing from step {step}; the newer states {', '.join(names)} "
+                   f"(rolled back from, or skipped as damaged) were moved to {folder} (nothing "
+                   "deleted; model/ is replaced at the next checkpoint)", file=sys.stderr)
+
+
+def resolve_resume_agreed(acc: Accelerator, run_dir: Path, resume: str | None) -> Path | None:
+    """The state to resume from, the same on every process (``None``: a new run).
+
+    The main process resolves it (after its writer lock repaired any interrupted swap) and sets
+    aside newer states of an abandoned branch; the others receive its answer, or its error.
+
+    Raises:
+        CheckpointError: no usable state, or ``run_dir`` has states and ``resume`` is ``None``.
+    """
+    answer: list[str | None] = [None, None]  # [path, error]
+    error: Exception | None = None
+    if acc.is_main_process:
+        try:
+            path = _check_new_or_resume(run_dir, resume)
+            if path is not None:
+                _start_branch(run_dir, path)
+            answer[0] = None if path is None else str(path)
+        except Exception as e:  # noqa: BLE001 - handed to the other processes, then re-raised
+            error, answer[1] = e, str(e)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(answer)
+    if error is not None:
+        raise error
+    if answer[1] is not None:
+        raise CheckpointError(f"{answer[1]} (the main process could not resume)")
+    return None if answer[0] is None else Path(answer[0])
+
+
 def build_run(family: Family, resume: str | None = None) -> tuple[RunState, Path | None]:
-    """Create models, EMA, optimisers and the accelerator for ``family.cfg``."""
+    """Create models, EMA, optimisers and the accelerator for ``family.cfg``.
+
+    Checks the batch split over the processes and agrees on the state to resume from (see
+    :func:`resolve_resume_agreed`) before building anything.
+    """
     cfg = family.cfg
     run_dir = Path(cfg.out)
-    resume_path = _check_new_or_resume(run_dir, resume)
     acc = make_accelerator(cfg.train, run_dir)
+    per_process_batch(cfg.train, acc.num_processes)
+    resume_path = resolve_resume_agreed(acc, run_dir, resume)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every process and resume
     models = family.build_models()
     family.setup(models, acc.device, resuming=resume_path is not None)
@@ -315,16 +375,27 @@ def _done(state: RunState) -> bool:
     return c.step >= tc.max_steps or (tc.max_kimg is not None and c.kimg >= tc.max_kimg)
 
 
-def _out_of_time(state: RunState, t0: float) -> bool:
-    """Whether ``train.max_minutes`` has passed since ``t0``, agreed by every process."""
-    limit = state.family.cfg.train.max_minutes
-    if limit is None:
-        return False
-    acc = state.accelerator
-    late = torch.tensor(float(time.perf_counter() - t0 >= 60.0 * limit), device=acc.device)
-    if acc.num_processes > 1:  # all processes must stop at the same step
-        late = acc.reduce(late, reduction="sum")
-    return bool(late.item() > 0)
+def _stop_reason(state: RunState, t0: float) -> str | None:
+    """Why the loop stops after this step (``None``: go on), agreed by every process.
+
+    Two flags: ``train.max_minutes`` has passed since ``t0``; a SIGINT/SIGTERM was received.
+    Under DDP both are summed over the processes in one reduction (one host read per step), so
+    every process stops at the same step even when a signal reaches them a step apart (a process
+    leaving alone would wait in the checkpoint's collective while the others wait in the next
+    step's). A single process reads its flags without touching the device.
+    """
+    acc, limit = state.accelerator, state.family.cfg.train.max_minutes
+    late = limit is not None and time.perf_counter() - t0 >= 60.0 * limit
+    signalled = bool(state.stop_signal)
+    if acc.num_processes > 1:
+        flags = torch.tensor([float(late), float(signalled)], device=acc.device)
+        late, signalled = (v > 0 for v in acc.reduce(flags, reduction="sum").tolist())
+    if late:
+        return f"train.max_minutes={limit} reached"
+    if signalled:
+        return f"signal {state.stop_signal[0]} received" if state.stop_signal else \
+            "another process received a stop signal"
+    return None
 
 
 def _budget_total(state: RunState, t0: float, step0: int) -> int:
@@ -406,16 +477,16 @@ def _run_training(family: Family, resume: str | None) -> Path:
     cfg = family.cfg
     state, resume_path = build_run(family, resume)
     acc = state.accelerator
-    dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed)
+    with acc.local_main_process_first():  # one process per machine builds a data.cache
+        dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed)
     if resume_path is not None:
         load_checkpoint(state, resume_path)
+        _note_batch_change(state)
     if acc.is_main_process:
         save_config(cfg, state.run_dir / "config.yaml")
-    b = _per_process_batch(cfg, acc.num_processes)
-    world = acc.num_processes
-    batches = make_loader(dataset, batch=b, seed=cfg.train.seed, rank=acc.process_index,
-                          world=world, start=state.counters.step * b * world,
-                          num_workers=cfg.data.num_workers)
+    batches = make_loader(dataset, batch=per_process_batch(cfg.train, acc.num_processes),
+                          seed=cfg.train.seed, rank=acc.process_index, world=acc.num_processes,
+                          start=state.counters.images, num_workers=cfg.data.num_workers)
     _init_trackers(state)
     with _signal_guard(state):
         _loop(state, batches)
@@ -423,6 +494,20 @@ def _run_training(family: Family, resume: str | None) -> Path:
     save_checkpoint(state)
     acc.end_training()
     return state.run_dir
+
+
+def _note_batch_change(state: RunState) -> None:
+    """Say so when a resumed run's ``train.batch_size`` differs from the checkpoint's.
+
+    The data stream continues at the images the checkpoint consumed (``counters.images``),
+    not at ``step x batch``, so no image is skipped or repeated.
+    """
+    c, b = state.counters, state.family.cfg.train.batch_size
+    if c.images == c.step * b or not state.accelerator.is_main_process:
+        return
+    tqdm.write(f"resume: train.batch_size is now {b} (the checkpoint consumed {c.images} images "
+               f"in {c.step} steps): the data stream continues at image {c.images}",
+               file=sys.stderr)
 
 
 def _init_trackers(state: RunState) -> None:
@@ -466,15 +551,10 @@ def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> None:
         dt = max(time.perf_counter() - t0, 1e-9)
         logs["img_per_s"] = (state.counters.images - img0) / dt
         after_step(state, logs, bar)
-        if _out_of_time(state, t0):
+        reason = _stop_reason(state, t0)
+        if reason is not None:
             if acc.is_main_process:
-                tqdm.write(f"train.max_minutes={tc.max_minutes} reached: checkpointing at step "
-                           f"{state.counters.step} and stopping")
-            break
-        if state.stop_signal:
-            if acc.is_main_process:
-                tqdm.write(f"signal {state.stop_signal[0]} received: checkpointing at step "
-                           f"{state.counters.step} and stopping")
+                tqdm.write(f"{reason}: checkpointing at step {state.counters.step} and stopping")
             break
         if _every(state.counters.step, tc.ckpt_every) and not _done(state):
             save_checkpoint(state)

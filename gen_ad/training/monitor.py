@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,19 +30,27 @@ def inference_models(models: Mapping[str, nn.Module],
     return out
 
 
-def sample_images(state: RunState, n: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
-    """``n`` samples ``[n,3,H,W]`` in ``[-1,1]`` on CPU from the EMA models (eval mode)."""
-    models = inference_models(state.models, state.ema)
+@contextmanager
+def eval_mode(models: Mapping[str, nn.Module]) -> Iterator[None]:
+    """``models`` in eval mode without gradients (BatchNorm uses, and leaves unchanged, its
+    running statistics; dropout is off); each model's previous mode is restored after."""
     was_training = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    gen = torch.Generator(device=state.accelerator.device).manual_seed(seed)
     try:
         with torch.no_grad():
-            x = state.family.sample(models, n, gen)
+            yield
     finally:
         for k, m in models.items():
             m.train(was_training[k])
+
+
+def sample_images(state: RunState, n: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
+    """``n`` samples ``[n,3,H,W]`` in ``[-1,1]`` on CPU from the EMA models (eval mode)."""
+    models = inference_models(state.models, state.ema)
+    gen = torch.Generator(device=state.accelerator.device).manual_seed(seed)
+    with eval_mode(models):
+        x = state.family.sample(models, n, gen)
     return x.float().clamp(-1, 1).cpu()
 
 
@@ -100,7 +109,7 @@ def _maybe_fid(state: RunState) -> None:
 
     def sample_fn(n: int, generator: torch.Generator) -> torch.Tensor:
         models = inference_models(state.models, state.ema)
-        with torch.no_grad():
+        with eval_mode(models):
             return state.family.sample(models, n, generator)
 
     result = mon.maybe_compute(state.counters.step, sample_fn)

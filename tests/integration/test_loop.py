@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import types
@@ -255,3 +256,115 @@ def test_a_later_run_may_ask_for_another_precision_in_the_same_process(tmp_path:
     assert acc.state.mixed_precision == "no" and acc.device.type == "cpu"
     again = make_accelerator(types.SimpleNamespace(cpu=True, mixed_precision="no"), tmp_path)
     assert again.state.mixed_precision == "no"  # an unchanged request keeps the state
+
+
+def test_resuming_an_older_state_sets_the_abandoned_branch_aside(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rolled back to step 4 of 8: the newer states are moved (not deleted) into
+    ``state/abandoned-after-step-4-*``, so pruning keeps the new branch and ``latest`` follows
+    it (keep-last kept the old branch's higher steps and deleted the new ones before)."""
+    out = tmp_path / "r"
+    _train(out, "train.max_steps=8", "train.ckpt_every=2", "train.keep_last=3")
+    old8 = _state_tensors(out / "state" / "step-8")
+    capsys.readouterr()
+    _train(out, "train.max_steps=6", "train.ckpt_every=2", "train.keep_last=1",
+           resume=str(out / "state" / "step-4"))
+    assert "the newer states step-6, step-8 (rolled back from" in capsys.readouterr().err
+    assert [s for s, _ in ckpt.list_states(out)] == [6]
+    assert ckpt.resolve_resume(out, "latest") == out / "state" / "step-6"
+    (aside,) = (out / "state").glob("abandoned-after-step-4-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-6", "step-8"]
+    kept8 = _state_tensors(aside / "step-8")
+    assert all(torch.equal(old8[k], kept8[k]) for k in old8)
+    ckpt.verify_state(aside / "step-8")
+    assert json.loads((out / "model" / "model.json").read_text())["step"] == 6  # the new branch
+    _train(out, "train.max_steps=7", "train.keep_last=1", resume="latest")  # continues the branch
+    assert [s for s, _ in ckpt.list_states(out)] == [7]
+    assert len(list((out / "state").glob("abandoned-*"))) == 1
+
+
+def test_resume_with_another_batch_size_continues_the_data_stream(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """3 steps of batch 4 consumed 12 images: with batch 8 the stream continues at image 12
+    (3 x 8 = 24 skipped 12 images before), and a line says the batch size changed."""
+    from gen_ad.training import loop
+
+    starts: list[int] = []
+    real = loop.make_loader
+
+    def recording(dataset, **kw):  # type: ignore[no-untyped-def]
+        starts.append(kw["start"])
+        return real(dataset, **kw)
+
+    monkeypatch.setattr(loop, "make_loader", recording)
+    _train(tmp_path / "r", "train.max_steps=3", "train.batch_size=4")
+    capsys.readouterr()
+    _train(tmp_path / "r", "train.max_steps=5", "train.batch_size=8", resume="latest")
+    assert starts == [0, 12]
+    assert "train.batch_size is now 8 (the checkpoint consumed 12 images in 3 steps)" \
+        in capsys.readouterr().err
+    meta = ckpt.list_states(tmp_path / "r")[-1][1] / "meta.json"
+    assert '"images": 28' in meta.read_text()
+
+
+def test_grad_accum_must_divide_the_per_process_batch() -> None:
+    """12 over 2 processes = 6 per process, in 4 micro-batches: torch.chunk gives 3 chunks each
+    divided by 4 (gradients x0.75). Refused at start-up, naming the keys and the processes."""
+    from gen_ad.config import ConfigError, TrainConfig
+    from gen_ad.training.loop import per_process_batch
+
+    cfg = TrainConfig(batch_size=12, grad_accum=4)
+    assert per_process_batch(cfg, 1) == 12
+    with pytest.raises(ConfigError, match=r"'train.batch_size' and 'train.grad_accum': the "
+                       r"per-process batch 12 / 2 processes = 6 is not divisible by "
+                       r"train.grad_accum=4; use a train.batch_size divisible by 8"):
+        per_process_batch(cfg, 2)
+    with pytest.raises(ConfigError, match="not divisible by the number of processes"):
+        per_process_batch(TrainConfig(batch_size=12, grad_accum=1), 5)
+
+
+def test_fid_sampling_runs_in_eval_mode_and_leaves_buffers_alone() -> None:
+    """FID samples from a generator with BatchNorm: eval mode (running statistics used, not
+    updated), and the previous mode restored (train mode updated the running mean before)."""
+    from gen_ad.training.monitor import _maybe_fid
+
+    gen = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)).train()
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    modes: list[bool] = []
+
+    class Family:
+        def sample(self, models, n, generator):  # type: ignore[no-untyped-def]
+            modes.append(models["G"].training)
+            return models["G"](torch.randn(n, 3, 4, 4, generator=generator))
+
+    class Monitor:
+        def maybe_compute(self, step, sample_fn):  # type: ignore[no-untyped-def]
+            sample_fn(8, torch.Generator().manual_seed(0))
+            return None
+
+    state = types.SimpleNamespace(
+        models={"G": gen}, ema={}, family=Family(), fid_monitor=Monitor(),
+        accelerator=types.SimpleNamespace(is_main_process=True),
+        counters=ckpt.Counters(step=2))
+    _maybe_fid(state)  # type: ignore[arg-type]
+    assert modes == [False] and gen.training
+    after = gen.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_one_process_reads_its_stop_flags_without_a_device_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gen_ad.training import loop
+
+    state = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(num_processes=1),
+        family=types.SimpleNamespace(cfg=types.SimpleNamespace(
+            train=types.SimpleNamespace(max_minutes=None))), stop_signal=[])
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("host read"))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("host read"))
+    assert loop._stop_reason(state, 0.0) is None
+    state.stop_signal.append(15)
+    assert loop._stop_reason(state, 0.0) == "signal 15 received"
+    state.family.cfg.train.max_minutes = 1e-9
+    assert loop._stop_reason(state, 0.0) == "train.max_minutes=1e-09 reached"

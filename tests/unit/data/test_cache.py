@@ -85,3 +85,40 @@ def test_memory_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict])
     assert rec["bench"] == "memory" and [r["n"] for r in rec["rows"]] == [50, 200]
     assert all(r["cache"]["items"] == r["n"] for r in rec["rows"])
     assert rec["ours"]["peak_increase_mib"] >= 0 and rec["ratio"] > 0
+
+
+def test_a_cache_installed_meanwhile_by_another_process_is_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes build the same cache: the second to rename finds the first's in place
+    (the rename fails with ENOTEMPTY), checks it and uses it, dropping its own temporary copy
+    (the launch died on that error before)."""
+    from gen_ad.data.cache import build_cache
+
+    folder = PatchFolder(root=_folder(tmp_path / "data"), size=16, classes=["normal"])
+    where = tmp_path / "cache" / "k"
+    real = os.replace
+
+    def racing(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) == where:  # just before our folder is renamed into place
+            monkeypatch.setattr(os, "replace", real)
+            build_cache(folder, where, "key")  # the other process finishes first
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", racing)
+    cache = build_cache(folder, where, "key")
+    assert cache.folder == where
+    _assert_same_items(folder, cache)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["k"]  # no temporary left
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    kw = dict(root=root, size=16, classes=["normal"])
+    first = cached_folder(tmp_path / "cache", **kw)
+    images = first.folder / "images.u8"
+    images.write_bytes(images.read_bytes()[:100])  # truncated (a disk filled up, a bad copy)
+    with pytest.warns(UserWarning, match="incomplete or stale: rebuilding"):
+        again = cached_folder(tmp_path / "cache", **kw)
+    assert again.folder == first.folder
+    _assert_same_items(PatchFolder(**kw), again)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.folder.name]
