@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from gen_ad.app.evaluate import (
     PreparedMethod,
@@ -435,6 +435,7 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
     test_ds = split.test(pm.size)
     scored = score_dataset(pm.scorer, test_ds, batch_size=pm.batch_size, device=device)
     metrics = detection_metrics(scored, th, n_boot=cfg.n_boot, seed=cfg.seed)
+    metrics["overlap_with_test"] = overlap_with_test(fit_ds, val_ds, test_ds)
     idx = examples if examples is not None else example_indices(scored.labels, cfg.examples,
                                                                 cfg.seed)
     ex = None
@@ -443,6 +444,37 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
         with torch.no_grad():
             ex = (images, pm.scorer.score(images.to(device)).cpu())
     return MethodOutcome(pm, scored, val.scores, th, metrics, ex, idx, fit_s)
+
+
+def dataset_paths(ds: Dataset) -> list[str] | None:
+    """File paths of a dataset's items (through subsets); ``None`` without files (synthetic)."""
+    if isinstance(ds, Subset):
+        base = dataset_paths(ds.dataset)
+        return None if base is None else [base[i] for i in ds.indices]
+    paths = getattr(ds, "paths", None)
+    return None if paths is None else list(paths)
+
+
+def overlap_with_test(fit_ds: Dataset, val_ds: Dataset, test_ds: Dataset) -> dict[str, int]:
+    """How many images a method fit on (its KNN bank, or a generator's calibration set) and
+    how many threshold images are also test images (same resolved file)."""
+    test = {str(Path(p).resolve()) for p in dataset_paths(test_ds) or []}
+    return {name: sum(str(Path(p).resolve()) in test for p in dataset_paths(ds) or [])
+            for name, ds in (("fit", fit_ds), ("val", val_ds))}
+
+
+def overlap_warnings(outcomes: list[MethodOutcome]) -> list[str]:
+    """A warning for each method whose fit or threshold images include test images."""
+    out = []
+    for o in outcomes:
+        ov = o.metrics.get("overlap_with_test", {})
+        if ov.get("fit"):
+            out.append(f"{o.method.name}: {ov['fit']} of the images it was fitted on (a KNN "
+                       "bank finds them at distance 0) are test images: its metrics are biased")
+        if ov.get("val"):
+            out.append(f"{o.method.name}: {ov['val']} threshold (data.val) images are test "
+                       "images: the threshold and flagged counts are biased")
+    return out
 
 
 # ----------------------------------------------------------------------------- FID / KID
@@ -617,7 +649,7 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
                  "val": cfg.data.val},
         "methods": [_method_record(o, gq) for o in outcomes],
         "generators": gq, "figures": {k: f"figures/{v}" for k, v in figures.items()},
-        "shortcut": shortcut, "warnings": shortcut["warnings"],
+        "shortcut": shortcut, "warnings": [*overlap_warnings(outcomes), *shortcut["warnings"]],
         "config": to_dict(cfg),
     }
     write_json(out / "results.json", _json_clean(results))

@@ -19,6 +19,7 @@ import csv
 import io
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gen_ad.baselines.extractors import build_extractor
@@ -37,7 +38,7 @@ from gen_ad.baselines.knn import (
     bank_settings,
     extractor_from_info,
 )
-from gen_ad.data.folders import PatchFolder, discover_classes, find_mask_root
+from gen_ad.data.folders import PatchFolder, discover_classes, find_mask_root, subset
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.metrics.detection import evaluate_scores
 from gen_ad.report.html import ci_text
@@ -184,17 +185,29 @@ def scoring_dataset(root: str | os.PathLike[str], size: int, *,
 
 def normal_dataset(root: str | os.PathLike[str], size: int, *,
                    normal_classes: Sequence[str] = ("normal",),
-                   limit: int | None = None) -> Dataset:
+                   limit: int | None = None, seed: int = 0) -> Dataset:
     """Normal patches of ``root``: its normal class folders when it has them, else all its images
-    (a flat folder); at most the first ``limit``."""
+    (a flat folder, or, with a warning naming them, class folders none of which is normal, such
+    as one folder per slide); at most ``limit`` of them, a seeded random choice
+    (:func:`limit_items`)."""
     found, flat = discover_classes(root)
     normal = [c for c in normal_classes if c in found]
+    if not flat and not normal:
+        warnings.warn(f"{root} has none of the normal classes ({', '.join(normal_classes)}): "
+                      f"using all its class folders as normal ({', '.join(found)}); pass "
+                      "--normal-classes if some of them are not", stacklevel=2)
     classes = None if flat or not normal else normal
     ds: Dataset = PatchFolder(root=str(root), size=size, classes=classes,
                               normal_classes=tuple(normal or found))
-    if limit is not None and limit < len(ds):  # type: ignore[arg-type]
-        ds = Subset(ds, list(range(limit)))
-    return ds
+    return limit_items(ds, limit, seed)
+
+
+def limit_items(dataset: Dataset, limit: int | None, seed: int = 0) -> Dataset:
+    """At most ``limit`` items of ``dataset``: a seeded random choice in dataset order, so a
+    sorted folder's first slides or classes do not stand for the whole of it."""
+    if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    return subset(dataset, limit, seed)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -231,8 +244,7 @@ class ScoredSet:
 def image_batches(dataset: Dataset, batch_size: int = 32, limit: int | None = None,
                   num_workers: int = 0) -> Iterator[torch.Tensor]:
     """Yield ``[B,3,H,W]`` image tensors in ``[-1,1]`` from a dataset of item dicts."""
-    if limit is not None and limit < len(dataset):  # type: ignore[arg-type]
-        dataset = Subset(dataset, list(range(limit)))
+    dataset = limit_items(dataset, limit)
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         yield batch["image"]
 
@@ -252,6 +264,11 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"score {scorer.name}", disable=not progress, leave=False):
         out = scorer.score(batch["image"].to(device)).cpu()
+        bad = ~torch.isfinite(out.scores)
+        if bool(bad.any()):
+            first = list(batch["path"])[int(bad.nonzero()[0])]
+            raise DataError(f"{scorer.name} gave {int(bad.sum())} non-finite score(s) in a batch "
+                            f"(first: {first}); nothing was written")
         if not keep_maps:
             out = ScoreBatch(out.scores, None, None, out.terms)
         parts.append(ScoreBatch(out.scores, out.maps, None, out.terms))
@@ -280,8 +297,7 @@ def calibrate_scorer(scorer: AnomalyScorer, normal: Dataset, *, batch_size: int 
     held_out = scorer.fit_scores()
     if held_out is not None:
         return calibrate(held_out, method=method, fpr=fpr)
-    if limit is not None and limit < len(normal):  # type: ignore[arg-type]
-        normal = Subset(normal, list(range(limit)))
+    normal = limit_items(normal, limit)  # the images fit saw
     scored = score_dataset(scorer, normal, batch_size=batch_size, device=device, keep_maps=False,
                            num_workers=num_workers)
     return calibrate(scored.scores, method=method, fpr=fpr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,23 +23,56 @@ from gen_ad.app.evaluate import (
     scoring_dataset,
     write_outputs,
 )
+from gen_ad.errors import DataError
 from gen_ad.scoring.thresholds import Threshold
 from gen_ad.utils.io import write_json
 from gen_ad.utils.lock import folder_lock, writes_folder
 
 
+def calibration_context(ls: LoadedScorer, scorer_kwargs: dict[str, Any] | None,
+                        method: str, fpr: float) -> dict[str, Any]:
+    """What a saved threshold depends on: the run's step, the scorer options and the rule."""
+    assert ls.run is not None
+    rule: dict[str, Any] = {"method": method, **({"fpr": fpr} if method == "fpr" else {})}
+    return {"run_step": int(ls.run.step), "scorer_kwargs": dict(scorer_kwargs or {}),
+            "rule": rule}
+
+
+def _check_context(saved: Path, now: dict[str, Any], th_file: Path) -> None:
+    """Refuse a saved threshold calibrated for another run step, scorer options or rule."""
+    if not saved.is_file():
+        warnings.warn(f"{th_file} has no record of what it was calibrated for (saved by an older "
+                      "gen_ad): reusing it unchecked; pass --normal DIR to calibrate again",
+                      stacklevel=3)
+        return
+    before = json.loads(saved.read_text())
+    diff = [k for k in now if before.get(k) != now[k]]
+    if diff:
+        shown = "; ".join(f"{k}: saved {before.get(k)!r}, now {now[k]!r}" for k in diff)
+        raise DataError(f"the threshold saved with the run ({th_file}) was calibrated for other "
+                        f"settings ({shown}); pass --normal DIR to calibrate for these, or score "
+                        "with the saved settings")
+
+
 def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike[str] | None,
-               normal_classes: Sequence[str], **cal: Any) -> Threshold | None:
-    """Fit + calibrate on ``normal`` and save both with the run, or reuse what the run saved."""
+               normal_classes: Sequence[str], context: dict[str, Any],
+               **cal: Any) -> Threshold | None:
+    """Fit + calibrate on ``normal`` and save both with the run (with ``context``: the run step,
+    scorer options and rule they are for), or reuse what the run saved for the same context."""
     th_file = run / "thresholds" / f"{name}.json"
     cal_file = run / "thresholds" / f"{name}.calibration.json"
+    ctx_file = run / "thresholds" / f"{name}.context.json"
     if normal is not None:
         nds = normal_dataset(normal, ls.size, normal_classes=normal_classes)
         th = calibrate_scorer(ls.scorer, nds, **cal)
         with folder_lock(run, "run folder"):  # a training of this run may be writing it
             th.save(th_file)
             write_json(cal_file, ls.scorer.calibration())
+            write_json(ctx_file, {**context, "normal": str(normal)})
         return th
+    if not th_file.is_file() and not cal_file.is_file():
+        return None
+    _check_context(ctx_file, context, th_file)
     if cal_file.is_file():
         ls.scorer.load_calibration(json.loads(cal_file.read_text()))
     return Threshold.load(th_file) if th_file.is_file() else None
@@ -60,7 +94,8 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
         method: one scorer name, or ``None`` for all the run offers.
         normal: folder of normal validation patches to fit/calibrate on; default: the run's
             ``data.val``. The label-free threshold is saved in ``<run>/thresholds/<method>.json``
-            and reused when no normal folder is given.
+            (with ``<method>.context.json``: the run step, scorer options and rule it is for) and
+            reused when no normal folder is given, for the same context only.
         masks: folder of ground-truth masks (pixel metrics); default ``data/masks`` if present.
     Returns:
         Metrics by method name.
@@ -73,8 +108,9 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     normal = normal or getattr(first.run.cfg.data, "val", None)
     results = {}
     for name, ls in loaded.items():
-        th = _threshold(ls, name, Path(run), normal, normal_classes, batch_size=batch_size,
-                        device=device, method=threshold_method, fpr=fpr,
+        context = calibration_context(ls, scorer_kwargs, threshold_method, fpr)
+        th = _threshold(ls, name, Path(run), normal, normal_classes, context,
+                        batch_size=batch_size, device=device, method=threshold_method, fpr=fpr,
                         limit=calibration_limit)
         scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device)
         results[name] = write_outputs(Path(out) / name, scored, ds, method=name, threshold=th,

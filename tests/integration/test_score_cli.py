@@ -57,6 +57,17 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
                  "--examples", "0"]) == 0
     rows2 = list(csv.DictReader((out2 / "fanogan" / "scores.csv").open()))
     assert [r["flagged"] for r in rows2] == [r["flagged"] for r in rows]
+    ctx = json.loads((enc / "thresholds" / "fanogan.context.json").read_text())
+    assert ctx["rule"] == {"method": "iqr"} and ctx["scorer_kwargs"] == {}
+
+    # a saved threshold is not reused for another rule or other scorer options
+    capsys.readouterr()
+    assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out",
+                 str(tmp_path / "s3"), "--examples", "0", "--threshold", "fpr"]) == 2
+    assert "calibrated for other settings (rule: saved {'method': 'iqr'}" in capsys.readouterr().err
+    assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out",
+                 str(tmp_path / "s4"), "--examples", "0", "--steps", "3"]) == 2
+    assert "scorer_kwargs: saved {}, now {'steps': 3}" in capsys.readouterr().err
 
     assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out", str(out2),
                  "--method", "nope"]) == 2
