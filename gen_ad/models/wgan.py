@@ -10,7 +10,8 @@ f-AnoGAN (Schlegl et al. 2019) at 64x64 with a 128-d latent:
   ``Linear -> 1``. No batch norm (it would break the per-sample gradient penalty): the reference
   uses layer norm over ``(C,H,W)`` with a per-channel affine, which is ``GroupNorm(1, C)``.
 - **Encoder**: the critic's trunk with a ``Linear -> latent`` head, bounded by ``tanh`` as in the
-  f-AnoGAN paper (``output="linear"`` gives the unbounded head of the reference code).
+  f-AnoGAN paper and its reference code's default (``tanh_fc``); ``output="linear"`` gives the
+  unbounded head of its appendix variant.
 
 Residual blocks (pre-activation): ``norm -> ReLU -> conv3x3 -> norm -> ReLU -> conv3x3`` with
 nearest up-sampling before the first conv (``up``) or 2x2 mean pooling after the second

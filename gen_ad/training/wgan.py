@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_ad.config import DataConfig, TrainConfig, check
+from gen_ad.errors import ConfigError
 from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.models.wgan import Critic, Encoder, Generator, sample_latent
 from gen_ad.scoring.base import AnomalyScorer
@@ -48,7 +49,8 @@ class WGANModelConfig:
             reference default) or ``uniform`` (``U(-1, 1)``).
         critic_norm: ``layer`` (reference) or ``none``.
         encoder_norm: ``layer`` (like the critic), ``batch`` (the reference code) or ``none``.
-        encoder_output: ``tanh`` (bounded codes, f-AnoGAN paper) or ``linear``.
+        encoder_output: ``tanh`` (bounded codes: the f-AnoGAN paper version, the reference
+            code's default ``tanh_fc``) or ``linear`` (its appendix variant).
         ema: keep an EMA of G (f-AnoGAN has none; decay ``train.ema_decay``).
     """
 
@@ -72,7 +74,8 @@ class GANLossConfig:
     Attributes:
         n_critic: critic updates per generator update (5).
         gp_weight: gradient-penalty weight lambda (10).
-        lr_g / lr_d: Adam learning rates (2e-4 as reported by f-AnoGAN; the WGAN-GP code: 1e-4).
+        lr_g / lr_d: Adam learning rates (2e-4 by default; the f-AnoGAN reference code,
+            wgangp_64x64.py, and the WGAN-GP code use 1e-4).
         betas: Adam betas (``[0.0, 0.9]`` as in WGAN-GP).
         critic_batches: ``split`` (each critic update gets its own ``batch_size / n_critic`` real
             images, as in the reference) or ``reuse`` (every critic update uses the whole batch).
@@ -125,7 +128,9 @@ class FAnoGANScorerOptions:
     Attributes:
         mode: ``izif`` (encoder), ``iterative`` (latent search) or ``izif+iterative``; default
             ``izif`` with an encoder, ``iterative`` (the ``anogan`` scorer) without.
-        steps / lr / lam: latent-search steps, learning rate and residual weight.
+        steps / lr / lam: latent-search steps, learning rate and feature weight (``None``:
+            AnoGAN's 500 steps and lambda 0.1 for ``iterative``; 100 and 1 for
+            ``izif+iterative``).
         kappa: weight of the critic-feature term (default ``encoder.kappa``).
         prior: latent prior of the search start (default ``model.prior``).
         seed: seed of the search start.
@@ -133,9 +138,9 @@ class FAnoGANScorerOptions:
     """
 
     mode: Literal["izif", "iterative", "izif+iterative"] | None = None
-    steps: int = 100
+    steps: int | None = None
     lr: float = 0.05
-    lam: float = 1.0
+    lam: float | None = None
     kappa: float | None = None
     prior: Literal["normal", "uniform"] | None = None
     seed: int = 0
@@ -143,7 +148,8 @@ class FAnoGANScorerOptions:
     smooth_sigma: float = 0.0
 
     def validate(self, prefix: str) -> None:
-        check(self.steps >= 1, f"{prefix}.steps", f"must be >= 1, got {self.steps}")
+        check(self.steps is None or self.steps >= 1, f"{prefix}.steps",
+              f"must be >= 1, got {self.steps}")
         check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         check(self.kappa is None or self.kappa >= 0, f"{prefix}.kappa", "must be >= 0")
         check(self.smooth_sigma >= 0, f"{prefix}.smooth_sigma", "must be >= 0")
@@ -286,6 +292,12 @@ class WGANFamily(Family):
             self.encoder_phase(ctx, batch)
             return ctx.logs
         g = self.cfg.gan
+        if g.critic_batches == "split" and batch.shape[0] % (g.n_critic * ctx.grad_accum):
+            raise ConfigError(  # torch.chunk would give fewer or unequal critic batches
+                f"config key 'train.batch_size': the per-process batch of {batch.shape[0]} "
+                f"images does not split into gan.n_critic={g.n_critic} critic batches of "
+                f"train.grad_accum={ctx.grad_accum} equal micro-batches; use a batch size "
+                f"divisible by processes x {g.n_critic * ctx.grad_accum}")
         subs = batch.chunk(g.n_critic) if g.critic_batches == "split" else [batch] * g.n_critic
         for real in subs:
             self.critic_phase(ctx, real)

@@ -82,6 +82,38 @@ def test_iterative_from_random_start_needs_no_encoder_and_is_seeded() -> None:
     assert c.scores.shape == (4,)
 
 
+def test_iterative_is_anogan_loss_score_and_defaults() -> None:
+    # Schlegl et al. 2017: (1 - lam) sum|x - G(z)| + lam sum|f(x) - f(G(z))|, lam 0.1, 500 steps
+    nets = _nets()
+    del nets["encoder"]
+    sc = FAnoGANScorer(**nets, mode="iterative")
+    assert (sc.steps, sc.lam) == (500, 0.1)
+    assert (FAnoGANScorer(**_nets(), mode="izif+iterative").steps, 100) == (100, 100)
+    x = _x()
+    out = FAnoGANScorer(**nets, mode="iterative", steps=3, seed=1).score(x)
+    fx, fr = nets["critic"].features(x), nets["critic"].features(out.recon)
+    want_r = 0.9 * (x - out.recon).abs().sum(dim=(1, 2, 3))
+    want_f = 0.1 * (fx - fr).abs().sum(dim=1)
+    torch.testing.assert_close(out.terms["residual"], want_r)
+    torch.testing.assert_close(out.terms["feature"], want_f)
+    torch.testing.assert_close(out.scores, want_r + want_f)
+    with pytest.raises(ConfigError, match="lam"):
+        FAnoGANScorer(**nets, mode="iterative", lam=1.5)
+
+
+def test_iterative_scores_do_not_depend_on_the_batch() -> None:
+    nets = _nets()
+    del nets["encoder"]
+    sc = FAnoGANScorer(**nets, mode="iterative", steps=5, seed=2)
+    x = _x(6)
+    together = sc.score(x).scores
+    alone = torch.cat([sc.score(x[i:i + 1]).scores for i in range(6)])
+    flipped = sc.score(x.flip(0)).scores.flip(0)
+    # each image starts from its own stream; batched convolutions may round differently
+    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(flipped, together, rtol=1e-4, atol=1e-5)
+
+
 def test_errors() -> None:
     nets = _nets()
     with pytest.raises(ConfigError, match="encoder"):

@@ -240,3 +240,14 @@ def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> Non
     rec = run_bench("wgan.py", one_line=False)
     res = rec["results"]["cpu"]
     assert rec["bench"] == "wgan" and res["gan_img_per_s"] > 0 and res["score_izif_img_per_s"] > 0
+
+
+def test_a_per_process_batch_that_does_not_split_into_critic_batches_is_an_error() -> None:
+    # the config checks the global batch; under DDP each process splits its own share, and
+    # torch.chunk would silently give fewer or unequal critic batches (10 processes x 16 images)
+    fam = WGANFamily(_cfg())
+    models = fam.build_models()
+    opts = fam.build_optimizers(models)
+    n = fam.cfg.gan.n_critic
+    with pytest.raises(ConfigError, match=f"does not split into gan.n_critic={n}"):
+        fam.train_step(_ctx(models, opts, 0), _images(n * 2 + 1))
