@@ -43,6 +43,7 @@ from gen_ad.app.evaluate import (
     write_outputs,
 )
 from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_report
+from gen_ad.baselines.knn import shared_files
 from gen_ad.config import check, load_config, to_dict
 from gen_ad.data.folders import subset
 from gen_ad.errors import ConfigError, DataError, GenAdError
@@ -458,8 +459,8 @@ def dataset_paths(ds: Dataset) -> list[str] | None:
 def overlap_with_test(fit_ds: Dataset, val_ds: Dataset, test_ds: Dataset) -> dict[str, int]:
     """How many images a method fit on (its KNN bank, or a generator's calibration set) and
     how many threshold images are also test images (same resolved file)."""
-    test = {str(Path(p).resolve()) for p in dataset_paths(test_ds) or []}
-    return {name: sum(str(Path(p).resolve()) in test for p in dataset_paths(ds) or [])
+    test = dataset_paths(test_ds) or []
+    return {name: shared_files(dataset_paths(ds) or [], test)
             for name, ds in (("fit", fit_ds), ("val", val_ds))}
 
 

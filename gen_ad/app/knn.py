@@ -46,6 +46,7 @@ from gen_ad.baselines.knn import (
     extend_bank,
     extractor_from_info,
     resolved,
+    shared_files,
 )
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.thresholds import Threshold, calibrate
@@ -213,8 +214,7 @@ def bank_overlap(bank_paths: list[str], query_paths: list[str]) -> int:
     """How many query images are bank images too (same resolved file), with a warning: each
     finds itself at distance 0, so its score is biased low (and so are the percentages of a
     group analysis that scores the slides the bank came from)."""
-    bank = {str(Path(p).expanduser().resolve()) for p in bank_paths}
-    n = sum(str(Path(p).expanduser().resolve()) in bank for p in query_paths)
+    n = shared_files(query_paths, bank_paths)
     if n:
         warnings.warn(f"{n} of {len(query_paths)} images to score are in the KNN bank itself: "
                       "each finds itself at distance 0 and scores too low (metrics.json "

@@ -742,6 +742,12 @@ def resolved(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def shared_files(paths: Iterable[str], others: Iterable[str]) -> int:
+    """How many of ``paths`` name a file among ``others`` (compared :func:`resolved`)."""
+    pool = {resolved(p) for p in others}
+    return sum(resolved(p) in pool for p in paths)
+
+
 def bank_settings(bank: FeatureBank, **overrides: Any) -> SearchSettings:
     """Search settings stored with ``bank``, with non-``None`` ``overrides`` applied."""
     st = bank.settings
