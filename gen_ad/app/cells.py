@@ -80,13 +80,14 @@ def _inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(stems.values())
 
 
-def _open(path: Path, image_mpp: float | None) -> Source:
-    """An image (``.png``, ``.jpg``...) or a whole-slide file."""
+def _open(path: Path, image_mpp: float | None, slide_mpp: float | None) -> Source:
+    """An image (``.png``, ``.jpg``...) or a whole-slide file (``slide_mpp``: the resolution
+    the user gave, which makes a file's implausible recorded one no news)."""
     if path.suffix.lower() in _PLAIN_IMAGES and is_image_file(path):
         return ImageSource(path, image_mpp)
     from gen_ad.data.wsi import open_slide
 
-    return open_slide(path)
+    return open_slide(path, warn_mpp=slide_mpp is None)
 
 
 def _given(slides: list[str | None], nuc: Nuclei, stem: str, single: bool) -> Nuclei:
@@ -202,7 +203,7 @@ def cells(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
     records: list[CellRecord] = []
     lines: list[str] = []
     for p in paths:
-        with _open(p, slide_mpp if slide_mpp is not None else mpp) as src:
+        with _open(p, slide_mpp if slide_mpp is not None else mpp, slide_mpp) as src:
             plan = plan_crops(src, size, mpp, slide_mpp)
             if given is not None:
                 nuc = _given(given[0], given[1], p.stem, single=len(paths) == 1)

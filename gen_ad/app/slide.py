@@ -146,7 +146,7 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     if not recs:
         raise DataError(f"no tile of {slide_path} reaches the tissue fraction {min_tissue}; "
                         "lower --min-tissue or the tile size")
-    with open_slide(slide_path) as slide:
+    with open_slide(slide_path, warn_mpp=slide_mpp is None) as slide:
         grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=slide_mpp)
         thumb = slide.thumbnail(thumbnail_size)
         thumb_ds = slide.dimensions[0] / thumb.shape[1]

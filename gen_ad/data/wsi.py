@@ -68,7 +68,8 @@ class Slide:
     """
 
     def __init__(self, path: str | os.PathLike[str],
-                 backend: Literal["auto", "openslide", "tiffslide"] = "auto") -> None:
+                 backend: Literal["auto", "openslide", "tiffslide"] = "auto", *,
+                 warn_mpp: bool = True) -> None:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise DataError(f"slide not found: {self.path}")
@@ -89,7 +90,7 @@ class Slide:
         self.level_dimensions = [tuple(d) for d in self._osr.level_dimensions]
         self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
         self.mpp_ignored: float | None = None
-        self.mpp = self._read_mpp()
+        self.mpp = self._read_mpp(warn_mpp)
 
     def _open(self, name: str) -> Any:
         if name == "openslide":
@@ -102,7 +103,7 @@ class Slide:
             return tiffslide.TiffSlide(str(self.path))
         raise ValueError(f"unknown slide backend {name!r}")
 
-    def _read_mpp(self) -> float | None:
+    def _read_mpp(self, warn: bool) -> float | None:
         props = self._osr.properties
         vals = []
         for axis in ("x", "y"):
@@ -117,11 +118,12 @@ class Slide:
         mpp = float(np.mean(vals))
         if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
             self.mpp_ignored = mpp
-            warnings.warn(f"{self.path}: ignoring its recorded resolution of {mpp:.4g} um/px "
-                          f"(outside the plausible {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px of "
-                          "microscopy; often a TIFF's DPI); give the slide's microns per pixel "
-                          "(--slide-mpp) where a resolution is needed", RuntimeWarning,
-                          stacklevel=3)
+            if warn:
+                warnings.warn(f"{self.path}: ignoring its recorded resolution of {mpp:.4g} um/px "
+                          f"(outside the plausible {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px "
+                              "of microscopy; often a TIFF's DPI); give the slide's microns per "
+                              "pixel (--slide-mpp) where a resolution is needed", RuntimeWarning,
+                              stacklevel=3)
             return None
         return mpp
 
@@ -249,9 +251,12 @@ def unknown_mpp_error(source: Any) -> DataError:
 
 
 def open_slide(path: str | os.PathLike[str],
-               backend: Literal["auto", "openslide", "tiffslide"] = "auto") -> Slide:
-    """Open a whole-slide image (OpenSlide, else tiffslide); DataError if neither can."""
-    return Slide(path, backend)
+               backend: Literal["auto", "openslide", "tiffslide"] = "auto", *,
+               warn_mpp: bool = True) -> Slide:
+    """Open a whole-slide image (OpenSlide, else tiffslide); DataError if neither can.
+    ``warn_mpp=False`` silences the implausible-resolution warning (the caller was given the
+    slide's microns per pixel)."""
+    return Slide(path, backend, warn_mpp=warn_mpp)
 
 
 # ----------------------------------------------------------------------------- tiling plan
@@ -444,7 +449,7 @@ def _tile_one(path: str | os.PathLike[str], out_dir: Path, size: int, level: int
               progress: bool) -> TilingSummary:
     if not 0.0 <= min_tissue <= 1.0:
         raise DataError(f"min_tissue must be in [0, 1], got {min_tissue}")
-    with open_slide(path) as slide:
+    with open_slide(path, warn_mpp=slide_mpp is None) as slide:
         grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=slide_mpp)
         stem = slide.path.stem
         summary = TilingSummary(stem, slide.backend, grid.level, grid.downsample,

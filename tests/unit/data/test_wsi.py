@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,10 @@ def test_implausible_recorded_mpp_is_ignored_and_slide_mpp_overrides(tmp_path: P
             plan_grid(s, 32, mpp=0.5)
         g = plan_grid(s, 32, mpp=0.5, slide_mpp=0.25)
         assert g.read_size == 64 and g.shape == (300 // 64, 400 // 64)
+    with warnings.catch_warnings():  # a caller given the resolution silences the warning
+        warnings.simplefilter("error")
+        with open_slide(tmp_path / "dpi.tif", warn_mpp=False) as s:
+            assert s.mpp is None and s.mpp_ignored == pytest.approx(25400 / 72)
     tifffile.imwrite(tmp_path / "um.tif", img, tile=(64, 64), photometric="rgb",
                      resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
     with open_slide(tmp_path / "um.tif") as s:
