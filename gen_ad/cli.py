@@ -32,6 +32,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return v
+
+
 def _fraction(text: str) -> float:
     v = float(text)
     if not 0.0 <= v <= 1.0:
@@ -190,6 +197,11 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--examples", type=int, default=8, help="map PNGs of the top/bottom N")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="inversion steps for iterative scorers (projection, latent search)")
+    p.add_argument("--calibration-limit", type=_nonneg_int, default=512,
+                   help="at most this many --normal patches (a seeded random choice) to fit and "
+                   "calibrate on; 0 = all (default: 512)")
+    p.add_argument("--n-boot", type=_positive_int, default=2000,
+                   help="bootstrap resamples of the AUROC/AUPR intervals (2000)")
     p.set_defaults(func=_cmd_score)
 
 
@@ -202,7 +214,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                         normal_classes=[c for c in args.normal_classes.split(",") if c],
                         masks=args.masks, threshold_method=args.threshold, fpr=args.fpr,
                         batch_size=args.batch_size, device=args.device,
-                        n_examples=args.examples, scorer_kwargs=kwargs)
+                        n_examples=args.examples, scorer_kwargs=kwargs,
+                        calibration_limit=args.calibration_limit or None, n_boot=args.n_boot)
     for m in results.values():
         print(summary_line(m))
     print(f"outputs: {args.out}")

@@ -68,7 +68,7 @@ def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike
         with folder_lock(run, "run folder"):  # a training of this run may be writing it
             th.save(th_file)
             write_json(cal_file, ls.scorer.calibration())
-            write_json(ctx_file, {**context, "normal": str(normal)})
+            write_json(ctx_file, {**context, "normal": str(normal), "limit": cal.get("limit")})
         return th
     if not th_file.is_file() and not cal_file.is_file():
         return None

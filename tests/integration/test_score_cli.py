@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from gen_ad.cli import main
 from gen_ad.data.synthetic import write_folder
 
@@ -69,6 +71,16 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
                  str(tmp_path / "s4"), "--examples", "0", "--steps", "3"]) == 2
     assert "scorer_kwargs: saved {}, now {'steps': 3}" in capsys.readouterr().err
 
+    # --calibration-limit: a seeded random 5 of the 12 normal patches set the threshold
+    assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out",
+                 str(tmp_path / "s5"), "--examples", "0", "--normal", str(tmp_path / "val"),
+                 "--calibration-limit", "5", "--n-boot", "50"]) == 0
+    assert json.loads((enc / "thresholds" / "fanogan.json").read_text())["n"] == 5
+    assert json.loads((enc / "thresholds" / "fanogan.context.json").read_text())["limit"] == 5
+    with pytest.raises(SystemExit) as exit_:  # argparse usage error
+        main(["score", str(enc), "--data", str(tmp_path / "test"), "--out",
+              str(tmp_path / "s6"), "--calibration-limit", "-1"])
+    assert exit_.value.code == 2 and "must be 0 or a positive integer" in capsys.readouterr().err
     assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out", str(out2),
                  "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
