@@ -12,7 +12,8 @@ Inception's pool3, 2048-d).
 Weights are found in this order (first hit wins):
 
 1. ``weights=`` a local file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``, ``.torch``; loaded with
-   ``weights_only=True``) or a folder holding one (a Hugging Face snapshot folder works too);
+   ``weights_only=True``) or a folder holding one (a Hugging Face snapshot folder works too), or
+   the ``*.index.json`` of sharded Hugging Face weights (every shard it lists is loaded);
 2. the Hugging Face cache (``$HF_HOME``) for hub models, ``$TORCH_HOME/hub/checkpoints`` for
    URL-hosted ones, the ``gen-ad weights install`` folder for registry-installed ones;
 3. the hub / URL, unless ``HF_HUB_OFFLINE=1``.
@@ -55,6 +56,7 @@ LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".torch")
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder_q.", "vit.", "dinov2.", "trunk.")
 
 
@@ -393,10 +395,65 @@ def find_weights_file(folder: Path) -> Path | None:
         for fname in _HF_FILES:
             if (root / fname).is_file():
                 return root / fname
+        for fname in _HF_INDEXES:  # sharded: the index names every shard
+            if (root / fname).is_file():
+                return root / fname
         cands = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        if len(cands) > 1 and _shard_name(cands[0]):
+            raise WeightsNotFoundError(
+                f"{root} holds sharded weights ({cands[0].name}, ...) without their index "
+                f"({' or '.join(_HF_INDEXES)}); pass the index file or add it beside the shards")
         if cands:
             return cands[0]
     return None
+
+
+def _shard_name(p: Path) -> bool:
+    """``model-00001-of-00003.safetensors``: one shard of sharded Hugging Face weights."""
+    return re.search(r"-\d{5}-of-\d{5}\.", p.name) is not None
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names a ``*.index.json`` lists (unchecked: for downloading them)."""
+    import json
+
+    try:
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read the shard index {index}: {type(e).__name__}: {e}") \
+            from e
+
+
+def _shards_present(index: Path) -> bool:
+    try:
+        shard_files(index)
+    except CheckpointError:
+        return False
+    return True
+
+
+def is_shard_index(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a Hugging Face sharded-weights index (``*.index.json``)."""
+    return Path(path).name.endswith(".index.json")
+
+
+def shard_files(index: str | os.PathLike[str]) -> list[Path]:
+    """The shard files a Hugging Face ``*.index.json`` lists (``weight_map`` values), each
+    inside the index's folder, in order; CheckpointError for a malformed index, a shard path
+    leaving the folder, or a missing shard."""
+    idx = Path(index)
+    names = _shard_names(idx)
+    out = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise CheckpointError(f"{idx}: refusing the shard path {name!r} (shards sit beside "
+                                  "their index)")
+        if not (idx.parent / name).is_file():
+            raise CheckpointError(f"{idx}: shard {name} is missing from {idx.parent}")
+        out.append(idx.parent / name)
+    if not out:
+        raise CheckpointError(f"{idx} lists no shards")
+    return out
 
 
 def resolve_weights(spec: ExtractorSpec, weights: str | os.PathLike[str] | None) -> Path:
@@ -434,9 +491,11 @@ def _from_caches(spec: ExtractorSpec) -> Path | None:
     if spec.hf_repo:
         from huggingface_hub import try_to_load_from_cache
 
-        for fname in spec.hf_files:
+        for fname in (*spec.hf_files, *_HF_INDEXES):
             hit = try_to_load_from_cache(repo_id=spec.hf_repo, filename=fname)
             if isinstance(hit, str) and Path(hit).is_file():
+                if is_shard_index(hit) and not _shards_present(Path(hit)):
+                    continue  # an index whose shards were not all downloaded
                 return Path(hit)
     if spec.url:
         p = Path(torch.hub.get_dir()) / "checkpoints" / spec.url.rsplit("/", 1)[-1]
@@ -455,9 +514,13 @@ def _download(spec: ExtractorSpec) -> Path:
             LocalEntryNotFoundError,
         )
 
-        for fname in spec.hf_files:
+        for fname in (*spec.hf_files, *_HF_INDEXES):
             try:
-                return Path(hf_hub_download(repo_id=spec.hf_repo, filename=fname))
+                got = Path(hf_hub_download(repo_id=spec.hf_repo, filename=fname))
+                if is_shard_index(got):  # sharded: fetch every shard beside the index
+                    for shard in _shard_names(got):
+                        hf_hub_download(repo_id=spec.hf_repo, filename=shard)
+                return got
             except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: catch it first
                 errors.append(f"the hub is unreachable (offline) for {spec.hf_repo}")
                 break
@@ -483,8 +546,19 @@ def _download(spec: ExtractorSpec) -> Path:
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a flat tensor dict from safetensors or a ``weights_only`` torch file."""
+    """Load a flat tensor dict from safetensors, a ``weights_only`` torch file, or every shard
+    of a Hugging Face ``*.index.json`` (a key in two shards is a CheckpointError)."""
     p = Path(path)
+    if is_shard_index(p):
+        merged: dict[str, torch.Tensor] = {}
+        for shard in shard_files(p):
+            part = load_state_dict(shard)
+            twice = merged.keys() & part.keys()
+            if twice:
+                raise CheckpointError(f"{p}: keys in more than one shard "
+                                      f"(e.g. {sorted(twice)[:3]})")
+            merged.update(part)
+        return merged
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -612,15 +686,23 @@ def training_resolution(spec: ExtractorSpec) -> str:
 def weights_identity(ext: FeatureExtractor, random_init: bool, seed: int = 0) -> dict[str, Any]:
     """What a bank records about the weights behind its vectors.
 
-    ``{"kind": "file", "file", "sha256", "bytes"}`` (the resolved file, hashed streamed),
+    ``{"kind": "file", "file", "sha256", "bytes"}`` (the resolved file, hashed streamed; for
+    sharded weights the index, a digest of its shards' digests and their total bytes),
     ``{"kind": "random-init", "seed"}`` or ``{"kind": "none"}`` (no network, ``colour-stats``).
     """
     if ext.weights_source is not None:
         from gen_ad.weights.install import file_sha256
 
         path = Path(ext.weights_source).resolve()
-        return {"kind": "file", "file": str(path), "sha256": file_sha256(path),
-                "bytes": path.stat().st_size}
+        if not is_shard_index(path):
+            return {"kind": "file", "file": str(path), "sha256": file_sha256(path),
+                    "bytes": path.stat().st_size}
+        import hashlib
+
+        files = shard_files(path)  # sharded: one digest over the shards' digests, in order
+        digest = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files).encode())
+        return {"kind": "file", "file": str(path), "sha256": digest.hexdigest(),
+                "bytes": sum(f.stat().st_size for f in files), "shards": len(files)}
     if random_init:
         return {"kind": "random-init", "seed": int(seed)}
     return {"kind": "none"}

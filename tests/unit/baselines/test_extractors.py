@@ -272,3 +272,77 @@ def test_training_resolution_is_recorded_per_model() -> None:
     assert get_spec("dino-vits16").train_magnification == "unknown"
     assert "not stated" in training_resolution(get_spec("uni2-h"))
     assert describe(get_spec("uni"))["train_mpp"] == 0.5
+
+
+def _write_shards(folder, sd: dict[str, torch.Tensor], n: int = 3) -> None:
+    """``sd`` split into ``n`` Hugging Face safetensors shards plus their index."""
+    import json
+
+    keys = sorted(sd)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {k: sd[k] for k in keys[i::n]}
+        save_safetensors(folder / name, part)
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_weights_load_every_shard(tmp_path) -> None:
+    """A folder of sharded safetensors (or its index) loads all shards, not the first one."""
+    from gen_ad.baselines.extractors import find_weights_file, weights_identity
+
+    ref = build_extractor("h-optimus-0", random_init=True, tiny=True, seed=7)
+    _write_shards(tmp_path / "w", ref.backbone.state_dict())
+    assert find_weights_file(tmp_path / "w") == tmp_path / "w" / "model.safetensors.index.json"
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for given in (tmp_path / "w", tmp_path / "w" / "model.safetensors.index.json"):
+        loaded = build_extractor("h-optimus-0", weights=str(given), tiny=True, seed=0)
+        torch.testing.assert_close(loaded(x), ref(x))
+    ident = weights_identity(loaded, random_init=False)
+    assert ident["shards"] == 3 and ident["file"].endswith("model.safetensors.index.json")
+    # the identity covers the shards' contents, not only the index
+    shard = tmp_path / "w" / "model-00002-of-00003.safetensors"
+    from safetensors.torch import load_file
+
+    sd2 = {k: v + 1 for k, v in load_file(shard).items()}
+    save_safetensors(shard, sd2)
+    assert weights_identity(loaded, random_init=False)["sha256"] != ident["sha256"]
+    shard.unlink()  # a missing shard is named
+    with pytest.raises(CheckpointError, match="shard model-00002-of-00003.safetensors is missing"):
+        build_extractor("h-optimus-0", weights=str(tmp_path / "w"), tiny=True)
+    (tmp_path / "w" / "model.safetensors.index.json").unlink()  # shards without their index
+    with pytest.raises(WeightsNotFoundError, match="sharded weights .* without their index"):
+        build_extractor("h-optimus-0", weights=str(tmp_path / "w"), tiny=True)
+
+
+def test_sharded_weights_from_the_hub_fetch_every_shard(tmp_path, monkeypatch) -> None:
+    """A hub repo with only sharded weights: the index and then every shard it lists."""
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    ref = build_extractor("h-optimus-0", random_init=True, tiny=True, seed=3)
+    repo = tmp_path / "repo"
+    _write_shards(repo, ref.backbone.state_dict(), n=2)
+    fetched: list[str] = []
+
+    def download(repo_id: str, filename: str, **kw: object) -> str:
+        if not (repo / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        fetched.append(filename)
+        return str(repo / filename)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    from gen_ad.baselines.extractors import load_state_dict, resolve_weights
+
+    got = resolve_weights(get_spec("h-optimus-0"), None)  # (tiny variants refuse the hub)
+    assert got == repo / "model.safetensors.index.json"
+    loaded = build_extractor("h-optimus-0", weights=str(got), tiny=True, seed=0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded(x), ref(x))
+    assert load_state_dict(got).keys() == ref.backbone.state_dict().keys()
+    assert fetched == ["model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                       "model-00002-of-00002.safetensors"]
