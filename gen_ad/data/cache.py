@@ -25,7 +25,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -236,6 +238,44 @@ def cached_folder(cache_dir: str | os.PathLike[str], *, root: str | os.PathLike[
     if where.exists():
         warnings.warn(f"the patch cache at {where} is incomplete or stale: rebuilding it",
                       stacklevel=2)
+    _drop_abandoned(where)
     folder = PatchFolder(root=root, size=size, classes=classes, normal_classes=normal_classes,
                          resize=resize, max_bad_fraction=max_bad_fraction, stain=stain)
     return build_cache(folder, where, key, workers)
+
+
+def _drop_abandoned(final: Path, idle_s: float = 3600.0) -> list[Path]:
+    """Delete the build folders (``.<key>.tmp-<pid>-*``) and trash of ``final`` that a killed
+    build left: their process is not running on this machine and nothing in them changed for
+    ``idle_s`` (a build on another machine sharing the disk keeps writing its files)."""
+    removed = []
+    for p in final.parent.glob(f".{final.name}.*-*-*"):
+        m = re.fullmatch(rf"\.{re.escape(final.name)}\.(?:tmp|trash)-(\d+)-[0-9a-f]{{8}}", p.name)
+        if m is None or _pid_alive(int(m.group(1))) or not _idle(p, idle_s):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        warnings.warn(f"removed {len(removed)} abandoned patch-cache build folder(s) beside "
+                      f"{final}", stacklevel=3)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _idle(folder: Path, idle_s: float) -> bool:
+    """Nothing in ``folder`` (itself and its files) was modified in the last ``idle_s``."""
+    try:
+        newest = max([folder.stat().st_mtime,
+                      *(p.stat().st_mtime for p in folder.iterdir())])
+    except OSError:
+        return False
+    return time.time() - newest >= idle_s

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pickle
+import re
 import secrets
 import shutil
 import tempfile
@@ -256,6 +257,45 @@ def remove_dir(path: str | os.PathLike[str]) -> None:
     trash = p.with_name(f".{p.name}.trash-{unique_tag()}")
     os.replace(p, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:\d+-[0-9a-z_]{6,}\.tmp|trash-\d+-[0-9a-f]{8}"
+                      r"|(?P<old>old)-\d+-[0-9a-f]{8})$")
+
+
+def sweep_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete what interrupted writes left in ``folder`` and its direct subfolders.
+
+    Only gen_ad's own names are touched: :func:`atomic_path` / :func:`atomic_dir` temporaries
+    (``.<name>.<pid>-<random>.tmp``), :func:`remove_dir` trash (``.<name>.trash-<tag>``) and a
+    swap's previous version (``.<name>.old-<tag>``) once ``<name>`` exists again (without it,
+    :func:`recover_dir` may still need it). Call only with ``folder``'s writer lock held: then
+    no other process is writing them.
+
+    Returns:
+        The removed paths.
+    """
+    root = Path(folder)
+    dirs = [root, *(p for p in _entries(root) if p.is_dir() and not p.name.startswith("."))]
+    removed = []
+    for d in dirs:
+        for p in _entries(d):
+            m = _TEMP_RE.match(p.name)
+            if m is None or (m.group("old") and not (d / m.group("name")).exists()):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def recover_dir(final: str | os.PathLike[str]) -> Path | None:

@@ -106,11 +106,24 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
                           "no longer running", stacklevel=3)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder_info()).encode("utf-8"), 0)
+        _sweep(d)
         yield d
     finally:
         os.ftruncate(fd, 0)  # released cleanly: nothing to take over
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the temporaries interrupted writers left in ``folder`` (its lock is held)."""
+    from gen_ad.utils.io import sweep_temporaries
+
+    removed = sweep_temporaries(folder)
+    if removed:
+        shown = ", ".join(str(p.relative_to(folder)) for p in removed[:3])
+        warnings.warn(f"removed {len(removed)} temporary file(s) an interrupted gen-ad command "
+                      f"left in {folder} ({shown}{', ...' if len(removed) > 3 else ''})",
+                      stacklevel=4)
 
 
 def writes_folder(param: str, what: str = "output folder") -> Callable[[F], F]:

@@ -122,3 +122,32 @@ def test_a_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
     assert again.folder == first.folder
     _assert_same_items(PatchFolder(**kw), again)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.folder.name]
+
+
+def test_a_killed_builds_folder_is_removed_once_abandoned(tmp_path: Path) -> None:
+    """A build killed midway leaves ``.<key>.tmp-<pid>-*``; the next build removes it when its
+    process is gone and it has not changed for an hour (not a live build elsewhere)."""
+    import subprocess
+    import sys
+
+    root = _folder(tmp_path / "data")
+    kw = dict(root=root, size=16, classes=["normal"])
+    first = cached_folder(tmp_path / "cache", **kw)
+    name = first.folder.name
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    old_dead = tmp_path / "cache" / f".{name}.tmp-{dead}-0123abcd"
+    new_dead = tmp_path / "cache" / f".{name}.tmp-{dead}-4567abcd"  # touched just now
+    alive = tmp_path / "cache" / f".{name}.tmp-{os.getpid()}-89abcdef"  # a live process's
+    for p in (old_dead, new_dead, alive):
+        p.mkdir()
+        (p / "images.u8").write_bytes(b"x")
+    for p in (old_dead, alive):
+        for q in (p / "images.u8", p):
+            os.utime(q, (1_000_000, 1_000_000))
+    from gen_ad.data.cache import remove_dir
+
+    remove_dir(first.folder)  # force a rebuild
+    with pytest.warns(UserWarning, match="removed 1 abandoned patch-cache build"):
+        cached_folder(tmp_path / "cache", **kw)
+    assert not old_dead.exists() and new_dead.exists() and alive.exists()

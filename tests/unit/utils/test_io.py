@@ -120,3 +120,37 @@ def test_publish_swaps_whole_folders_and_recovers_a_killed_swap(
     assert (final / "w").read_text() == "v2"  # the previous complete version is back
     gio.remove_dir(final)
     assert not final.exists() and not list(tmp_path.glob(".model.trash-*"))
+
+
+def test_taking_a_folders_lock_sweeps_what_killed_writers_left(tmp_path: Path) -> None:
+    """A killed export, file write, prune or swap leaves hidden temporaries; the next command
+    that takes the folder's lock removes them (only gen_ad's own names), keeping a swap's
+    previous version while its folder is missing (recover_dir still needs it)."""
+    from gen_ad.utils.lock import folder_lock
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "G.safetensors").write_bytes(b"w")
+    (run / "thresholds").mkdir()
+    (run / "thresholds" / "x.json").write_text("{}")
+    stale = [gio.atomic_dir(run / "model"),  # a killed export: .model.<pid>-<random>.tmp
+             run / "thresholds" / ".x.json.123-abcd_123.tmp",  # a killed atomic file write
+             run / ".samples.trash-77-0123abcd",  # a killed remove_dir
+             run / ".model.old-77-89abcdef"]  # a swap killed after its second rename
+    for p in stale[1:]:
+        p.mkdir() if "trash" in p.name or "old" in p.name else p.write_text("partial")
+    keep = [run / "state" / ".step-9.old-5-00112233",  # step-9 missing: recover_states' job
+            run / ".notes.tmp", run / "my.1-2.tmp", run / "thresholds" / "x.json"]
+    keep[0].mkdir(parents=True)
+    for p in keep[1:3]:
+        p.write_text("user file")
+    with pytest.warns(UserWarning, match="removed 4 temporary file"), folder_lock(run):
+        assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep)
+    assert (run / "model" / "G.safetensors").read_bytes() == b"w"
+    import warnings
+
+    with warnings.catch_warnings():  # nothing left: no message
+        warnings.simplefilter("error")
+        with folder_lock(run):
+            pass
