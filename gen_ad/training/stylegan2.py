@@ -504,7 +504,15 @@ class StyleGAN2Family(Family):
             return loss, {"pl_penalty": penalty}
 
         ctx.phase("G", G, batch[:n], loss_fn, nan_to_num=True)
+        self._sync_pl_mean(ctx.accelerator)
         ctx.log("pl_mean", self.pl_mean)
+
+    def _sync_pl_mean(self, acc: Any) -> None:
+        """Average the path-length mean over processes after each update. The reference keeps
+        one per process (it saves none); here every process holds the same value, so the one
+        rank 0 saves resumes every process exactly."""
+        if acc.num_processes > 1:
+            self.pl_mean = acc.reduce(self.pl_mean.clone(), reduction="mean")
 
     def discriminator_main(self, ctx: StepContext, batch: torch.Tensor) -> None:
         """``Dmain``: ``softplus(D(aug(G(z)))) + softplus(-D(aug(x)))``; ADA sign statistics.

@@ -240,3 +240,22 @@ def test_ada_statistics_count_the_r1_phase_reals(tmp_path: Path) -> None:
     assert fam.ada.count == 8
     fam.train_step(_ctx(fam, models, 1), x)  # step 1: no R1
     assert fam.ada.count == 12
+
+
+def test_path_length_mean_is_one_value_on_every_process(tmp_path: Path) -> None:
+    """Under DDP the mean is averaged after each update, so the value rank 0 saves is every
+    process's and a resume restores all of them exactly."""
+    from types import SimpleNamespace
+
+    fam = StyleGAN2Family(_cfg(tmp_path, 1))
+    fam.pl_mean = torch.tensor(1.0)
+    seen: list[str] = []
+
+    def reduce(t: torch.Tensor, reduction: str) -> torch.Tensor:
+        seen.append(reduction)
+        return (t + 3.0) / 2  # the other process holds 3.0
+
+    fam._sync_pl_mean(SimpleNamespace(num_processes=2, reduce=reduce))
+    assert fam.pl_mean.item() == 2.0 and seen == ["mean"]
+    fam._sync_pl_mean(SimpleNamespace(num_processes=1))  # one process: nothing to agree on
+    assert fam.pl_mean.item() == 2.0
