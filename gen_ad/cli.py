@@ -568,15 +568,20 @@ def parse_with_overrides(parser: argparse.ArgumentParser,
     return args
 
 
-def train_main(family_name: str, argv: Sequence[str] | None = None) -> int:
-    """``train/<family>.py``: parse ``argv`` and train; user errors print one line, return 2."""
-    from gen_ad.app.train import train
-
+def build_train_parser(family_name: str) -> argparse.ArgumentParser:
+    """The parser of ``train/<family_name>.py`` (what :func:`train_main` parses)."""
     p = _Parser(prog=f"train/{family_name}.py",
                 description=f"Train a {family_name} model on normal patches.")
     add_train_arguments(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parse_with_overrides(p, argv)
+    return p
+
+
+def train_main(family_name: str, argv: Sequence[str] | None = None) -> int:
+    """``train/<family>.py``: parse ``argv`` and train; user errors print one line, return 2."""
+    from gen_ad.app.train import train
+
+    args = parse_with_overrides(build_train_parser(family_name), argv)
     try:
         run_dir = train(family_name, args.config, args.overrides, args.resume)
     except GenAdError as e:
