@@ -75,12 +75,13 @@ def build_dataset(data_cfg: DataConfig, split: str = "train", seed: int = 0) -> 
     ds: Dataset
     if data_cfg.cache is not None:
         from gen_ad.data.cache import cached_folder
+        from gen_ad.data.stain import cache_settings
 
         ds = cached_folder(data_cfg.cache, root=root, size=data_cfg.size, classes=classes,
                            normal_classes=normal, resize=data_cfg.resize,
                            max_bad_fraction=data_cfg.max_bad_fraction, stain=stain,
-                           stain_settings={"method": data_cfg.stain_norm,
-                                           "reference": data_cfg.stain_ref},
+                           stain_settings=None if stain is None else
+                           cache_settings(stain, data_cfg.stain_ref),
                            workers=data_cfg.num_workers)
     else:
         ds = PatchFolder(root=root, size=data_cfg.size, classes=classes,

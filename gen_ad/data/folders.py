@@ -154,7 +154,8 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a ground-truth mask file: any format, any nonzero channel value = anomalous.
+    """Read a ground-truth mask file: any nonzero channel value = anomalous (0/1 and 0/255
+    masks alike); in a JPEG, whose compression rings around edges, a value >= 128.
 
     Returns:
         bool array ``[H,W]``.
@@ -163,10 +164,12 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with Image.open(p) as im:
             im.load()
+            lossy = im.format in ("JPEG", "MPO")
             arr = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "RGBa", "LA", "La") else im)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot read mask {p}: {type(e).__name__}: {e}") from e
-    return arr.any(axis=-1) if arr.ndim == 3 else arr != 0
+    on = arr >= 128 if lossy else arr != 0
+    return on.any(axis=-1) if arr.ndim == 3 else on
 
 
 def fit_size(rgb: np.ndarray, size: int, mode: ResizeMode = "resize",

@@ -1,8 +1,15 @@
 """Stain normalisation of H&E patches (Macenko or Reinhard) through the ``torchstain`` library.
 
 A :class:`StainNormalizer` is fitted once on a reference image and maps uint8 RGB patches to the
-reference's stain appearance. Patches with too little tissue for a stable estimate (e.g. blank
-background) are returned unchanged and counted in :attr:`StainNormalizer.n_skipped`.
+reference's stain appearance. Only tissue pixels change (optical density >= ``beta`` = 0.15 in
+every channel, the pixels Macenko's method estimates stains from): background glass is left as
+it is. Whole-image statistics let background drive the mapping: Reinhard's per-channel mean/std
+over every pixel turned a mostly blank PCam patch the reference's tissue colour, and Macenko's
+99th-percentile concentrations of a patch with little tissue rescaled noise into purple
+background. Reinhard therefore takes its LAB statistics over tissue pixels only (as HistomicsTK's
+``mask_out``); Macenko runs as torchstain's (Io 240, alpha 1, beta 0.15) and its background
+pixels are restored. Patches with too little tissue for a stable estimate are returned
+unchanged and counted in :attr:`StainNormalizer.n_skipped`.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -21,18 +29,73 @@ StainMethod = Literal["macenko", "reinhard"]
 
 _IO = 240  # transmitted light intensity used by the Macenko method
 _BETA = 0.15  # optical-density threshold below which a pixel counts as background
+ALGORITHM = 2  # bumped when the mapping changes (2: tissue pixels only), so caches rebuild
 
 
-def tissue_pixel_fraction(rgb: np.ndarray, beta: float = _BETA, io: int = _IO) -> float:
-    """Fraction of pixels whose optical density exceeds ``beta`` in every channel.
+def tissue_mask(rgb: np.ndarray, beta: float = _BETA, io: int = _IO) -> np.ndarray:
+    """Pixels whose optical density ``-log((I + 1) / io)`` is at least ``beta`` in every channel.
 
     Args:
         rgb: uint8 ``[H,W,3]``.
     Returns:
-        Fraction in ``[0, 1]`` (the pixels Macenko's method estimates stains from).
+        bool ``[H,W]`` (the pixels Macenko's method estimates stains from).
     """
-    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1.0) / io)
-    return float(np.mean(np.all(od >= beta, axis=1))) if od.size else 0.0
+    od = -np.log((rgb.astype(np.float64) + 1.0) / io)
+    return np.all(od >= beta, axis=-1)
+
+
+def tissue_pixel_fraction(rgb: np.ndarray, beta: float = _BETA, io: int = _IO) -> float:
+    """Fraction of pixels in :func:`tissue_mask`, in ``[0, 1]`` (0 for an empty image)."""
+    return float(tissue_mask(rgb, beta, io).mean()) if rgb.size else 0.0
+
+
+class _TissueReinhard:
+    """Reinhard et al. (2001) colour transfer in LAB with the statistics of tissue pixels only
+    (reference and patch), applied to tissue pixels; LAB conversions are torchstain's."""
+
+    def fit(self, ref: np.ndarray) -> None:
+        self.mean, self.std = self._stats(ref)
+        if not np.all(self.std > 0):
+            raise FloatingPointError("the reference's tissue has a constant LAB channel")
+
+    @staticmethod
+    def _lab(rgb: np.ndarray) -> np.ndarray:
+        from torchstain.numpy.utils.rgb2lab import rgb2lab
+
+        return rgb2lab(rgb.astype(np.float32) / 255.0).astype(np.float64)
+
+    def _stats(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        tissue = self._lab(rgb)[tissue_mask(rgb)]
+        return tissue.mean(axis=0), tissue.std(axis=0)
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        from torchstain.numpy.utils.lab2rgb import lab2rgb
+
+        mask = tissue_mask(rgb)
+        lab = self._lab(rgb)
+        mean, std = lab[mask].mean(axis=0), lab[mask].std(axis=0)
+        if not np.all(std > 0):
+            raise FloatingPointError("a constant LAB channel in the patch's tissue")
+        lab[mask] = (lab[mask] - mean) / std * self.std + self.mean
+        out = np.clip(lab2rgb(lab.astype(np.float32)) * 255.0, 0.0, 255.0)
+        return np.where(mask[..., None], np.rint(out), rgb).astype(np.uint8)
+
+
+def cache_settings(normalizer: StainNormalizer,
+                   reference: str | os.PathLike[str]) -> dict[str, object]:
+    """What identifies ``normalizer``'s mapping in a patch cache's key: the method, the reference
+    file's path and content (sha256), the tissue threshold, this module's algorithm version and
+    torchstain's version (a replaced reference or a new algorithm must not reuse a cache)."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torchstain = version("torchstain")
+    except PackageNotFoundError:
+        torchstain = None
+    digest = hashlib.sha256(Path(reference).expanduser().read_bytes()).hexdigest()
+    return {"method": normalizer.method, "reference": str(reference), "sha256": digest,
+            "min_tissue": normalizer.min_tissue, "algorithm": ALGORITHM, "torchstain": torchstain}
 
 
 class StainNormalizer:
@@ -40,7 +103,7 @@ class StainNormalizer:
 
     Args:
         method: ``macenko`` (stain vectors + concentration percentiles) or ``reinhard``
-            (per-channel mean/std in LAB).
+            (per-channel mean/std in LAB over tissue pixels).
         reference: path of the reference image, or a uint8 ``[H,W,3]`` array.
         min_tissue: patches with a smaller tissue-pixel fraction (see
             :func:`tissue_pixel_fraction`) are returned unchanged.
@@ -50,7 +113,7 @@ class StainNormalizer:
 
     def __init__(self, method: StainMethod = "macenko",
                  reference: str | os.PathLike[str] | np.ndarray | None = None,
-                 min_tissue: float = 0.01) -> None:
+                 min_tissue: float = 0.05) -> None:
         if method not in ("macenko", "reinhard"):
             raise ValueError(f"stain method must be 'macenko' or 'reinhard', got {method!r}")
         if reference is None:
@@ -88,17 +151,14 @@ class StainNormalizer:
 
     def _make(self) -> object:
         try:
-            from torchstain.numpy.normalizers import (
-                NumpyMacenkoNormalizer,
-                NumpyReinhardNormalizer,
-            )
+            from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
         except ImportError as err:  # an install without it (a wheel set carried to a GPU box)
             raise ConfigError("stain normalisation needs torchstain, which is not installed: "
                               "pip install torchstain (a dependency of gen_ad)") from err
 
         if self.method == "macenko":
             return NumpyMacenkoNormalizer()
-        return NumpyReinhardNormalizer()
+        return _TissueReinhard()
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """Normalise one patch.
@@ -119,6 +179,8 @@ class StainNormalizer:
             with _strict_numerics():
                 if self.method == "macenko":
                     out, _, _ = self._norm.normalize(rgb, stains=False)  # type: ignore[attr-defined]
+                    out = np.where(tissue_mask(rgb)[..., None],  # background stays as it is
+                                   np.asarray(out, np.uint8).reshape(rgb.shape), rgb)
                 else:
                     out = self._norm.normalize(rgb)  # type: ignore[attr-defined]
         except _FAILURES:

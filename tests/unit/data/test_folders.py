@@ -288,3 +288,18 @@ def test_synth_layout_masks_inside_root(tmp_path: Path) -> None:
     for i in range(len(ds)):
         item = ds[i]
         assert (item["mask"].sum() > 0) == bool(item["label"])
+
+
+def test_jpeg_masks_are_thresholded_not_dilated(tmp_path: Path) -> None:
+    """JPEG rings around a mask's edges: any nonzero value grew a 30x30 square by a quarter;
+    lossless 0/1 and 0/255 masks keep the nonzero rule."""
+    from gen_ad.data.folders import read_mask
+
+    m = np.zeros((64, 64), np.uint8)
+    m[10:40, 20:50] = 255
+    Image.fromarray(m).save(tmp_path / "m.jpg", quality=75)
+    got = read_mask(tmp_path / "m.jpg")
+    assert abs(int(got.sum()) - 900) <= 30 and got[10:40, 20:50].mean() > 0.97
+    assert (np.asarray(Image.open(tmp_path / "m.jpg")) != 0).sum() > 1000  # the old rule's count
+    Image.fromarray((m > 0).astype(np.uint8)).save(tmp_path / "m01.png")  # 0/1 label mask
+    assert read_mask(tmp_path / "m01.png").sum() == 900

@@ -92,3 +92,64 @@ def test_missing_torchstain_is_one_config_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "torchstain.numpy.normalizers", None)
     with pytest.raises(ConfigError, match="pip install torchstain"):
         StainNormalizer("macenko", np.tile(np.array([150, 60, 140], np.uint8), (8, 8, 1)))
+
+
+def _mostly_glass(seed: int, tissue: float = 0.08) -> np.ndarray:
+    """A patch of bright glass (with JPEG-like noise) and a small stained region."""
+    rng = np.random.default_rng(seed)
+    img = np.clip(rng.normal(236, 3, (64, 64, 3)), 0, 255).astype(np.uint8)
+    rows = int(round(64 * tissue))
+    img[:rows] = _stained(_HE_SRC, seed + 1, size=64)[:rows]
+    return img
+
+
+@needs_torchstain
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_background_stays_glass(method: str) -> None:
+    """Only tissue pixels change: whole-image statistics turned a mostly blank patch the
+    reference's tissue colour (Reinhard) or rescaled its noise into purple (Macenko)."""
+    from gen_ad.data.stain import tissue_mask
+
+    norm = StainNormalizer(method=method, reference=_stained(_HE_REF, 0))
+    src = _mostly_glass(3)
+    out = norm(src)
+    glass = ~tissue_mask(src)
+    assert glass.mean() > 0.85 and norm.n_skipped == 0
+    assert np.array_equal(out[glass], src[glass])
+    assert not np.array_equal(out[~glass], src[~glass])  # the tissue is normalised
+
+
+@needs_torchstain
+def test_reinhard_matches_the_references_tissue_statistics() -> None:
+    """Reinhard (2001) in LAB over tissue pixels: the normalised tissue has the reference
+    tissue's per-channel LAB mean and std (to uint8 rounding), however much glass either has."""
+    from torchstain.numpy.utils.rgb2lab import rgb2lab
+
+    from gen_ad.data.stain import tissue_mask
+
+    ref = _mostly_glass(5, tissue=0.5)
+    norm = StainNormalizer(method="reinhard", reference=ref)
+    src = _stained(_HE_SRC, 7, scale=0.6)
+    out = norm(src)
+    keep = tissue_mask(src) & tissue_mask(out)  # pixels mapped to (and still) tissue
+
+    def stats(img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lab = rgb2lab(img.astype(np.float32) / 255)[mask]
+        return lab.mean(0), lab.std(0)
+
+    (m_ref, s_ref), (m_out, s_out) = stats(ref, tissue_mask(ref)), stats(out, keep)
+    np.testing.assert_allclose(m_out, m_ref, atol=1.5)
+    np.testing.assert_allclose(s_out, s_ref, rtol=0.1, atol=0.5)
+
+
+def test_cache_key_follows_the_reference_content(tmp_path: Path) -> None:
+    """A reference replaced at the same path gives another cache key (settings differ)."""
+    pytest.importorskip("torchstain")
+    from gen_ad.data.stain import cache_settings
+
+    Image.fromarray(_stained(_HE_REF, 0)).save(tmp_path / "ref.png")
+    a = cache_settings(StainNormalizer("macenko", tmp_path / "ref.png"), tmp_path / "ref.png")
+    Image.fromarray(_stained(_HE_REF, 1)).save(tmp_path / "ref.png")
+    b = cache_settings(StainNormalizer("macenko", tmp_path / "ref.png"), tmp_path / "ref.png")
+    assert a["reference"] == b["reference"] and a["sha256"] != b["sha256"]
+    assert a["algorithm"] == 2 and a["min_tissue"] == 0.05
