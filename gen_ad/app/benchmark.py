@@ -45,7 +45,7 @@ from gen_ad.app.evaluate import (
 from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_report
 from gen_ad.baselines.knn import shared_files
 from gen_ad.config import check, load_config, to_dict
-from gen_ad.data.folders import subset
+from gen_ad.data.folders import ResizeMode, subset
 from gen_ad.errors import ConfigError, DataError, GenAdError
 from gen_ad.report.html import generator_cell, render_report
 from gen_ad.scoring.base import ScoreBatch
@@ -298,7 +298,7 @@ def _prepare_run(m: MethodConfig, cfg: BenchmarkConfig, device: str,
     notes = _random_init_notes(m.kwargs) + _lpips_notes(ls.scorer)
     return PreparedMethod(method_name(m), "generative", desc, notes, ls.scorer, ls.size,
                           cfg.data.val, cfg.data.val_limit, m.batch_size or cfg.batch_size, run,
-                          path)
+                          path, resize=ls.resize)
 
 
 def _prepare_knn(m: MethodConfig, cfg: BenchmarkConfig, device: str) -> PreparedMethod:
@@ -339,33 +339,36 @@ def prepare_methods(cfg: BenchmarkConfig, device: str) -> list[PreparedMethod]:
 
 
 class SplitCache:
-    """The test and normal datasets at each size, built once (same files for every method)."""
+    """The test and normal datasets at each size and resize mode, built once (same files for
+    every method; a method reads them as its run trained, ``data.resize``)."""
 
     def __init__(self, cfg: BenchDataConfig, seed: int = 0) -> None:
         self.cfg, self.seed = cfg, seed
-        self._test: dict[int, Dataset] = {}
-        self._normal: dict[tuple[str, int, int | None], Dataset] = {}
+        self._test: dict[tuple[int, ResizeMode], Dataset] = {}
+        self._normal: dict[tuple[str, int, int | None, ResizeMode], Dataset] = {}
 
-    def test(self, size: int) -> Dataset:
-        """The test split at ``size`` (the same seeded subset at every size)."""
-        if size not in self._test:
+    def test(self, size: int, resize: ResizeMode = "resize") -> Dataset:
+        """The test split at ``size`` read by ``resize`` (the same seeded subset for all)."""
+        key = (size, resize)
+        if key not in self._test:
             c = self.cfg
             ds: Dataset = scoring_dataset(c.test, size, normal_classes=c.normal_classes,
-                                          classes=c.classes, masks=c.masks)
+                                          classes=c.classes, masks=c.masks, resize=resize)
             if len(set(ds.labels)) != 2:  # type: ignore[attr-defined]
                 raise DataError(f"the test folder {c.test} needs normal ({c.normal_classes}) and "
                                 "anomalous class folders")
             if c.limit is not None and c.limit < len(ds):  # type: ignore[arg-type]
                 ds = subset(ds, c.limit, self.seed)
-            self._test[size] = ds
-        return self._test[size]
+            self._test[key] = ds
+        return self._test[key]
 
-    def normal(self, root: str, size: int, limit: int | None) -> Dataset:
+    def normal(self, root: str, size: int, limit: int | None,
+               resize: ResizeMode = "resize") -> Dataset:
         """Normal patches of ``root``: its normal class folders when it has them, else all."""
-        key = (root, size, limit)
+        key = (root, size, limit, resize)
         if key not in self._normal:
             self._normal[key] = normal_dataset(root, size, normal_classes=self.cfg.normal_classes,
-                                               limit=limit)
+                                               limit=limit, resize=resize)
         return self._normal[key]
 
 
@@ -426,14 +429,14 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
         examples: test indices to show (default: chosen from this method's labels).
     """
     t0 = time.perf_counter()
-    fit_ds = split.normal(pm.fit_root, pm.size, pm.fit_limit)
+    fit_ds = split.normal(pm.fit_root, pm.size, pm.fit_limit, pm.resize)
     pm.scorer.fit(_batches(fit_ds, pm.batch_size, device))
     fit_s = time.perf_counter() - t0
-    val_ds = split.normal(cfg.data.val, pm.size, cfg.data.val_limit)
+    val_ds = split.normal(cfg.data.val, pm.size, cfg.data.val_limit, pm.resize)
     val = score_dataset(pm.scorer, val_ds, batch_size=pm.batch_size, device=device,
                         keep_maps=False)
     th = calibrate(val.scores, method=cfg.threshold, fpr=cfg.fpr)
-    test_ds = split.test(pm.size)
+    test_ds = split.test(pm.size, pm.resize)
     scored = score_dataset(pm.scorer, test_ds, batch_size=pm.batch_size, device=device)
     metrics = detection_metrics(scored, th, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["overlap_with_test"] = overlap_with_test(fit_ds, val_ds, test_ds)
@@ -539,7 +542,7 @@ def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig,
         try:
             ref = real_stats(cfg.data.val, ext, batch_size=cfg.fid.batch_size,
                              max_images=cfg.data.val_limit if cfg.fid.n_real is None
-                             else cfg.fid.n_real, size=pm.size,
+                             else cfg.fid.n_real, size=pm.size, resize=pm.resize,
                              classes=cfg.data.normal_classes)
             feats = fake_features(sample, ext, n=cfg.fid.n, batch_size=cfg.fid.batch_size,
                                   seed=cfg.seed, generator_device="cpu")

@@ -38,7 +38,13 @@ from gen_ad.baselines.knn import (
     bank_settings,
     extractor_from_info,
 )
-from gen_ad.data.folders import PatchFolder, discover_classes, find_mask_root, subset
+from gen_ad.data.folders import (
+    PatchFolder,
+    ResizeMode,
+    discover_classes,
+    find_mask_root,
+    subset,
+)
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.metrics.detection import evaluate_scores
 from gen_ad.report.html import ci_text
@@ -73,6 +79,8 @@ class LoadedScorer:
         label: human label (method name, or ``knn <extractor>``).
         threshold: a saved label-free threshold (a KNN bank's), else ``None``.
         run: the trained run behind a generative scorer, else ``None``.
+        resize: how patches are brought to ``size`` (``resize`` or ``center_crop``): a run's
+            ``data.resize``, so queries and calibration patches are read as training read them.
     """
 
     scorer: AnomalyScorer
@@ -80,6 +88,7 @@ class LoadedScorer:
     label: str
     threshold: Threshold | None = None
     run: Run | None = None
+    resize: ResizeMode = "resize"
 
 
 @dataclass
@@ -95,6 +104,8 @@ class PreparedMethod:
         batch_size: scoring batch size.
         run: the run object behind a generative method (FID), else ``None``.
         run_path: its folder.
+        resize: how patches are brought to ``size`` (a run's ``data.resize``); the test, fit
+            and threshold sets are all read this way.
     """
 
     name: str
@@ -108,6 +119,7 @@ class PreparedMethod:
     batch_size: int
     run: Any = None
     run_path: str | None = None
+    resize: ResizeMode = "resize"
 
 
 def run_scorers(run: str | os.PathLike[str] | Run, method: str | None = None, *,
@@ -115,13 +127,21 @@ def run_scorers(run: str | os.PathLike[str] | Run, method: str | None = None, *,
                 ) -> dict[str, LoadedScorer]:
     """The scorers of a trained run: ``method`` (checked) or all it offers.
 
-    ``scorer_kwargs`` are the family's typed scorer options (a bad key is a ConfigError).
+    ``scorer_kwargs`` are the family's typed scorer options (a bad key is a ConfigError). Each
+    carries the run's ``data.size`` and ``data.resize`` (``resize`` for a run saved without it).
     """
     r = run if isinstance(run, Run) else load_run(run, device=device)
     scorers = r.scorers(**(scorer_kwargs or {}))
     names = select_scorer(scorers, method)
-    size = int(r.cfg.data.size)
-    return {n: LoadedScorer(scorers[n], size, n, run=r) for n in names}
+    size, resize = int(r.cfg.data.size), run_resize(r)
+    return {n: LoadedScorer(scorers[n], size, n, run=r, resize=resize) for n in names}
+
+
+def run_resize(run: Run) -> ResizeMode:
+    """How ``run`` brought its training patches to ``data.size`` (``resize`` when its saved
+    config does not say)."""
+    mode: ResizeMode = getattr(run.cfg.data, "resize", "resize")
+    return mode
 
 
 def bank_scorer(bank: str | os.PathLike[str], *, device: str = "cpu",
@@ -172,24 +192,27 @@ def load_scorer(*, run: str | os.PathLike[str] | None = None,
 
 
 def scoring_dataset(root: str | os.PathLike[str], size: int, *,
-                 normal_classes: Sequence[str] = ("normal",),
-                 classes: Sequence[str] | None = None,
-                 masks: str | os.PathLike[str] | None = None) -> PatchFolder:
+                    normal_classes: Sequence[str] = ("normal",),
+                    classes: Sequence[str] | None = None,
+                    masks: str | os.PathLike[str] | None = None,
+                    resize: ResizeMode = "resize") -> PatchFolder:
     """A folder to score: class subfolders (``normal_classes`` are label 0); ground-truth masks
-    from ``masks`` or ``root/masks`` (which is then no class)."""
+    from ``masks`` or ``root/masks`` (which is then no class); patches (and masks) brought to
+    ``size`` by ``resize`` (the scorer's: a run's ``data.resize``)."""
     masks = masks or find_mask_root(root)
     return PatchFolder(root=str(root), size=size, classes=classes,
                        normal_classes=tuple(normal_classes),
-                       mask_root=str(masks) if masks else None)
+                       mask_root=str(masks) if masks else None, resize=resize)
 
 
 def normal_dataset(root: str | os.PathLike[str], size: int, *,
                    normal_classes: Sequence[str] = ("normal",),
-                   limit: int | None = None, seed: int = 0) -> Dataset:
+                   limit: int | None = None, seed: int = 0,
+                   resize: ResizeMode = "resize") -> Dataset:
     """Normal patches of ``root``: its normal class folders when it has them, else all its images
     (a flat folder, or, with a warning naming them, class folders none of which is normal, such
     as one folder per slide); at most ``limit`` of them, a seeded random choice
-    (:func:`limit_items`)."""
+    (:func:`limit_items`); brought to ``size`` by ``resize``, as the queries are."""
     found, flat = discover_classes(root)
     normal = [c for c in normal_classes if c in found]
     if not flat and not normal:
@@ -198,7 +221,7 @@ def normal_dataset(root: str | os.PathLike[str], size: int, *,
                       "--normal-classes if some of them are not", stacklevel=2)
     classes = None if flat or not normal else normal
     ds: Dataset = PatchFolder(root=str(root), size=size, classes=classes,
-                              normal_classes=tuple(normal or found))
+                              normal_classes=tuple(normal or found), resize=resize)
     return limit_items(ds, limit, seed)
 
 

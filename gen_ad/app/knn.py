@@ -159,8 +159,9 @@ def knn_threshold(ls: LoadedScorer, *, k: int | None = None,
                               f"{sc.index.count}")
         sc.k = int(k)
     if normal is not None:
-        scored = score_dataset(sc, normal_dataset(normal, ls.size), batch_size=batch_size,
-                               device=device, keep_maps=False, num_workers=workers)
+        nds = normal_dataset(normal, ls.size, resize=ls.resize)
+        scored = score_dataset(sc, nds, batch_size=batch_size, device=device, keep_maps=False,
+                               num_workers=workers)
         return (calibrate(scored.scores, method=method, fpr=fpr),
                 f"{method} of {len(scored.scores)} held-out normal patches ({normal}), k={sc.k}")
     if sc.k == fitted_k and method == "iqr" and ls.threshold is not None:
@@ -199,7 +200,7 @@ def score_folder(bank_dir: str | os.PathLike[str], data: str | os.PathLike[str],
         ls.size = size
     thr, source = knn_threshold(ls, k=k, normal=normal, method=threshold_method, fpr=fpr,
                                 batch_size=batch_size, device=device, workers=workers)
-    ds = scoring_dataset(data, ls.size)
+    ds = scoring_dataset(data, ls.size, resize=ls.resize)  # as the bank was read (resize)
     assert isinstance(ls.scorer, KNNScorer)
     overlap = bank_overlap(FeatureBank(bank_dir).paths, ds.paths)
     scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,

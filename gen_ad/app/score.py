@@ -31,11 +31,14 @@ from gen_ad.utils.lock import folder_lock, writes_folder
 
 def calibration_context(ls: LoadedScorer, scorer_kwargs: dict[str, Any] | None,
                         method: str, fpr: float) -> dict[str, Any]:
-    """What a saved threshold depends on: the run's step, the scorer options and the rule."""
+    """What a saved threshold depends on: the run's step, the scorer options and the rule, and
+    for a run not trained with ``data.resize=resize`` how patches are read (a threshold saved
+    before scoring honoured that mode was calibrated on other images: refused)."""
     assert ls.run is not None
     rule: dict[str, Any] = {"method": method, **({"fpr": fpr} if method == "fpr" else {})}
+    mode = {} if ls.resize == "resize" else {"resize": ls.resize}
     return {"run_step": int(ls.run.step), "scorer_kwargs": dict(scorer_kwargs or {}),
-            "rule": rule}
+            "rule": rule, **mode}
 
 
 def _check_context(saved: Path, now: dict[str, Any], th_file: Path) -> None:
@@ -63,7 +66,7 @@ def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike
     cal_file = run / "thresholds" / f"{name}.calibration.json"
     ctx_file = run / "thresholds" / f"{name}.context.json"
     if normal is not None:
-        nds = normal_dataset(normal, ls.size, normal_classes=normal_classes)
+        nds = normal_dataset(normal, ls.size, normal_classes=normal_classes, resize=ls.resize)
         th = calibrate_scorer(ls.scorer, nds, **cal)
         with folder_lock(run, "run folder"):  # a training of this run may be writing it
             th.save(th_file)
@@ -104,7 +107,8 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     loaded = run_scorers(run, method, device=device, scorer_kwargs=scorer_kwargs)
     first = next(iter(loaded.values()))
     assert first.run is not None
-    ds = scoring_dataset(data, first.size, normal_classes=normal_classes, masks=masks)
+    ds = scoring_dataset(data, first.size, normal_classes=normal_classes, masks=masks,
+                         resize=first.resize)
     normal = normal or getattr(first.run.cfg.data, "val", None)
     results = {}
     for name, ls in loaded.items():

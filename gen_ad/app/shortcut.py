@@ -31,6 +31,9 @@ from gen_ad.errors import GenAdError
 
 if TYPE_CHECKING:
     from gen_ad.app.benchmark import BenchmarkConfig, MethodOutcome, PreparedMethod, SplitCache
+    from gen_ad.data.folders import ResizeMode
+
+Normalisers = dict[tuple[int, "ResizeMode"], "tuple[Any, str] | str"]
 
 COLOUR_BASELINE = "colour-baseline"
 COLOUR_KIND = "colour baseline"
@@ -118,14 +121,15 @@ def _subset_index(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarra
                                    rng.choice(neg, n_neg, replace=False)]))
 
 
-def _normaliser(cfg: BenchmarkConfig, split: SplitCache, size: int) -> tuple[Any, str]:
+def _normaliser(cfg: BenchmarkConfig, split: SplitCache, size: int,
+                resize: ResizeMode) -> tuple[Any, str]:
     """A stain normaliser fitted on the normal set's median-colour patch, and its description."""
     from gen_ad.app.evaluate import image_batches
     from gen_ad.data.folders import tensor_to_uint8
     from gen_ad.data.stain import StainNormalizer
     from gen_ad.data.stain_shift import median_reference
 
-    val = split.normal(cfg.data.val, size, cfg.data.val_limit)
+    val = split.normal(cfg.data.val, size, cfg.data.val_limit, resize)
     images = torch.cat(list(image_batches(val, 256, limit=512)))
     i = median_reference(images)
     ref = tensor_to_uint8(images[i]).numpy()
@@ -140,14 +144,15 @@ def _shifted_auroc(o: MethodOutcome, idx: np.ndarray, transform: Any, cfg: Bench
     from gen_ad.data.stain_shift import ShiftedDataset
 
     pm = o.method
-    ds = ShiftedDataset(Subset(split.test(pm.size), idx.tolist()), transform, cfg.shortcut.seed)
+    test = split.test(pm.size, pm.resize)
+    ds = ShiftedDataset(Subset(test, idx.tolist()), transform, cfg.shortcut.seed)
     scored = score_dataset(pm.scorer, ds, batch_size=pm.batch_size, device=device,
                            keep_maps=False, progress=False)
     return _auroc(scored.scores, scored.labels)
 
 
 def stain_shift(o: MethodOutcome, cfg: BenchmarkConfig, split: SplitCache, device: str,
-                normalisers: dict[int, tuple[Any, str] | str]) -> dict[str, Any]:
+                normalisers: Normalisers) -> dict[str, Any]:
     """AUROC of one method on a test subset: as is, stain-normalised, HED-jittered; drops."""
     from gen_ad.data.stain_shift import hed_jitter
 
@@ -155,13 +160,13 @@ def stain_shift(o: MethodOutcome, cfg: BenchmarkConfig, split: SplitCache, devic
     idx = _subset_index(o.scored.labels, sc.limit, sc.seed)
     clean = _auroc(o.scored.scores[idx], o.scored.labels[idx])
     rec: dict[str, Any] = {"n": int(len(idx)), "auroc": clean, "jitter": sc.jitter}
-    size = o.method.size
-    if size not in normalisers:
+    key = (o.method.size, o.method.resize)  # the reference is read as the method's patches are
+    if key not in normalisers:
         try:
-            normalisers[size] = _normaliser(cfg, split, size)
+            normalisers[key] = _normaliser(cfg, split, *key)
         except (GenAdError, ImportError) as e:
-            normalisers[size] = f"stain normalisation unavailable: {e}"
-    norm = normalisers[size]
+            normalisers[key] = f"stain normalisation unavailable: {e}"
+    norm = normalisers[key]
     if isinstance(norm, str):
         rec["normalised_error"] = norm
     else:
@@ -193,7 +198,7 @@ def shortcut_report(cfg: BenchmarkConfig, outcomes: list[MethodOutcome], split: 
     out: dict[str, Any] = {"colour_baseline": None if colour is None else
                            {"name": COLOUR_BASELINE, "auroc": c_auc},
                            "methods": {}, "warnings": []}
-    normalisers: dict[int, tuple[Any, str] | str] = {}
+    normalisers: Normalisers = {}
     for o in outcomes:
         name = o.method.name
         auc = (o.metrics.get("auroc") or {}).get("value")

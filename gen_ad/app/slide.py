@@ -216,7 +216,8 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
     size = size or ls.size
     threshold = ls.threshold
     if normal is not None:
-        threshold = calibrate_scorer(ls.scorer, normal_dataset(normal, size), device=device,
+        nds = normal_dataset(normal, size, resize=ls.resize)  # read as the run trained
+        threshold = calibrate_scorer(ls.scorer, nds, device=device,
                                      batch_size=int(kwargs.get("batch_size", 32)))
     recs = [score_slide(p, ls.scorer, out, size=size, device=device, threshold=threshold,
                         method=ls.label, **kwargs) for p in paths]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from gen_ad.cli import main
 from gen_ad.data.synthetic import write_folder
@@ -84,3 +86,55 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
     assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out", str(out2),
                  "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_score_reads_patches_as_the_run_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A run trained with data.resize=center_crop on 48 px patches at 32 px is scored (and
+    calibrated) on the same centre crops, not on whole-image rescales (another magnification);
+    a threshold saved without that record is not reused."""
+    import gen_ad.app.score as app_score
+    from gen_ad.data.folders import PatchFolder, load_image
+
+    for name, n, seed, frac in (("train", 20, 5, 0.0), ("test", 8, 3, 0.5), ("val", 6, 4, 0.0)):
+        write_folder(tmp_path / name, n=n, size=48, seed=seed, anomaly_fraction=frac)
+    gan = tmp_path / "gan"
+    _train("--config", str(CONFIGS / "demo.yaml"), f"out={gan}", "train.max_steps=1",
+           f"data.train={tmp_path / 'train'}", "data.resize=center_crop", "train.batch_size=10")
+    seen: dict[str, Any] = {}
+
+    def calibrate(scorer: Any, normal: Any, **kw: Any) -> Any:
+        seen["normal"] = normal
+        return real_calibrate(scorer, normal, **kw)
+
+    def score(scorer: Any, ds: Any, **kw: Any) -> Any:
+        seen["test"] = ds
+        return real_score(scorer, ds, **kw)
+
+    real_calibrate, real_score = app_score.calibrate_scorer, app_score.score_dataset
+    monkeypatch.setattr(app_score, "calibrate_scorer", calibrate)
+    monkeypatch.setattr(app_score, "score_dataset", score)
+    args = ["score", str(gan), "--data", str(tmp_path / "test"), "--examples", "0", "--steps",
+            "1", "--n-boot", "20"]
+    assert main([*args, "--out", str(tmp_path / "s1"), "--normal", str(tmp_path / "val")]) == 0
+    for key, root in (("test", "test"), ("normal", "val")):
+        ds = seen[key]
+        classes = ["normal", "anomalous"] if key == "test" else ["normal"]
+        crops = PatchFolder(root=str(tmp_path / root), size=32, classes=classes,
+                            resize="center_crop")
+        want = {crops[i]["path"]: crops[i]["image"] for i in range(len(crops))}
+        got = {ds[i]["path"]: ds[i]["image"] for i in range(len(ds))}
+        assert sorted(got) == sorted(want) and len(got) == len(ds) > 0
+        for path, image in got.items():
+            assert torch.equal(image, want[path]), (key, path)
+            assert not torch.equal(image, load_image(path, 32, "resize"))  # the modes differ
+    ctx_file = gan / "thresholds" / "anogan.context.json"
+    ctx = json.loads(ctx_file.read_text())
+    assert ctx["resize"] == "center_crop"
+
+    # a threshold calibrated before scoring honoured the mode (no record of it) is refused
+    del ctx["resize"]
+    ctx_file.write_text(json.dumps(ctx))
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "s2")]) == 2
+    assert "resize: saved None, now 'center_crop'" in capsys.readouterr().err

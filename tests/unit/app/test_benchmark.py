@@ -23,6 +23,7 @@ from gen_ad.app.benchmark import (
     summary_lines,
 )
 from gen_ad.config import from_dict
+from gen_ad.data.folders import ResizeMode
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.report.html import PNG_MAGIC, png_data_uri, render_report
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
@@ -270,3 +271,81 @@ def test_knn_description_says_which_weights(split: dict[str, Path], tmp_path: Pa
     assert "(random-init weights)" in rnd
     assert f"(weights {wfile})" in real
     assert "(no network, no weights)" in colour
+
+
+class RecordingScorer(AnomalyScorer):
+    """Records every image it is fitted on or scores; score = mean intensity."""
+
+    name = "rec"
+
+    def __init__(self) -> None:
+        self.fit_seen: list[torch.Tensor] = []
+        self.score_seen: list[torch.Tensor] = []
+
+    def fit(self, normal_batches):  # type: ignore[no-untyped-def]
+        self.fit_seen += list(normal_batches)
+        return self
+
+    def score(self, x: torch.Tensor) -> ScoreBatch:
+        self.score_seen.append(x.clone())
+        return ScoreBatch(scores=x.mean(dim=(1, 2, 3)))
+
+
+def _read_as(root: Path, classes: list[str], mode: ResizeMode) -> torch.Tensor:
+    from gen_ad.data.folders import PatchFolder
+
+    ds = PatchFolder(root=str(root), size=32, classes=classes, resize=mode)
+    return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+
+def test_benchmark_reads_each_method_in_its_resize_mode(tmp_path: Path) -> None:
+    """Two methods at the same size, one trained with center_crop: each is fitted, calibrated
+    and tested on the 48 px patches read its own way (separate datasets, not a shared one)."""
+    from gen_ad.app.benchmark import SplitCache
+    from gen_ad.data.synthetic import write_folder
+
+    write_folder(tmp_path / "val", 6, 48, 1, 0.0)
+    write_folder(tmp_path / "test", 8, 48, 2, 0.5)
+    raw = {"out": str(tmp_path / "out"), "n_boot": 20, "device": "cpu", "examples": 0,
+           "data": {"test": str(tmp_path / "test"), "val": str(tmp_path / "val"), "size": 32,
+                    "classes": ["normal", "anomalous"]},
+           "methods": [{"knn": {"extractor": "colour-stats", "k": 2, "bank": "unused"}}],
+           "fid": {"enabled": False},
+           "shortcut": {"colour_baseline": False, "stain_shift": False}}
+    cfg = from_dict(BenchmarkConfig, raw)
+    split = SplitCache(cfg.data)
+    assert split.test(32, "center_crop") is not split.test(32, "resize")
+    assert split.test(32) is split.test(32, "resize")
+    val = str(tmp_path / "val")
+    assert split.normal(val, 32, None, "center_crop") is not split.normal(val, 32, None)
+    modes: tuple[ResizeMode, ...] = ("resize", "center_crop")
+    scorers = {mode: RecordingScorer() for mode in modes}
+    methods = [PreparedMethod(mode, "generative", "d", [], scorers[mode], 32, val, None, 4,
+                              resize=mode) for mode in modes]
+    benchmark_methods(cfg, methods, "cpu", progress=False)
+    for mode, sc in scorers.items():
+        normal = _read_as(tmp_path / "val", ["normal"], mode)
+        test = _read_as(tmp_path / "test", ["normal", "anomalous"], mode)
+        assert torch.equal(torch.cat(sc.fit_seen), normal)
+        seen = torch.cat(sc.score_seen)  # the threshold (val) set, then the test split
+        assert torch.equal(seen, torch.cat([normal, test]))
+    crop, rescaled = (torch.cat(scorers[m].score_seen) for m in ("center_crop", "resize"))
+    assert not torch.equal(crop, rescaled)  # the modes differ on these 48 px patches
+
+
+def test_run_method_takes_the_run_resize_mode(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """A benchmark method of a run trained with center_crop reads the split that way."""
+    import types
+
+    import gen_ad.app.benchmark as bench
+    from gen_ad.app.evaluate import LoadedScorer
+
+    run = types.SimpleNamespace(family=types.SimpleNamespace(name="wgan"), step=1)
+    monkeypatch.setattr(bench, "load_run", lambda path, device="cpu": run)
+    monkeypatch.setattr(bench, "run_scorers", lambda *a, **kw: {
+        "x": LoadedScorer(BlurScorer(), 32, "x", resize="center_crop")})
+    cfg = from_dict(BenchmarkConfig, {"data": {"test": "t", "val": "v"},
+                                      "methods": [{"run": str(tmp_path), "scorer": "x"}]})
+    (pm,) = prepare_methods(cfg, "cpu")
+    assert pm.resize == "center_crop" and pm.run_path == str(tmp_path)

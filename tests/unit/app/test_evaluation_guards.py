@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,3 +69,19 @@ def test_overlap_of_fit_and_threshold_sets_with_the_test_set(tmp_path: Path) -> 
     test_ds = scoring_dataset(test, 16)
     got = overlap_with_test(normal_dataset(test, 16), normal_dataset(other, 16), test_ds)
     assert got == {"fit": 6, "val": 0}
+
+
+def test_run_resize_mode_defaults_for_older_runs() -> None:
+    """A run's scorers read patches with its data.resize; a config saved without the key (an
+    older gen_ad) keeps the default whole-image rescale."""
+    from types import SimpleNamespace
+
+    from gen_ad.app.evaluate import run_resize
+    from gen_ad.config import DataConfig, from_dict
+
+    def run(**data: object) -> Any:
+        return SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(**{"size": 32, **data})))
+
+    assert run_resize(run(resize="center_crop")) == "center_crop"
+    assert run_resize(run()) == "resize"
+    assert run_resize(run(**vars(from_dict(DataConfig, {"size": 32})))) == "resize"

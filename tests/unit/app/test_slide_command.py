@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,3 +133,30 @@ def test_slide_cli_slide_mpp_and_overlay_at_exact_tile_centres(
         cx, cy = int(grid.xs[j] + grid.footprint / 2), int(grid.ys[i] + grid.footprint / 2)
         want = overlay(thumb[cy:cy + 1, cx:cx + 1], normalize(heat[i:i + 1, j:j + 1], lo, hi))
         assert (ov[cy, cx] == want[0, 0]).all(), (i, j)
+
+
+def test_slide_calibrates_on_patches_read_as_the_run_trained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--normal`` patches of a run trained with center_crop are centre-cropped, not rescaled."""
+    import gen_ad.app.slide as app_slide
+    from gen_ad.app.evaluate import LoadedScorer
+    from gen_ad.data.folders import PatchFolder
+    from gen_ad.data.synthetic import write_folder
+    from gen_ad.scoring.thresholds import Threshold
+
+    write_folder(tmp_path / "normal", 4, 48, 0, 0.0)
+    seen: list[torch.Tensor] = []
+
+    def calibrate(scorer: AnomalyScorer, normal: Any, **kw: Any) -> Threshold:
+        seen.extend(normal[i]["image"] for i in range(len(normal)))
+        return Threshold(0.5, "given")
+
+    monkeypatch.setattr(app_slide, "load_scorer", lambda **kw: LoadedScorer(
+        DarkScorer(), 32, "dark", resize="center_crop"))
+    monkeypatch.setattr(app_slide, "calibrate_scorer", calibrate)
+    monkeypatch.setattr(app_slide, "score_slide", lambda *a, **kw: {})
+    app_slide.slide_command(str(tmp_path / "s.svs"), str(tmp_path / "out"), run="unused",
+                            normal=str(tmp_path / "normal"), device="cpu")
+    crops = PatchFolder(root=str(tmp_path / "normal"), size=32, resize="center_crop")
+    assert len(seen) == len(crops) == 4
+    assert all(torch.equal(a, crops[i]["image"]) for i, a in enumerate(seen))
