@@ -50,9 +50,10 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
 def array_to_rgb8(arr: np.ndarray) -> np.ndarray:
     """Convert a decoded pixel array of any depth and channel count to RGB uint8.
 
-    Depth: uint8 as is; uint16 scaled by ``round(v / 257)`` (65535 -> 255); other integers in
-    ``[0, 65535]`` are read as 16-bit, otherwise min-max scaled; floats in ``[0, 1]`` are
-    multiplied by 255, otherwise min-max scaled; booleans become 0/255.
+    Depth: uint8 as is; other integers holding only ``[0, 255]`` are 8-bit values in a wider
+    type (kept), those in ``[0, 65535]`` are 16-bit (``round(v / 257)``: 65535 -> 255),
+    otherwise min-max scaled; floats in ``[0, 1]`` are multiplied by 255, those in ``[0, 255]``
+    kept, otherwise min-max scaled; booleans become 0/255.
     Channels: ``[H,W]`` or ``[H,W,1]`` grey is repeated; ``[H,W,2]`` (grey+alpha) and ``[H,W,4]``
     (RGBA) are composited on white; ``[H,W,3]`` is RGB.
 
@@ -84,9 +85,9 @@ def _depth_to_float255(arr: np.ndarray) -> np.ndarray:
         raise DataError("image holds NaN or infinite values")
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if np.issubdtype(arr.dtype, np.integer) and lo >= 0 and hi <= 65535:
-        return a / 257.0
-    if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 1:
-        return a * 255.0
+        return a if hi <= 255 else a / 257.0  # 8-bit values in a wider type stay as they are
+    if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 255:
+        return a * 255.0 if hi <= 1 else a
     return (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
 
 

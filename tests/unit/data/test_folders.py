@@ -303,3 +303,15 @@ def test_jpeg_masks_are_thresholded_not_dilated(tmp_path: Path) -> None:
     assert (np.asarray(Image.open(tmp_path / "m.jpg")) != 0).sum() > 1000  # the old rule's count
     Image.fromarray((m > 0).astype(np.uint8)).save(tmp_path / "m01.png")  # 0/1 label mask
     assert read_mask(tmp_path / "m01.png").sum() == 900
+
+
+def test_8_bit_values_in_wider_types_keep_their_levels() -> None:
+    """A uint16 or float array holding 0-255 values (numpy-written TIFFs) is 8-bit data: it was
+    divided by 257 (near black) or min-max stretched (contrast changed)."""
+    from gen_ad.data.folders import array_to_rgb8
+
+    rgb = np.random.default_rng(0).integers(40, 231, (6, 8, 3)).astype(np.uint8)
+    for wide in (rgb.astype(np.uint16), rgb.astype(np.int32), rgb.astype(np.float32)):
+        np.testing.assert_array_equal(array_to_rgb8(wide), rgb, err_msg=str(wide.dtype))
+    np.testing.assert_array_equal(array_to_rgb8(rgb.astype(np.uint16) * 257), rgb)  # 16-bit
+    np.testing.assert_array_equal(array_to_rgb8(rgb.astype(np.float32) / 255), rgb)  # [0, 1]
