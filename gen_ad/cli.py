@@ -136,7 +136,9 @@ def _cmd_groups(args: argparse.Namespace) -> int:
 def _add_fid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fid", help="FID (and KID) of generated images against real images",
                        description="FID/KID with torch-fidelity's Inception-v3. REAL's statistics "
-                       "are cached by content. Prints one JSON object.")
+                       "are cached by content. When FAKE is a run folder, REAL is read as the run "
+                       "trained (its data.size, data.resize and stain normalisation). Prints one "
+                       "JSON object.")
     p.add_argument("real", metavar="REAL", help="folder of real images (searched recursively)")
     p.add_argument("fake", metavar="FAKE",
                    help="folder of generated images, or a run folder (holds model/model.json)")
@@ -147,9 +149,12 @@ def _add_fid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="samples drawn from a run (default: as many as REAL images), or the "
                    "first N images of a FAKE folder")
     p.add_argument("--max-real", type=_positive_int, default=None,
-                   help="use only the first N real images (sorted names)")
+                   help="use only N real images (a seeded random choice)")
     p.add_argument("--size", type=_positive_int, default=None,
-                   help="resize folder images to SIZE x SIZE first (e.g. the training size)")
+                   help="bring folder images to SIZE x SIZE first (default: a run's data.size, "
+                   "else the images' own size)")
+    p.add_argument("--resize", choices=["resize", "center_crop"], default=None,
+                   help="how --size is reached (default: a run's data.resize, else resize)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for a run")
@@ -167,7 +172,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     result = fid(args.real, args.fake, n=args.n, kid=args.kid,
                          inception_weights=args.inception_weights, device=args.device,
                          batch_size=args.batch_size, seed=args.seed, size=args.size,
-                         max_real=args.max_real, use_cache=not args.no_cache,
+                         resize=args.resize, max_real=args.max_real, use_cache=not args.no_cache,
                          inception_layer=args.feature_layer)
     print(json.dumps(result))
     return 0

@@ -7,7 +7,8 @@ from then on every method goes through the same code (:func:`evaluate_method`): 
 only) on its normal fit folder, label-free threshold on the normal validation scores, scores and
 maps of the same test split, AUROC/AUPR with bootstrap CIs (plus per-class, pixel and
 at-threshold metrics), latency per patch, and example reconstructions/maps of the same images.
-Generators (trained runs) also get FID/KID against the normal validation images.
+Generators (trained runs) also get FID/KID against the normal validation images (the threshold
+set's files, read as each run trained: size, resize mode, stain normalisation).
 
 Outputs in ``out``: ``results.json``, a self-contained ``report.html`` (figures embedded as PNG
 data URIs), ``figures/*.png`` and ``methods/<name>/scores.csv``.
@@ -72,7 +73,8 @@ class BenchDataConfig:
         normal_classes: class folders with label 0.
         size: patch size for methods without their own (KNN); runs use their training size.
         limit: score at most this many test patches (seeded random subset); ``None`` = all.
-        val_limit: use at most this many validation patches (first ones, sorted).
+        val_limit: use at most this many validation patches (a seeded random choice); the
+            FID real set is the same choice.
     """
 
     test: str = ""
@@ -173,9 +175,11 @@ class FIDConfig:
     Attributes:
         enabled: compute it at all.
         n: generated samples per generator.
-        n_real: real images, the first ones (sorted) of ``data.val``'s normal classes; ``None``:
-            ``data.val_limit`` (the threshold set). Set it apart when thresholds use few
-            patches: FID is biased upwards by small sets, on both sides.
+        n_real: real images, a seeded random choice of ``data.val``'s normal patches, chosen
+            as the threshold set is; ``None``: ``data.val_limit`` (then exactly the threshold
+            set). Set it apart when thresholds use few patches: FID is biased upwards by small
+            sets, on both sides. They are read as each run trained (size, resize mode and
+            stain normalisation).
         kid: also compute KID (better for small sets).
         inception_weights: Inception-v3 weights file (default: torch hub cache).
         random_init_fallback: without Inception weights, report the Fréchet distance of a
@@ -511,17 +515,46 @@ def _training_fid(run_path: str) -> dict[str, Any] | None:
         return None
 
 
-def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig,
-                      device: str) -> dict[str, dict[str, Any]]:
+def _fid_label(ext: Any) -> str:
+    if ext.is_inception:
+        return "FID (Inception-v3)"
+    if ext.name.startswith("inception-v3-random"):
+        return ("Fréchet distance of a RANDOM-INIT Inception (not FID; Inception weights "
+                "unavailable offline)")
+    return f"Fréchet distance of '{ext.name}' (not FID: not a known FID Inception)"
+
+
+def _fid_reference(pm: PreparedMethod, cfg: BenchmarkConfig, split: SplitCache,
+                   ext: Any) -> Any:
+    """Real statistics of a generator: the normal validation files the threshold set uses (the
+    same seeded choice; ``fid.n_real`` of them when set), read as its run trained."""
+    from gen_ad.metrics.fid import real_stats, stain_transform
+
+    n_real = cfg.data.val_limit if cfg.fid.n_real is None else cfg.fid.n_real
+    files = dataset_paths(split.normal(cfg.data.val, pm.size, n_real, pm.resize))
+    stain, ref = getattr(pm.run, "stain", None), getattr(pm.run, "stain_ref", None)
+    transform = stain_transform(stain, ref) if stain is not None and ref is not None else None
+    return real_stats(cfg.data.val, ext, batch_size=cfg.fid.batch_size, max_images=n_real,
+                      size=pm.size, resize=pm.resize, classes=cfg.data.normal_classes,
+                      files=files, transform=transform)
+
+
+def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig, device: str,
+                      split: SplitCache | None = None) -> dict[str, dict[str, Any]]:
     """FID/KID of each distinct generator (run) against the normal validation images.
 
+    Args:
+        methods / cfg / device: the benchmark's methods, config and device.
+        split: the benchmark's datasets (default: built from ``cfg``), whose normal validation
+            subset is the FID real set.
     Returns:
         ``{run path: record}``; a record has ``status`` (``ok``, ``n/a``, ``error`` or ``off``),
         the metric values (``fid`` or ``fd_inception-v3-random``, ``kid_mean`` ...), a
         human ``label`` and, when the run logged one, ``training_log`` (last ``fid.jsonl`` row).
     """
-    from gen_ad.metrics.fid import distances, fake_features, real_stats
+    from gen_ad.metrics.fid import distances, fake_features
 
+    split = split or SplitCache(cfg.data, cfg.seed)
     runs = {pm.run_path: pm for pm in methods if pm.run is not None}
     out: dict[str, dict[str, Any]] = {}
     ext, reason = (None, "disabled in the config") if not cfg.fid.enabled else (None, None)
@@ -540,16 +573,11 @@ def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig,
             return run.sample(n, seed=seed, batch_size=cfg.fid.batch_size)
 
         try:
-            ref = real_stats(cfg.data.val, ext, batch_size=cfg.fid.batch_size,
-                             max_images=cfg.data.val_limit if cfg.fid.n_real is None
-                             else cfg.fid.n_real, size=pm.size, resize=pm.resize,
-                             classes=cfg.data.normal_classes)
+            ref = _fid_reference(pm, cfg, split, ext)
             feats = fake_features(sample, ext, n=cfg.fid.n, batch_size=cfg.fid.batch_size,
                                   seed=cfg.seed, generator_device="cpu")
             rec.update(distances(ref, feats, ext, kid=cfg.fid.kid), status="ok")
-            rec["label"] = ("FID (Inception-v3)" if ext.is_inception else
-                            "Fréchet distance of a RANDOM-INIT Inception (not FID; Inception "
-                            "weights unavailable offline)")
+            rec["label"] = _fid_label(ext)
         except GenAdError as e:
             rec.update(status="error", label=f"error: {e}")
         out[path] = rec
@@ -641,7 +669,7 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
                       threshold=o.threshold, metrics=o.metrics)
         outcomes.append(o)
     shortcut = shortcut_report(cfg, outcomes, split, device, progress)
-    gq = generator_quality(methods, cfg, device)
+    gq = generator_quality(methods, cfg, device, split)
     figures = write_figures(outcomes, out / "figures")
     first = outcomes[0].metrics
     results: dict[str, Any] = {

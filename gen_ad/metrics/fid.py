@@ -9,10 +9,14 @@ distances are torch-fidelity's own functions, so a folder-vs-folder FID equals
 
 The real set's features and statistics are cached under ``cache_dir()/fid`` as safetensors, keyed by
 the content of the set (relative file list + bytes, or the pixels of an in-memory set), the
-resolution and the extractor (name + weights hash). Any other feature extractor can be plugged in
+resolution, an optional per-image transform (a run's stain normalisation: :func:`stain_transform`),
+the extractor (name + weights hash), torch-fidelity's and Pillow's versions and the device type
+the features run on (TF32 on CUDA, float32 on CPU). A capped real set is a seeded random choice of
+the sorted files, not the first ones. Any other feature extractor can be plugged in
 with :func:`~gen_ad.metrics.inception.custom_extractor`; its results are labelled ``fd_<name>`` /
 ``kd_<name>_*``, never ``fid``/``kid``. A random-initialised Inception is labelled
-``fd_inception-v3-random``, and the cheaper Inception layers 64/192/768 (torch-fidelity's
+``fd_inception-v3-random``, Inception weights that are not a known FID Inception
+``fd_inception-v3-custom``, and the cheaper Inception layers 64/192/768 (torch-fidelity's
 ``feature_layer_fid``) ``fid_<layer>``.
 
 Inception weights are found as :mod:`gen_ad.metrics.inception` describes (explicit path, torch
@@ -22,6 +26,7 @@ hub cache, download unless offline), which also holds the extractors.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -30,10 +35,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import PIL
 import torch
+import torch_fidelity
 from einops import rearrange
 from PIL import Image
 from torch import Tensor
@@ -48,6 +55,9 @@ from gen_ad.metrics.inception import FeatureExtractor, load_inception, to_uint8
 from gen_ad.utils.io import load_safetensors, save_safetensors
 from gen_ad.utils.paths import cache_dir
 
+if TYPE_CHECKING:
+    from gen_ad.data.stain import StainNormalizer
+
 SampleFn = Callable[[int, torch.Generator], Tensor]
 """``sample_fn(n, generator) -> [n,3,H,W]`` float images in ``[-1,1]``."""
 RealSource = str | os.PathLike | Dataset | Tensor
@@ -55,7 +65,8 @@ RealSource = str | os.PathLike | Dataset | Tensor
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 KID_SEED = 2020  # torch-fidelity's default rng_seed
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: library versions, device type and image transform in the key
+SUBSET_SEED = 0  # seed of a capped real set's random choice of files
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -73,17 +84,66 @@ def _check_images(x: Any, n: int | None, what: str) -> Tensor:
     return x
 
 
+# ----------------------------------------------------------------------------- image transforms
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """A per-image map of uint8 ``[H,W,3]`` arrays applied to real images after decoding and
+    resizing, as training applies it (e.g. a run's stain normalisation).
+
+    Attributes:
+        fn: uint8 ``[H,W,3]`` -> uint8 ``[H,W,3]`` of the same shape.
+        identity: what the map is (part of the real-statistics cache key).
+    """
+
+    fn: Callable[[np.ndarray], np.ndarray]
+    identity: str
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        out = self.fn(rgb)
+        if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != rgb.shape:
+            got = (out.dtype, out.shape) if isinstance(out, np.ndarray) else type(out).__name__
+            raise DataError(f"image transform '{self.identity}' must return uint8 "
+                            f"{rgb.shape}, got {got}")
+        return out
+
+
+def stain_transform(normalizer: StainNormalizer,
+                    reference: str | os.PathLike[str]) -> ImageTransform:
+    """A stain normaliser (:class:`~gen_ad.data.stain.StainNormalizer`) fitted on ``reference``
+    as an :class:`ImageTransform`, identified by
+    :func:`~gen_ad.data.stain.cache_settings` (method, reference path + sha256, min tissue,
+    algorithm and torchstain versions)."""
+    from gen_ad.data.stain import cache_settings
+
+    settings = cache_settings(normalizer, reference)
+    return ImageTransform(normalizer, "stain:" + json.dumps(settings, sort_keys=True))
+
+
+def _apply_transform(batch: Tensor, transform: ImageTransform | None) -> Tensor:
+    """``transform`` on each uint8 image of ``[B,3,H,W]`` (in this thread: a stain normaliser
+    changes process-wide warning filters, which threads would race on)."""
+    if transform is None:
+        return batch
+    hwc = rearrange(batch, "b c h w -> b h w c").numpy()
+    out = np.stack([transform(np.ascontiguousarray(a)) for a in hwc])
+    return rearrange(torch.from_numpy(out), "b h w c -> b c h w").contiguous()
+
+
 # ----------------------------------------------------------------------------- image sources
 
 
 def list_images(folder: str | os.PathLike, *, classes: Sequence[str] | None = None,
-                max_images: int | None = None) -> list[Path]:
+                max_images: int | None = None, seed: int = SUBSET_SEED) -> list[Path]:
     """Image files under ``folder`` (recursive, hidden files skipped), sorted by relative path.
 
     Args:
         folder: directory of images.
         classes: if ``folder`` has subfolders with these names, only those are used.
-        max_images: keep the first N (sorted order).
+        max_images: keep N of them, a seeded random choice (in sorted order), so that tiles
+            named by slide do not make the first slides stand for the whole folder.
+        seed: seed of that choice (the same as :func:`gen_ad.data.folders.subset`'s).
     Raises:
         DataError: not a directory, or no images found.
     """
@@ -98,7 +158,10 @@ def list_images(folder: str | os.PathLike, *, classes: Sequence[str] | None = No
     if not files:
         exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
         raise DataError(f"no images ({exts}) found in {root}")
-    return files[:max_images] if max_images else files
+    if not max_images or max_images >= len(files):
+        return files
+    idx = np.sort(np.random.default_rng(seed).permutation(len(files))[:max_images])
+    return [files[i] for i in idx]
 
 
 def _read_rgb(path: Path, size: int | None, resize: ResizeMode) -> np.ndarray:
@@ -108,8 +171,10 @@ def _read_rgb(path: Path, size: int | None, resize: ResizeMode) -> np.ndarray:
 
 
 def _folder_batches(files: Sequence[Path], batch_size: int, *, size: int | None = None,
-                    resize: ResizeMode = "resize", threads: int = 4) -> Iterator[Tensor]:
-    """Decode files (in threads) into uint8 batches ``[B,3,H,W]``; all must share one size."""
+                    resize: ResizeMode = "resize", threads: int = 4,
+                    transform: ImageTransform | None = None) -> Iterator[Tensor]:
+    """Decode files (in threads) into uint8 batches ``[B,3,H,W]``; all must share one size.
+    ``transform`` follows decoding and resizing, as in training (decode, fit_size, stain)."""
     first: tuple[int, ...] | None = None
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for i in range(0, len(files), batch_size):
@@ -120,7 +185,8 @@ def _folder_batches(files: Sequence[Path], batch_size: int, *, size: int | None 
                 if a.shape != first:
                     raise DataError(f"{p}: size {a.shape[1]}x{a.shape[0]} differs from "
                                     f"{first[1]}x{first[0]} of the other images (pass a size)")
-            yield rearrange(torch.from_numpy(np.stack(arrays)), "b h w c -> b c h w").contiguous()
+            batch = rearrange(torch.from_numpy(np.stack(arrays)), "b h w c -> b c h w")
+            yield _apply_transform(batch.contiguous(), transform)
 
 
 def _sample_batches(sample_fn: SampleFn, n: int, batch_size: int, seed: int,
@@ -200,21 +266,37 @@ class SetStats:
         return cls(features=features, mu=st["mu"], sigma=st["sigma"], **kw)
 
 
-def _set_key(extractor: FeatureExtractor, resolution: str, content_digest: bytes) -> str:
+def _runtime_identity(extractor: FeatureExtractor) -> str:
+    """What else changes the features: torch-fidelity (its Inception and resizing), Pillow (the
+    bicubic resizing of real images) and the device type (TF32 convolutions on CUDA)."""
+    return (f"torch-fidelity={torch_fidelity.__version__};pillow={PIL.__version__};"
+            f"device={extractor.device.type}")
+
+
+def _set_key(extractor: FeatureExtractor, resolution: str, content_digest: bytes,
+             transform: ImageTransform | None = None) -> str:
     h = hashlib.sha256()
-    for part in (_CACHE_VERSION, extractor.name, extractor.identity, resolution):
+    for part in (_CACHE_VERSION, extractor.name, extractor.identity, resolution,
+                 _runtime_identity(extractor), transform.identity if transform else ""):
         h.update(part.encode() + b"\0")
     h.update(content_digest)
     return h.hexdigest()
 
 
+def _relative_name(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:  # a given file outside the folder: its full path names it
+        return path.as_posix()
+
+
 def _folder_key(root: Path, files: Sequence[Path], size: int | None, resize: str,
-                extractor: FeatureExtractor) -> str:
-    """Content key: relative names + bytes of every file, resolution, extractor identity."""
+                extractor: FeatureExtractor, transform: ImageTransform | None = None) -> str:
+    """Content key: relative names + bytes of every file, resolution, transform, extractor."""
     content = hashlib.sha256()
     for p in files:
         data = p.read_bytes()
-        content.update(f"{p.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        content.update(f"{_relative_name(p, root)}\0{len(data)}\0".encode())
         content.update(data)
     if size is not None:
         resolution = f"{size}x{size}:{resize}"
@@ -224,7 +306,7 @@ def _folder_key(root: Path, files: Sequence[Path], size: int | None, resize: str
                 resolution = "{}x{}".format(*img.size)
         except OSError as e:
             raise DataError(f"cannot read image {files[0]}: {e}") from e
-    return _set_key(extractor, resolution, content.digest())
+    return _set_key(extractor, resolution, content.digest(), transform)
 
 
 def _cache_file(key: str) -> Path:
@@ -253,10 +335,45 @@ def _store_cached(stats: SetStats, meta: dict[str, str]) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+@dataclass
+class _RealSource:
+    """A real set ready to extract: cache key, size, a name, and its uint8 batches."""
+
+    key: str
+    n: int
+    name: str
+    batches: Callable[[], Iterator[Tensor]]
+
+
+def _folder_source(root: Path, files: Sequence[Path], extractor: FeatureExtractor, *,
+                   batch_size: int, size: int | None, resize: ResizeMode,
+                   transform: ImageTransform | None) -> _RealSource:
+    if not files:
+        raise DataError(f"no real images given from {root}")
+    key = _folder_key(root, files, size, resize, extractor, transform)
+    return _RealSource(key, len(files), str(root), lambda: _folder_batches(
+        files, batch_size, size=size, resize=resize, transform=transform))
+
+
+def _memory_source(real: Dataset | Tensor, extractor: FeatureExtractor, *, batch_size: int,
+                   max_images: int | None, transform: ImageTransform | None) -> _RealSource:
+    images = _materialise(real, batch_size, max_images)
+    content = hashlib.sha256(images.contiguous().numpy().tobytes()).digest()
+    key = _set_key(extractor, "x".join(map(str, images.shape[1:])), content, transform)
+
+    def batches() -> Iterator[Tensor]:
+        return (_apply_transform(images[i:i + batch_size], transform)
+                for i in range(0, len(images), batch_size))
+
+    return _RealSource(key, len(images), type(real).__name__, batches)
+
+
 def real_stats(real: RealSource, extractor: FeatureExtractor, *, batch_size: int = 64,
                max_images: int | None = None, size: int | None = None,
                resize: ResizeMode = "resize",
-               classes: Sequence[str] | None = None, use_cache: bool = True) -> SetStats:
+               classes: Sequence[str] | None = None, use_cache: bool = True,
+               transform: ImageTransform | None = None,
+               files: Sequence[str | os.PathLike[str]] | None = None) -> SetStats:
     """Statistics of the real set, from the content-keyed cache when possible.
 
     Args:
@@ -264,33 +381,36 @@ def real_stats(real: RealSource, extractor: FeatureExtractor, *, batch_size: int
             tensor ``[N,3,H,W]``.
         extractor: the feature extractor.
         batch_size: images per extractor call.
-        max_images: use the first N images (sorted names / dataset order).
+        max_images: use N images: of a folder, a seeded random choice of its sorted files; of
+            an in-memory set, its first N.
         size / resize: bring folder images to ``size`` x ``size`` (``resize`` or ``center_crop``).
         classes: class subfolders to use when the folder has them (e.g. ``["normal"]``).
         use_cache: read and write the cache under ``cache_dir()/fid``.
+        transform: per-image uint8 map after reading and resizing (a run's stain normalisation,
+            :func:`stain_transform`); its identity is part of the cache key.
+        files: for a folder, exactly these image files of it (e.g. a validation subset) instead
+            of listing it (``classes`` and ``max_images`` then do not apply).
     """
     if isinstance(real, str | os.PathLike):
         root = Path(real).expanduser()
-        files = list_images(root, classes=classes, max_images=max_images)
-        key = _folder_key(root, files, size, resize, extractor)
-        n, source = len(files), str(root)
-
-        def batches() -> Iterator[Tensor]:
-            return _folder_batches(files, batch_size, size=size, resize=resize)
+        chosen = ([Path(f) for f in files] if files is not None
+                  else list_images(root, classes=classes, max_images=max_images))
+        src = _folder_source(root, chosen, extractor, batch_size=batch_size, size=size,
+                             resize=resize, transform=transform)
+    elif files is not None:
+        raise ConfigError("real_stats: 'files' needs the real set to be a folder")
     else:
-        images = _materialise(real, batch_size, max_images)
-        content = hashlib.sha256(images.contiguous().numpy().tobytes()).digest()
-        key = _set_key(extractor, "x".join(map(str, images.shape[1:])), content)
-        n, source = len(images), type(real).__name__
-
-        def batches() -> Iterator[Tensor]:
-            return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    if use_cache and (hit := _load_cached(key)) is not None:
+        src = _memory_source(real, extractor, batch_size=batch_size, max_images=max_images,
+                             transform=transform)
+    if use_cache and (hit := _load_cached(src.key)) is not None:
         return hit
-    stats = SetStats.from_features(_extract(batches(), extractor, n, "real features"), key=key)
+    feats = _extract(src.batches(), extractor, src.n, "real features")
+    stats = SetStats.from_features(feats, key=src.key)
     if use_cache:
-        _store_cached(stats, {"source": source, "n": str(n), "extractor": extractor.name,
-                              "identity": extractor.identity, "version": _CACHE_VERSION})
+        _store_cached(stats, {"source": src.name, "n": str(src.n), "extractor": extractor.name,
+                              "identity": extractor.identity, "version": _CACHE_VERSION,
+                              "runtime": _runtime_identity(extractor),
+                              "transform": transform.identity if transform else ""})
     return stats
 
 
@@ -304,8 +424,8 @@ def fake_features(fake: str | os.PathLike | SampleFn, extractor: FeatureExtracto
     """Features ``[N,D]`` of generated images: a folder or a :data:`SampleFn`.
 
     Args:
-        fake: image folder (first ``n`` files when ``n`` is given) or callable (a trained run's
-            sampler: see :mod:`gen_ad.app.fid`).
+        fake: image folder (its first ``n`` sorted files when ``n`` is given) or callable (a
+            trained run's sampler: see :mod:`gen_ad.app.fid`).
         extractor: the feature extractor.
         n: number of samples (required for a callable).
         batch_size: images per generator / extractor call.
@@ -314,7 +434,7 @@ def fake_features(fake: str | os.PathLike | SampleFn, extractor: FeatureExtracto
         generator_device: device of that generator (default: the extractor's device).
     """
     if isinstance(fake, str | os.PathLike):
-        files = list_images(fake, max_images=n)
+        files = list_images(fake)[:n]
         batches = _folder_batches(files, batch_size, size=size, resize=resize)
         return _extract(batches, extractor, len(files), "fake features")
     gen_dev = torch.device(generator_device) if generator_device else extractor.device
@@ -345,7 +465,8 @@ def kernel_distance(f1: Tensor, f2: Tensor, *, subset_size: int | None = None,
     Args:
         f1, f2: features ``[N1,D]`` and ``[N2,D]``.
         subset_size: images per subset (default ``min(1000, N1, N2)``, so small sets work).
-        subsets: number of subsets; seed: their sampling seed (torch-fidelity's default 2020).
+        subsets: number of subsets (one when every subset is both whole sets); seed: their
+            sampling seed (torch-fidelity's default 2020).
     Returns:
         ``(mean, std, subset_size)``; ``std`` is NaN when every subset is the whole of both sets
         (equal sets of at most the subset size): the subsets then cannot vary, and a spread of
@@ -355,9 +476,9 @@ def kernel_distance(f1: Tensor, f2: Tensor, *, subset_size: int | None = None,
     if m < 2 or m > min(len(f1), len(f2)):
         raise DataError(f"KID subset size {m} must be in [2, {min(len(f1), len(f2))}] "
                         f"(sets of {len(f1)} and {len(f2)} images)")
-    out = kid_features_to_metric(f1, f2, kid_subsets=subsets, kid_subset_size=m, rng_seed=seed,
-                                 verbose=False)
-    whole = m == len(f1) == len(f2)
+    whole = m == len(f1) == len(f2)  # every subset would be both whole sets: compute it once
+    out = kid_features_to_metric(f1, f2, kid_subsets=1 if whole else subsets, kid_subset_size=m,
+                                 rng_seed=seed, verbose=False)
     std = math.nan if whole else float(out["kernel_inception_distance_std"])
     return float(out["kernel_inception_distance_mean"]), std, m
 
@@ -383,7 +504,8 @@ def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int 
                 device: str | torch.device | None = None, batch_size: int = 64, seed: int = 0,
                 size: int | None = None, resize: ResizeMode = "resize",
                 max_real: int | None = None, use_cache: bool = True,
-                inception_layer: str = "2048") -> dict[str, Any]:
+                inception_layer: str = "2048",
+                transform: ImageTransform | None = None) -> dict[str, Any]:
     """FID (and KID) between a real set and generated images.
 
     Args:
@@ -395,9 +517,11 @@ def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int 
         device: where the extractor runs (default: CUDA when available).
         batch_size / seed: sampling and extraction batch size; generator seed.
         size / resize: bring folder images to ``size`` x ``size``.
-        max_real: use only the first N real images.
+        max_real: use only N real images (a seeded random choice).
         use_cache: use the real-statistics cache.
         inception_layer: Inception layer (see :func:`load_inception`); ``2048`` is FID.
+        transform: per-image map of the real images after resizing (a run's stain
+            normalisation, :func:`stain_transform`).
     Returns:
         ``{"fid"|"fd_<name>": float, ["kid_mean", "kid_std", "kid_subset_size"], "n_real",
         "n_fake", "extractor", "cache_hit"}``.
@@ -406,10 +530,10 @@ def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int 
         list_images(real, max_images=max_real)
     is_folder = isinstance(fake, str | os.PathLike)
     if is_folder:
-        list_images(fake, max_images=n)
+        list_images(fake)
     ext = extractor or load_inception(inception_weights, device=device, layer=inception_layer)
     ref = real_stats(real, ext, batch_size=batch_size, max_images=max_real, size=size,
-                     resize=resize, use_cache=use_cache)
+                     resize=resize, use_cache=use_cache, transform=transform)
     fake_n = ref.n if n is None and not is_folder else n
     feats = fake_features(fake, ext, n=fake_n, batch_size=batch_size, seed=seed, size=size,
                           resize=resize)
@@ -434,8 +558,10 @@ class FIDMonitor:
         inception_weights: explicit Inception weights file.
         extractor: use this extractor instead of Inception.
         fallback: extractor used when the Inception weights are missing.
-        max_real: use only the first N real images.
+        max_real: use only N real images (a seeded random choice).
         generator_device: device of the generator given to ``sample_fn`` (default: extractor's).
+        transform: per-image map of the real images after resizing, as training applies it (the
+            run's stain normalisation, :func:`stain_transform`).
     """
 
     def __init__(self, real: RealSource, *, n: int = 1000, size: int | None = None,
@@ -446,8 +572,10 @@ class FIDMonitor:
                  inception_weights: str | os.PathLike | None = None,
                  extractor: FeatureExtractor | None = None,
                  fallback: FeatureExtractor | None = None, max_real: int | None = None,
-                 generator_device: str | torch.device | None = None) -> None:
+                 generator_device: str | torch.device | None = None,
+                 transform: ImageTransform | None = None) -> None:
         self.real, self.n, self.size, self.resize = real, n, size, resize
+        self.transform = transform
         self.classes = list(normal_classes) if normal_classes else None
         self.every, self.kid, self.batch_size, self.seed = every, kid, batch_size, seed
         self.device, self.weights, self.max_real = device, inception_weights, max_real
@@ -492,7 +620,8 @@ class FIDMonitor:
                 return False
             self._ref = real_stats(self.real, self._extractor, batch_size=self.batch_size,
                                    max_images=self.max_real, size=self.size,
-                                   resize=self.resize, classes=self.classes)
+                                   resize=self.resize, classes=self.classes,
+                                   transform=self.transform)
         except Exception as e:  # noqa: BLE001 - disable the monitor, keep training
             self._disable(f"{type(e).__name__}: {e}")
             return False

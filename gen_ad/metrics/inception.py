@@ -2,7 +2,9 @@
 
 :func:`load_inception` builds torch-fidelity's Inception-v3 (``inception-v3-compat``; pool 2048-d
 or the cheaper 64/192/768 layers) with weights read ``weights_only=True``; a random-initialised
-one (tests, benchmarks) is labelled ``inception-v3-random`` and never ``fid``. Weights are found
+one (tests, benchmarks) is labelled ``inception-v3-random`` and never ``fid``, and so is a weights
+file that is not a known FID Inception (by sha256, see :func:`is_known_inception`), labelled
+``inception-v3-custom`` with a warning. Weights are found
 at an explicit path, then as installed by ``gen-ad weights install``
 (``gen_ad-fid-inception.safetensors``, see :mod:`gen_ad.weights.registry`), then in the torch
 hub cache (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``), then
@@ -13,15 +15,20 @@ Any other feature function becomes an extractor with :func:`custom_extractor` (`
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
+import json
 import math
 import os
+import struct
 import urllib.request
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -39,12 +46,18 @@ FeatureFn = Callable[[Tensor], Tensor]
 
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_RANDOM_NAME = "inception-v3-random"
+INCEPTION_CUSTOM_NAME = "inception-v3-custom"
 INCEPTION_LAYERS = ("64", "192", "768", "2048")
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 _INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[-1].split(".")[0]
+# sha256 prefixes of weights files that are the real FID Inception (torch hub file names carry
+# the first 8 hex digits of the file's sha256); the installed safetensors is known by the
+# registry's tensor digest (see :func:`weights_digests`)
+_KNOWN_FILE_SHA256_PREFIXES: tuple[str, ...] = (_INCEPTION_SHA256_PREFIX,)
 _OFFLINE_ENV = ("GEN_AD_OFFLINE", "HF_HUB_OFFLINE")
 _DOWNLOAD_TIMEOUT_S = 30.0
+
 
 def to_uint8(x: Tensor) -> Tensor:
     """Convert images from ``[-1,1]`` float to uint8, the form torch-fidelity consumes.
@@ -56,6 +69,13 @@ def to_uint8(x: Tensor) -> Tensor:
     """
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast disabled on ``device`` (a no-op context for device types autocast lacks)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- extractors
@@ -97,8 +117,9 @@ class FeatureExtractor:
         return self._key("kid", "kd")
 
     def __call__(self, x: Tensor) -> Tensor:
-        """Features ``[B,D]`` float32 on CPU of uint8 images ``[B,3,H,W]``."""
-        with torch.no_grad():
+        """Features ``[B,D]`` float32 on CPU of uint8 images ``[B,3,H,W]``; autocast is off, so
+        a caller inside an autocast region (a bf16 training loop) gets float32 features."""
+        with torch.no_grad(), _autocast_off(self.device):
             f = self.fn(x.to(self.device, non_blocking=True))
         if not isinstance(f, Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
             shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
@@ -237,12 +258,91 @@ def _download_inception(dest: Path) -> Path:
     return dest
 
 
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
+@dataclass(frozen=True)
+class WeightsDigests:
+    """What a weights file is.
+
+    Attributes:
+        file: sha256 of the file's bytes.
+        tensors: for a safetensors file, the sha256 of its tensors (name, dtype, shape and
+            bytes, in name order), which the metadata does not change: safetensors writes the
+            metadata in an arbitrary order, so one conversion gives files of different sha256.
+            ``None`` for other files.
+    """
+
+    file: str
+    tensors: str | None = None
+
+
+def _stream_sha256(f: IO[bytes], n: int | None = None, sha: Any = None) -> Any:
+    """Feed ``n`` bytes of ``f`` (all with ``None``) into ``sha`` in 1 MiB chunks."""
+    sha = sha if sha is not None else hashlib.sha256()
+    left = n
+    while left is None or left > 0:
+        chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
+        if not chunk:
+            break
+        sha.update(chunk)
+        left = None if left is None else left - len(chunk)
+    return sha
+
+
+def _tensors_sha256(f: IO[bytes]) -> str | None:
+    """The tensor digest of an open safetensors file (``None`` when it is not one)."""
+    try:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        names = sorted(k for k in header if k != "__metadata__")
+        sha = hashlib.sha256()
+        for name in names:
+            t = header[name]
+            start, end = t["data_offsets"]
+            sha.update(json.dumps([name, t["dtype"], t["shape"]]).encode() + b"\0")
+            f.seek(8 + n + start)
+            _stream_sha256(f, end - start, sha)
+    except (struct.error, ValueError, TypeError, KeyError, OSError, MemoryError):
+        return None
     return sha.hexdigest()
+
+
+def weights_digests(path: str | os.PathLike[str]) -> WeightsDigests:
+    """:class:`WeightsDigests` of a weights file, streamed once per process and file (cached by
+    resolved path, size and modification time)."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    return _digests(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digests(path: str, size: int, mtime_ns: int) -> WeightsDigests:
+    """:func:`weights_digests` of one version of a file (``size``/``mtime_ns`` key the cache)."""
+    with open(path, "rb") as f:
+        file = _stream_sha256(f).hexdigest()
+        f.seek(0)
+        tensors = _tensors_sha256(f) if path.endswith(".safetensors") else None
+    return WeightsDigests(file, tensors)
+
+
+def is_known_inception(digests: WeightsDigests) -> bool:
+    """True for the real FID Inception: torch-fidelity's file (sha256 prefix in its name) or the
+    safetensors that ``gen-ad weights install`` writes (tensor digest in the registry)."""
+    from gen_ad.weights.registry import get_weight_spec
+
+    if digests.file.startswith(_KNOWN_FILE_SHA256_PREFIXES):
+        return True
+    installed = get_weight_spec("fid-inception").installed_sha256
+    return digests.tensors is not None and digests.tensors == installed
+
+
+def _weights_name(path: Path, digests: WeightsDigests) -> str:
+    """``inception-v3-compat`` for known weights, else ``inception-v3-custom`` with a warning."""
+    if is_known_inception(digests):
+        return INCEPTION_NAME
+    warnings.warn(f"Inception weights {path} (sha256 {digests.file[:12]}...) are not a known FID "
+                  f"Inception ({INCEPTION_FILE} or the installed gen_ad-fid-inception.safetensors)"
+                  f": distances are labelled fd_{INCEPTION_CUSTOM_NAME}, not FID",
+                  RuntimeWarning, stacklevel=3)
+    return INCEPTION_CUSTOM_NAME
 
 
 def _read_inception_state_dict(path: Path) -> dict[str, Tensor]:
@@ -276,6 +376,7 @@ def load_inception(weights: str | os.PathLike | None = None, *,
 
     Args:
         weights: explicit weights file; ``None`` searches the cache / downloads (see module doc).
+            A file that is not a known FID Inception is labelled ``inception-v3-custom``.
         device: where to run it (default: CUDA when available).
         random_init: build it with random weights (labelled ``inception-v3-random``, not FID).
         seed: seed of the random initialisation.
@@ -295,14 +396,16 @@ def load_inception(weights: str | os.PathLike | None = None, *,
         name, identity = INCEPTION_RANDOM_NAME, f"random-init:{seed}:torch={torch.__version__}"
     else:
         _load_weights(module, path)
-        name, identity = INCEPTION_NAME, f"sha256:{_file_sha256(path)}"
+        digests = weights_digests(path)
+        name, identity = _weights_name(path, digests), f"sha256:{digests.file}"
     module = module.to(dev).eval()
 
     def features(x: Tensor) -> Tensor:
         return module(x)[0]
 
+    known = name == INCEPTION_NAME
     if layer != "2048":
-        name = name if path is not None else f"{name}-{layer}"
+        name = name if known else f"{name}-{layer}"
         identity = f"{identity}:layer={layer}"
     return FeatureExtractor(name=name, fn=features, identity=identity, device=dev,
-                            is_inception=path is not None, layer=layer)
+                            is_inception=known, layer=layer)

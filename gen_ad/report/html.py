@@ -126,8 +126,11 @@ def generator_cell(gen: dict[str, Any] | None) -> str:
         parts.append(f"{name} {gen[kid]:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
     text = _e(", ".join(parts)) + f"<br><span class='note'>n={_e(gen.get('n_fake'))} generated vs "
     text += f"{_e(gen.get('n_real'))} real</span>"
-    if gen.get("extractor") != "inception-v3-compat":
+    extractor = str(gen.get("extractor"))
+    if extractor.startswith("inception-v3-random"):
         text += "<br><b>random-init Inception: not FID</b>"
+    elif extractor != "inception-v3-compat":
+        text += f"<br><b>{_e(extractor)}: not FID</b>"
     return text
 
 

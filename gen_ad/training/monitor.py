@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from gen_ad.utils.io import append_jsonl, atomic_path
 
 if TYPE_CHECKING:
+    from gen_ad.metrics.fid import ImageTransform
     from gen_ad.training.loop import RunState
 
 SAMPLE_SEED = 1234
@@ -85,7 +86,9 @@ def save_samples(state: RunState, n: int = 64) -> Path:
 def make_fid_monitor(cfg: Any, run_dir: Path, device: torch.device) -> Any:
     """The run's periodic FID/KID monitor, or ``None`` when ``train.fid_every`` is 0.
 
-    The real set is ``data.val`` when given, else the training data. Without Inception weights
+    The real set is ``data.val`` when given, else the training data, read as training reads
+    it (``data.size``, ``data.resize``, then ``data.stain_norm`` towards ``data.stain_ref``);
+    at most ``train.fid_n`` of its images, a seeded random choice. Without Inception weights
     offline the monitor warns once and training goes on.
     """
     if cfg.train.fid_every <= 0:
@@ -94,12 +97,25 @@ def make_fid_monitor(cfg: Any, run_dir: Path, device: torch.device) -> Any:
     from gen_ad.metrics.fid import FIDMonitor
 
     real: Any = cfg.data.val or cfg.data.train
-    if real == "synthetic":
+    if real == "synthetic":  # synthetic patches are never stain-normalised
         real = build_dataset(cfg.data, split="train", seed=cfg.train.seed)
     return FIDMonitor(real=real, n=cfg.train.fid_n, size=cfg.data.size, kid=True,
                       normal_classes=list(cfg.data.normal_classes), resize=cfg.data.resize,
                       inception_weights=cfg.train.fid_weights, max_real=cfg.train.fid_n,
-                      device=device)
+                      device=device,
+                      transform=None if not isinstance(real, str) else fid_stain(cfg.data))
+
+
+def fid_stain(data_cfg: Any) -> ImageTransform | None:
+    """The training data's stain normalisation as a FID real-set transform (``None`` without
+    ``data.stain_norm``)."""
+    if getattr(data_cfg, "stain_norm", "none") == "none":
+        return None
+    from gen_ad.data.stain import StainNormalizer
+    from gen_ad.metrics.fid import stain_transform
+
+    norm = StainNormalizer(method=data_cfg.stain_norm, reference=data_cfg.stain_ref)
+    return stain_transform(norm, data_cfg.stain_ref)
 
 
 def _maybe_fid(state: RunState) -> None:

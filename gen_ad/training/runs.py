@@ -38,6 +38,7 @@ class Run:
         step / kimg: how far the exported run had trained.
         stain: the run's stain normaliser when it trained on stain-normalised patches
             (``data.stain_norm``); its scorers then normalise every query the same way.
+        stain_ref: the reference image ``stain`` was fitted on (``None`` without ``stain``).
     """
 
     path: Path
@@ -47,6 +48,7 @@ class Run:
     step: int
     kimg: float
     stain: StainNormalizer | None = None
+    stain_ref: Path | None = None
 
     @property
     def device(self) -> torch.device:
@@ -126,22 +128,32 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         what = f"EMA of '{name}'" if name in ema else f"model '{name}'"
         load_weights(m, model_dir / f"{file}.safetensors", what)
         m.to(device).eval().requires_grad_(False)
+    stain = run_stain(model_dir, meta, cfg)
     return Run(Path(path), cfg, family, models, int(meta.get("step", 0)),
-               float(meta.get("kimg", 0.0)), run_stain(model_dir, meta, cfg))
+               float(meta.get("kimg", 0.0)), stain,
+               stain_reference(model_dir, meta, cfg) if stain is not None else None)
+
+
+def stain_reference(model_dir: Path, meta: dict[str, Any], cfg: Any) -> Path | None:
+    """The stain reference of a run trained with ``data.stain_norm`` (else ``None``): the copy
+    in the export, or, for an export without it, ``data.stain_ref`` as the config names it."""
+    data = getattr(cfg, "data", None)
+    if data is None or getattr(data, "stain_norm", "none") == "none":
+        return None
+    return model_dir / meta["stain_ref"] if meta.get("stain_ref") else Path(str(data.stain_ref))
 
 
 def run_stain(model_dir: Path, meta: dict[str, Any], cfg: Any) -> StainNormalizer | None:
-    """The stain normaliser of a run trained with ``data.stain_norm`` (else ``None``): fitted on
-    the reference copied into the export, or, for an export without that copy, on
-    ``data.stain_ref`` as the config names it.
+    """The stain normaliser of a run trained with ``data.stain_norm`` (else ``None``), fitted on
+    :func:`stain_reference`.
 
     Raises:
         CheckpointError: neither reference image can be found.
     """
-    data = getattr(cfg, "data", None)
-    if data is None or getattr(data, "stain_norm", "none") == "none":
+    ref = stain_reference(model_dir, meta, cfg)
+    if ref is None:
         return None
-    ref = model_dir / meta["stain_ref"] if meta.get("stain_ref") else Path(str(data.stain_ref))
+    data = cfg.data
     if not ref.is_file():
         raise CheckpointError(
             f"the run in {model_dir.parent} was trained on {data.stain_norm}-normalised patches "

