@@ -167,9 +167,14 @@ def threshold_metrics(scores: Any, labels: Any, threshold: float | Threshold) ->
     """
     t = threshold.value if isinstance(threshold, Threshold) else float(threshold)
     s = to_numpy(scores).reshape(-1)
-    y = to_numpy(labels).reshape(-1).astype(bool)
-    if s.shape != y.shape:
-        raise DataError(f"scores and labels differ in length: {s.size} vs {y.size}")
+    y_raw = to_numpy(labels).reshape(-1)
+    if s.shape != y_raw.shape:
+        raise DataError(f"scores and labels differ in length: {s.size} vs {y_raw.size}")
+    if not np.all(np.isfinite(s)):  # a NaN would count as "not flagged"
+        raise DataError(f"{int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    if not np.all((y_raw == 0) | (y_raw == 1)):
+        raise DataError("labels must be 0 (normal) or 1 (anomalous)")
+    y = y_raw.astype(bool)
     pred = s > t
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())

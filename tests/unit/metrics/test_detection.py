@@ -178,3 +178,15 @@ def test_evaluate_scores_is_json_ready() -> None:
     assert back["at_threshold"]["threshold"] == 0.5
     with pytest.raises(DataError, match="both maps and masks"):
         evaluate_scores(s, y, maps=maps, n_boot=0)
+
+
+def test_threshold_metrics_refuses_nan_scores_and_non_binary_labels() -> None:
+    """Called directly (not through evaluate_scores), a NaN score counted as not flagged and a
+    label of 2 or 0.5 as anomalous."""
+    from gen_ad.metrics.detection import threshold_metrics
+
+    with pytest.raises(DataError, match="NaN or infinite"):
+        threshold_metrics([0.1, float("nan")], [0, 1], 0.5)
+    with pytest.raises(DataError, match="0 \\(normal\\) or 1"):
+        threshold_metrics([0.1, 0.9], [0, 2], 0.5)
+    assert threshold_metrics([0.1, 0.9], [0, 0], 0.5)["specificity"] == 0.5  # one class is fine

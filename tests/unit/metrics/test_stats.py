@@ -103,7 +103,8 @@ def test_groups_cli_end_to_end(tmp_path, capsys) -> None:
     assert res["control"] == "control" and len(res["per_slide"]) == 6
     assert all(v < 15 for v in res["groups"]["control"])
     assert all(v > 35 for v in res["groups"]["treated"])
-    mw = sps.mannwhitneyu(res["groups"]["treated"], res["groups"]["control"])
+    mw = sps.mannwhitneyu(res["groups"]["treated"], res["groups"]["control"],
+                          method=sps.PermutationMethod(n_resamples=np.inf))  # exact, 3 vs 3
     assert res["comparisons"]["treated"]["mannwhitney_p"] == pytest.approx(mw.pvalue)
     lines = (out / "per_slide.csv").read_text().splitlines()
     assert lines[0].startswith("slide,group,n_patches") and len(lines) == 7
@@ -161,3 +162,42 @@ def test_animals_are_the_unit_when_the_table_names_them(tmp_path, capsys) -> Non
     (tmp_path / "bad.csv").write_text("slide,group,animal\nslide0,control,a\nslide3,treated,a\n")
     with pytest.raises(DataError, match="animal 'a' is in two groups"):
         read_animals(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize(("control", "treated", "exact_p"), [
+    ([0, 0, 0], [100, 100, 100], 0.1),  # the smallest p 3 vs 3 animals can give
+    ([1, 1, 2, 2], [2, 3, 3, 3], 6 / 70),
+    ([0, 0, 0, 0], [3, 3, 3, 3], 2 / 70),
+])
+def test_mann_whitney_is_exact_with_ties_in_small_groups(control: list[float],
+                                                          treated: list[float],
+                                                          exact_p: float) -> None:
+    """Tied values (controls at 0 %) made scipy's default use the normal approximation:
+    p = 0.047 for 3 vs 3, below what any exact test of 3 vs 3 can reach. Reference: the share
+    of all group assignments whose |U - n m / 2| is at least the observed one."""
+    from itertools import combinations
+
+    from gen_ad.metrics.stats import compare_groups
+
+    r = compare_groups(control, treated)
+    assert r["mannwhitney_p"] == pytest.approx(exact_p)
+    assert r["mannwhitney_method"] == "exact permutation"
+    values = np.array(control + treated, dtype=float)
+    n, m = len(treated), len(control)
+
+    def u_of(idx: tuple[int, ...]) -> float:
+        t = values[list(idx)]
+        c = np.delete(values, list(idx))
+        return float((np.sign(t[:, None] - c[None, :]) + 1).sum() / 2)
+
+    u_obs = u_of(tuple(range(m, m + n)))
+    us = [u_of(idx) for idx in combinations(range(n + m), n)]
+    brute = np.mean([abs(u - n * m / 2) >= abs(u_obs - n * m / 2) - 1e-9 for u in us])
+    assert r["mannwhitney_p"] == pytest.approx(brute)
+
+
+def test_welch_is_undefined_for_two_constant_groups() -> None:
+    from gen_ad.metrics.stats import compare_groups
+
+    r = compare_groups([0, 0, 0], [100, 100, 100])
+    assert r["welch_t"] is None and r["welch_p"] is None  # was p = 0.0, fed to Holm
