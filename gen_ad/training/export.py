@@ -107,8 +107,10 @@ def verify_export(model_dir: Path) -> None:
     try:
         manifest = check_manifest(model_dir)
     except CheckpointError as e:
-        raise CheckpointError(f"refusing the damaged or mixed export {model_dir}: {e} "
-                              "(resume the run to export it again)") from e
+        raise CheckpointError(f"refusing the damaged or mixed export {model_dir}: {e}; a file "
+                              "changed after the export (damaged, or edited by hand: the config "
+                              "an export carries is what rebuilds its networks); resume the run "
+                              "to export it again") from e
     if "model.json" not in manifest["files"]:
         raise CheckpointError(f"refusing the export {model_dir}: its manifest does not list "
                               "model.json")

@@ -14,6 +14,7 @@ weights, EMA, optimiser/schedule states and counters restored, ``N`` steps in on
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -39,6 +40,7 @@ from gen_ad.models.ema import ema_copy, ema_update
 from gen_ad.training import checkpoint as ckpt
 from gen_ad.training.export import export_models
 from gen_ad.training.family import Family, StepContext
+from gen_ad.training.resume_config import check_resume, plain_config
 from gen_ad.training.sampler import ResumableSampler
 from gen_ad.utils.io import (
     publish_dir,
@@ -282,7 +284,8 @@ def _publish_state(state: RunState, tmp: Path, final: Path) -> None:
     ckpt.save_state(tmp, models=state.models, ema=state.ema, optimizers=state.optimizers,
                     schedulers=state.schedulers, scaler=getattr(acc, "scaler", None),
                     family_state=state.family.state_dict(), counters=c,
-                    extra_meta={"family": state.family.name, "world": acc.num_processes})
+                    extra_meta={"family": state.family.name, "world": acc.num_processes,
+                                "config": plain_config(state.family.cfg)})
     publish_dir(tmp, final)
     ckpt.prune_states(state.run_dir, state.family.cfg.train.keep_last)
     export_models(state.run_dir / "model", family=state.family, models=state.models,
@@ -315,6 +318,7 @@ def load_checkpoint(state: RunState, path: Path) -> None:
     betas, weight decay, ...) is applied, and a line says so.
     """
     acc = state.accelerator
+    _check_resume_config(state, path)
     scaler = getattr(acc, "scaler", None)
     wanted = ckpt.optimizer_settings(state.optimizers)
     counters, fam = ckpt.load_state(path, models=state.models, ema=state.ema,
@@ -329,6 +333,16 @@ def load_checkpoint(state: RunState, path: Path) -> None:
     rng_file = path / f"rng-{acc.process_index}.pt"
     if rng_file.is_file():
         ckpt.set_rng_state(torch_load(rng_file))
+
+
+def _check_resume_config(state: RunState, path: Path) -> None:
+    """Refuse another family or a change to what defines the model (see
+    :mod:`gen_ad.training.resume_config`); say which other config keys changed."""
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    changes = check_resume(meta, state.family.name, plain_config(state.family.cfg), str(path))
+    if changes and state.accelerator.is_main_process:
+        tqdm.write(f"resume: the config differs from the checkpoint's in {len(changes)} key(s), "
+                   f"now applied: {'; '.join(changes)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -483,6 +497,7 @@ def _run_training(family: Family, resume: str | None) -> Path:
         load_checkpoint(state, resume_path)
         _note_batch_change(state)
     if acc.is_main_process:
+        _note_data_and_budget(state, len(dataset))  # type: ignore[arg-type]
         save_config(cfg, state.run_dir / "config.yaml")
     batches = make_loader(dataset, batch=per_process_batch(cfg.train, acc.num_processes),
                           seed=cfg.train.seed, rank=acc.process_index, world=acc.num_processes,
@@ -494,6 +509,20 @@ def _run_training(family: Family, resume: str | None) -> Path:
     save_checkpoint(state)
     acc.end_training()
     return state.run_dir
+
+
+def _note_data_and_budget(state: RunState, n_images: int) -> None:
+    """Say when the run trains on the built-in synthetic tissue (``data.train`` not set, or
+    ``synthetic``), and when a resumed run's ``train.max_steps`` leaves nothing to train."""
+    cfg, step = state.family.cfg, state.counters.step
+    if str(cfg.data.train) == "synthetic":
+        tqdm.write(f"data: {n_images} synthetic tissue patches (data.train is 'synthetic', the "
+                   "default: set data.train to a patch folder to train on your data)",
+                   file=sys.stderr)
+    if step > 0 and step >= cfg.train.max_steps:
+        tqdm.write(f"resume: the checkpoint is at step {step} and train.max_steps is "
+                   f"{cfg.train.max_steps}: nothing to train (raise train.max_steps to continue)",
+                   file=sys.stderr)
 
 
 def _note_batch_change(state: RunState) -> None:

@@ -4,6 +4,7 @@ and anomaly scorers, from the saved config alone (the family is found in the reg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,16 @@ def _swapped_away(model_dir: Path) -> list[Path]:
     return [q / "model.json" for q in reversed(olds)]
 
 
+def _without_train_compile(cfg: Any) -> Any:
+    """``cfg`` with ``speed.compile_train`` off: it compiles training models in place, which
+    scoring does not want (a first CPU forward of a tiny UNet took 88 s instead of 0.1 s, and it
+    needs a C++ compiler); scorers choose their own speed settings."""
+    speed = getattr(cfg, "speed", None)
+    if speed is None or not getattr(speed, "compile_train", False):
+        return cfg
+    return dataclasses.replace(cfg, speed=dataclasses.replace(speed, compile_train=False))
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Rebuild a trained run's models from its exported weights and saved config alone.
 
@@ -120,7 +131,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         cfg = from_dict(cls.config_cls, meta["config"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{model_dir}/model.json has an invalid config: {e}") from e
-    family = cls(cfg)
+    family = cls(_without_train_compile(cfg))
     models = family.build_models()  # built once: an EMA'd model gets its EMA weights only
     ema = set(meta.get("ema", []))
     for name, m in models.items():

@@ -368,3 +368,35 @@ def test_one_process_reads_its_stop_flags_without_a_device_read(
     assert loop._stop_reason(state, 0.0) == "signal 15 received"
     state.family.cfg.train.max_minutes = 1e-9
     assert loop._stop_reason(state, 0.0) == "train.max_minutes=1e-09 reached"
+
+
+def test_resume_refuses_a_changed_model_definition_and_lists_other_changes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A resume used to take any changed config silently (config.yaml then overwritten): the
+    state records its config; a change to what the model is refused, others listed."""
+    out = tmp_path / "r"
+    _train(out, "train.max_steps=2")
+    meta = json.loads((ckpt.list_states(out)[-1][1] / "meta.json").read_text())
+    assert meta["family"] == "toy" and meta["config"]["data"]["size"] == 16
+    with pytest.raises(CheckpointError, match=r"data\.size: 16 -> 32.*another folder"):
+        _train(out, "train.max_steps=4", "data.size=32", resume="latest")
+    capsys.readouterr()
+    _train(out, "train.max_steps=4", "train.log_every=2", resume="latest")
+    err = capsys.readouterr().err
+    assert "resume: the config differs from the checkpoint's in 2 key(s)" in err
+    assert "train.log_every: 1 -> 2" in err and "train.max_steps: 2 -> 4" in err
+    capsys.readouterr()
+    _train(out, "train.max_steps=5", "train.log_every=2", resume="latest")
+    assert "train.max_steps: 4 -> 5" in capsys.readouterr().err  # compared with the new state
+
+
+def test_synthetic_data_and_an_exhausted_budget_are_said(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config without data.train trained on synthetic tissue without a word; a resume whose
+    max_steps is not above the checkpoint's step silently did nothing."""
+    out = tmp_path / "r"
+    _train(out, "train.max_steps=2")
+    assert "data: 24 synthetic tissue patches" in capsys.readouterr().err
+    _train(out, "train.max_steps=2", resume="latest")
+    assert ("the checkpoint is at step 2 and train.max_steps is 2: nothing to train"
+            in capsys.readouterr().err)
