@@ -5,6 +5,13 @@ before any work, with a :class:`~gen_ad.errors.ConfigError` that names the offen
 unknown key (with the closest valid key), a wrong type, or an impossible value (checked by each
 dataclass's ``validate``). :func:`to_dict` / :func:`save_config` give back the resolved config.
 
+Values: a float must be finite (``inf``/``nan`` are refused everywhere). A text field never takes
+an empty (or blank) string: a required one rejects it, and so does an optional (``str | None``)
+one (``''`` is *not* read as unset: leave the key out or write ``null``); only a field whose
+default is ``''`` (where ``''`` already means "not given") accepts it. In a YAML file, a
+``Literal`` field whose choices hold ``no``/``off``/``yes``/``on`` takes the boolean YAML 1.1
+makes of them (``mixed_precision: no``) as that choice; a duplicate key in one mapping is an error.
+
 Family schemas (``wgan``, ``stylegan2``, ``ddpm``) live beside their trainers in
 ``gen_ad/training/<family>.py`` (so each family is one place) and are found through the family
 registry (:mod:`gen_ad.training.registry`); the common sections every training config has are
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -157,6 +166,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own error names the deepest bad key
+            if options[0] is str and _is_blank(value):
+                raise ConfigError(f"config key '{key}': must not be empty, got {value!r} "
+                                  "(leave the key out or write null to leave it unset)")
             return _coerce(value, options[0], key)
         for a in options:
             try:
@@ -165,6 +177,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        value = _literal_from_bool(value, args)
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"config key '{key}': must be one of {choices}, got {value!r}")
@@ -187,13 +200,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = _float_or_none(value)
+            if number is not None:
+                return _finite(number, value, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
+        return _finite(float(value), value, key)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
@@ -203,10 +215,50 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
         return value
     if tp is str:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-        return str(value)
+        return _text(value, key)
     raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+# YAML 1.1 spellings of the booleans (what PyYAML's safe loader turns into True/False).
+_YAML_BOOL_WORDS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}
+
+
+def _literal_from_bool(value: Any, choices: tuple[Any, ...]) -> Any:
+    """The one string choice that YAML 1.1 read as the boolean ``value`` (``no`` -> False)."""
+    if not isinstance(value, bool):
+        return value
+    words = _YAML_BOOL_WORDS[value]
+    spelled = [c for c in choices if isinstance(c, str) and c.lower() in words]
+    return spelled[0] if len(spelled) == 1 else value
+
+
+def _is_blank(value: Any) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _finite(number: float, value: Any, key: str) -> float:
+    if not math.isfinite(number):
+        raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
+    return number
+
+
+def _text(value: Any, key: str) -> str:
+    """A non-empty string; YAML scalars that are not text get a hint to quote them."""
+    if isinstance(value, (bool, int, float)):
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r} (YAML read "
+                          "the value as a number or boolean; quote it to mean text)")
+    if not isinstance(value, (str, Path)):
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if _is_blank(value):
+        raise ConfigError(f"config key '{key}': must not be empty, got {value!r}")
+    return str(value)
 
 
 def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
@@ -229,6 +281,9 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
         base = _section_default(fields[k])
         if base is not None and isinstance(v, Mapping):
             v = _merge(base, v)  # a partial section keeps the schema's defaults for that section
+        if isinstance(v, str) and v == "" and fields[k].default == "":  # its own "not given"
+            kwargs[k] = v
+            continue
         kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
     obj = cls(**kwargs)
     return obj
@@ -288,52 +343,228 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``key.sub=value``; the value is YAML (``3``, ``1e-4``, ``true``, ``[a, b]``)."""
+    """Parse ``key.sub=value``; the value is YAML (``3``, ``1e-4``, ``true``, ``[a, b]``).
+
+    A list element is addressed by its index, ``methods.0.kwargs.steps`` or
+    ``methods[0].kwargs.steps`` (both give the parts ``methods``, ``0``, ``kwargs``, ``steps``).
+    The value here is schema-free YAML; :func:`apply_overrides` with a ``schema`` keeps the raw
+    text for text fields instead.
+    """
+    parts, raw = _split_override(text)
+    return parts, _yaml_value(raw)
+
+
+def _split_override(text: str) -> tuple[list[str], str]:
+    """``key.sub=value`` -> (key parts, raw value text); ``[i]`` becomes the part ``i``."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
-    key = key.strip()
+    key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+    if "[" in key or "]" in key:
+        raise ConfigError(f"override '{text}': a list index is written [0] or .0 (a number)")
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
+    return key.split("."), raw
+
+
+def _yaml_value(raw: str) -> Any:
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        return raw
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``key.sub=value`` override set."""
-    out = _deepcopy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            if not isinstance(child, dict):
-                child = {}
-                node[p] = child
-            node = child
-        node[parts[-1]] = value
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _override_value(raw: str, tp: Any) -> Any:
+    """The value of an override for a field annotated ``tp`` (``None``: unknown, plain YAML).
+
+    Text fields (``str``, a ``Literal`` of strings, optionally ``| None``) take the raw text, so
+    YAML cannot re-type it (``no`` stays ``no``, ``2024`` stays ``2024``); ``null``/``~`` are
+    still ``None`` (unsetting an optional field; a required one reports it), and a quoted value
+    (``'null'``) is the text inside the quotes.
+    """
+    if tp is None or not _is_text_type(tp):
+        return _yaml_value(raw)
+    text = raw.strip()
+    if text in _YAML_NULLS:
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        unquoted = _yaml_value(text)
+        return unquoted if isinstance(unquoted, str) else text
+    return text
+
+
+def _is_text_type(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return all(_is_text_type(a) for a in options)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp in (str, Path)
+
+
+def _without_none(tp: Any) -> Any:
+    """``X`` for ``X | None``; ``tp`` itself otherwise."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return tp
+
+
+def _annotation_at(schema: Any, parts: Sequence[str]) -> Any:
+    """The annotation of the key ``parts`` in ``schema`` (``None`` when not known)."""
+    tp = schema
+    for part in parts:
+        tp = _without_none(tp)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif origin in (list, Sequence, tuple) and part.isdigit():
+            tp = args[0] if args else Any
+        elif origin in (dict, Mapping):
+            tp = args[1] if len(args) == 2 else Any
+        else:
+            return None
+        if tp is None or tp is Any:
+            return None
+    return tp
+
+
+def _default_at(schema: Any, parts: Sequence[str]) -> Any:
+    """The schema's default value at ``parts`` as plain data (``None`` when there is none)."""
+    try:
+        node: Any = schema()
+    except TypeError:  # not a dataclass, or one with required fields
+        return None
+    for part in parts:
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            node = getattr(node, part, None)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    if isinstance(node, list):
+        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in node]
+    return None
+
+
+def _key_name(parts: Sequence[str]) -> str:
+    """``['methods', '0', 'kwargs']`` -> ``methods[0].kwargs`` (as errors name keys)."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() and out else (f".{part}" if out else part)
     return out
 
 
-def _deepcopy(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+def _slot(node: dict[str, Any] | list[Any], part: str, path: Sequence[str]) -> Any:
+    """The key of ``part`` in ``node``: itself for a mapping, a checked index for a list."""
+    if not isinstance(node, list):
+        return part
+    name = _key_name(path)
+    if not part.isdigit():
+        raise ConfigError(f"config key '{name}': is a list; address an element by its index "
+                          f"({name}[0] or {name}.0), got '{part}'")
+    if int(part) >= len(node):
+        raise ConfigError(f"config key '{name}[{part}]': index out of range; '{name}' has "
+                          f"{len(node)} element(s) (indices 0 to {len(node) - 1})")
+    return int(part)
+
+
+def _container(node: dict[str, Any] | list[Any], parts: Sequence[str], depth: int,
+               schema: Any) -> dict[str, Any] | list[Any]:
+    """The mapping or list at ``parts[: depth + 1]`` below ``node``, made when missing."""
+    path, nxt = parts[: depth + 1], parts[depth + 1]
+    slot = _slot(node, parts[depth], parts[:depth])
+    child = node[slot] if isinstance(node, list) else node.get(slot)
+    if isinstance(child, (dict, list)):
+        return child
+    tp = _annotation_at(schema, path) if schema is not None else None
+    if nxt.isdigit() and typing.get_origin(_without_none(tp)) in (list, Sequence, tuple):
+        child = _default_at(schema, path)
+        if child is None:
+            raise ConfigError(f"config key '{_key_name(path)}': has no list to index here; "
+                              f"set the whole list ({_key_name(path)}=[...])")
+    else:
+        child = {}
+    node[slot] = child
+    return child
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str],
+                    schema: Any = None) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.sub=value`` override set.
+
+    Args:
+        data: the config data (e.g. a parsed YAML file); not modified.
+        overrides: ``key.sub=value`` texts; ``key.0.sub`` / ``key[0].sub`` address an element
+            of an existing list (of ``data``, else of the schema's default).
+        schema: the dataclass schema, if known: text fields then take the raw text (see
+            :func:`_override_value`); without it every value is YAML.
+    Raises:
+        ConfigError: a malformed override, or a list index out of range (naming the key).
+    """
+    out: dict[str, Any] = _deepcopy(data)
+    for text in overrides:
+        parts, raw = _split_override(text)
+        tp = _annotation_at(schema, parts) if schema is not None else None
+        node: dict[str, Any] | list[Any] = out
+        for depth in range(len(parts) - 1):
+            node = _container(node, parts, depth, schema)
+        node[_slot(node, parts[-1], parts[:-1])] = _override_value(raw, tp)
+    return out
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key repeated in one mapping is an error (not: last wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merges may be overridden by explicit keys
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping from ``path`` (a clear error when missing or not a mapping)."""
+    """Read a YAML mapping from ``path`` (a clear error when missing, not a mapping, or with a
+    key repeated in one mapping)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: "
                           f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from e
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from e
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"config file {p}: {e}; each key may appear once per mapping") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from e
     if data is None:
@@ -356,7 +587,7 @@ def load_config(cls: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """Load ``path`` (optional), apply overrides, and validate against schema ``cls``."""
     data = read_yaml(path) if path is not None else {}
-    return from_dict(cls, apply_overrides(data, overrides))
+    return from_dict(cls, apply_overrides(data, overrides, schema=cls))
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -163,7 +163,8 @@ class WGANConfig:
         out: run folder.
         stage: ``gan`` (WGAN-GP) or ``encoder`` (izi_f encoder on a frozen GAN).
         gan_run: run folder of the ``gan`` stage (required for ``stage: encoder``).
-        data / train: shared sections.
+        data / train: shared sections; ``train.batch_size`` defaults to 40 here (5 critic
+            batches of 8: the shared default 32 does not split into ``gan.n_critic`` = 5).
         model / gan / encoder: family sections.
     """
 
@@ -171,7 +172,7 @@ class WGANConfig:
     stage: Literal["gan", "encoder"] = "gan"
     gan_run: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=40))
     model: WGANModelConfig = field(default_factory=WGANModelConfig)
     gan: GANLossConfig = field(default_factory=GANLossConfig)
     encoder: EncoderStageConfig = field(default_factory=EncoderStageConfig)

@@ -14,11 +14,12 @@ from gen_ad.config import (
     from_dict,
     load_config,
     parse_override,
+    read_yaml,
     save_config,
     to_dict,
 )
 from gen_ad.errors import ConfigError
-from gen_ad.training.registry import family_schema
+from gen_ad.training.registry import families, family_schema
 
 
 @dataclass
@@ -152,3 +153,116 @@ def test_every_shipped_config_loads(path: Path) -> None:
         cfg = load_config(family_schema(path.parent.name), path)
         assert cfg.out.startswith("checkpoints/")
         assert cfg.train.max_steps > 0
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_text_overrides_keep_their_raw_text() -> None:
+    """YAML 1.1 would read ``no`` as False and ``2024`` as an int; text fields keep the text."""
+    cfg = load_config(Root, None, ["train.mixed_precision=no", "out=2024", "data.train=123",
+                                   "data.val=007", "note='null'", "model.kind=on",
+                                   "model.width=3", "tags=[a, b]", "train.cpu=yes"])
+    assert cfg.train.mixed_precision == "no" and cfg.out == "2024" and cfg.data.train == "123"
+    assert cfg.data.val == "007" and cfg.note == "null" and cfg.model.kind == "on"
+    assert cfg.model.width == 3 and cfg.tags == ["a", "b"] and cfg.train.cpu is True
+    for unset in ("note=null", "note=~", "data.val=NULL"):
+        cfg = load_config(Root, None, [unset])
+        assert cfg.note is None and cfg.data.val is None
+    with pytest.raises(ConfigError, match=r"'out': expected a string, got None"):
+        load_config(Root, None, ["out=null"])
+
+
+def test_yaml_file_no_for_a_literal_and_numbers_for_text(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(Root, y).train.mixed_precision == "no"
+    y.write_text("out: 2024\n")
+    with pytest.raises(ConfigError, match=r"'out': expected a string, got 2024 .*quote it"):
+        load_config(Root, y)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("out=", "out"), ("out=  ", "out"), ("data.train=", "data.train"),
+    ("data.cache=", "data.cache"), ("data.val=", "data.val"), ("note=''", "note"),
+])
+def test_empty_text_is_rejected(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'{key.replace('.', '[.]')}': must not be empty"):
+        load_config(Root, None, [override])
+
+
+@dataclass
+class WithBlankDefault:
+    tag: str = ""
+
+
+def test_empty_text_is_kept_where_it_is_the_default() -> None:
+    assert from_dict(WithBlankDefault, {"tag": ""}).tag == ""
+    with pytest.raises(ConfigError, match=r"'out': must not be empty"):
+        from_dict(Root, {"out": ""})
+
+
+@dataclass
+class WithList:
+    items: list[Model] = field(default_factory=list)
+    names: list[str] = field(default_factory=lambda: ["normal", "other"])
+    maybe: list[str] | None = None
+
+
+def test_overrides_index_into_lists() -> None:
+    data = {"items": [{"width": 1}, {"width": 2}]}
+    out = apply_overrides(data, ["items.1.width=5", "items[0].kind=no", "names.1=x"],
+                          schema=WithList)
+    assert data == {"items": [{"width": 1}, {"width": 2}]}  # input untouched
+    cfg = from_dict(WithList, out)
+    assert [m.width for m in cfg.items] == [1, 5] and cfg.items[0].kind == "no"
+    assert cfg.names == ["normal", "x"]  # the schema's default list, one element replaced
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("items.2.width=1", r"'items\[2\]': index out of range; 'items' has 2 element"),
+    ("items[7]=1", r"'items\[7\]': index out of range"),
+    ("items.x.width=1", r"'items': is a list; address an element by its index"),
+    ("maybe.0=a", r"'maybe': has no list to index here"),
+    ("items[a].width=1", r"a list index is written \[0\]"),
+])
+def test_list_index_errors_name_the_key(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        apply_overrides({"items": [{"width": 1}, {"width": 2}]}, [override], schema=WithList)
+
+
+def test_benchmark_method_kwargs_override() -> None:
+    from gen_ad.app.benchmark import load_benchmark_config
+
+    cfg = load_benchmark_config(CONFIGS / "benchmark" / "demo.yaml",
+                                ["methods.1.kwargs.steps=5", "methods[0].name=first"])
+    assert cfg.methods[1].kwargs == {"steps": 5, "lpips_random_init": True}
+    assert cfg.methods[0].name == "first"
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
+    y = tmp_path / "dup.yaml"
+    y.write_text("model:\n  width: 3\n  width: 4\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: duplicate key 'width' at line 3 "
+                                          r"\(first at line 2\)"):
+        load_config(Root, y)
+    y.write_text("out: a\nmodel: {width: 3}\nout: b\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'out' at line 3"):
+        read_yaml(y)
+    y.write_text("base: &b {width: 3, lr: 0.1}\nmodel:\n  <<: *b\n  width: 4\n")
+    assert read_yaml(y)["model"] == {"width": 4, "lr": 0.1}  # a merge key may be overridden
+
+
+@pytest.mark.parametrize("override", ["model.lr=inf", "model.lr=nan", "model.lr=-inf",
+                                      "model.lr=.inf", "train.max_minutes=inf"])
+def test_non_finite_floats_are_rejected(override: str) -> None:
+    key = override.split("=")[0].replace(".", r"\.")
+    with pytest.raises(ConfigError, match=rf"'{key}': must be a finite number"):
+        load_config(Root, None, [override])
+
+
+@pytest.mark.parametrize("family", families())
+def test_every_family_default_config_validates(family: str) -> None:
+    """The schema's own defaults pass its validation (wgan: batch 40 splits into 5 critics)."""
+    cfg = from_dict(family_schema(family), {})
+    assert cfg.train.batch_size > 0
