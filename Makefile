@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gen_ad train tests bench notebooks scripts
 
 bench: $(STAMP)
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in bench/[!_]*.py; do $(PY) $$b || exit 1; done
 
 # On a CUDA machine (at most 8 min, in phases): the GPU-figure benches alone, the test suite beside
 # a 1-min training per family, the other bench/*.py -> bench/results/<gpu>.jsonl. Torch preinstalled, no registry: `make gpu-check PY=python3` (no

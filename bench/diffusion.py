@@ -4,11 +4,17 @@ Prints one JSON line with:
 
 * ``peers`` (and ``ours`` / ``peer`` / ``ratio`` at the top level): AnoDDPM with every ancestral
   step from ``t`` (200), ms/image, gen_ad's scorer with its automatic speed settings (CUDA: bf16
-  autocast, channels-last, torch.compile; CPU: plain fp32 eager) against a plain fp32 loop over the
-  same diffusers UNet and ``DDPMScheduler.step``, timed after one warm-up (compilation) call.
-  Both use Gaussian noise from one generator in the same order, so they draw the same noise and
-  their scores agree: to float32 rounding when ours runs fp32, within ``score_rtol`` (5e-2) under
-  bf16. ``ours_fp32_eager`` is our scorer with every speed setting off.
+  autocast, channels-last, torch.compile; CPU: plain fp32 eager; per-image noise streams, its
+  default) against the plain loop a diffusers user writes over the same UNet and
+  ``DDPMScheduler.step``: in fp32 and, on CUDA (``--peer-bf16``), under bf16 autocast with the
+  UNet and input channels-last. ``peer`` is the faster plain loop. Each method runs one warm-up
+  call (timed apart: ``warmup_s``, ours' includes its compilation), then ``--rounds`` interleaved
+  rounds of ``--repeat`` calls (ours, ours fp32 eager, plain fp32, plain bf16, ours, ...); each
+  keeps its best round. ``ours_fp32_eager`` is our scorer with every speed setting off, same
+  streams. ``score_checks``: the timed ``ours`` against ``ours_fp32_eager`` (same image streams
+  and seed: equal to float32 rounding in fp32, within 5e-2 relative under bf16), and our scorer
+  with one generator in the plain loop's order (``streams="batch"``) against the plain fp32 loop
+  (same noise: 1e-4 fp32 eager, 5e-2 with ours' speed settings).
 
 * ``simplex``: batched torch simplex noise (``[B,3,H,W]``, AnoDDPM defaults 6/0.8/64) in
   images/s against two straightforward per-image NumPy implementations written here: ``loop``
@@ -23,19 +29,22 @@ Prints one JSON line with:
 
     python bench/diffusion.py [--size 64] [--unet autoddpm] [--batch 16] [--device cpu|cuda]
                               [--peer-unet tiny|autoddpm] [--peer-batch 4] [--only peers|all]
+                              [--rounds 3] [--repeat 1] [--peer-bf16 auto|on|off]
                               [--exact] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import math
-import os
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +57,9 @@ from gen_ad.inversion.simplex import draw_tables, fractal_from_tables, simplex_n
 from gen_ad.models.unet import build_scheduler
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
 from gen_ad.training.family import StepContext
-from gen_ad.utils.hardware import cpu_name
+
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py when loaded by path
+from _common import best, interleaved_rounds, machine, timed  # noqa: E402
 
 _F2 = 0.5 * (math.sqrt(3.0) - 1.0)
 _G2 = (3.0 - math.sqrt(3.0)) / 6.0
@@ -224,31 +235,39 @@ def bench_recon(fam: DDPMFamily, batch: int, device: torch.device, exact: bool,
 
 # ----------------------------------------------------------------------------- ours vs plain
 
+PEER_BF16_SKIP = ("not run on CPU: bf16 convolutions are slow on most CPUs (our scorer runs fp32 "
+                  "there too); --peer-bf16 on runs it")
+
 
 @torch.no_grad()
 def plain_anoddpm(unet: torch.nn.Module, sched: Any, x: torch.Tensor, t_start: int,
-                  gen: torch.Generator) -> torch.Tensor:
-    """The plain loop a user would write: fp32 UNet, ``DDPMScheduler.step``; scores ``[B]``."""
+                  gen: torch.Generator, bf16: bool = False) -> torch.Tensor:
+    """The plain loop a user would write: the UNet, ``DDPMScheduler.step``; scores ``[B]``.
+
+    ``bf16``: the UNet under bf16 autocast (its output back to float32 for the scheduler), what a
+    diffusers user adds on a GPU, with the UNet and ``x`` in channels-last (the caller's)."""
     noise = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
     x_t = sched.add_noise(x, noise, torch.full((len(x),), t_start, device=x.device))
+    x_t = x_t.contiguous(memory_format=torch.channels_last) if bf16 else x_t
+    autocast = (torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
     for t in range(t_start, -1, -1):
-        eps = unet(x_t, torch.full((len(x),), t, device=x.device)).sample
-        x_t = sched.step(eps, t, x_t, generator=gen).prev_sample
+        with autocast:
+            eps = unet(x_t, torch.full((len(x),), t, device=x.device)).sample
+        x_t = sched.step(eps.float(), t, x_t, generator=gen).prev_sample
     return (x - x_t.clamp(-1, 1)).abs().mean(1).mean((1, 2))
 
 
-def bench_peers(unet_name: str, size: int, batch: int, t_start: int, device: torch.device,
-                repeat: int) -> dict[str, Any]:
-    """ms/image of AnoDDPM: ours (automatic speed, and fp32 eager) vs the plain loop."""
-    sync = device.type == "cuda"
-    torch.manual_seed(0)
-    unet = _family(unet_name, size, batch).build_models()["unet"].to(device).eval()
-    unet.to(memory_format=torch.contiguous_format)  # the plain loop gets the plain layout
-    sched = build_scheduler("ddpm")
-    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    x = x.to(device)
-    auto = SpeedConfig().resolve(device)
-    ours = AnoDDPMScorer(copy.deepcopy(unet), sched, t=t_start, noise="gaussian", speed=auto)
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
+
+
+def _peer_runs(unet: torch.nn.Module, sched: Any, x: torch.Tensor, t_start: int,
+               device: torch.device, speed: Speed, peer_bf16: bool,
+               ) -> dict[str, Callable[[], torch.Tensor]]:
+    """The timed methods: ours (``speed``, per-image streams), ours fp32 eager (same streams),
+    the plain fp32 loop and, with ``peer_bf16``, the plain loop under bf16 + channels-last."""
+    ours = AnoDDPMScorer(copy.deepcopy(unet), sched, t=t_start, noise="gaussian", speed=speed)
     eager = AnoDDPMScorer(copy.deepcopy(unet), sched, t=t_start, noise="gaussian", speed=Speed())
 
     def gen() -> torch.Generator:
@@ -258,31 +277,80 @@ def bench_peers(unet_name: str, size: int, batch: int, t_start: int, device: tor
         sc.streams = streams  # one scorer (one compiled UNet) for both noise sources
         return sc.score(x).scores
 
-    # "ours" is the default (per-image noise streams); with streams="batch" our scorer draws
-    # from one generator in the plain loop's order, so its scores must equal the plain loop's
     runs = {"ours": lambda: scored(ours, "image"),
-            "ours_batch_streams": lambda: scored(ours, "batch"),
-            "ours_fp32_eager": lambda: scored(eager, "batch"),
+            "ours_fp32_eager": lambda: scored(eager, "image"),
             "plain_fp32_loop": lambda: plain_anoddpm(unet, sched, x, t_start, gen())}
-    t0 = time.perf_counter()
-    scores = {k: f().float().cpu() for k, f in runs.items()}  # warm-up (compiles ours on CUDA)
-    warm_s = time.perf_counter() - t0
-    ms = {k: 1e3 * _timed(f, sync, repeat) / batch for k, f in runs.items()}
-    ref = scores["plain_fp32_loop"]
-    rel = {k: float(((v - ref).abs() / ref.abs().clamp_min(1e-12)).max())
-           for k, v in scores.items()}
-    rtol = 5e-2 if auto.bf16 else 1e-4
+    if peer_bf16:
+        unet_cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        runs["plain_bf16_channels_last_loop"] = lambda: plain_anoddpm(unet_cl, sched, x_cl,
+                                                                      t_start, gen(), bf16=True)
+    # untimed: with streams="batch" our scorer draws from one generator in the plain loop's
+    # order, so its scores must equal the plain loop's
+    checks = {"ours_batch_streams": lambda: scored(ours, "batch"),
+              "ours_fp32_eager_batch_streams": lambda: scored(eager, "batch")}
+    return {**runs, **{f"check:{k}": f for k, f in checks.items()}}
+
+
+def _score_checks(scores: dict[str, torch.Tensor], rtol: float) -> dict[str, Any]:
+    """Each comparison: max relative score difference, its tolerance, whether it holds."""
+    pairs = {  # name: (a, b, tolerance)
+        # the timed configuration against an fp32 eager run of our scorer, same image streams
+        "ours_vs_ours_fp32_eager": ("ours", "ours_fp32_eager", rtol),
+        "ours_batch_streams_vs_plain_fp32_loop": ("check:ours_batch_streams", "plain_fp32_loop",
+                                                  rtol),
+        "ours_fp32_eager_batch_streams_vs_plain_fp32_loop": (
+            "check:ours_fp32_eager_batch_streams", "plain_fp32_loop", 1e-4)}
+    if "plain_bf16_channels_last_loop" in scores:
+        pairs["plain_bf16_vs_plain_fp32_loop"] = ("plain_bf16_channels_last_loop",
+                                                  "plain_fp32_loop", 5e-2)
+    out: dict[str, Any] = {}
+    for name, (a, b, tol) in pairs.items():
+        rel = _rel(scores[a], scores[b])
+        out[name] = {"max_rel_diff": rel, "rtol": tol, "ok": rel <= tol}
+    return out
+
+
+def bench_peers(unet_name: str, size: int, batch: int, t_start: int, device: torch.device,
+                rounds: int, repeat: int, peer_bf16: bool) -> dict[str, Any]:
+    """ms/image of AnoDDPM: ours (automatic speed) vs the plain loops, best of ``rounds``
+    interleaved rounds (``repeat`` calls each) after one timed warm-up call per method."""
+    torch.manual_seed(0)
+    unet = _family(unet_name, size, batch).build_models()["unet"].to(device).eval()
+    unet.to(memory_format=torch.contiguous_format)  # the plain loop gets the plain layout
+    sched = build_scheduler("ddpm")
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = x.to(device)
+    auto = SpeedConfig().resolve(device)
+    calls = _peer_runs(unet, sched, x, t_start, device, auto, peer_bf16)
+    scores, warm = {}, {}
+    for name, fn in calls.items():  # warm-up: compiles ours on CUDA; checks run once here
+        warm[name], out = timed(fn, device)
+        scores[name] = out.float().cpu()
+    timed_fns = {k: f for k, f in calls.items() if not k.startswith("check:")}
+    per_round = interleaved_rounds(
+        {k: (lambda f=f: [f() for _ in range(repeat)]) for k, f in timed_fns.items()},
+        rounds, device)
+    ms = {k: 1e3 * v / repeat / batch for k, v in best(per_round).items()}
+    peer = min((k for k in ms if k.startswith("plain_")), key=ms.__getitem__)
+    checks = _score_checks(scores, 5e-2 if auto.bf16 else 1e-4)
     return {"unet": unet_name, "size": size, "batch": batch, "t": t_start, "steps": t_start + 1,
-            "speed": dataclasses.asdict(auto),
+            "speed": dataclasses.asdict(auto), "rounds": rounds, "repeat": repeat,
             "ms_per_image": {k: round(v, 3) for k, v in ms.items()},
-            "ratio_vs_plain": round(ms["plain_fp32_loop"] / ms["ours"], 3),
-            "max_rel_score_diff": {k: rel[k] for k in ("ours_batch_streams", "ours_fp32_eager")},
-            "score_rtol": rtol, "scores_within_rtol": rel["ours_batch_streams"] <= rtol,
-            "image_streams_vs_plain_max_rel_diff": rel["ours"],  # other noise: sampling noise
-            "warmup_s_all": round(warm_s, 1)}
+            "round_ms_per_image": {k: [round(1e3 * t / repeat / batch, 3) for t in v]
+                                   for k, v in per_round.items()},
+            "faster_peer": peer, "ratio_vs_faster_peer": round(ms[peer] / ms["ours"], 3),
+            "ratio_vs_plain_fp32": round(ms["plain_fp32_loop"] / ms["ours"], 3),
+            "bf16_peer": ("run: bf16 autocast, UNet and input channels-last" if peer_bf16
+                          else PEER_BF16_SKIP),
+            "score_checks": checks,
+            "scores_within_rtol": all(c["ok"] for c in checks.values()),
+            "warmup_s": {k: round(v, 2) for k, v in warm.items() if not k.startswith("check:")},
+            "check_calls_s": {k[6:]: round(v, 2) for k, v in warm.items()
+                              if k.startswith("check:")}}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--unet", default="autoddpm")
@@ -295,7 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "autoddpm on CUDA, tiny on CPU)")
     p.add_argument("--peer-batch", type=int, default=None, help="default: 64 CUDA, 4 CPU")
     p.add_argument("--peer-t", type=int, default=200)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--peer-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="also time the plain loop under bf16 autocast + channels-last (auto: on "
+                        "CUDA only, bf16 being slow on most CPUs)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timed rounds of the peers section (best round each)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="calls per round of the peers section (a round's time is their mean)")
     p.add_argument("--only", choices=("peers", "train", "all"), default="all",
                    help="peers: the AnoDDPM comparison; train: and training images/s; all")
     p.add_argument("--train-precision", choices=("no", "bf16", "fp16"), default=None,
@@ -306,37 +380,44 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "the warm-up step compiles and is not timed)")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds)")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    cuda = device.type == "cuda"
-    peer_unet = a.peer_unet or ("autoddpm" if cuda else "tiny")
-    peer_batch = a.peer_batch or (64 if cuda else 4)
+    cuda = torch.device(a.device).type == "cuda"
+    a.peer_unet = a.peer_unet or ("autoddpm" if cuda else "tiny")
+    a.peer_batch = a.peer_batch or (64 if cuda else 4)
+    a.train_precision = a.train_precision or ("bf16" if cuda else "no")
     if a.smoke:
         a.size, a.unet, a.batch, a.noise_batch, a.train_steps = 32, "tiny", 2, 4, 1
-        peer_unet, peer_batch, a.peer_t, a.repeat = "tiny", 2, 3, 1
+        a.peer_unet, a.peer_batch, a.peer_t, a.repeat, a.rounds = "tiny", 2, 3, 1, 2
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parse(argv)
+    device = torch.device(a.device)
+    peer_bf16 = a.peer_bf16 == "on" or (a.peer_bf16 == "auto" and device.type == "cuda")
     fam = _family(a.unet, a.size, a.batch)
-    result = {
-        "bench": "diffusion",
-        "hardware": {"cpu": cpu_name(), "gpu": torch.cuda.get_device_name(device)
-                     if device.type == "cuda" else None, "torch": torch.__version__,
-                     "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
-        "settings": {"size": a.size, "unet": a.unet, "device": str(device), "smoke": a.smoke},
-    }
-    peers = bench_peers(peer_unet, a.size, peer_batch, a.peer_t, device, a.repeat)
-    result.update({"ours": {"anoddpm_ms_per_image": peers["ms_per_image"]["ours"]},
-                   "peer": {"name": "plain_fp32_loop",
-                            "anoddpm_ms_per_image": peers["ms_per_image"]["plain_fp32_loop"]},
-                   "ratio": peers["ratio_vs_plain"], "peers": peers})
-    precision = a.train_precision or ("bf16" if cuda else "no")
+    settings = {k: v for k, v in vars(a).items() if k != "device"}
+    result: dict[str, Any] = {"bench": "diffusion",
+                              "settings": {**settings, "device": str(device),
+                                           "peer_bf16_run": peer_bf16}}
+    peers = bench_peers(a.peer_unet, a.size, a.peer_batch, a.peer_t, device, a.rounds, a.repeat,
+                        peer_bf16)
+    ms = peers["ms_per_image"]
+    result.update({"ours": {"anoddpm_ms_per_image": ms["ours"],
+                            "warmup_s": peers["warmup_s"]["ours"]},
+                   "peer": {"name": peers["faster_peer"],
+                            "anoddpm_ms_per_image": ms[peers["faster_peer"]]},
+                   "ratio": peers["ratio_vs_faster_peer"], "peers": peers})
     if a.only in ("train", "all"):
-        result["train"] = bench_train(fam, a.batch, a.train_steps, device, precision)
+        result["train"] = bench_train(fam, a.batch, a.train_steps, device, a.train_precision)
         if a.train_compile:
             compiled = _family(a.unet, a.size, a.batch, compile_train=True)
             result["train_compiled"] = bench_train(compiled, a.batch, a.train_steps, device,
-                                                   precision)
+                                                   a.train_precision)
     if a.only == "all":
         result["simplex"] = bench_simplex(a.noise_batch, a.size, device, n_ref=1)
         result["recon"] = (_smoke_recon(fam, a.batch, device) if a.smoke
                            else bench_recon(fam, a.batch, device, a.exact))
+    result["hardware"] = machine(device)
     print(json.dumps(result))
     return 0
 

@@ -667,9 +667,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
     totals = {k: sum(c[k] for c in tally.classes.values()) for k in ("tried", "held", "failed")}
+    sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py (imports torch)
+    from _common import machine
+
     rec = {"bench": "faults", "families": families, "kills_per_family": kills,
            "classes": tally.classes, "total": totals, "failures": tally.failures[:20],
-           "seconds": round(time.perf_counter() - t0, 1), "cpu_count": os.cpu_count()}
+           "seconds": round(time.perf_counter() - t0, 1), "cpu_count": os.cpu_count(),
+           "settings": {"families": families, "kills": kills, "seed": args.seed,
+                        "one_mode": args.one_mode, "smoke": args.smoke},
+           "hardware": machine()}
     print(json.dumps(rec))
     return rec
 

@@ -29,6 +29,9 @@ from gen_ad.metrics import inception as inc
 from gen_ad.utils.hardware import cpu_name
 from gen_ad.utils.io import write_bytes
 
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py when loaded by path
+from _common import machine  # noqa: E402
+
 
 def _write_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
     """``n`` smooth random RGB PNGs (compressible like tissue patches, unlike pure noise)."""
@@ -128,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.environ.pop("GEN_AD_CACHE", None)
             else:
                 os.environ["GEN_AD_CACHE"] = old_cache
+    rec["hardware"] = machine(devices[-1])
     print(json.dumps(rec))
     return 0
 

@@ -1,13 +1,16 @@
 """Benchmark the KNN baseline: exact search against its peers, bank build rate, bounded memory.
 
 Prints one JSON line. The default (``--only peers``) is the side-by-side of issue 17: gen_ad's exact
-search (:class:`gen_ad.baselines.search.ExactKNN`: fp32 candidates + float64 re-rank) against a
-plain fp32 matmul + topk with the bank resident and against faiss' flat search (faiss-gpu on CUDA
-when installed, faiss-cpu otherwise), on the same clustered Gaussian bank, interleaved over
-``--rounds`` rounds (best round each, as the machine may be shared), with every method's neighbours
-compared to a float64 brute force. ``ours``, ``peer`` (the faster of the two peers), ``ratio``
-(ours / peer queries/s) sit at the top level. Sizes: 200k x 768, k = 200, 200 queries on CPU;
-1M x 768, k = 200, 1000 and 100 queries on CUDA.
+search (:class:`gen_ad.baselines.search.ExactKNN`: fp32 candidates + float64 re-rank, memory
+budget 1 TiB so that it keeps the bank resident as the peers do) against a plain fp32 matmul +
+topk with the bank resident (one fused ``torch.addmm`` with the bank's norms precomputed once, as
+ours does) and against faiss' flat search (faiss-gpu on CUDA when installed, faiss-cpu otherwise),
+on the same clustered Gaussian bank, after one warm-up call each, interleaved over ``--rounds``
+rounds (best round each, as the machine may be shared), with every method's neighbours compared
+to a float64 brute force. ``ours``, ``peer`` (the faster of the two peers), ``ratio`` (ours / peer
+queries/s) sit at the top level; ``peers.settings`` says what each method ran with (faiss'
+thread count included). Sizes: 200k x 768, k = 200, 200 queries on CPU; 1M x 768, k = 200, 1000
+and 100 queries on CUDA.
 
 ``--only all`` adds the older sections:
 
@@ -26,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
-import os
-import platform
 import resource
 import shutil
 import sys
@@ -45,7 +45,9 @@ import torch
 from gen_ad.baselines.extractors import build_extractor, extractor_names
 from gen_ad.baselines.knn import FeatureBank, KNNIndex, SearchSettings, _faiss
 from gen_ad.baselines.search import ArraySource, ExactKNN, faiss_has_gpu, order_by_distance
-from gen_ad.utils.hardware import cpu_name
+
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py when loaded by path
+from _common import best, interleaved_rounds, machine  # noqa: E402
 
 
 def _status_mb(key: str = "VmRSS") -> float:
@@ -97,21 +99,39 @@ def float64_reference(q: torch.Tensor, bank: torch.Tensor, k: int,
     return best_i
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+OURS_BUDGET = 1 << 40  # bytes: ours keeps the whole bank resident, as the peers do
+
+
+def _peer_settings(faiss: Any, ours: ExactKNN, device: torch.device) -> dict[str, Any]:
+    """What each method was run with (the figures depend on it)."""
+    threads = faiss.omp_get_max_threads() if faiss is not None else None
+    return {
+        "ours": {"class": "ExactKNN", "memory_budget_bytes": OURS_BUDGET,
+                 "bank_resident": bool(ours.resident),
+                 "candidates": ("faiss flat search (fp32)" if ours.faiss is not None
+                                else "torch.addmm(-||b||^2/2, q, bank^T) + topk (fp32)"),
+                 "rerank": "float64, in (distance, index) order",
+                 "faiss_threads": threads if ours.faiss is not None else None},
+        "plain_matmul_topk": {"op": "torch.addmm(-||b||^2/2, q, bank^T) then torch.topk",
+                              "norms": "precomputed once", "dtype": "float32",
+                              "bank_resident": True, "torch_threads": torch.get_num_threads()},
+        "faiss_flat": (None if faiss is None else
+                       {"op": ("IndexFlatL2 on the GPU" if device.type == "cuda"
+                               else "faiss.knn (flat L2)"), "dtype": "float32",
+                        "threads": threads, "version": getattr(faiss, "__version__", None)}),
+    }
 
 
 def _peers(bank: torch.Tensor, device: torch.device, k: int) -> dict[str, Any]:
-    """Search functions ``q [Q, D] on device -> idx [Q, k]``: ours and the two peers."""
+    """Search functions ``q [Q, D] on device -> idx [Q, k]``: ours and the peers."""
     faiss = _faiss()
-    ours = ExactKNN(ArraySource(bank.cpu().numpy()), device=device, memory_budget_bytes=1 << 40)
-    half_sq = bank.pow(2).sum(1).div(2)
+    ours = ExactKNN(ArraySource(bank.cpu().numpy()), device=device,
+                    memory_budget_bytes=OURS_BUDGET)
+    neg_half_sq = bank.pow(2).sum(1).div_(-2)  # precomputed once, as ours does
 
-    def plain(q: torch.Tensor) -> torch.Tensor:  # fp32 matmul + topk, the bank resident
-        s = q @ bank.T
-        s.sub_(half_sq)  # rank by q.b - ||b||^2 / 2 = (||q||^2 - ||q - b||^2) / 2
-        return torch.topk(s, k, dim=1).indices
+    def plain(q: torch.Tensor) -> torch.Tensor:  # fp32, the bank resident, one fused product:
+        # rank by q.b - ||b||^2 / 2 = (||q||^2 - ||q - b||^2) / 2
+        return torch.topk(torch.addmm(neg_half_sq, q, bank.T), k, dim=1).indices
 
     fns: dict[str, Any] = {"ours": lambda q: torch.from_numpy(ours.search(q, k)[1]),
                            "plain_matmul_topk": plain}
@@ -124,7 +144,7 @@ def _peers(bank: torch.Tensor, device: torch.device, k: int) -> dict[str, Any]:
         elif device.type == "cpu":
             b_np = bank.numpy()
             fns["faiss_cpu_flat"] = lambda q: torch.from_numpy(faiss.knn(q.numpy(), b_np, k)[1])
-    return {"fns": fns, "ours": ours}
+    return {"fns": fns, "ours": ours, "settings": _peer_settings(faiss, ours, device)}
 
 
 def bench_peers(n: int, dim: int, k: int, n_queries: Sequence[int], rounds: int,
@@ -136,24 +156,21 @@ def bench_peers(n: int, dim: int, k: int, n_queries: Sequence[int], rounds: int,
     for nq in n_queries:
         q = clustered_torch(nq, dim, 999, device)
         ref = float64_reference(q, bank, k).cpu()
-        best = {name: math.inf for name in setup["fns"]}
         same = {}
         for name, fn in setup["fns"].items():  # warm-up (resident copies, faiss index)
             same[name] = float((fn(q).cpu() == ref).all(dim=1).double().mean())
-        for _ in range(rounds):
-            for name, fn in setup["fns"].items():
-                _sync(device)
-                t = time.perf_counter()
-                fn(q)
-                _sync(device)
-                best[name] = min(best[name], time.perf_counter() - t)
-        qps = {name: round(nq / dt, 2) for name, dt in best.items()}
+        seconds = interleaved_rounds({name: (lambda f=fn, q=q: f(q)) for name, fn
+                                      in setup["fns"].items()}, rounds, device)
+        qps = {name: round(nq / dt, 2) for name, dt in best(seconds).items()}
         peer = max((v, name) for name, v in qps.items() if name != "ours")
         rows.append({"queries": nq, "qps": qps, "faster_peer": peer[1],
                      "ratio_vs_faster_peer": round(qps["ours"] / peer[0], 3),
-                     "identical_to_float64": same})
+                     "identical_to_float64": same,
+                     "round_qps": {name: [round(nq / dt, 2) for dt in v]
+                                   for name, v in seconds.items()}})
     return {"rows": rows, "widened_queries": setup["ours"].stats["widened"],
-            "ours_backend": "faiss" if setup["ours"].faiss is not None else "torch"}
+            "ours_backend": "faiss" if setup["ours"].faiss is not None else "torch",
+            "settings": setup["settings"]}
 
 
 def bench_build(names: Sequence[str], n_batches: int, batch: int, tiny: bool,
@@ -307,12 +324,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "bench": "knn", "smoke": args.smoke,
         "settings": {"n": n, "dim": args.dim, "k": args.k, "queries": queries,
                      "rounds": args.rounds, "device": str(device),
-                     "data": "clustered gaussian (256 centres)"},
-        "hardware": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                     "threads": torch.get_num_threads(),
-                     "gpu": torch.cuda.get_device_name(device) if cuda else None,
-                     "torch": torch.__version__, "python": platform.python_version(),
-                     "faiss": getattr(faiss, "__version__", None) if faiss else None},
+                     "data": "clustered gaussian (256 centres)", "only": args.only,
+                     "ours_memory_budget_bytes": OURS_BUDGET},
     }
     if args.only in ("all", "peers"):
         peers = bench_peers(n, args.dim, args.k, queries, args.rounds, device)
@@ -323,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "ratio": first["ratio_vs_faster_peer"], "peers": peers})
     if args.only != "peers":
         rec.update(older_sections(args))
+    rec["hardware"] = {**machine(device),
+                       "faiss": getattr(faiss, "__version__", None) if faiss else None,
+                       "faiss_threads": faiss.omp_get_max_threads() if faiss else None}
     print(json.dumps(rec))
     return rec
 

@@ -7,14 +7,20 @@ plain vs encoder-initialised inversion at equal final LPIPS. Prints one JSON lin
 
 ``--reference DIR`` (a checkout of github.com/NVlabs/stylegan2-ada-pytorch that the user provides;
 nothing of it is shipped here) times the reference's networks, ``StyleGAN2Loss`` and ADA pipeline
-('bgc', p = 0.2) through its training loop's phases (Gmain, Greg every 4, Dmain, Dreg every 16,
-lazy-regularisation learning-rate/beta scaling, G_ema update) and gen_ad's training step with the
-same resolution, config (E: channel_base 16384; F: 32768; channel_max 512, 8 mapping layers,
-4 low-precision blocks, conv_clamp 256, minibatch-stddev group), batch and augmentation, on the
-same device: GPU 256 px config E batch 64 and 512 px config F batch 32 (as in the issue); CPU at
-1/8 width, 64 px, batch 8. The reference's CUDA ops compile at first use as for its users (they
-fall back to its reference implementations when they cannot, or on CPU). One JSON line: both
-images/s per setting and the ratio (gen_ad / reference).
+('bgc', fixed p = 0.2) through its training loop's per-step work (Gmain, Greg every 4, Dmain, Dreg
+every 16, lazy-regularisation learning-rate/beta scaling, ``nan_to_num`` of the gradients, G_ema
+update) and gen_ad's training step as its loop runs it (the same phases, each sanitising its
+gradients; the loop's finiteness check; G_ema update; ADA at the same fixed p: ``augment.ada``
+off) with the same resolution, config (E: channel_base 16384; F: 32768; channel_max 512,
+8 mapping layers, 4 low-precision blocks, conv_clamp 256, minibatch-stddev group), batch and
+augmentation, on the same device: GPU 256 px config E batch 64 and 512 px config F batch 32 (as in
+the issue); CPU at 1/8 width, 64 px, batch 8. After one warm-up step each, the two sides run
+``--rounds`` interleaved rounds of ``--steps`` steps (gen_ad, reference, gen_ad, ...) and each
+keeps its best round. The reference's CUDA ops compile at first use as for its users (they fall
+back to its reference implementations when they cannot, or on CPU). One JSON line: both images/s
+per setting, every round, the ratio (gen_ad / reference), the per-step work
+(``per_step_work``), the reference checkout's commit (null when it is not a git checkout of its
+own) and the machine.
 
 Projection is measured on images the generator made (targets with a known latent): plain
 projection runs ``proj_steps`` steps from the mean ``w`` (GPU 1000 as in the reference, CPU 100)
@@ -30,8 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +50,29 @@ from accelerate import Accelerator
 from gen_ad.config import from_dict
 from gen_ad.inversion.lpips_net import build_lpips
 from gen_ad.inversion.projector import project, train_projection_encoder, w_stats
+from gen_ad.models.ema import ema_copy, ema_update
 from gen_ad.models.stylegan2 import CHANNEL_BASE
 from gen_ad.training.family import StepContext
+from gen_ad.training.loop import _finite_or_raise
 from gen_ad.training.stylegan2 import StyleGAN2Config, StyleGAN2Family
 from gen_ad.utils.hardware import cpu_name
+
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py when loaded by path
+from _common import best, git_commit, interleaved_rounds, machine, timed  # noqa: E402
+
+AUGMENT_P = 0.2  # ADA's p in the training timings ('bgc', every transform)
+EMA_RAMPUP = 0.05  # both sides' G_ema half-life: batch * 10 / 32 kimg, ramped up as in their loops
+PER_STEP_WORK = {
+    "phases": "Gmain, Greg every 4 steps, Dmain, Dreg every 16 steps (lazy regularisation)",
+    "gradient_sanitising": "nan_to_num of every gradient before each optimiser step, both sides "
+                           "(gen_ad inside its phases; the reference as its training_loop.py)",
+    "g_ema": "G_ema update after every step on both sides (parameters lerp, buffers copied)",
+    "ada_p": f"fixed at {AUGMENT_P} on both sides (gen_ad augment.ada = false; the reference "
+             "without ada_target): neither adapts p in the timed steps",
+    "gen_ad_only": "its training loop's one host read per step checking the logged losses are "
+                   "finite (train_one_step); the reference's loop has no such check",
+    "data": "one resident batch of random images on both sides (no data loading)",
+}
 
 
 def _sync(dev: torch.device) -> None:
@@ -52,43 +80,69 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _gen_ad_family(res: int, preset: str, batch: int, model: dict[str, Any], cpu: bool,
+                   width_div: int, compile_train: bool, ada: bool) -> StyleGAN2Family:
+    if width_div > 1:
+        model = {"channel_base": CHANNEL_BASE[preset] // width_div, **model}
+    return StyleGAN2Family(from_dict(StyleGAN2Config, {
+        "data": {"size": res}, "train": {"batch_size": batch, "cpu": cpu},
+        "model": {"preset": preset, **model},
+        "loss": {"pl_interval": 4, "r1_interval": 16, "ema_rampup": EMA_RAMPUP},
+        "augment": {"p": AUGMENT_P, "ada": ada}, "speed": {"compile_train": compile_train}}))
+
+
+def gen_ad_trainer(res: int, preset: str, batch: int, model: dict[str, Any], cpu: bool,
+                   width_div: int = 1, compile_train: bool = False, ada: bool = True,
+                   ) -> tuple[Callable[[], None], StyleGAN2Family]:
+    """A function running gen_ad's next training step as its loop does (``train_one_step``): the
+    family's step (Gmain, Greg, Dmain, Dreg, each sanitising its gradients; ADA's adjustment when
+    ``ada``), the loop's finiteness check of the logged losses, then the G_ema update.
+
+    ``width_div`` divides the preset's channel_base (E 16384, F 32768), keeping F twice E's width.
+    ``compile_train``: ``speed.compile_train`` (the first step compiles)."""
+    fam = _gen_ad_family(res, preset, batch, model, cpu, width_div, compile_train, ada)
+    acc = Accelerator(cpu=cpu)
+    raw = fam.build_models()
+    fam.setup(raw, acc.device)
+    opts = {k: acc.prepare(o) for k, o in fam.build_optimizers(raw).items()}
+    models = {k: acc.prepare(m) for k, m in raw.items()}
+    ema = {n: ema_copy(raw[n]) for n in fam.ema_models()}
+    batch_x = torch.rand(batch, 3, res, res, device=acc.device) * 2 - 1
+    count = [0]
+
+    def step() -> None:
+        i, kimg = count[0], count[0] * batch / 1000
+        gen = torch.Generator(device=acc.device).manual_seed(i)
+        ctx = StepContext(acc, models, opts, {}, ema, step=i, kimg=kimg, generator=gen,
+                          host_rng=random.Random(i))
+        _finite_or_raise(dict(fam.train_step(ctx, batch_x)), i)
+        decay = fam.ema_decay(i, kimg)
+        for name, e in ema.items():
+            ema_update(e, raw[name], decay)
+        count[0] += 1
+
+    return step, fam
+
+
+def _steps(step: Callable[[], None], n: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(n):
+            step()
+    return run
+
+
 def train_speed(res: int, preset: str, batch: int, steps: int, model: dict[str, Any],
                 cpu: bool, width_div: int = 1, compile_train: bool = False,
                 ) -> tuple[float, float]:
-    """Training images/s of the full StyleGAN2 step (G, PL, D, R1, ADA) after one warm-up step.
-
-    Timed steps ``1..steps``; with ``steps`` a multiple of 16 the window holds whole lazy-R1 and
-    path-length periods, so the figure is the amortised rate a real run sees. ``width_div``
-    divides the preset's channel_base (E 16384, F 32768), keeping F twice E's width.
-    ``compile_train``: ``speed.compile_train`` (the warm-up step compiles; not timed).
-    Returns (images/s, seconds of the warm-up step: with ``compile_train``, the compilation).
-    """
-    if width_div > 1:
-        model = {"channel_base": CHANNEL_BASE[preset] // width_div, **model}
-    cfg = from_dict(StyleGAN2Config, {
-        "data": {"size": res}, "train": {"batch_size": batch, "cpu": cpu},
-        "model": {"preset": preset, **model},
-        "loss": {"pl_interval": 4, "r1_interval": 16}, "augment": {"p": 0.2},
-        "speed": {"compile_train": compile_train}})
-    fam = StyleGAN2Family(cfg)
-    acc = Accelerator(cpu=cpu)
-    models = fam.build_models()
-    fam.setup(models, acc.device)
-    opts = fam.build_optimizers(models)
-    models = {k: acc.prepare(m) for k, m in models.items()}
-    opts = {k: acc.prepare(o) for k, o in opts.items()}
-    batch_x = torch.rand(batch, 3, res, res, device=acc.device) * 2 - 1
-    t_first = time.perf_counter()
-    t0 = 0.0
-    for step in range(steps + 1):
-        if step == 1:
-            _sync(acc.device)
-            t0 = time.perf_counter()
-        gen = torch.Generator(device=acc.device).manual_seed(step)
-        ctx = StepContext(acc, models, opts, {}, {}, step=step, kimg=0.0, generator=gen)
-        fam.train_step(ctx, batch_x)
-    _sync(acc.device)
-    return batch * steps / (time.perf_counter() - t0), t0 - t_first
+    """Training images/s of gen_ad's full step (G, PL, D, R1, ADA adapting, G_ema) over steps
+    ``1..steps`` after one warm-up step; with ``steps`` a multiple of 16 the window holds whole
+    lazy-R1 and path-length periods, so the figure is the amortised rate a real run sees.
+    Returns (images/s, seconds of the warm-up step: with ``compile_train``, the compilation)."""
+    step, _ = gen_ad_trainer(res, preset, batch, model, cpu, width_div, compile_train)
+    dev = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
+    first, _ = timed(step, dev)
+    dt, _ = timed(_steps(step, steps), dev)
+    return batch * steps / dt, first
 
 
 def projection_speed(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
@@ -156,24 +210,27 @@ def projection_speed(args: argparse.Namespace, dev: torch.device) -> dict[str, A
             f"single_{args.enc_chunk}steps_ms_per_image": single_ms}
 
 
-def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: int,
-                          model: dict[str, Any], dev: torch.device) -> float:
-    """Training images/s of NVlabs' stylegan2-ada-pytorch (checkout ``ref``), as its loop runs.
+def reference_trainer(ref: str, res: int, preset: str, batch: int, model: dict[str, Any],
+                      dev: torch.device) -> tuple[Callable[[], None], dict[str, Any], Any]:
+    """A function running the next training step of NVlabs' stylegan2-ada-pytorch (checkout
+    ``ref``) as its ``training_loop.py`` does: the phases (lazy-regularisation learning-rate and
+    beta scaling), ``misc.nan_to_num`` of the gradients before each optimiser step, the G_ema
+    update (parameters and buffers); ADA at a fixed ``p`` (no ``ada_target``).
 
-    Same timing window as :func:`train_speed` (steps ``1..steps`` after one warm-up step).
     Mixed precision (``num_fp16_res = 4``) on CUDA only, as gen_ad: on CPU the reference would
     run its float16 layers in float16 (slow CPU kernels), so there it is built as ``--fp32``.
+    Returns (step, the ops it runs with, its AugmentPipe).
     """
     import copy
 
     if ref not in sys.path:
         sys.path.insert(0, ref)
+    from torch_utils import misc  # type: ignore[import-not-found]
     from training.augment import AugmentPipe  # type: ignore[import-not-found]
     from training.loss import StyleGAN2Loss  # type: ignore[import-not-found]
     from training.networks import Discriminator, Generator  # type: ignore[import-not-found]
 
     ops = reference_ops(ref, dev)
-
     base = model.get("channel_base", CHANNEL_BASE[preset])
     cmax, group = model.get("channel_max", 512), model.get("mbstd_group", 4)
     common = {"c_dim": 0, "img_resolution": res, "img_channels": 3}
@@ -190,7 +247,7 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
     aug = AugmentPipe(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1,
                       brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
     aug = aug.train().requires_grad_(False).to(dev)
-    aug.p.copy_(torch.as_tensor(0.2))
+    aug.p.copy_(torch.as_tensor(AUGMENT_P))
     loss = StyleGAN2Loss(device=dev, G_mapping=G.mapping, G_synthesis=G.synthesis, D=D,
                          augment_pipe=aug, r1_gamma=1.0 if preset == "E" else 0.5)
     phases = []
@@ -201,13 +258,12 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
         phases += [(name + "main", module, opt, 1), (name + "reg", module, opt, interval)]
     real = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
     c = torch.zeros(batch, 0, device=dev)
-    t0 = 0.0
-    for step in range(steps + 1):
-        if step == 1:
-            _sync(dev)
-            t0 = time.perf_counter()
+    count = [0]
+
+    def step() -> None:
+        i = count[0]
         for name, module, opt, interval in phases:
-            if step % interval:
+            if i % interval:
                 continue
             opt.zero_grad(set_to_none=True)
             module.requires_grad_(True)
@@ -215,13 +271,20 @@ def reference_train_speed(ref: str, res: int, preset: str, batch: int, steps: in
             loss.accumulate_gradients(phase=name, real_img=real, real_c=c, gen_z=z, gen_c=c,
                                       sync=True, gain=interval)
             module.requires_grad_(False)
+            for param in module.parameters():  # as its training_loop.py
+                if param.grad is not None:
+                    misc.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
             opt.step()
         with torch.no_grad():
-            beta = 0.5 ** (batch / (20 * 1000))
+            ema_nimg = min(batch * 10 / 32 * 1000, i * batch * EMA_RAMPUP)
+            beta = 0.5 ** (batch / max(ema_nimg, 1e-8))
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.copy_(p.lerp(p_ema, beta))
-    _sync(dev)
-    return batch * steps / (time.perf_counter() - t0), ops
+            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+                b_ema.copy_(b)
+        count[0] += 1
+
+    return step, ops, aug
 
 
 def register_loaded_extensions() -> None:
@@ -289,8 +352,41 @@ def reference_ops(ref: str, dev: torch.device) -> dict[str, Any]:
     return info
 
 
+def _compare_row(ref: str, res: int, preset: str, batch: int, steps: int, rounds: int,
+                 m: dict[str, Any], dev: torch.device, compile_train: bool) -> dict[str, Any]:
+    """One setting: one warm-up step each, then ``rounds`` interleaved rounds of ``steps`` steps
+    (gen_ad, reference[, gen_ad compiled], gen_ad, ...); each side's best round."""
+    cpu = dev.type == "cpu"
+    theirs, ops, aug = reference_trainer(ref, res, preset, batch, m, dev)
+    ours, fam = gen_ad_trainer(res, preset, batch, m, cpu, ada=False)
+    methods = {"gen_ad": ours, "reference": theirs}
+    fam_c = None
+    if compile_train:
+        methods["gen_ad_compiled"], fam_c = gen_ad_trainer(res, preset, batch, m, cpu,
+                                                           compile_train=True, ada=False)
+    warm = {k: timed(f, dev)[0] for k, f in methods.items()}  # step 0: every phase; compiles
+    seconds = interleaved_rounds({k: _steps(f, steps) for k, f in methods.items()}, rounds, dev)
+    rate = {k: batch * steps / v for k, v in best(seconds).items()}
+    row = {"res": res, "config": preset, "batch": batch, "steps": steps, "rounds": rounds,
+           "model": m, "gen_ad_img_per_s": rate["gen_ad"],
+           "reference_img_per_s": rate["reference"],
+           "ratio": rate["gen_ad"] / rate["reference"],
+           "round_img_per_s": {k: [round(batch * steps / t, 3) for t in v]
+                               for k, v in seconds.items()},
+           "warmup_step_s": {k: round(v, 2) for k, v in warm.items()},
+           "ada_adapts": {"gen_ad": fam.cfg.augment.ada, "reference": False},  # no ada_target
+           "ada_p_end": {"gen_ad": fam.ada.p, "reference": float(aug.p),
+                         **({"gen_ad_compiled": fam_c.ada.p} if fam_c else {})},
+           "reference_ops": ops}
+    if compile_train:
+        row.update(gen_ad_compiled_img_per_s=rate["gen_ad_compiled"],
+                   ratio_compiled=rate["gen_ad_compiled"] / rate["reference"],
+                   compiled_first_step_s=warm["gen_ad_compiled"])
+    return row
+
+
 def compare_reference(ref: str, cpu: bool, smoke: bool, steps_arg: int | None = None,
-                      compile_train: bool = False) -> dict[str, Any]:
+                      compile_train: bool = False, rounds: int = 3) -> dict[str, Any]:
     """gen_ad vs the reference, images/s per (resolution, config, batch) and the ratio.
 
     With ``compile_train`` gen_ad is also timed with ``speed.compile_train`` (``*_compiled``
@@ -311,19 +407,12 @@ def compare_reference(ref: str, cpu: bool, smoke: bool, steps_arg: int | None = 
         if cpu and not smoke:
             m["channel_base"] = CHANNEL_BASE[preset] // 8
         m["mbstd_group"] = min(4, batch)
-        theirs, ops = reference_train_speed(ref, res, preset, batch, steps, m, dev)
-        ours, _ = train_speed(res, preset, batch, steps, m, cpu)
-        row = {"res": res, "config": preset, "batch": batch, "steps": steps, "model": m,
-               "gen_ad_img_per_s": ours, "reference_img_per_s": theirs, "ratio": ours / theirs,
-               "reference_ops": ops}
-        if compile_train:
-            fast, first_s = train_speed(res, preset, batch, steps, m, cpu, compile_train=True)
-            row.update(gen_ad_compiled_img_per_s=fast, ratio_compiled=fast / theirs,
-                       compiled_first_step_s=first_s)
+        row = _compare_row(ref, res, preset, batch, steps, rounds, m, dev, compile_train)
         rows.append(row)
-        print(f"{preset}{res} batch {batch}: gen_ad {ours:.3g} "
+        print(f"{preset}{res} batch {batch}: gen_ad {row['gen_ad_img_per_s']:.3g} "
               + (f"(compiled {row['gen_ad_compiled_img_per_s']:.3g}) " if compile_train else "")
-              + f"vs reference {theirs:.3g} images/s", file=sys.stderr, flush=True)
+              + f"vs reference {row['reference_img_per_s']:.3g} images/s (best of {rounds} "
+              "rounds)", file=sys.stderr, flush=True)
     head = rows[0]
     ours, ratio = ((head["gen_ad_compiled_img_per_s"], head["ratio_compiled"]) if compile_train
                    else (head["gen_ad_img_per_s"], head["ratio"]))
@@ -343,6 +432,9 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per setting of --reference (default 32 on GPU; a multiple "
                         "of 16 holds whole lazy-regularisation periods)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --reference: interleaved rounds of --steps steps per side (gen_ad, "
+                        "reference, gen_ad, ...), each side's best round")
     p.add_argument("--compile", action="store_true",
                    help="also time gen_ad's training with speed.compile_train (torch.compile of "
                         "the synthesis network and D; the warm-up step compiles, not timed)")
@@ -379,13 +471,21 @@ def main() -> None:
         if not (Path(args.reference) / "training" / "networks.py").is_file():
             raise SystemExit(f"bench/stylegan2.py: {args.reference} is not a stylegan2-ada-pytorch "
                              "checkout (no training/networks.py)")
-        rec = compare_reference(str(Path(args.reference).resolve()), cpu, args.smoke,
-                                args.steps, args.compile)
+        ref = Path(args.reference).resolve()
+        rec = compare_reference(str(ref), cpu, args.smoke, args.steps, args.compile, args.rounds)
         print(json.dumps({"bench": "stylegan2_vs_reference", "smoke": args.smoke,
                           "device": str(dev), "gpu": torch.cuda.get_device_name(0)
                           if dev.type == "cuda" else None, "cpu": cpu_name(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "augment": "bgc, p=0.2", **rec}))
+                          "cpu_count": os.cpu_count(), "augment": f"bgc, p={AUGMENT_P}",
+                          "settings": {"steps": rec["rows"][0]["steps"], "rounds": args.rounds,
+                                       "compile": args.compile, "cpu": cpu,
+                                       "smoke": args.smoke},
+                          "per_step_work": PER_STEP_WORK,
+                          "ada_adapts": rec["rows"][0]["ada_adapts"],
+                          "reference_checkout": {"path": str(ref), "commit": git_commit(
+                              ref, own_checkout=True)},
+                          **rec, "hardware": machine(dev)}))
         return
     args.lpips_trunk = "vgg"
     if args.smoke:
@@ -413,7 +513,8 @@ def main() -> None:
         "cpu": cpu_name(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "train_batch": batch, "train_steps": steps,
         "train_model_overrides": model, "train_channel_base_div": width_div,
-        "train_img_per_s": train, "projection": proj}))
+        "train_augment": f"bgc, p={AUGMENT_P} (ADA adapting), G_ema updated",
+        "train_img_per_s": train, "projection": proj, "hardware": machine(dev)}))
 
 
 if __name__ == "__main__":

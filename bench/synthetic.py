@@ -13,11 +13,15 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from gen_ad.data.synthetic import generate
 from gen_ad.utils.hardware import cpu_name
+
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py when loaded by path
+from _common import machine  # noqa: E402
 
 
 def _measure(n: int, size: int, fraction: float, repeats: int) -> dict[str, float]:
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__, "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "settings": {"n": n, "sizes": sizes, "repeats": repeats,
+                     "anomaly_fraction": args.anomaly_fraction, "smoke": args.smoke},
+        "hardware": machine(),
     }
     print(json.dumps(record))
     return 0

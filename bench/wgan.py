@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,9 @@ from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.training.family import StepContext
 from gen_ad.training.wgan import WGANConfig, WGANFamily
 from gen_ad.utils.hardware import cpu_name
+
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py when loaded by path
+from _common import machine  # noqa: E402
 
 
 def _timed(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
@@ -110,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "gan_img_per_s": round(_train_rate("gan", args, dev), 2),
             "encoder_img_per_s": round(_train_rate("encoder", args, dev), 2),
             **_score_rates(args, dev)}
+    rec["hardware"] = machine(devices[-1])
     print(json.dumps(rec))
     return 0
 

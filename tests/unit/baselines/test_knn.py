@@ -221,6 +221,9 @@ def test_bank_of_an_earlier_extractor_definition_is_refused(tmp_path, capsys) ->
 def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
     rec = run_bench("knn.py")
     assert "hardware" in rec and rec["hardware"]["cpu"]
+    settings = rec["peers"]["settings"]
+    assert settings["ours"]["bank_resident"] and "addmm" in settings["plain_matmul_topk"]["op"]
+    assert rec["settings"]["ours_memory_budget_bytes"] == 1 << 40
 
 
 def test_calibrating_a_knn_scorer_uses_leave_one_out_scores(extractor) -> None:

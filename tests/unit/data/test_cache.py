@@ -85,6 +85,13 @@ def test_memory_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict])
     assert rec["bench"] == "memory" and [r["n"] for r in rec["rows"]] == [50, 200]
     assert all(r["cache"]["items"] == r["n"] for r in rec["rows"])
     assert rec["ours"]["peak_increase_mib"] >= 0 and rec["ratio"] > 0
+    # the ratio is against the best competent peer, the stacked float32 list only an extra
+    last = rec["rows"][-1]
+    assert rec["peer"]["variant"] in ("preallocated_uint8", "preallocated_float32")
+    assert rec["peer"]["peak_increase_mib"] == min(last[v]["peak_increase_mib"]
+                                                   for v in rec["peers"])
+    assert all(last[v]["items"] == last["n"] for v in rec["settings"]["variants"])
+    assert "stacked_float32_list" in rec and "commit" in rec["hardware"]
 
 
 def test_a_cache_installed_meanwhile_by_another_process_is_used(

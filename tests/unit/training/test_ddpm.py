@@ -186,6 +186,11 @@ def test_trained_model_finds_planted_anomalies(trained) -> None:
 def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> None:
     rec = run_bench("diffusion.py")
     assert rec["bench"] == "diffusion" and rec["hardware"]["torch"] == torch.__version__
+    peers = rec["peers"]  # the timed configuration is checked; rounds interleaved, best kept
+    assert peers["scores_within_rtol"] and "ours_vs_ours_fp32_eager" in peers["score_checks"]
+    assert rec["ours"]["warmup_s"] > 0 and rec["settings"]["rounds"] == peers["rounds"]
+    assert all(len(v) == peers["rounds"] for v in peers["round_ms_per_image"].values())
+    assert "plain_bf16_channels_last_loop" not in peers["ms_per_image"]  # CPU: said, not run
     s = rec["simplex"]
     assert s["torch_img_per_s"] > 0 and s["max_abs_diff_loop"] < 1e-9
     assert s["max_abs_diff_vectorised"] < 1e-9 and s["speedup_vs_numpy_loop"] > 0
