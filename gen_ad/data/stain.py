@@ -86,14 +86,15 @@ def cache_settings(normalizer: StainNormalizer,
     """What identifies ``normalizer``'s mapping in a patch cache's key: the method, the reference
     file's path and content (sha256), the tissue threshold, this module's algorithm version and
     torchstain's version (a replaced reference or a new algorithm must not reuse a cache)."""
-    import hashlib
     from importlib.metadata import PackageNotFoundError, version
+
+    from gen_ad.utils.io import sha256_file
 
     try:
         torchstain = version("torchstain")
     except PackageNotFoundError:
         torchstain = None
-    digest = hashlib.sha256(Path(reference).expanduser().read_bytes()).hexdigest()
+    digest = sha256_file(Path(reference).expanduser())
     return {"method": normalizer.method, "reference": str(reference), "sha256": digest,
             "min_tissue": normalizer.min_tissue, "algorithm": ALGORITHM, "torchstain": torchstain}
 

@@ -39,7 +39,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 
 from gen_ad.errors import CheckpointError, ConfigError, DataError, WeightsNotFoundError
-from gen_ad.utils.io import atomic_path, check_state_dict, torch_load
+from gen_ad.utils.io import atomic_path, check_state_dict, sha256_file, torch_load
 
 FeatureFn = Callable[[Tensor], Tensor]
 """``features(x) -> [B,D]`` for uint8 images ``x`` of shape ``[B,3,H,W]``."""
@@ -274,17 +274,14 @@ class WeightsDigests:
     tensors: str | None = None
 
 
-def _stream_sha256(f: IO[bytes], n: int | None = None, sha: Any = None) -> Any:
-    """Feed ``n`` bytes of ``f`` (all with ``None``) into ``sha`` in 1 MiB chunks."""
-    sha = sha if sha is not None else hashlib.sha256()
-    left = n
-    while left is None or left > 0:
-        chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
+def _feed_range(f: IO[bytes], n: int, sha: Any) -> None:
+    """Feed the next ``n`` bytes of ``f`` into ``sha`` in 1 MiB chunks."""
+    while n > 0:
+        chunk = f.read(min(1 << 20, n))
         if not chunk:
             break
         sha.update(chunk)
-        left = None if left is None else left - len(chunk)
-    return sha
+        n -= len(chunk)
 
 
 def _tensors_sha256(f: IO[bytes]) -> str | None:
@@ -299,7 +296,7 @@ def _tensors_sha256(f: IO[bytes]) -> str | None:
             start, end = t["data_offsets"]
             sha.update(json.dumps([name, t["dtype"], t["shape"]]).encode() + b"\0")
             f.seek(8 + n + start)
-            _stream_sha256(f, end - start, sha)
+            _feed_range(f, end - start, sha)
     except (struct.error, ValueError, TypeError, KeyError, OSError, MemoryError):
         return None
     return sha.hexdigest()
@@ -316,11 +313,11 @@ def weights_digests(path: str | os.PathLike[str]) -> WeightsDigests:
 @functools.lru_cache(maxsize=16)
 def _digests(path: str, size: int, mtime_ns: int) -> WeightsDigests:
     """:func:`weights_digests` of one version of a file (``size``/``mtime_ns`` key the cache)."""
-    with open(path, "rb") as f:
-        file = _stream_sha256(f).hexdigest()
-        f.seek(0)
-        tensors = _tensors_sha256(f) if path.endswith(".safetensors") else None
-    return WeightsDigests(file, tensors)
+    tensors = None
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            tensors = _tensors_sha256(f)
+    return WeightsDigests(sha256_file(path), tensors)
 
 
 def is_known_inception(digests: WeightsDigests) -> bool:

@@ -514,8 +514,10 @@ def _run_training(family: Family, resume: str | None) -> Path:
 def _note_data_and_budget(state: RunState, n_images: int) -> None:
     """Say when the run trains on the built-in synthetic tissue (``data.train`` not set, or
     ``synthetic``), and when a resumed run's ``train.max_steps`` leaves nothing to train."""
+    from gen_ad.data import SYNTHETIC
+
     cfg, step = state.family.cfg, state.counters.step
-    if str(cfg.data.train) == "synthetic":
+    if str(cfg.data.train) == SYNTHETIC:
         tqdm.write(f"data: {n_images} synthetic tissue patches (data.train is 'synthetic', the "
                    "default: set data.train to a patch folder to train on your data)",
                    file=sys.stderr)

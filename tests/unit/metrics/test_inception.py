@@ -129,9 +129,8 @@ def test_explicit_random_weights_are_not_fid_and_hashed_once(
     weights = tmp_path / "random.pth"
     torch_save(weights, inc.random_inception_state_dict(seed=3))
     hashed: list[int | None] = []
-    stream = inc._stream_sha256
-    monkeypatch.setattr(inc, "_stream_sha256", lambda f, n=None, sha=None: (
-        hashed.append(n), stream(f, n, sha))[1])
+    whole = inc.sha256_file  # one whole-file pass recorded as None
+    monkeypatch.setattr(inc, "sha256_file", lambda path: (hashed.append(None), whole(path))[1])
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         ext = inc.load_inception(weights, device="cpu", layer="64")
