@@ -483,8 +483,12 @@ def subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
     total = len(dataset)  # type: ignore[arg-type]
     if not 0 < n <= total:
         raise DataError(f"cannot take a subset of {n} items from a dataset of {total}")
-    idx = np.sort(np.random.default_rng(seed).permutation(total)[:n])
-    return Subset(dataset, idx.tolist())
+    return Subset(dataset, subset_indices(total, n, seed))
+
+
+def subset_indices(total: int, n: int, seed: int = 0) -> list[int]:
+    """The sorted indices of :func:`subset`'s seeded choice of ``n`` of ``total`` items."""
+    return np.sort(np.random.default_rng(seed).permutation(total)[:n]).tolist()
 
 
 def split(dataset: Dataset, parts: Sequence[float] | Sequence[int],

@@ -49,7 +49,13 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from tqdm import tqdm
 
-from gen_ad.data.folders import IMAGE_EXTENSIONS, ResizeMode, fit_size, read_rgb
+from gen_ad.data.folders import (
+    IMAGE_EXTENSIONS,
+    ResizeMode,
+    fit_size,
+    read_rgb,
+    subset_indices,
+)
 from gen_ad.errors import ConfigError, DataError, GenAdError
 from gen_ad.metrics.inception import FeatureExtractor, load_inception, to_uint8
 from gen_ad.utils.io import load_safetensors, save_safetensors
@@ -160,8 +166,7 @@ def list_images(folder: str | os.PathLike, *, classes: Sequence[str] | None = No
         raise DataError(f"no images ({exts}) found in {root}")
     if not max_images or max_images >= len(files):
         return files
-    idx = np.sort(np.random.default_rng(seed).permutation(len(files))[:max_images])
-    return [files[i] for i in idx]
+    return [files[i] for i in subset_indices(len(files), max_images, seed)]
 
 
 def _read_rgb(path: Path, size: int | None, resize: ResizeMode) -> np.ndarray:
