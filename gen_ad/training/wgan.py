@@ -102,7 +102,8 @@ class EncoderStageConfig:
 
     Attributes:
         kappa: weight of the critic-feature term (1).
-        lr: Adam learning rate (2e-4 as reported; the reference code used RMSProp 5e-5).
+        lr: Adam learning rate (2e-4 by default; the reference code, z_encoding_izif.py, used
+            RMSProp 5e-5 with batch 64).
         betas: Adam betas.
     """
 
