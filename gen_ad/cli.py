@@ -147,7 +147,7 @@ def _add_fid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kid", action="store_true", help="also compute KID")
     p.add_argument("--n", type=_positive_int, default=None,
                    help="samples drawn from a run (default: as many as REAL images), or the "
-                   "first N images of a FAKE folder")
+                   "N images of a FAKE folder (a seeded random choice, as --max-real)")
     p.add_argument("--max-real", type=_positive_int, default=None,
                    help="use only N real images (a seeded random choice)")
     p.add_argument("--size", type=_positive_int, default=None,

@@ -429,8 +429,9 @@ def fake_features(fake: str | os.PathLike | SampleFn, extractor: FeatureExtracto
     """Features ``[N,D]`` of generated images: a folder or a :data:`SampleFn`.
 
     Args:
-        fake: image folder (its first ``n`` sorted files when ``n`` is given) or callable (a
-            trained run's sampler: see :mod:`gen_ad.app.fid`).
+        fake: image folder (a seeded random ``n`` of its files when ``n`` is given, as for a
+            real folder: the first ``n`` sorted names may all come from one source) or callable
+            (a trained run's sampler: see :mod:`gen_ad.app.fid`).
         extractor: the feature extractor.
         n: number of samples (required for a callable).
         batch_size: images per generator / extractor call.
@@ -439,7 +440,7 @@ def fake_features(fake: str | os.PathLike | SampleFn, extractor: FeatureExtracto
         generator_device: device of that generator (default: the extractor's device).
     """
     if isinstance(fake, str | os.PathLike):
-        files = list_images(fake)[:n]
+        files = list_images(fake, max_images=n)
         batches = _folder_batches(files, batch_size, size=size, resize=resize)
         return _extract(batches, extractor, len(files), "fake features")
     gen_dev = torch.device(generator_device) if generator_device else extractor.device

@@ -336,6 +336,9 @@ def test_capped_real_set_is_a_seeded_random_choice(tmp_path: Path) -> None:
     assert len(fid.list_images(tmp_path / "tiles", max_images=99)) == 24
     subset = fid.real_stats(tmp_path / "tiles", _cheap(), max_images=8, use_cache=False)
     assert subset.n == 8
+    # a capped FAKE folder is the same seeded choice (it was the first 8 sorted: slides s1, s2)
+    fake = fid.fake_features(tmp_path / "tiles", _cheap(), n=8)
+    assert torch.equal(fake, subset.features)
 
 
 def test_custom_extractor_is_labelled_fd(tmp_path: Path) -> None:
