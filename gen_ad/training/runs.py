@@ -31,7 +31,8 @@ class Run:
     """A trained run rebuilt from ``model/``.
 
     Attributes:
-        path: the run folder.
+        path: the run folder (the folder that holds ``model/``, also when ``load_run`` was given
+            ``model/`` itself; a ``model.json`` folder found elsewhere is its own path).
         cfg: the resolved config.
         family: the family object (holds ``cfg``).
         models: networks in eval mode on ``device``; the EMA weights under the plain name where
@@ -93,6 +94,11 @@ def read_model_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
                           "or point to the run folder that holds model/)")
 
 
+def _is_export_name(name: str) -> bool:
+    """``model`` or a previous export swapped away (``.model.old-*``) inside a run folder."""
+    return name == "model" or name.startswith(".model.old-")
+
+
 def _swapped_away(model_dir: Path) -> list[Path]:
     """``model.json`` of the previous export when a swap was killed half-way (``model/``
     missing, ``.model.old-*`` present); the next training call puts it back."""
@@ -140,7 +146,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         load_weights(m, model_dir / f"{file}.safetensors", what)
         m.to(device).eval().requires_grad_(False)
     stain = run_stain(model_dir, meta, cfg)
-    return Run(Path(path), cfg, family, models, int(meta.get("step", 0)),
+    run_dir = model_dir.parent if _is_export_name(model_dir.name) else model_dir
+    return Run(run_dir, cfg, family, models, int(meta.get("step", 0)),
                float(meta.get("kimg", 0.0)), stain,
                stain_reference(model_dir, meta, cfg) if stain is not None else None)
 

@@ -115,6 +115,7 @@ def test_keep_last_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
     run = load_run(tmp_path / "r")
     assert run.step == 5 and set(run.models) == {"net", "critic"}
+    assert run.path == tmp_path / "r" == load_run(tmp_path / "r" / "model").path  # the run folder
     ema = load_safetensors(tmp_path / "r" / "model" / "net_ema.safetensors")
     assert torch.equal(run.models["net"].enc.weight, ema["enc.weight"])  # EMA under plain name
     x = run.sample(5, seed=3, batch_size=2)
