@@ -414,6 +414,8 @@ def write_outputs(out_dir: str | os.PathLike[str], scored: ScoredSet, dataset: D
         else metrics
     metrics = {"method": method, "n": len(scored.paths), "ms_per_image": scored.ms_per_image,
                **(extra or {})}
+    if "stain_unchanged" in scored.terms:  # a stain-normalised run: images left in own stain
+        metrics["stain_unchanged"] = int(scored.terms["stain_unchanged"].sum())
     if threshold is not None:
         flagged = threshold.apply(scored.scores)
         order = [int(i) for i in np.argsort(-scored.scores, kind="stable") if flagged[i]]
@@ -440,6 +442,9 @@ def summary_line(metrics: dict[str, Any]) -> str:
     pixel = metrics.get("pixel") or {}
     if pixel.get("aupro") is not None:
         parts.append(f"pixel AUROC {pixel['auroc']:.3f}, AUPRO {pixel['aupro']:.3f}")
+    if metrics.get("stain_unchanged"):
+        parts.append(f"{metrics['stain_unchanged']} left in their own stain (too little tissue "
+                     "to normalise: terms.csv stain_unchanged)")
     return ", ".join(parts)
 
 

@@ -21,6 +21,7 @@ from gen_ad.data.folders import (
     read_rgb,
     split,
     subset,
+    subset_indices,
     tensor_to_uint8,
 )
 from gen_ad.errors import DataError
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_EXTENSIONS", "PatchFolder", "build_dataset", "discover_classes", "fit_size",
-    "image_to_tensor", "load_image", "read_rgb", "split", "subset", "tensor_to_uint8",
+    "image_to_tensor", "load_image", "read_rgb", "split", "stain_coverage", "subset",
+    "tensor_to_uint8",
 ]
 
 SYNTHETIC = "synthetic"
@@ -90,3 +92,22 @@ def build_dataset(data_cfg: DataConfig, split: str = "train", seed: int = 0) -> 
     if split == "train" and data_cfg.subset is not None:
         ds = subset(ds, data_cfg.subset, seed)
     return ds
+
+
+def stain_coverage(data_cfg: DataConfig, dataset: Dataset, n: int = 128,
+                   seed: int = 0) -> tuple[int, int] | None:
+    """How many of a seeded sample of ``n`` patches of ``dataset`` (built by
+    :func:`build_dataset` from ``data_cfg``) the run's stain normaliser leaves unchanged (too
+    little tissue, or the estimate failed): ``(unchanged, sampled)``; ``None`` without
+    ``data.stain_norm``. Such patches train in their own stain, so a large share undoes the
+    normalisation; the patch cache and DataLoader workers cannot count them, so this re-reads the
+    sampled files."""
+    if data_cfg.stain_norm == "none" or str(data_cfg.train) == SYNTHETIC:
+        return None
+    from gen_ad.data.stain import StainNormalizer, unchanged_count
+
+    norm = StainNormalizer(method=data_cfg.stain_norm, reference=data_cfg.stain_ref)
+    total = len(dataset)  # type: ignore[arg-type]
+    paths = [dataset[i]["path"] for i in subset_indices(total, min(n, total), seed)]
+    return unchanged_count(norm, (fit_size(read_rgb(p), data_cfg.size, data_cfg.resize)
+                                  for p in paths))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -200,3 +200,14 @@ def _strict_numerics() -> Iterator[None]:
             warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         yield
+
+
+def unchanged_count(normalizer: StainNormalizer, images: Iterable[np.ndarray]) -> tuple[int, int]:
+    """How many of ``images`` (uint8 ``[H,W,3]``) ``normalizer`` leaves unchanged (too little
+    tissue or a failed estimate), and how many it saw: ``(unchanged, seen)``. The normaliser's
+    own counters keep counting; only the difference is returned."""
+    before, seen = normalizer.n_skipped, 0
+    for rgb in images:
+        normalizer(rgb)
+        seen += 1
+    return normalizer.n_skipped - before, seen

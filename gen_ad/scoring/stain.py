@@ -6,12 +6,14 @@ difference itself raises every score. :class:`StainNormalizedScorer` wraps any
 :class:`~gen_ad.scoring.base.AnomalyScorer` and normalises each image (``[-1,1]`` -> uint8 ->
 the run's :class:`~gen_ad.data.stain.StainNormalizer` -> ``[-1,1]``) before ``fit`` and ``score``,
 the same per-patch operation training applied after resizing. Maps and reconstructions are in the
-normalised stain.
+normalised stain. Images the normaliser leaves unchanged (too little tissue, or a failed estimate)
+are marked 1 in the score term ``stain_unchanged`` (a ``terms.csv`` column).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,11 +26,18 @@ if TYPE_CHECKING:
     from gen_ad.data.stain import StainNormalizer
 
 
-def normalise_batch(x: torch.Tensor, stain: StainNormalizer) -> torch.Tensor:
-    """Stain-normalise ``x`` ``[B,3,H,W]`` in ``[-1,1]`` image by image (same device/dtype)."""
+def normalise_batch(x: torch.Tensor, stain: StainNormalizer,
+                    unchanged: list[bool] | None = None) -> torch.Tensor:
+    """Stain-normalise ``x`` ``[B,3,H,W]`` in ``[-1,1]`` image by image (same device/dtype);
+    appends to ``unchanged`` whether each image was left as it was (see the module docstring)."""
     u = tensor_to_uint8(x.cpu()).numpy()
-    out = torch.stack([image_to_tensor(stain(np.ascontiguousarray(img))) for img in u])
-    return out.to(device=x.device, dtype=x.dtype)
+    out = []
+    for img in u:
+        before = stain.n_skipped
+        out.append(image_to_tensor(stain(np.ascontiguousarray(img))))
+        if unchanged is not None:
+            unchanged.append(stain.n_skipped > before)
+    return torch.stack(out).to(device=x.device, dtype=x.dtype)
 
 
 class StainNormalizedScorer(AnomalyScorer):
@@ -70,5 +79,9 @@ class StainNormalizedScorer(AnomalyScorer):
         return self.inner.fit_scores()
 
     def score(self, x: torch.Tensor) -> ScoreBatch:
-        """Scores of ``x`` ``[B,3,H,W]`` in ``[-1,1]`` after stain normalisation."""
-        return self.inner.score(normalise_batch(x, self.stain))
+        """Scores of ``x`` ``[B,3,H,W]`` in ``[-1,1]`` after stain normalisation, with the term
+        ``stain_unchanged`` (1 where the normaliser left the image as it was)."""
+        unchanged: list[bool] = []
+        out = self.inner.score(normalise_batch(x, self.stain, unchanged))
+        flags = torch.tensor(unchanged, dtype=torch.float32, device=out.scores.device)
+        return replace(out, terms={**out.terms, "stain_unchanged": flags})

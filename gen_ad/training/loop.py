@@ -498,6 +498,7 @@ def _run_training(family: Family, resume: str | None) -> Path:
         _note_batch_change(state)
     if acc.is_main_process:
         _note_data_and_budget(state, len(dataset))  # type: ignore[arg-type]
+        _note_stain(state, dataset)
         save_config(cfg, state.run_dir / "config.yaml")
     batches = make_loader(dataset, batch=per_process_batch(cfg.train, acc.num_processes),
                           seed=cfg.train.seed, rank=acc.process_index, world=acc.num_processes,
@@ -525,6 +526,24 @@ def _note_data_and_budget(state: RunState, n_images: int) -> None:
         tqdm.write(f"resume: the checkpoint is at step {step} and train.max_steps is "
                    f"{cfg.train.max_steps}: nothing to train (raise train.max_steps to continue)",
                    file=sys.stderr)
+
+
+def _note_stain(state: RunState, dataset: Dataset) -> None:
+    """Say how many sampled training patches ``data.stain_norm`` leaves in their own stain."""
+    from gen_ad.data import stain_coverage
+
+    cfg = state.family.cfg
+    found = stain_coverage(cfg.data, dataset, seed=cfg.train.seed)
+    if found is None:
+        return
+    unchanged, seen = found
+    share = unchanged / max(seen, 1)
+    msg = (f"data: {cfg.data.stain_norm} stain normalisation leaves {unchanged} of {seen} sampled "
+           f"training patches ({share:.0%}) in their own stain (tissue fraction < 0.05, or the "
+           "estimate failed)")
+    if share > 0.2:
+        msg += ": the model learns a mix of stains; check data.stain_ref or drop blank patches"
+    tqdm.write(msg, file=sys.stderr)
 
 
 def _note_batch_change(state: RunState) -> None:

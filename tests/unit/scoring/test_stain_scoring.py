@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 
 from gen_ad.cli import main
 from gen_ad.data.folders import image_to_tensor, read_rgb, tensor_to_uint8
-from gen_ad.data.stain import StainNormalizer
+from gen_ad.data.stain import StainNormalizer, tissue_pixel_fraction
 from gen_ad.data.synthetic import write_folder
 from gen_ad.errors import CheckpointError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
@@ -68,16 +69,46 @@ def test_wrapper_normalises_before_fit_and_score(tmp_path: Path) -> None:
     assert torch.allclose(out.scores, expected.mean(dim=(1, 2, 3)))
     assert sc.name == "recorder" and sc.marker == "inner attribute"  # inspection sees the method
     assert torch.equal(normalise_batch(x, stain), expected)
+    sparse = [float(tissue_pixel_fraction(u.permute(1, 2, 0).numpy()) < stain.min_tissue)
+              for u in tensor_to_uint8(x)]  # the synthetic set has a patch of mostly glass
+    assert out.terms["stain_unchanged"].tolist() == sparse
+    blank = torch.ones(1, 3, 32, 32)  # glass: no tissue to normalise
+    dense = x[[sparse.index(0.0)]]
+    flags = sc.score(torch.cat([dense, blank])).terms["stain_unchanged"]
+    assert flags.tolist() == [0.0, 1.0] and torch.equal(inner.seen[-1][1:], blank)
 
 
 @needs_torchstain
-def test_stain_run_exports_reference_and_scores_normalised(tmp_path: Path) -> None:
+def test_stain_coverage_counts_patches_left_in_their_own_stain(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from gen_ad.config import DataConfig
+    from gen_ad.data import build_dataset, stain_coverage
+
+    data, ref = _folder(tmp_path)
+    cfg = DataConfig(train=str(data), size=32, stain_norm="macenko", stain_ref=str(ref))
+    before, n = stain_coverage(cfg, build_dataset(cfg), n=100)
+    assert n == 12
+    for i in range(3):  # blank glass: too little tissue
+        Image.new("RGB", (32, 32), (240, 240, 242)).save(data / "normal" / f"zz_blank{i}.png")
+    ds = build_dataset(cfg)
+    assert stain_coverage(cfg, ds, n=100) == (before + 3, 15)
+    unchanged, seen = stain_coverage(cfg, ds, n=6, seed=1)
+    assert seen == 6 and 0 <= unchanged <= before + 3
+    assert stain_coverage(DataConfig(train=str(data), size=32), ds) is None
+
+
+@needs_torchstain
+def test_stain_run_exports_reference_and_scores_normalised(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, ref = _folder(tmp_path)
     run = tmp_path / "gan"
     assert main(["train", "wgan", "--config", str(CONFIGS / "demo.yaml"), f"out={run}",
                  f"data.train={data}", "data.stain_norm=reinhard", f"data.stain_ref={ref}",
                  "train.max_steps=1", "train.batch_size=10", "train.sample_every=0",
                  "train.fid_every=0", "train.ckpt_every=0"]) == 0
+    assert re.search(r"reinhard stain normalisation leaves \d+ of 12 sampled training patches",
+                     capsys.readouterr().err)
     meta = json.loads((run / "model" / "model.json").read_text())
     assert meta["stain_ref"] == "stain_ref.png"
     assert np.array_equal(read_rgb(run / "model" / "stain_ref.png"), read_rgb(ref))
