@@ -64,12 +64,15 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def ci_text(m: dict[str, Any] | None) -> str:
-    """``0.912 [0.880, 0.940]`` from a MetricCI dict."""
+    """``0.912 [0.880, 0.940]`` from a MetricCI dict. A zero-width interval is marked: a
+    percentile bootstrap cannot vary a perfectly separated set or a one-member class, so
+    ``[1.000, 1.000]`` says nothing about certainty."""
     if not m or m.get("value") is None:
         return "–"
     if m.get("low") is None or m.get("high") is None:
         return f"{m['value']:.3f}"
-    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+    text = f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+    return text + " (zero-width CI)" if m["low"] == m["high"] else text
 
 
 def pixel_cell(pixel: dict[str, Any] | None) -> str:
