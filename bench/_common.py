@@ -9,6 +9,7 @@ this one takes a second).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -51,6 +52,21 @@ def git_commit(path: Path = ROOT, *, own_checkout: bool = False) -> str | None:
     if commit is None and path == ROOT:
         return os.environ.get("GPU_CHECK_COMMIT")
     return commit
+
+
+def tree_digest(path: Path, pattern: str = "**/*.py") -> str | None:
+    """sha256 over the relative paths and contents of the files under ``path`` matching
+    ``pattern`` (sorted): names a checkout that has no commit of its own (a copy without
+    ``.git``); None when nothing matches."""
+    root = Path(path)
+    files = sorted(p for p in root.glob(pattern) if p.is_file())
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def git_dirty(path: Path = ROOT) -> bool | None:

@@ -20,7 +20,7 @@ keeps its best round. The reference's CUDA ops compile at first use as for its u
 back to its reference implementations when they cannot, or on CPU). One JSON line: both images/s
 per setting, every round, the ratio (gen_ad / reference), the per-step work
 (``per_step_work``), the reference checkout's commit (null when it is not a git checkout of its
-own) and the machine.
+own; then `py_files_sha256`, a digest of its .py files, names it) and the machine.
 
 Projection is measured on images the generator made (targets with a known latent): plain
 projection runs ``proj_steps`` steps from the mean ``w`` (GPU 1000 as in the reference, CPU 100)
@@ -58,7 +58,14 @@ from gen_ad.training.stylegan2 import StyleGAN2Config, StyleGAN2Family
 from gen_ad.utils.hardware import cpu_name
 
 sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py when loaded by path
-from _common import best, git_commit, interleaved_rounds, machine, timed  # noqa: E402
+from _common import (  # noqa: E402
+    best,
+    git_commit,
+    interleaved_rounds,
+    machine,
+    timed,
+    tree_digest,
+)
 
 AUGMENT_P = 0.2  # ADA's p in the training timings ('bgc', every transform)
 EMA_RAMPUP = 0.05  # both sides' G_ema half-life: batch * 10 / 32 kimg, ramped up as in their loops
@@ -484,7 +491,7 @@ def main() -> None:
                           "per_step_work": PER_STEP_WORK,
                           "ada_adapts": rec["rows"][0]["ada_adapts"],
                           "reference_checkout": {"path": str(ref), "commit": git_commit(
-                              ref, own_checkout=True)},
+                              ref, own_checkout=True), "py_files_sha256": tree_digest(ref)},
                           **rec, "hardware": machine(dev)}))
         return
     args.lpips_trunk = "vgg"

@@ -61,6 +61,23 @@ def test_commit_is_this_checkouts_and_none_for_a_folder_inside_it(tmp_path: Path
     assert {"cpu", "cpu_ids", "cpu_count", "threads", "commit", "load_avg"} <= set(hw)
 
 
+def test_tree_digest_names_a_copy_without_git(tmp_path: Path) -> None:
+    common = _bench("_common")
+    assert common.tree_digest(tmp_path) is None  # nothing to name
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    first = common.tree_digest(tmp_path)
+    assert first is not None and first == common.tree_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("changed")  # only .py files count
+    assert common.tree_digest(tmp_path) == first
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert common.tree_digest(tmp_path) != first
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "a.py").rename(tmp_path / "pkg" / "b.py")  # a rename counts too
+    assert common.tree_digest(tmp_path) not in (None, first)
+
+
 def test_rounds_interleave_the_methods_and_keep_each_ones_best() -> None:
     common = _bench("_common")
     calls: list[str] = []
