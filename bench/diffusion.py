@@ -57,6 +57,7 @@ from gen_ad.inversion.simplex import draw_tables, fractal_from_tables, simplex_n
 from gen_ad.models.unet import build_scheduler
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
 from gen_ad.training.family import StepContext
+from gen_ad.training.loop import release_other_state
 
 sys.path.append(str(Path(__file__).resolve().parent))  # bench/_common.py when loaded by path
 from _common import best, interleaved_rounds, machine, timed  # noqa: E402
@@ -178,6 +179,7 @@ def bench_train(fam: DDPMFamily, batch: int, steps: int, device: torch.device,
                 precision: str = "no") -> dict[str, Any]:
     """Training images/s of ``steps`` optimiser steps (after one warm-up step), ``precision``
     being the accelerator's autocast (``no``, ``bf16``, ``fp16``)."""
+    release_other_state(device.type == "cpu", precision)  # accelerate: one state per process
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     torch.manual_seed(0)
     models = {k: m.to(device) for k, m in fam.build_models().items()}

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from gen_ad.config import from_dict
 from gen_ad.inversion.encoder import FAnoGANScorer
 from gen_ad.training.family import StepContext
+from gen_ad.training.loop import release_other_state
 from gen_ad.training.wgan import WGANConfig, WGANFamily
 from gen_ad.utils.hardware import cpu_name
 
@@ -61,7 +62,12 @@ def _train_rate(stage: str, args: argparse.Namespace, device: torch.device) -> f
     fam = _family(stage, args, batch)
     models = {k: m.to(device) for k, m in fam.build_models().items()}
     opts = fam.build_optimizers(models)
+    # accelerate keeps one state per process: a CUDA Accelerator after the CPU one silently
+    # stayed on the CPU (and its CPU device met the CUDA generator in the latent draw)
+    release_other_state(device.type == "cpu", "no")
     acc = Accelerator(cpu=device.type == "cpu")
+    if acc.device.type != device.type:
+        raise RuntimeError(f"accelerate placed the run on {acc.device}, not {device}")
     x = torch.rand(batch, 3, args.size, args.size, device=device) * 2 - 1
     gen = torch.Generator(device=device).manual_seed(0)
 

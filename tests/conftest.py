@@ -68,6 +68,17 @@ def _offline_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """After each test, drop accelerate's process-wide state: a test that built a CUDA (or bf16)
+    Accelerator would otherwise make a later test's plain ``Accelerator(cpu=True)`` in the same
+    xdist worker raise 'AcceleratorState has already been initialized' (on a GPU machine)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

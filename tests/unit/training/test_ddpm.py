@@ -190,7 +190,10 @@ def test_bench_smoke_prints_one_json_line(run_bench: Callable[..., dict]) -> Non
     assert peers["scores_within_rtol"] and "ours_vs_ours_fp32_eager" in peers["score_checks"]
     assert rec["ours"]["warmup_s"] > 0 and rec["settings"]["rounds"] == peers["rounds"]
     assert all(len(v) == peers["rounds"] for v in peers["round_ms_per_image"].values())
-    assert "plain_bf16_channels_last_loop" not in peers["ms_per_image"]  # CPU: said, not run
+    # the bf16 peer runs where bf16 autocast is the users' choice (CUDA: --peer-bf16 auto)
+    bf16 = rec["settings"]["device"].startswith("cuda")
+    assert rec["settings"]["peer_bf16_run"] is bf16
+    assert ("plain_bf16_channels_last_loop" in peers["ms_per_image"]) is bf16  # CPU: said only
     s = rec["simplex"]
     assert s["torch_img_per_s"] > 0 and s["max_abs_diff_loop"] < 1e-9
     assert s["max_abs_diff_vectorised"] < 1e-9 and s["speedup_vs_numpy_loop"] > 0
