@@ -34,9 +34,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for b in bench/[!_]*.py; do $(PY) $$b || exit 1; done
 
-# On a CUDA machine (at most 8 min, in phases): the GPU-figure benches alone, the test suite beside
-# a 1-min training per family, the other bench/*.py -> bench/results/<gpu>.jsonl. Torch preinstalled, no registry: `make gpu-check PY=python3` (no
-# venv; the checkout runs from PYTHONPATH). GPU_CHECK_ARGS="--patches DIR" trains on your patches.
+# On a CUDA machine (at most 8 min, in phases): the GPU-figure benches alone, the gpu-marked tests
+# beside a 1-min training per family, the other bench/*.py; appends to bench/results/<gpu>.jsonl.
+# Torch preinstalled, no registry: `make gpu-check PY=python3` (no venv; the checkout runs from
+# PYTHONPATH). GPU_CHECK_ARGS="--patches DIR" trains on your patches; "--tests all": the whole
+# suite (12 min).
 gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 

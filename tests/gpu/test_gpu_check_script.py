@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,10 +16,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = mod  # dataclasses resolve the module by name
     spec.loader.exec_module(mod)
@@ -45,11 +50,18 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
     lanes = {by[n]["lane"] for n in ("tests", "train/wgan", "train/stylegan2", "train/ddpm")}
     assert len(lanes) == 4
     assert by["bench/wgan.py"]["phase"] > by["tests"]["phase"]
-    # the CPU-only benches run beside the last GPU benches, not beside the suite
-    for cpu_bench in ("bench/faults.py", "bench/memory.py"):
+    # the CPU-only benches run beside the last GPU benches (a lane each), not beside the tests
+    cpu_benches = ("bench/faults.py", "bench/memory.py", "bench/synthetic.py")
+    for cpu_bench in cpu_benches:
         assert by[cpu_bench]["phase"] == by["bench/wgan.py"]["phase"]
         assert by[cpu_bench]["lane"] != by["bench/wgan.py"]["lane"]
-    assert "not slow and not network" in by["tests"]["cmd"] and "tests" in by["tests"]["cmd"]
+    assert len({by[b]["lane"] for b in cpu_benches}) == 3
+    # the synthetic folder (one CPU core) is written beside the GPU-figure benches
+    assert by["synth"]["phase"] == 0 and by["synth"]["lane"] != by["bench/knn.py"]["lane"]
+    # the default test selection: the gpu-marked tests (issue 13), not the whole suite
+    assert by["tests"]["settings"] == {"selection": "gpu"}
+    assert "gpu" in by["tests"]["cmd"] and "not slow and not network" not in by["tests"]["cmd"]
+    assert "tests/gpu/test_families_gpu.py" in by["tests"]["cmd"]
     for s in steps:
         if s["name"].startswith("train/"):
             assert (ROOT / s["settings"]["config"]).is_file()
@@ -62,6 +74,13 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
     (tests,) = json.loads(capsys.readouterr().out)["steps"]
     assert "tests/gpu/test_families_gpu.py" in tests["cmd"] and "gpu" in tests["cmd"]
     assert "tests/unit/training/test_grid_sample.py" in tests["cmd"]
+    # --tests all: the suite, with a longer box and a budget past the 8 minutes to fit it
+    gc.main(["--dry-run", "--tests", "all"])
+    dry = json.loads(capsys.readouterr().out)
+    (tests,) = [s for s in dry["steps"] if s["name"] == "tests"]
+    assert "not slow and not network" in tests["cmd"] and "tests" in tests["cmd"]
+    assert tests["limit_s"] > by["tests"]["limit_s"]
+    assert dry["budget_s"] > 480 and dry["budget_s"] >= dry["critical_path_s"] + dry["startup_s"]
     # --patches replaces the synthetic folder
     gc.main(["--dry-run", "--patches", str(tmp_path / "mine"), "--only", "synth,train/ddpm"])
     steps = json.loads(capsys.readouterr().out)["steps"]
@@ -81,8 +100,174 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
     assert "--compile" in compiled["cmd"] and compiled["limit_s"] == ref["limit_s"] + 240
 
 
-def test_lanes_of_a_phase_run_at_the_same_time(tmp_path: Path) -> None:
+def _plan(gc, tmp_path: Path, *argv: str) -> list:  # noqa: ANN001
+    return gc.plan(gc.parse_args(["--work", str(tmp_path), *argv]), tmp_path / "run")
+
+
+def test_critical_path_adds_phases_of_their_slowest_lane() -> None:
     gc = _module()
+    steps = [gc.Step("a", [], 10, "bench", phase=0, lane=0),
+             gc.Step("b", [], 15, "bench", phase=0, lane=0),
+             gc.Step("c", [], 20, "bench", phase=0, lane=1),
+             gc.Step("d", [], 7, "bench", phase=2, lane=3)]
+    assert gc.critical_path_s(steps) == 25 + 7
+
+
+def test_default_plan_fits_its_budget(tmp_path: Path) -> None:
+    """Issue 13: at most 8 minutes on one recent GPU. Phases run one after another and the lanes
+    of a phase at once, so the plan's longest run is the sum over its phases of its slowest
+    lane's time boxes; with the script's start-up it must fit the budget, or the last steps are
+    cut or skipped on every run (a new bench/*.py must be given a box that keeps this)."""
+    gc = _module()
+    steps = _plan(gc, tmp_path)
+    assert gc.default_budget(steps) == gc.BUDGET_S == 480
+    assert gc.critical_path_s(steps) + gc.STARTUP_S <= gc.BUDGET_S
+    assert gc.STARTUP_S >= 10  # importing torch, CUDA initialisation, nvidia-smi
+    names = {s.name for s in steps}
+    assert {"tests", "synth", "bench/knn.py", "bench/diffusion.py", "bench/fid.py"} <= names
+    # the reference comparison (alone, phase 1) extends the budget by its own box
+    for extra in ([], ["--reference-compile"]):
+        steps = _plan(gc, tmp_path, "--reference", str(tmp_path / "ref"), *extra)
+        ref = sum(s.limit_s for s in steps if s.phase == 1)
+        assert ref > 0 and gc.default_budget(steps) == gc.BUDGET_S + ref
+        assert gc.critical_path_s(steps) + gc.STARTUP_S <= gc.default_budget(steps)
+
+
+def test_budget_counts_from_the_start_not_after_reading_the_hardware(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gc = _module()
+
+    def slow_hardware() -> dict:
+        time.sleep(3)  # CUDA initialisation and nvidia-smi on a GPU machine
+        return {"cpu": "stub"}
+
+    monkeypatch.setattr(gc, "hardware", slow_hardware)
+    py = sys.executable
+    args = gc.parse_args(["--cpu-smoke", "--results", str(tmp_path / "r.jsonl"),
+                          "--budget-s", "14"])
+    steps = [gc.Step("bench/a", [py, "-c", "print(1)"], 30, "bench")]
+    assert gc.run_all(args, steps, tmp_path / "work") == 0
+    (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert row["limit_s"] <= 11  # 14 s less the 3 s spent before it, not the whole 14
+
+
+def test_results_file_keeps_its_earlier_lines(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committed bench/results/<gpu>.jsonl is history the README cites by line number: a
+    run appends its lines after the file's own, rewriting it atomically after each step."""
+    gc = _module()
+    monkeypatch.setattr(gc, "hardware", lambda: {"cpu": "stub"})
+    res = tmp_path / "r.jsonl"
+    earlier = '{"step": "old-1", "status": "ok"}\n{"step": "old-2", "note": "no newline"}'
+    res.write_text(earlier)
+    py = sys.executable
+    steps = [gc.Step("bench/a", [py, "-c", "print(1)"], 30, "bench"),
+             gc.Step("bench/b", [py, "-c", "print(2)"], 30, "bench")]
+    args = gc.parse_args(["--cpu-smoke", "--results", str(res)])
+    assert gc.run_all(args, steps, tmp_path / "work") == 0
+    text = res.read_text()
+    assert text.startswith(earlier + "\n")
+    rows = [json.loads(x) for x in text.splitlines()]
+    assert [r["step"] for r in rows] == ["old-1", "old-2", "bench/a", "bench/b"]
+    assert not list(tmp_path.glob(".*tmp"))  # written through a temporary name, then renamed
+    # a second run appends again
+    assert gc.run_all(args, steps[:1], tmp_path / "work2") == 0
+    assert [json.loads(x)["step"] for x in res.read_text().splitlines()] == [
+        "old-1", "old-2", "bench/a", "bench/b", "bench/a"]
+
+
+def test_a_steps_output_is_on_disk_while_it_runs(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest -v's outcomes must survive a step cut at its limit: stdout goes to the step's
+    .out file as it is written, not to a pipe read at the end."""
+    gc = _module()
+    monkeypatch.setattr(gc, "hardware", lambda: {"cpu": "stub"})
+    py = sys.executable
+    cut = gc.Step("bench/cut", [py, "-c", "import time; print('first'); time.sleep(60)"], 4,
+                  "bench")
+    args = gc.parse_args(["--cpu-smoke", "--results", str(tmp_path / "r.jsonl")])
+    rc: list[int] = []
+    th = threading.Thread(target=lambda: rc.append(gc.run_all(args, [cut], tmp_path / "w")))
+    th.start()  # not the main thread: no signal handlers, which only the main thread may set
+    out, seen = tmp_path / "w" / "logs" / "bench_cut.out", False
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not seen:
+        seen = out.is_file() and "first" in out.read_text()
+        time.sleep(0.05)
+    th.join(30)
+    assert seen, "the step's stdout was not on disk while it ran"
+    assert rc == [1]
+    (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert row["status"] == "timeout" and "first" in row["stdout_tail"]
+
+
+_PARENT = """
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
+gc = importlib.util.module_from_spec(spec)
+sys.modules["gpu_check"] = gc
+spec.loader.exec_module(gc)
+gc.hardware = lambda: {"cpu": "stub"}
+py = sys.executable
+sleeper = ("import os, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+           "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(f'{os.getpid()} "
+           "{c.pid}'); time.sleep(60)")
+steps = [gc.Step("bench/sleep", [py, "-c", sleeper, sys.argv[2]], 120, "bench"),
+         gc.Step("bench/after", [py, "-c", "print(1)"], 30, "bench")]
+args = gc.parse_args(["--cpu-smoke", "--results", sys.argv[3]])
+sys.exit(gc.run_all(args, steps, Path(sys.argv[4])))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie waiting for init to reap it has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_kills_the_steps_and_writes_them_interrupted(tmp_path: Path,
+                                                              sig: signal.Signals) -> None:
+    """Ctrl-C or a kill of the check: its steps (own sessions, so not reached by the terminal's
+    signal) and what they started are killed, the step in flight gets an ``interrupted`` line,
+    the steps after it do not run, and the check exits non-zero at once."""
+    pids, res = tmp_path / "pids", tmp_path / "r.jsonl"
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(SCRIPT), str(pids), str(res),
+                               str(tmp_path / "w")], start_new_session=True)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (pids.is_file() and pids.read_text()):
+            assert parent.poll() is None, "gpu_check ended before its step started"
+            time.sleep(0.05)
+        children = [int(p) for p in pids.read_text().split()]
+        parent.send_signal(sig)
+        try:
+            rc = parent.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"gpu_check still runs 20 s after {sig.name}")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p) for p in children):
+            time.sleep(0.05)
+        assert not [p for p in children if _alive(p)], "the step or its child survived"
+        rows = [json.loads(x) for x in res.read_text().splitlines()] if res.is_file() else []
+        assert [(r["step"], r["status"]) for r in rows] == [("bench/sleep", "interrupted")]
+        assert rows[0]["signal"] == sig.name and rows[0]["wall_s"] < 60
+        assert rc == 128 + sig  # not killed by the signal's default action: handled, then exit
+    finally:
+        for pid in (parent.pid, *children):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
+
+
+def test_lanes_of_a_phase_run_at_the_same_time(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    gc = _module()
+    # on a GPU machine hardware() initialises CUDA and runs nvidia-smi: time only the lanes
+    monkeypatch.setattr(gc, "hardware", lambda: {"cpu": "stub"})
     py = sys.executable
     sleep = [py, "-c", "import time; time.sleep(1.5); print('{\"x\": 1}')"]
     steps = [gc.Step("bench/a", sleep, 30, "bench", phase=0, lane=0),
