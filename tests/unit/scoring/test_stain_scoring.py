@@ -131,3 +131,19 @@ def test_stain_run_exports_reference_and_scores_normalised(
     with pytest.warns(UserWarning, match="no integrity manifest"), \
             pytest.raises(CheckpointError, match="stain reference .* is missing"):
         load_run(run)
+
+
+def test_outputs_count_the_queries_left_in_their_own_stain(tmp_path: Path) -> None:
+    from gen_ad.app.evaluate import ScoredSet, summary_line, write_outputs
+
+    scored = ScoredSet(["a.png", "b.png", "c.png"], ["normal", "tumor", "tumor"],
+                       np.array([0, 1, 1]), np.array([0.1, 0.5, 0.9]),
+                       {"stain_unchanged": np.array([0.0, 1.0, 1.0])})
+    metrics = write_outputs(tmp_path, scored, None, method="m", n_boot=0)
+    assert metrics["stain_unchanged"] == 2
+    assert "2 left in their own stain" in summary_line(metrics)
+    assert (tmp_path / "terms.csv").read_text().splitlines()[:2] == ["path,stain_unchanged",
+                                                                      "a.png,0.0"]
+    plain = write_outputs(tmp_path / "plain", ScoredSet(["a.png"], ["normal"], np.array([0]),
+                                                        np.array([0.1])), None, method="m")
+    assert "stain_unchanged" not in plain and "own stain" not in summary_line(plain)
