@@ -323,6 +323,7 @@ def _comparisons(by_group: Mapping[str, list[float]], ref: str,
     for i, g in enumerate(treated):
         out[g]["dunnett_p"] = dunnett["dunnett_p"][i]
         out[g]["dunnett_ci"] = dunnett["dunnett_ci"][i]
+        out[g]["dunnett_p_method"] = dunnett["dunnett_p_method"]
         out[g]["ci"] = effect_intervals(by_group[ref], by_group[g], st.n_boot, st.seed, st.ci)
     return out
 

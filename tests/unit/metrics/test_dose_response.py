@@ -87,13 +87,29 @@ def test_trend_direction() -> None:
         jonckheere_terpstra([np.array([1.0])])
 
 
+def test_dunnett_p_is_never_zero_and_exact_for_one_comparison() -> None:
+    """scipy 1.17 gave p = 0.0 for 3 vs 3 animals (1 - a quasi-Monte Carlo integral)."""
+    ctrl, treated = np.array([1.0, 1.2, 0.9]), np.array([9.0, 9.3, 8.8])
+    out = many_to_one(ctrl, [treated])
+    pooled = sps.ttest_ind(treated, ctrl, equal_var=True).pvalue  # Dunnett with k = 1
+    assert out["dunnett_p"][0] == pytest.approx(pooled, rel=1e-12) and out["dunnett_p"][0] > 0
+    assert out["dunnett_p_method"].startswith("exact")
+    two = many_to_one(ctrl, [treated, treated + 0.1])
+    assert all(0 < p < 1e-3 for p in two["dunnett_p"]) and "Bonferroni" in two["dunnett_p_method"]
+
+
 def test_dunnett_and_kruskal_equal_scipy() -> None:
     rng = np.random.default_rng(2)
     ctrl, low, high = rng.normal(5, 1, 6), rng.normal(5.5, 1, 6), rng.normal(8, 1, 6)
     out = many_to_one(ctrl, [low, high], seed=4)
     key = "rng" if "rng" in inspect.signature(sps.dunnett).parameters else "random_state"
     ref = sps.dunnett(low, high, control=ctrl, **{key: np.random.default_rng(4)})
-    assert out["dunnett_p"] == pytest.approx(list(ref.pvalue), rel=1e-9)
+    # scipy's p where its integral resolves it; below 1e-3 the Bonferroni bound k * p_t
+    df = 18 - 3
+    p_t = 2 * sps.t.sf(np.abs(ref.statistic), df)
+    want = [p if p >= 1e-3 else min(1.0, 2 * pt) for p, pt in zip(ref.pvalue, p_t)]
+    assert out["dunnett_p"] == pytest.approx(want, rel=1e-9)
+    assert all(pt <= p <= 2 * pt for p, pt in zip(out["dunnett_p"], p_t))
     lo, hi = ref.confidence_interval(0.95)
     assert out["dunnett_ci"][1] == pytest.approx([lo[1], hi[1]], rel=1e-9)
     assert many_to_one([1.0, 1.0], [[1.0, 1.0]])["dunnett_p"] == [None]
