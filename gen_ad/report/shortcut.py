@@ -31,10 +31,13 @@ def _f(v: Any) -> str:
 def _drop(rec: dict[str, Any], key: str) -> str:
     if rec.get(f"{key}_error"):
         return f"<span class='note'>{_e(rec[f'{key}_error'])}</span>"
+    """The shifted AUROC and its signed change from the clean subset's (``drop_*`` in the
+    results is clean - shifted, so a fall prints as ``(−0.172)``)."""
     auc, drop = rec.get(f"auroc_{key}"), rec.get(f"drop_{key}")
     if auc is None:
         return "–"
-    return f"{auc:.3f} ({'−' if drop and drop > 0 else '+'}{abs(drop or 0.0):.3f})"
+    change = -(drop or 0.0)
+    return f"{auc:.3f} ({'−' if change < 0 else '+'}{abs(change):.3f})"
 
 
 def shortcut_section(results: dict[str, Any]) -> str:
@@ -59,7 +62,7 @@ def shortcut_section(results: dict[str, Any]) -> str:
                     f"<td class='num'>{_drop(st, 'jitter')}</td></tr>")
     head = ["method", "AUROC", "colour-only AUROC", "shortcut flag",
             f"AUROC on the stain-shift subset (n={_e(shift_n)})",
-            "after stain normalisation (drop)", f"under HED jitter {_e(jitter)} (drop)"]
+            "after stain normalisation (change)", f"under HED jitter {_e(jitter)} (change)"]
     parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
                  + "".join(rows) + "</table>")
     return "\n".join(parts)
