@@ -47,7 +47,7 @@ from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_repor
 from gen_ad.baselines.knn import shared_files
 from gen_ad.config import check, load_config, to_dict
 from gen_ad.data.folders import ResizeMode, subset
-from gen_ad.errors import ConfigError, DataError, GenAdError
+from gen_ad.errors import CheckpointError, ConfigError, DataError, GenAdError
 from gen_ad.report.html import generator_cell, render_report
 from gen_ad.scoring.base import ScoreBatch
 from gen_ad.scoring.thresholds import calibrate
@@ -288,7 +288,12 @@ def _prepare_run(m: MethodConfig, cfg: BenchmarkConfig, device: str,
                  runs: dict[str, Run]) -> PreparedMethod:
     path = str(m.run)
     if path not in runs:
-        runs[path] = load_run(path, device=device)
+        try:
+            runs[path] = load_run(path, device=device)
+        except CheckpointError as e:
+            made_by = (" (the runs under checkpoints/demo/ are made by `gen-ad demo`, or `make "
+                       "demo`)" if Path(path).as_posix().startswith("checkpoints/demo/") else "")
+            raise CheckpointError(f"method '{method_name(m)}': {e}{made_by}") from e
     run = runs[path]
     found = run_scorers(run, m.scorer, device=device, scorer_kwargs=m.kwargs)
     names = list(found)
@@ -324,6 +329,21 @@ def _prepare_knn(m: MethodConfig, cfg: BenchmarkConfig, device: str) -> Prepared
         notes.append("tiny test variant of the extractor")
     return PreparedMethod(method_name(m), "knn", desc, notes, ls.scorer, k.size or cfg.data.size,
                           k.bank, k.bank_limit, m.batch_size or cfg.batch_size)
+
+
+def check_inputs(cfg: BenchmarkConfig, methods: list[PreparedMethod], split: SplitCache) -> None:
+    """Fail before any scoring (and before the output folder is made): every method's test,
+    fit and validation sets must list images (the datasets are built once, in ``split``), and a
+    KNN bank must hold more than ``k`` images (its leave-one-out calibration needs ``k + 1``)."""
+    for pm in methods:
+        split.test(pm.size, pm.resize)
+        fit = split.normal(pm.fit_root, pm.size, pm.fit_limit, pm.resize)
+        split.normal(cfg.data.val, pm.size, cfg.data.val_limit, pm.resize)
+        k = getattr(pm.scorer, "k", None)
+        if pm.kind == "knn" and isinstance(k, int) and len(fit) <= k:  # type: ignore[arg-type]
+            raise ConfigError(f"method '{pm.name}': k={k} needs a bank of at least {k + 1} "
+                              f"images; {pm.fit_root} gives {len(fit)}"  # type: ignore[arg-type]
+                              " (lower knn.k or give a larger knn.bank / knn.bank_limit)")
 
 
 def prepare_methods(cfg: BenchmarkConfig, device: str) -> list[PreparedMethod]:
@@ -644,19 +664,23 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
     """
 
     device = resolve_device(cfg.device)
+    methods, split = prepare_methods(cfg, device), SplitCache(cfg.data, cfg.seed)
+    check_inputs(cfg, methods, split)  # a bad entry fails before anything is written
     with folder_lock(cfg.out, "benchmark output folder"):
-        return benchmark_methods(cfg, prepare_methods(cfg, device), device, progress)
+        return benchmark_methods(cfg, methods, device, progress, split)
 
 
 def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], device: str,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, split: SplitCache | None = None) -> dict[str, Any]:
     """Evaluate prepared methods (any scorers) on ``cfg``'s split and write the outputs.
 
     :func:`run_benchmark` calls it with the methods of the config; a caller may also pass its
     own :class:`PreparedMethod` objects (e.g. a new scorer) to compare them the same way.
+    ``split``: the datasets already built (default: built here).
     """
     out = Path(cfg.out)
-    split = SplitCache(cfg.data, cfg.seed)
+    split = split or SplitCache(cfg.data, cfg.seed)
+    check_inputs(cfg, methods, split)
     methods = [*methods, *shortcut_methods(cfg, methods, split, device)]  # colour baseline
     outcomes: list[MethodOutcome] = []
     idx: list[int] | None = None

@@ -410,3 +410,28 @@ def test_fid_real_set_is_the_threshold_subset_read_as_the_run_trained(
                           for i in val.indices]).permute(0, 3, 1, 2)  # type: ignore[attr-defined]
     torch.testing.assert_close(seen[-1]["stats"].features, ext(images.contiguous()), rtol=0,
                                atol=0)
+
+
+def test_bad_entries_fail_before_scoring_and_before_the_output_folder(
+        split: dict[str, Path], tmp_path: Path) -> None:
+    """A too-small KNN bank died after minutes of scoring (k=50 vs a 48-image bank), and a
+    missing run left a lock in an output folder it had just made."""
+    from gen_ad.app.benchmark import run_benchmark
+    from gen_ad.errors import CheckpointError, ConfigError
+
+    out = tmp_path / "out"
+    big_k = _cfg(split, out, methods=[{"knn": {"extractor": "colour-stats", "k": 24,
+                                              "bank": str(split["train"])}}])
+    with pytest.raises(ConfigError, match=r"k=24 needs a bank of at least 25 images; .* gives 24"):
+        run_benchmark(from_dict(BenchmarkConfig, big_k), progress=False)
+    assert not out.exists()
+    no_run = _cfg(split, out, methods=[{"name": "fanogan", "run": "checkpoints/demo/runs/none",
+                                        "scorer": "fanogan"}])
+    with pytest.raises(CheckpointError, match=r"method 'fanogan': run folder not found.*gen-ad demo"):
+        run_benchmark(from_dict(BenchmarkConfig, no_run), progress=False)
+    assert not out.exists()
+    missing_test = _cfg(split, out)
+    missing_test["data"]["test"] = str(tmp_path / "nowhere")
+    with pytest.raises(DataError):
+        run_benchmark(from_dict(BenchmarkConfig, missing_test), progress=False)
+    assert not out.exists()
