@@ -3,17 +3,27 @@
 
 Every user error (bad path, bad value, bad config, unreadable data) prints one line
 ``gen-ad: error: ...`` and exits with status 2; ``--debug`` shows the traceback instead.
+Warnings print as one line ``gen-ad: warning: ...``, each distinct message once per command
+(``--debug``: Python's full format).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
-from gen_ad.errors import GenAdError
+from gen_ad.errors import ConfigError, GenAdError
+
+DEFAULT_FPR = 0.05  # --fpr when only --threshold fpr is given
+
+NO_THRESHOLD_NOTE = ("no threshold (no --normal, no data.val in the run, none saved with it): "
+                     "nothing is flagged; pass --normal DIR (normal patches) to calibrate one, "
+                     "then flagged.csv is written")
 
 Adder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -98,6 +108,29 @@ def _add_bootstrap_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random step (0)")
 
 
+def _add_threshold_rule(p: argparse.ArgumentParser) -> None:
+    """``--threshold`` and ``--fpr`` of a command that calibrates a label-free threshold
+    (resolved by :func:`_threshold_rule`)."""
+    p.add_argument("--threshold", choices=["iqr", "fpr"], default=None,
+                   help="label-free threshold rule: Q3+1.5*IQR (default) or a fixed FPR "
+                   "(implied by --fpr)")
+    p.add_argument("--fpr", type=_fraction, default=None,
+                   help="false-positive rate of the normal patches for --threshold fpr "
+                   f"(default {DEFAULT_FPR}); giving it selects --threshold fpr")
+
+
+def _threshold_rule(args: argparse.Namespace) -> tuple[str, float]:
+    """``(method, fpr)`` of ``--threshold`` / ``--fpr``: an explicit ``--fpr`` implies
+    ``--threshold fpr``; with another explicit ``--threshold`` it is a usage error."""
+    method, fpr = args.threshold, args.fpr
+    if fpr is not None and method not in (None, "fpr"):
+        raise ConfigError(f"--fpr {fpr:g} applies to --threshold fpr, not --threshold {method}; "
+                          "drop one of them")
+    if method is None:
+        method = "iqr" if fpr is None else "fpr"
+    return method, DEFAULT_FPR if fpr is None else fpr
+
+
 def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("groups", help="per-slide %% anomalous patches; control vs treated tests",
                        description="Per-slide percentage of patches above a label-free threshold, "
@@ -143,7 +176,11 @@ def _add_fid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("fake", metavar="FAKE",
                    help="folder of generated images, or a run folder (holds model/model.json)")
     p.add_argument("--inception-weights", metavar="PATH", default=None,
-                   help="Inception weights file (default: torch hub cache, then download)")
+                   help="Inception weights file (default: the file `gen-ad weights install` "
+                   "wrote, gen_ad-fid-inception.safetensors in $GEN_AD_WEIGHTS, else in "
+                   "$TORCH_HOME/hub/checkpoints; then torch-fidelity's "
+                   "weights-inception-2015-12-05-6726825d.pth in that torch hub folder; then a "
+                   "download, unless GEN_AD_OFFLINE or HF_HUB_OFFLINE is set)")
     p.add_argument("--kid", action="store_true", help="also compute KID")
     p.add_argument("--n", type=_positive_int, default=None,
                    help="samples drawn from a run (default: as many as REAL images), or the "
@@ -182,7 +219,7 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("score", help="score a patch folder with a trained run's scorers",
                        description="Reconstruct each patch with a trained run, score the "
                        "residuals, write scores.csv, map PNGs and metrics.json (AUROC/AUPR with "
-                       "95%% CIs when the folder has normal and anomalous classes).")
+                       "95% CIs when the folder has normal and anomalous classes).")
     p.add_argument("run", help="run folder (checkpoints/<run>)")
     p.add_argument("--data", required=True, help="folder to score (class subfolders)")
     p.add_argument("--out", required=True, help="output folder (one subfolder per method)")
@@ -194,9 +231,7 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="comma-separated class folders that are normal (default: normal)")
     p.add_argument("--masks", default=None, help="ground-truth mask folder for pixel metrics "
                    "(default: DATA/masks when it exists, as gen-ad synth writes)")
-    p.add_argument("--threshold", choices=["iqr", "fpr"], default="iqr",
-                   help="label-free threshold rule: Q3+1.5*IQR (default) or a fixed FPR")
-    p.add_argument("--fpr", type=_fraction, default=0.05, help="FPR for --threshold fpr")
+    _add_threshold_rule(p)
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--examples", type=int, default=8, help="map PNGs of the top/bottom N")
@@ -205,6 +240,9 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--calibration-limit", type=_nonneg_int, default=512,
                    help="at most this many --normal patches (a seeded random choice) to fit and "
                    "calibrate on; 0 = all (default: 512)")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="score only N of the --data patches, a seeded random choice (seed 0, "
+                   "not stratified by class; recorded in metrics.json); default: all")
     p.add_argument("--n-boot", type=_positive_int, default=2000,
                    help="bootstrap resamples of the AUROC/AUPR intervals (2000)")
     p.set_defaults(func=_cmd_score)
@@ -215,14 +253,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from gen_ad.app.score import score_run
 
     kwargs = {"steps": args.steps} if args.steps else {}
+    method, fpr = _threshold_rule(args)
     results = score_run(args.run, args.data, args.out, method=args.method, normal=args.normal,
                         normal_classes=[c for c in args.normal_classes.split(",") if c],
-                        masks=args.masks, threshold_method=args.threshold, fpr=args.fpr,
+                        masks=args.masks, threshold_method=method, fpr=fpr, limit=args.limit,
                         batch_size=args.batch_size, device=args.device,
                         n_examples=args.examples, scorer_kwargs=kwargs,
                         calibration_limit=args.calibration_limit or None, n_boot=args.n_boot)
     for m in results.values():
         print(summary_line(m))
+    if any("threshold" not in m for m in results.values()):
+        print(NO_THRESHOLD_NOTE)
     print(f"outputs: {args.out}")
     return 0
 
@@ -289,17 +330,37 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ExtractorHelp(str):
+    """The ``--extractor`` help, listing the extractor registry when the help is shown: the
+    registry imports torch, which building the parser must not."""
+
+    def __mod__(self, params: object) -> str:
+        return extractor_help() % params
+
+
+def extractor_help() -> str:
+    """The registered extractors, and which need ``gen-ad weights install`` or no weights."""
+    from gen_ad.baselines.extractors import extractor_names, get_spec
+
+    specs = [get_spec(n) for n in extractor_names()]
+    installed = [s.name for s in specs if s.installed]
+    no_weights = [s.name for s in specs if not (s.installed or s.hf_repo or s.url)]
+    return (f"{', '.join(s.name for s in specs)} (needing `gen-ad weights install`: "
+            f"{', '.join(installed)}; no weights: {', '.join(no_weights)})")
+
+
 def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("knn", help="KNN baseline on frozen foundation-model features",
                        description="Build a feature bank of normal patches (fit) and score "
                        "patches by their distance to the k nearest normal features (score).")
     knn_sub = p.add_subparsers(dest="knn_command", metavar="ACTION", parser_class=_Parser)
     knn_sub.required = True
-    f = knn_sub.add_parser("fit", help="embed normal patches into a feature bank + threshold")
+    f = knn_sub.add_parser("fit", help="embed normal patches into a feature bank + threshold",
+                           description="Embed a folder of normal patches with a frozen feature "
+                           "extractor into a bank folder (or grow one with --extend) and "
+                           "calibrate its threshold on leave-one-out kNN scores.")
     f.add_argument("--extractor", required=True, metavar="NAME",
-                   help="virchow2, virchow, uni, uni2-h, phikon, phikon-v2, h-optimus-0, "
-                   "lunit-dino-vits8, dino-vits16, dino-resnet50, resnet50, vgg16-imagenet, "
-                   "inception-fid (the last two: `gen-ad weights install`)")
+                   help=_ExtractorHelp("registered feature extractor"))
     f.add_argument("--weights", default=None, metavar="PATH",
                    help="local weights file or folder (default: caches, then the hub)")
     f.add_argument("--random-init", action="store_true", help="random weights (no download)")
@@ -318,7 +379,11 @@ def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="bank vectors scored leave-one-out for the threshold (default 5000)")
     _knn_common(f)
     f.set_defaults(func=_cmd_knn_fit)
-    s = knn_sub.add_parser("score", help="score patches against a bank; write scores.csv")
+    s = knn_sub.add_parser("score", help="score patches against a bank; write scores.csv",
+                           description="Score a patch folder by the distance of each patch to "
+                           "its k nearest bank features; write scores.csv, flagged.csv and "
+                           "metrics.json (AUROC/AUPR when the folder has normal and anomalous "
+                           "classes).")
     s.add_argument("bank", metavar="BANK", help="bank folder written by `gen-ad knn fit`")
     s.add_argument("--data", required=True, metavar="DIR",
                    help="patches to score (class subfolders: normal/ is label 0, others 1)")
@@ -333,9 +398,7 @@ def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--normal", default=None, metavar="DIR",
                    help="held-out normal patches to calibrate the threshold on (a flat folder, "
                    "or one whose normal/ is used; default: the bank's leave-one-out scores)")
-    s.add_argument("--threshold", choices=["iqr", "fpr"], default="iqr",
-                   help="label-free threshold rule: Q3+1.5*IQR (default) or a fixed FPR")
-    s.add_argument("--fpr", type=_fraction, default=0.05, help="FPR for --threshold fpr")
+    _add_threshold_rule(s)
     _knn_common(s)
     s.set_defaults(func=_cmd_knn_score)
 
@@ -370,11 +433,11 @@ def _cmd_knn_score(args: argparse.Namespace) -> int:
     from gen_ad.app.evaluate import summary_line
     from gen_ad.app.knn import score_folder
 
+    method, fpr = _threshold_rule(args)
     metrics = score_folder(args.bank, args.data, args.out, batch_size=args.batch_size,
                            workers=args.workers, device=args.device, weights=args.weights,
                            memory_budget_mb=args.memory_mb, index=args.index, size=args.size,
-                           k=args.k, normal=args.normal, threshold_method=args.threshold,
-                           fpr=args.fpr)
+                           k=args.k, normal=args.normal, threshold_method=method, fpr=fpr)
     print(summary_line(metrics))
     print(f"threshold: {metrics['threshold_source']}")
     print(f"outputs: {args.out}")
@@ -426,7 +489,7 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("slide", help="score a whole slide tile by tile: heatmap + slide score",
                        description="Tile a slide's tissue, score every tile with a run's scorer "
                        "or a KNN bank, smooth the heatmap with a 3x3 erosion, report the slide "
-                       "score (max and mean of the top 1%%) and write an overlay PNG.")
+                       "score (max and mean of the top 1%) and write an overlay PNG.")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (.svs, .tiff, ...)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="trained run folder")
@@ -609,6 +672,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def cli_warnings(debug: bool = False) -> Iterator[None]:
+    """Show warnings as one line ``gen-ad: warning: <message>``, each distinct message once,
+    while a command runs; the previous ``warnings.formatwarning`` comes back after, and
+    ``debug`` keeps Python's full format (file, line and source line)."""
+    if debug:
+        yield
+        return
+    previous = warnings.formatwarning
+    warnings.formatwarning = _once_per_message()
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
+def _once_per_message() -> Callable[..., str]:
+    """A ``warnings.formatwarning`` giving ``gen-ad: warning: <message>``, then ``""`` (nothing
+    is written) for a message it has formatted before."""
+    seen: set[str] = set()
+
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+            line: str | None = None) -> str:
+        text = str(message)
+        if text in seen:
+            return ""
+        seen.add(text)
+        return f"gen-ad: warning: {text}\n"
+
+    return fmt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-ad``; returns the exit status (0 ok, 2 user error, 1 internal error)."""
     parser = build_parser()
@@ -617,7 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        rc = args.func(args)
+        with cli_warnings(debug=args.debug):
+            rc = args.func(args)
         return int(rc or 0)
     except GenAdError as e:
         if args.debug:

@@ -16,6 +16,7 @@ from typing import Any
 from gen_ad.app.evaluate import (
     LoadedScorer,
     calibrate_scorer,
+    limit_items,
     normal_dataset,
     resolve_device,
     run_scorers,
@@ -87,7 +88,8 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
               masks: str | Path | None = None, threshold_method: str = "iqr", fpr: float = 0.05,
               batch_size: int = 32, device: str = "auto", n_examples: int = 8,
               calibration_limit: int | None = 512, n_boot: int = 2000,
-              scorer_kwargs: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+              scorer_kwargs: dict[str, Any] | None = None,
+              limit: int | None = None) -> dict[str, dict[str, Any]]:
     """Score a folder with each scorer of a trained run (``gen-ad score``).
 
     Args:
@@ -100,6 +102,8 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
             (with ``<method>.context.json``: the run step, scorer options and rule it is for) and
             reused when no normal folder is given, for the same context only.
         masks: folder of ground-truth masks (pixel metrics); default ``data/masks`` if present.
+        limit: score only this many images of ``data``, a seeded random choice
+            (:func:`~gen_ad.app.evaluate.limit_items`, seed 0), recorded in ``metrics.json``.
     Returns:
         Metrics by method name.
     """
@@ -107,9 +111,12 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     loaded = run_scorers(run, method, device=device, scorer_kwargs=scorer_kwargs)
     first = next(iter(loaded.values()))
     assert first.run is not None
-    ds = scoring_dataset(data, first.size, normal_classes=normal_classes, masks=masks,
-                         resize=first.resize)
-    normal = normal or getattr(first.run.cfg.data, "val", None)
+    full = scoring_dataset(data, first.size, normal_classes=normal_classes, masks=masks,
+                           resize=first.resize)
+    ds = limit_items(full, limit)
+    n, of = len(ds), len(full)  # type: ignore[arg-type]
+    extra = {} if limit is None else {"limit": {"n": n, "of": of, "seed": 0}}
+    normal = normal or run_val_folder(first.run.cfg.data)
     results = {}
     for name, ls in loaded.items():
         context = calibration_context(ls, scorer_kwargs, threshold_method, fpr)
@@ -118,5 +125,22 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
                         limit=calibration_limit)
         scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device)
         results[name] = write_outputs(Path(out) / name, scored, ds, method=name, threshold=th,
-                                      n_examples=n_examples, n_boot=n_boot)
+                                      n_examples=n_examples, n_boot=n_boot, extra=extra)
     return results
+
+
+def run_val_folder(data_cfg: Any) -> str | None:
+    """The run's ``data.val`` (the default calibration folder), checked to exist from the
+    current directory, where a relative path in the run's config is resolved.
+
+    Raises:
+        DataError: ``data.val`` is set but not found; the message names ``--normal DIR``.
+    """
+    val = getattr(data_cfg, "val", None)
+    if not val:
+        return None
+    if not Path(val).expanduser().exists():
+        raise DataError(f"the run's data.val ({val}), the default folder of normal patches to "
+                        f"calibrate on, is not found from the current directory ({Path.cwd()}); "
+                        "pass --normal DIR (normal validation patches)")
+    return str(val)

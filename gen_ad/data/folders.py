@@ -267,9 +267,19 @@ def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]
             raise DataError(f"no images found in {r} (looked for {exts} in it and its subfolders)")
         return {r.resolve().name: direct}, True
     if direct:
-        warnings.warn(f"{len(direct)} images directly in {r} are ignored because it has class "
-                      f"subfolders ({', '.join(found)})", stacklevel=3)
+        warnings.warn(_ignored_message(direct, r, found), stacklevel=3)
     return found, False
+
+
+def _ignored_message(direct: Sequence[Path], root: Path, classes: Sequence[str]) -> str:
+    """The warning about images directly in ``root`` beside its class folders, naming them
+    (at most 3, then how many more): ``gen-ad synth`` writes ``contact_sheet.png`` there."""
+    names = [p.name for p in direct]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    what = "1 image" if len(names) == 1 else f"{len(names)} images"
+    verb = "is" if len(names) == 1 else "are"
+    return (f"{what} directly in {root} ({shown}) {verb} ignored because it has class "
+            f"subfolders ({', '.join(classes)})")
 
 
 def find_mask_root(root: str | os.PathLike[str]) -> Path | None:

@@ -138,3 +138,42 @@ def test_score_reads_patches_as_the_run_trained(tmp_path: Path, monkeypatch: pyt
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "s2")]) == 2
     assert "resize: saved None, now 'center_crop'" in capsys.readouterr().err
+
+
+def test_score_limit_and_runs_without_a_calibration_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--limit N`` scores a seeded random N of the patches (metrics.json records it); a run
+    with no data.val and no saved threshold flags nothing and says how to calibrate; a run whose
+    relative data.val is not found from the current directory names it and --normal."""
+    from gen_ad.data.folders import subset_indices
+
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "test", n=16, size=32, seed=3, anomaly_fraction=0.5)
+    write_folder(tmp_path / "valid", n=6, size=32, seed=4, anomaly_fraction=0.0)
+    _train("--config", str(CONFIGS / "demo.yaml"), "out=gan", "train.max_steps=1",
+           "train.batch_size=10")
+    _train("--config", str(CONFIGS / "demo.yaml"), "out=gan-val", "data.val=valid",
+           "train.max_steps=1", "train.batch_size=10")
+    capsys.readouterr()
+    args = ["--data", "test", "--examples", "0", "--steps", "1", "--n-boot", "20"]
+
+    assert main(["score", "gan", *args, "--out", "all"]) == 0
+    assert main(["score", "gan", *args, "--out", "five", "--limit", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("nothing is flagged; pass --normal DIR") == 2
+    every = list(csv.DictReader((tmp_path / "all" / "anogan" / "scores.csv").open()))
+    five = list(csv.DictReader((tmp_path / "five" / "anogan" / "scores.csv").open()))
+    assert [r["path"] for r in five] == [every[i]["path"] for i in subset_indices(16, 5, 0)]
+    metrics = json.loads((tmp_path / "five" / "anogan" / "metrics.json").read_text())
+    assert metrics["n"] == 5 and metrics["limit"] == {"n": 5, "of": 16, "seed": 0}
+    assert "limit" not in json.loads((tmp_path / "all" / "anogan" / "metrics.json").read_text())
+    assert not (tmp_path / "five" / "anogan" / "flagged.csv").exists()
+
+    monkeypatch.chdir(tmp_path / "test")  # data.val=valid is not found from here
+    assert main(["score", str(tmp_path / "gan-val"), *args[2:], "--data", str(tmp_path / "test"),
+                 "--out", "o"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gen-ad: error: the run's data.val (valid)")
+    assert f"not found from the current directory ({tmp_path / 'test'})" in err[0]
+    assert err[0].endswith("pass --normal DIR (normal validation patches)")

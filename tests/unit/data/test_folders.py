@@ -21,6 +21,7 @@ from gen_ad.data import (
     subset,
     tensor_to_uint8,
 )
+from gen_ad.data.folders import discover_classes
 from gen_ad.errors import DataError
 
 
@@ -315,3 +316,21 @@ def test_8_bit_values_in_wider_types_keep_their_levels() -> None:
         np.testing.assert_array_equal(array_to_rgb8(wide), rgb, err_msg=str(wide.dtype))
     np.testing.assert_array_equal(array_to_rgb8(rgb.astype(np.uint16) * 257), rgb)  # 16-bit
     np.testing.assert_array_equal(array_to_rgb8(rgb.astype(np.float32) / 255), rgb)  # [0, 1]
+
+
+def test_images_beside_class_folders_are_named_in_the_warning(tmp_path: Path) -> None:
+    """``gen-ad synth`` writes contact_sheet.png into the data root: the warning names the
+    ignored files (3, then how many more) with the right grammar."""
+    root = _folder(tmp_path / "one", {"normal": 2, "tumor": 1})
+    Image.fromarray(_rgb(1, 12, 12)).save(root / "contact_sheet.png")
+    with pytest.warns(UserWarning) as rec:
+        discover_classes(root)
+    assert [str(w.message) for w in rec] == [
+        f"1 image directly in {root} (contact_sheet.png) is ignored because it has class "
+        "subfolders (normal, tumor)"]
+    root = _folder(tmp_path / "five", {"normal": 2})
+    for j in range(5):
+        Image.fromarray(_rgb(j, 12, 12)).save(root / f"stray{j}.png")
+    with pytest.warns(UserWarning, match=r"^5 images directly in .* \(stray0\.png, stray1\.png, "
+                      r"stray2\.png and 2 more\) are ignored because"):
+        discover_classes(root)
