@@ -427,7 +427,8 @@ def test_bad_entries_fail_before_scoring_and_before_the_output_folder(
     assert not out.exists()
     no_run = _cfg(split, out, methods=[{"name": "fanogan", "run": "checkpoints/demo/runs/none",
                                         "scorer": "fanogan"}])
-    with pytest.raises(CheckpointError, match=r"method 'fanogan': run folder not found.*gen-ad demo"):
+    with pytest.raises(CheckpointError,
+                       match=r"method 'fanogan': run folder not found.*gen-ad demo"):
         run_benchmark(from_dict(BenchmarkConfig, no_run), progress=False)
     assert not out.exists()
     missing_test = _cfg(split, out)
