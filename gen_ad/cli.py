@@ -281,8 +281,11 @@ def _add_tile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     res.add_argument("--mpp", type=_positive_float, default=None,
                      help="target microns per pixel (best level, then resized)")
     p.add_argument("--slide-mpp", type=_positive_float, default=None,
-                   help="level-0 microns per pixel of the slides: needed with --mpp when a "
-                   "slide does not record it; overrides the recorded value")
+                   help="level-0 microns per pixel of slides that record none (or an "
+                   "implausible one): needed with --mpp for them")
+    p.add_argument("--slide-mpp-force", action="store_true",
+                   help="use --slide-mpp even for slides recording a plausible resolution that "
+                   "differs by more than 5%% (default: their recorded value, with a warning)")
     p.add_argument("--min-tissue", type=_fraction, default=0.9,
                    help="minimum tissue fraction of a kept tile (default 0.9)")
     p.add_argument("--stride", type=_positive_int, default=None,
@@ -296,6 +299,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
 
     for line in tile(args.slides, args.out, args.size, level=args.level, mpp=args.mpp,
                      min_tissue=args.min_tissue, stride=args.stride, slide_mpp=args.slide_mpp,
+                     force_slide_mpp=args.slide_mpp_force,
                      workers=args.workers):
         print(line)
     return 0
@@ -503,8 +507,11 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     res.add_argument("--mpp", type=_positive_float, default=None,
                      help="target microns per pixel")
     p.add_argument("--slide-mpp", type=_positive_float, default=None,
-                   help="level-0 microns per pixel of the slides: needed with --mpp when a "
-                   "slide does not record it; overrides the recorded value")
+                   help="level-0 microns per pixel of slides that record none (or an "
+                   "implausible one): needed with --mpp for them")
+    p.add_argument("--slide-mpp-force", action="store_true",
+                   help="use --slide-mpp even for slides recording a plausible resolution that "
+                   "differs by more than 5%% (default: their recorded value, with a warning)")
     p.add_argument("--stride", type=_positive_int, default=None, help="tile step in pixels")
     p.add_argument("--min-tissue", type=_fraction, default=0.5,
                    help="minimum tissue fraction of a scored tile (default 0.5)")
@@ -533,6 +540,7 @@ def _cmd_slide(args: argparse.Namespace) -> int:
                         normal=args.normal, device=args.device, size=args.size,
                         scorer_kwargs={"steps": args.steps} if args.steps else None,
                         level=args.level, mpp=args.mpp, slide_mpp=args.slide_mpp,
+                        force_slide_mpp=args.slide_mpp_force,
                         stride=args.stride,
                         min_tissue=args.min_tissue, erosion=args.erosion, frac=args.top,
                         batch_size=args.batch_size, labels=args.labels,
@@ -593,8 +601,11 @@ def _add_cells(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="cell centres from another tool: CSV x,y[,slide] or GeoJSON points/"
                    "polygons (level-0 pixels) instead of the built-in detection")
     p.add_argument("--slide-mpp", type=_positive_float, default=None,
-                   help="level-0 microns per pixel of the inputs: needed when a slide does not "
-                   "record it; overrides the recorded value (default for images: --mpp)")
+                   help="level-0 microns per pixel of images and of slides that record none "
+                   "(or an implausible one) (default for images: --mpp)")
+    p.add_argument("--slide-mpp-force", action="store_true",
+                   help="use --slide-mpp even for slides recording a plausible resolution that "
+                   "differs by more than 5%% (default: their recorded value, with a warning)")
     p.add_argument("--detect-mpp", type=float, default=0.5,
                    help="resolution of the built-in nucleus detection (default 0.5 um/px)")
     p.add_argument("--workers", type=_positive_int, default=None, help="crop-writing threads")
@@ -606,7 +617,8 @@ def _cmd_cells(args: argparse.Namespace) -> int:
     from gen_ad.data.cells import NucleusSettings
 
     for line in cells(args.inputs, args.out, mpp=args.mpp, size=args.size,
-                      slide_mpp=args.slide_mpp, centroids=args.centroids,
+                      slide_mpp=args.slide_mpp, force_slide_mpp=args.slide_mpp_force,
+                      centroids=args.centroids,
                       settings=NucleusSettings(mpp=args.detect_mpp), workers=args.workers):
         print(line)
     return 0

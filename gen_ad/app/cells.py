@@ -90,6 +90,17 @@ def _open(path: Path, image_mpp: float | None, slide_mpp: float | None) -> Sourc
     return open_slide(path, warn_mpp=slide_mpp is None)
 
 
+def _level0_mpp(src: Source, slide_mpp: float | None, force: bool) -> float | None:
+    """The level-0 microns per pixel to use: an image's is the one it was opened with; a
+    slide's recorded plausible value wins over a differing ``slide_mpp`` unless ``force``
+    (:func:`gen_ad.data.wsi.resolve_slide_mpp`, which warns)."""
+    if isinstance(src, ImageSource):
+        return slide_mpp
+    from gen_ad.data.wsi import resolve_slide_mpp
+
+    return resolve_slide_mpp(src, slide_mpp, force).value
+
+
 def _given(slides: list[str | None], nuc: Nuclei, stem: str, single: bool) -> Nuclei:
     """The centroid-file cells of one slide (rows without a slide belong to a single input)."""
     names = np.array([s if s is not None else "" for s in slides])
@@ -180,7 +191,7 @@ def write_cells_csv(out: Path, records: Sequence[CellRecord]) -> Path:
 @writes_folder("out", "cells output folder")
 def cells(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
           mpp: float = 0.25, size: int = 64, slide_mpp: float | None = None,
-          centroids: str | os.PathLike[str] | None = None,
+          force_slide_mpp: bool = False, centroids: str | os.PathLike[str] | None = None,
           settings: NucleusSettings | None = None, workers: int | None = None,
           progress: bool = True) -> list[str]:
     """Detect (or read) the cells of every input and write their crops, table and overlays.
@@ -189,8 +200,9 @@ def cells(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
         inputs: slide files, image files, or folders of images (each image is one "slide").
         out: output folder (layout in the module docstring).
         mpp / size: crop resolution (microns per pixel) and side (pixels).
-        slide_mpp: level-0 microns per pixel of slides that do not record it, and of images
-            (default for images: ``mpp``, i.e. the image is taken to be at the crop resolution).
+        slide_mpp: level-0 microns per pixel of slides that do not record a plausible one, and
+            of images (default for images: ``mpp``, i.e. the image is taken to be at the crop
+            resolution); ``force_slide_mpp``: use it for slides that record another, too.
         centroids: CSV ``x,y`` or GeoJSON points/polygons from another detector, used instead
             of the built-in detection (coordinates in level-0 pixels).
         settings: built-in detection settings (see :class:`NucleusSettings`).
@@ -204,12 +216,13 @@ def cells(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
     lines: list[str] = []
     for p in paths:
         with _open(p, slide_mpp if slide_mpp is not None else mpp, slide_mpp) as src:
-            plan = plan_crops(src, size, mpp, slide_mpp)
+            base = _level0_mpp(src, slide_mpp, force_slide_mpp)
+            plan = plan_crops(src, size, mpp, base)
             if given is not None:
                 nuc = _given(given[0], given[1], p.stem, single=len(paths) == 1)
                 how = f"from {Path(centroids).name}"  # type: ignore[arg-type]
             else:
-                nuc = detect_source(src, settings, slide_mpp)
+                nuc = detect_source(src, settings, base)
                 how = "detected"
             recs = _slide_cells(src, nuc, root, plan, workers, progress)
             records.extend(recs)

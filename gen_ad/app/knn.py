@@ -43,6 +43,7 @@ from gen_ad.baselines.knn import (
     SearchSettings,
     bank_settings,
     build_bank,
+    check_no_bank,
     extend_bank,
     extractor_from_info,
     resolved,
@@ -104,6 +105,7 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
             bank, memory_budget_mb=settings.memory_budget_mb, backend=settings.backend,
             use_gpu=settings.use_gpu)
         return extend_bank(bank, ext, loader, total=len(loader), settings=resources)
+    check_no_bank(root)  # before loading the extractor or reading a single image
     ext = build_extractor(extractor_name, weights=weights, random_init=random_init,
                           device=device, tiny=tiny, seed=seed)
     size = size or ext.input_size

@@ -111,6 +111,7 @@ def _write_maps(dest: Path, hm: SlideHeatmap, thumb: np.ndarray, thumb_ds: float
 def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
                 out: str | os.PathLike[str], *, size: int, level: int | None = None,
                 mpp: float | None = None, slide_mpp: float | None = None,
+                force_slide_mpp: bool = False,
                 stride: int | None = None, min_tissue: float = 0.5, batch_size: int = 32,
                 device: str = "cpu", frac: float = 0.01, erosion: int = 3,
                 thumbnail_size: int = 1024, tile_dir: str | os.PathLike[str] | None = None,
@@ -122,8 +123,11 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
         slide_path: the slide file.
         scorer: any (fitted) scorer; tiles are given to it at ``size`` x ``size``.
         out: output folder (results go to ``out/<slide stem>/``).
-        size / level / mpp / slide_mpp / stride / min_tissue: tiling (see
-            :func:`gen_ad.data.wsi.plan_grid`; ``slide_mpp`` overrides the file's resolution).
+        size / level / mpp / stride / min_tissue: tiling (see :func:`gen_ad.data.wsi.plan_grid`).
+        slide_mpp / force_slide_mpp: the user's level-0 microns per pixel, used where the slide
+            records no plausible one, or always with ``force_slide_mpp``
+            (:func:`gen_ad.data.wsi.resolve_slide_mpp`); ``slide.json`` records the value used
+            and its source.
         batch_size / device: scoring.
         frac: top fraction for the ``topk`` slide score (default 1 %).
         erosion: erosion window on the heatmap (3 = 3x3; 1 = none).
@@ -135,22 +139,22 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     Returns:
         The ``slide.json`` record (``score_max``, ``score_top1pct``, raw variants, paths, ...).
     """
-    from gen_ad.data.wsi import open_slide, plan_grid, tile_slide
+    from gen_ad.data.wsi import open_slide, plan_grid, resolve_slide_mpp, tile_slide
     from gen_ad.scoring.slide import SlideHeatmap, build_heatmap
 
     stem = Path(slide_path).stem
     dest = Path(out) / stem
     recs = tile_slide(slide_path, tile_dir or dest / "tiles", size, level=level, mpp=mpp,
                       min_tissue=min_tissue, stride=stride, slide_mpp=slide_mpp,
-                      progress=progress)
+                      force_slide_mpp=force_slide_mpp, progress=progress)
     if not recs:
         raise DataError(f"no tile of {slide_path} reaches the tissue fraction {min_tissue}; "
                         "lower --min-tissue or the tile size")
-    with open_slide(slide_path, warn_mpp=slide_mpp is None) as slide:
-        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=slide_mpp)
+    with open_slide(slide_path, warn_mpp=False) as slide:  # tiling warned already
+        base = resolve_slide_mpp(slide, slide_mpp, force_slide_mpp, warn=False)
+        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=base.value)
         thumb = slide.thumbnail(thumbnail_size)
         thumb_ds = slide.dimensions[0] / thumb.shape[1]
-        level0_mpp = slide_mpp if slide_mpp is not None else slide.mpp
     scored = score_dataset(scorer, TileSet([r.path for r in recs], size, stem),
                            batch_size=batch_size, device=device, keep_maps=False,
                            progress=progress)
@@ -168,7 +172,7 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     rec: dict[str, Any] = {
         "slide": str(slide_path), "method": label, "n_tiles": len(recs),
         "grid": list(grid.shape),
-        "level": grid.level, "slide_mpp": level0_mpp, "tile_size": size,
+        "level": grid.level, **base.as_json(), "tile_size": size,
         "tile_footprint_level0": grid.footprint,
         "erosion": erosion, "top_fraction": frac, **_slide_scores(hm, erosion, frac),
         "ms_per_tile": scored.ms_per_image,

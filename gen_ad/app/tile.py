@@ -16,7 +16,8 @@ def tile(slides: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], 
     summaries = tile_slides(slides, out, size, **kwargs)
     lines = []
     for s in summaries:
-        mpp = f"{s.mpp * s.downsample:.3g} um/px" if s.mpp is not None else "mpp unknown"
+        mpp = (f"{s.mpp * s.downsample:.3g} um/px; level 0 {s.mpp:.4g} um/px, {s.mpp_source}"
+               if s.mpp is not None else "mpp unknown")
         lines.append(f"{s.slide}: {s.backend}, level {s.level}, downsample {s.downsample:.3g} "
                      f"({mpp}), {len(s.records)} of {s.grid_cells} grid tiles kept")
     lines.append(f"manifest: {out}/{MANIFEST_NAME}")

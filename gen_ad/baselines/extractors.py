@@ -677,6 +677,10 @@ def training_resolution(spec: ExtractorSpec) -> str:
                 f"extract patches at that resolution (`gen-ad tile --mpp {spec.train_mpp:g}`)")
     if spec.train_magnification != "unknown":
         return f"trained on {spec.train_magnification} patches"
+    if spec.arch == "gen_ad:colour-stats":
+        return "colour statistics: resolution-free (no network, no training)"
+    if spec.hf_repo is None and spec.url is None:
+        return "training resolution: not recorded (no model card)"
     return "training resolution: not stated by the model card"
 
 

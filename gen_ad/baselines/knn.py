@@ -75,6 +75,14 @@ def _gpu_faiss(faiss: Any) -> bool:
 # ----------------------------------------------------------------------------- the bank
 
 
+def check_no_bank(root: str | os.PathLike[str]) -> None:
+    """Refuse a folder that holds a feature bank already (ConfigError naming ``--extend``)."""
+    r = Path(root).expanduser()
+    if (r / META).exists():
+        raise ConfigError(f"a feature bank already exists at {r}; pass --extend to add images "
+                          "to it, or choose another --out")
+
+
 class FeatureBank:
     """Normal feature vectors on disk: float32 ``.npy`` shards + ``bank.json`` metadata.
 
@@ -133,8 +141,7 @@ class FeatureBank:
                settings: dict[str, Any] | None = None) -> FeatureBank:
         """Start an empty bank at ``root`` (an existing bank there is an error)."""
         r = Path(root).expanduser()
-        if (r / META).exists():
-            raise ConfigError(f"a feature bank already exists at {r}; use extend or another --out")
+        check_no_bank(r)
         r.mkdir(parents=True, exist_ok=True)
         meta = {"version": 1, "dim": int(dim), "count": 0, "extractor": extractor,
                 "settings": dict(settings or {}), "shards": [], "paths": []}

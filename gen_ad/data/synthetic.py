@@ -37,10 +37,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from gen_ad.errors import ConfigError
+from gen_ad.errors import ConfigError, DataError
 from gen_ad.utils.io import atomic_path, write_text
 
 ANOMALY_TYPES: tuple[str, ...] = ("tumor", "necrosis", "inflammation")
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_HEADER = "path,label,kind"
+SHEET_NAME = "contact_sheet.png"  # the contact sheet gen-ad synth writes by default
+_PENDING = ".synth-pending.csv"  # the files of a set being written, until its manifest is
+_SET_FOLDERS = ("normal", "anomalous", "masks")
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -646,23 +651,86 @@ def _save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def _set_files(out: Path, name: str) -> list[Path] | None:
+    """The patches and masks a list of ours in ``out`` (``manifest.csv`` or the pending list)
+    names, or ``None`` when that file is absent or not written by :func:`write_folder`."""
+    p = out / name
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines() if p.is_file() else []
+    except UnicodeDecodeError:
+        return None
+    if not lines or lines[0] != MANIFEST_HEADER:
+        return None
+    files = []
+    for line in lines[1:]:
+        folder, _, fname = line.split(",")[0].partition("/")
+        if folder not in ("normal", "anomalous") or "/" in fname or not fname.endswith(".png"):
+            raise DataError(f"{p}: unexpected row {line!r}; not a manifest of gen-ad synth")
+        files.append(out / folder / fname)
+        if folder == "anomalous":
+            files.append(out / "masks" / fname)
+    return files
+
+
+def _holds_images(out: Path) -> bool:
+    """Whether any image file lies in ``out`` or below it."""
+    from gen_ad.data.folders import is_image_file
+
+    return out.is_dir() and any(f.is_file() and is_image_file(f) for f in out.rglob("*"))
+
+
+def clear_previous_set(out: Path) -> int:
+    """Delete the synthetic set an earlier :func:`write_folder` left in ``out``: the files its
+    ``manifest.csv`` (or an interrupted run's pending list) names, their masks, the default
+    contact sheet and the manifest. No other file is touched. Returns the number deleted.
+
+    Raises:
+        DataError: ``out`` holds images but no list of ours (another data set, perhaps).
+    """
+    lists = [_set_files(out, name) for name in (MANIFEST_NAME, _PENDING)]
+    if lists == [None, None]:
+        if _holds_images(out):
+            raise DataError(f"{out} holds images but no {MANIFEST_NAME} of gen-ad synth: "
+                            "refusing to write a synthetic set among them; choose an empty or "
+                            "new --out (or delete that folder's images)")
+        return 0
+    gone = [f for f in [*(lists[0] or []), *(lists[1] or []), out / SHEET_NAME] if f.is_file()]
+    for f in gone:
+        f.unlink()
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for d in _SET_FOLDERS:  # a folder the new set does not fill must not stay as an empty class
+        if (out / d).is_dir() and not any((out / d).iterdir()):
+            (out / d).rmdir()
+    return len(gone)
+
+
 def write_folder(out: Path, n: int, size: int = 64, seed: int = 0,
                  anomaly_fraction: float = 0.0,
                  anomaly_types: Sequence[str] = ANOMALY_TYPES) -> dict[str, int]:
-    """Write a synthetic patch folder.
+    """Write a synthetic patch folder, replacing a set an earlier call wrote there.
 
     Layout: ``out/normal/<i>.png``, ``out/anomalous/<i>.png``, ``out/masks/<i>.png`` (mask of the
     anomalous image with the same name, 0/255) and ``out/manifest.csv`` (``path,label,kind``,
-    paths relative to ``out``). Every file is written atomically.
+    paths relative to ``out``), written last. Every file is written atomically. An earlier set's
+    files are deleted first (:func:`clear_previous_set`); a folder holding other images is
+    refused. Until the manifest is written, a hidden pending list names the files of this set,
+    so an interrupted call is cleaned up by the next.
 
     Returns:
         Counts: ``{"normal": ..., "anomalous": ..., "tumor": ..., ...}``.
+    Raises:
+        DataError: ``out`` holds images but no manifest of ours.
     """
     out = Path(out)
     types = tuple(anomaly_types)
     _check(n, size, seed, anomaly_fraction, types)
+    kinds = _assign(seed, np.arange(n), anomaly_fraction, types)  # what generate_range renders
+    rows = [MANIFEST_HEADER] + [
+        f"{'normal' if k == 'normal' else 'anomalous'}/{i:06d}.png,{int(k != 'normal')},{k}"
+        for i, k in enumerate(kinds)]
+    clear_previous_set(out)
+    write_text(out / _PENDING, "\n".join(rows) + "\n")
     counts = {"normal": 0, "anomalous": 0, **{t: 0 for t in types}}
-    rows = ["path,label,kind"]
     c = _chunk_size(size)
     for start in range(0, n, c):
         b = generate_range(start, min(start + c, n), size, seed, anomaly_fraction, types)
@@ -674,6 +742,6 @@ def write_folder(out: Path, n: int, size: int = 64, seed: int = 0,
                 _save_png(out / "masks" / name, b.masks[j].astype(np.uint8) * 255)
                 counts[kind] += 1
             counts[folder] += 1
-            rows.append(f"{folder}/{name},{int(kind != 'normal')},{kind}")
-    write_text(out / "manifest.csv", "\n".join(rows) + "\n")
+    write_text(out / MANIFEST_NAME, "\n".join(rows) + "\n")
+    (out / _PENDING).unlink()
     return counts

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gen_ad.data.tissue import tissue_mask
-from gen_ad.errors import CheckpointError, DataError
+from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.utils.io import atomic_path, inside, write_text
 from gen_ad.utils.lock import folder_lock
 
@@ -37,6 +37,7 @@ _LEVEL_TOLERANCE = 0.01  # a level whose downsample is within 1% of the wanted o
 # resolution limit) or above 20 um/px (a 0.5x objective) the value is not a microscope's: most
 # often a TIFF's DPI tag (72 dpi = 352.8 um/px, 300 dpi = 84.7, 1200 dpi = 21.2).
 MPP_RANGE = (0.01, 20.0)
+MPP_AGREEMENT = 0.05  # a --slide-mpp within 5% of a slide's recorded value agrees with it
 _THUMB_READ_PIXELS = 1 << 24  # thumbnails of larger levels are built strip by strip
 
 
@@ -239,15 +240,71 @@ class Slide:
         self.close()
 
 
-def unknown_mpp_error(source: Any) -> DataError:
+def unknown_mpp_error(source: Any, alternative: str = "") -> DataError:
     """The error for a slide or image whose level-0 microns per pixel is unknown (``source``:
-    anything with ``path`` and, optionally, ``mpp_ignored``)."""
+    anything with ``path`` and, optionally, ``mpp_ignored``); ``alternative``: what else the
+    calling command accepts instead (``"a pyramid level (--level) instead of --mpp"``)."""
     ignored = getattr(source, "mpp_ignored", None)
     why = ("does not record its microns per pixel" if ignored is None else
            f"records an implausible {ignored:.4g} um/px (outside {MPP_RANGE[0]:g}-"
            f"{MPP_RANGE[1]:g}; a TIFF's DPI, perhaps), which is ignored")
-    return DataError(f"slide {source.path} {why}; give its microns per pixel (--slide-mpp) or, "
-                     "for tiles, a pyramid level (--level) instead of --mpp")
+    other = f" or {alternative}" if alternative else ""
+    return DataError(f"slide {source.path} {why}; give its microns per pixel (--slide-mpp)"
+                     f"{other}")
+
+
+@dataclass(frozen=True)
+class SlideMpp:
+    """The level-0 microns per pixel used for a slide, and where it came from.
+
+    Attributes:
+        value: microns per pixel, or ``None`` when neither the file nor the user gives one.
+        source: ``recorded`` (the file's plausible value), ``given`` (``--slide-mpp``, for a
+            file recording none, an implausible one, or one within :data:`MPP_AGREEMENT`),
+            ``forced`` (``--slide-mpp`` over a differing recorded value, ``--slide-mpp-force``)
+            or ``none``.
+        recorded: the plausible value the file records, or ``None``.
+        given: the value the user gave, or ``None``.
+    """
+
+    value: float | None
+    source: Literal["recorded", "given", "forced", "none"]
+    recorded: float | None
+    given: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        """``slide_mpp``, ``slide_mpp_source``, ``slide_mpp_recorded``, ``slide_mpp_given``."""
+        return {"slide_mpp": self.value, "slide_mpp_source": self.source,
+                "slide_mpp_recorded": self.recorded, "slide_mpp_given": self.given}
+
+
+def resolve_slide_mpp(slide: Any, given: float | None, force: bool = False,
+                      warn: bool = True) -> SlideMpp:
+    """The level-0 microns per pixel to use for ``slide`` (anything with ``path`` and ``mpp``).
+
+    ``given`` (``--slide-mpp``) is for slides that record no plausible resolution: where the
+    file records a plausible one differing from it by more than :data:`MPP_AGREEMENT`, the
+    recorded value is used (with a warning naming both, when ``warn``) unless ``force``.
+
+    Raises:
+        ConfigError: ``force`` without a ``given`` value.
+    """
+    if force and given is None:
+        raise ConfigError("--slide-mpp-force needs --slide-mpp (the value to force)")
+    recorded = slide.mpp
+    if given is None:
+        return SlideMpp(recorded, "recorded" if recorded is not None else "none", recorded, None)
+    if recorded is None or abs(given - recorded) <= MPP_AGREEMENT * recorded:
+        return SlideMpp(given, "given", recorded, given)
+    if force:
+        return SlideMpp(given, "forced", recorded, given)
+    if warn:
+        warnings.warn(f"{slide.path}: using its recorded resolution of {recorded:.4g} um/px, not "
+                      f"--slide-mpp {given:g} (they differ by more than "
+                      f"{MPP_AGREEMENT:.0%}; --slide-mpp applies to slides that record no "
+                      "plausible resolution); add --slide-mpp-force to use the given value "
+                      "for every slide", RuntimeWarning, stacklevel=2)
+    return SlideMpp(recorded, "recorded", recorded, given)
 
 
 def open_slide(path: str | os.PathLike[str],
@@ -300,8 +357,9 @@ def plan_grid(slide: Slide, size: int, level: int | None = None, mpp: float | No
         mpp: wanted microns per pixel of the output tiles: read at the best level for it and
             resize the region so the tiles have exactly this resolution.
         stride: step between tiles in output pixels (default ``size``: no overlap).
-        slide_mpp: level-0 microns per pixel; overrides the file's value (needed when the file
-            does not record one, or records an implausible one).
+        slide_mpp: level-0 microns per pixel to use instead of the file's (needed when the
+            file records none or an implausible one; :func:`resolve_slide_mpp` decides between
+            a user's value and the file's).
     Returns:
         The grid of tiles that lie fully inside the slide.
     """
@@ -313,7 +371,7 @@ def plan_grid(slide: Slide, size: int, level: int | None = None, mpp: float | No
     if mpp is not None:
         base = slide_mpp if slide_mpp is not None else slide.mpp
         if base is None:
-            raise unknown_mpp_error(slide)
+            raise unknown_mpp_error(slide, "a pyramid level (--level) instead of --mpp")
         if not (math.isfinite(mpp) and math.isfinite(base) and mpp > 0 and base > 0):
             raise DataError(f"mpp must be a positive number, got {mpp} (slide {base})")
         downsample = mpp / base
@@ -383,7 +441,8 @@ class TileRecord:
 
 @dataclass
 class TilingSummary:
-    """What :func:`tile_slides` did with one slide."""
+    """What :func:`tile_slides` did with one slide (``mpp``: level-0 microns per pixel used,
+    ``mpp_source``: where it came from, see :class:`SlideMpp`)."""
 
     slide: str
     backend: str
@@ -392,6 +451,7 @@ class TilingSummary:
     mpp: float | None
     grid_cells: int
     records: list[TileRecord] = field(default_factory=list)
+    mpp_source: str = "recorded"
 
 
 def _mask_side(dimensions: tuple[int, int], footprint: float) -> int:
@@ -445,16 +505,16 @@ def _tile_run(slide: Slide, grid: TileGrid, row: int, cols: np.ndarray, frac: np
 
 def _tile_one(path: str | os.PathLike[str], out_dir: Path, size: int, level: int | None,
               mpp: float | None, min_tissue: float, stride: int | None,
-              slide_mpp: float | None, mask_size: int | None, workers: int | None,
-              progress: bool) -> TilingSummary:
+              slide_mpp: float | None, force_slide_mpp: bool, mask_size: int | None,
+              workers: int | None, progress: bool) -> TilingSummary:
     if not 0.0 <= min_tissue <= 1.0:
         raise DataError(f"min_tissue must be in [0, 1], got {min_tissue}")
     with open_slide(path, warn_mpp=slide_mpp is None) as slide:
-        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=slide_mpp)
+        base = resolve_slide_mpp(slide, slide_mpp, force_slide_mpp)
+        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=base.value)
         stem = slide.path.stem
-        summary = TilingSummary(stem, slide.backend, grid.level, grid.downsample,
-                                slide_mpp if slide_mpp is not None else slide.mpp,
-                                grid.shape[0] * grid.shape[1])
+        summary = TilingSummary(stem, slide.backend, grid.level, grid.downsample, base.value,
+                                grid.shape[0] * grid.shape[1], mpp_source=base.source)
         if summary.grid_cells == 0:
             return summary
         side = mask_size or _mask_side(slide.dimensions, grid.footprint)
@@ -480,7 +540,8 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
                 size: int, level: int | None = None, mpp: float | None = None,
                 min_tissue: float = 0.9, stride: int | None = None,
                 slide_mpp: float | None = None, mask_size: int | None = None,
-                workers: int | None = None, progress: bool = True) -> list[TilingSummary]:
+                workers: int | None = None, progress: bool = True,
+                force_slide_mpp: bool = False) -> list[TilingSummary]:
     """Tile several slides into one folder with one ``manifest.csv`` (see :func:`tile_slide`).
 
     Returns:
@@ -498,7 +559,7 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
     out = Path(out_dir).expanduser()
     with folder_lock(out, "tile output folder"):
         summaries = [_tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp,
-                               mask_size, workers, progress) for p in paths]
+                               force_slide_mpp, mask_size, workers, progress) for p in paths]
         update_manifest(out, [s.slide for s in summaries],
                         [r for s in summaries for r in s.records])
     return summaries
@@ -508,7 +569,7 @@ def tile_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], si
                level: int | None = None, mpp: float | None = None, min_tissue: float = 0.9,
                stride: int | None = None, slide_mpp: float | None = None,
                mask_size: int | None = None, workers: int | None = None,
-               progress: bool = True) -> list[TileRecord]:
+               progress: bool = True, force_slide_mpp: bool = False) -> list[TileRecord]:
     """Cut the tissue of a slide into PNG tiles and record them in ``out_dir/manifest.csv``.
 
     Tiles are named ``<slide stem>_x<x>_y<y>.png`` with ``x, y`` the level-0 top-left corner.
@@ -520,7 +581,9 @@ def tile_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], si
         path: slide file (anything OpenSlide or tiffslide reads).
         out_dir: output folder.
         size: tile side in output pixels.
-        level / mpp / stride / slide_mpp: see :func:`plan_grid`.
+        level / mpp / stride: see :func:`plan_grid`.
+        slide_mpp / force_slide_mpp: the user's level-0 microns per pixel, used where the slide
+            records no plausible one (or ``force_slide_mpp``; see :func:`resolve_slide_mpp`).
         min_tissue: minimum tissue fraction of a kept tile.
         mask_size: thumbnail side for the tissue mask (default: about 8 mask pixels per tile).
         workers: threads reading and writing tiles.
@@ -530,7 +593,8 @@ def tile_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], si
     """
     return tile_slides([path], out_dir, size, level=level, mpp=mpp, min_tissue=min_tissue,
                        stride=stride, slide_mpp=slide_mpp, mask_size=mask_size,
-                       workers=workers, progress=progress)[0].records
+                       workers=workers, progress=progress,
+                       force_slide_mpp=force_slide_mpp)[0].records
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -87,7 +87,8 @@ def test_slide_without_mpp_needs_slide_mpp(shared_data: Path, tmp_path: Path,
     (tmp_path / "c.csv").write_text("x,y\n2000,1500\n")
     assert main(["cells", str(slide), "--out", str(tmp_path / "o"),
                  "--centroids", str(tmp_path / "c.csv")]) == 2
-    assert "--slide-mpp" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--slide-mpp" in err and "--level" not in err  # cells has no --level
     assert main(["cells", str(slide), "--out", str(tmp_path / "o"), "--slide-mpp", "0.25",
                  "--mpp", "0.5", "--centroids", str(tmp_path / "c.csv")]) == 0
     assert "from level 1 (64px read)" in capsys.readouterr().out
@@ -115,5 +116,8 @@ def test_tiff_dpi_is_not_a_resolution_and_slide_mpp_overrides(
                      resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
     args[1] = str(tmp_path / "um.tif")
     assert main(args) == 0 and "(16px read)" in capsys.readouterr().out  # recorded 0.25
-    assert main(args + ["--slide-mpp", "1"]) == 0  # the user's value wins
+    with pytest.warns(RuntimeWarning, match=r"recorded resolution of 0\.25.*--slide-mpp-force"):
+        assert main(args + ["--slide-mpp", "1"]) == 0  # a plausible recorded value wins
+    assert "(16px read)" in capsys.readouterr().out
+    assert main(args + ["--slide-mpp", "1", "--slide-mpp-force"]) == 0  # unless forced
     assert "(4px read)" in capsys.readouterr().out

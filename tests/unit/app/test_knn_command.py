@@ -176,3 +176,31 @@ def test_fit_prints_weights_precision_and_training_resolution(
     assert "~0.5 um/px (20x)" in out and "gen-ad tile --mpp 0.5" in out
     meta = json.loads((tmp_path / "bank" / "bank.json").read_text())["extractor"]
     assert meta["train_mpp"] == 0.5 and meta["precision"] == "fp32"
+
+
+def test_fit_onto_an_existing_bank_fails_before_reading_images(
+        banks: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Without --extend, an existing bank is refused at once (no extractor, no image read) and
+    the message names the --extend flag."""
+    import gen_ad.app.knn as app_knn
+
+    def must_not_run(*a: object, **k: object) -> None:
+        raise AssertionError("the folder was read before the existing bank was refused")
+
+    monkeypatch.setattr(app_knn, "build_extractor", must_not_run)
+    monkeypatch.setattr(app_knn, "normal_dataset", must_not_run)
+    capsys.readouterr()
+    assert main(_fit_args(banks / "bank3", banks / "train", "--random-init")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gen-ad: error: a feature bank already exists") and "--extend" in err
+
+
+def test_colour_stats_fit_states_it_is_resolution_free(
+        banks: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = _fit_args(tmp_path / "bank", banks / "train")
+    args[args.index("resnet50")] = "colour-stats"
+    args.remove("--tiny")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "extractor colour-stats: colour statistics: resolution-free" in out
+    assert "model card" not in out

@@ -116,7 +116,8 @@ def test_slide_cli_slide_mpp_and_overlay_at_exact_tile_centres(
     assert main(args + ["--slide-mpp", "0.2425"]) == 0
     dest = tmp_path / "out" / "s"
     rec = json.loads((dest / "slide.json").read_text())
-    assert rec["slide_mpp"] == 0.2425
+    assert rec["slide_mpp"] == 0.2425 and rec["slide_mpp_source"] == "given"
+    assert rec["slide_mpp_recorded"] is None and rec["slide_mpp_given"] == 0.2425
     with open_slide(path) as s:
         grid = plan_grid(s, 16, mpp=0.5, stride=4, slide_mpp=0.2425)
         thumb = s.thumbnail(400)
@@ -160,3 +161,34 @@ def test_slide_calibrates_on_patches_read_as_the_run_trained(
     crops = PatchFolder(root=str(tmp_path / "normal"), size=32, resize="center_crop")
     assert len(seen) == len(crops) == 4
     assert all(torch.equal(a, crops[i]["image"]) for i, a in enumerate(seen))
+
+
+def test_slide_json_records_which_slide_mpp_was_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slide recording 0.25 um/px keeps it against --slide-mpp 0.5 (a warning; slide.json says
+    recorded) unless --slide-mpp-force (slide.json says forced)."""
+    import tifffile
+
+    import gen_ad.app.slide as app_slide
+    from gen_ad.app.evaluate import LoadedScorer
+    from gen_ad.cli import main
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal((200, 110, 170), 35, (128, 128, 3)), 0, 255).astype(np.uint8)
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb",
+                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    monkeypatch.setattr(app_slide, "load_scorer",
+                        lambda **kw: LoadedScorer(DarkScorer(), 16, "dark"))
+    args = ["slide", str(path), "--run", "unused", "--out", str(tmp_path / "out"), "--size",
+            "16", "--mpp", "0.5", "--slide-mpp", "0.5", "--device", "cpu", "--min-tissue", "0"]
+    with pytest.warns(RuntimeWarning, match=r"s\.tif: using its recorded resolution of 0\.25"):
+        assert main(args) == 0
+    rec = json.loads((tmp_path / "out" / "s" / "slide.json").read_text())
+    assert (rec["slide_mpp"], rec["slide_mpp_source"]) == (0.25, "recorded")
+    assert (rec["slide_mpp_recorded"], rec["slide_mpp_given"]) == (0.25, 0.5)
+    assert rec["grid"] == [4, 4] and rec["tile_footprint_level0"] == 32
+    assert main(args + ["--slide-mpp-force"]) == 0
+    rec = json.loads((tmp_path / "out" / "s" / "slide.json").read_text())
+    assert (rec["slide_mpp"], rec["slide_mpp_source"]) == (0.5, "forced")
+    assert rec["grid"] == [8, 8] and rec["tile_footprint_level0"] == 16

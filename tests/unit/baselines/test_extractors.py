@@ -274,6 +274,9 @@ def test_training_resolution_is_recorded_per_model() -> None:
     assert get_spec("dino-vits16").train_magnification == "unknown"
     assert "not stated" in training_resolution(get_spec("uni2-h"))
     assert describe(get_spec("uni"))["train_mpp"] == 0.5
+    colour = training_resolution(get_spec("colour-stats"))  # no network: no model card
+    assert "resolution-free" in colour and "model card" not in colour
+    assert "no model card" in training_resolution(get_spec("vgg16-imagenet"))
 
 
 def _write_shards(folder, sd: dict[str, torch.Tensor], n: int = 3) -> None:

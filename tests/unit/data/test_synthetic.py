@@ -148,6 +148,69 @@ def test_cli_synth_writes_folder_and_sheet(tmp_path: Path, capsys: pytest.Captur
     assert (out / "contact_sheet.png").is_file() and (out / "manifest.csv").is_file()
 
 
+def _pngs(out: Path) -> dict[str, set[str]]:
+    return {d: {p.name for p in (out / d).glob("*.png")} for d in ("normal", "anomalous", "masks")}
+
+
+def test_cli_synth_replaces_an_earlier_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A smaller set written over a larger one leaves only its own patches (and masks), all at
+    the new size; a file the manifest does not list stays; empty class folders go."""
+    out = tmp_path / "s"
+    assert main(["synth", "--out", str(out), "--n", "40", "--size", "32",
+                 "--anomaly-fraction", "0.5"]) == 0
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out / "normal" / "mine.png")
+    assert main(["synth", "--out", str(out), "--n", "10", "--size", "16",
+                 "--anomaly-fraction", "0.5", "--seed", "1"]) == 0
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    files = _pngs(out)
+    assert {f"{d}/{n}" for d in ("normal", "anomalous") for n in files[d]} == \
+        {r["path"] for r in rows} | {"normal/mine.png"}
+    assert files["masks"] == files["anomalous"] and len(rows) == 10
+    assert all(Image.open(out / r["path"]).size == (16, 16) for r in rows)
+    assert Image.open(out / "contact_sheet.png").size != (0, 0)
+    assert main(["synth", "--out", str(out), "--n", "5", "--size", "16"]) == 0  # no anomalies
+    assert not (out / "anomalous").exists() and not (out / "masks").exists()
+    assert _pngs(out)["normal"] == {f"{i:06d}.png" for i in range(5)} | {"mine.png"}
+    assert not list(out.glob(".synth-pending*"))
+
+
+def test_cli_synth_refuses_a_folder_of_other_images(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "data"
+    (out / "normal").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out / "normal" / "000000.png")
+    (out / "manifest.csv").write_text("slide,level,x,y,tissue_fraction,path\n")  # not ours
+    assert main(["synth", "--out", str(out), "--n", "4", "--size", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gen-ad: error:") and "holds images" in err and "\n" not in err
+    assert np.asarray(Image.open(out / "normal" / "000000.png")).shape == (8, 8, 3)
+    assert (out / "manifest.csv").read_text().startswith("slide,")
+    assert not (out / "contact_sheet.png").exists()
+
+
+def test_an_interrupted_write_is_cleaned_up_by_the_next(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import gen_ad.data.synthetic as synthetic
+
+    out = tmp_path / "s"
+    real, calls = synthetic._save_png, []
+
+    def failing(path: Path, array: np.ndarray) -> None:
+        calls.append(path)
+        if len(calls) > 20:
+            raise OSError("disk full")
+        real(path, array)
+
+    monkeypatch.setattr(synthetic, "_save_png", failing)
+    with pytest.raises(OSError):
+        write_folder(out, n=30, size=16, anomaly_fraction=0.5)
+    monkeypatch.setattr(synthetic, "_save_png", real)
+    assert not (out / "manifest.csv").exists()
+    write_folder(out, n=3, size=16)
+    assert _pngs(out)["normal"] == {"000000.png", "000001.png", "000002.png"}
+    assert not (out / "anomalous").exists() and not (out / "masks").exists()
+
+
 @pytest.mark.parametrize("bad", [["--n", "0"], ["--n", "4", "--size", "8"],
                                  ["--n", "4", "--anomaly-fraction", "1.5"],
                                  ["--n", "4", "--anomaly-fraction", "-0.1"]])

@@ -21,7 +21,7 @@ from gen_ad.data.wsi import (
     tile_slide,
     tile_slides,
 )
-from gen_ad.errors import DataError
+from gen_ad.errors import ConfigError, DataError
 
 CMU = "CMU-1-Small-Region.svs"  # 2220x2967, one level, JPEG, mpp 0.499
 TCGA = "tcga-cr-7395-01a-01-ts1.svs"  # 4443x3567 + 2221x1783, JPEG 2000, no mpp
@@ -271,3 +271,38 @@ def test_strip_thumbnail_equals_whole_level_thumbnail(tmp_path: Path) -> None:
                 assert np.abs(strips.astype(int) - whole.astype(int)).max() <= 1
             lw, lh = s.level_dimensions[level]
             assert len(reads) > 4 and all(w == lw and h < lh for w, h in reads)
+
+
+def test_slide_mpp_applies_only_to_slides_without_a_plausible_one(wsi: Path,
+                                                                   tmp_path: Path) -> None:
+    """One --slide-mpp for a mixed call: the slide recording 0.499 um/px keeps it (one warning
+    naming the slide, both values and --slide-mpp-force); the slide recording none takes it."""
+    kw: dict = {"mpp": 1.0, "min_tissue": 0.5, "mask_size": 256, "progress": False}
+    with pytest.warns(RuntimeWarning) as caught:
+        cmu, tcga = tile_slides([wsi / CMU, wsi / TCGA], tmp_path / "a", 256, slide_mpp=0.25,
+                                **kw)
+    msgs = [str(w.message) for w in caught if "--slide-mpp-force" in str(w.message)]
+    assert len(msgs) == 1 and CMU in msgs[0] and "0.499" in msgs[0] and "0.25" in msgs[0]
+    assert (cmu.mpp, cmu.mpp_source) == (pytest.approx(0.499), "recorded")
+    assert cmu.downsample == pytest.approx(1.0 / 0.499)
+    assert (tcga.mpp, tcga.mpp_source) == (0.25, "given")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forced = tile_slides([wsi / CMU], tmp_path / "b", 256, slide_mpp=0.25,
+                             force_slide_mpp=True, **kw)[0]
+        close = tile_slides([wsi / CMU], tmp_path / "c", 256, slide_mpp=0.51, **kw)[0]
+    assert (forced.mpp, forced.mpp_source, forced.downsample) == (0.25, "forced", 4.0)
+    assert (close.mpp, close.mpp_source) == (0.51, "given")  # within 5%: the user's value
+    with pytest.raises(ConfigError, match="--slide-mpp-force needs --slide-mpp"):
+        tile_slides([wsi / CMU], tmp_path / "d", 256, force_slide_mpp=True, **kw)
+
+
+def test_unknown_mpp_hint_names_only_what_the_command_has(wsi: Path) -> None:
+    from gen_ad.data.cells import base_mpp
+
+    with open_slide(wsi / TCGA) as s:
+        with pytest.raises(DataError, match=r"--slide-mpp\) or a pyramid level \(--level\)"):
+            plan_grid(s, 256, mpp=0.5)
+        with pytest.raises(DataError) as e:  # gen-ad cells has no --level
+            base_mpp(s, None)
+    assert "--slide-mpp" in str(e.value) and "--level" not in str(e.value)
