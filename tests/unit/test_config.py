@@ -235,8 +235,10 @@ def test_benchmark_method_kwargs_override() -> None:
     from gen_ad.app.benchmark import load_benchmark_config
 
     cfg = load_benchmark_config(CONFIGS / "benchmark" / "demo.yaml",
-                                ["methods.1.kwargs.steps=5", "methods[0].name=first"])
-    assert cfg.methods[1].kwargs == {"steps": 5, "lpips_random_init": True}
+                                ["methods.1.kwargs.steps=5", "methods[0].name=first",
+                                 "methods.3.kwargs.lpips_random_init=true"])
+    assert cfg.methods[1].kwargs == {"steps": 5}
+    assert cfg.methods[3].kwargs == {"lpips_random_init": True}  # a key the file does not have
     assert cfg.methods[0].name == "first"
 
 
