@@ -77,8 +77,12 @@ def test_cells_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["cells", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert main(["cells", str(tmp_path / "imgs"), str(tmp_path / "slideB.png"),
                  "--out", str(tmp_path / "o"), "--centroids", str(tmp_path / "c.csv")]) == 2
+    # images alone never ask for a slide's resolution: the flag alone was silently ignored
+    assert main(["cells", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"),
+                 "--slide-mpp-force"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(e.startswith("gen-ad: error:") for e in err)
+    assert len(err) == 3 and all(e.startswith("gen-ad: error:") for e in err)
+    assert "--slide-mpp-force needs --slide-mpp" in err[-1]
 
 
 def test_slide_without_mpp_needs_slide_mpp(shared_data: Path, tmp_path: Path,
