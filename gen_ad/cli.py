@@ -403,6 +403,9 @@ def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="held-out normal patches to calibrate the threshold on (a flat folder, "
                    "or one whose normal/ is used; default: the bank's leave-one-out scores)")
     _add_threshold_rule(s)
+    s.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="score only N of the --data patches, a seeded random choice (seed 0, "
+                   "not stratified by class; recorded in metrics.json); default: all")
     _knn_common(s)
     s.set_defaults(func=_cmd_knn_score)
 
@@ -441,7 +444,8 @@ def _cmd_knn_score(args: argparse.Namespace) -> int:
     metrics = score_folder(args.bank, args.data, args.out, batch_size=args.batch_size,
                            workers=args.workers, device=args.device, weights=args.weights,
                            memory_budget_mb=args.memory_mb, index=args.index, size=args.size,
-                           k=args.k, normal=args.normal, threshold_method=method, fpr=fpr)
+                           k=args.k, normal=args.normal, threshold_method=method, fpr=fpr,
+                           limit=args.limit)
     print(summary_line(metrics))
     print(f"threshold: {metrics['threshold_source']}")
     print(f"outputs: {args.out}")

@@ -28,10 +28,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from gen_ad.app.evaluate import (
     PreparedMethod,
+    dataset_paths,
     detection_metrics,
     image_batches,
     knn_scorer,
@@ -472,15 +473,6 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
         with torch.no_grad():
             ex = (images, pm.scorer.score(images.to(device)).cpu())
     return MethodOutcome(pm, scored, val.scores, th, metrics, ex, idx, fit_s)
-
-
-def dataset_paths(ds: Dataset) -> list[str] | None:
-    """File paths of a dataset's items (through subsets); ``None`` without files (synthetic)."""
-    if isinstance(ds, Subset):
-        base = dataset_paths(ds.dataset)
-        return None if base is None else [base[i] for i in ds.indices]
-    paths = getattr(ds, "paths", None)
-    return None if paths is None else list(paths)
 
 
 def overlap_with_test(fit_ds: Dataset, val_ds: Dataset, test_ds: Dataset) -> dict[str, int]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from gen_ad.baselines.extractors import build_extractor
@@ -231,6 +231,15 @@ def limit_items(dataset: Dataset, limit: int | None, seed: int = 0) -> Dataset:
     if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
         return dataset
     return subset(dataset, limit, seed)
+
+
+def dataset_paths(ds: Dataset) -> list[str] | None:
+    """File paths of a dataset's items (through subsets); ``None`` without files (synthetic)."""
+    if isinstance(ds, Subset):
+        base = dataset_paths(ds.dataset)
+        return None if base is None else [base[i] for i in ds.indices]
+    paths = getattr(ds, "paths", None)
+    return None if paths is None else list(paths)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from gen_ad.app.evaluate import (
     LoadedScorer,
     bank_scorer,
+    dataset_paths,
+    limit_items,
     normal_dataset,
     resolve_device,
     score_dataset,
@@ -185,11 +187,12 @@ def score_folder(bank_dir: str | os.PathLike[str], data: str | os.PathLike[str],
                  nprobe: int | None = None, size: int | None = None,
                  n_boot: int = 2000, k: int | None = None,
                  normal: str | os.PathLike[str] | None = None, threshold_method: str = "iqr",
-                 fpr: float = 0.05) -> dict[str, Any]:
+                 fpr: float = 0.05, limit: int | None = None) -> dict[str, Any]:
     """Score every patch under ``data`` against a bank; the engine writes ``scores.csv``,
     ``flagged.csv`` (rows above the threshold, highest first) and ``metrics.json``.
 
-    ``k``, ``normal``, ``threshold_method`` and ``fpr``: see :func:`knn_threshold`.
+    ``k``, ``normal``, ``threshold_method`` and ``fpr``: see :func:`knn_threshold`; ``limit``:
+    score only this many patches, a seeded random choice (as ``gen-ad score --limit``).
 
     Returns:
         The metrics (``method``, ``n``, ``k``, ``flagged``, ``threshold``, ``threshold_source``,
@@ -202,15 +205,17 @@ def score_folder(bank_dir: str | os.PathLike[str], data: str | os.PathLike[str],
         ls.size = size
     thr, source = knn_threshold(ls, k=k, normal=normal, method=threshold_method, fpr=fpr,
                                 batch_size=batch_size, device=device, workers=workers)
-    ds = scoring_dataset(data, ls.size, resize=ls.resize)  # as the bank was read (resize)
+    full = scoring_dataset(data, ls.size, resize=ls.resize)  # as the bank was read (resize)
+    ds = limit_items(full, limit)
     assert isinstance(ls.scorer, KNNScorer)
-    overlap = bank_overlap(FeatureBank(bank_dir).paths, ds.paths)
+    overlap = bank_overlap(FeatureBank(bank_dir).paths, dataset_paths(ds) or [])
     scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
                            num_workers=workers)
+    extra = {} if limit is None else {"limit": {"n": len(ds), "of": len(full), "seed": 0}}
     return write_outputs(Path(out).expanduser(), scored, None, method=ls.scorer.name,
                          threshold=thr, n_boot=n_boot,
                          extra={"k": ls.scorer.k, "threshold_source": source,
-                                "images_also_in_bank": overlap})
+                                "images_also_in_bank": overlap, **extra})
 
 
 def bank_overlap(bank_paths: list[str], query_paths: list[str]) -> int:

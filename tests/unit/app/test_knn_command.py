@@ -101,6 +101,18 @@ def test_scoring_the_bank_images_warns_and_is_recorded(banks: Path, tmp_path: Pa
     assert metrics["images_also_in_bank"] == 30
 
 
+def test_limit_scores_a_seeded_random_subset(banks: Path, tmp_path: Path) -> None:
+    from gen_ad.data.folders import subset_indices
+
+    _, full = _score(banks / "bank3", banks / "test", tmp_path / "all")
+    with pytest.warns(UserWarning, match="5 of 5 images to score are in the KNN bank"):
+        metrics, part = _score(banks / "bank3", banks / "train", tmp_path / "own", "--limit", "5")
+    assert metrics["limit"] == {"n": 5, "of": 30, "seed": 0} and len(part) == 5
+    assert metrics["images_also_in_bank"] == 5  # counted on the subset scored
+    metrics, some = _score(banks / "bank3", banks / "test", tmp_path / "some", "--limit", "6")
+    assert metrics["n"] == 6 and some == [full[i] for i in subset_indices(14, 6, 0)]
+
+
 def _fit_args(bank: Path, normal: Path, *extra: str) -> list[str]:
     return ["knn", "fit", "--extractor", "resnet50", "--tiny", "--normal", str(normal), "--out",
             str(bank), "--k", "3", "--calib-size", "20", *extra, *COMMON]
