@@ -145,6 +145,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         what = f"EMA of '{name}'" if name in ema else f"model '{name}'"
         load_weights(m, model_dir / f"{file}.safetensors", what)
         m.to(device).eval().requires_grad_(False)
+        if torch.device(device).type == "cpu":  # the family picks channels-last when CUDA
+            m.to(memory_format=torch.contiguous_format)  # exists, for training: not on a CPU
     stain = run_stain(model_dir, meta, cfg)
     run_dir = model_dir.parent if _is_export_name(model_dir.name) else model_dir
     return Run(run_dir, cfg, family, models, int(meta.get("step", 0)),

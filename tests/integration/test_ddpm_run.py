@@ -41,6 +41,17 @@ def test_train_resume_load_and_score(tmp_path: Path) -> None:
 
     run = load_run(a)
     assert run.step == 4 and set(run.models) == {"unet"}
+    # on a CUDA machine the family builds a channels-last UNet (for training, unless
+    # train.cpu); a run loaded onto the CPU is plain (contiguous) whatever the machine has
+    from gen_ad.training.ddpm import DDPMFamily
+
+    built = DDPMFamily.build_models
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DDPMFamily, "build_models", lambda self: {
+            k: m.to(memory_format=torch.channels_last) for k, m in built(self).items()})
+        on_gpu_box = load_run(a)
+    conv = on_gpu_box.models["unet"].conv_in.weight
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
     x = run.sample(3, seed=0, batch_size=2)
     assert x.shape == (3, 3, 32, 32) and torch.isfinite(x).all()
 
