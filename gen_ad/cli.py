@@ -131,6 +131,20 @@ def _threshold_rule(args: argparse.Namespace) -> tuple[str, float]:
     return method, DEFAULT_FPR if fpr is None else fpr
 
 
+def _add_limit(p: argparse.ArgumentParser) -> None:
+    """``--limit N``: score a seeded random N of the ``--data`` patches."""
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="score only N of the --data patches, a seeded random choice (seed 0, "
+                   "not stratified by class; recorded in metrics.json); default: all")
+
+
+def _add_slide_mpp_force(p: argparse.ArgumentParser) -> None:
+    """``--slide-mpp-force`` of the commands that read slides (tile, slide, cells)."""
+    p.add_argument("--slide-mpp-force", action="store_true",
+                   help="use --slide-mpp even for slides recording a plausible resolution that "
+                   "differs by more than 5%% (default: their recorded value, with a warning)")
+
+
 def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("groups", help="per-slide %% anomalous patches; control vs treated tests",
                        description="Per-slide percentage of patches above a label-free threshold, "
@@ -240,9 +254,7 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--calibration-limit", type=_nonneg_int, default=512,
                    help="at most this many --normal patches (a seeded random choice) to fit and "
                    "calibrate on; 0 = all (default: 512)")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                   help="score only N of the --data patches, a seeded random choice (seed 0, "
-                   "not stratified by class; recorded in metrics.json); default: all")
+    _add_limit(p)
     p.add_argument("--n-boot", type=_positive_int, default=2000,
                    help="bootstrap resamples of the AUROC/AUPR intervals (2000)")
     p.set_defaults(func=_cmd_score)
@@ -283,9 +295,7 @@ def _add_tile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--slide-mpp", type=_positive_float, default=None,
                    help="level-0 microns per pixel of slides that record none (or an "
                    "implausible one): needed with --mpp for them")
-    p.add_argument("--slide-mpp-force", action="store_true",
-                   help="use --slide-mpp even for slides recording a plausible resolution that "
-                   "differs by more than 5%% (default: their recorded value, with a warning)")
+    _add_slide_mpp_force(p)
     p.add_argument("--min-tissue", type=_fraction, default=0.9,
                    help="minimum tissue fraction of a kept tile (default 0.9)")
     p.add_argument("--stride", type=_positive_int, default=None,
@@ -403,9 +413,7 @@ def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="held-out normal patches to calibrate the threshold on (a flat folder, "
                    "or one whose normal/ is used; default: the bank's leave-one-out scores)")
     _add_threshold_rule(s)
-    s.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                   help="score only N of the --data patches, a seeded random choice (seed 0, "
-                   "not stratified by class; recorded in metrics.json); default: all")
+    _add_limit(s)
     _knn_common(s)
     s.set_defaults(func=_cmd_knn_score)
 
@@ -513,9 +521,7 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--slide-mpp", type=_positive_float, default=None,
                    help="level-0 microns per pixel of slides that record none (or an "
                    "implausible one): needed with --mpp for them")
-    p.add_argument("--slide-mpp-force", action="store_true",
-                   help="use --slide-mpp even for slides recording a plausible resolution that "
-                   "differs by more than 5%% (default: their recorded value, with a warning)")
+    _add_slide_mpp_force(p)
     p.add_argument("--stride", type=_positive_int, default=None, help="tile step in pixels")
     p.add_argument("--min-tissue", type=_fraction, default=0.5,
                    help="minimum tissue fraction of a scored tile (default 0.5)")
@@ -607,9 +613,7 @@ def _add_cells(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--slide-mpp", type=_positive_float, default=None,
                    help="level-0 microns per pixel of images and of slides that record none "
                    "(or an implausible one) (default for images: --mpp)")
-    p.add_argument("--slide-mpp-force", action="store_true",
-                   help="use --slide-mpp even for slides recording a plausible resolution that "
-                   "differs by more than 5%% (default: their recorded value, with a warning)")
+    _add_slide_mpp_force(p)
     p.add_argument("--detect-mpp", type=float, default=0.5,
                    help="resolution of the built-in nucleus detection (default 0.5 um/px)")
     p.add_argument("--workers", type=_positive_int, default=None, help="crop-writing threads")

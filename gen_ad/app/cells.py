@@ -39,7 +39,7 @@ from gen_ad.data.cells import (
     read_crop,
 )
 from gen_ad.data.folders import IMAGE_EXTENSIONS, is_image_file
-from gen_ad.errors import ConfigError, DataError
+from gen_ad.errors import DataError
 from gen_ad.utils.io import atomic_path, write_text
 from gen_ad.utils.lock import writes_folder
 
@@ -209,8 +209,9 @@ def cells(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
     Returns:
         One summary line per slide, then the paths of ``cells.csv`` and the overlays.
     """
-    if force_slide_mpp and slide_mpp is None:  # checked up front: images alone never ask
-        raise ConfigError("--slide-mpp-force needs --slide-mpp (the value to force)")
+    from gen_ad.data.wsi import check_slide_mpp_force
+
+    check_slide_mpp_force(slide_mpp, force_slide_mpp)  # up front: images alone never ask
     root = Path(out).expanduser()
     paths = _inputs(inputs)
     given = read_centroids(centroids) if centroids is not None else None

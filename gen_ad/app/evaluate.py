@@ -233,6 +233,15 @@ def limit_items(dataset: Dataset, limit: int | None, seed: int = 0) -> Dataset:
     return subset(dataset, limit, seed)
 
 
+def limited(dataset: Dataset, limit: int | None) -> tuple[Dataset, dict[str, Any]]:
+    """:func:`limit_items` (seed 0) and what ``metrics.json`` records of it: ``{"limit": {"n",
+    "of", "seed"}}`` when ``limit`` is given, else ``{}``."""
+    ds = limit_items(dataset, limit)
+    if limit is None:
+        return ds, {}
+    return ds, {"limit": {"n": len(ds), "of": len(dataset), "seed": 0}}  # type: ignore[arg-type]
+
+
 def dataset_paths(ds: Dataset) -> list[str] | None:
     """File paths of a dataset's items (through subsets); ``None`` without files (synthetic)."""
     if isinstance(ds, Subset):

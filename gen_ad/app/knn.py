@@ -22,7 +22,7 @@ from gen_ad.app.evaluate import (
     LoadedScorer,
     bank_scorer,
     dataset_paths,
-    limit_items,
+    limited,
     normal_dataset,
     resolve_device,
     score_dataset,
@@ -206,12 +206,11 @@ def score_folder(bank_dir: str | os.PathLike[str], data: str | os.PathLike[str],
     thr, source = knn_threshold(ls, k=k, normal=normal, method=threshold_method, fpr=fpr,
                                 batch_size=batch_size, device=device, workers=workers)
     full = scoring_dataset(data, ls.size, resize=ls.resize)  # as the bank was read (resize)
-    ds = limit_items(full, limit)
+    ds, extra = limited(full, limit)
     assert isinstance(ls.scorer, KNNScorer)
     overlap = bank_overlap(FeatureBank(bank_dir).paths, dataset_paths(ds) or [])
     scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
                            num_workers=workers)
-    extra = {} if limit is None else {"limit": {"n": len(ds), "of": len(full), "seed": 0}}
     return write_outputs(Path(out).expanduser(), scored, None, method=ls.scorer.name,
                          threshold=thr, n_boot=n_boot,
                          extra={"k": ls.scorer.k, "threshold_source": source,

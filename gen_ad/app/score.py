@@ -16,7 +16,7 @@ from typing import Any
 from gen_ad.app.evaluate import (
     LoadedScorer,
     calibrate_scorer,
-    limit_items,
+    limited,
     normal_dataset,
     resolve_device,
     run_scorers,
@@ -103,7 +103,7 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
             reused when no normal folder is given, for the same context only.
         masks: folder of ground-truth masks (pixel metrics); default ``data/masks`` if present.
         limit: score only this many images of ``data``, a seeded random choice
-            (:func:`~gen_ad.app.evaluate.limit_items`, seed 0), recorded in ``metrics.json``.
+            (:func:`~gen_ad.app.evaluate.limited`, seed 0), recorded in ``metrics.json``.
     Returns:
         Metrics by method name.
     """
@@ -113,9 +113,7 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     assert first.run is not None
     full = scoring_dataset(data, first.size, normal_classes=normal_classes, masks=masks,
                            resize=first.resize)
-    ds = limit_items(full, limit)
-    n, of = len(ds), len(full)  # type: ignore[arg-type]
-    extra = {} if limit is None else {"limit": {"n": n, "of": of, "seed": 0}}
+    ds, extra = limited(full, limit)
     normal = normal or run_val_folder(first.run.cfg.data)
     results = {}
     for name, ls in loaded.items():

@@ -278,6 +278,16 @@ class SlideMpp:
                 "slide_mpp_recorded": self.recorded, "slide_mpp_given": self.given}
 
 
+def check_slide_mpp_force(given: float | None, force: bool) -> None:
+    """``--slide-mpp-force`` needs a ``--slide-mpp`` value to force.
+
+    Raises:
+        ConfigError: ``force`` without ``given``.
+    """
+    if force and given is None:
+        raise ConfigError("--slide-mpp-force needs --slide-mpp (the value to force)")
+
+
 def resolve_slide_mpp(slide: Any, given: float | None, force: bool = False,
                       warn: bool = True) -> SlideMpp:
     """The level-0 microns per pixel to use for ``slide`` (anything with ``path`` and ``mpp``).
@@ -289,8 +299,7 @@ def resolve_slide_mpp(slide: Any, given: float | None, force: bool = False,
     Raises:
         ConfigError: ``force`` without a ``given`` value.
     """
-    if force and given is None:
-        raise ConfigError("--slide-mpp-force needs --slide-mpp (the value to force)")
+    check_slide_mpp_force(given, force)
     recorded = slide.mpp
     if given is None:
         return SlideMpp(recorded, "recorded" if recorded is not None else "none", recorded, None)
