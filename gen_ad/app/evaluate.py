@@ -251,6 +251,14 @@ def dataset_paths(ds: Dataset) -> list[str] | None:
     return None if paths is None else list(paths)
 
 
+def is_labelled(ds: Dataset) -> bool:
+    """Whether a dataset's items carry real labels (through subsets); see
+    :attr:`~gen_ad.data.folders.PatchFolder.labelled`."""
+    if isinstance(ds, Subset):
+        return is_labelled(ds.dataset)
+    return bool(getattr(ds, "labelled", True))
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -260,12 +268,14 @@ class ScoredSet:
 
     Attributes:
         paths / classes: per-image file path and class name.
-        labels: ``[N]`` 0 normal / 1 anomalous.
+        labels: ``[N]`` 0 normal / 1 anomalous (meaningless when not ``labelled``).
         scores: ``[N]`` float, higher = more anomalous.
         terms: named ``[N]`` score components.
         maps: ``[N,H,W]`` maps when the method has them and they were kept, else ``None``.
         masks: ``[N,H,W]`` ground-truth masks when the dataset has them, else ``None``.
         seconds: wall time of scoring (for latency per patch).
+        labelled: False when the images carry no class (a flat folder, slide tiles): no
+            metrics, and ``scores.csv`` leaves ``label`` empty.
     """
 
     paths: list[str]
@@ -276,6 +286,7 @@ class ScoredSet:
     maps: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     seconds: float = 0.0
+    labelled: bool = True
 
     @property
     def ms_per_image(self) -> float:
@@ -322,7 +333,7 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
     allb = ScoreBatch.cat(parts)
     return ScoredSet(paths, classes, np.asarray(labels, dtype=np.int64), allb.scores.numpy(),
                      {k: v.numpy() for k, v in allb.terms.items()}, allb.maps,
-                     torch.cat(masks) if masks else None, seconds)
+                     torch.cat(masks) if masks else None, seconds, is_labelled(dataset))
 
 
 def calibrate_scorer(scorer: AnomalyScorer, normal: Dataset, *, batch_size: int = 32,
@@ -376,15 +387,16 @@ def _fmt(v: float) -> str:
 def scores_csv(scored: ScoredSet, threshold: Threshold | None = None,
                rows: Sequence[int] | None = None) -> str:
     """``scores.csv`` text, the same columns for every method: :data:`SCORE_COLUMNS` (``flagged``
-    is 0/1 above the threshold, empty without one); ``rows`` selects and orders the rows."""
+    is 0/1 above the threshold, empty without one; ``label`` is empty for unlabelled images);
+    ``rows`` selects and orders the rows."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SCORE_COLUMNS)
     flags = threshold.apply(scored.scores) if threshold is not None else None
     for i in range(len(scored.paths)) if rows is None else rows:
         flag = "" if flags is None else int(flags[i])
-        w.writerow([scored.paths[i], int(scored.labels[i]), scored.classes[i],
-                    _fmt(scored.scores[i]), flag])
+        label = int(scored.labels[i]) if scored.labelled else ""
+        w.writerow([scored.paths[i], label, scored.classes[i], _fmt(scored.scores[i]), flag])
     return buf.getvalue()
 
 
@@ -403,7 +415,7 @@ def detection_metrics(scored: ScoredSet, threshold: Threshold | None = None, *,
                       n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """AUROC/AUPR with CIs (plus per-class, pixel and at-threshold metrics) when ``scored`` holds
     both labels, else ``{}``."""
-    if len(set(scored.labels.tolist())) != 2:
+    if not scored.labelled or len(set(scored.labels.tolist())) != 2:
         return {}
     anomalous = {c for c, y in zip(scored.classes, scored.labels) if y == 1}
     pixel = scored.maps is not None and scored.masks is not None

@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 
 
 class TileSet(Dataset):
-    """Tiles (PNG files) of one slide as dataset items ``{"image", "label": 0, "path", "cls"}``."""
+    """Tiles (PNG files) of one slide as dataset items ``{"image", "label": 0, "path", "cls"}``;
+    unlabelled (:attr:`labelled`: the 0 says nothing; annotations label tiles elsewhere)."""
+
+    labelled = False
 
     def __init__(self, paths: list[str], size: int, slide: str) -> None:
         self.paths, self.size, self.slide = paths, size, slide

@@ -23,6 +23,9 @@ def synth(out: str | os.PathLike[str], n: int, size: int = 64, anomaly_fraction:
     labels = ["" if k == "normal" else k for k in shown.kinds]
     path = save_contact_sheet(sheet or root / SHEET_NAME, shown.images, shown.masks,
                               ncol=8, labels=labels, scale=max(1, 128 // size))
-    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("normal", "anomalous"))
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items()
+                       if k not in ("normal", "anomalous", "replaced"))
+    replaced = (f"; replaced the earlier set there ({counts['replaced']} files deleted)"
+                if counts["replaced"] else "")
     return (f"synth: wrote {counts['normal']} normal + {counts['anomalous']} anomalous "
-            f"({detail}) {size}px patches to {root}; contact sheet {path}")
+            f"({detail}) {size}px patches to {root}; contact sheet {path}{replaced}")

@@ -437,6 +437,12 @@ class PatchFolder(Dataset):
         """File path of every item, in item order."""
         return [s.path for s in self.samples]
 
+    @property
+    def labelled(self) -> bool:
+        """False for a flat folder: its images carry no class, so their ``label`` (1, as a
+        class other than a normal one) says nothing; outputs leave it empty."""
+        return not self.flat
+
     def rgb8(self, index: int) -> np.ndarray:
         """Item ``index`` decoded, sized and stain-normalised: uint8 ``[size, size, 3]``."""
         rgb = fit_size(read_rgb(self.samples[index].path), self.size, self.resize)

@@ -717,7 +717,8 @@ def write_folder(out: Path, n: int, size: int = 64, seed: int = 0,
     so an interrupted call is cleaned up by the next.
 
     Returns:
-        Counts: ``{"normal": ..., "anomalous": ..., "tumor": ..., ...}``.
+        Counts: ``{"normal": ..., "anomalous": ..., "tumor": ..., ..., "replaced": ...}``, the
+        last the number of files of an earlier set deleted (patches, masks, contact sheet).
     Raises:
         DataError: ``out`` holds images but no manifest of ours.
     """
@@ -728,7 +729,7 @@ def write_folder(out: Path, n: int, size: int = 64, seed: int = 0,
     rows = [MANIFEST_HEADER] + [
         f"{'normal' if k == 'normal' else 'anomalous'}/{i:06d}.png,{int(k != 'normal')},{k}"
         for i, k in enumerate(kinds)]
-    clear_previous_set(out)
+    replaced = clear_previous_set(out)
     write_text(out / _PENDING, "\n".join(rows) + "\n")
     counts = {"normal": 0, "anomalous": 0, **{t: 0 for t in types}}
     c = _chunk_size(size)
@@ -744,4 +745,4 @@ def write_folder(out: Path, n: int, size: int = 64, seed: int = 0,
             counts[folder] += 1
     write_text(out / MANIFEST_NAME, "\n".join(rows) + "\n")
     (out / _PENDING).unlink()
-    return counts
+    return {**counts, "replaced": replaced}

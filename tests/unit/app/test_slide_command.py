@@ -65,6 +65,9 @@ def test_score_slide_heatmap_and_scores(slide: Path, tmp_path: Path) -> None:
         im = Image.open(rec["outputs"][key])
         assert im.mode == "RGB" and max(im.size) == 1024
     assert json.loads((dest / "slide.json").read_text())["score_max"] == rec["score_max"]
+    # the engine's scores.csv: tiles carry no label (an unannotated slide), so it is left empty
+    engine = list(csv.DictReader(open(dest / "scores.csv")))
+    assert len(engine) == len(rows) and {r["label"] for r in engine} == {""}
 
 
 def test_slide_cli_with_knn_bank(slide: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ the torch fallback, leave-one-out calibration, the scorer and the CLI."""
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 
@@ -190,6 +191,14 @@ def test_cli_fit_and_score(tmp_path, capsys) -> None:
     assert lines[0] == "path,label,class,score,flagged" and len(lines) == 29
     flagged = (out / "flagged.csv").read_text().splitlines()
     assert len(flagged) - 1 == sum(int(r.rsplit(",", 1)[1]) for r in lines[1:])
+    # a flat folder carries no labels: the label column stays empty and no AUROC is claimed
+    flat = tmp_path / "data" / "tumor"
+    assert main(["knn", "score", str(bank), "--data", str(flat), "--out", str(tmp_path / "flat"),
+                 "--workers", "0", "--device", "cpu"]) == 0
+    assert "AUROC" not in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "flat" / "scores.csv")))
+    assert len(rows) == 4 and {r["label"] for r in rows} == {""}
+    assert "auroc" not in json.loads((tmp_path / "flat" / "metrics.json").read_text())
     assert main(["knn", "score", str(tmp_path / "nobank"), "--data", str(tmp_path / "data"),
                  "--out", str(out), "--workers", "0"]) == 2
 

@@ -158,9 +158,13 @@ def test_cli_synth_replaces_an_earlier_set(tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "s"
     assert main(["synth", "--out", str(out), "--n", "40", "--size", "32",
                  "--anomaly-fraction", "0.5"]) == 0
+    assert "replaced" not in capsys.readouterr().out
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(out / "normal" / "mine.png")
+    n_masks = len(list((out / "masks").glob("*.png")))
     assert main(["synth", "--out", str(out), "--n", "10", "--size", "16",
                  "--anomaly-fraction", "0.5", "--seed", "1"]) == 0
+    # 40 patches, their masks and the contact sheet were deleted; mine.png was not
+    assert f"({40 + n_masks + 1} files deleted)" in capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
     files = _pngs(out)
     assert {f"{d}/{n}" for d in ("normal", "anomalous") for n in files[d]} == \
