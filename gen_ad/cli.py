@@ -168,8 +168,7 @@ def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _cmd_groups(args: argparse.Namespace) -> int:
-    from gen_ad.app.groups import run_groups
-    from gen_ad.metrics.stats import format_summary
+    from gen_ad.app.groups import format_summary, run_groups
 
     order = [g.strip() for g in args.order.split(",")] if args.order else None
     result = run_groups(args.scores, args.groups, args.out, threshold=args.threshold,

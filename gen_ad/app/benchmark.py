@@ -4,9 +4,10 @@ A benchmark config lists methods, each either a trained run (run folder + scorer
 arguments) or the KNN baseline (extractor, weights or random init, ``k``, normal bank folder).
 :func:`prepare_methods` turns each entry into an :class:`~gen_ad.scoring.base.AnomalyScorer`;
 from then on every method goes through the same code (:func:`evaluate_method`): fit (calibration
-only) on its normal fit folder, label-free threshold on the normal validation scores, scores and
-maps of the same test split, AUROC/AUPR with bootstrap CIs (plus per-class, pixel and
-at-threshold metrics), latency per patch, and example reconstructions/maps of the same images.
+only) on its normal fit folder, label-free threshold on the normal validation scores (no image
+scored against a KNN bank that holds it: :func:`threshold_scores`), scores and maps of the same
+test split, AUROC/AUPR with bootstrap CIs (plus per-class, pixel and at-threshold metrics),
+latency per patch, and example reconstructions/maps of the same images.
 Generators (trained runs) also get FID/KID against the normal validation images (the threshold
 set's files, read as each run trained: size, resize mode, stain normalisation).
 
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from gen_ad.app.evaluate import (
     PreparedMethod,
@@ -45,7 +46,7 @@ from gen_ad.app.evaluate import (
     write_outputs,
 )
 from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_report
-from gen_ad.baselines.knn import shared_files
+from gen_ad.baselines.knn import resolved, shared_files
 from gen_ad.config import check, load_config, to_dict
 from gen_ad.data.folders import ResizeMode, subset
 from gen_ad.errors import CheckpointError, ConfigError, DataError, GenAdError
@@ -106,8 +107,11 @@ class KNNMethodConfig:
         random_init: random weights (no download); the report labels the method accordingly.
         tiny: tiny network variant (tests).
         k / reduction / metric: neighbours, ``mean`` or ``kth``, ``l2`` or ``cosine``.
-        bank: folder of normal patches embedded into the feature bank (required; keep it apart
-            from ``data.val``, whose scores set the threshold).
+        bank: folder of normal patches embedded into the feature bank (required; best kept
+            apart from ``data.val``, whose scores set the threshold: when ``data.val`` is the
+            bank the threshold comes from the bank's leave-one-out scores, and ``data.val``
+            images also in the bank are left out of the threshold set, see
+            :func:`threshold_scores`).
         bank_limit: embed at most this many bank patches.
         size: patch loading size (default ``data.size``; the extractor resizes to its input).
         seed: seed of a random initialisation.
@@ -458,13 +462,13 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
     pm.scorer.fit(_batches(fit_ds, pm.batch_size, device))
     fit_s = time.perf_counter() - t0
     val_ds = split.normal(cfg.data.val, pm.size, cfg.data.val_limit, pm.resize)
-    val = score_dataset(pm.scorer, val_ds, batch_size=pm.batch_size, device=device,
-                        keep_maps=False)
-    th = calibrate(val.scores, method=cfg.threshold, fpr=cfg.fpr)
+    val_scores, how = threshold_scores(pm, fit_ds, val_ds, device)
+    th = calibrate(val_scores, method=cfg.threshold, fpr=cfg.fpr)
     test_ds = split.test(pm.size, pm.resize)
     scored = score_dataset(pm.scorer, test_ds, batch_size=pm.batch_size, device=device)
     metrics = detection_metrics(scored, th, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["overlap_with_test"] = overlap_with_test(fit_ds, val_ds, test_ds)
+    metrics.update(how)
     idx = examples if examples is not None else example_indices(scored.labels, cfg.examples,
                                                                 cfg.seed)
     ex = None
@@ -472,7 +476,40 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
         images = torch.stack([test_ds[i]["image"] for i in idx])
         with torch.no_grad():
             ex = (images, pm.scorer.score(images.to(device)).cpu())
-    return MethodOutcome(pm, scored, val.scores, th, metrics, ex, idx, fit_s)
+    return MethodOutcome(pm, scored, val_scores, th, metrics, ex, idx, fit_s)
+
+
+def threshold_scores(pm: PreparedMethod, fit_ds: Dataset, val_ds: Dataset,
+                     device: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The normal scores the threshold is calibrated on, and what ``metrics.json`` records of
+    them: ``overlap_fit_val`` (threshold images the method was also fitted on, same resolved
+    file) and ``threshold_scores`` (``val``, ``fit_leave_one_out`` or ``val_without_fit``).
+
+    A scorer whose fit memorises its images (a KNN bank: :meth:`AnomalyScorer.fit_scores` is
+    not ``None``) would find an overlapping image at distance 0 and bias the threshold low, so
+    (as :func:`~gen_ad.app.evaluate.calibrate_scorer` does) when every threshold image is in
+    the bank its leave-one-out scores are used, and on a partial overlap the shared images are
+    left out of the threshold set. Other scorers are fair on the images they were fitted on.
+    """
+    shared = _shared_indices(dataset_paths(val_ds) or [], dataset_paths(fit_ds) or [])
+    held_out = pm.scorer.fit_scores()
+    how: dict[str, Any] = {"overlap_fit_val": len(shared), "threshold_scores": "val"}
+    if held_out is not None and shared:
+        if len(shared) == len(val_ds):  # type: ignore[arg-type]
+            how["threshold_scores"] = "fit_leave_one_out"
+            return np.asarray(held_out, dtype=np.float64).reshape(-1), how
+        keep = [i for i in range(len(val_ds)) if i not in shared]  # type: ignore[arg-type]
+        val_ds = Subset(val_ds, keep)
+        how["threshold_scores"] = "val_without_fit"
+    val = score_dataset(pm.scorer, val_ds, batch_size=pm.batch_size, device=device,
+                        keep_maps=False)
+    return val.scores, how
+
+
+def _shared_indices(paths: list[str], others: list[str]) -> set[int]:
+    """Indices of ``paths`` that name a file among ``others`` (compared resolved)."""
+    pool = {resolved(p) for p in others}
+    return {i for i, p in enumerate(paths) if resolved(p) in pool}
 
 
 def overlap_with_test(fit_ds: Dataset, val_ds: Dataset, test_ds: Dataset) -> dict[str, int]:
@@ -484,7 +521,8 @@ def overlap_with_test(fit_ds: Dataset, val_ds: Dataset, test_ds: Dataset) -> dic
 
 
 def overlap_warnings(outcomes: list[MethodOutcome]) -> list[str]:
-    """A warning for each method whose fit or threshold images include test images."""
+    """A warning for each method whose fit or threshold images include test images, and for
+    each whose threshold set lost images it was fitted on (:func:`threshold_scores`)."""
     out = []
     for o in outcomes:
         ov = o.metrics.get("overlap_with_test", {})
@@ -494,6 +532,10 @@ def overlap_warnings(outcomes: list[MethodOutcome]) -> list[str]:
         if ov.get("val"):
             out.append(f"{o.method.name}: {ov['val']} threshold (data.val) images are test "
                        "images: the threshold and flagged counts are biased")
+        if o.metrics.get("threshold_scores") == "val_without_fit":
+            out.append(f"{o.method.name}: {o.metrics['overlap_fit_val']} threshold (data.val) "
+                       "images are also in its bank (it finds them at distance 0): left out of "
+                       f"the threshold set ({len(o.val_scores)} used)")
     return out
 
 

@@ -25,8 +25,7 @@ from gen_ad.app.evaluate import (
     write_outputs,
 )
 from gen_ad.errors import DataError
-from gen_ad.scoring.thresholds import Threshold
-from gen_ad.utils.io import write_json
+from gen_ad.scoring.thresholds import Threshold, ThresholdSet
 from gen_ad.utils.lock import folder_lock, writes_folder
 
 
@@ -42,14 +41,14 @@ def calibration_context(ls: LoadedScorer, scorer_kwargs: dict[str, Any] | None,
             "rule": rule, **mode}
 
 
-def _check_context(saved: Path, now: dict[str, Any], th_file: Path) -> None:
-    """Refuse a saved threshold calibrated for another run step, scorer options or rule."""
-    if not saved.is_file():
+def _check_context(before: dict[str, Any] | None, now: dict[str, Any], th_file: Path) -> None:
+    """Refuse a saved threshold calibrated for another run step, scorer options or rule
+    (``before``: its saved context; ``None``, saved by an older gen_ad: a warning)."""
+    if before is None:
         warnings.warn(f"{th_file} has no record of what it was calibrated for (saved by an older "
                       "gen_ad): reusing it unchecked; pass --normal DIR to calibrate again",
-                      stacklevel=3)
+                      stacklevel=4)
         return
-    before = json.loads(saved.read_text())
     diff = [k for k in now if before.get(k) != now[k]]
     if diff:
         shown = "; ".join(f"{k}: saved {before.get(k)!r}, now {now[k]!r}" for k in diff)
@@ -58,28 +57,58 @@ def _check_context(saved: Path, now: dict[str, Any], th_file: Path) -> None:
                         "with the saved settings")
 
 
-def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike[str] | None,
-               normal_classes: Sequence[str], context: dict[str, Any],
-               **cal: Any) -> Threshold | None:
-    """Fit + calibrate on ``normal`` and save both with the run (with ``context``: the run step,
-    scorer options and rule they are for), or reuse what the run saved for the same context."""
-    th_file = run / "thresholds" / f"{name}.json"
-    cal_file = run / "thresholds" / f"{name}.calibration.json"
-    ctx_file = run / "thresholds" / f"{name}.context.json"
-    if normal is not None:
-        nds = normal_dataset(normal, ls.size, normal_classes=normal_classes, resize=ls.resize)
-        th = calibrate_scorer(ls.scorer, nds, **cal)
-        with folder_lock(run, "run folder"):  # a training of this run may be writing it
-            th.save(th_file)
-            write_json(cal_file, ls.scorer.calibration())
-            write_json(ctx_file, {**context, "normal": str(normal), "limit": cal.get("limit")})
-        return th
+def _legacy_files(th_file: Path) -> tuple[Path, Path]:
+    """The calibration and context files an older gen_ad saved beside ``th_file``."""
+    stem = th_file.name.removesuffix(".json")
+    return th_file.with_name(f"{stem}.calibration.json"), th_file.with_name(f"{stem}.context.json")
+
+
+def _save_set(run: Path, th_file: Path, th: Threshold, calibration: dict[str, Any],
+              context: dict[str, Any]) -> None:
+    """Publish threshold, calibration and context as one file in one atomic write (a kill
+    leaves the previous set or this one), then drop an older gen_ad's separate files."""
+    with folder_lock(run, "run folder"):  # a training of this run may be writing it
+        ThresholdSet(th, calibration, context).save(th_file)
+        for old in _legacy_files(th_file):
+            old.unlink(missing_ok=True)
+
+
+def _reuse_legacy(ls: LoadedScorer, th_file: Path, context: dict[str, Any]) -> Threshold | None:
+    """Reuse a set saved by an older gen_ad as separate files (threshold, calibration, context),
+    as that gen_ad did; they are trusted to belong together, so a warning asks for a refresh."""
+    cal_file, ctx_file = _legacy_files(th_file)
     if not th_file.is_file() and not cal_file.is_file():
         return None
-    _check_context(ctx_file, context, th_file)
+    before = json.loads(ctx_file.read_text()) if ctx_file.is_file() else None
+    _check_context(before, context, th_file)
+    if before is not None:
+        warnings.warn(f"{th_file} was saved by an older gen_ad as separate files (threshold, "
+                      f"{cal_file.name}, {ctx_file.name}) that an interrupted save could have "
+                      "mismatched; pass --normal DIR once to store them as one", stacklevel=3)
     if cal_file.is_file():
         ls.scorer.load_calibration(json.loads(cal_file.read_text()))
     return Threshold.load(th_file) if th_file.is_file() else None
+
+
+def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike[str] | None,
+               normal_classes: Sequence[str], context: dict[str, Any],
+               **cal: Any) -> Threshold | None:
+    """Fit + calibrate on ``normal`` and save the threshold with the run, in one file with what
+    fit learned and ``context`` (the run step, scorer options and rule it is for); or reuse the
+    set the run saved, for the same context only."""
+    th_file = run / "thresholds" / f"{name}.json"
+    if normal is not None:
+        nds = normal_dataset(normal, ls.size, normal_classes=normal_classes, resize=ls.resize)
+        th = calibrate_scorer(ls.scorer, nds, **cal)
+        _save_set(run, th_file, th, ls.scorer.calibration(),
+                  {**context, "normal": str(normal), "limit": cal.get("limit")})
+        return th
+    saved = ThresholdSet.load(th_file) if th_file.is_file() else None
+    if saved is None:
+        return _reuse_legacy(ls, th_file, context)
+    _check_context(saved.context, context, th_file)
+    ls.scorer.load_calibration(saved.calibration)
+    return saved.threshold
 
 
 @writes_folder("out", "score output folder")
@@ -98,9 +127,10 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
         out: output folder; each method writes into ``out/<method>/``.
         method: one scorer name, or ``None`` for all the run offers.
         normal: folder of normal validation patches to fit/calibrate on; default: the run's
-            ``data.val``. The label-free threshold is saved in ``<run>/thresholds/<method>.json``
-            (with ``<method>.context.json``: the run step, scorer options and rule it is for) and
-            reused when no normal folder is given, for the same context only.
+            ``data.val``. The label-free threshold is saved in ``<run>/thresholds/<method>.json``,
+            one file also holding what fit learned and its context (the run step, scorer options
+            and rule it is for), and reused when no normal folder is given, for the same context
+            only.
         masks: folder of ground-truth masks (pixel metrics); default ``data/masks`` if present.
         limit: score only this many images of ``data``, a seeded random choice
             (:func:`~gen_ad.app.evaluate.limited`, seed 0), recorded in ``metrics.json``.

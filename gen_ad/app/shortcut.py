@@ -98,7 +98,7 @@ def shortcut_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], split:
              "separating stain rather than tissue"]
     if bank == cfg.data.val:
         notes.append("bank = the normal validation folder (no KNN bank in this benchmark): "
-                     "its threshold is optimistic; AUROC is unaffected")
+                     "its threshold comes from the bank's leave-one-out scores")
     return [PreparedMethod(COLOUR_BASELINE, COLOUR_KIND, desc, notes, scorer, cfg.data.size,
                            bank, sc.bank_limit, cfg.batch_size)]
 

@@ -34,7 +34,6 @@ from gen_ad.metrics.dose_response import (
     kruskal_wallis,
     many_to_one,
 )
-from gen_ad.utils.io import write_json, write_text
 
 _TILE_NAME = re.compile(r"^(?P<slide>.+?)_x-?\d+_y-?\d+")
 
@@ -395,91 +394,3 @@ def group_analysis(slides: Sequence[str], scores: Any, slide_groups: Mapping[str
         "slides_without_scores": sorted(s for s in slide_groups if s not in scored),
     })
 
-
-def write_group_outputs(result: Mapping[str, Any],
-                        out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``groups.json``, ``per_slide.csv`` (and ``per_animal.csv`` when animals are the
-    unit) and ``groups_box.png`` into ``out_dir``."""
-    from gen_ad.report.figures import box_plot  # matplotlib only when figures are written
-
-    out = Path(out_dir)
-    stats = ["n_patches", "n_above", "percent_above", "mean_score", "max_score"]
-    animals = result.get("per_animal")
-    paths = {"json": out / "groups.json", "csv": out / "per_slide.csv",
-             "png": out / "groups_box.png"}
-    write_json(paths["json"], dict(result))
-    slide_cols = ["slide", "group", *(["animal"] if animals else []), *stats]
-    write_text(paths["csv"], _csv_table(result["per_slide"], slide_cols))
-    if animals:
-        paths["animals_csv"] = out / "per_animal.csv"
-        write_text(paths["animals_csv"], _csv_table(animals, ["animal", "group", *stats]))
-    unit = result.get("unit", "slide")
-    box_plot(result["groups"], paths["png"], ylabel=f"% patches above threshold (per {unit})",
-             title=f"threshold {result['threshold']:.4g}")
-    return paths
-
-
-def _csv_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
-    lines = [",".join(cols)] + [",".join(_csv_cell(r[c]) for c in cols) for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _csv_cell(v: Any) -> str:
-    s = f"{v:.6g}" if isinstance(v, float) else str(v)
-    return f'"{s}"' if any(c in s for c in ',"\n') else s
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3g}"
-
-
-def _fmt_ci(bounds: Sequence[float] | None) -> str:
-    return "" if not bounds else f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
-
-
-def _comparison_lines(name: str, control: str, c: Mapping[str, Any]) -> list[str]:
-    ci = c.get("ci") or {}
-    return [
-        f"  {name} vs {control}: mean diff {_fmt(c['mean_diff'])} points"
-        f"{_fmt_ci(ci.get('mean_diff'))}, Hedges g={_fmt(c['hedges_g'])}"
-        f"{_fmt_ci(ci.get('hedges_g'))}, Cliff's delta={_fmt(c['cliffs_delta'])}"
-        f"{_fmt_ci(ci.get('cliffs_delta'))}",
-        f"    Mann-Whitney p={_fmt(c['mannwhitney_p'])} (Holm {_fmt(c.get('mannwhitney_p_holm'))})"
-        f", Welch p={_fmt(c['welch_p'])} (Holm {_fmt(c.get('welch_p_holm'))}), "
-        f"Dunnett p={_fmt(c.get('dunnett_p'))}",
-    ]
-
-
-def _trend_line(result: Mapping[str, Any]) -> str | None:
-    trend = result.get("trend") or {}
-    if not trend.get("order"):
-        return None
-    return (f"  trend over {' < '.join(trend['order'])}: Jonckheere-Terpstra "
-            f"p={_fmt(trend['p_two_sided'])} (two-sided, {trend['method']}; increasing "
-            f"{_fmt(trend['p_increasing'])}; normal approximation "
-            f"{_fmt(trend['p_normal_two_sided'])})")
-
-
-def format_summary(result: Mapping[str, Any]) -> str:
-    """A few human-readable lines: per-group median %, each comparison (effect sizes with their
-    intervals, raw and Holm-adjusted p-values, Dunnett), the omnibus and trend tests."""
-    unit = result.get("unit", "slide")
-    lines = [f"threshold {result['threshold']:.6g}; control group '{result['control']}'; "
-             f"unit of analysis: {unit}"]
-    for g, v in result["groups"].items():
-        lines.append(f"  {g}: {len(v)} {unit}s, median {np.median(v):.2f}% "
-                     f"(mean {np.mean(v):.2f}%) patches above threshold")
-    for g, c in result["comparisons"].items():
-        lines += _comparison_lines(g, result["control"], c)
-    if result.get("omnibus"):
-        lines.append(f"  all groups: Kruskal-Wallis p={_fmt(result['omnibus']['kruskal_p'])}")
-    trend = _trend_line(result)
-    if trend:
-        lines.append(trend)
-    if result["unassigned_slides"]:
-        lines.append(f"  note: {len(result['unassigned_slides'])} scored slide(s) not in the "
-                     "groups table were ignored")
-    if result["slides_without_scores"]:
-        lines.append(f"  note: {len(result['slides_without_scores'])} slide(s) in the groups "
-                     "table have no scores")
-    return "\n".join(lines)

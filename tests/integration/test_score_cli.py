@@ -54,6 +54,7 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
     assert len(maps) == 8 and any(m.startswith("top-01_") for m in maps)
     th = json.loads((enc / "thresholds" / "fanogan.json").read_text())
     assert th["method"] == "iqr" and th["n"] == 12
+    assert sorted(p.name for p in (enc / "thresholds").iterdir()) == ["fanogan.json"]  # one set
 
     # without --normal, the saved threshold is reused: same flags as before
     out2 = tmp_path / "scores2"
@@ -61,7 +62,7 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
                  "--examples", "0"]) == 0
     rows2 = list(csv.DictReader((out2 / "fanogan" / "scores.csv").open()))
     assert [r["flagged"] for r in rows2] == [r["flagged"] for r in rows]
-    ctx = json.loads((enc / "thresholds" / "fanogan.context.json").read_text())
+    ctx = json.loads((enc / "thresholds" / "fanogan.json").read_text())["context"]
     assert ctx["rule"] == {"method": "iqr"} and ctx["scorer_kwargs"] == {}
 
     # a saved threshold is not reused for another rule or other scorer options
@@ -77,8 +78,8 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
     assert main(["score", str(enc), "--data", str(tmp_path / "test"), "--out",
                  str(tmp_path / "s5"), "--examples", "0", "--normal", str(tmp_path / "val"),
                  "--calibration-limit", "5", "--n-boot", "50"]) == 0
-    assert json.loads((enc / "thresholds" / "fanogan.json").read_text())["n"] == 5
-    assert json.loads((enc / "thresholds" / "fanogan.context.json").read_text())["limit"] == 5
+    saved = json.loads((enc / "thresholds" / "fanogan.json").read_text())
+    assert saved["n"] == 5 and saved["context"]["limit"] == 5
     with pytest.raises(SystemExit) as exit_:  # argparse usage error
         main(["score", str(enc), "--data", str(tmp_path / "test"), "--out",
               str(tmp_path / "s6"), "--calibration-limit", "-1"])
@@ -128,13 +129,13 @@ def test_score_reads_patches_as_the_run_trained(tmp_path: Path, monkeypatch: pyt
         for path, image in got.items():
             assert torch.equal(image, want[path]), (key, path)
             assert not torch.equal(image, load_image(path, 32, "resize"))  # the modes differ
-    ctx_file = gan / "thresholds" / "anogan.context.json"
-    ctx = json.loads(ctx_file.read_text())
-    assert ctx["resize"] == "center_crop"
+    set_file = gan / "thresholds" / "anogan.json"
+    saved = json.loads(set_file.read_text())
+    assert saved["context"]["resize"] == "center_crop"
 
     # a threshold calibrated before scoring honoured the mode (no record of it) is refused
-    del ctx["resize"]
-    ctx_file.write_text(json.dumps(ctx))
+    del saved["context"]["resize"]
+    set_file.write_text(json.dumps(saved))
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "s2")]) == 2
     assert "resize: saved None, now 'center_crop'" in capsys.readouterr().err
