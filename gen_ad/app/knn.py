@@ -29,6 +29,7 @@ from gen_ad.app.evaluate import (
     scoring_dataset,
     write_outputs,
 )
+from gen_ad.baselines.bank import saved_threshold
 from gen_ad.baselines.extractors import (
     build_extractor,
     describe,
@@ -93,7 +94,9 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
     A folder with class subfolders uses only ``normal/``; a flat folder uses all its images.
     Extending skips images already in the bank and embeds in the bank's recorded precision
     (``precision`` applies to a new bank); the weights file must be the one it was fitted with.
-    The bank records the weights file, its sha256 and size (``weights_identity``).
+    The bank records the weights file, its sha256 and size (``weights_identity``). Nothing is
+    published before the end: an interrupted fit leaves no bank at ``out``, an interrupted
+    extend the previous bank with its threshold (:mod:`gen_ad.baselines.bank`).
     """
     device = resolve_device(device)
     root = Path(out).expanduser()
@@ -123,7 +126,8 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
 def fit_summary(bank: FeatureBank) -> str:
     """The lines ``gen-ad knn fit`` prints: the bank, its weights and precision, the training
     resolution of its extractor, and its threshold."""
-    thr = Threshold.load(bank.root / "threshold.json")
+    thr, _ = saved_threshold(bank)
+    assert thr is not None  # a fit or an extend commits its threshold with the bank
     info = bank.meta["extractor"]
     return (f"bank: {bank.root} ({bank.count} x {bank.dim}, extractor {info['name']}, weights "
             f"{_weights_line(info)}, {info.get('precision', 'unrecorded')} embeddings)\n"
@@ -146,10 +150,11 @@ def knn_threshold(ls: LoadedScorer, *, k: int | None = None,
                   workers: int = 0) -> tuple[Threshold, str]:
     """Set the search's ``k`` and pick the threshold of a bank scorer.
 
-    The bank's saved threshold (``Q3 + 1.5 IQR`` of leave-one-out scores at the fitted ``k``) is
-    kept when nothing changes; another ``k`` or rule re-runs the leave-one-out calibration in
-    memory (the bank folder is not written); ``normal`` calibrates on those held-out normal
-    patches' scores instead (the bank is searched, never refitted).
+    The bank's saved threshold (``Q3 + 1.5 IQR`` of leave-one-out scores at the fitted ``k``;
+    re-calibrated at load when it was saved for other vectors) is kept when nothing changes;
+    another ``k`` or rule re-runs the leave-one-out calibration in memory (the bank folder is not
+    written); ``normal`` calibrates on those held-out normal patches' scores instead (the bank is
+    searched, never refitted).
 
     Returns:
         ``(threshold, source)``: the threshold and one line saying where it came from.
@@ -169,7 +174,8 @@ def knn_threshold(ls: LoadedScorer, *, k: int | None = None,
         return (calibrate(scored.scores, method=method, fpr=fpr),
                 f"{method} of {len(scored.scores)} held-out normal patches ({normal}), k={sc.k}")
     if sc.k == fitted_k and method == "iqr" and ls.threshold is not None:
-        return ls.threshold, f"iqr of the bank's leave-one-out scores (k={sc.k}, saved at fit)"
+        return ls.threshold, (f"iqr of the bank's leave-one-out scores (k={sc.k}, "
+                              f"{sc.threshold_source or 'saved at fit'})")
     st = sc.index.source.settings if isinstance(sc.index.source, FeatureBank) else {}
     sc.calib_size, sc.seed = int(st.get("calib_size", 5000)), int(st.get("seed", 0))
     sc.calibrate()

@@ -1,8 +1,10 @@
 """KNN anomaly baseline: a feature bank of normal patches and nearest-neighbour distances.
 
 Pipeline (Juturu et al. 2025): embed normal patches with a frozen foundation model, keep the
-vectors in a :class:`FeatureBank` on disk, and score a query by its distance to the ``k`` nearest
-normal vectors (default ``k=200``; mean of the ``k`` distances, or the ``k``-th).
+vectors in a :class:`~gen_ad.baselines.bank.FeatureBank` on disk (its files, and how a fit or an
+extend publishes them whole: :mod:`gen_ad.baselines.bank`), and score a query by its distance to
+the ``k`` nearest normal vectors (default ``k=200``; mean of the ``k`` distances, or the
+``k``-th).
 
 Distances. ``l2`` scores are **Euclidean** distances (faiss' L2 indexes return squared distances;
 they are square-rooted here, everywhere). ``cosine`` scores are cosine distances ``1 - cos`` (the
@@ -13,8 +15,9 @@ Threshold. When a bank is fitted, a random subset of its own vectors (``calib_si
 identical to it** (the same vector: Euclidean distance exactly 0, as the float64 re-rank gives
 it), so neither a point nor a duplicate of its image finds itself and the whole bank stays
 usable. The label-free threshold is ``Q3 + 1.5*IQR`` of these normal scores; it is saved with the
-bank. Near-duplicates (overlapping tiles of one slide) are *not* left out and still make this
-threshold optimistic; a threshold from held-out normal patches avoids that.
+bank, recording the vectors it was calibrated on (one that does not match them is re-calibrated
+at load, with a warning). Near-duplicates (overlapping tiles of one slide) are *not* left out and
+still make this threshold optimistic; a threshold from held-out normal patches avoids that.
 
 Precision. Features are embedded in fp32 unless a bank records ``bf16`` (and the device has
 it); the precision is recorded in ``bank.json`` (``extractor.precision``) and queries are embedded
@@ -43,20 +46,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gen_ad.baselines.bank import CALIB as CALIB
+from gen_ad.baselines.bank import META as META
+from gen_ad.baselines.bank import THRESH as THRESH
+from gen_ad.baselines.bank import FeatureBank as FeatureBank
+from gen_ad.baselines.bank import calibration_ids, saved_threshold
+from gen_ad.baselines.bank import check_no_bank as check_no_bank
 from gen_ad.baselines.search import ArraySource, ExactKNN, error_bound, faiss_has_gpu
-from gen_ad.errors import CheckpointError, ConfigError, DataError
+from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import Threshold, calibrate
-from gen_ad.utils.io import atomic_path, inside, unique_tag, write_json
 
 Metric = Literal["l2", "cosine"]
 Reduction = Literal["mean", "kth"]
 IndexKind = Literal["flat", "ivf"]
 Precision = Literal["fp32", "bf16"]
 PRECISIONS = ("fp32", "bf16")
-META = "bank.json"
-CALIB = "calibration.npy"
-THRESH = "threshold.json"
 
 
 def _faiss() -> Any | None:
@@ -70,165 +75,6 @@ def _faiss() -> Any | None:
 
 def _gpu_faiss(faiss: Any) -> bool:
     return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available()
-
-
-# ----------------------------------------------------------------------------- the bank
-
-
-def check_no_bank(root: str | os.PathLike[str]) -> None:
-    """Refuse a folder that holds a feature bank already (ConfigError naming ``--extend``)."""
-    r = Path(root).expanduser()
-    if (r / META).exists():
-        raise ConfigError(f"a feature bank already exists at {r}; pass --extend to add images "
-                          "to it, or choose another --out")
-
-
-class FeatureBank:
-    """Normal feature vectors on disk: float32 ``.npy`` shards + ``bank.json`` metadata.
-
-    ``bank.json`` holds the extractor (name, weights, ``weights_identity`` (file, sha256, size),
-    random_init, tiny, dim, embedding ``precision``, training resolution), ``count``, the search
-    settings, the shard list and the source ``paths``. New shards can be appended at any
-    time (:meth:`append`) without touching the existing ones; every write is atomic.
-    """
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser()
-        meta_path = self.root / META
-        if not meta_path.is_file():
-            raise CheckpointError(f"no feature bank at {self.root} (missing {META}); build one "
-                                  "with `gen-ad knn fit`")
-        import json
-
-        try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from e
-        self._check()
-
-    def _check(self) -> None:
-        """Refuse a ``bank.json`` whose shards leave the bank folder, are missing, or do not
-        hold the rows it records (checked from the ``.npy`` headers, without reading data)."""
-        where = self.root / META
-        try:
-            dim, count, shards = int(self.meta["dim"]), int(self.meta["count"]), \
-                list(self.meta["shards"])
-            rows = [int(sh["count"]) for sh in shards]
-            files = [str(sh["file"]) for sh in shards]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where} is damaged: {type(e).__name__} {e}") from e
-        for name, n in zip(files, rows):
-            if Path(name).name != name or not name.endswith(".npy"):
-                raise CheckpointError(f"{where}: refusing the shard path {name!r} (shards are "
-                                      "plain .npy names inside the bank folder)")
-            path = inside(self.root, name)
-            try:
-                mm = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{where}: shard {name} is missing or damaged "
-                                      f"({type(e).__name__})") from e
-            shape, size, offset = mm.shape, path.stat().st_size, int(mm.offset)
-            del mm
-            if shape != (n, dim) or size != offset + n * dim * 4:
-                raise CheckpointError(f"{where}: shard {name} holds {shape}, the bank records "
-                                      f"({n}, {dim})")
-        if sum(rows) != count or len(self.meta.get("paths", [])) != count:
-            raise CheckpointError(f"{where} is inconsistent: {count} vectors recorded, "
-                                  f"{sum(rows)} in shards, {len(self.meta.get('paths', []))} paths")
-
-    @classmethod
-    def create(cls, root: str | os.PathLike[str], dim: int, extractor: dict[str, Any],
-               settings: dict[str, Any] | None = None) -> FeatureBank:
-        """Start an empty bank at ``root`` (an existing bank there is an error)."""
-        r = Path(root).expanduser()
-        check_no_bank(r)
-        r.mkdir(parents=True, exist_ok=True)
-        meta = {"version": 1, "dim": int(dim), "count": 0, "extractor": extractor,
-                "settings": dict(settings or {}), "shards": [], "paths": []}
-        write_json(r / META, meta, indent=1)
-        return cls(r)
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["dim"])
-
-    @property
-    def count(self) -> int:
-        return int(self.meta["count"])
-
-    @property
-    def paths(self) -> list[str]:
-        return list(self.meta["paths"])
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return dict(self.meta.get("settings", {}))
-
-    def save_meta(self) -> None:
-        """Atomically rewrite ``bank.json``."""
-        write_json(self.root / META, self.meta, indent=1)
-
-    def append(self, feats: np.ndarray, paths: list[str] | None = None) -> None:
-        """Add ``feats`` ``[n, dim]`` as a new shard (float32), with their source paths."""
-        arr = np.ascontiguousarray(feats, dtype=np.float32)
-        if arr.ndim != 2 or arr.shape[1] != self.dim:
-            raise DataError(f"features must be [n, {self.dim}], got {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise DataError("features contain NaN or infinite values")
-        paths = list(paths) if paths is not None else [""] * len(arr)
-        if len(paths) != len(arr):
-            raise DataError(f"{len(paths)} paths for {len(arr)} feature rows")
-        if len(arr) == 0:
-            return
-        name = f"features-{len(self.meta['shards']):05d}-{unique_tag()}.npy"  # never reused
-        with atomic_path(self.root / name) as tmp, open(tmp, "wb") as f:
-            np.save(f, arr)
-        self.meta["shards"].append({"file": name, "count": int(len(arr))})
-        self.meta["paths"].extend(paths)
-        self.meta["count"] = self.count + len(arr)
-        self.save_meta()
-
-    def _shard(self, i: int) -> np.ndarray:
-        return np.load(self.root / self.meta["shards"][i]["file"], mmap_mode="r")
-
-    def blocks(self, max_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(offset, block)`` float32 copies of at most ``max_rows`` rows, in order.
-
-        Blocks are read with plain file reads (no memory map stays open), so resident memory
-        stays near one block whatever the bank size.
-        """
-        offset = 0
-        for i, sh in enumerate(self.meta["shards"]):
-            mm = self._shard(i)
-            header, n = int(mm.offset), len(mm)
-            del mm  # read with plain file reads: mapped pages would stay resident
-            with open(self.root / sh["file"], "rb") as f:
-                for s in range(0, n, max_rows):
-                    rows = min(max_rows, n - s)
-                    f.seek(header + s * self.dim * 4)
-                    block = np.fromfile(f, dtype=np.float32, count=rows * self.dim)
-                    yield offset + s, block.reshape(rows, self.dim)
-            offset += n
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Copy the rows with global indices ``ids`` ``[n]`` -> ``[n, dim]`` (any order)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        offset = 0
-        for i, sh in enumerate(self.meta["shards"]):
-            sel = np.nonzero((ids >= offset) & (ids < offset + sh["count"]))[0]
-            if len(sel):
-                mm = self._shard(i)
-                out[sel] = mm[ids[sel] - offset]
-                del mm
-            offset += sh["count"]
-        return out
-
-    def load(self) -> np.ndarray:
-        """The whole bank in memory ``[count, dim]`` float32."""
-        if self.count == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.concatenate([b for _, b in self.blocks(1 << 30)], axis=0)
 
 
 # ----------------------------------------------------------------------------- search
@@ -588,9 +434,7 @@ def calibrate_bank(index: KNNIndex, k: int, reduction: Reduction = "mean",
     Returns:
         ``(ids [n], scores [n])``: the bank rows used and their scores against the other rows.
     """
-    n = min(index.count, int(calib_size))
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(index.count, size=n, replace=False))
+    ids = calibration_ids(index.count, calib_size, seed)
     dist, _ = index.search(index.source.rows(ids), k, exclude=ids)
     return ids, reduce_distances(dist, reduction)
 
@@ -627,18 +471,22 @@ class KNNScorer(AnomalyScorer):
         self.calib_size, self.seed = int(calib_size), int(seed)
         self.index: KNNIndex | None = None
         self.threshold: Threshold | None = None
+        self.threshold_source: str | None = None  # where a bank's threshold came from
         self.calib_scores: np.ndarray | None = None
         if bank is not None:
             self.set_bank(bank)
 
     def set_bank(self, bank: FeatureBank | np.ndarray) -> KNNScorer:
-        """Use ``bank`` for search (and its saved threshold and embedding precision)."""
+        """Use ``bank`` for search (and its saved threshold and embedding precision).
+
+        A saved threshold calibrated on other vectors than the bank holds is re-calibrated in
+        memory, with a warning (:func:`bank_threshold`).
+        """
         self.index = KNNIndex(bank, self.settings, seed=self.seed)
         if isinstance(bank, FeatureBank):
             self.precision = usable_precision(bank.meta["extractor"].get("precision"),
                                               _device_of(self.extractor), f"bank {bank.root}")
-            if (bank.root / THRESH).is_file():
-                self.threshold = Threshold.load(bank.root / THRESH)
+            self.threshold, self.threshold_source = bank_threshold(bank, self.index)
         return self
 
     def fit(self, normal_batches: Iterable[Any]) -> KNNScorer:
@@ -657,6 +505,7 @@ class KNNScorer(AnomalyScorer):
         _, self.calib_scores = calibrate_bank(self.index, self.k, self.reduction,
                                               self.calib_size, self.seed)
         self.threshold = calibrate(self.calib_scores, method="iqr")
+        self.threshold_source = "leave-one-out, calibrated in memory"
         return self
 
     def fit_scores(self) -> np.ndarray | None:
@@ -691,7 +540,8 @@ def build_bank(extractor: torch.nn.Module, batches: Iterable[Any], out: str | os
 
     Features are flushed to disk every ``shard_rows`` rows, so memory stays bounded. The
     precision used (``precision`` where the device has it, else fp32) is recorded in
-    ``bank.json`` as ``extractor.precision``.
+    ``bank.json`` as ``extractor.precision``. Nothing is published before the end: an
+    interrupted fit leaves no bank at ``out`` (see :mod:`gen_ad.baselines.bank`).
     """
     settings = settings or SearchSettings()
     settings.validate()
@@ -700,7 +550,8 @@ def build_bank(extractor: torch.nn.Module, batches: Iterable[Any], out: str | os
               "index": settings.index, "nlist": settings.nlist, "nprobe": settings.nprobe,
               "calib_size": int(calib_size), "seed": int(seed)}
     used = usable_precision(precision, _device_of(extractor), "the requested precision")
-    bank = FeatureBank.create(out, dim, {**extractor_info, "precision": used}, stored)
+    bank = FeatureBank.create(out, dim, {**extractor_info, "precision": used}, stored,
+                              staged=True)
     extend_bank(bank, extractor, batches, total=total, shard_rows=shard_rows,
                 settings=settings)  # the memory budget and backend apply to calibration too
     return bank
@@ -712,13 +563,34 @@ def extend_bank(bank: FeatureBank, extractor: torch.nn.Module, batches: Iterable
     """Append more normal data to ``bank`` (existing shards untouched) and re-calibrate.
 
     Images whose path is already in the bank are skipped (with a warning: a second copy of an
-    image would be its own nearest neighbour). Embeds in the bank's recorded precision.
+    image would be its own nearest neighbour). Embeds in the bank's recorded precision. The
+    write is staged and committed at the end: until then, and if it fails or is killed, the
+    bank as read (vectors and threshold) is the previous one.
     """
     dim = int(extractor.dim)
     if dim != bank.dim:
         raise ConfigError(f"extractor gives {dim}-d features but the bank holds {bank.dim}-d")
     precision = usable_precision(bank.meta["extractor"].get("precision"),
                                  _device_of(extractor), f"bank {bank.root}")
+    bank.stage()
+    try:
+        skipped = _embed_into(bank, extractor, batches, total, shard_rows, precision)
+        if bank.count == 0:
+            raise DataError("no normal images were embedded; the bank is empty")
+        recalibrate(bank, settings)
+    except BaseException:
+        bank.abort()
+        raise
+    if skipped:
+        warnings.warn(f"skipped {skipped} images already in the bank at {bank.root}",
+                      stacklevel=2)
+    return bank
+
+
+def _embed_into(bank: FeatureBank, extractor: torch.nn.Module, batches: Iterable[Any],
+                total: int | None, shard_rows: int, precision: Precision) -> int:
+    """Embed the batches whose paths are not in ``bank`` yet into shards of ``shard_rows``
+    rows. Returns how many images were skipped as already in the bank."""
     known = {resolved(p) for p in bank.paths if p}
     buf: list[np.ndarray] = []
     buf_paths: list[str] = []
@@ -735,13 +607,7 @@ def extend_bank(bank: FeatureBank, extractor: torch.nn.Module, batches: Iterable
             buf, buf_paths = [], []
     if buf:
         bank.append(np.concatenate(buf), buf_paths)
-    if skipped:
-        warnings.warn(f"skipped {skipped} images already in the bank at {bank.root}",
-                      stacklevel=2)
-    if bank.count == 0:
-        raise DataError("no normal images were embedded; the bank is empty")
-    recalibrate(bank, settings)
-    return bank
+    return skipped
 
 
 def resolved(path: str) -> str:
@@ -765,7 +631,9 @@ def bank_settings(bank: FeatureBank, **overrides: Any) -> SearchSettings:
 
 
 def recalibrate(bank: FeatureBank, settings: SearchSettings | None = None) -> Threshold:
-    """Leave-one-out calibration of ``bank``; writes ``calibration.npy`` and ``threshold.json``."""
+    """Leave-one-out calibration of ``bank``, committed with it: the calibration file, the
+    threshold in ``bank.json`` (with the vectors it was calibrated on), then ``threshold.json``
+    (:meth:`~gen_ad.baselines.bank.FeatureBank.commit`)."""
     st = bank.settings
     settings = settings or bank_settings(bank)
     k = int(st.get("k", 200))
@@ -775,11 +643,28 @@ def recalibrate(bank: FeatureBank, settings: SearchSettings | None = None) -> Th
     index = KNNIndex(bank, settings, seed=int(st.get("seed", 0)))
     ids, scores = calibrate_bank(index, k, st.get("reduction", "mean"),
                                  int(st.get("calib_size", 5000)), int(st.get("seed", 0)))
-    with atomic_path(bank.root / CALIB) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.stack([ids.astype(np.float64), scores.astype(np.float64)], axis=1))
     thr = calibrate(scores, method="iqr")
-    thr.save(bank.root / THRESH)
+    bank.commit(thr, ids, scores)
     return thr
+
+
+def bank_threshold(bank: FeatureBank, index: KNNIndex) -> tuple[Threshold | None, str | None]:
+    """The threshold saved with ``bank`` and where it came from (``None``, ``None`` without one).
+
+    One calibrated on other vectors than the bank holds (an interrupted ``--extend`` of an
+    earlier gen_ad, an edited bank) is re-calibrated on ``index`` in memory, with the bank's
+    ``k``, reduction, calibration size and seed, and a warning; the bank folder is not written.
+    """
+    thr, problem = saved_threshold(bank)
+    if not problem:
+        return thr, None if thr is None else "saved at fit"
+    warnings.warn(f"the threshold saved with the bank at {bank.root} does not belong to its "
+                  f"vectors: {problem}; it is re-calibrated in memory (leave-one-out; the bank "
+                  "folder is not written)", stacklevel=3)
+    st = bank.settings
+    _, scores = calibrate_bank(index, int(st.get("k", 200)), st.get("reduction", "mean"),
+                               int(st.get("calib_size", 5000)), int(st.get("seed", 0)))
+    return calibrate(scores, method="iqr"), f"re-calibrated at load: {problem}"
 
 
 # ----------------------------------------------------------------------------- bank metadata

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -216,3 +218,82 @@ def test_colour_stats_fit_states_it_is_resolution_free(
     out = capsys.readouterr().out
     assert "extractor colour-stats: colour statistics: resolution-free" in out
     assert "model card" not in out
+
+
+class Killed(Exception):
+    """What the interrupted embedding raises."""
+
+
+def _kill_midway(mp: pytest.MonkeyPatch, after: int) -> None:
+    """Make a fit's embedding loop raise after ``after`` batches, flushing a shard per batch, and
+    leave on disk what a SIGKILL leaves (no clean-up of the staged write)."""
+    import gen_ad.app.knn as app_knn
+    import gen_ad.baselines.knn as knn
+
+    real_embed, real_extend = knn.embed_batches, knn.extend_bank
+
+    def broken(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for i, item in enumerate(real_embed(*args, **kwargs)):
+            if i == after:
+                raise Killed("killed midway")
+            yield item
+
+    def small_shards(*args: Any, **kwargs: Any) -> Any:
+        return real_extend(*args, **{**kwargs, "shard_rows": 4})
+
+    mp.setattr(knn, "embed_batches", broken)
+    mp.setattr(knn, "extend_bank", small_shards)
+    mp.setattr(app_knn, "extend_bank", small_shards)
+    mp.setattr(knn.FeatureBank, "abort", lambda self: None, raising=False)
+
+
+def test_knn_score_refuses_a_bank_whose_fit_was_interrupted(
+        banks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    from gen_ad.app.knn import fit_folder
+
+    bank = tmp_path / "bank"
+    with monkeypatch.context() as mp:
+        _kill_midway(mp, after=2)
+        with pytest.raises(Killed):
+            fit_folder("resnet50", banks / "train", bank, random_init=True, tiny=True, k=3,
+                       calib_size=20, batch_size=4, workers=0, device="cpu")
+    capsys.readouterr()
+    assert main(["knn", "score", str(bank), "--data", str(banks / "test"), "--out",
+                 str(tmp_path / "out"), *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete bank at" in err and "the fit was interrupted" in err
+    assert "re-run `gen-ad knn fit`" in err
+    with pytest.warns(UserWarning, match=r"removed 1 temporary .*\(\.staged\."):
+        assert main(_fit_args(bank, banks / "train", "--random-init")) == 0  # fits again
+    assert not list(bank.glob(".staged.*"))
+    _, scores = _score(bank, banks / "test", tmp_path / "new")
+    _, ref = _score(banks / "bank3", banks / "test", tmp_path / "ref")  # the same fit
+    assert scores == ref
+
+
+def test_an_interrupted_extend_leaves_the_bank_and_its_threshold(
+        banks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gen_ad.app.knn import fit_folder
+
+    bank = tmp_path / "bank"
+    assert main(_fit_args(bank, banks / "train", "--random-init")) == 0
+    m0, s0 = _score(bank, banks / "test", tmp_path / "before")
+    before = {p.name: p.read_bytes() for p in bank.iterdir() if p.is_file()}
+    _folder(tmp_path / "more", 7, 12, 0)
+    with monkeypatch.context() as mp:
+        _kill_midway(mp, after=2)
+        with pytest.raises(Killed):
+            fit_folder("resnet50", tmp_path / "more", bank, extend=True, batch_size=4,
+                       workers=0, device="cpu")
+    after = {p.name: p.read_bytes() for p in bank.iterdir() if p.is_file()}
+    assert after == before  # bank.json, shards, calibration and threshold.json as they were
+    m1, s1 = _score(bank, banks / "test", tmp_path / "after")
+    assert s1 == s0 and m1["threshold"] == m0["threshold"]
+    assert "saved at fit" in m1["threshold_source"]
+    with pytest.warns(UserWarning, match="removed 1 temporary"):
+        assert main(_fit_args(bank, tmp_path / "more", "--extend")) == 0
+    meta = json.loads((bank / "bank.json").read_text())
+    assert meta["count"] == 42 and not list(bank.glob(".staged.*"))
+    saved = json.loads((bank / "threshold.json").read_text())
+    assert saved == meta["threshold"] and saved["bank"]["count"] == 42

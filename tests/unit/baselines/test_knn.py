@@ -134,8 +134,7 @@ def test_extending_bank_equals_building_at_once(tmp_path, extractor) -> None:
 def test_threshold_is_iqr_of_leave_one_out_scores(tmp_path, extractor) -> None:
     bank = build_bank(extractor, _batches(64, 3), tmp_path / "bank", {"name": "x"}, k=8,
                       calib_size=30)
-    calib = np.load(tmp_path / "bank" / "calibration.npy")
-    ids, scores = calib[:, 0].astype(int), calib[:, 1]
+    ids, scores = FeatureBank(tmp_path / "bank").calibration()
     assert len(ids) == 30 and len(set(ids)) == 30
     feats = bank.load()
     ref = []
