@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import traceback
 import warnings
@@ -97,7 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from gen_ad.app.train import train
 
     run_dir = train(args.family, args.config, args.overrides, args.resume)
-    print(f"run folder: {run_dir}")
+    if _process_rank() == 0:  # under accelerate launch every process returns here
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -665,19 +667,11 @@ def build_train_parser(family_name: str) -> argparse.ArgumentParser:
 
 
 def train_main(family_name: str, argv: Sequence[str] | None = None) -> int:
-    """``train/<family>.py``: parse ``argv`` and train; user errors print one line, return 2."""
-    from gen_ad.app.train import train
-
+    """``train/<family>.py``: parse ``argv`` and train, as ``gen-ad train <family>`` does (the
+    same messages, warnings and exit statuses)."""
     args = parse_with_overrides(build_train_parser(family_name), argv)
-    try:
-        run_dir = train(family_name, args.config, args.overrides, args.resume)
-    except GenAdError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"run folder: {run_dir}")
-    return 0
+    args.family = family_name
+    return _guarded(lambda: _cmd_train(args), args.debug)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -723,6 +717,25 @@ def _once_per_message() -> Callable[..., str]:
     return fmt
 
 
+def _process_rank() -> int:
+    """This process's rank under ``accelerate launch`` / ``torchrun`` (``RANK``), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _print_error(e: GenAdError) -> None:
+    """One ``gen-ad: error:`` line; under a multi-process launch the other processes stay
+    quiet about errors every process meets alike (a config error, or one handed on by the main
+    process), and name themselves otherwise."""
+    rank = _process_rank()
+    if rank and (isinstance(e, ConfigError) or getattr(e, "from_main_process", False)):
+        return
+    where = f" (process {rank})" if rank else ""
+    print(f"gen-ad: error{where}: {e}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-ad``; returns the exit status (0 ok, 2 user error, 1 internal error)."""
     parser = build_parser()
@@ -730,20 +743,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    return _guarded(lambda: _one_process_unless_training(args), args.debug)
+
+
+def _one_process_unless_training(args: argparse.Namespace) -> int | None:
+    """Run the parsed command; only ``train`` runs under a multi-process launch (every process
+    of ``accelerate launch`` would score, fit or write the same folder at once)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args.command != "train" and world.isdigit() and int(world) > 1:
+        raise ConfigError(f"gen-ad {args.command} runs in one process, not under a "
+                          f"{world}-process launch: run it without accelerate launch / torchrun "
+                          "(only gen-ad train uses several processes)")
+    return args.func(args)
+
+
+def _guarded(run: Callable[[], int | None], debug: bool) -> int:
+    """Run a command with one-line warnings; user errors print one line and give 2,
+    an interrupt 130, anything else one ``internal error`` line and 1 (``debug``: tracebacks)."""
     try:
-        with cli_warnings(debug=args.debug):
-            rc = args.func(args)
+        with cli_warnings(debug=debug):
+            rc = run()
         return int(rc or 0)
     except GenAdError as e:
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"gen-ad: error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
     except KeyboardInterrupt:
         print("gen-ad: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - last line of defence: no bare traceback for users
-        if args.debug:
+        if debug:
             raise
         print(f"gen-ad: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
               "traceback)", file=sys.stderr)

@@ -266,14 +266,29 @@ def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]
             exts = ", ".join(IMAGE_EXTENSIONS)
             raise DataError(f"no images found in {r} (looked for {exts} in it and its subfolders)")
         return {r.resolve().name: direct}, True
+    direct = [p for p in direct if not _synth_sheet(p)]
     if direct:
         warnings.warn(_ignored_message(direct, r, found), stacklevel=3)
     return found, False
 
 
+def _synth_sheet(p: Path) -> bool:
+    """Whether ``p`` is the contact sheet ``gen-ad synth`` wrote beside its set (the folder's
+    ``manifest.csv`` is a synth manifest): skipped without a warning, as the set's own file."""
+    from gen_ad.data.synthetic import MANIFEST_HEADER, MANIFEST_NAME, SHEET_NAME
+
+    if p.name != SHEET_NAME:
+        return False
+    try:
+        with open(p.parent / MANIFEST_NAME, encoding="utf-8") as f:
+            return f.readline().strip() == MANIFEST_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _ignored_message(direct: Sequence[Path], root: Path, classes: Sequence[str]) -> str:
     """The warning about images directly in ``root`` beside its class folders, naming them
-    (at most 3, then how many more): ``gen-ad synth`` writes ``contact_sheet.png`` there."""
+    (at most 3, then how many more)."""
     names = [p.name for p in direct]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     what = "1 image" if len(names) == 1 else f"{len(names)} images"

@@ -65,3 +65,48 @@ def test_user_errors_are_one_line_exit_2(files: dict[str, Path], tmp_path: Path,
         assert rc == 2 and len(err) == 1 and expected in err[0], (argv, rc, err)
     assert files["afile"].read_text() == "x"
     assert not (tmp_path / "pwned").exists()
+
+
+def test_train_scripts_print_errors_as_the_cli_does(capsys: pytest.CaptureFixture) -> None:
+    """``train/<family>.py`` (train_main) gives the same one-line ``gen-ad: error:`` and exit 2
+    as ``gen-ad train`` (it printed a bare ``error:``)."""
+    from gen_ad.cli import train_main
+
+    assert train_main("wgan", ["--config", WGAN, "train.batch_size=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gen-ad: error:") and "train.batch_size" in err and "\n" not in err
+
+
+def test_other_processes_of_a_launch_stay_quiet_about_shared_errors(
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``accelerate launch`` every process runs the CLI: a config error (met alike by
+    all) is printed by the main process only; another error names the process it came from."""
+    from gen_ad.cli import _print_error
+    from gen_ad.errors import CheckpointError, ConfigError, DataError
+
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "wgan", "--config", WGAN, "train.batch_size=-1"]) == 2
+    assert capsys.readouterr().err == ""
+    handed_on = CheckpointError("no checkpoint (the main process could not resume)")
+    handed_on.from_main_process = True  # type: ignore[attr-defined]
+    _print_error(handed_on)
+    _print_error(ConfigError("bad key"))
+    assert capsys.readouterr().err == ""
+    _print_error(DataError("corrupt shard"))
+    assert capsys.readouterr().err == "gen-ad: error (process 1): corrupt shard\n"
+    monkeypatch.setenv("RANK", "0")
+    _print_error(ConfigError("bad key"))
+    assert capsys.readouterr().err == "gen-ad: error: bad key\n"
+
+
+def test_only_training_runs_under_a_multi_process_launch(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``accelerate launch -m gen_ad.cli knn fit`` started two fits of one bank (the second
+    refused by the lock, the launcher then killed the first): now refused before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["synth", "--out", str(tmp_path / "s"), "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gen-ad: error: gen-ad synth runs in one process") and "\n" not in \
+        err.strip()
+    assert not (tmp_path / "s").exists()

@@ -334,3 +334,20 @@ def test_images_beside_class_folders_are_named_in_the_warning(tmp_path: Path) ->
     with pytest.warns(UserWarning, match=r"^5 images directly in .* \(stray0\.png, stray1\.png, "
                       r"stray2\.png and 2 more\) are ignored because"):
         discover_classes(root)
+
+
+def test_a_synth_sets_own_contact_sheet_is_skipped_quietly(tmp_path: Path) -> None:
+    """``gen-ad synth`` writes contact_sheet.png beside its set: listing that folder (every
+    ``score`` of it) warns about nothing; the same file beside another manifest still warns."""
+    from gen_ad.cli import main
+
+    out = tmp_path / "s"
+    assert main(["synth", "--out", str(out), "--n", "6", "--size", "16",
+                 "--anomaly-fraction", "0.5"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found, flat = discover_classes(out)
+    assert not flat and sorted(found) == ["anomalous", "normal"]
+    (out / "manifest.csv").write_text("slide,level,x,y,tissue_fraction,path\n")
+    with pytest.warns(UserWarning, match=r"\(contact_sheet\.png\) is ignored"):
+        discover_classes(out)
