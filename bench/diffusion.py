@@ -54,7 +54,7 @@ from accelerate import Accelerator
 from gen_ad.config import from_dict
 from gen_ad.inversion.diffusion import AnoDDPMScorer, AutoDDPMScorer, Speed, SpeedConfig
 from gen_ad.inversion.simplex import draw_tables, fractal_from_tables, simplex_noise
-from gen_ad.models.unet import build_scheduler
+from gen_ad.models.schedule import build_scheduler
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
 from gen_ad.training.family import StepContext
 from gen_ad.training.loop import release_other_state

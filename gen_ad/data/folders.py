@@ -236,6 +236,10 @@ def _images_under(folder: Path) -> list[Path]:
 
 
 MASK_FOLDER = "masks"
+# what gen-ad synth (gen_ad.data.synthetic) writes beside its class folders
+SYNTH_MANIFEST_NAME = "manifest.csv"
+SYNTH_MANIFEST_HEADER = "path,label,kind"
+SYNTH_SHEET_NAME = "contact_sheet.png"
 
 
 def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]], bool]:
@@ -275,13 +279,11 @@ def discover_classes(root: str | os.PathLike[str]) -> tuple[dict[str, list[Path]
 def _synth_sheet(p: Path) -> bool:
     """Whether ``p`` is the contact sheet ``gen-ad synth`` wrote beside its set (the folder's
     ``manifest.csv`` is a synth manifest): skipped without a warning, as the set's own file."""
-    from gen_ad.data.synthetic import MANIFEST_HEADER, MANIFEST_NAME, SHEET_NAME
-
-    if p.name != SHEET_NAME:
+    if p.name != SYNTH_SHEET_NAME:
         return False
     try:
-        with open(p.parent / MANIFEST_NAME, encoding="utf-8") as f:
-            return f.readline().strip() == MANIFEST_HEADER
+        with open(p.parent / SYNTH_MANIFEST_NAME, encoding="utf-8") as f:
+            return f.readline().strip() == SYNTH_MANIFEST_HEADER
     except (OSError, UnicodeDecodeError):
         return False
 

@@ -37,13 +37,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+from gen_ad.data.folders import SYNTH_MANIFEST_HEADER as MANIFEST_HEADER
+from gen_ad.data.folders import SYNTH_MANIFEST_NAME as MANIFEST_NAME
+from gen_ad.data.folders import SYNTH_SHEET_NAME as SHEET_NAME
+from gen_ad.data.folders import is_image_file
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.utils.io import atomic_path, write_text
 
 ANOMALY_TYPES: tuple[str, ...] = ("tumor", "necrosis", "inflammation")
-MANIFEST_NAME = "manifest.csv"
-MANIFEST_HEADER = "path,label,kind"
-SHEET_NAME = "contact_sheet.png"  # the contact sheet gen-ad synth writes by default
 _PENDING = ".synth-pending.csv"  # the files of a set being written, until its manifest is
 _SET_FOLDERS = ("normal", "anomalous", "masks")
 
@@ -674,7 +675,6 @@ def _set_files(out: Path, name: str) -> list[Path] | None:
 
 def _holds_images(out: Path) -> bool:
     """Whether any image file lies in ``out`` or below it."""
-    from gen_ad.data.folders import is_image_file
 
     return out.is_dir() and any(f.is_file() and is_image_file(f) for f in out.rglob("*"))
 

@@ -1,22 +1,27 @@
 """Diffusion reconstruction for anomaly detection: AnoDDPM and AutoDDPM.
 
 Both methods use a noise-prediction UNet trained on normal tissue and the diffusers schedule it
-was trained with (:func:`gen_ad.models.unet.build_scheduler`; the forward process is
-``scheduler.add_noise``, the reverse steps below use the scheduler's ``alphas_cumprod`` and are
-checked against ``DDPMScheduler.step`` / ``DDIMScheduler.step`` in the tests).
+was trained with. The schedule and its maths (forward process, ``x_0`` prediction, ancestral and
+DDIM steps, RePaint's jump back; Ho et al. 2020, Song et al. 2021, Lugmayr et al. 2022) are
+:mod:`gen_ad.models.schedule`, shared with training and re-exported here; the reverse steps are
+checked against ``DDPMScheduler.step`` / ``DDIMScheduler.step`` in the tests.
 
-* **AnoDDPM** (Wyatt et al. 2022): noise the query to step ``t`` (default 200 of 1000) with
-  simplex (or Gaussian) noise, denoise back to ``t = 0`` (every ancestral step, or DDIM with fewer
-  steps), map = per-pixel residual (mean over channels of ``|x - recon|``, or squared), score =
-  mean of the map (or max / top-k mean).
-* **AutoDDPM** (Bercea et al. 2023): reconstruct from ``t = 200``; initial map = spatial LPIPS x
-  residual (the residual divided by its per-image 95th percentile and clipped to ``[0,1]``, as
-  the reference code does); mask = initial map above a threshold calibrated on normal images at a
-  chosen pixel false-positive rate (:meth:`AutoDDPMScorer.fit`), dilated 3x3; stitch (original
-  outside the mask, reconstruction inside); re-sample the stitched image from ``t = 50`` with 5
-  resampling rounds per step (RePaint: at each step the known region outside the mask comes from
-  the noised original, the unknown region from the model; then jump back one step and repeat);
-  final map = residual of the re-sampled image inside the mask; score = mean of the final map.
+* **AnoDDPM** (Wyatt et al. 2022, "AnoDDPM: Anomaly Detection with Denoising Diffusion
+  Probabilistic Models using Simplex Noise"): noise the query to step ``t`` (default 200 of 1000)
+  with simplex (or Gaussian) noise, denoise back to ``t = 0`` (every ancestral step, or DDIM with
+  fewer steps), map = per-pixel residual (mean over channels of ``|x - recon|``, or squared),
+  score = mean of the map (or max / top-k mean).
+* **AutoDDPM** (Bercea et al. 2023, "Mask, Stitch, and Re-Sample: Enhancing Robustness and
+  Generalizability in Anomaly Detection through Automatic Diffusion Models"): reconstruct from
+  ``t = 200``; initial map = spatial LPIPS x residual (the residual divided by its per-image 95th
+  percentile and clipped to ``[0,1]``, as the reference code does); **mask** = initial map above
+  a threshold calibrated on normal images at a chosen pixel false-positive rate
+  (:meth:`AutoDDPMScorer.fit`), dilated 3x3; **stitch** (original outside the mask,
+  reconstruction inside); **re-sample** the stitched image from ``t = 50`` with 5 resampling
+  rounds per step (RePaint, Lugmayr et al. 2022: at each step the known region outside the mask
+  comes from the noised original, Eq. 8a, the unknown region from the model, combined by the mask
+  as in Algorithm 1; then jump back one step and repeat); final map = residual of the re-sampled
+  image inside the mask; score = mean of the final map.
 
 Every random draw of a ``score`` call comes, by default (``streams="image"``), from the image's own
 counter-based stream (:class:`~gen_ad.inversion.noise.ImageStreams`, keyed by the image's pixels
@@ -32,12 +37,11 @@ reconstruction only). The schedule maths and the noise stay float32 in every cas
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -45,6 +49,16 @@ from torch import nn
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.inversion.noise import ImageStreams
 from gen_ad.inversion.simplex import SimplexConfig, simplex_like
+from gen_ad.models.schedule import (
+    Scheduler,
+    add_noise,
+    alpha_bar,
+    ddim_step,
+    ddpm_step,
+    predict_x0,
+    renoise,
+    timestep_sequence,
+)
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.maps import dilate
 from gen_ad.scoring.residual import image_score, lpips_map, pixel_residual
@@ -111,17 +125,14 @@ def prepare_unet(unet: nn.Module, speed: Speed) -> nn.Module:
     return unet
 
 
-# ----------------------------------------------------------------------------- schedule maths
-
-
-def alpha_bar(scheduler: Any, t: int) -> float:
-    """``alphas_cumprod[t]``, and 1 for ``t < 0`` (the clean image)."""
-    return 1.0 if t < 0 else float(scheduler.alphas_cumprod[t])
+# ----------------------------------------------------------------------------- noise
 
 
 def draw_noise(kind: str, like: torch.Tensor, generator: torch.Generator,
                simplex: SimplexConfig | None = None) -> torch.Tensor:
-    """Standard noise shaped like ``like`` ``[B,C,H,W]``: Gaussian or normalised simplex."""
+    """Standard noise shaped like ``like`` ``[B,C,H,W]`` (its device and dtype): Gaussian, or
+    AnoDDPM's fractal simplex noise (Wyatt et al. 2022) normalised to zero mean and unit
+    variance per image; all of it drawn from ``generator``."""
     if kind == "gaussian":
         n = torch.randn(like.shape, generator=generator, device=generator.device)
         return n.to(device=like.device, dtype=like.dtype)
@@ -130,82 +141,15 @@ def draw_noise(kind: str, like: torch.Tensor, generator: torch.Generator,
     raise ConfigError(f"unknown noise kind '{kind}' (choose gaussian or simplex)")
 
 
-def timestep_sequence(t_start: int, steps: int | None = None) -> list[int]:
-    """Descending timesteps from ``t_start`` to 0.
-
-    Args:
-        t_start: first (noisiest) timestep, ``>= 0``.
-        steps: number of model evaluations; ``None`` = every step (``t_start + 1`` of them).
-    Returns:
-        Strictly decreasing ints starting at ``t_start`` and ending at 0.
-    """
-    if t_start < 0:
-        raise ConfigError(f"start timestep must be >= 0, got {t_start}")
-    if steps is None or steps >= t_start + 1:
-        return list(range(t_start, -1, -1))
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
-    if steps == 1:
-        return [t_start]
-    ts = [round(t_start * (1 - i / (steps - 1))) for i in range(steps)]
-    return sorted(set(ts), reverse=True)
-
-
-def predict_x0(scheduler: Any, x_t: torch.Tensor, t: int, eps: torch.Tensor,
-               clip: bool = True) -> torch.Tensor:
-    """``x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)``, optionally clipped to ``[-1,1]``."""
-    ab = alpha_bar(scheduler, t)
-    x0 = (x_t - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
-    return x0.clamp(-1.0, 1.0) if clip else x0
-
-
-def ddpm_step(scheduler: Any, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
-              noise: torch.Tensor, clip: bool = True) -> torch.Tensor:
-    """Ancestral step ``x_t -> x_{t_prev}``: a draw of ``q(x_prev | x_t, x_0 = x0_hat)``.
-
-    With ``t_prev = t - 1`` this is ``DDPMScheduler.step`` (fixed small variance) with
-    ``noise`` as its variance noise; larger gaps use the gap's effective beta.
-    """
-    ab_t, ab_p = alpha_bar(scheduler, t), alpha_bar(scheduler, t_prev)
-    beta = 1.0 - ab_t / ab_p
-    x0 = predict_x0(scheduler, x_t, t, eps, clip)
-    mean = (math.sqrt(ab_p) * beta / (1.0 - ab_t)) * x0 \
-        + (math.sqrt(1.0 - beta) * (1.0 - ab_p) / (1.0 - ab_t)) * x_t
-    if t <= 0:
-        return mean
-    var = max((1.0 - ab_p) / (1.0 - ab_t) * beta, 1e-20)
-    return mean + math.sqrt(var) * noise
-
-
-def ddim_step(scheduler: Any, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
-              clip: bool = True) -> torch.Tensor:
-    """Deterministic DDIM step (``eta = 0``) ``x_t -> x_{t_prev}`` (as ``DDIMScheduler.step``)."""
-    ab_p = alpha_bar(scheduler, t_prev)
-    x0 = predict_x0(scheduler, x_t, t, eps, clip)
-    return math.sqrt(ab_p) * x0 + math.sqrt(1.0 - ab_p) * eps
-
-
-def renoise(scheduler: Any, x_prev: torch.Tensor, t_prev: int, t: int,
-            noise: torch.Tensor) -> torch.Tensor:
-    """Forward jump ``q(x_t | x_{t_prev})`` (RePaint's "jump back"); ``t_prev = -1`` is clean."""
-    ratio = alpha_bar(scheduler, t) / alpha_bar(scheduler, t_prev)
-    return math.sqrt(ratio) * x_prev + math.sqrt(1.0 - ratio) * noise
-
-
-def add_noise(scheduler: Any, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
-    """``scheduler.add_noise`` at one timestep for the whole batch; ``t < 0`` returns ``x0``."""
-    if t < 0:
-        return x0
-    ts = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-    return scheduler.add_noise(x0, noise, ts)
-
-
 # ----------------------------------------------------------------------------- reverse process
 
 
 @dataclass
 class Denoiser:
     """A trained UNet with its schedule and how reverse steps draw noise.
+
+    Images are ``[B,C,H,W]`` float32: clean ones in ``[-1,1]``, noised ones unbounded; timesteps
+    are ints in ``[0, T)``, with ``-1`` standing for the clean image.
 
     Attributes:
         unet: noise-prediction network (``unet(x_t, t).sample``), in eval mode.
@@ -219,7 +163,7 @@ class Denoiser:
     """
 
     unet: nn.Module
-    scheduler: Any
+    scheduler: Scheduler
     noise: str = "gaussian"
     simplex: SimplexConfig = field(default_factory=SimplexConfig)
     sampler: str = "ddpm"
@@ -227,7 +171,8 @@ class Denoiser:
     speed: Speed = field(default_factory=Speed)
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """Predicted noise ``[B,C,H,W]`` (float32, contiguous) at timestep ``t``."""
+        """Predicted noise ``[B,C,H,W]`` (``x_t``'s dtype, contiguous) for ``x_t`` ``[B,C,H,W]``
+        at timestep ``t`` in ``[0, T)``."""
         ts = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
         inp = x_t.contiguous(memory_format=torch.channels_last) if self.speed.channels_last \
             else x_t
@@ -238,12 +183,24 @@ class Denoiser:
         return out.to(x_t.dtype).contiguous()
 
     def draw(self, like: torch.Tensor, gen: Noise) -> torch.Tensor:
+        """Standard noise ``[B,C,H,W]`` of kind ``noise`` shaped like ``like`` ``[B,C,H,W]``:
+        from each image's stream (``ImageStreams``) or from one generator."""
         if isinstance(gen, ImageStreams):
             return gen.draw(self.noise, like, self.simplex)
         return draw_noise(self.noise, like, gen, self.simplex)
 
     def step(self, x_t: torch.Tensor, t: int, t_prev: int, gen: Noise) -> torch.Tensor:
-        """One reverse step ``x_t -> x_{t_prev}``."""
+        """One reverse step ``x_t -> x_{t_prev}``: DDIM (Song et al. 2021, Eq. 12) or ancestral
+        (Ho et al. 2020, Eqs. 6-7 with Eq. 15's ``x_0``), see :mod:`gen_ad.models.schedule`.
+
+        Args:
+            x_t: ``[B,C,H,W]`` images at ``t``.
+            t: timestep in ``[0, T)``.
+            t_prev: next timestep, ``-1 <= t_prev < t`` (``-1``: the clean image).
+            gen: source of the ancestral step's noise (none is drawn at ``t = 0`` or for DDIM).
+        Returns:
+            ``[B,C,H,W]`` images at ``t_prev``.
+        """
         e = self.eps(x_t, t)
         if self.sampler == "ddim":
             return ddim_step(self.scheduler, e, x_t, t, t_prev, self.clip)
@@ -254,7 +211,15 @@ class Denoiser:
 
     @torch.no_grad()
     def denoise(self, x_t: torch.Tensor, timesteps: list[int], gen: Noise) -> torch.Tensor:
-        """Run the reverse process from ``timesteps[0]`` to the clean image."""
+        """Run the reverse process from ``timesteps[0]`` to the clean image.
+
+        Args:
+            x_t: ``[B,C,H,W]`` images at ``timesteps[0]``.
+            timesteps: strictly decreasing ints in ``[0, T)`` (:func:`timestep_sequence`).
+            gen: source of the ancestral steps' noise.
+        Returns:
+            ``[B,C,H,W]`` clean images (in ``[-1,1]`` when ``clip``; not clamped otherwise).
+        """
         for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
             x_t = self.step(x_t, t, t_prev, gen)
         return x_t
@@ -262,20 +227,29 @@ class Denoiser:
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, t_start: int, steps: int | None,
                     gen: Noise) -> torch.Tensor:
-        """Noise ``x`` ``[B,3,H,W]`` to ``t_start`` and denoise back; returns ``[B,3,H,W]``."""
+        """Noise ``x`` ``[B,3,H,W]`` in ``[-1,1]`` to ``t_start`` in ``[0, T)`` (Ho et al. 2020,
+        Eq. 4) and denoise back with ``steps`` model evaluations (``None``: every step); returns
+        the reconstruction ``[B,3,H,W]``."""
         x_t = add_noise(self.scheduler, x, t_start, self.draw(x, gen))
         return self.denoise(x_t, timestep_sequence(t_start, steps), gen)
 
     @torch.no_grad()
     def inpaint(self, x: torch.Tensor, start: torch.Tensor, mask: torch.Tensor, t_start: int,
                 steps: int | None, resample: int, gen: Noise) -> torch.Tensor:
-        """RePaint-style re-sampling of the masked region.
+        """RePaint-style re-sampling of the masked region (Lugmayr et al. 2022; AutoDDPM's
+        re-sample stage, Bercea et al. 2023).
+
+        At each step the unknown region (inside the mask) is the model's reverse step, the known
+        region the original noised to ``t_prev`` (RePaint Eq. 8a), combined by the mask
+        (Algorithm 1); all but the last round of a step then jump back to ``t``
+        (:func:`~gen_ad.models.schedule.renoise`).
 
         Args:
-            x: ``[B,3,H,W]`` original (known outside the mask).
-            start: ``[B,3,H,W]`` image noised to ``t_start`` to start from (the stitched image).
+            x: ``[B,3,H,W]`` original in ``[-1,1]`` (known outside the mask).
+            start: ``[B,3,H,W]`` clean image noised to ``t_start`` to start from (the stitched
+                image).
             mask: ``[B,H,W]`` bool, True where the model re-generates.
-            t_start: first timestep (AutoDDPM: 50).
+            t_start: first timestep, in ``[0, T)`` (AutoDDPM: 50).
             steps: model evaluations per round (``None``: every step).
             resample: rounds per step (AutoDDPM: 5); each but the last jumps back one step.
                 The final step (to the clean image) runs once, as in RePaint and the AutoDDPM
@@ -308,7 +282,7 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _denoiser(unet: nn.Module, scheduler: Any, noise: str, simplex: SimplexConfig | None,
+def _denoiser(unet: nn.Module, scheduler: Scheduler, noise: str, simplex: SimplexConfig | None,
               sampler: str, speed: SpeedConfig | Speed | None) -> Denoiser:
     """A scorer's :class:`Denoiser`: the UNet in eval mode, prepared for ``speed`` on its device
     (``None``: the plain fp32 eager UNet)."""
@@ -335,7 +309,10 @@ def _check_images(x: torch.Tensor) -> None:
 
 
 class AnoDDPMScorer(AnomalyScorer):
-    """AnoDDPM: partial diffusion to ``t`` and back; the residual is the map.
+    """AnoDDPM (Wyatt et al. 2022): partial diffusion to ``t`` and back; the residual is the map.
+
+    ``score(x)`` takes images ``[B,3,H,W]`` in ``[-1,1]`` and returns scores ``[B]``, maps
+    ``[B,H,W]`` ``>= 0`` and reconstructions ``[B,3,H,W]`` in ``[-1,1]``.
 
     Args:
         unet: trained noise-prediction UNet (EMA weights), eval mode.
@@ -355,7 +332,7 @@ class AnoDDPMScorer(AnomalyScorer):
 
     name = "anoddpm"
 
-    def __init__(self, unet: nn.Module, scheduler: Any, *, t: int = 200,
+    def __init__(self, unet: nn.Module, scheduler: Scheduler, *, t: int = 200,
                  noise: NoiseKind = "simplex", simplex: SimplexConfig | None = None,
                  sampler: SamplerKind = "ddpm", steps: int | None = None,
                  residual: Literal["l1", "l2"] = "l1",
@@ -381,7 +358,12 @@ class AnoDDPMScorer(AnomalyScorer):
 
 
 class AutoDDPMScorer(AnomalyScorer):
-    """AutoDDPM: reconstruct, mask, stitch, re-sample; residual inside the mask.
+    """AutoDDPM (Bercea et al. 2023, "Mask, Stitch, and Re-Sample"): reconstruct, mask, stitch,
+    re-sample; residual inside the mask.
+
+    ``score(x)`` takes images ``[B,3,H,W]`` in ``[-1,1]`` and returns scores ``[B]``, maps
+    ``[B,H,W]`` ``>= 0``, the re-sampled images ``[B,3,H,W]`` in ``[-1,1]`` and the terms
+    ``initial`` (mean initial map, ``[B]``) and ``mask_fraction`` (``[B]`` in ``[0,1]``).
 
     Args:
         unet: trained noise-prediction UNet (EMA weights), eval mode.
@@ -413,7 +395,7 @@ class AutoDDPMScorer(AnomalyScorer):
 
     name = "autoddpm"
 
-    def __init__(self, unet: nn.Module, scheduler: Any, *, t_recon: int = 200,
+    def __init__(self, unet: nn.Module, scheduler: Scheduler, *, t_recon: int = 200,
                  t_inpaint: int = 50, resample: int = 5, noise: NoiseKind = "gaussian",
                  simplex: SimplexConfig | None = None, sampler: SamplerKind = "ddpm",
                  steps_recon: int | None = None, steps_inpaint: int | None = None,
@@ -451,7 +433,9 @@ class AutoDDPMScorer(AnomalyScorer):
         return self._lpips.to(_device_of(self.denoiser.unet))
 
     def initial_map(self, x: torch.Tensor, gen: Noise) -> tuple[torch.Tensor, torch.Tensor]:
-        """First reconstruction ``[B,3,H,W]`` and initial map ``[B,H,W]`` (LPIPS x residual)."""
+        """First reconstruction ``[B,3,H,W]`` in ``[-1,1]`` of ``x`` ``[B,3,H,W]`` in ``[-1,1]``,
+        and AutoDDPM's initial map ``[B,H,W]`` ``>= 0`` (spatial LPIPS x residual, the residual
+        in ``[0,1]`` when ``normalize_residual``)."""
         recon = self.denoiser.reconstruct(x, self.t_recon, self.steps_recon, gen).clamp(-1, 1)
         res = pixel_residual(x, recon, "l1")
         if self.normalize_residual:
@@ -507,6 +491,7 @@ class AutoDDPMScorer(AnomalyScorer):
         x = x.to(dev, torch.float32)
         gen = _noise_source(x, self.seed, self.streams)
         recon, init = self.initial_map(x, gen)
+        # Bercea et al. 2023: mask (calibrated threshold, dilated), stitch, re-sample
         mask = dilate(init > self._threshold(init), self.dilation)
         stitched = torch.where(mask[:, None], recon, x)
         out = self.denoiser.inpaint(x, stitched, mask, self.t_inpaint, self.steps_inpaint,
@@ -516,3 +501,9 @@ class AutoDDPMScorer(AnomalyScorer):
         terms = {"initial": init.mean(dim=(1, 2)),
                  "mask_fraction": mask.float().mean(dim=(1, 2))}
         return ScoreBatch(image_score(maps, self.reduce), maps, out, terms)
+
+
+__all__ = [  # the schedule maths is re-exported from gen_ad.models.schedule
+    "AnoDDPMScorer", "AutoDDPMScorer", "Denoiser", "Speed", "SpeedConfig", "add_noise",
+    "alpha_bar", "ddim_step", "ddpm_step", "draw_noise", "predict_x0", "prepare_unet", "renoise",
+    "timestep_sequence"]

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,7 +105,7 @@ def _start_latent(G: Generator, b: int, latent: str, init_ws: torch.Tensor | Non
 
     From ``init_ws`` ``[B,num_ws,w_dim]`` (``w`` mode averages its layers) or the mean ``w``.
     """
-    start = w_avg.reshape(1, 1, -1).expand(b, 1, -1) if init_ws is None else init_ws.float()
+    start = einops.repeat(w_avg, "d -> b 1 d", b=b) if init_ws is None else init_ws.float()
     if latent == "w":
         start = start.mean(dim=1, keepdim=True)
     else:
@@ -115,7 +116,7 @@ def _start_latent(G: Generator, b: int, latent: str, init_ws: torch.Tensor | Non
 def _noise_inputs(G: Generator, b: int, trainable: bool) -> list[torch.Tensor]:
     """Per-image copies ``[B,1,r,r]`` of the generator's constant noise maps."""
     consts = [layer.noise_const for blk in G.synthesis.blocks for layer in blk.layers()]
-    return [c.reshape(1, 1, *c.shape).expand(b, 1, -1, -1).clone().requires_grad_(trainable)
+    return [einops.repeat(c, "h w -> b 1 h w", b=b).clone().requires_grad_(trainable)
             for c in consts]
 
 

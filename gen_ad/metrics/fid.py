@@ -1,5 +1,12 @@
 """FID and KID of generated images against a real image set, through torch-fidelity.
 
+FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+Equilibrium"): the Fréchet distance between Gaussians fitted to the Inception features of the two
+sets, ``|mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))``. KID (Bińkowski et al. 2018,
+"Demystifying MMD GANs"): the unbiased estimate of the squared maximum mean discrepancy between
+the feature sets under the cubic polynomial kernel ``k(a, b) = (a.b / d + 1)^3``, averaged over
+random subsets; unlike FID it is unbiased, so it suits small sets.
+
 Features come from torch-fidelity's Inception-v3 (``inception-v3-compat``, the 2048-d pool layer),
 which takes uint8 ``[B,3,H,W]`` at any resolution and resizes to 299x299 itself (TF1-compatible
 bilinear). Folders and generators are fed the same way: decoded files as uint8, and generator
@@ -456,7 +463,8 @@ def fake_features(fake: str | os.PathLike | SampleFn, extractor: FeatureExtracto
 
 
 def frechet_distance(a: SetStats, b: SetStats) -> float:
-    """Fréchet distance between the Gaussians of two sets (torch-fidelity's formula)."""
+    """Fréchet distance between the Gaussians of two sets (Heusel et al. 2017; torch-fidelity's
+    implementation): ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, ``>= 0``."""
     if a.mu.shape != b.mu.shape:
         raise DataError(f"feature sizes differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
     out = fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma},
@@ -466,7 +474,8 @@ def frechet_distance(a: SetStats, b: SetStats) -> float:
 
 def kernel_distance(f1: Tensor, f2: Tensor, *, subset_size: int | None = None,
                     subsets: int = KID_SUBSETS, seed: int = KID_SEED) -> tuple[float, float, int]:
-    """KID (polynomial-kernel MMD², unbiased) over random subsets, as torch-fidelity computes it.
+    """KID (Bińkowski et al. 2018): unbiased MMD² under the kernel ``(a.b / d + 1)^3``, over
+    random subsets, as torch-fidelity computes it.
 
     Args:
         f1, f2: features ``[N1,D]`` and ``[N2,D]``.

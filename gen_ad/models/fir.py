@@ -37,11 +37,11 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor, *, up: int = 1, down: int = 1,
     Returns:
         ``[B,C,H',W']`` with ``H' = (H*up + top + bottom - K + 1) // down`` (rounded up).
     """
-    b, c, h, w = x.shape
+    c = x.shape[1]
     if up > 1:
         x = einops.rearrange(x, "b c h w -> b c h 1 w 1")
-        x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
-        x = x.reshape(b, c, h * up, w * up)
+        x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])  # zeros after each pixel, along both axes
+        x = einops.rearrange(x, "b c h u w v -> b c (h u) (w v)")
     x = F.pad(x, list(pad))
     k = (f.to(device=x.device, dtype=x.dtype) * gain ** 0.5).flip(0)
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)

@@ -76,8 +76,20 @@ def fp16_min_resolution(resolution: int, num_fp16_res: int) -> int:
 
 def bias_act(x: torch.Tensor, b: torch.Tensor | None, *, lrelu: bool, gain: float = 1.0,
              clamp: float | None = None) -> torch.Tensor:
-    """Add a per-channel bias, apply leaky ReLU (0.2, gain sqrt 2) or identity, scale, clamp."""
+    """Add a per-channel bias, apply leaky ReLU (0.2, gain sqrt 2) or identity, scale, clamp.
+
+    Args:
+        x: ``[B,C]`` or ``[B,C,H,W]`` activations (any float dtype; unbounded).
+        b: ``[C]`` bias (cast to ``x``'s dtype) or ``None``.
+        lrelu: leaky ReLU with slope 0.2 and gain ``sqrt(2)``, else identity.
+        gain: extra scale after the activation.
+        clamp: clamp the result to ``[-clamp, clamp]`` (``None``: unbounded).
+    Returns:
+        Same shape and dtype as ``x``.
+    """
     if b is not None:
+        # reshape, not einops: ``b`` is often a Parameter, and einops keys its backend cache on
+        # the tensor type, a guard that recompiles torch.compile'd graphs (and x is 2-D or 4-D)
         x = x + b.to(x.dtype).reshape(1, -1, *([1] * (x.ndim - 2)))
     if lrelu:
         x = F.leaky_relu(x, 0.2)
@@ -141,6 +153,11 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
                      noise: torch.Tensor | None = None, fused: bool = True) -> torch.Tensor:
     """Modulated (and demodulated) convolution, batched over per-sample styles.
 
+    Karras et al. 2020, Sec. 2.2: modulation scales the weight's input channels by the style,
+    ``w'_oik = s_i w_oik`` (Eq. 1); demodulation divides each output channel by the norm of its
+    modulated weight, ``w''_oik = w'_oik / sqrt(sum_{i,k} w'_oik^2 + 1e-8)`` (Eqs. 2-3: the
+    expected output standard deviation for unit-variance inputs, then its inverse).
+
     Args:
         x: ``[B,I,H,W]`` activations.
         weight: ``[O,I,k,k]`` shared weight (already equalised).
@@ -155,24 +172,24 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
         ``[B,O,H',W']``.
     """
     b, cin = styles.shape
-    cout, _, kh, kw = weight.shape
+    kh, kw = weight.shape[-2:]
     if x.dtype == torch.float16 and demodulate:  # keep float16 in range
         weight = weight * (1 / math.sqrt(cin * kh * kw)
                            / weight.abs().amax(dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.abs().amax(dim=1, keepdim=True)
     dcoefs = None
     if demodulate:
-        wsq = (weight.unsqueeze(0) * styles.reshape(b, 1, cin, 1, 1)).square()
-        dcoefs = (wsq.sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [B,O]
+        wsq = (weight.unsqueeze(0) * einops.rearrange(styles, "b i -> b 1 i 1 1")).square()
+        dcoefs = (wsq.sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [B,O], Eq. 3's 1 / sigma_j (Eq. 2)
     if not fused:
-        x = x * styles.to(x.dtype).reshape(b, cin, 1, 1)
+        x = x * einops.rearrange(styles.to(x.dtype), "b i -> b i 1 1")
         x = conv2d_resample(x, weight.to(x.dtype), f=f, up=up)
         if dcoefs is not None:
-            x = x * dcoefs.to(x.dtype).reshape(b, cout, 1, 1)
+            x = x * einops.rearrange(dcoefs.to(x.dtype), "b o -> b o 1 1")
         return x if noise is None else x + noise.to(x.dtype)
-    w = weight.unsqueeze(0) * styles.reshape(b, 1, cin, 1, 1)
+    w = weight.unsqueeze(0) * einops.rearrange(styles, "b i -> b 1 i 1 1")  # Eq. 1
     if dcoefs is not None:
-        w = w * dcoefs.reshape(b, cout, 1, 1, 1)
+        w = w * einops.rearrange(dcoefs, "b o -> b o 1 1 1")  # Eq. 3
     w = einops.rearrange(w, "b o i kh kw -> (b o) i kh kw").to(x.dtype)
     x = einops.rearrange(x, "b c h w -> 1 (b c) h w")
     x = conv2d_resample(x, w, f=f, up=up, groups=b)
@@ -233,7 +250,7 @@ class SynthesisLayer(nn.Module):
         if noise is None and noise_mode == "random":
             noise = torch.randn(b, 1, r, r, generator=generator, device=x.device)
         elif noise is None and noise_mode == "const":
-            noise = self.noise_const.reshape(1, 1, r, r)
+            noise = einops.rearrange(self.noise_const, "h w -> 1 1 h w")
         if noise is not None:
             noise = noise * self.noise_strength
         weight = self.weight * self.weight_gain
@@ -255,6 +272,9 @@ class ToRGB(nn.Module):
         self.weight_gain = 1.0 / math.sqrt(in_channels)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """``x [B,I,r,r]`` features and ``w [B,w_dim]`` -> ``[B,3,r,r]`` RGB in ``x``'s dtype
+        (unbounded image units, roughly ``[-1,1]`` once summed over resolutions; clamped to
+        ``+-conv_clamp``)."""
         styles = self.affine(w) * self.weight_gain
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=fused)
         return bias_act(x, self.bias, lrelu=False, clamp=self.conv_clamp)
@@ -412,7 +432,8 @@ class Generator(nn.Module):
         ws = einops.repeat(w, "b d -> b n d", n=self.num_ws)
         if mix_z is not None and mix_cutoff is not None and mix_cutoff < self.num_ws:
             w2 = einops.repeat(self.mapping(mix_z), "b d -> b n d", n=self.num_ws)
-            keep = torch.arange(self.num_ws, device=ws.device).reshape(1, -1, 1) < mix_cutoff
+            layer = einops.rearrange(torch.arange(self.num_ws, device=ws.device), "n -> 1 n 1")
+            keep = layer < mix_cutoff
             ws = torch.where(keep, ws, w2)
         if truncation_psi != 1.0:
             ws = self.mapping.w_avg.lerp(ws, truncation_psi)
@@ -450,6 +471,9 @@ class DiscriminatorBlock(nn.Module):
         self.skip = Conv2dLayer(tmp_channels, out_channels, 1, bias=False, lrelu=False, down=True)
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x [B,C,r,r] -> [B,O,r/2,r/2]`` in ``dtype``: images ``[B,3,r,r]`` in ``[-1,1]`` for
+        the first block (``fromRGB``), else the previous block's features (unbounded; clamped to
+        ``+-conv_clamp`` when set)."""
         x = x.to(dtype)
         if self.in_channels == 0:
             x = self.fromrgb(x)

@@ -74,8 +74,8 @@ def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if r >= h or r >= w:
         raise DataError(f"sigma {sigma} too large for {h}x{w} maps (kernel radius {r})")
     y = rearrange(maps.to(k.dtype), "b h w -> b 1 h w")
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), rearrange(k, "k -> 1 1 1 k"))
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), rearrange(k, "k -> 1 1 k 1"))
     return rearrange(y, "b 1 h w -> b h w")
 
 

@@ -1,10 +1,17 @@
 """DDPM training (epsilon prediction) with Gaussian or simplex noise, and its two scorers.
 
-One step (Ho et al. 2020): draw ``t ~ U{0..T-1}`` and noise ``eps`` (Gaussian, or AnoDDPM's
-normalised fractal simplex noise), form ``x_t = scheduler.add_noise(x_0, eps, t)`` and minimise
-``MSE(unet(x_t, t), eps)``. Adam (max lr 1e-4 as AutoDDPM) with linear warm-up then cosine decay
-to 0 at ``train.max_steps`` (stepped here, after the optimiser), gradient-norm clipping, and an EMA
-of the UNet kept by the loop. All randomness of a step comes from ``ctx.generator``.
+One step (Ho et al. 2020, Algorithm 1 and ``L_simple``, Eq. 14): draw ``t ~ U{0..T-1}`` and noise
+``eps`` (Gaussian, or AnoDDPM's normalised fractal simplex noise, Wyatt et al. 2022), form
+``x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps`` (:func:`gen_ad.models.schedule.add_noise`, the
+schedule maths reconstruction uses too) and minimise ``MSE(unet(x_t, t), eps)``. Adam (max lr
+1e-4 as AutoDDPM, Bercea et al. 2023) with linear warm-up then cosine decay to 0 at
+``train.max_steps`` (stepped here, after the optimiser), gradient-norm clipping, and an EMA of the
+UNet kept by the loop. All randomness of a step comes from ``ctx.generator``.
+
+The config sections of the network (:class:`UNetConfig`, ``model.*``) and of the schedule
+(:class:`ScheduleConfig`, ``schedule.*``) live here, beside the rest of the DDPM config; the
+network and the schedule themselves are :mod:`gen_ad.models.unet` and
+:mod:`gen_ad.models.schedule`, which know nothing of configs.
 
 Sampling (FID, sample grids) runs DDIM (eta 0, ``sample.steps`` steps) from the EMA UNet starting
 from the training noise kind. A trained run offers two scorers, ``anoddpm`` and ``autoddpm``
@@ -35,12 +42,73 @@ from gen_ad.inversion.diffusion import (
     Denoiser,
     SpeedConfig,
     draw_noise,
-    timestep_sequence,
 )
 from gen_ad.inversion.simplex import SimplexConfig
-from gen_ad.models.unet import ScheduleConfig, UNetConfig, scheduler_from_config, unet_kwargs
+from gen_ad.models.schedule import Scheduler, add_noise, build_scheduler, timestep_sequence
+from gen_ad.models.unet import UNetSpecError, build_unet, check_unet, unet_kwargs
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.family import Family, Logs, StepContext, register_family
+
+
+@dataclass
+class UNetConfig:
+    """The noise-prediction UNet (``model.*``): a preset name plus optional overrides
+    (:func:`gen_ad.models.unet.build_unet` builds it from these values alone).
+
+    Attributes:
+        name: preset (``tiny``, ``small``, ``autoddpm``, ``anoddpm``).
+        block_out_channels: channels per level (``None``: the preset's).
+        layers_per_block: residual blocks per level (``None``: the preset's).
+        attention_levels: single-head self-attention per level (``None``: the preset's).
+        norm_num_groups: GroupNorm groups (``None``: the preset's); must divide every width.
+        mid_attention: self-attention in the middle block.
+        dropout: dropout in the residual blocks.
+    """
+
+    name: str = "autoddpm"
+    block_out_channels: list[int] | None = None
+    layers_per_block: int | None = None
+    attention_levels: list[bool] | None = None
+    norm_num_groups: int | None = None
+    mid_attention: bool = True
+    dropout: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        try:
+            check_unet(**asdict(self))
+        except UNetSpecError as e:
+            raise ConfigError(f"config key '{prefix}.{e.field}': {e.reason}") from e
+
+
+@dataclass
+class ScheduleConfig:
+    """The diffusion noise schedule (``schedule.*``; weightless, rebuilt from these values by
+    :func:`scheduler_from_config` for training and reconstruction alike).
+
+    Attributes:
+        num_train_timesteps: T.
+        beta_schedule: diffusers' schedule name (``linear`` as in DDPM/AnoDDPM/AutoDDPM,
+            ``scaled_linear`` or ``squaredcos_cap_v2``).
+        beta_start / beta_end: linear schedule end points.
+        clip_sample: clip the predicted ``x_0`` to ``[-1,1]`` in reverse steps.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    clip_sample: bool = True
+
+    def validate(self, prefix: str) -> None:
+        check(self.num_train_timesteps >= 2, f"{prefix}.num_train_timesteps", "must be >= 2")
+        check(0.0 < self.beta_start < self.beta_end < 1.0, f"{prefix}.beta_start",
+              "need 0 < beta_start < beta_end < 1")
+
+
+def scheduler_from_config(cfg: ScheduleConfig, kind: Literal["ddpm", "ddim"] = "ddpm",
+                          ) -> Scheduler:
+    """:func:`gen_ad.models.schedule.build_scheduler` from a :class:`ScheduleConfig`."""
+    return build_scheduler(kind, **asdict(cfg))
 
 
 @dataclass
@@ -196,9 +264,9 @@ class DDPMConfig:
 
     def validate(self, prefix: str) -> None:
         try:
-            unet_kwargs(self.model, self.data.size)
-        except ConfigError as e:
-            raise ConfigError(f"config key 'data.size': {e}") from e
+            unet_kwargs(sample_size=self.data.size, **asdict(self.model))
+        except UNetSpecError as e:
+            raise ConfigError(f"config key 'data.size': {e.reason}") from e
         n_t = self.schedule.num_train_timesteps
         for key, v in (("anoddpm.t", self.anoddpm.t), ("autoddpm.t_recon", self.autoddpm.t_recon),
                        ("autoddpm.t_inpaint", self.autoddpm.t_inpaint)):
@@ -220,9 +288,7 @@ class DDPMFamily(Family):
     def build_models(self) -> dict[str, nn.Module]:
         """The UNet; channels-last when ``speed`` says so for the device training will use
         (``train.cpu`` or no CUDA: CPU), compiled in place when ``speed.compile_train``."""
-        from diffusers import UNet2DModel
-
-        unet = UNet2DModel(**unet_kwargs(self.cfg.model, self.cfg.data.size))
+        unet = build_unet(sample_size=self.cfg.data.size, **asdict(self.cfg.model))
         cuda = torch.cuda.is_available() and not self.cfg.train.cpu
         if self.cfg.speed.resolve(torch.device("cuda" if cuda else "cpu")).channels_last:
             unet.to(memory_format=torch.channels_last)
@@ -252,12 +318,13 @@ class DDPMFamily(Family):
 
     def loss(self, unet: nn.Module, x0: torch.Tensor, generator: torch.Generator,
              ctx: StepContext | None = None) -> torch.Tensor:
-        """Epsilon-prediction MSE for a batch ``x0`` ``[b,3,H,W]`` (scalar)."""
+        """Epsilon-prediction MSE (Ho et al. 2020, Eq. 14) for a batch ``x0`` ``[b,3,H,W]`` in
+        ``[-1,1]`` at timesteps ``t ~ U{0..T-1}``; returns a float32 scalar."""
         n_t = self.cfg.schedule.num_train_timesteps
         t = torch.randint(0, n_t, (x0.shape[0],), generator=generator, device=generator.device)
         t = t.to(x0.device)
         eps = self.noise_like(x0, generator)
-        x_t = self.scheduler.add_noise(x0, eps, t)
+        x_t = add_noise(self.scheduler, x0, t, eps)
         with ctx.autocast() if ctx is not None else nullcontext():
             pred = unet(x_t, t).sample
         return F.mse_loss(pred.float(), eps.float())
@@ -278,6 +345,11 @@ class DDPMFamily(Family):
 
     def sample(self, models: Mapping[str, nn.Module], n: int,
                generator: torch.Generator) -> torch.Tensor:
+        """``n`` samples ``[n,3,H,W]`` (in ``[-1,1]`` when ``schedule.clip_sample``): DDIM, eta 0
+        (Song et al. 2021, Eq. 12), ``sample.steps`` steps from ``T - 1``, starting from the
+        training noise kind drawn from ``generator``; the reverse loop is reconstruction's
+        :class:`~gen_ad.inversion.diffusion.Denoiser` (one implementation of the reverse
+        process), on the schedule maths of :mod:`gen_ad.models.schedule`."""
         unet = models["unet"]
         p = next(unet.parameters())
         size = self.cfg.data.size

@@ -20,7 +20,8 @@ from gen_ad.inversion.diffusion import (
 )
 from gen_ad.inversion.lpips_net import build_lpips
 from gen_ad.inversion.noise import ImageStreams
-from gen_ad.models.unet import build_scheduler, build_unet
+from gen_ad.models.schedule import build_scheduler
+from gen_ad.models.unet import build_unet
 
 
 @pytest.fixture(scope="module")

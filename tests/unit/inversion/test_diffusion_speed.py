@@ -10,7 +10,8 @@ import torch
 
 from gen_ad.config import from_dict
 from gen_ad.inversion.diffusion import AnoDDPMScorer, Speed, SpeedConfig, prepare_unet
-from gen_ad.models.unet import build_scheduler, build_unet
+from gen_ad.models.schedule import build_scheduler
+from gen_ad.models.unet import build_unet
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
 
 

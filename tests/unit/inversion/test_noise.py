@@ -14,7 +14,8 @@ from gen_ad.inversion.diffusion import AnoDDPMScorer, AutoDDPMScorer
 from gen_ad.inversion.lpips_net import build_lpips
 from gen_ad.inversion.noise import ImageStreams, image_keys, mix32
 from gen_ad.inversion.simplex import SimplexConfig
-from gen_ad.models.unet import build_scheduler, build_unet
+from gen_ad.models.schedule import build_scheduler
+from gen_ad.models.unet import build_unet
 
 
 def _lowbias32(v: int) -> int:
