@@ -257,7 +257,16 @@ def load_weights(module: nn.Module, file: Path, what: str) -> None:
     """Load a safetensors state dict into ``module``; a mismatch is a clear CheckpointError."""
     if not file.is_file():
         raise CheckpointError(f"checkpoint is missing {file} ({what})")
-    sd = load_safetensors(file)
+    load_tensors(module, load_safetensors(file), what, file)
+
+
+def load_tensors(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str,
+                 source: str | Path) -> None:
+    """Load the state dict ``sd`` (read from ``source``) into ``module``, strictly.
+
+    Raises:
+        CheckpointError: missing or unexpected keys or other shapes (the first three named).
+    """
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -268,7 +277,7 @@ def load_weights(module: nn.Module, file: Path, what: str) -> None:
             ([f"missing {missing[:3]}"] if missing else [])
             + ([f"unexpected {unexpected[:3]}"] if unexpected else []) + shapes[:3])
         raise CheckpointError(
-            f"checkpoint {file} does not match the config's {what}: {detail}. "
+            f"checkpoint {source} does not match the config's {what}: {detail}. "
             "Was the run started with a different model config?")
     module.load_state_dict(sd)
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from gen_ad.config import ConfigError, save_config, to_dict
+from gen_ad.config import ConfigError, TrainConfig, save_config, to_dict
 from gen_ad.errors import CheckpointError, DiskFullError, TrainingDivergedError
 from gen_ad.models.ema import ema_copy, ema_update
 from gen_ad.training import checkpoint as ckpt
@@ -51,6 +51,9 @@ from gen_ad.utils.io import (
 )
 from gen_ad.utils.lock import folder_lock
 
+if TYPE_CHECKING:
+    from gen_ad.metrics.fid import FIDMonitor
+
 
 @dataclass
 class RunState:
@@ -66,7 +69,7 @@ class RunState:
     ema: dict[str, nn.Module]
     counters: ckpt.Counters = field(default_factory=ckpt.Counters)
     stop_signal: list[int] = field(default_factory=list)
-    fid_monitor: Any = None
+    fid_monitor: FIDMonitor | None = None
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -77,7 +80,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 # ----------------------------------------------------------------------------- set-up
 
 
-def make_accelerator(train_cfg: Any, run_dir: Path) -> Accelerator:
+def make_accelerator(train_cfg: TrainConfig, run_dir: Path) -> Accelerator:
     """An Accelerator for the config: CPU when asked or when no GPU, bf16/fp16 only on GPU."""
     cpu = bool(train_cfg.cpu) or not torch.cuda.is_available()
     mp = "no" if cpu else train_cfg.mixed_precision
@@ -114,7 +117,7 @@ def release_other_state(cpu: bool, mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def per_process_batch(train_cfg: Any, world: int) -> int:
+def per_process_batch(train_cfg: TrainConfig, world: int) -> int:
     """``train.batch_size`` split over ``world`` processes, checked at start-up.
 
     Raises:
@@ -173,23 +176,36 @@ def _check_new_or_resume(run_dir: Path, resume: str | None) -> Path | None:
     return None
 
 
-def _start_branch(run_dir: Path, path: Path) -> None:
-    """Set aside the run's states newer than the resumed one (see
-    :func:`~gen_ad.training.checkpoint.set_aside_newer`), saying so on stderr."""
-    step = ckpt.state_step(path)
-    moved = ckpt.set_aside_newer(run_dir, step)
+def _start_branch(run_dir: Path, path: Path | None) -> None:
+    """Set aside what the run's folder holds beyond the state it continues from (``None``: a
+    new run, step 0): newer states (see :func:`~gen_ad.training.checkpoint.set_aside_newer`)
+    and log lines (see :func:`~gen_ad.training.monitor.set_aside_log_lines`), saying so on
+    stderr."""
+    from gen_ad.training.monitor import abandoned_name, set_aside_log_lines
+
+    step = 0 if path is None else ckpt.state_step(path)
+    moved = None if path is None else ckpt.set_aside_newer(run_dir, step)
+    start = "new run" if path is None else f"resume: continuing from step {step}"
     if moved is not None:
         folder, names = moved
-        tqdm.write(f"resume: continuing from step {step}; the newer states {', '.join(names)} "
-                   f"(rolled back from, or skipped as damaged) were moved to {folder} (nothing "
-                   "deleted; model/ is replaced at the next checkpoint)", file=sys.stderr)
+        tqdm.write(f"{start}; the newer states {', '.join(names)} (rolled back from, or skipped "
+                   f"as damaged) were moved to {folder} (nothing deleted; model/ is replaced at "
+                   "the next checkpoint)", file=sys.stderr)
+    lines = set_aside_log_lines(run_dir, step)
+    if lines:
+        shown = ", ".join(f"{n} line(s) of {name}" for name, n in lines.items())
+        tqdm.write(f"{start}; {shown} (logged past step {step} by a killed run, or on an "
+                   f"abandoned branch) were set aside into "
+                   f"{', '.join(abandoned_name(n) for n in lines)} (nothing deleted)",
+                   file=sys.stderr)
 
 
 def resolve_resume_agreed(acc: Accelerator, run_dir: Path, resume: str | None) -> Path | None:
     """The state to resume from, the same on every process (``None``: a new run).
 
     The main process resolves it (after its writer lock repaired any interrupted swap) and sets
-    aside newer states of an abandoned branch; the others receive its answer, or its error.
+    aside newer states and log lines past it (of an abandoned branch, or of a killed run); the
+    others receive its answer, or its error.
 
     Raises:
         CheckpointError: no usable state, or ``run_dir`` has states and ``resume`` is ``None``.
@@ -199,8 +215,7 @@ def resolve_resume_agreed(acc: Accelerator, run_dir: Path, resume: str | None) -
     if acc.is_main_process:
         try:
             path = _check_new_or_resume(run_dir, resume)
-            if path is not None:
-                _start_branch(run_dir, path)
+            _start_branch(run_dir, path)
             answer[0] = None if path is None else str(path)
         except Exception as e:  # noqa: BLE001 - handed to the other processes, then re-raised
             error, answer[1] = e, str(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -14,13 +15,17 @@ from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
 
-from gen_ad.utils.io import append_jsonl, atomic_path
+from gen_ad.utils.io import append_jsonl, atomic_path, write_text
 
 if TYPE_CHECKING:
-    from gen_ad.metrics.fid import ImageTransform
+    from torch.utils.data import Dataset
+
+    from gen_ad.config import DataConfig
+    from gen_ad.metrics.fid import FIDMonitor, ImageTransform
     from gen_ad.training.loop import RunState
 
 SAMPLE_SEED = 1234
+LOG_FILES = ("stats.jsonl", "fid.jsonl")  # the run's step-stamped logs, one JSON line per record
 
 
 def inference_models(models: Mapping[str, nn.Module],
@@ -83,7 +88,7 @@ def save_samples(state: RunState, n: int = 64) -> Path:
     return path
 
 
-def make_fid_monitor(cfg: Any, run_dir: Path, device: torch.device) -> Any:
+def make_fid_monitor(cfg: Any, run_dir: Path, device: torch.device) -> FIDMonitor | None:
     """The run's periodic FID/KID monitor, or ``None`` when ``train.fid_every`` is 0.
 
     The real set is ``data.val`` when given, else the training data, read as training reads
@@ -96,7 +101,7 @@ def make_fid_monitor(cfg: Any, run_dir: Path, device: torch.device) -> Any:
     from gen_ad.data import build_dataset
     from gen_ad.metrics.fid import FIDMonitor
 
-    real: Any = cfg.data.val or cfg.data.train
+    real: str | Dataset = cfg.data.val or cfg.data.train
     if real == "synthetic":  # synthetic patches are never stain-normalised
         real = build_dataset(cfg.data, split="train", seed=cfg.train.seed)
     return FIDMonitor(real=real, n=cfg.train.fid_n, size=cfg.data.size, kid=True,
@@ -106,7 +111,7 @@ def make_fid_monitor(cfg: Any, run_dir: Path, device: torch.device) -> Any:
                       transform=None if not isinstance(real, str) else fid_stain(cfg.data))
 
 
-def fid_stain(data_cfg: Any) -> ImageTransform | None:
+def fid_stain(data_cfg: DataConfig) -> ImageTransform | None:
     """The training data's stain normalisation as a FID real-set transform (``None`` without
     ``data.stain_norm``)."""
     if getattr(data_cfg, "stain_norm", "none") == "none":
@@ -170,3 +175,70 @@ def log_stats(state: RunState, logs: Mapping[str, float]) -> None:
         append_jsonl(state.run_dir / "stats.jsonl", record)
     if state.accelerator.log_with:
         state.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=c.step)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def set_aside_log_lines(run_dir: Path, step: int) -> dict[str, int]:
+    """Keep in the run's logs (:data:`LOG_FILES`) only the lines of the run continued from the
+    state at ``step`` (``0``: a new run); append the others to ``<name>.abandoned.jsonl``.
+
+    A run killed at step ``N + k`` and resumed from its state at ``N`` had logged steps
+    ``N+1 .. N+k`` that it logs again; a roll-back to an older state leaves the abandoned
+    branch's lines. Both files are rewritten atomically; nothing is deleted. Call with the run
+    locked, on the main process.
+
+    Returns:
+        ``{file name: lines set aside}`` for the files that had any.
+    """
+    out = {}
+    for name in LOG_FILES:
+        n = _set_aside(run_dir / name, step)
+        if n:
+            out[name] = n
+    return out
+
+
+def _set_aside(path: Path, step: int) -> int:
+    if not path.is_file():
+        return 0
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+             if ln.strip()]
+    keep = branch_lines([_line_step(ln) for ln in lines], step)
+    dropped = [ln for ln, k in zip(lines, keep, strict=True) if not k]
+    if not dropped:
+        return 0
+    aside = path.with_name(abandoned_name(path.name))
+    before = aside.read_text(encoding="utf-8") if aside.is_file() else ""
+    write_text(aside, before + "".join(f"{ln}\n" for ln in dropped))  # first: nothing lost
+    write_text(path, "".join(f"{ln}\n" for ln, k in zip(lines, keep, strict=True) if k))
+    return len(dropped)
+
+
+def abandoned_name(name: str) -> str:
+    """Where the lines set aside from the log ``name`` go (``stats.abandoned.jsonl``)."""
+    return f"{name.removesuffix('.jsonl')}.abandoned.jsonl"
+
+
+def branch_lines(steps: list[int | None], step: int) -> list[bool]:
+    """Which log lines (their ``steps``; ``None``: torn or not a record) belong to the run
+    continued from ``step``: walking back from the end, each line whose step is below every
+    step kept after it and at most ``step``. The kept steps strictly increase; lines of an
+    abandoned branch (or logged past ``step`` before a kill) fail the test."""
+    keep = [False] * len(steps)
+    low = step + 1
+    for i in range(len(steps) - 1, -1, -1):
+        s = steps[i]
+        if s is not None and s < low:
+            keep[i], low = True, s
+    return keep
+
+
+def _line_step(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    s = record.get("step") if isinstance(record, dict) else None
+    return s if isinstance(s, int) and not isinstance(s, bool) else None

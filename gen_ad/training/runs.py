@@ -5,7 +5,7 @@ and anomaly scorers, from the saved config alone (the family is found in the reg
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,10 +17,11 @@ from gen_ad.config import from_dict
 from gen_ad.errors import CheckpointError, ConfigError
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.scoring.stain import StainNormalizedScorer
-from gen_ad.training.checkpoint import load_weights
-from gen_ad.training.export import verify_export
+from gen_ad.training.checkpoint import load_tensors
+from gen_ad.training.export import read_export
 from gen_ad.training.family import Family
 from gen_ad.training.registry import family_class
+from gen_ad.utils.io import load_safetensors_bytes
 
 if TYPE_CHECKING:
     from gen_ad.data.stain import StainNormalizer
@@ -79,15 +80,12 @@ class Run:
         return {k: StainNormalizedScorer(s, self.stain) for k, s in scorers.items()}
 
 
-def read_model_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Find and read ``model.json`` of a run folder (or of a ``model/`` folder)."""
+def find_model_dir(path: str | Path) -> Path:
+    """The folder holding the ``model.json`` of a run folder (or of a ``model/`` folder)."""
     p = Path(path)
     for cand in (p / "model" / "model.json", p / "model.json", *_swapped_away(p / "model")):
         if cand.is_file():
-            try:
-                return cand.parent, json.loads(cand.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{cand} is not valid JSON: {e}") from e
+            return cand.parent
     if not p.exists():
         raise CheckpointError(f"run folder not found: {p}")
     raise CheckpointError(f"{p} is not a trained run: no model/model.json (train it first, "
@@ -130,8 +128,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         CheckpointError: missing, damaged or mixed export (checked against its manifest), or
             weights that do not match the config.
     """
-    model_dir, meta = read_model_json(path)
-    verify_export(model_dir)
+    model_dir = find_model_dir(path)
+    meta, blobs = read_export(model_dir, _weight_files)  # read once, checked, loaded as read
     try:
         cls = family_class(meta["family"])
         cfg = from_dict(cls.config_cls, meta["config"])
@@ -143,7 +141,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     for name, m in models.items():
         file = f"{name}_ema" if name in ema else name
         what = f"EMA of '{name}'" if name in ema else f"model '{name}'"
-        load_weights(m, model_dir / f"{file}.safetensors", what)
+        _load_from(m, blobs, model_dir, f"{file}.safetensors", what)
         m.to(device).eval().requires_grad_(False)
         if torch.device(device).type == "cpu":  # the family picks channels-last when CUDA
             m.to(memory_format=torch.contiguous_format)  # exists, for training: not on a CPU
@@ -152,6 +150,24 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     return Run(run_dir, cfg, family, models, int(meta.get("step", 0)),
                float(meta.get("kimg", 0.0)), stain,
                stain_reference(model_dir, meta, cfg) if stain is not None else None)
+
+
+def _weight_files(meta: Mapping[str, Any]) -> list[str]:
+    """The export's weight files :func:`load_run` loads: every file of ``model.json``'s list
+    but the raw weights of a model kept with an EMA (its EMA copy is loaded instead)."""
+    files, ema = meta.get("files"), set(meta.get("ema", []))
+    if not isinstance(files, Mapping):
+        raise CheckpointError("model.json has no file list")
+    return [str(f) for key, f in files.items() if key not in ema]
+
+
+def _load_from(module: nn.Module, blobs: Mapping[str, bytes], model_dir: Path, rel: str,
+               what: str) -> None:
+    """Load ``module`` from the verified bytes of ``model_dir/rel``."""
+    if rel not in blobs:
+        raise CheckpointError(f"checkpoint is missing {model_dir / rel} ({what})")
+    source = model_dir / rel
+    load_tensors(module, load_safetensors_bytes(blobs[rel], source), what, source)
 
 
 def stain_reference(model_dir: Path, meta: dict[str, Any], cfg: Any) -> Path | None:

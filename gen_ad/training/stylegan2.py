@@ -5,10 +5,11 @@ Stage ``gan``, one loop step = the four phases of the reference trainer:
 1. ``Gmain``: non-saturating loss ``softplus(-D(aug(G(z))))`` with style mixing (0.9).
 2. ``Greg`` (every ``pl_interval`` = 4 steps): path-length penalty on ``batch / pl_batch_shrink``
    images, ``(|J^T y| - a)^2`` with ``a`` the running mean (decay 0.01), times ``pl_weight`` (2) and
-   the interval (lazy regularisation).
+   the interval (lazy regularisation, Karras et al. 2020, Sec. 3.1; path length, Sec. 3.2).
 3. ``Dmain``: ``softplus(D(aug(G(z)))) + softplus(-D(aug(x)))``; ADA statistics ``sign(D(x))``.
-4. ``Dreg`` (every ``r1_interval`` = 16 steps): R1 ``gamma/2 |grad_x D(aug(x))|^2`` times the
-   interval; ``gamma`` defaults to ADA's heuristic ``0.0002 * res^2 / batch``.
+4. ``Dreg`` (every ``r1_interval`` = 16 steps): R1 ``gamma/2 |grad_x D(aug(x))|^2`` (Mescheder et
+   al. 2018, Sec. 4.1) times the interval; ``gamma`` defaults to ADA's heuristic
+   ``0.0002 * res^2 / batch``.
 
 Adam (lr 0.0025, betas (0, 0.99), eps 1e-8) with the lazy-regularisation correction
 ``c = interval / (interval + 1)``: ``lr * c``, ``betas ** c``. The EMA of G uses a half-life of
@@ -27,12 +28,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 
 from gen_ad.config import DataConfig, TrainConfig, check
@@ -48,6 +50,12 @@ from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.augment import COLOUR, GEOMETRIC, AdaptiveAugment, AugmentSpec
 from gen_ad.training.family import Family, Logs, StepContext, register_family
 from gen_ad.training.stages import freeze_gan_stage, unwrap_model
+
+#: An image transform ``[B,3,H,W] -> [B,3,H,W]`` (ADA's augmentation), differentiable.
+Augment = Callable[[torch.Tensor], torch.Tensor]
+#: ``model.*`` keys of the encoder stage's own network (E), which may differ from the gan run's;
+#: every other ``model.*`` key and ``data.size`` must equal its values.
+ENCODER_KEYS = ("model.encoder_channel_base", "model.encoder_channel_max")
 
 
 @dataclass
@@ -179,12 +187,14 @@ class EncoderConfig:
     """Stage ``encoder`` (projection encoder on a frozen GAN).
 
     Attributes:
-        lr: Adam learning rate. w_weight: weight of the ``w+`` MSE on generated images.
+        lr / betas: Adam learning rate and betas of E (``1e-3``, ``[0.9, 0.99]``).
+        w_weight: weight of the ``w+`` MSE on generated images.
         lpips: ``vgg`` (LPIPS term; needs the VGG16 weights offline) or ``none``.
         lpips_weight: weight of the LPIPS term. lpips_weights: explicit VGG16 weight file.
     """
 
     lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     w_weight: float = 1.0
     lpips: Literal["vgg", "none"] = "vgg"
     lpips_weight: float = 1.0
@@ -192,6 +202,8 @@ class EncoderConfig:
 
     def validate(self, prefix: str) -> None:
         check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
+              f"must be two numbers in [0, 1), got {self.betas}")
         check(self.w_weight >= 0 and self.lpips_weight >= 0, f"{prefix}.w_weight",
               "weights must be >= 0")
 
@@ -298,8 +310,17 @@ def default_r1_gamma(resolution: int, batch_size: int) -> float:
 
 
 def r1_penalty(D: nn.Module, real: torch.Tensor,
-               augment: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample R1 ``|grad_x D(aug(x))|^2`` ``[B]`` (differentiable) and the logits ``[B,1]``."""
+               augment: Augment | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample R1 ``|grad_x D(aug(x))|^2`` ``[B]`` (differentiable) and the logits ``[B,1]``.
+
+    R1 of Mescheder et al. 2018 (Sec. 4.1) is ``gamma/2 E_x |grad_x D(x)|^2`` on real data;
+    the caller applies ``gamma/2`` and the lazy interval (Karras et al. 2020, Sec. 3.1).
+
+    Args:
+        D: discriminator ``[B,3,H,W] -> [B,1]``.
+        real: ``[B,3,H,W]`` real images in ``[-1,1]`` (detached here).
+        augment: ADA's augmentation, differentiated through (``None``: none).
+    """
     x = real.detach().requires_grad_(True)
     logits = D(augment(x) if augment is not None else x)
     (grad,) = torch.autograd.grad(logits.sum(), [x], create_graph=True)
@@ -308,7 +329,16 @@ def r1_penalty(D: nn.Module, real: torch.Tensor,
 
 def path_lengths(img: torch.Tensor, ws: torch.Tensor,
                  generator: torch.Generator | None) -> torch.Tensor:
-    """``[B]`` path lengths ``sqrt(mean_layers |J_w^T y|^2)`` with ``y ~ N(0, I) / sqrt(HW)``."""
+    """``[B]`` path lengths ``sqrt(mean_layers |J_w^T y|^2)`` with ``y ~ N(0, I) / sqrt(HW)``.
+
+    The path length regulariser of Karras et al. 2020 (StyleGAN2, Sec. 3.2) penalises
+    ``E_{w,y} (|J_w^T y|_2 - a)^2``; ``J_w^T y = grad_w (g(w) . y)`` by back-propagation.
+
+    Args:
+        img: ``[B,3,H,W]`` images ``g(w)`` (in the graph of ``ws``).
+        ws: ``[B,num_ws,w_dim]`` latents that made ``img``.
+        generator: draws ``y``.
+    """
     y = torch.randn(img.shape, generator=generator, device=img.device) / math.sqrt(
         img.shape[2] * img.shape[3])
     (grad,) = torch.autograd.grad((img * y).sum(), [ws], create_graph=True)
@@ -330,6 +360,7 @@ class StyleGAN2Family(Family):
                                    speed_kimg=a.speed_kimg, p=a.p, spec=a.spec())
         self.pl_mean = torch.zeros([])
         self._compiled: dict[str, nn.Module] | None = None  # built at the first compiled step
+        self._lpips: nn.Module | None = None  # the encoder stage's LPIPS, built at its first use
 
     # ------------------------------------------------------------------------- building
 
@@ -357,11 +388,15 @@ class StyleGAN2Family(Family):
         return models
 
     def build_optimizers(self, models: Mapping[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
-        """Adam for G and D with the lazy-regularisation correction (stage encoder: Adam for E)."""
+        """Adam for G and D with the correction for lazy regularisation (Karras et al. 2020,
+        StyleGAN2, Sec. 3.1) of the reference code (``mb_ratio``): with a regulariser every ``k``
+        steps, lr times ``c = k / (k + 1)`` and betas ``beta ** c``; stage encoder: Adam for E
+        (``encoder.lr``, ``encoder.betas``)."""
         L = self.cfg.loss
         if self.cfg.stage == "encoder":
-            return {"E": torch.optim.Adam(models["E"].parameters(), lr=self.cfg.encoder.lr,
-                                          betas=(0.9, 0.99))}
+            e = self.cfg.encoder
+            return {"E": torch.optim.Adam(models["E"].parameters(), lr=e.lr,
+                                          betas=(e.betas[0], e.betas[1]))}
         out = {}
         for name, interval, on in (("G", L.pl_interval, L.pl_weight > 0),
                                    ("D", L.r1_interval, self.r1_gamma > 0)):
@@ -388,7 +423,7 @@ class StyleGAN2Family(Family):
         self.pl_mean = self.pl_mean.to(device)
         if self.cfg.stage != "encoder":
             return
-        freeze_gan_stage(models, self.cfg.gan_run, "stylegan2", load=not resuming)
+        freeze_gan_stage(models, self.cfg, "stylegan2", load=not resuming, own=ENCODER_KEYS)
         unwrap_model(models["E"]).w_avg.copy_(unwrap_model(models["G"]).mapping.w_avg)
 
     # ------------------------------------------------------------------------- state
@@ -444,7 +479,7 @@ class StyleGAN2Family(Family):
         ws = Gu.mapping_ws(**latents).contiguous()  # one layout with or without style mixing
         return synthesis(ws, noise=Gu.synthesis.draw_noise(n, ctx.generator, ctx.device))
 
-    def _aug(self, ctx: StepContext) -> Any:
+    def _aug(self, ctx: StepContext) -> Augment:
         return lambda x: self.ada(x, ctx.generator)
 
     def train_step(self, ctx: StepContext, batch: torch.Tensor) -> Logs:
@@ -507,7 +542,7 @@ class StyleGAN2Family(Family):
         self._sync_pl_mean(ctx.accelerator)
         ctx.log("pl_mean", self.pl_mean)
 
-    def _sync_pl_mean(self, acc: Any) -> None:
+    def _sync_pl_mean(self, acc: Accelerator) -> None:
         """Average the path-length mean over processes after each update. The reference keeps
         one per process (it saves none); here every process holds the same value, so the one
         rank 0 saves resumes every process exactly."""
@@ -579,13 +614,11 @@ class StyleGAN2Family(Family):
     def _encoder_lpips(self, device: torch.device) -> nn.Module | None:
         if self.cfg.encoder.lpips == "none" or self.cfg.encoder.lpips_weight == 0:
             return None
-        net = getattr(self, "_lpips", None)
-        if net is None:
+        if self._lpips is None:
             from gen_ad.inversion.lpips_net import build_lpips
 
-            net = build_lpips("vgg", weights=self.cfg.encoder.lpips_weights).to(device)
-            self._lpips = net
-        return net
+            self._lpips = build_lpips("vgg", weights=self.cfg.encoder.lpips_weights).to(device)
+        return self._lpips
 
     # ------------------------------------------------------------------------- inference
 

@@ -26,16 +26,19 @@ from typing import Any, Literal
 
 import einops
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gen_ad.config import DataConfig, TrainConfig, check
 from gen_ad.errors import ConfigError
-from gen_ad.inversion.encoder import FAnoGANScorer
+from gen_ad.inversion.encoder import FAnoGANScorer, izif_terms
 from gen_ad.models.wgan import Critic, Encoder, Generator, sample_latent
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.training.family import Family, Logs, StepContext, register_family
 from gen_ad.training.stages import freeze_gan_stage, unwrap_model
+
+#: ``model.*`` keys of the encoder stage's own network (E) and of the gan stage's EMA, which may
+#: differ from the gan run's; every other ``model.*`` key and ``data.size`` must equal its values.
+ENCODER_KEYS = ("model.encoder_norm", "model.encoder_output", "model.ema")
 
 
 @dataclass
@@ -199,7 +202,8 @@ class WGANConfig:
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """WGAN-GP penalty ``mean_i (||grad_x D(x_i)||_2 - 1)^2`` on random interpolates.
+    """WGAN-GP penalty ``mean_i (||grad_x D(x_i)||_2 - 1)^2`` on random interpolates
+    (Gulrajani et al. 2017, Sec. 4 and Algorithm 1; the critic loss adds it times lambda).
 
     ``x_i = real_i + a_i (fake_i - real_i)`` with one ``a_i ~ U[0, 1)`` per sample, drawn from
     ``generator``. Differentiable w.r.t. the critic's parameters (``create_graph=True``).
@@ -226,16 +230,20 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
 
 def izif_loss(x: torch.Tensor, encoder: nn.Module, generator: nn.Module, critic: nn.Module,
               kappa: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """izi_f training loss ``MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))``.
+    """izi_f training loss ``MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))`` (Schlegl et al.
+    2019, f-AnoGAN, izi_f encoder training), the batch mean of the per-image terms of
+    :func:`~gen_ad.inversion.encoder.izif_terms` (the scorer's, so training and scoring agree).
 
+    Args:
+        x: ``[B,3,H,W]`` images in ``[-1,1]``.
+        encoder / generator: ``E`` (trained) and ``G`` (frozen).
+        critic: frozen critic with ``features(x) -> [B,F]``.
+        kappa: weight of the feature term.
     Returns:
         ``(loss, image_mse, feature_mse)`` scalars (``feature_mse`` without ``kappa``).
     """
-    recon = generator(encoder(x))
-    with torch.no_grad():
-        fx = critic.features(x)
-    img = F.mse_loss(recon, x)
-    fts = F.mse_loss(critic.features(recon), fx)
+    residual, feature = izif_terms(x, generator(encoder(x)), critic, kappa=1.0)
+    img, fts = residual.mean(), feature.mean()
     return img + kappa * fts, img, fts
 
 
@@ -283,7 +291,7 @@ class WGANFamily(Family):
               resuming: bool = False) -> None:
         """Stage encoder: load G and D from ``gan_run`` (not when resuming) and freeze them."""
         if self.cfg.stage == "encoder":
-            freeze_gan_stage(models, self.cfg.gan_run, "wgan", load=not resuming)
+            freeze_gan_stage(models, self.cfg, "wgan", load=not resuming, own=ENCODER_KEYS)
 
     # ------------------------------------------------------------------------- steps
 

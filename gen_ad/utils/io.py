@@ -21,12 +21,13 @@ import secrets
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -183,6 +184,20 @@ def load_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is damaged or not a safetensors file ({msg})") from e
+
+
+def load_safetensors_bytes(data: bytes, source: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a safetensors file's ``data`` (already read, e.g. by :func:`checked_bytes`) into a
+    dict of CPU tensors; ``source`` names it in errors.
+
+    Raises:
+        CheckpointError: ``data`` is truncated or not a safetensors file.
+    """
+    try:
+        return safetensors_load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{source} is damaged or not a safetensors file ({msg})") from e
 
 
 def torch_save(path: str | os.PathLike[str], obj: Any) -> None:
@@ -371,6 +386,73 @@ def read_manifest_file(folder: str | os.PathLike[str], name: str = MANIFEST) -> 
     return data
 
 
+def _entry(folder: str | os.PathLike[str], name: str, manifest: Mapping[str, Any],
+           rel: str) -> tuple[Path, int, str]:
+    """``(path, size, sha256)`` of the manifest's entry for ``rel``."""
+    rec = manifest["files"].get(rel)
+    if rec is None:
+        raise CheckpointError(f"{folder}/{name} does not list {rel}")
+    p = inside(folder, rel)
+    try:
+        return p, int(rec["size"]), str(rec["sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/{name} is damaged (entry {rel})") from e
+
+
+def _mismatch(folder: str | os.PathLike[str], rel: str, size: int, recorded: int) -> NoReturn:
+    if size != recorded:
+        raise CheckpointError(f"{folder}: {rel} has {size} bytes, the manifest recorded "
+                              f"{recorded} (truncated or replaced)")
+    raise CheckpointError(f"{folder}: {rel} does not match its recorded sha256 "
+                          "(damaged or replaced)")
+
+
+def _check_file(folder: str | os.PathLike[str], name: str, manifest: Mapping[str, Any],
+                rel: str) -> None:
+    """Check ``folder/rel`` on disk against the manifest (streamed: no copy kept)."""
+    p, size, digest = _entry(folder, name, manifest, rel)
+    if not p.is_file():
+        raise CheckpointError(f"{folder} is incomplete: {rel} is missing")
+    if p.stat().st_size != size or sha256_file(p) != digest:
+        _mismatch(folder, rel, p.stat().st_size, size)
+
+
+def checked_bytes(folder: str | os.PathLike[str], manifest: Mapping[str, Any], rel: str,
+                  name: str = MANIFEST) -> bytes:
+    """The contents of ``folder/rel``, read once and checked (size, sha256) against
+    ``manifest`` (from :func:`read_manifest_file`).
+
+    Load from the returned bytes, never by opening the file again: a folder published anew
+    between a check and a later read would hand over another version's file.
+
+    Raises:
+        CheckpointError: ``rel`` is not listed, missing, outside the folder, or differs.
+    """
+    p, size, digest = _entry(folder, name, manifest, rel)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise CheckpointError(f"{folder} is incomplete: {rel} is missing") from e
+    if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        _mismatch(folder, rel, len(data), size)
+    return data
+
+
+def check_files(folder: str | os.PathLike[str], manifest: Mapping[str, Any],
+                skip: Collection[str] = (), name: str = MANIFEST) -> None:
+    """Check every file ``manifest`` lists but ``skip`` (those read by :func:`checked_bytes`)
+    on disk (inside the folder, size, sha256).
+
+    Raises:
+        CheckpointError: a file is missing, outside the folder, of the wrong size or has a
+            different checksum (the message names it).
+    """
+    for rel in manifest["files"]:
+        if rel not in skip:
+            _check_file(folder, name, manifest, rel)
+
+
 def check_manifest(folder: str | os.PathLike[str], name: str = MANIFEST) -> dict[str, Any]:
     """Verify every file listed in ``folder/name`` (inside the folder, size, sha256).
 
@@ -381,18 +463,5 @@ def check_manifest(folder: str | os.PathLike[str], name: str = MANIFEST) -> dict
             folder, of the wrong size or has a different checksum (the message names it).
     """
     manifest = read_manifest_file(folder, name)
-    for rel, rec in manifest["files"].items():
-        p = inside(folder, rel)
-        if not p.is_file():
-            raise CheckpointError(f"{folder} is incomplete: {rel} is missing")
-        try:
-            size, digest = int(rec["size"]), str(rec["sha256"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{folder}/{name} is damaged (entry {rel})") from e
-        if p.stat().st_size != size:
-            raise CheckpointError(f"{folder}: {rel} has {p.stat().st_size} bytes, the manifest "
-                                  f"recorded {size} (truncated or replaced)")
-        if sha256_file(p) != digest:
-            raise CheckpointError(f"{folder}: {rel} does not match its recorded sha256 "
-                                  "(damaged or replaced)")
+    check_files(folder, manifest, name=name)
     return manifest

@@ -401,3 +401,39 @@ def test_synthetic_data_and_an_exhausted_budget_are_said(
     _train(out, "train.max_steps=2", resume="latest")
     assert ("the checkpoint is at step 2 and train.max_steps is 2: nothing to train"
             in capsys.readouterr().err)
+
+
+def _steps(path: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(path)]
+
+
+def test_a_resume_sets_aside_the_log_lines_past_its_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed at step 5 with its state at 3, the run had logged steps 4-5 (stats.jsonl and
+    fid.jsonl are appended to): resumed from 3, both logs equal an uninterrupted run's, steps
+    strictly increasing (step 4 appeared twice before); the lines set aside are kept in
+    ``<name>.abandoned.jsonl``. A roll-back to an older state sets its branch's lines aside too."""
+    import gen_ad.metrics.fid as fid
+
+    monkeypatch.setattr(fid.FIDMonitor, "compute", lambda self, step, fn: {"fid": float(step)})
+    fid_on = ["train.fid_every=1", "train.fid_n=6"]
+    whole = tmp_path / "whole"
+    _train(whole, "train.max_steps=6", *fid_on)
+    out = tmp_path / "r"
+    with pytest.raises(TrainingDivergedError):  # dies in its 5th step, after logging step 4
+        _train(out, "train.max_steps=6", "train.ckpt_every=3", "nan_at_step=4", *fid_on)
+    assert [s for s, _ in ckpt.list_states(out)] == [3] and _steps(out / "stats.jsonl")[-1] == 4
+    capsys.readouterr()
+    _train(out, "train.max_steps=6", *fid_on, resume="latest")
+    for name in ("stats.jsonl", "fid.jsonl"):
+        assert _steps(out / name) == _steps(whole / name) == [1, 2, 3, 4, 5, 6], name
+        assert _steps(out / name.replace(".jsonl", ".abandoned.jsonl")) == [4], name
+    err = capsys.readouterr().err
+    assert "1 line(s) of stats.jsonl, 1 line(s) of fid.jsonl (logged past step 3" in err
+    assert ([r["loss_net"] for r in read_jsonl(out / "stats.jsonl")]
+            == [r["loss_net"] for r in read_jsonl(whole / "stats.jsonl")])
+
+    _train(out, "train.max_steps=5", *fid_on, resume=str(out / "state" / "step-3"))
+    assert _steps(out / "stats.jsonl") == [1, 2, 3, 4, 5]  # the roll-back's branch only
+    assert _steps(out / "stats.abandoned.jsonl") == [4, 4, 5, 6]

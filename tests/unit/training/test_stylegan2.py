@@ -259,3 +259,16 @@ def test_path_length_mean_is_one_value_on_every_process(tmp_path: Path) -> None:
     assert fam.pl_mean.item() == 2.0 and seen == ["mean"]
     fam._sync_pl_mean(SimpleNamespace(num_processes=1))  # one process: nothing to agree on
     assert fam.pl_mean.item() == 2.0
+
+
+def test_encoder_stage_adam_betas_are_config_keys(tmp_path: Path) -> None:
+    """E's Adam betas were hard-coded (0.9, 0.99), so never recorded with the run: now
+    ``encoder.betas`` with that default, validated; the LPIPS net is declared up front."""
+    fam = StyleGAN2Family(_cfg(tmp_path, 1, stage="encoder", gan_run=str(tmp_path / "gan")))
+    assert fam.cfg.encoder.betas == [0.9, 0.99] and fam._lpips is None
+    assert fam.build_optimizers(fam.build_models())["E"].param_groups[0]["betas"] == (0.9, 0.99)
+    cfg = _cfg(tmp_path, 1, stage="encoder", gan_run="g", encoder={"betas": [0.5, 0.9]})
+    opt = StyleGAN2Family(cfg).build_optimizers(StyleGAN2Family(cfg).build_models())
+    assert opt["E"].param_groups[0]["betas"] == (0.5, 0.9)
+    with pytest.raises(ConfigError, match="encoder.betas"):
+        _cfg(tmp_path, 1, encoder={"betas": [0.9, 1.0]})

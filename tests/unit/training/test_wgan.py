@@ -223,8 +223,36 @@ def test_encoder_stage_errors(tmp_path: Path) -> None:
         fam.setup(fam.build_models(), torch.device("cpu"))
     gan_dir, _ = _fake_gan_run(tmp_path, model={"base_dim": 8})
     fam = WGANFamily(_cfg(stage="encoder", gan_run=str(gan_dir)))
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(ConfigError, match="model.base_dim is 4 here, 8 in the gan run"):
         fam.setup(fam.build_models(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("gan", "enc", "said"), [
+    ({"model": {"base_dim": 8}}, {}, "model.base_dim is 4 here, 8 in the gan run"),
+    ({"model": {"prior": "uniform"}}, {}, "model.prior is 'normal' here, 'uniform' in the gan"),
+    ({"model": {"critic_norm": "none"}}, {}, "model.critic_norm is 'layer' here, 'none' in"),
+    ({}, {"data": {"size": 32}}, "data.size is 32 here, 16 in the gan run"),
+])
+def test_encoder_stage_refuses_networks_other_than_the_gan_runs(
+        tmp_path: Path, gan: dict[str, Any], enc: dict[str, Any], said: str) -> None:
+    """The encoder stage rebuilds G and D from its own config: a model key or data.size other
+    than the gan run's export records is named with both values before any weight is loaded
+    (a shape-neutral key such as model.prior was accepted silently; others failed later in
+    load_state_dict with no key named)."""
+    gan_dir, _ = _fake_gan_run(tmp_path, **gan)
+    fam = WGANFamily(_cfg(stage="encoder", gan_run=str(gan_dir), **enc))
+    with pytest.raises(ConfigError, match=said):
+        fam.setup(fam.build_models(), torch.device("cpu"))
+
+
+def test_encoder_stage_may_differ_in_its_own_keys(tmp_path: Path) -> None:
+    gan_dir, gan_models = _fake_gan_run(tmp_path)
+    fam = WGANFamily(_cfg(stage="encoder", gan_run=str(gan_dir),
+                          model={"encoder_norm": "batch", "encoder_output": "linear"}))
+    models = fam.build_models()
+    fam.setup(models, torch.device("cpu"))
+    assert all(torch.equal(v, models["G"].state_dict()[k])
+               for k, v in gan_models["G"].state_dict().items())
 
 
 def test_gan_only_run_offers_iterative_scorer() -> None:
@@ -251,3 +279,35 @@ def test_a_per_process_batch_that_does_not_split_into_critic_batches_is_an_error
     n = fam.cfg.gan.n_critic
     with pytest.raises(ConfigError, match=f"does not split into gan.n_critic={n}"):
         fam.train_step(_ctx(models, opts, 0), _images(n * 2 + 1))
+
+
+def test_izif_loss_is_the_scorers_izif_terms_and_equals_the_old_formula(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """izif_loss is the batch mean of inversion.encoder.izif_terms (one izi_f formula for
+    training and scoring), equal to ``MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))`` in value
+    and in E's gradients."""
+    import gen_ad.training.wgan as wgan
+    from gen_ad.inversion import encoder as inv
+    from gen_ad.models.wgan import Critic, Encoder, Generator
+
+    torch.manual_seed(0)
+    G = Generator(latent_dim=8, resolution=16, channels=3, base_dim=4).eval().requires_grad_(False)
+    D = Critic(resolution=16, channels=3, base_dim=4, norm="layer").eval().requires_grad_(False)
+    E = Encoder(latent_dim=8, resolution=16, channels=3, base_dim=4, norm="layer",
+                output="tanh")
+    x = torch.rand(5, 3, 16, 16) * 2 - 1
+    calls = []
+    monkeypatch.setattr(wgan, "izif_terms",
+                        lambda *a, **k: calls.append(1) or inv.izif_terms(*a, **k))
+    loss, img, fts = wgan.izif_loss(x, E, G, D, kappa=0.7)
+    assert calls == [1]
+    grads = torch.autograd.grad(loss, list(E.parameters()))
+    recon = G(E(x))
+    with torch.no_grad():
+        fx = D.features(x)
+    old_img = torch.nn.functional.mse_loss(recon, x)
+    old_fts = torch.nn.functional.mse_loss(D.features(recon), fx)
+    old = old_img + 0.7 * old_fts
+    torch.testing.assert_close((loss, img, fts), (old, old_img, old_fts))
+    for g, h in zip(grads, torch.autograd.grad(old, list(E.parameters())), strict=True):
+        torch.testing.assert_close(g, h)
