@@ -195,10 +195,12 @@ def project(G: Generator, target: torch.Tensor, *, lpips_net: nn.Module | None,
     with torch.no_grad():
         ws = w_opt.detach().expand(b, G.num_ws, -1).clone()
         noise_final = [n.detach() for n in noise]
-        recon = G.synthesis(ws, noise=noise_final)
+        # the distances are of the image returned (clamped to the image range), as the
+        # scorer's pixel term and maps are: the raw synthesis can overshoot [-1, 1]
+        recon = G.synthesis(ws, noise=noise_final).clamp(-1, 1)
         dist = _distance(lpips_net, recon, target, lpips_size)
         mse = (recon - target).square().mean(dim=[1, 2, 3])
-    return ProjectionResult(ws, noise_final, recon.clamp(-1, 1), dist, mse)
+    return ProjectionResult(ws, noise_final, recon, dist, mse)
 
 
 # ----------------------------------------------------------------------------- encoder

@@ -226,7 +226,9 @@ def resolve_resume_agreed(acc: Accelerator, run_dir: Path, resume: str | None) -
     if error is not None:
         raise error
     if answer[1] is not None:
-        raise CheckpointError(f"{answer[1]} (the main process could not resume)")
+        handed_on = CheckpointError(f"{answer[1]} (the main process could not resume)")
+        handed_on.from_main_process = True  # type: ignore[attr-defined]  # printed by main only
+        raise handed_on
     return None if answer[0] is None else Path(answer[0])
 
 
@@ -428,18 +430,24 @@ def _stop_reason(state: RunState, t0: float) -> str | None:
 
 
 def _budget_total(state: RunState, t0: float, step0: int) -> int:
-    """Steps the run will reach: ``max_steps``, or fewer where ``max_minutes`` ends it sooner.
+    """Steps the run will reach: ``max_steps``, or fewer where ``max_kimg`` or ``max_minutes``
+    ends it sooner.
 
-    Projects the rate since ``t0`` (``step0`` steps done then) over the time left, so the
+    ``max_kimg`` counts the steps its images take at the current batch size; ``max_minutes``
+    projects the rate since ``t0`` (``step0`` steps done then) over the time left, so the
     progress bar's total and ETA follow whichever limit comes first.
     """
-    tc, step = state.family.cfg.train, state.counters.step
+    tc, c = state.family.cfg.train, state.counters
+    total = tc.max_steps
+    if tc.max_kimg is not None:
+        left = max(1000.0 * tc.max_kimg - c.images, 0.0)
+        total = min(total, c.step + math.ceil(left / tc.batch_size))
     dt = time.perf_counter() - t0
-    if tc.max_minutes is None or step <= step0 or dt <= 0:
-        return tc.max_steps
-    rate = (step - step0) / dt
-    projected = step + int(rate * max(60.0 * tc.max_minutes - dt, 0.0)) + 1
-    return max(step, min(tc.max_steps, projected))
+    if tc.max_minutes is None or c.step <= step0 or dt <= 0:
+        return max(c.step, total)
+    rate = (c.step - step0) / dt
+    projected = c.step + int(rate * max(60.0 * tc.max_minutes - dt, 0.0)) + 1
+    return max(c.step, min(total, projected))
 
 
 def _every(step: int, interval: int) -> bool:
@@ -512,6 +520,7 @@ def _run_training(family: Family, resume: str | None) -> Path:
         load_checkpoint(state, resume_path)
         _note_batch_change(state)
     if acc.is_main_process:
+        _note_processes(state)
         _note_data_and_budget(state, len(dataset))  # type: ignore[arg-type]
         _note_stain(state, dataset)
         save_config(cfg, state.run_dir / "config.yaml")
@@ -520,11 +529,24 @@ def _run_training(family: Family, resume: str | None) -> Path:
                           start=state.counters.images, num_workers=cfg.data.num_workers)
     _init_trackers(state)
     with _signal_guard(state):
-        _loop(state, batches)
-    final_samples(state)
-    save_checkpoint(state)
+        reason = _loop(state, batches)
+    save_checkpoint(state)  # first: a launcher kills its workers soon after forwarding a signal
+    if not (reason or "").startswith(("signal", "another process")):
+        final_samples(state)
     acc.end_training()
     return state.run_dir
+
+
+def _note_processes(state: RunState) -> None:
+    """One stderr line: how many processes train on which device, and the batch split (under
+    ``accelerate launch`` this is where a launch that started fewer processes shows)."""
+    acc, tc = state.accelerator, state.family.cfg.train
+    n = acc.num_processes
+    split = (f"{per_process_batch(tc, n)} per process" if n > 1 else "") + \
+        (f"{', ' if n > 1 else ''}{tc.grad_accum} micro-batches" if tc.grad_accum > 1 else "")
+    tqdm.write(f"train {state.family.name}: {n} process{'es' if n > 1 else ''} on "
+               f"{acc.device.type}, batch {tc.batch_size}{f' ({split})' if split else ''}, "
+               f"mixed precision {acc.mixed_precision}", file=sys.stderr)
 
 
 def _note_data_and_budget(state: RunState, n_images: int) -> None:
@@ -597,11 +619,14 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> None:
+def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> str | None:
+    """Train until done or stopped; returns why it stopped early (``None``: done). A stopping
+    step logs but draws no sample grid or FID: its checkpoint comes first."""
     from gen_ad.training.monitor import after_step
 
     acc, tc = state.accelerator, state.family.cfg.train
-    bar = tqdm(total=tc.max_steps, initial=state.counters.step, disable=not acc.is_main_process,
+    bar = tqdm(total=_budget_total(state, time.perf_counter(), state.counters.step),
+               initial=state.counters.step, disable=not acc.is_main_process,
                desc=f"train {state.family.name}", dynamic_ncols=True)
     t0, img0, step0 = time.perf_counter(), state.counters.images, state.counters.step
     while not _done(state):
@@ -615,12 +640,14 @@ def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> None:
         bar.update(1)
         dt = max(time.perf_counter() - t0, 1e-9)
         logs["img_per_s"] = (state.counters.images - img0) / dt
-        after_step(state, logs, bar)
         reason = _stop_reason(state, t0)
+        after_step(state, logs, bar, outputs=reason is None)
         if reason is not None:
             if acc.is_main_process:
                 tqdm.write(f"{reason}: checkpointing at step {state.counters.step} and stopping")
-            break
+            bar.close()
+            return reason
         if _every(state.counters.step, tc.ckpt_every) and not _done(state):
             save_checkpoint(state)
     bar.close()
+    return None

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from gen_ad.utils.io import append_jsonl, atomic_path, write_text
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from torch.utils.data import Dataset
 
     from gen_ad.config import DataConfig
@@ -148,21 +149,38 @@ def final_samples(state: RunState) -> Path | None:
     return save_samples(state)
 
 
-def after_step(state: RunState, logs: Mapping[str, Any], bar: tqdm) -> None:
-    """Logging, sample grids and FID at their intervals (``counters.step`` already advanced).
+def after_step(state: RunState, logs: Mapping[str, Any], bar: tqdm, *,
+               outputs: bool = True) -> None:
+    """Logging, and (``outputs``) sample grids and FID, at their intervals (``counters.step``
+    already advanced).
 
-    ``logs`` may hold device tensors: they are read back to the host only here, at logging time.
+    ``logs`` may hold device tensors: they are read back to the host only here, at logging time,
+    averaged over the processes (each logged its own share of the batch).
     """
     tc = state.family.cfg.train
     step = state.counters.step
     if tc.log_every and (step % tc.log_every == 0 or step == 1):
-        values = {k: float(v) for k, v in logs.items()}
+        values = mean_over_processes(state.accelerator, logs)
         log_stats(state, values)
         bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:5]})
+    if not outputs:
+        return
     if tc.sample_every and step % tc.sample_every == 0 and state.accelerator.is_main_process:
         save_samples(state)
     if tc.fid_every and step % tc.fid_every == 0:
         _maybe_fid(state)
+
+
+def mean_over_processes(acc: Accelerator, logs: Mapping[str, Any]) -> dict[str, float]:
+    """Logged scalars (floats or 0-d tensors) as floats, averaged over the processes under DDP
+    (one reduction for all of them; every process must call it at the same step)."""
+    if acc.num_processes == 1 or not logs:
+        return {k: float(v) for k, v in logs.items()}
+    keys = list(logs)
+    flat = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=acc.device)
+                        .detach().reshape(()) for k in keys])
+    mean = acc.reduce(flat, reduction="mean").tolist()
+    return dict(zip(keys, mean))
 
 
 def log_stats(state: RunState, logs: Mapping[str, float]) -> None:

@@ -8,6 +8,7 @@ import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -90,13 +91,15 @@ def test_max_minutes_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_progress_total_follows_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bar's total is max_steps, or the step the wall-clock budget projects to end at."""
+    """The bar's total is max_steps, or the step max_kimg or the wall-clock budget ends it at."""
     from gen_ad.training import loop
 
-    def state(step: int, max_minutes: float | None) -> types.SimpleNamespace:
-        train = types.SimpleNamespace(max_steps=1000, max_minutes=max_minutes)
+    def state(step: int, max_minutes: float | None, max_kimg: float | None = None,
+              batch: int = 8) -> types.SimpleNamespace:
+        train = types.SimpleNamespace(max_steps=1000, max_minutes=max_minutes,
+                                      max_kimg=max_kimg, batch_size=batch)
         return types.SimpleNamespace(family=types.SimpleNamespace(cfg=types.SimpleNamespace(
-            train=train)), counters=types.SimpleNamespace(step=step))
+            train=train)), counters=types.SimpleNamespace(step=step, images=step * batch))
 
     monkeypatch.setattr(loop.time, "perf_counter", lambda: 110.0)  # 10 s after t0 = 100 s
     # 10 steps in 10 s, 1 minute budget: 50 s left at 1 step/s -> ends near step 61
@@ -105,6 +108,11 @@ def test_progress_total_follows_the_time_budget(monkeypatch: pytest.MonkeyPatch)
     assert loop._budget_total(state(10, 60.0), 100.0, 0) == 1000  # steps end it first
     assert loop._budget_total(state(5, 1.0), 100.0, 5) == 1000  # no rate yet
     assert loop._budget_total(state(10, 0.1), 100.0, 0) == 11  # budget already spent
+    # max_kimg: 0.1 kimg at batch 8 is 13 steps (the bar said 5/100 when it stopped there)
+    assert loop._budget_total(state(0, None, 0.1), 100.0, 0) == 13
+    assert loop._budget_total(state(10, None, 0.1), 100.0, 0) == 13
+    assert loop._budget_total(state(10, None, 100.0), 100.0, 0) == 1000  # steps first
+    assert loop._budget_total(state(10, 1.0, 0.1), 100.0, 0) == 13  # kimg before the clock
 
 
 def test_keep_last_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -437,3 +445,53 @@ def test_a_resume_sets_aside_the_log_lines_past_its_state(
     _train(out, "train.max_steps=5", *fid_on, resume=str(out / "state" / "step-3"))
     assert _steps(out / "stats.jsonl") == [1, 2, 3, 4, 5]  # the roll-back's branch only
     assert _steps(out / "stats.abandoned.jsonl") == [4, 4, 5, 6]
+
+
+@pytest.mark.parametrize("stop_step", [3, 4])
+def test_a_stop_signal_checkpoints_before_any_sample_grid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_step: int) -> None:
+    """A launcher kills its workers soon after forwarding a signal: the step that sees the
+    signal checkpoints at once, drawing neither its sample grid (step 3 is a sample step) nor
+    the final one (step 4 is not); a sample grid drawn first lost the checkpoint under DDP."""
+    from gen_ad.training import loop, monitor
+
+    grids: list[int] = []
+    orig_step = loop.train_one_step
+
+    def step(state: Any, batch: torch.Tensor) -> dict[str, Any]:
+        logs = orig_step(state, batch)
+        if state.counters.step == stop_step:
+            state.stop_signal.append(15)
+        return logs
+
+    monkeypatch.setattr(loop, "train_one_step", step)
+    monkeypatch.setattr(monitor, "save_samples",
+                        lambda state, n=64: grids.append(state.counters.step))
+    out = tmp_path / "r"
+    _train(out, "train.max_steps=50", "train.ckpt_every=0", "train.sample_every=3")
+    assert [s for s, _ in ckpt.list_states(out)] == [stop_step]
+    assert grids == ([] if stop_step == 3 else [3])
+    steps = [r["step"] for r in read_jsonl(out / "stats.jsonl")]
+    assert steps == list(range(1, stop_step + 1))  # the stopping step is still logged
+
+
+def test_the_run_says_how_many_processes_train_and_logs_their_mean(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One start line names the processes, device and batch split (``accelerate launch --cpu
+    --num_processes 2`` starts one process, and nothing said so); logged scalars are the mean
+    over the processes (each logged its own share of the batch)."""
+    from gen_ad.training.monitor import mean_over_processes
+
+    _train(tmp_path / "r", "train.max_steps=1", "train.grad_accum=2", "train.batch_size=8")
+    err = capsys.readouterr().err
+    assert "train toy: 1 process on cpu, batch 8 (2 micro-batches), mixed precision no" in err
+
+    class TwoProcesses:  # rank 0's view of a 2-process reduction; rank 1 logged 3.0 and 5.0
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, t: torch.Tensor, reduction: str) -> torch.Tensor:
+            assert reduction == "mean"
+            return (t + torch.tensor([3.0, 5.0])) / 2
+
+    logs = {"loss": torch.tensor(1.0), "img_per_s": 7.0}
+    assert mean_over_processes(TwoProcesses(), logs) == {"loss": 2.0, "img_per_s": 6.0}

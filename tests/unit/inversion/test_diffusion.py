@@ -3,8 +3,13 @@ on a small random UNet (behaviour on a trained model: tests/unit/training/test_d
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.inversion.diffusion import (
@@ -38,6 +43,24 @@ def lp() -> torch.nn.Module:
 
 def _x(b: int = 3, seed: int = 0, size: int = 16) -> torch.Tensor:
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+class _Const(torch.nn.Module):
+    """A UNet stand-in predicting a fixed noise tensor whatever ``x_t`` and ``t``."""
+
+    def __init__(self, eps: torch.Tensor) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=self.eps.expand_as(x))
+
+
+def _alpha_bar(t: int) -> float:
+    """``prod_{s<=t} (1 - beta_s)`` of the default linear schedule (Ho et al. 2020: betas
+    1e-4..0.02 over T = 1000), computed here in float64."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    return float(torch.prod(1.0 - betas[:t + 1]))
 
 
 def test_timestep_sequences() -> None:
@@ -131,6 +154,45 @@ def test_inpaint_resamples_every_step_but_the_last(unet: torch.nn.Module) -> Non
     assert calls == [4] * 3 + [3] * 3 + [2] * 3 + [1] * 3 + [0]
 
 
+def test_reconstruct_noises_to_t_then_denoises() -> None:
+    """Denoiser.reconstruct = forward noising to ``t`` (Ho et al. 2020, Eq. 4) then the reverse
+    process. With DDIM (eta 0, no clipping) and a stand-in UNet predicting the very noise the
+    forward step drew, every step lands on ``sqrt(ab_prev) x + sqrt(1 - ab_prev) n`` and the
+    end on ``x``; predicting zero noise, DDIM returns ``x_t / sqrt(ab_t)``."""
+    s = build_scheduler("ddpm")
+    x = _x(2, seed=1, size=8)
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))  # reconstruct's draw
+    oracle = Denoiser(_Const(n), s, "gaussian", sampler="ddim", clip=False)
+    out = oracle.reconstruct(x, 200, 10, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x, atol=1e-4, rtol=0)
+    zero = Denoiser(_Const(torch.zeros(())), s, "gaussian", sampler="ddim", clip=False)
+    out0 = zero.reconstruct(x, 200, 10, torch.Generator().manual_seed(0))
+    ab = _alpha_bar(200)
+    want = (math.sqrt(ab) * x + math.sqrt(1 - ab) * n) / math.sqrt(ab)
+    torch.testing.assert_close(out0, want, atol=1e-4, rtol=1e-4)
+    assert (out0 - x).abs().mean() > 0.3  # the noise at t = 200 is visible
+
+
+def test_anoddpm_scorer_reconstructs_from_the_image_stream_noise() -> None:
+    """The scorer path (image streams, the default): the forward noise is the first draw of
+    each image's stream; an oracle UNet knowing it gives back x (map ~0), a zero-noise UNet
+    the noised image rescaled, ``clamp(x_t / sqrt(ab_t))``, and its L1 residual map."""
+    s = build_scheduler("ddpm", clip_sample=False)
+    x = _x(2, seed=3)
+    n = ImageStreams.for_images(x, 7).draw("gaussian", x)
+    kw = {"t": 200, "noise": "gaussian", "sampler": "ddim", "steps": 10, "seed": 7}
+    good = AnoDDPMScorer(_Const(n), s, **kw).score(x)
+    torch.testing.assert_close(good.recon, x, atol=1e-4, rtol=0)
+    assert good.maps.max() < 1e-4
+    blind = AnoDDPMScorer(_Const(torch.zeros(())), s, **kw).score(x)
+    ab = _alpha_bar(200)
+    recon = ((math.sqrt(ab) * x + math.sqrt(1 - ab) * n) / math.sqrt(ab)).clamp(-1, 1)
+    torch.testing.assert_close(blind.recon, recon, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(blind.maps, (x - recon).abs().mean(dim=1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(blind.scores, (x - recon).abs().mean(dim=(1, 2, 3)), atol=1e-4,
+                               rtol=1e-4)
+
+
 @pytest.mark.parametrize("noise, sampler", [("simplex", "ddpm"), ("gaussian", "ddim")])
 def test_anoddpm_maps_scores_and_seeds(unet: torch.nn.Module, noise: str, sampler: str) -> None:
     s = build_scheduler("ddpm")
@@ -154,26 +216,76 @@ def test_anoddpm_rejects_bad_input(unet: torch.nn.Module) -> None:
         AnoDDPMScorer(unet, s, t=5).score(torch.zeros(2, 1, 16, 16))
 
 
+def _first_recon(sc: AutoDDPMScorer, x: torch.Tensor) -> torch.Tensor:
+    """The scorer's first reconstruction of ``x`` from the images' own streams (clamped)."""
+    gen = ImageStreams.for_images(x, sc.seed)
+    return sc.denoiser.reconstruct(x, sc.t_recon, sc.steps_recon, gen).clamp(-1, 1)
+
+
+def _initial_ref(lp: torch.nn.Module, x: torch.Tensor, recon: torch.Tensor,
+                 normalize: bool) -> torch.Tensor:
+    """AutoDDPM's initial map (Bercea et al. 2023; reference code): spatial LPIPS times the L1
+    residual, the residual divided by its per-image 95th percentile and clipped to [0, 1]."""
+    with torch.no_grad():
+        lpips_part = lp(x, recon)[:, 0].clamp_min(0)
+    res = (x - recon).abs().mean(dim=1)
+    if normalize:
+        q95 = torch.quantile(res.flatten(1), 0.95, dim=1)[:, None, None]
+        res = (res / q95).clamp(0, 1)
+    return lpips_part * res
+
+
 def test_autoddpm_fit_mask_and_final_map(unet: torch.nn.Module, lp: torch.nn.Module) -> None:
     s = build_scheduler("ddpm")
     sc = AutoDDPMScorer(unet, s, t_recon=20, t_inpaint=5, resample=2, steps_recon=4,
                         steps_inpaint=3, fpr=0.1, lpips=lp, seed=0)
-    sc.fit([_x(4, seed=10, size=32), _x(4, seed=11, size=32)])
-    assert sc.threshold is not None and sc.threshold > 0
+    fit = [_x(4, seed=10, size=32), _x(4, seed=11, size=32)]
+    sc.fit(fit)
+    # threshold: the 1 - fpr (linear) quantile of all normal initial-map pixels
+    pixels = torch.cat([_initial_ref(lp, xb, _first_recon(sc, xb), True).flatten()
+                        for xb in fit])
+    assert sc.threshold == float(np.quantile(pixels.double().numpy(), 0.9))
     x = _x(3, seed=12, size=32)
     a, b = sc.score(x), sc.score(x)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
     assert a.maps.shape == (3, 32, 32) and (a.maps >= 0).all()
     frac = a.terms["mask_fraction"]
     assert ((frac > 0) & (frac < 1)).all()  # ~10% of pixels over threshold, then dilated
-    # the final map lives inside the dilated mask only
+    recon = _first_recon(sc, x)
     init = sc.initial_map(x, ImageStreams.for_images(x, 0))[1]
-    from gen_ad.scoring.maps import dilate
-
-    mask = dilate(init > sc.threshold, 3)
+    ref = _initial_ref(lp, x, recon, True)
+    torch.testing.assert_close(init, ref, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(init, _initial_ref(lp, x, recon, False))  # normalisation matters
+    torch.testing.assert_close(a.terms["initial"], ref.mean(dim=(1, 2)), atol=1e-6, rtol=1e-5)
+    # mask: initial map above the threshold, dilated 3x3
+    mask = F.max_pool2d((ref > sc.threshold).float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
     assert torch.equal(mask.float().mean(dim=(1, 2)), frac)
-    assert (a.maps[~mask] == 0).all()
+    # final map: L1 residual of the re-sampled image inside the mask, 0 outside
+    res = (x - a.recon).abs().mean(dim=1)
+    torch.testing.assert_close(a.maps, res * mask, atol=1e-6, rtol=1e-5)
+    assert (a.maps[mask] > 0).float().mean() > 0.5
+    torch.testing.assert_close(a.scores, (res * mask).mean(dim=(1, 2)), atol=1e-6, rtol=1e-5)
     assert torch.equal(a.recon[:, :, ~mask[0]][0], x[:, :, ~mask[0]][0])  # stitched outside
+
+
+def test_autoddpm_weighted_final_map_and_raw_residual(unet: torch.nn.Module,
+                                                      lp: torch.nn.Module) -> None:
+    """final="weighted" (the reference code): the final residual times the initial map;
+    normalize_residual=False: the initial map is LPIPS times the raw L1 residual."""
+    s = build_scheduler("ddpm")
+    sc = AutoDDPMScorer(unet, s, t_recon=20, t_inpaint=5, resample=2, steps_recon=4,
+                        steps_inpaint=3, lpips=lp, seed=0, threshold=0.0,
+                        normalize_residual=False, final="weighted")
+    x = _x(2, seed=13, size=32)
+    recon = _first_recon(sc, x)
+    raw = _initial_ref(lp, x, recon, False)
+    init = sc.initial_map(x, ImageStreams.for_images(x, 0))[1]
+    torch.testing.assert_close(init, raw, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(init, _initial_ref(lp, x, recon, True))
+    out = sc.score(x)
+    want = (x - out.recon).abs().mean(dim=1) * raw
+    torch.testing.assert_close(out.maps, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.scores, want.mean(dim=(1, 2)), atol=1e-6, rtol=1e-5)
 
 
 def test_autoddpm_without_calibration_warns(unet: torch.nn.Module, lp: torch.nn.Module) -> None:

@@ -71,6 +71,19 @@ def test_iterative_refinement_lowers_the_score() -> None:
                                refined.scores)
 
 
+class _Recording(torch.nn.Module):
+    """The generator, remembering the latent of its last call."""
+
+    def __init__(self, G: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.last = G, torch.empty(0)
+        self.latent_dim, self.resolution, self.channels = G.latent_dim, G.resolution, G.channels
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.last = z.detach().clone()
+        return self.inner(z)
+
+
 def test_iterative_from_random_start_needs_no_encoder_and_is_seeded() -> None:
     nets = _nets()
     del nets["encoder"]
@@ -80,6 +93,68 @@ def test_iterative_from_random_start_needs_no_encoder_and_is_seeded() -> None:
     # batched: each image's latent is optimised independently of the others
     c = FAnoGANScorer(**nets, mode="iterative", steps=3, seed=4, prior="uniform").score(_x())
     assert c.scores.shape == (4,)
+    d = FAnoGANScorer(**nets, mode="iterative", steps=3, seed=5, prior="uniform").score(_x())
+    assert (c.scores != d.scores).all()  # another seed, other starts
+
+
+def test_uniform_prior_keeps_the_searched_latent_in_the_box() -> None:
+    """prior="uniform": z stays in [-1, 1] after every Adam step, however large the lr (Adam
+    moves each coordinate by ~lr per step, so lr 0.5 over 4 steps leaves the box unclamped)."""
+    nets = _nets()
+    del nets["encoder"]
+    x = _x()
+    z0 = torch.rand(4, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    free = FAnoGANScorer(**nets, mode="iterative", steps=4, lr=0.5).refine(x, z0)
+    assert free.abs().max() > 1.2  # the normal prior does not clamp: this lr leaves the box
+    z = FAnoGANScorer(**nets, mode="iterative", steps=4, lr=0.5, prior="uniform").refine(x, z0)
+    assert z.abs().max() <= 1.0 and (z.abs() == 1.0).any()
+    G = _Recording(nets["generator"])
+    out = FAnoGANScorer(generator=G, critic=nets["critic"], mode="iterative", steps=4, lr=0.5,
+                        prior="uniform", seed=2).score(x)
+    assert G.last.abs().max() <= 1.0 and (G.last.abs() == 1.0).any()  # the scored latent
+    with torch.no_grad():
+        torch.testing.assert_close(out.recon, nets["generator"](G.last))
+
+
+def _izif_search(nets: dict[str, Any], x: torch.Tensor, lam: float, steps: int,
+                 lr: float) -> torch.Tensor:
+    """Reference izi_f search (f-AnoGAN's encoder start, then Adam on z): per image
+    ``mean (x - G(z))^2 + lam * mean (f(x) - f(G(z)))^2``; returns the final z."""
+    G, D = nets["generator"], nets["critic"]
+    with torch.no_grad():
+        z = nets["encoder"](x).clone()
+        fx = D.features(x)
+    z.requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        r = G(z)
+        loss = (x - r).square().mean(dim=(1, 2, 3)) \
+            + lam * (fx - D.features(r)).square().mean(dim=1)
+        (z.grad,) = torch.autograd.grad(loss.sum(), [z])
+        opt.step()
+    return z.detach()
+
+
+def test_izif_iterative_searches_with_lam_and_scores_with_kappa() -> None:
+    """izif+iterative: ``lam`` weighs the feature term of the search only; the score stays
+    izi_f's ``residual + kappa * feature`` at the refined z."""
+    nets = _nets()
+    x = _x()
+    G, D = nets["generator"], nets["critic"]
+    recons = {}
+    for lam in (0.0, 1.0, 0.3):
+        out = FAnoGANScorer(**nets, kappa=0.7, lam=lam, mode="izif+iterative", steps=6,
+                            lr=0.05).score(x)
+        z = _izif_search(nets, x, lam, steps=6, lr=0.05)
+        with torch.no_grad():
+            recon = G(z)
+            feat = 0.7 * (D.features(x) - D.features(recon)).square().mean(dim=1)
+        torch.testing.assert_close(out.recon, recon, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.terms["residual"], (x - recon).square().mean((1, 2, 3)),
+                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(out.terms["feature"], feat, atol=1e-6, rtol=1e-4)
+        recons[lam] = out.recon
+    assert (recons[0.0] - recons[1.0]).abs().max() > 1e-3  # lam changes the search
 
 
 def test_iterative_is_anogan_loss_score_and_defaults() -> None:

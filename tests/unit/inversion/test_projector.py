@@ -26,7 +26,7 @@ def _G(res: int = 16) -> Generator:
 
 
 def test_projection_recovers_images_the_generator_made() -> None:
-    G = _G()
+    G = _scaled_down_G(16)  # its images lie inside [-1, 1], as images do
     z = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         target = G(z, noise_mode="const")
@@ -88,20 +88,57 @@ def test_encoder_training_lowers_its_loss_and_initialises_projection() -> None:
     torch.testing.assert_close(res.ws, E(real[:2]))
 
 
+def _scaled_down_G(res: int = 32, gain: float = 0.2) -> Generator:
+    """``_G`` with its toRGB weights scaled by ``gain``: outputs well inside [-1, 1] (the
+    random generator overshoots to ~3), so clamping the reconstruction changes nothing."""
+    G = _G(res)
+    for blk in G.synthesis.blocks:
+        blk.torgb.weight.mul_(gain)
+    return G
+
+
 def test_scorer_outputs_scores_maps_and_terms() -> None:
-    G = _G(32)
+    G = _scaled_down_G()
     from gen_ad.models.stylegan2 import Discriminator
 
     D = Discriminator(resolution=32, channel_base=64, channel_max=8).eval()
     net = build_lpips("alex", random_init=True)
-    scorer = StyleGAN2Scorer(G, D=D, lpips_net=net, steps=3, feature_weight=0.1)
+    scorer = StyleGAN2Scorer(G, D=D, lpips_net=net, steps=3, feature_weight=0.1,
+                             lpips_weight=0.6, pixel_weight=1.3)
     assert scorer.name == "stylegan2" and scorer.latent == "w"
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
     out = scorer.score(x)
     assert out.scores.shape == (3,) and out.maps.shape == (3, 32, 32)
     assert out.recon.shape == (3, 3, 32, 32) and (out.maps >= 0).all()
+    assert out.recon.abs().max() < 0.99  # nothing clamped (see _scaled_down_G)
     assert set(out.terms) == {"lpips", "pixel", "feature"}
-    expected = out.terms["lpips"] + out.terms["pixel"] + 0.1 * out.terms["feature"]
+    # independent references from the nets and the returned reconstruction
+    spatial = build_lpips("alex", spatial=True, random_init=True)
+    spatial.load_state_dict(net.state_dict())  # the same weights, per-pixel output
+    with torch.no_grad():
+        lp = net(x, out.recon).flatten()
+        lp_map = spatial(x, out.recon)[:, 0]
+        feat = (D.features(x, mbstd_group=1) - D.features(out.recon, mbstd_group=1)).square()
+    pix_map = (x - out.recon).abs().mean(dim=1)
+    torch.testing.assert_close(out.terms["pixel"], (x - out.recon).abs().mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(out.terms["lpips"], lp)
+    torch.testing.assert_close(out.terms["feature"], feat.mean(dim=1))
+    torch.testing.assert_close(out.maps, 0.6 * lp_map + 1.3 * pix_map)
+    assert (0.6 * lp_map).mean() > 0.05 * out.maps.mean()  # the LPIPS part is not negligible
+    expected = 0.6 * lp + 1.3 * out.terms["pixel"] + 0.1 * out.terms["feature"]
     torch.testing.assert_close(out.scores, expected)
     alone = torch.cat([scorer.score(x[i:i + 1]).terms["feature"] for i in range(3)])
     torch.testing.assert_close(out.terms["feature"], alone)  # no dependence on batch mates
+
+
+def test_scorer_lpips_term_is_of_the_returned_reconstruction() -> None:
+    """project() measured LPIPS (and MSE) on the raw synthesis but returned it clamped to
+    [-1, 1]: the score's LPIPS term was of another image than its pixel term, map and recon
+    (about 9% apart for this generator, whose outputs reach 3.1)."""
+    G = _G(32)  # random generator: outputs overshoot [-1, 1]
+    net = build_lpips("alex", random_init=True)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    out = StyleGAN2Scorer(G, lpips_net=net, steps=3).score(x)
+    with torch.no_grad():
+        lp = net(x, out.recon).flatten()
+    torch.testing.assert_close(out.terms["lpips"], lp)

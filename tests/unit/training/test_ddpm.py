@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 
 from gen_ad.config import from_dict, load_config
@@ -16,6 +17,7 @@ from gen_ad.data.synthetic import generate
 from gen_ad.errors import ConfigError
 from gen_ad.inversion.lpips_net import build_lpips
 from gen_ad.inversion.noise import ImageStreams
+from gen_ad.inversion.simplex import simplex_like
 from gen_ad.models.ema import ema_copy, ema_update
 from gen_ad.scoring.maps import dilate
 from gen_ad.training.ddpm import DDPMConfig, DDPMFamily
@@ -64,6 +66,23 @@ def test_bad_config_names_the_key(data: dict, key: str) -> None:
         from_dict(DDPMConfig, data)
 
 
+def _replayed_loss(unet: torch.nn.Module, x0: torch.Tensor, noise: str, fam: DDPMFamily,
+                   step: int) -> float:
+    """Ho et al. 2020, Algorithm 1 / Eq. 14 replayed from the step's generator (``t`` first,
+    then ``eps``): ``|| eps - eps_theta(sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t) ||^2`` averaged,
+    with ``ab`` the cumulative product of the linear betas 1e-4..0.02 (T = 1000, float32 as
+    diffusers builds them)."""
+    gen = torch.Generator().manual_seed(step)
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen) if noise == "gaussian" \
+        else simplex_like(x0, gen, fam.cfg.noise.simplex)
+    ab = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), dim=0)[t]
+    x_t = ab[:, None, None, None] ** 0.5 * x0 + (1 - ab[:, None, None, None]) ** 0.5 * eps
+    with torch.no_grad():
+        pred = unet.train()(x_t, t).sample
+    return float(F.mse_loss(pred, eps))
+
+
 @pytest.mark.parametrize("noise", ["gaussian", "simplex"])
 def test_train_step_is_seeded_and_updates(noise: str) -> None:
     x = _images(generate(4, 16, seed=0))
@@ -77,7 +96,9 @@ def test_train_step_is_seeded_and_updates(noise: str) -> None:
         before = [p.detach().clone() for p in models["unet"].parameters()]
         _step(fam, models, opts, scheds, x, step=0)  # warm-up starts at lr 0
         assert scheds["unet"].get_last_lr()[0] == pytest.approx(0.5e-4)  # warm-up 1 of 2 steps
+        want = _replayed_loss(models["unet"], x, noise, fam, step=1)
         logs = _step(fam, models, opts, scheds, x, step=1)
+        assert float(logs["loss"]) == want  # L_simple on the step's own (t, eps) draws
         assert scheds["unet"].get_last_lr()[0] == pytest.approx(1e-4)  # peak, then cosine
         assert set(logs) == {"loss", "grad_norm"} and 0 < logs["loss"] < 10
         after = list(models["unet"].parameters())
