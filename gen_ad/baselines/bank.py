@@ -38,7 +38,14 @@ import numpy as np
 
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.thresholds import Threshold, iqr_threshold
-from gen_ad.utils.io import atomic_dir, atomic_path, inside, unique_tag, write_json
+from gen_ad.utils.io import (
+    atomic_dir,
+    atomic_path,
+    inside,
+    json_object,
+    unique_tag,
+    write_json,
+)
 
 META = "bank.json"
 CALIB = "calibration.npy"  # the calibration file of a version-1 bank
@@ -67,13 +74,7 @@ def read_meta(root: Path) -> dict[str, Any]:
             raise incomplete(root, f"no {META} yet")
         raise CheckpointError(f"no feature bank at {root} (missing {META}); build one with "
                               "`gen-ad knn fit`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} is damaged: not a JSON object")
-    return meta
+    return json_object(path.read_bytes(), path)
 
 
 def _interrupted_v1(root: Path) -> bool:

@@ -30,6 +30,7 @@ from gen_ad.utils.io import (
     check_files,
     checked_bytes,
     inside,
+    json_object,
     publish_dir,
     read_manifest_file,
     save_safetensors,
@@ -171,13 +172,7 @@ def _read_legacy(model_dir: Path, pick: Pick) -> tuple[dict[str, Any], dict[str,
 
 
 def _parse_meta(data: bytes, model_dir: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{model_dir}/model.json is not valid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{model_dir}/model.json is not an export description")
-    return meta
+    return json_object(data, f"{model_dir}/model.json", "an export description")
 
 
 def verify_export(model_dir: Path) -> None:

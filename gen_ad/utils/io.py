@@ -372,6 +372,22 @@ def inside(root: str | os.PathLike[str], rel: str) -> Path:
     return base / rel
 
 
+def json_object(data: bytes | str, where: str | os.PathLike[str],
+                what: str = "a JSON object") -> dict[str, Any]:
+    """Parse ``data`` (read from ``where``, named in errors) as one JSON object.
+
+    Raises:
+        CheckpointError: not UTF-8, not JSON, or not an object (``what`` says what it should be).
+    """
+    try:
+        obj = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{where} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where} is damaged: not {what}")
+    return obj
+
+
 def read_manifest_file(folder: str | os.PathLike[str], name: str = MANIFEST) -> dict[str, Any]:
     """Read ``folder/name`` (a CheckpointError when missing or not a manifest)."""
     p = Path(folder) / name
