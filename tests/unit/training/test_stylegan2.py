@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gen_ad.config import from_dict
@@ -272,3 +275,119 @@ def test_encoder_stage_adam_betas_are_config_keys(tmp_path: Path) -> None:
     assert opt["E"].param_groups[0]["betas"] == (0.5, 0.9)
     with pytest.raises(ConfigError, match="encoder.betas"):
         _cfg(tmp_path, 1, encoder={"betas": [0.9, 1.0]})
+
+
+# ----------------------------------------------------------------------------- learning
+
+# No augmentation (p = 0 draws nothing), so a phase's random draws are z, the mixing z, the host's
+# mixing cut-off and coin, then the noise maps: all replayable from the step's seeds.
+NO_AUG = {"p": 0.0, "ada": False}
+
+
+def _learning_setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+    fam = StyleGAN2Family(_cfg(tmp_path, 1, augment=NO_AUG))
+    torch.manual_seed(0)
+    models = fam.build_models()
+    fam.setup(models, torch.device("cpu"))
+    return fam, models, fam.build_optimizers(models)  # one Adam state across the steps
+
+
+def _step_ctx(models: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], step: int):  # type: ignore[no-untyped-def]
+    from accelerate import Accelerator
+
+    from gen_ad.training.family import StepContext
+
+    return StepContext(Accelerator(cpu=True), models, opts, {}, {}, step, 0.0,
+                       torch.Generator().manual_seed(step), host_rng=random.Random(step))
+
+
+def _fixed() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed real batch and fixed latents (4 images: one minibatch-std group)."""
+    real = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return real, torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
+
+
+def _fakes(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return G(z, generator=torch.Generator().manual_seed(3))  # fixed noise maps too
+
+
+def test_discriminator_phases_raise_the_real_fake_gap(tmp_path: Path) -> None:
+    """With G fixed, Dmain steps (minimising ``-log(1 - sigmoid(D(G(z)))) - log sigmoid(D(x))``)
+    raise ``mean D(x) - mean D(G(z))`` on a fixed real batch and fixed z, and leave G alone."""
+    fam, models, opts = _learning_setup(tmp_path)
+    G, D = models["G"], models["D"]
+    real, z = _fixed()
+    g_before = copy.deepcopy(G.state_dict())
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float(D(real).mean() - D(_fakes(G, z)).mean())
+
+    before = gap()
+    for s in range(10):
+        fam.discriminator_main(_step_ctx(models, opts, s), real)
+    after = gap()
+    assert after > before + 0.03, (before, after)  # measured: 0.005 -> 0.070, rising each step
+    assert all(torch.equal(v, g_before[k]) for k, v in G.state_dict().items()
+               if k != "mapping.w_avg")
+
+
+def test_generator_phases_raise_d_of_the_fakes(tmp_path: Path) -> None:
+    """With D fixed, Gmain steps (minimising ``-log sigmoid(D(G(z)))``, the non-saturating loss)
+    raise ``mean D(G(z))`` for a fixed z, and leave D alone."""
+    fam, models, opts = _learning_setup(tmp_path)
+    G, D = models["G"], models["D"]
+    D.requires_grad_(False)  # as train_step does around Gmain
+    real, z = _fixed()
+    d_before = copy.deepcopy(D.state_dict())
+
+    def d_fake() -> float:
+        with torch.no_grad():
+            return float(D(_fakes(G, z)).mean())
+
+    before = d_fake()
+    for s in range(10):
+        fam.generator_main(_step_ctx(models, opts, s), real)
+    after = d_fake()
+    assert after > before + 0.01, (before, after)  # measured: -0.005 -> 0.011, rising each step
+    assert all(torch.equal(v, d_before[k]) for k, v in D.state_dict().items())
+
+
+def _replayed_fakes(fam: StyleGAN2Family, G: nn.Module, step: int) -> torch.Tensor:
+    """The images a phase of step ``step`` generates, from its seeds: z and the mixing z from the
+    step's generator, the cut-off layer and the mixing coin from the host RNG, then the noise."""
+    gen, host = torch.Generator().manual_seed(step), random.Random(step)
+    z = torch.randn(4, fam.cfg.model.z_dim, generator=gen)
+    z2 = torch.randn(4, fam.cfg.model.z_dim, generator=gen)
+    cut = host.randrange(1, G.num_ws)
+    mix = host.random() < fam.cfg.loss.style_mixing
+    return G(z, mix_z=z2, mix_cutoff=cut if mix else None, generator=gen)
+
+
+def test_logged_losses_are_the_non_saturating_losses_of_a_replay(tmp_path: Path) -> None:
+    """``loss_g = -log sigmoid(D(G(z)))`` and ``loss_d = -log(1 - sigmoid(D(G(z))))
+    - log sigmoid(D(x))`` (Goodfellow et al. 2014; StyleGAN2's ``Gmain`` / ``Dmain``), batch
+    means, recomputed on copies of the networks from before each phase with its random draws
+    replayed."""
+    fam, models, opts = _learning_setup(tmp_path)
+    G, D = models["G"], models["D"]
+    real, _ = _fixed()
+    G0, D0 = copy.deepcopy(G), copy.deepcopy(D)
+    D.requires_grad_(False)
+    ctx = _step_ctx(models, opts, 5)
+    fam.generator_main(ctx, real)
+    with torch.no_grad():
+        want_g = -F.logsigmoid(D0(_replayed_fakes(fam, G0, 5))).mean()
+    torch.testing.assert_close(ctx.logs["loss_g"], want_g, rtol=1e-5, atol=1e-6)
+
+    G0, D0 = copy.deepcopy(G), copy.deepcopy(D)
+    D.requires_grad_(True)
+    ctx = _step_ctx(models, opts, 6)
+    fam.discriminator_main(ctx, real)
+    with torch.no_grad():
+        lf, lr = D0(_replayed_fakes(fam, G0, 6)), D0(real)
+    want_d = -F.logsigmoid(-lf).mean() - F.logsigmoid(lr).mean()
+    torch.testing.assert_close(ctx.logs["loss_d"], want_d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ctx.logs["d_real"], lr.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ctx.logs["d_fake"], lf.mean(), rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -169,6 +170,92 @@ def test_train_step_updates_both_and_is_deterministic() -> None:
         assert any(not torch.equal(sd1[k], init[name][k]) for k in sd1)  # and trained
 
 
+def _replay_critic_phase(G: nn.Module, D: nn.Module, real: torch.Tensor,
+                         step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w_dist, gp)`` of a critic phase of step ``step``, recomputed from Gulrajani et al. 2017
+    (Algorithm 1) on copies of the networks from before it, its draws replayed from the step's
+    seed: ``z ~ N(0, I)``, then one ``a ~ U[0, 1)`` per image;
+    ``gp = mean (|grad D(real + a (fake - real))| - 1)^2``."""
+    gen = torch.Generator().manual_seed(1000 + step)  # _ctx's seed
+    z = torch.randn(real.shape[0], 16, generator=gen)
+    with torch.no_grad():
+        fake = G.train()(z)
+    w = D(real).mean() - D(fake).mean()
+    a = torch.rand(real.shape[0], 1, 1, 1, generator=gen)
+    x_hat = (real + a * (fake - real)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(x_hat).sum(), [x_hat])
+    gp = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    return w.detach(), gp
+
+
+def test_critic_loss_is_minus_w_dist_plus_weighted_penalty() -> None:
+    """One critic phase logs ``loss_d = -w_dist + gp_weight * gp`` (WGAN-GP's critic loss) with
+    ``w_dist`` and ``gp`` those of a replay; a weight other than the default 10 shows that the
+    configured one is used."""
+    torch.manual_seed(0)
+    fam = WGANFamily(_cfg(gan={"gp_weight": 3.0}))
+    models = fam.build_models()
+    opts = fam.build_optimizers(models)
+    G0, D0 = copy.deepcopy(models["G"]), copy.deepcopy(models["D"])
+    real = _images(2)
+    ctx = _ctx(models, opts, 0)
+    fam.critic_phase(ctx, real)
+    w, gp = _replay_critic_phase(G0, D0, real, 0)
+    logs = ctx.logs
+    torch.testing.assert_close(logs["w_dist"], w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logs["gp"], gp, rtol=1e-5, atol=1e-6)
+    assert float(gp) > 0.01  # the penalty term is not negligible here
+    torch.testing.assert_close(logs["loss_d"], -w + 3.0 * gp, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_penalty_weight_changes_the_critic_update() -> None:
+    """The same two critic phases from the same start end with other critic weights at
+    gp_weight 0 than at 10 (and 10 than 3): the penalty's weight reaches the gradient."""
+    def critic_after(gp_weight: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        fam = WGANFamily(_cfg(gan={"gp_weight": gp_weight}))
+        models = fam.build_models()
+        opts = fam.build_optimizers(models)
+        for s in range(2):
+            fam.critic_phase(_ctx(models, opts, s), _images(2, seed=s))
+        return models["D"].state_dict()
+
+    d0, d3, d10 = critic_after(0.0), critic_after(3.0), critic_after(10.0)
+    for other in (d0, d3):
+        diff = max(float((other[k] - d10[k]).abs().max()) for k in d10)
+        assert diff > 1e-4, diff  # measured: 9e-4 (Adam moves each weight by about lr = 2e-4)
+
+
+def test_generator_phases_raise_the_critic_on_fakes() -> None:
+    """With D fixed, generator phases (loss ``-E[D(G(z))]``) raise ``mean D(G(z))`` for a fixed
+    z, leave D alone, and log ``loss_g = -mean D(G(z))`` of a replay of the phase's z."""
+    torch.manual_seed(0)
+    fam = WGANFamily(_cfg())
+    models = fam.build_models()
+    opts = fam.build_optimizers(models)
+    G, D = models["G"], models["D"]
+    z = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+    d_before = copy.deepcopy(D.state_dict())
+
+    def d_fake() -> float:
+        with torch.no_grad():
+            return float(D(G.train()(z)).mean())
+
+    before = d_fake()
+    for s in range(8):
+        G0 = copy.deepcopy(G)
+        ctx = _ctx(models, opts, s)
+        fam.generator_phase(ctx, 8)
+        z_s = torch.randn(8, 16, generator=torch.Generator().manual_seed(1000 + s))
+        with torch.no_grad():
+            torch.testing.assert_close(ctx.logs["loss_g"], -D(G0.train()(z_s)).mean(),
+                                       rtol=1e-5, atol=1e-6)
+    after = d_fake()
+    assert after > before + 0.01, (before, after)  # measured: 0.270 -> 0.296, rising each step
+    assert all(torch.equal(v, d_before[k]) for k, v in D.state_dict().items())
+    assert all(p.grad is None for p in D.parameters())  # cleared with G's
+
+
 def test_sample_shape_and_range() -> None:
     fam = WGANFamily(_cfg())
     models = fam.build_models()
@@ -215,6 +302,45 @@ def test_encoder_stage_freezes_g_and_d_bitwise(tmp_path: Path) -> None:
     assert any(not torch.equal(before["E"][n], sd_e[n]) for n in sd_e)
     scorers = fam.scorers({k: m.eval() for k, m in models.items()})
     assert list(scorers) == ["fanogan"] and scorers["fanogan"].mode == "izif"
+
+
+def _izif(x: torch.Tensor, E: nn.Module, G: nn.Module, D: nn.Module,
+          kappa: float) -> torch.Tensor:
+    """f-AnoGAN's izi_f loss written out: ``MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))``,
+    ``f`` the critic's features (Schlegl et al. 2019, eq. for L_izi_f)."""
+    with torch.no_grad():
+        r = G(E(x))
+        return ((x - r) ** 2).mean() + kappa * ((D.features(x) - D.features(r)) ** 2).mean()
+
+
+def test_encoder_stage_uses_its_kappa_and_lowers_the_izif_loss(tmp_path: Path) -> None:
+    """``encoder.kappa`` = 0.7 reaches the stage's loss (``loss_e = mse_img + 0.7 * mse_feat``,
+    each term that of a replay on E before the step), and 40 steps on a fixed batch lower the
+    izi_f loss recomputed by hand."""
+    gan_dir, _ = _fake_gan_run(tmp_path)
+    fam = WGANFamily(_cfg(stage="encoder", gan_run=str(gan_dir), train={"batch_size": 6},
+                          encoder={"kappa": 0.7}))
+    torch.manual_seed(0)
+    models = fam.build_models()
+    fam.setup(models, torch.device("cpu"))
+    opts = fam.build_optimizers(models)
+    E, G, D = models["E"], models["G"].eval(), models["D"].eval()
+    x = _images(6)
+    E0 = copy.deepcopy(E)
+    logs = fam.train_step(_ctx(models, opts, 0), x)
+    with torch.no_grad():
+        r = G(E0(x))
+        img = ((x - r) ** 2).mean()
+        feat = ((D.features(x) - D.features(r)) ** 2).mean()
+    torch.testing.assert_close(logs["mse_img"], img, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logs["mse_feat"], feat, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logs["loss_e"], img + 0.7 * feat, rtol=1e-5, atol=1e-7)
+    assert float(feat) > 0.01  # the feature term weighs in
+    before = float(_izif(x, E0, G, D, 0.7))
+    for s in range(1, 40):
+        fam.train_step(_ctx(models, opts, s), x)
+    after = float(_izif(x, E, G, D, 0.7))
+    assert after < 0.95 * before, (before, after)  # measured: 0.207 -> 0.186
 
 
 def test_encoder_stage_errors(tmp_path: Path) -> None:
