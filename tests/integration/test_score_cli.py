@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from gen_ad.cli import main
 from gen_ad.data.synthetic import write_folder
@@ -19,6 +21,23 @@ TINY = ["data.synthetic=24", "train.sample_every=0", "train.fid_every=0", "train
 
 def _train(*args: str) -> None:
     assert main(["train", "wgan", *args, *TINY]) == 0
+
+
+def _check_outputs_agree(folder: Path, threshold: float) -> None:
+    """scores.csv, metrics.json and the example maps of one method tell the same story:
+    AUROC is scikit-learn's on the written scores, ``flagged`` is ``score > threshold``, and the
+    ``top-01`` / ``bottom-01`` maps are the highest- and lowest-scoring images."""
+    rows = list(csv.DictReader((folder / "scores.csv").open()))
+    scores = np.array([float(r["score"]) for r in rows])
+    labels = np.array([int(r["label"]) for r in rows])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["auroc"]["value"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert [int(r["flagged"]) for r in rows] == (scores > threshold).astype(int).tolist()
+    assert metrics["flagged"] == int((scores > threshold).sum())
+    assert len(set(scores.tolist())) == len(scores)  # no ties: top and bottom are unambiguous
+    top, bottom = (Path(rows[int(i)]["path"]).stem for i in (scores.argmax(), scores.argmin()))
+    assert (folder / "maps" / f"top-01_{top}_overlay.png").is_file()
+    assert (folder / "maps" / f"bottom-01_{bottom}_overlay.png").is_file()
 
 
 def test_score_run_folder(tmp_path: Path, capsys) -> None:
@@ -55,6 +74,16 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
     th = json.loads((enc / "thresholds" / "fanogan.json").read_text())
     assert th["method"] == "iqr" and th["n"] == 12
     assert sorted(p.name for p in (enc / "thresholds").iterdir()) == ["fanogan.json"]  # one set
+    _check_outputs_agree(out / "fanogan", th["value"])
+
+    # the saved threshold is Tukey's fence of the 12 normal validation scores: score that
+    # folder itself (the saved calibration is reused; f-AnoGAN's izi_f score is deterministic)
+    assert main(["score", str(enc), "--data", str(tmp_path / "val"), "--out",
+                 str(tmp_path / "val_scores"), "--examples", "0", "--n-boot", "10"]) == 0
+    val = np.array([float(r["score"]) for r in csv.DictReader(
+        (tmp_path / "val_scores" / "fanogan" / "scores.csv").open())])
+    q1, q3 = np.percentile(val, [25, 75])
+    assert val.size == 12 and th["value"] == pytest.approx(q3 + 1.5 * (q3 - q1), rel=1e-9)
 
     # without --normal, the saved threshold is reused: same flags as before
     out2 = tmp_path / "scores2"

@@ -177,6 +177,19 @@ def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
     assert bl["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
     th = json.loads(json.dumps(bl["threshold"]))
     assert th["method"] == "iqr" and th["n"] == 16
+    # the threshold is Tukey's fence of the blur scores of the 16 normal validation images
+    # (scored here directly), and a test image is flagged exactly when its score is above it
+    from gen_ad.data.folders import PatchFolder
+
+    val = PatchFolder(root=str(split["val"]), size=32, classes=["normal"])
+    with torch.no_grad():
+        val_s = BlurScorer().score(torch.stack([val[i]["image"] for i in range(len(val))]))
+    q1, q3 = np.percentile(val_s.scores.double().numpy(), [25, 75])
+    assert len(val) == 16 and th["value"] == pytest.approx(q3 + 1.5 * (q3 - q1), rel=1e-6)
+    flags = [int(r.split(",")[4]) for r in rows]
+    assert flags == [int(v > th["value"]) for v in s]
+    saved = json.loads((out / "methods/blur-recon/metrics.json").read_text())
+    assert saved["flagged"] == sum(flags) and saved["threshold"]["value"] == th["value"]
 
     # report.html: one embedded PNG per figure, all decodable; names escaped
     html = (out / "report.html").read_text()
@@ -197,6 +210,54 @@ def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
     assert "AUPRO" not in lines[0]  # the KNN has no maps
     header = (out / "methods/blur-recon/scores.csv").read_text().splitlines()[0]
     assert header == "path,label,class,score,flagged"  # the engine's one format
+
+
+class StdScorer(AnomalyScorer):
+    """Score = the image's standard deviation (no maps)."""
+
+    name = "std"
+
+    def fit(self, normal_batches):  # type: ignore[no-untyped-def]
+        return self
+
+    def score(self, x: torch.Tensor) -> ScoreBatch:
+        return ScoreBatch(scores=x.std(dim=(1, 2, 3)))
+
+
+def test_benchmark_threshold_flags_and_auroc_follow_the_scores(split: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """A method whose fence flags some test images (the blur method above flags none): the
+    saved threshold is Tukey's fence of its validation scores, ``flagged`` is exactly
+    ``score > threshold`` and the AUROC is scikit-learn's on the written scores."""
+    from sklearn.metrics import roc_auc_score
+
+    from gen_ad.data.folders import PatchFolder
+
+    out = tmp_path / "bench"
+    raw = _cfg(split, out, examples=0, shortcut={"colour_baseline": False,
+                                                 "stain_shift": False})
+    raw["methods"] = [{"knn": {"extractor": "colour-stats", "k": 2, "bank": "unused"}}]
+    cfg = from_dict(BenchmarkConfig, raw)
+    pm = PreparedMethod("std", "generative", "image std (test)", [], StdScorer(), 32,
+                        str(split["val"]), None, 8)
+    benchmark_methods(cfg, [pm], "cpu", progress=False)
+
+    val = PatchFolder(root=str(split["val"]), size=32, classes=["normal"])
+    val_s = torch.stack([val[i]["image"] for i in range(len(val))]).std(dim=(1, 2, 3))
+    q1, q3 = np.percentile(val_s.double().numpy(), [25, 75])
+    (rec,) = json.loads((out / "results.json").read_text())["methods"]
+    value = rec["threshold"]["value"]
+    assert len(val) == 16 and value == pytest.approx(q3 + 1.5 * (q3 - q1), rel=1e-6)
+    rows = [r.split(",") for r in (out / "methods/std/scores.csv").read_text().splitlines()[1:]]
+    scores = np.array([float(r[3]) for r in rows])
+    flags = np.array([int(r[4]) for r in rows])
+    assert len(rows) == 20 and 0 < flags.sum() < 20  # both outcomes occur
+    assert flags.tolist() == (scores > value).astype(int).tolist()
+    saved = json.loads((out / "methods/std/metrics.json").read_text())
+    assert saved["flagged"] == int(flags.sum())
+    labels = [int(r[1]) for r in rows]
+    assert rec["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(labels, scores),
+                                                             abs=1e-12)
 
 
 def test_fid_unavailable_is_labelled(split: dict[str, Path], tmp_path: Path) -> None:

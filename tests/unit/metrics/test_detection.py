@@ -71,6 +71,25 @@ def test_bootstrap_seeded_stratified_and_contains_estimate() -> None:
     assert a["auroc"].value == pytest.approx(roc_auc_score(y, s))
 
 
+def test_stratified_resamples_keep_the_class_sizes() -> None:
+    """Each stratified resample draws 3 of the 3 positives and 9 of the 9 negatives (with
+    replacement); a pooled resample of 12 items does not keep those counts."""
+    from gen_ad.metrics.curves import resample_counts
+
+    y = np.array([1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0], dtype=bool)
+    counts = resample_counts(np.random.default_rng(0), y, 50, True)
+    assert counts.shape == (50, 12) and (counts >= 0).all()
+    assert (counts[:, y].sum(1) == 3).all() and (counts[:, ~y].sum(1) == 9).all()
+    assert len({tuple(r) for r in counts}) > 1  # they are resamples, not copies of the data
+    pooled = resample_counts(np.random.default_rng(0), y, 50, False)
+    assert (pooled.sum(1) == 12).all() and not (pooled[:, y].sum(1) == 3).all()
+    # through the bootstrap: with 1 positive in 4, a pooled resample lacks it ~32 % of the
+    # time (test below); stratified, every resample keeps it and counts as valid
+    s, lab = np.array([0.9, 0.1, 0.2, 0.3]), np.array([1, 0, 0, 0])
+    m = bootstrap_metrics(s, lab, n_boot=400, seed=0)["auroc"]
+    assert m.n_valid == m.n_boot == 400 and m.low == m.high == 1.0
+
+
 def test_unstratified_bootstrap_drops_single_class_resamples() -> None:
     s, y = np.array([0.9, 0.1, 0.2, 0.3]), np.array([1, 0, 0, 0])
     m = bootstrap_metrics(s, y, n_boot=400, seed=0, stratified=False)["auroc"]

@@ -50,12 +50,29 @@ def test_compare_groups_equals_scipy() -> None:
     assert c["mannwhitney_u"] == pytest.approx(mw.statistic)
     assert c["welch_p"] == pytest.approx(wt.pvalue, rel=1e-12)
     assert c["welch_t"] == pytest.approx(wt.statistic, rel=1e-12)
+    assert c["welch_df"] == pytest.approx(wt.df, rel=1e-12)
+    pooled = np.sqrt((6 * a.var(ddof=1) + 8 * b.var(ddof=1)) / 14)  # unequal sizes: 7 and 9
+    assert c["hedges_g"] == pytest.approx((b.mean() - a.mean()) / pooled * (1 - 3 / (4 * 16 - 9)),
+                                          rel=1e-12)
+    assert c["median_diff"] == pytest.approx(np.median(b) - np.median(a))
     cliff = np.mean([np.sign(x - y) for x in b for y in a])
     assert c["cliffs_delta"] == pytest.approx(cliff)
     assert c["cliffs_delta"] == pytest.approx(2 * mw.statistic / (7 * 9) - 1)
     assert c["hedges_g"] > 0 and c["mean_diff"] == pytest.approx(b.mean() - a.mean())
     with pytest.raises(DataError, match="at least 2"):
         compare_groups([1.0], [2.0, 3.0])
+    # a hand-computed case (treated minus control): control [1,2,3] (mean 2, median 2, s^2 = 1),
+    # treated [4,6,8] (mean 6, median 6, s^2 = 4); pooled s = sqrt((2*1 + 2*4) / 4) = sqrt(2.5),
+    # Cohen's d = 4 / sqrt(2.5), Hedges' J = 1 - 3 / (4 * 6 - 9) = 0.8;
+    # Welch-Satterthwaite df = (1/3 + 4/3)^2 / ((1/3)^2 / 2 + (4/3)^2 / 2) = 50 / 17
+    hand = compare_groups([1.0, 2.0, 3.0], [4.0, 6.0, 8.0])
+    assert hand["hedges_g"] == pytest.approx(0.8 * 4.0 / np.sqrt(2.5), rel=1e-12)
+    assert hand["welch_df"] == pytest.approx(50.0 / 17.0, rel=1e-12)
+    assert hand["median_diff"] == 4.0 and hand["mean_diff"] == 4.0
+    assert hand["welch_t"] == pytest.approx(4.0 / np.sqrt(1.0 / 3.0 + 4.0 / 3.0), rel=1e-12)
+    flipped = compare_groups([4.0, 6.0, 8.0], [1.0, 2.0, 3.0])  # the sign follows treated - control
+    assert flipped["hedges_g"] == pytest.approx(-hand["hedges_g"], rel=1e-12)
+    assert flipped["median_diff"] == -4.0 and flipped["welch_df"] == pytest.approx(50.0 / 17.0)
     const = compare_groups([1.0, 1.0], [1.0, 1.0])
     assert const["hedges_g"] is None and json.dumps(const, allow_nan=False)
 
@@ -162,6 +179,31 @@ def test_animals_are_the_unit_when_the_table_names_them(tmp_path, capsys) -> Non
     (tmp_path / "bad.csv").write_text("slide,group,animal\nslide0,control,a\nslide3,treated,a\n")
     with pytest.raises(DataError, match="animal 'a' is in two groups"):
         read_animals(tmp_path / "bad.csv")
+
+
+def test_an_animal_pools_its_patches_not_its_slide_percentages() -> None:
+    """Slides of unequal size: animal c1 has a 10-patch slide with 5 above the threshold and a
+    30-patch slide with 3 above, so 8 of its 40 patches (20 %), not the mean of 50 % and 10 %;
+    its mean score is over its 40 patches, not the mean of the two slides' means."""
+    rng = np.random.default_rng(0)
+    layout = {"cA": (10, 5), "cB": (30, 3), "cC": (10, 0), "tA": (20, 10), "tB": (20, 12)}
+    animal = {"cA": "c1", "cB": "c1", "cC": "c2", "tA": "t1", "tB": "t2"}
+    groups = {s: "control" if s.startswith("c") else "treated" for s in layout}
+    slides: list[str] = []
+    scores: list[float] = []
+    for slide, (n, above) in layout.items():
+        slides += [slide] * n
+        scores += list(1.5 + rng.random(above)) + list(0.9 * rng.random(n - above))
+    res = group_analysis(slides, scores, groups, 1.0, slide_animals=animal)
+    assert res["unit"] == "animal"
+    assert res["groups"]["control"] == pytest.approx([20.0, 0.0])
+    assert res["groups"]["treated"] == pytest.approx([50.0, 60.0])
+    c1 = np.asarray(scores)[np.isin(slides, ["cA", "cB"])]
+    first = res["per_animal"][0]
+    assert first["animal"] == "c1" and (first["n_patches"], first["n_above"]) == (40, 8)
+    assert first["percent_above"] == pytest.approx(20.0)
+    assert first["mean_score"] == pytest.approx(c1.mean(), rel=1e-12)
+    assert first["max_score"] == c1.max()
 
 
 @pytest.mark.parametrize(("control", "treated", "exact_p"), [

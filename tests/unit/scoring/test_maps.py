@@ -63,6 +63,45 @@ def test_normalize_and_jet() -> None:
     assert c[1, 1] == 255  # middle = green-ish
 
 
+# map values whose jet colours are exact: 0.125 -> blue, 0.375 -> cyan, 0.625 -> yellow
+# (channel c of jet(v) is clip(1.5 - |4 v - (3, 2, 1)[c]|, 0, 1), hand-evaluated)
+_JET_EXACT = {0.125: (0, 0, 255), 0.375: (0, 255, 255), 0.625: (255, 255, 0)}
+
+
+def test_overlay_blends_alpha_of_the_colour_map() -> None:
+    """``overlay`` = round((1 - alpha) * image + alpha * jet(map)); with alpha 0.2 and colours
+    of 0/255 no value falls on a .5 rounding tie."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    values = list(_JET_EXACT)
+    m = np.array([[values[(i + j) % 3] for j in range(6)] for i in range(4)])
+    m[3, 5] = np.nan
+    colour = np.array([[_JET_EXACT.get(v, (0, 0, 0)) for v in row] for row in m], float)
+    ref = np.round(0.8 * img.astype(float) + 0.2 * colour).astype(np.uint8)
+    ref[3, 5] = img[3, 5]  # NaN keeps the image
+    out = overlay(img, m, alpha=0.2)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(overlay(img, m, alpha=1.0)[0, 0], _JET_EXACT[m[0, 0]])
+
+
+def test_save_map_png_writes_the_blend(tmp_path) -> None:
+    """The PNG holds the image (``[-1,1]`` -> ``round((x + 1) * 127.5)``) blended with the map
+    scaled by vmin/vmax."""
+    rng = np.random.default_rng(1)
+    u8 = rng.integers(0, 256, (5, 7, 3))
+    x = torch.from_numpy(u8 / 127.5 - 1.0).float().permute(2, 0, 1)  # [3,H,W] in [-1,1]
+    raw = np.array([[(1, 3, 5)[(i * 7 + j) % 3] for j in range(7)] for i in range(5)], float)
+    save_map_png(tmp_path / "o.png", torch.from_numpy(raw), image=x, alpha=0.2, vmin=0.0,
+                 vmax=8.0)  # 1, 3, 5 of 8 -> 0.125, 0.375, 0.625
+    colour = np.array([[_JET_EXACT[v / 8.0] for v in row] for row in raw], float)
+    with Image.open(tmp_path / "o.png") as im:
+        got = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(got, np.round(0.8 * u8 + 0.2 * colour).astype(np.uint8))
+    save_map_png(tmp_path / "plain.png", torch.from_numpy(raw), vmin=0.0, vmax=8.0)
+    with Image.open(tmp_path / "plain.png") as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), colour.astype(np.uint8))
+
+
 def test_overlay_and_png(tmp_path) -> None:
     x = torch.zeros(1, 3, 8, 8)
     img = to_uint8_images(x)
