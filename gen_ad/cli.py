@@ -749,8 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_process_unless_training(args: argparse.Namespace) -> int | None:
     """Run the parsed command; only ``train`` runs under a multi-process launch (every process
     of ``accelerate launch`` would score, fit or write the same folder at once)."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if args.command != "train" and world.isdigit() and int(world) > 1:
+    world = os.environ.get("WORLD_SIZE", "1")  # with RANK: set per process by the launchers
+    if args.command != "train" and "RANK" in os.environ and world.isdigit() and int(world) > 1:
         raise ConfigError(f"gen-ad {args.command} runs in one process, not under a "
                           f"{world}-process launch: run it without accelerate launch / torchrun "
                           "(only gen-ad train uses several processes)")
