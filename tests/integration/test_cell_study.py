@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,23 +26,30 @@ def _run(*argv: str) -> None:
     assert main([str(a) for a in argv]) == 0, argv
 
 
-@pytest.mark.slow  # about 90 s on 2 shared CPU cores (12 slides + 8 normal fields, ~3500 cells)
-def test_cell_study_finds_the_planted_rate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    study = write_study(tmp_path / "study", {"control": (4, 0.0), "treated": (4, RATE),
-                                             "sham": (4, 0.0)}, size=256, seed=0)
-    normal = write_study(tmp_path / "normal", {"bank": (8, 0.0)}, size=256, seed=0,
+def _study(tmp_path: Path, groups: dict[str, tuple[int, float]], size: int,
+           k: int) -> dict[str, Any]:
+    """The cell workflow on synthetic fields: cells -> KNN bank of 8 normal fields -> score ->
+    groups (threshold: the bank's); returns groups.json."""
+    study = write_study(tmp_path / "study", groups, size=size, seed=0)
+    normal = write_study(tmp_path / "normal", {"bank": (8, 0.0)}, size=size, seed=0,
                          first_index=100)
     for src, out in ((study["slides"], "study_cells"), (normal["slides"], "bank_cells")):
         _run("cells", src, "--out", tmp_path / out, "--mpp", "0.5", "--size", "32",
              "--slide-mpp", "1.0", "--detect-mpp", "1.0")
     _run("knn", "fit", "--extractor", "colour-stats", "--normal", tmp_path / "bank_cells/crops",
-         "--out", tmp_path / "bank", "--k", "50", "--size", "32", "--workers", "0",
+         "--out", tmp_path / "bank", "--k", str(k), "--size", "32", "--workers", "0",
          "--device", "cpu")
     _run("knn", "score", tmp_path / "bank", "--data", tmp_path / "study_cells/crops", "--out",
          tmp_path / "scores", "--size", "32", "--workers", "0", "--device", "cpu")
     _run("groups", "--scores", tmp_path / "scores/scores.csv", "--groups", study["groups"],
          "--threshold-file", tmp_path / "bank/threshold.json", "--out", tmp_path / "groups")
-    res = json.loads((tmp_path / "groups/groups.json").read_text())
+    return json.loads((tmp_path / "groups/groups.json").read_text())
+
+
+@pytest.mark.slow  # about 90 s on 2 shared CPU cores (12 slides + 8 normal fields, ~3500 cells)
+def test_cell_study_finds_the_planted_rate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    res = _study(tmp_path, {"control": (4, 0.0), "treated": (4, RATE), "sham": (4, 0.0)},
+                 size=256, k=50)
     print({g: [round(v, 1) for v in vals] for g, vals in res["groups"].items()})
     treated, sham = res["comparisons"]["treated"], res["comparisons"]["sham"]
     print(f"treated vs control: p={treated['mannwhitney_p']:.3f}, median diff "
@@ -62,21 +70,7 @@ def test_small_cell_study_ranks_treated_above_control(tmp_path: Path) -> None:
     of 3 vs 3 is its minimum, 0.1 (the slow test above checks p < 0.05 on 4 vs 4), and
     groups.json's percentages are the share of each slide's cells scored above the saved
     threshold. (Checked on study seeds 0-5: treated > control on each; seed 0 here.)"""
-    study = write_study(tmp_path / "study", {"control": (3, 0.0), "treated": (3, RATE)},
-                        size=128, seed=0)
-    normal = write_study(tmp_path / "normal", {"bank": (8, 0.0)}, size=128, seed=0,
-                         first_index=100)
-    for src, out in ((study["slides"], "study_cells"), (normal["slides"], "bank_cells")):
-        _run("cells", src, "--out", tmp_path / out, "--mpp", "0.5", "--size", "32",
-             "--slide-mpp", "1.0", "--detect-mpp", "1.0")
-    _run("knn", "fit", "--extractor", "colour-stats", "--normal", tmp_path / "bank_cells/crops",
-         "--out", tmp_path / "bank", "--k", "20", "--size", "32", "--workers", "0",
-         "--device", "cpu")
-    _run("knn", "score", tmp_path / "bank", "--data", tmp_path / "study_cells/crops", "--out",
-         tmp_path / "scores", "--size", "32", "--workers", "0", "--device", "cpu")
-    _run("groups", "--scores", tmp_path / "scores/scores.csv", "--groups", study["groups"],
-         "--threshold-file", tmp_path / "bank/threshold.json", "--out", tmp_path / "groups")
-    res = json.loads((tmp_path / "groups/groups.json").read_text())
+    res = _study(tmp_path, {"control": (3, 0.0), "treated": (3, RATE)}, size=128, k=20)
     control, treated = res["groups"]["control"], res["groups"]["treated"]
     assert len(control) == len(treated) == 3 and min(treated) > max(control)
     c = res["comparisons"]["treated"]
