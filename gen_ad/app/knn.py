@@ -52,7 +52,7 @@ from gen_ad.baselines.knn import (
     resolved,
     shared_files,
 )
-from gen_ad.errors import ConfigError, DataError
+from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.thresholds import Threshold, calibrate
 from gen_ad.utils.lock import writes_folder
 
@@ -127,7 +127,8 @@ def fit_summary(bank: FeatureBank) -> str:
     """The lines ``gen-ad knn fit`` prints: the bank, its weights and precision, the training
     resolution of its extractor, and its threshold."""
     thr, _ = saved_threshold(bank)
-    assert thr is not None  # a fit or an extend commits its threshold with the bank
+    if thr is None:  # a fit or an extend commits its threshold with the bank
+        raise CheckpointError(f"{bank.root} holds no threshold: re-run `gen-ad knn fit`")
     info = bank.meta["extractor"]
     return (f"bank: {bank.root} ({bank.count} x {bank.dim}, extractor {info['name']}, weights "
             f"{_weights_line(info)}, {info.get('precision', 'unrecorded')} embeddings)\n"
