@@ -46,7 +46,7 @@ from gen_ad.app.evaluate import (
     write_outputs,
 )
 from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_report
-from gen_ad.baselines.knn import resolved, shared_files
+from gen_ad.baselines.knn import shared_files, shared_indices
 from gen_ad.config import check, load_config, to_dict
 from gen_ad.data.folders import ResizeMode, subset
 from gen_ad.errors import CheckpointError, ConfigError, DataError, GenAdError
@@ -491,7 +491,7 @@ def threshold_scores(pm: PreparedMethod, fit_ds: Dataset, val_ds: Dataset,
     the bank its leave-one-out scores are used, and on a partial overlap the shared images are
     left out of the threshold set. Other scorers are fair on the images they were fitted on.
     """
-    shared = _shared_indices(dataset_paths(val_ds) or [], dataset_paths(fit_ds) or [])
+    shared = shared_indices(dataset_paths(val_ds) or [], dataset_paths(fit_ds) or [])
     held_out = pm.scorer.fit_scores()
     how: dict[str, Any] = {"overlap_fit_val": len(shared), "threshold_scores": "val"}
     if held_out is not None and shared:
@@ -504,12 +504,6 @@ def threshold_scores(pm: PreparedMethod, fit_ds: Dataset, val_ds: Dataset,
     val = score_dataset(pm.scorer, val_ds, batch_size=pm.batch_size, device=device,
                         keep_maps=False)
     return val.scores, how
-
-
-def _shared_indices(paths: list[str], others: list[str]) -> set[int]:
-    """Indices of ``paths`` that name a file among ``others`` (compared resolved)."""
-    pool = {resolved(p) for p in others}
-    return {i for i, p in enumerate(paths) if resolved(p) in pool}
 
 
 def overlap_with_test(fit_ds: Dataset, val_ds: Dataset, test_ds: Dataset) -> dict[str, int]:

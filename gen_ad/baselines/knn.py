@@ -615,10 +615,15 @@ def resolved(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def shared_indices(paths: Iterable[str], others: Iterable[str]) -> set[int]:
+    """Indices of ``paths`` that name a file among ``others`` (compared :func:`resolved`)."""
+    pool = {resolved(p) for p in others}
+    return {i for i, p in enumerate(paths) if resolved(p) in pool}
+
+
 def shared_files(paths: Iterable[str], others: Iterable[str]) -> int:
     """How many of ``paths`` name a file among ``others`` (compared :func:`resolved`)."""
-    pool = {resolved(p) for p in others}
-    return sum(resolved(p) in pool for p in paths)
+    return len(shared_indices(paths, others))
 
 
 def bank_settings(bank: FeatureBank, **overrides: Any) -> SearchSettings:

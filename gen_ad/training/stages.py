@@ -19,7 +19,7 @@ from gen_ad.config import from_dict
 from gen_ad.errors import CheckpointError, ConfigError
 from gen_ad.training.checkpoint import load_tensors
 from gen_ad.training.export import read_export
-from gen_ad.training.resume_config import flatten, plain_config
+from gen_ad.training.resume_config import config_changes, plain_config
 from gen_ad.utils.io import load_safetensors_bytes
 
 
@@ -88,17 +88,15 @@ def check_gan_config(cfg: Any, gan: GanExport, own: Collection[str] = ()) -> Non
         theirs = plain_config(from_dict(type(cfg), gan.config))
     except ConfigError as e:
         raise CheckpointError(f"{gan.model_dir}/model.json has an invalid config: {e}") from e
-    a, b = dict(flatten(plain_config(cfg))), dict(flatten(theirs))
-    keys = sorted(k for k in a.keys() | b.keys()
-                  if (k == "data.size" or k.startswith("model.")) and k not in own)
-    diff = [f"{k} is {a.get(k)!r} here, {b.get(k)!r} in the gan run" for k in keys
-            if a.get(k) != b.get(k)]
+    diff = [f"{k} is {ours!r} here, {gan_value!r} in the gan run"
+            for k, gan_value, ours in config_changes(theirs, plain_config(cfg))
+            if (k == "data.size" or k.startswith("model.")) and k not in own]
     if diff:
         raise ConfigError(
             f"config key(s) of stage 'encoder' differ from its gan_run's "
             f"({gan.model_dir / 'model.json'}): {'; '.join(diff)}. The encoder stage loads that "
             "run's G and D, so data.size and model.* (except the encoder's own keys) must "
-            "the gan run's: set them to its values")
+            "equal the gan run's: set them to its values")
 
 
 def unwrap_model(m: nn.Module) -> nn.Module:

@@ -182,8 +182,7 @@ def load_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[
     except FileNotFoundError as e:
         raise CheckpointError(f"weights file not found: {path}") from e
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is damaged or not a safetensors file ({msg})") from e
+        raise _not_safetensors(e, path) from e
 
 
 def load_safetensors_bytes(data: bytes, source: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -196,8 +195,13 @@ def load_safetensors_bytes(data: bytes, source: str | os.PathLike[str]) -> dict[
     try:
         return safetensors_load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{source} is damaged or not a safetensors file ({msg})") from e
+        raise _not_safetensors(e, source) from e
+
+
+def _not_safetensors(e: Exception, source: str | os.PathLike[str]) -> CheckpointError:
+    """The error for safetensors data that does not load (its first message line)."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"{source} is damaged or not a safetensors file ({msg})")
 
 
 def torch_save(path: str | os.PathLike[str], obj: Any) -> None:
