@@ -602,8 +602,19 @@ def _init_trackers(state: RunState) -> None:
 
     acc = state.accelerator
     if acc.log_with:
-        acc.init_trackers("tb", config=_flat(to_dict(state.family.cfg)))
+        acc.init_trackers("tb", config=_flat(to_dict(state.family.cfg)),
+                          init_kwargs={"tensorboard": _tensorboard_kwargs(state.counters.step)})
     state.fid_monitor = make_fid_monitor(state.family.cfg, state.run_dir, acc.device)
+
+
+def _tensorboard_kwargs(step: int) -> dict[str, int]:
+    """SummaryWriter arguments for a run resumed after ``step`` (``0``: a new run).
+
+    ``purge_step``: TensorBoard hides the earlier event files' points at steps ``> step`` (a
+    killed run's, or an abandoned branch's), as the JSON logs set theirs aside; without it a
+    resumed run's curves show two values at those steps.
+    """
+    return {"purge_step": step + 1} if step > 0 else {}
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -495,3 +495,22 @@ def test_the_run_says_how_many_processes_train_and_logs_their_mean(
 
     logs = {"loss": torch.tensor(1.0), "img_per_s": 7.0}
     assert mean_over_processes(TwoProcesses(), logs) == {"loss": 2.0, "img_per_s": 6.0}
+
+
+def test_a_resume_hides_the_tensorboard_points_past_its_state(tmp_path: Path) -> None:
+    """TensorBoard's curves of a run killed at step 5 with its state at 3, then resumed, show
+    each step once, with the resumed branch's values (the JSON logs set theirs aside; the event
+    files cannot be rewritten, so the resumed writer purges the points past step 3)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "r"
+    with pytest.raises(TrainingDivergedError):  # dies in its 5th step, after logging step 4
+        _train(out, "train.max_steps=6", "train.ckpt_every=3", "nan_at_step=4")
+    _train(out, "train.max_steps=6", resume="latest")
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    points = [(e.step, e.value) for e in acc.Scalars("loss_net")]
+    assert [s for s, _ in points] == [1, 2, 3, 4, 5, 6]
+    logged = [r["loss_net"] for r in read_jsonl(out / "stats.jsonl")]
+    assert [v for _, v in points] == pytest.approx(logged, rel=1e-6)
