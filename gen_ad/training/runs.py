@@ -5,11 +5,13 @@ and anomaly scorers, from the saved config alone (the family is found in the reg
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -129,7 +131,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
             weights that do not match the config.
     """
     model_dir = find_model_dir(path)
-    meta, blobs = read_export(model_dir, _weight_files)  # read once, checked, loaded as read
+    meta, blobs = read_export(model_dir, _export_files)  # read once, checked, loaded as read
     try:
         cls = family_class(meta["family"])
         cfg = from_dict(cls.config_cls, meta["config"])
@@ -145,20 +147,22 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         m.to(device).eval().requires_grad_(False)
         if torch.device(device).type == "cpu":  # the family picks channels-last when CUDA
             m.to(memory_format=torch.contiguous_format)  # exists, for training: not on a CPU
-    stain = run_stain(model_dir, meta, cfg)
+    stain = run_stain(model_dir, meta, cfg, blobs)
     run_dir = model_dir.parent if _is_export_name(model_dir.name) else model_dir
     return Run(run_dir, cfg, family, models, int(meta.get("step", 0)),
                float(meta.get("kimg", 0.0)), stain,
                stain_reference(model_dir, meta, cfg) if stain is not None else None)
 
 
-def _weight_files(meta: Mapping[str, Any]) -> list[str]:
-    """The export's weight files :func:`load_run` loads: every file of ``model.json``'s list
-    but the raw weights of a model kept with an EMA (its EMA copy is loaded instead)."""
+def _export_files(meta: Mapping[str, Any]) -> list[str]:
+    """The export's files :func:`load_run` loads: every weight file of ``model.json``'s list
+    but the raw weights of a model kept with an EMA (its EMA copy is loaded instead), and the
+    stain reference copied into the export."""
     files, ema = meta.get("files"), set(meta.get("ema", []))
     if not isinstance(files, Mapping):
         raise CheckpointError("model.json has no file list")
-    return [str(f) for key, f in files.items() if key not in ema]
+    stain_ref = [str(meta["stain_ref"])] if meta.get("stain_ref") else []
+    return [str(f) for key, f in files.items() if key not in ema] + stain_ref
 
 
 def _load_from(module: nn.Module, blobs: Mapping[str, bytes], model_dir: Path, rel: str,
@@ -179,9 +183,11 @@ def stain_reference(model_dir: Path, meta: dict[str, Any], cfg: Any) -> Path | N
     return model_dir / meta["stain_ref"] if meta.get("stain_ref") else Path(str(data.stain_ref))
 
 
-def run_stain(model_dir: Path, meta: dict[str, Any], cfg: Any) -> StainNormalizer | None:
+def run_stain(model_dir: Path, meta: dict[str, Any], cfg: Any,
+              blobs: Mapping[str, bytes] | None = None) -> StainNormalizer | None:
     """The stain normaliser of a run trained with ``data.stain_norm`` (else ``None``), fitted on
-    :func:`stain_reference`.
+    :func:`stain_reference`: from its verified bytes in ``blobs`` when the export holds it
+    (never the file opened again, which a new export may have replaced since the check).
 
     Raises:
         CheckpointError: neither reference image can be found.
@@ -198,4 +204,20 @@ def run_stain(model_dir: Path, meta: dict[str, Any], cfg: Any) -> StainNormalize
             "which copies it into model/)")
     from gen_ad.data.stain import StainNormalizer
 
-    return StainNormalizer(method=data.stain_norm, reference=ref)
+    checked = (blobs or {}).get(str(meta.get("stain_ref")))
+    reference = _decode_rgb(checked, ref) if checked is not None else ref
+    return StainNormalizer(method=data.stain_norm, reference=reference)
+
+
+def _decode_rgb(data: bytes, source: Path) -> np.ndarray:
+    """The uint8 RGB ``[H,W,3]`` image of an export's verified PNG bytes."""
+    from PIL import Image
+
+    from gen_ad.data.folders import pil_to_rgb8
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return pil_to_rgb8(im)
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
+        raise CheckpointError(f"cannot decode the stain reference {source}: {e}") from e

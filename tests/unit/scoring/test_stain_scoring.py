@@ -147,3 +147,35 @@ def test_outputs_count_the_queries_left_in_their_own_stain(tmp_path: Path) -> No
     plain = write_outputs(tmp_path / "plain", ScoredSet(["a.png"], ["normal"], np.array([0]),
                                                         np.array([0.1])), None, method="m")
     assert "stain_unchanged" not in plain and "own stain" not in summary_line(plain)
+
+
+@needs_torchstain
+def test_load_run_fits_the_stain_reference_it_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new export published between ``load_run``'s check of the export and its use of the
+    stain reference must not hand over the other export's reference: the normaliser is fitted
+    on the verified bytes, not on the file opened again."""
+    import gen_ad.training.runs as runs
+
+    data, ref = _folder(tmp_path)
+    run = tmp_path / "gan"
+    assert main(["train", "wgan", "--config", str(CONFIGS / "demo.yaml"), f"out={run}",
+                 f"data.train={data}", "data.stain_norm=reinhard", f"data.stain_ref={ref}",
+                 "train.max_steps=1", "train.batch_size=10", "train.sample_every=0",
+                 "train.fid_every=0", "train.ckpt_every=0"]) == 0
+    other = sorted((data / "normal").iterdir())[-1]
+    real_read = runs.read_export
+
+    def read_then_replace(model_dir: Path, pick):  # type: ignore[no-untyped-def]
+        out = real_read(model_dir, pick)
+        shutil.copy(other, model_dir / "stain_ref.png")  # a later export's reference
+        return out
+
+    monkeypatch.setattr(runs, "read_export", read_then_replace)
+    r = load_run(run)
+    assert r.stain is not None
+    x = torch.stack([image_to_tensor(read_rgb(f)) for f in sorted((data / "normal").iterdir())[:3]])
+    want = normalise_batch(x, StainNormalizer(method="reinhard", reference=ref))
+    wrong = normalise_batch(x, StainNormalizer(method="reinhard", reference=other))
+    assert not torch.equal(want, wrong)
+    assert torch.equal(normalise_batch(x, r.stain), want)
