@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_ad.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from gen_ad.utils.download import download_file, hash_prefix_of, offline
 from gen_ad.utils.io import torch_load
 
 EmbedRule = Literal["cls", "cls+mean", "avg", "vector"]
@@ -347,10 +348,6 @@ def _tiny_dim(spec: ExtractorSpec) -> int:
 # ----------------------------------------------------------------------------- weights
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _where_to_put(spec: ExtractorSpec) -> str:
     if spec.installed:
         from gen_ad.weights.registry import install_hint
@@ -476,9 +473,10 @@ def resolve_weights(spec: ExtractorSpec, weights: str | os.PathLike[str] | None)
     if spec.installed:
         raise WeightsNotFoundError(f"weights for '{spec.name}' are not installed: "
                                    f"{_where_to_put(spec)}")
-    if _offline():
+    if offline():
         raise WeightsNotFoundError(
-            f"weights for '{spec.name}' are not cached and HF_HUB_OFFLINE is set; "
+            f"weights for '{spec.name}' are not cached and offline mode is set "
+            f"(GEN_AD_OFFLINE/HF_HUB_OFFLINE); "
             f"{_where_to_put(spec)}")
     return _download(spec)
 
@@ -536,10 +534,8 @@ def _download(spec: ExtractorSpec) -> Path:
     if spec.url:
         dst = Path(torch.hub.get_dir()) / "checkpoints" / spec.url.rsplit("/", 1)[-1]
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(spec.url, str(dst), progress=True)
-            return dst
-        except Exception as e:  # noqa: BLE001
+            return download_file(spec.url, dst, hash_prefix_of(dst.name))
+        except OSError as e:  # network failures, timeouts, a wrong hash
             errors.append(f"{spec.url}: {type(e).__name__}: {e}")
     raise WeightsNotFoundError(f"could not download weights for '{spec.name}' "
                                f"({'; '.join(errors) or 'no source'}); {_where_to_put(spec)}")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from gen_ad.errors import WeightsNotFoundError
+from gen_ad.utils.download import download_file, hash_prefix_of, offline
 from gen_ad.utils.io import torch_load
 
 # Trunk name -> (torchvision checkpoint file, download URL).
@@ -51,10 +52,6 @@ def trunk_file(net: str) -> Path:
     if net not in _TRUNKS:
         raise ValueError(f"unknown LPIPS trunk '{net}' (known: {', '.join(_TRUNKS)})")
     return Path(torch.hub.get_dir()) / "checkpoints" / _TRUNKS[net][0]
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "GEN_AD_OFFLINE"))
 
 
 def _read(p: Path) -> dict[str, torch.Tensor]:
@@ -86,13 +83,12 @@ def _load_trunk_state(net: str, weights: str | os.PathLike[str] | None,
     if cached.is_file():
         return _read(cached), f"torchvision file {cached.name}"
     why = "offline mode is set (HF_HUB_OFFLINE/GEN_AD_OFFLINE)"
-    if not _offline():
+    if not offline():
         try:
-            return torch.hub.load_state_dict_from_url(
-                _TRUNKS[net][1], model_dir=str(cached.parent), map_location="cpu",
-                progress=False, weights_only=True), f"downloaded {cached.name}"
-        except Exception as e:  # noqa: BLE001 - any network failure means "not available"
-            why = f"download failed ({type(e).__name__})"
+            got = download_file(_TRUNKS[net][1], cached, hash_prefix_of(cached.name))
+            return _read(got), f"downloaded {cached.name}"
+        except OSError as e:  # network failures, timeouts, a wrong hash
+            why = f"download failed ({type(e).__name__}: {e})"
     if net in _INSTALLABLE:
         from gen_ad.weights.registry import install_hint
 

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import struct
-import urllib.request
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 
 from gen_ad.errors import CheckpointError, ConfigError, DataError, WeightsNotFoundError
-from gen_ad.utils.io import atomic_path, check_state_dict, sha256_file, torch_load
+from gen_ad.utils.download import download_file, offline
+from gen_ad.utils.io import check_state_dict, sha256_file, torch_load
 
 FeatureFn = Callable[[Tensor], Tensor]
 """``features(x) -> [B,D]`` for uint8 images ``x`` of shape ``[B,3,H,W]``."""
@@ -55,8 +55,6 @@ _INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[-1].split(".")[0]
 # the first 8 hex digits of the file's sha256); the installed safetensors is known by the
 # registry's tensor digest (see :func:`weights_digests`)
 _KNOWN_FILE_SHA256_PREFIXES: tuple[str, ...] = (_INCEPTION_SHA256_PREFIX,)
-_OFFLINE_ENV = ("GEN_AD_OFFLINE", "HF_HUB_OFFLINE")
-_DOWNLOAD_TIMEOUT_S = 30.0
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -204,12 +202,6 @@ def inception_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
-def is_offline() -> bool:
-    """True when ``GEN_AD_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value."""
-    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
-               for k in _OFFLINE_ENV)
-
-
 def _missing_weights_message(reason: str) -> str:
     from gen_ad.weights.registry import install_hint
 
@@ -237,25 +229,17 @@ def resolve_inception_weights(explicit: str | os.PathLike | None = None) -> Path
     cached = inception_cache_path()
     if cached.is_file():
         return cached
-    if is_offline():
+    if offline():
         raise WeightsNotFoundError(_missing_weights_message("offline mode"))
     return _download_inception(cached)
 
 
 def _download_inception(dest: Path) -> Path:
     """Download torch-fidelity's weights to ``dest`` (atomic, hash-checked, bounded timeout)."""
-    sha = hashlib.sha256()
     try:
-        with urllib.request.urlopen(INCEPTION_URL, timeout=_DOWNLOAD_TIMEOUT_S) as resp, \
-                atomic_path(dest) as tmp, open(tmp, "wb") as f:
-            while chunk := resp.read(1 << 20):
-                sha.update(chunk)
-                f.write(chunk)
-            if not sha.hexdigest().startswith(_INCEPTION_SHA256_PREFIX):
-                raise OSError("downloaded file has the wrong SHA-256")
+        return download_file(INCEPTION_URL, dest, _INCEPTION_SHA256_PREFIX)
     except OSError as e:  # URLError, timeouts and hash mismatch
         raise WeightsNotFoundError(_missing_weights_message(f"download failed: {e}")) from e
-    return dest
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from gen_ad.cli import main
 from gen_ad.errors import ConfigError, DataError, WeightsNotFoundError
 from gen_ad.metrics import fid
 from gen_ad.metrics import inception as inc
+from gen_ad.utils.download import offline
 from gen_ad.utils.io import torch_save
 
 needs_torchstain = pytest.mark.skipif(importlib.util.find_spec("torchstain") is None,
@@ -431,7 +432,7 @@ def test_offline_without_weights_names_file_and_directory(
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("GEN_AD_OFFLINE", "1")
-    assert inc.is_offline()
+    assert offline()
     with pytest.raises(WeightsNotFoundError, match="offline"):
         inc.resolve_inception_weights()
     with pytest.raises(WeightsNotFoundError, match="not found: .*nope.pth"):
