@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from gen_ad._version import __version__
+
 __all__ = ["load_run", "__version__"]
 
 

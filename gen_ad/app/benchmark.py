@@ -18,7 +18,6 @@ data URIs), ``figures/*.png`` and ``methods/<name>/scores.csv``.
 from __future__ import annotations
 
 import math
-import platform
 import re
 import time
 from collections.abc import Iterator
@@ -638,13 +637,11 @@ def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig, devic
 def _environment(device: str) -> dict[str, Any]:
     import os
 
-    from gen_ad.utils.hardware import cpu_name
+    from gen_ad.utils.provenance import environment
 
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform(), "cpu": cpu_name(),
-           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    env = environment(device)
+    env.update(torch=torch.__version__, cpu_count=os.cpu_count(),
+               threads=torch.get_num_threads())
     return env
 
 

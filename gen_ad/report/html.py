@@ -137,6 +137,15 @@ def generator_cell(gen: dict[str, Any] | None) -> str:
     return text
 
 
+def _provenance_line(env: dict[str, Any]) -> str:
+    """The code and libraries that made the numbers (results of an older gen_ad: nothing)."""
+    if "gen_ad" not in env:
+        return ""
+    from gen_ad.utils.provenance import describe
+
+    return f"<p class='meta'>{_e(describe(env))}</p>"
+
+
 def _summary_table(methods: list[dict[str, Any]]) -> str:
     rows = []
     for m in methods:
@@ -205,6 +214,7 @@ def render_report(results: dict[str, Any], root: str | os.PathLike[str]) -> str:
         f"<h1>{_e(results['title'])}</h1>",
         f"<p class='meta'>created {_e(results['created'])} · device {_e(env.get('device'))} "
         f"({_e(hw)}, {_e(env.get('threads'))} threads) · torch {_e(env.get('torch'))}</p>",
+        _provenance_line(env),
         f"<p>Test split <code>{_e(test['root'])}</code>: {test['n']} patches "
         f"({test['n_normal']} normal, {test['n_anomalous']} anomalous)"
         + (f", masks <code>{_e(test['masks'])}</code>" if test.get("masks") else "")

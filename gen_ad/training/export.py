@@ -37,6 +37,7 @@ from gen_ad.utils.io import (
     write_json,
     write_manifest,
 )
+from gen_ad.utils.provenance import environment
 
 FORMAT_VERSION = 2
 STAIN_REF = "stain_ref.png"  # the stain reference of a stain-normalised run, copied in
@@ -63,6 +64,7 @@ def export_models(model_dir: Path, *, family: Family, models: Mapping[str, nn.Mo
             "step": counters.step,
             "kimg": counters.kimg,
             "config": to_dict(family.cfg),
+            "environment": environment(),
         }
         stain_ref = _copy_stain_reference(family.cfg, tmp)
         if stain_ref is not None:

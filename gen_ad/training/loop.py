@@ -521,6 +521,7 @@ def _run_training(family: Family, resume: str | None) -> Path:
         _note_batch_change(state)
     if acc.is_main_process:
         _note_processes(state)
+        _record_environment(state)
         _note_data_and_budget(state, len(dataset))  # type: ignore[arg-type]
         _note_stain(state, dataset)
         save_config(cfg, state.run_dir / "config.yaml")
@@ -547,6 +548,23 @@ def _note_processes(state: RunState) -> None:
     tqdm.write(f"train {state.family.name}: {n} process{'es' if n > 1 else ''} on "
                f"{acc.device.type}, batch {tc.batch_size}{f' ({split})' if split else ''}, "
                f"mixed precision {acc.mixed_precision}", file=sys.stderr)
+
+
+def _record_environment(state: RunState) -> None:
+    """Append this start's line to ``<run>/environment.jsonl``: the step it starts from, the
+    processes, device and precision, and :func:`~gen_ad.utils.provenance.environment` (gen_ad's
+    version and commit, the packages). One line per start: a resumed run may have moved to
+    another machine or library version, and its numbers then mix them."""
+    from datetime import datetime, timezone
+
+    from gen_ad.utils.io import append_jsonl
+    from gen_ad.utils.provenance import environment
+
+    acc = state.accelerator
+    append_jsonl(state.run_dir / "environment.jsonl", {
+        "step": state.counters.step, "started": datetime.now(timezone.utc).isoformat(),
+        "processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+        **environment(str(acc.device))})
 
 
 def _note_data_and_budget(state: RunState, n_images: int) -> None:

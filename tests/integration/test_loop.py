@@ -131,6 +131,24 @@ def test_keep_last_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(x, run.sample(5, seed=3, batch_size=2))
 
 
+def test_each_start_records_its_environment(tmp_path: Path) -> None:
+    """``environment.jsonl`` has one line per start (a resumed run may have moved to another
+    machine or library version) and the export names the code that wrote it."""
+    import gen_ad
+
+    _train(tmp_path / "r", "train.max_steps=2")
+    _train(tmp_path / "r", "train.max_steps=4", resume="latest")
+    lines = read_jsonl(tmp_path / "r" / "environment.jsonl")
+    assert [ln["step"] for ln in lines] == [0, 2]
+    for ln in lines:
+        assert ln["gen_ad"] == gen_ad.__version__ and ln["device"] == "cpu"
+        assert ln["processes"] == 1 and ln["mixed_precision"] == "no"
+        assert ln["packages"]["torch"] and ln["packages"]["accelerate"]
+    meta = json.loads((tmp_path / "r" / "model" / "model.json").read_text(encoding="utf-8"))
+    assert meta["environment"]["gen_ad"] == gen_ad.__version__
+    assert meta["environment"]["packages"] == lines[-1]["packages"]
+
+
 def test_existing_run_needs_resume(tmp_path: Path) -> None:
     _train(tmp_path / "r", "train.max_steps=2")
     with pytest.raises(CheckpointError, match="--resume latest"):

@@ -15,7 +15,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "gen_ad"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("gen_ad.errors", "gen_ad.utils", "gen_ad.config", "gen_ad.weights.registry"),
+    ("gen_ad._version", "gen_ad.errors", "gen_ad.utils", "gen_ad.config",
+     "gen_ad.weights.registry"),
     ("gen_ad.data",),
     ("gen_ad.models",),
     ("gen_ad.scoring",),

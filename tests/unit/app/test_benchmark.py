@@ -191,8 +191,14 @@ def test_benchmark_end_to_end(split: dict[str, Path], tmp_path: Path) -> None:
     saved = json.loads((out / "methods/blur-recon/metrics.json").read_text())
     assert saved["flagged"] == sum(flags) and saved["threshold"]["value"] == th["value"]
 
+    # provenance: the code and libraries that made the numbers, shown in the report too
+    import gen_ad
+    env = data["environment"]
+    assert env["gen_ad"] == gen_ad.__version__ and env["device"] == "cpu"
+    assert env["packages"]["torch"] and env["packages"]["scikit-learn"]
     # report.html: one embedded PNG per figure, all decodable; names escaped
     html = (out / "report.html").read_text()
+    assert f"gen_ad {gen_ad.__version__}" in html and "diffusers" in html
     srcs = _png_sources(html)
     assert len(srcs) == len(data["figures"]) == 2 + 2 * 2  # roc, pr + hist & examples each
     for src in srcs:
