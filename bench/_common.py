@@ -31,8 +31,9 @@ CPUINFO_KEYS = {"vendor_id": "vendor", "cpu family": "family", "model": "model",
 def _git(path: Path, *args: str) -> str | None:
     """The output of ``git -C path ARGS`` (stripped), None when git fails or is missing."""
     try:
-        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
-                              timeout=20, check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True,
+                              encoding="utf-8", errors="replace", timeout=20,
+                              check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -80,7 +81,7 @@ def cpu_ids(cpuinfo: str | None = None) -> dict[str, str]:
     (``{}`` where the file or the fields do not exist: other systems, most ARM kernels)."""
     if cpuinfo is None:
         try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
         except OSError:
             return {}
     out: dict[str, str] = {}

@@ -120,7 +120,7 @@ def error_line(log: Path) -> str:
     """The error a command printed last, when it is a single line (else ``""``).
 
     Progress bars share stderr, so only what follows the last ``gen-ad`` prefix is judged."""
-    text = log.read_text(errors="replace")
+    text = log.read_text(encoding="utf-8", errors="replace")
     at = max(text.rfind("gen-ad: "), text.rfind("gen-ad knn fit: "), text.rfind("gen-ad tile: "))
     if at < 0:
         return ""
@@ -152,7 +152,7 @@ def arm_fileops(kill_at: int, after: bool, count_file: Path | None = None) -> No
         if hit:
             os.kill(os.getpid(), signal.SIGKILL)
         if count_file is not None:
-            count_file.write_text(str(calls[0]))
+            count_file.write_text(str(calls[0]), encoding="utf-8")
         return out
 
     os.replace = lambda a, b, **kw: tick(lambda: real_replace(a, b, **kw))  # type: ignore
@@ -242,8 +242,8 @@ def reference(family: str, root: Path) -> tuple[dict[str, Any], float, int]:
     rc = wait(fork(counted, root / f"{family}-ref.log"))
     if rc != 0:
         raise RuntimeError(f"reference {family} run failed ({rc}): "
-                           f"{(root / f'{family}-ref.log').read_text()[-2000:]}")
-    return final_weights(run), time.perf_counter() - t0, int(count.read_text())
+                           f"{(root / f'{family}-ref.log').read_text(encoding='utf-8')[-2000:]}")
+    return final_weights(run), time.perf_counter() - t0, int(count.read_text(encoding="utf-8"))
 
 
 def kill_campaign(family: str, root: Path, kills: int, rng: random.Random, tally: Tally,
@@ -272,7 +272,7 @@ def kill_campaign(family: str, root: Path, kills: int, rng: random.Random, tally
         rc = wait(pid)
         if rc not in (0, -signal.SIGKILL):
             tally.add("sigkill_fileop" if at_op else "sigkill_time", f"exit {rc}: " +
-                      (root / f"{family}-kill.log").read_text()[-300:], family)
+                      (root / f"{family}-kill.log").read_text(encoding="utf-8")[-300:], family)
             done += 1
             continue
         if rc == 0:  # finished before the kill: the next kills hit re-saves of the last step
@@ -404,13 +404,14 @@ def second_writer(first: Callable[[], int], argv: Sequence[str], out: Path, root
     while (lock_holder(out) or {}).get("pid") != pid_a and time.monotonic() < deadline:
         time.sleep(0.02)
     rc_b = wait(fork(cli(argv), root / "second.log"))
-    gate.write_text("go")
+    gate.write_text("go", encoding="utf-8")
     rc_a = wait(pid_a)
     msg = error_line(root / "second.log")
     if rc_b != 2 or f"pid {pid_a}" not in msg:
         return f"second writer: exit {rc_b}, said {msg or 'more than one line'}"
     if rc_a != 0:
-        return f"first writer failed ({rc_a}): {(root / 'first.log').read_text()[-300:]}"
+        said = (root / "first.log").read_text(encoding="utf-8")[-300:]
+        return f"first writer failed ({rc_a}): {said}"
     return check() if check else None
 
 
@@ -423,7 +424,7 @@ def _colour_benchmark(root: Path, synth: Path, out: Path) -> Path:
                                 "bank": str(synth / "normal")}}],
            "n_boot": 10, "device": "cpu", "examples": 0, "fid": {"enabled": False}}
     path = root / "colour-benchmark.json"  # JSON is YAML: the config loader reads it
-    path.write_text(json.dumps(cfg))
+    path.write_text(json.dumps(cfg), encoding="utf-8")
     return path
 
 
@@ -503,7 +504,7 @@ def containment_campaign(root: Path, tally: Tally) -> None:
         tiles.mkdir(exist_ok=True)
         victim.write_bytes(b"keep me")
         (tiles / "manifest.csv").write_text(",".join(MANIFEST_COLUMNS) + "\n" +
-                                            f"s,0,0,0,1.0,{rel}\n")
+                                            f"s,0,0,0,1.0,{rel}\n", encoding="utf-8")
         try:
             update_manifest(tiles, ["s"], [])
             problem = "the manifest was accepted"
@@ -517,7 +518,7 @@ def containment_campaign(root: Path, tally: Tally) -> None:
     for rel in ("../outside.npy", str(root / "outside.npy")):
         (bank / "bank.json").write_text(json.dumps({
             "dim": 4, "count": 2, "extractor": {}, "settings": {}, "paths": ["a", "b"],
-            "shards": [{"file": rel, "count": 2}]}))
+            "shards": [{"file": rel, "count": 2}]}), encoding="utf-8")
         try:
             FeatureBank(bank)
             problem = "bank.json with an outside shard was accepted"
@@ -528,9 +529,9 @@ def containment_campaign(root: Path, tally: Tally) -> None:
     state.mkdir(exist_ok=True)
     (state / "a.bin").write_bytes(b"x")
     write_manifest(state)
-    m = json.loads((state / "manifest.json").read_text())
+    m = json.loads((state / "manifest.json").read_text(encoding="utf-8"))
     m["files"]["../victim.png"] = {"size": 7, "sha256": "0" * 64}
-    (state / "manifest.json").write_text(json.dumps(m))
+    (state / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
     try:
         check_manifest(state)
         problem = "a manifest naming ../victim.png was accepted"
@@ -581,9 +582,9 @@ def nonfinite_campaign(family: str, root: Path, tally: Tally) -> None:
 def user_error_cases(root: Path) -> list[tuple[str, list[str], str]]:
     """(case, argv, text the one-line message must contain)."""
     afile = root / "afile"
-    afile.write_text("x")
+    afile.write_text("x", encoding="utf-8")
     (root / "latin.yaml").write_bytes(b"out: caf\xe9\n")
-    (root / "bad.yaml").write_text("train:\n  batch_size: [1,\n  max_steps: }\n")
+    (root / "bad.yaml").write_text("train:\n  batch_size: [1,\n  max_steps: }\n", encoding="utf-8")
     import torch
 
     class Evil:

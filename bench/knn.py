@@ -53,7 +53,7 @@ from _common import best, interleaved_rounds, machine  # noqa: E402
 def _status_mb(key: str = "VmRSS") -> float:
     """``VmRSS`` (current) or ``VmHWM`` (peak) of this process in MiB, from /proc."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:

@@ -55,7 +55,7 @@ PEER_LAYOUT = {"preallocated_uint8": "uint8 [N,S,S,3], filled in place, float pe
 
 
 def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -110,7 +110,8 @@ def _child(variant: str, root: str, cache: str, size: int, conn: Any) -> None:
     from gen_ad.data.folders import PatchFolder
 
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM)
+        # reset the peak-RSS mark (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
     except OSError:
         pass
     before = _status_mib("VmRSS")

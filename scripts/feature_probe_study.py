@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             line = json.dumps(rec)
             print(line, flush=True)
             if a.out is not None:
-                with a.out.open("a") as f:
+                with a.out.open("a", encoding="utf-8") as f:
                     f.write(line + "\n")
 
 

@@ -212,7 +212,7 @@ def gpu_test_files() -> list[str]:
     """Test files that hold ``gpu``-marked tests (``--tests gpu``: collecting only these keeps
     the step independent of packages that other test modules import)."""
     files = (p for p in sorted((ROOT / "tests").rglob("test_*.py"))
-             if "mark.gpu" in p.read_text(errors="replace"))
+             if "mark.gpu" in p.read_text(encoding="utf-8", errors="replace"))
     return [str(p.relative_to(ROOT)) for p in files]
 
 
@@ -268,8 +268,8 @@ def _smi(key: str) -> str | None:
 
 def _run_quiet(cmd: list[str]) -> str | None:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
+        return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace",
+                              timeout=20, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -294,7 +294,7 @@ def train_summary(stats: Path) -> dict[str, Any] | None:
     """Steps, images and the median logged images/s of a run (``stats.jsonl``)."""
     if not stats.is_file():
         return None
-    rows = [json.loads(ln) for ln in stats.read_text().splitlines() if ln.strip()]
+    rows = [json.loads(ln) for ln in stats.read_text(encoding="utf-8").splitlines() if ln.strip()]
     rows = [r for r in rows if "step" in r]
     if not rows:
         return None
@@ -309,13 +309,14 @@ def outcome(step: Step, status: str, returncode: int | None, t0: float, limit: i
             log: Path) -> dict[str, Any]:
     """A finished (or cut) step's record, read from its log files (stderr ``.log``, stdout
     ``.out``); the result of a step that was cut may be partial or ``None``."""
-    out = log.with_suffix(".out").read_text(errors="replace") if log.with_suffix(
+    out = log.with_suffix(".out").read_text(encoding="utf-8", errors="replace") if log.with_suffix(
         ".out").is_file() else ""
     rec: dict[str, Any] = {"status": status, "returncode": returncode,
                            "wall_s": round(time.perf_counter() - t0, 1), "limit_s": limit,
                            "log": str(log)}
     if status != "ok":
-        rec["stderr_tail"] = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
+        rec["stderr_tail"] = log.read_text(encoding="utf-8", errors="replace")[-1500:] \
+            if log.is_file() else ""
         rec["stdout_tail"] = out[-3000:]
     try:
         rec["result"] = read_result(step, out)
@@ -331,7 +332,7 @@ def write_lines(path: Path, lines: list[dict[str, Any]], before: str = "") -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     head = before if not before or before.endswith("\n") else before + "\n"
-    tmp.write_text(head + "".join(json.dumps(r) + "\n" for r in lines))
+    tmp.write_text(head + "".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -433,7 +434,8 @@ class Check:
                  t0: float) -> None:
         self.args, self.work, self.hw, self.t0 = args, work, hw, t0
         self.out = results_path(args, hw)
-        self.before = self.out.read_text(errors="replace") if self.out.is_file() else ""
+        self.before = self.out.read_text(encoding="utf-8", errors="replace") \
+            if self.out.is_file() else ""
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self.env = child_env()
         self.lock = threading.RLock()  # re-entrant: a second signal meets the first's handler

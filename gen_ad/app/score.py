@@ -79,14 +79,14 @@ def _reuse_legacy(ls: LoadedScorer, th_file: Path, context: dict[str, Any]) -> T
     cal_file, ctx_file = _legacy_files(th_file)
     if not th_file.is_file() and not cal_file.is_file():
         return None
-    before = json.loads(ctx_file.read_text()) if ctx_file.is_file() else None
+    before = json.loads(ctx_file.read_text(encoding="utf-8")) if ctx_file.is_file() else None
     _check_context(before, context, th_file)
     if before is not None:
         warnings.warn(f"{th_file} was saved by an older gen_ad as separate files (threshold, "
                       f"{cal_file.name}, {ctx_file.name}) that an interrupted save could have "
                       "mismatched; pass --normal DIR once to store them as one", stacklevel=3)
     if cal_file.is_file():
-        ls.scorer.load_calibration(json.loads(cal_file.read_text()))
+        ls.scorer.load_calibration(json.loads(cal_file.read_text(encoding="utf-8")))
     return Threshold.load(th_file) if th_file.is_file() else None
 
 

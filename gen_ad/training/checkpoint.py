@@ -290,7 +290,7 @@ def load_state(path: Path, *, models: Mapping[str, nn.Module], ema: Mapping[str,
     Returns:
         The counters and the family state (to pass to ``family.load_state_dict``).
     """
-    meta = json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     for name, m in models.items():
         load_weights(m, path / "models" / f"{name}.safetensors", f"model '{name}'")
     for name, m in ema.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 def cpu_name() -> str:
     """The CPU model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:

