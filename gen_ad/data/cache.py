@@ -29,7 +29,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +37,33 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gen_ad.data.folders import PatchFolder, image_to_tensor, is_image_file
+from gen_ad.data.folders import PatchFolder, image_to_tensor, walk_images
 from gen_ad.errors import DataError
 from gen_ad.utils.io import remove_dir, unique_tag, write_json
 
 META = "cache.json"
 VERSION = 1
+_WINDOWS = os.name == "nt"
 
 
 def _walk_files(root: Path) -> Iterator[tuple[str, int, int]]:
-    """``(relative posix path, size, mtime_ns)`` of every image under ``root``, sorted."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(f for f in filenames if is_image_file(f)):
-            p = Path(dirpath) / f
+    """``(relative posix path, size, mtime_ns)`` of every image under ``root``, in
+    :func:`~gen_ad.data.folders.walk_images` order (the files :class:`PatchFolder` lists, linked
+    folders included); a broken link counts with the link's own size and time (the folder
+    check then reports it)."""
+    for p in walk_images(root):
+        try:
             st = p.stat()
-            yield p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns
+        except OSError:
+            st = p.lstat()
+        yield p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns
 
 
 def content_key(root: str | os.PathLike[str], settings: dict[str, Any]) -> str:
     """sha256 of the folder's image files (path, size, mtime) and the decode ``settings``."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for rel, size, mtime in _walk_files(Path(root).expanduser()):
-        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        h.update(os.fsencode(rel) + f"\0{size}\0{mtime}\n".encode())  # any name's bytes
     return h.hexdigest()
 
 
@@ -72,8 +76,9 @@ class PatchCache(Dataset):
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         try:
-            self.meta: dict[str, Any] = json.loads((self.folder / META).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            self.meta: dict[str, Any] = json.loads((self.folder / META).read_text(
+                encoding="utf-8"))
+        except (OSError, ValueError) as e:  # JSON or UTF-8 decoding
             raise DataError(f"no readable patch cache at {self.folder} ({e})") from e
         self.size, self.count = int(self.meta["size"]), int(self.meta["count"])
         self.class_names: list[str] = list(self.meta["classes"])
@@ -172,7 +177,7 @@ def is_complete(where: Path, key: str) -> bool:
     """Whether ``where`` holds a finished cache for ``key``: ``cache.json`` readable with this
     key, and every data file of the size its count and patch size imply."""
     try:
-        meta = json.loads((where / META).read_text())
+        meta = json.loads((where / META).read_text(encoding="utf-8"))
         n, s = int(meta["count"]), int(meta["size"])
         if meta.get("key") != key:
             return False
@@ -201,7 +206,7 @@ def _install(tmp: Path, final: Path, key: str, tries: int = 3) -> None:
             os.replace(tmp, final)  # a directory replaces only a missing or empty one
             return
         except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            if not _occupied(e, final):
                 raise
         if is_complete(final, key):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -212,6 +217,14 @@ def _install(tmp: Path, final: Path, key: str, tries: int = 3) -> None:
             pass
     raise DataError(f"could not install the patch cache at {final}: another process keeps "
                     "replacing it with a different one")
+
+
+def _occupied(e: OSError, final: Path) -> bool:
+    """``os.replace`` failed with ``e`` because a folder is at ``final`` (Windows refuses to
+    replace any existing folder, with access denied; POSIX a non-empty one)."""
+    if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        return True
+    return _WINDOWS and e.errno == errno.EACCES and final.is_dir()
 
 
 def cached_folder(cache_dir: str | os.PathLike[str], *, root: str | os.PathLike[str], size: int,
@@ -262,6 +275,10 @@ def _drop_abandoned(final: Path, idle_s: float = 3600.0) -> list[Path]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (never signals it on Windows, where
+    ``os.kill`` terminates the process whatever the signal)."""
+    if _WINDOWS:
+        return _windows_pid_alive(pid, *_windows_kernel32())
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -269,6 +286,41 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+_STILL_ACTIVE = 259
+_ERROR_ACCESS_DENIED = 5
+
+
+def _windows_kernel32() -> tuple[Any, Callable[[], int]]:
+    """kernel32 through ctypes (Windows only) and the reader of its last error."""
+    import ctypes
+    from ctypes import wintypes
+
+    k32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    k32.OpenProcess.restype = wintypes.HANDLE
+    k32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+    k32.GetExitCodeProcess.argtypes = [wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD)]
+    k32.CloseHandle.argtypes = [wintypes.HANDLE]
+    return k32, ctypes.get_last_error  # type: ignore[attr-defined]
+
+
+def _windows_pid_alive(pid: int, kernel32: Any, last_error: Callable[[], int]) -> bool:
+    """``pid`` is alive on Windows: it opens (or exists but is denied to us) and has no exit
+    code yet. When unsure it says alive, so nothing of a running build is deleted."""
+    import ctypes
+
+    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return last_error() == _ERROR_ACCESS_DENIED  # else no such process
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.pointer(code)):
+            return True
+        return code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _idle(folder: Path, idle_s: float) -> bool:

@@ -6,16 +6,22 @@ Layout read by :class:`PatchFolder`::
     root/<image>                 or images directly in ``root`` (no subfolder holds images):
                                  one class named after the folder (``.../normal`` -> ``normal``)
 
-Hidden files and folders (names starting with ``.``) are ignored. Every image is decoded once when
-the dataset is built; unreadable or truncated files are skipped with a single warning (or an error
-when too many are bad), so ``len()`` is exact before training starts.
+Hidden files and folders (names starting with ``.``: ``.DS_Store``, ``._x.png`` AppleDouble
+files, ``.ipynb_checkpoints``) and files without an image extension are ignored; linked folders
+are followed, each real folder read once (:func:`walk_images`). Every image is decoded once when
+the dataset is built; unreadable or truncated files are skipped with a single warning naming each
+and why (or an error when too many are bad), so ``len()`` is exact before training starts, and
+pixel-identical copies are named in one warning (they are kept). Every reader (training, the
+patch cache, scoring, KNN, FID, slides) decodes through :func:`read_rgb`, so one file is one
+RGB array everywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 ResizeMode = Literal["resize", "center_crop"]
 _MAX_LISTED = 10
+_UNREADABLE = "cannot read image "  # + "<path>: <reason>"
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -115,48 +122,110 @@ def _tiff_bits(im: Image.Image) -> int:
     return int(max(bits) if isinstance(bits, (tuple, list)) else bits)
 
 
-def _tiff_array(path: Path) -> np.ndarray:
-    """The first image of a TIFF as ``[H,W]`` or ``[H,W,C]`` (planar ``[C,H,W]`` moved)."""
+def _tiff_array(path: Path) -> tuple[np.ndarray, int]:
+    """The first image of a TIFF as ``[H,W]`` or ``[H,W,C]`` (planar ``[C,H,W]`` moved), and
+    its orientation tag (1 when absent)."""
     import tifffile
 
-    arr = np.squeeze(tifffile.imread(path, key=0))
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        arr = np.squeeze(tif.asarray(key=0))
+        tag = page.tags.get(274)  # type: ignore[union-attr]
     if arr.ndim == 3 and arr.shape[0] <= 4 < arr.shape[-1]:
         arr = np.moveaxis(arr, 0, -1)
-    return arr
+    return arr, _valid_orientation(tag.value if tag is not None else 1)
+
+
+def _valid_orientation(value: Any) -> int:
+    """An EXIF/TIFF orientation value as 1..8; anything else (missing, malformed) is 1."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        return 1
+    return v if 1 <= v <= 8 else 1
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF (or TIFF) orientation of an open image, 1 (as stored) when it has none."""
+    try:
+        return _valid_orientation(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block must not make the image unreadable
+        return 1
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn an ``[H,W]`` or ``[H,W,C]`` array the way an EXIF/TIFF ``orientation`` (1..8) says,
+    so it looks as image viewers show the file (as ``PIL.ImageOps.exif_transpose``)."""
+    ops = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: np.rot90(a, 2).swapaxes(0, 1), 8: lambda a: np.rot90(a, 1)}
+    return np.ascontiguousarray(ops[_valid_orientation(orientation)](arr))
+
+
+def _decode(p: Path) -> tuple[np.ndarray, int]:
+    """``p`` as RGB uint8 as stored, and its orientation (see :func:`read_rgb`)."""
+    try:
+        im = Image.open(p)
+    except UnidentifiedImageError:
+        if p.suffix.lower() in (".tif", ".tiff"):
+            arr, orientation = _tiff_array(p)
+            return array_to_rgb8(arr), orientation
+        raise
+    with im:
+        orientation = _orientation(im)
+        if im.format == "TIFF" and _tiff_bits(im) > 8 and len(im.getbands()) > 1:
+            return array_to_rgb8(_tiff_array(p)[0]), orientation
+        im.load()
+        return pil_to_rgb8(im), orientation
+
+
+def unreadable_reason(path: Path, error: BaseException) -> str:
+    """Why ``path`` could not be decoded, in words a user can act on (``error``: what the
+    decoder raised)."""
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    try:
+        empty = path.is_file() and path.stat().st_size == 0
+    except OSError:
+        empty = False
+    if empty:
+        return "empty file (0 bytes)"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file Pillow can identify (is it an image at all?)"
+    if isinstance(error, EOFError) or "truncated" in str(error).lower():
+        return "truncated file (an interrupted copy or download?)"
+    return f"{type(error).__name__}: {error}"
 
 
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode an image file fully into RGB uint8 ``[H,W,3]``.
+    """Decode an image file fully into RGB uint8 ``[H,W,3]``, turned as its EXIF/TIFF
+    orientation says (as image viewers show it).
 
     Multi-channel TIFFs deeper than 8 bits, and TIFFs Pillow cannot decode (float RGB), are
     read with ``tifffile`` (exact 16-bit scaling; float scaling as below); everything else with
-    Pillow. See :func:`array_to_rgb8` for the depth and alpha rules.
+    Pillow. A multi-page TIFF gives its first page. See :func:`array_to_rgb8` for the depth and
+    alpha rules.
 
     Raises:
-        DataError: the file is missing, corrupt, truncated or of an unsupported kind.
+        DataError: ``cannot read image <path>: <reason>``: the file is missing (or a broken
+            link), empty, corrupt, truncated, not an image or of an unsupported kind.
     """
     p = Path(path)
     try:
-        try:
-            im = Image.open(p)
-        except UnidentifiedImageError:
-            if p.suffix.lower() in (".tif", ".tiff"):
-                return array_to_rgb8(_tiff_array(p))
-            raise
-        with im:
-            if im.format == "TIFF" and _tiff_bits(im) > 8 and len(im.getbands()) > 1:
-                return array_to_rgb8(_tiff_array(p))
-            im.load()
-            return pil_to_rgb8(im)
+        rgb, orientation = _decode(p)
     except DataError as e:
-        raise DataError(f"cannot read image {p}: {e}") from e
+        raise DataError(f"{_UNREADABLE}{p}: {e}") from e
     except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
-        raise DataError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
+        raise DataError(f"{_UNREADABLE}{p}: {unreadable_reason(p, e)}") from e
+    return apply_orientation(rgb, orientation)
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a ground-truth mask file: any nonzero channel value = anomalous (0/1 and 0/255
-    masks alike); in a JPEG, whose compression rings around edges, a value >= 128.
+    masks alike); in a JPEG, whose compression rings around edges, a value >= 128. Turned by
+    its EXIF/TIFF orientation, as :func:`read_rgb` turns images.
 
     Returns:
         bool array ``[H,W]``.
@@ -166,9 +235,11 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
         with Image.open(p) as im:
             im.load()
             lossy = im.format in ("JPEG", "MPO")
+            orientation = _orientation(im)
             arr = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "RGBa", "LA", "La") else im)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot read mask {p}: {type(e).__name__}: {e}") from e
+        raise DataError(f"cannot read mask {p}: {unreadable_reason(p, e)}") from e
+    arr = apply_orientation(arr, orientation)
     on = arr >= 128 if lossy else arr != 0
     return on.any(axis=-1) if arr.ndim == 3 else on
 
@@ -227,12 +298,27 @@ def load_image(path: str | os.PathLike[str], size: int, resize: ResizeMode = "re
 # ----------------------------------------------------------------------------- discovery
 
 
-def _images_under(folder: Path) -> list[Path]:
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+def walk_images(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Image files under ``folder``, recursively, folder by folder (each folder's files sorted).
+
+    Hidden files and folders (``.DS_Store``, ``._x.png`` AppleDouble files,
+    ``.ipynb_checkpoints``) are skipped, as is every file without an image extension.
+    Symbolic links to folders are followed, but every real folder is read once: a link loop,
+    or a link to a folder read elsewhere in the walk, adds nothing.
+    """
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
-    return sorted(out, key=lambda p: p.as_posix())
+        yield from (Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(walk_images(folder), key=lambda p: p.as_posix())
 
 
 MASK_FOLDER = "masks"
@@ -417,17 +503,18 @@ class PatchFolder(Dataset):
         if missing:
             raise DataError(f"{len(missing)} anomalous images have no mask in {self.mask_root}: "
                             f"{_listing(missing)} (set missing_mask='full' to mark them whole)")
+        _check_names([s.path for s in out], self.root)
         return out
 
     def _scan(self, cands: list[_Sample], max_bad: float,
               workers: int | None) -> tuple[list[_Sample], list[tuple[str, str]]]:
         n_workers = workers or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            results = list(tqdm(pool.map(_check_sample, cands), total=len(cands),
-                                desc=f"checking {self.root.name}", disable=len(cands) < 5000,
-                                leave=False))
-        good = [s for s, r in zip(cands, results) if r is None]
-        bad = [(s.path, r) for s, r in zip(cands, results) if r is not None]
+            checks = list(tqdm(pool.map(_check_sample, cands), total=len(cands),
+                               desc=f"checking {self.root.name}", disable=len(cands) < 5000,
+                               leave=False))
+        good = [s for s, (r, _) in zip(cands, checks) if r is None]
+        bad = [(s.path, r) for s, (r, _) in zip(cands, checks) if r is not None]
         if not good:
             raise DataError(f"none of the {len(cands)} images in {self.root} could be read: "
                             f"{_listing([f'{p} ({r})' for p, r in bad])}")
@@ -436,9 +523,13 @@ class PatchFolder(Dataset):
             listing = _listing([f"{p} ({r})" for p, r in bad])
             if frac > max_bad:
                 raise DataError(f"{len(bad)} of {len(cands)} images in {self.root} are unreadable "
-                                f"({frac:.1%} > max_bad_fraction {max_bad:.1%}): {listing}")
+                                f"({frac:.1%} > max_bad_fraction {max_bad:.1%}): {listing}; "
+                                "replace or remove them (or raise data.max_bad_fraction)")
             warnings.warn(f"skipping {len(bad)} unreadable of {len(cands)} images in {self.root}: "
                           f"{listing}", stacklevel=3)
+        copies = _copies([(s.path, d) for s, (r, d) in zip(cands, checks) if r is None])
+        if copies:
+            warnings.warn(_copies_message(copies, self.root), stacklevel=3)
         return good, bad
 
     def __len__(self) -> int:
@@ -482,17 +573,65 @@ class PatchFolder(Dataset):
         return torch.from_numpy((m > 127).astype(np.float32))
 
 
-def _check_sample(s: _Sample) -> str | None:
-    """Decode an image (and its mask) fully; return why it is unusable, or None."""
+def _check_sample(s: _Sample) -> tuple[str | None, bytes | None]:
+    """Decode an image (and its mask) fully: ``(why it is unusable, None)``, or ``(None, a
+    digest of its decoded pixels)``."""
     try:
-        h, w = read_rgb(s.path).shape[:2]
+        rgb = read_rgb(s.path)
+        h, w = rgb.shape[:2]
         if s.mask is not None:
             mh, mw = read_mask(s.mask).shape
             if (mh, mw) != (h, w):
-                return f"mask {s.mask} is {mw}x{mh}, image is {w}x{h}"
+                return f"mask {s.mask} is {mw}x{mh}, image is {w}x{h}", None
     except DataError as e:
-        return str(e).split(": ", 1)[-1]
-    return None
+        return str(e).removeprefix(f"{_UNREADABLE}{s.path}: "), None
+    digest = hashlib.blake2b(f"{h}x{w}".encode(), digest_size=16)
+    digest.update(rgb.tobytes())
+    return None, digest.digest()
+
+
+def _check_names(paths: Sequence[str], root: Path) -> None:
+    """Refuse file names that are not valid UTF-8 (bytes from another system's encoding, kept
+    by Python as surrogates): no ``scores.csv``, cache or report can write them.
+
+    Raises:
+        DataError: naming them (bytes shown as ``\\xNN``) and how to rename them.
+    """
+    bad = []
+    for p in paths:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(os.fsencode(p).decode("utf-8", "backslashreplace"))
+    if bad:
+        what = "1 file name is" if len(bad) == 1 else f"{len(bad)} file names are"
+        raise DataError(f"{what} not valid UTF-8 under {root}: "
+                        f"{_listing(bad)}; rename them (e.g. convmv -f latin1 -t utf-8 -r "
+                        "--notest DIR)")
+
+
+def _copies(digests: Sequence[tuple[str, bytes | None]]) -> list[tuple[str, str]]:
+    """``(copy, first)`` for every image whose decoded pixels equal an earlier image's."""
+    first: dict[bytes, str] = {}
+    out: list[tuple[str, str]] = []
+    for path, d in digests:
+        if d is None:
+            continue
+        if d in first:
+            out.append((path, first[d]))
+        else:
+            first[d] = path
+    return out
+
+
+def _copies_message(copies: Sequence[tuple[str, str]], root: Path) -> str:
+    """The warning about pixel-identical images: each counts as one more patch."""
+    n = len(copies)
+    what = "1 image is a pixel-identical copy" if n == 1 else \
+        f"{n} images are pixel-identical copies"
+    return (f"{what} of another image in {root} ({_listing([f'{c} = {f}' for c, f in copies])})"
+            ": every copy counts as one more patch in training, scores and metrics; remove "
+            "the copies unless that is meant (blank tiles can be identical by chance)")
 
 
 def _listing(items: Sequence[str]) -> str:
