@@ -58,10 +58,13 @@ from tqdm import tqdm
 
 from gen_ad.data.folders import (
     IMAGE_EXTENSIONS,
+    MASK_FOLDER,
+    SYNTH_SHEET_NAME,
     ResizeMode,
     fit_size,
     read_rgb,
     subset_indices,
+    walk_images,
 )
 from gen_ad.errors import ConfigError, DataError, GenAdError
 from gen_ad.metrics.inception import FeatureExtractor, load_inception, to_uint8
@@ -149,7 +152,9 @@ def _apply_transform(batch: Tensor, transform: ImageTransform | None) -> Tensor:
 
 def list_images(folder: str | os.PathLike, *, classes: Sequence[str] | None = None,
                 max_images: int | None = None, seed: int = SUBSET_SEED) -> list[Path]:
-    """Image files under ``folder`` (recursive, hidden files skipped), sorted by relative path.
+    """Image files under ``folder`` (recursive, as a patch folder lists them: hidden files
+    skipped, linked folders read once; at the top level, ``gen-ad synth``'s ``masks/`` and
+    contact sheet are not images of the set), sorted by relative path.
 
     Args:
         folder: directory of images.
@@ -164,9 +169,7 @@ def list_images(folder: str | os.PathLike, *, classes: Sequence[str] | None = No
     if not root.is_dir():
         raise DataError(f"not a directory: {root}")
     roots = [root / c for c in classes or [] if (root / c).is_dir()] or [root]
-    files = [p for r in roots for p in r.rglob("*")
-             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    files = [p for r in roots for p in walk_images(r) if not _beside_the_set(p, root)]
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     if not files:
         exts = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
@@ -174,6 +177,12 @@ def list_images(folder: str | os.PathLike, *, classes: Sequence[str] | None = No
     if not max_images or max_images >= len(files):
         return files
     return [files[i] for i in subset_indices(len(files), max_images, seed)]
+
+
+def _beside_the_set(path: Path, root: Path) -> bool:
+    """``path`` is a ground-truth mask (``root/masks/...``) or ``gen-ad synth``'s contact sheet."""
+    parts = path.relative_to(root).parts
+    return (len(parts) > 1 and parts[0] == MASK_FOLDER) or parts == (SYNTH_SHEET_NAME,)
 
 
 def _read_rgb(path: Path, size: int | None, resize: ResizeMode) -> np.ndarray:

@@ -625,3 +625,26 @@ def test_bench_smoke_prints_one_json_line(capsys: pytest.CaptureFixture[str]) ->
     rec = json.loads(lines[0])
     assert rec["weights"] == "random-init" and rec["cpu_images_per_s"] > 0
     assert rec["cache_second_s"] < rec["cache_first_s"] and rec["settings"]["smoke"] is True
+
+
+def test_a_synth_folder_lists_its_patches_only(tmp_path: Path) -> None:
+    """``gen-ad fid`` on a ``gen-ad synth`` folder reads the patches, as training does, not its
+    ground-truth masks and contact sheet (54 files were read for 40 patches); a linked folder
+    is read once, as a patch folder reads it."""
+    from gen_ad.data.folders import PatchFolder
+    from gen_ad.data.synthetic import write_folder
+
+    root = tmp_path / "synth"
+    write_folder(root, n=10, size=16, seed=0, anomaly_fraction=0.3)
+    (root / "contact_sheet.png").write_bytes((root / "normal" / sorted(
+        p.name for p in (root / "normal").iterdir())[0]).read_bytes())
+    assert any((root / "masks").rglob("*.png"))
+    patches = PatchFolder(root=root, size=16).paths
+    want = sorted(Path(p).relative_to(root).as_posix() for p in patches)
+    got = [p.relative_to(root).as_posix() for p in fid.list_images(root)]
+    assert got == want and len(got) == 10
+    extra = tmp_path / "elsewhere"
+    write_folder(extra, n=3, size=16, seed=1, anomaly_fraction=0.0)
+    (root / "normal" / "linked").symlink_to(extra / "normal", target_is_directory=True)
+    (root / "normal" / "loop").symlink_to(root / "normal", target_is_directory=True)
+    assert len(fid.list_images(root)) == 13
