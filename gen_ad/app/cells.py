@@ -74,9 +74,10 @@ def _inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         else:
             raise DataError(f"not found: {p}")
     stems: dict[str, Path] = {}
-    for p in out:
-        if stems.setdefault(p.stem, p).resolve() != p.resolve():
-            raise DataError(f"two inputs share the name '{p.stem}': {stems[p.stem]} and {p}")
+    for p in out:  # outputs are named by stem: letter case alone collides on macOS and Windows
+        if stems.setdefault(p.stem.casefold(), p).resolve() != p.resolve():
+            raise DataError(f"two inputs share the name '{p.stem}' (letter case aside): "
+                            f"{stems[p.stem.casefold()]} and {p}")
     return list(stems.values())
 
 

@@ -163,10 +163,12 @@ def check_inputs(slides: Sequence[str | os.PathLike[str]], labels: Mapping[str, 
     """Duplicate slide names, slides missing from the label table, a missing annotation folder:
     each a :class:`DataError` (``gen-ad slide`` calls this before any scoring)."""
     keys = [slide_key(p) for p in slides]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    folded = [k.casefold() for k in keys]
+    dupes = sorted({k for k, f in zip(keys, folded) if folded.count(f) > 1})
     if dupes:
         raise DataError(f"two slides share the name {', '.join(dupes)} (outputs go to "
-                        "<out>/<slide name>/)")
+                        "<out>/<slide name>/, and macOS and Windows do not tell names apart by "
+                        "letter case)")
     missing = [k for k in keys if labels is not None and k not in labels]
     if missing:
         raise DataError(f"no label for slide(s) {', '.join(missing)} in the label table (its "

@@ -561,10 +561,11 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
         FolderLockedError: another process is writing ``out_dir``.
     """
     stems: dict[str, str] = {}
-    for p in paths:
-        stem, full = Path(p).stem, str(Path(p).resolve())
-        if stems.setdefault(stem, full) != full:
-            raise DataError(f"two slides share the name '{stem}': {stems[stem]} and {full}")
+    for p in paths:  # tiles go to <out>/<stem>/: names equal but for letter case collide on
+        stem, full = Path(p).stem, str(Path(p).resolve())  # macOS and Windows
+        if stems.setdefault(stem.casefold(), full) != full:
+            raise DataError(f"two slides share the name '{stem}' (letter case aside): "
+                            f"{stems[stem.casefold()]} and {full}")
     out = Path(out_dir).expanduser()
     with folder_lock(out, "tile output folder"):
         summaries = [_tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp,
