@@ -18,6 +18,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
+from gen_ad import __version__
 from gen_ad.errors import ConfigError, GenAdError
 
 DEFAULT_FPR = 0.05  # --fpr when only --threshold fpr is given
@@ -25,6 +26,10 @@ DEFAULT_FPR = 0.05  # --fpr when only --threshold fpr is given
 NO_THRESHOLD_NOTE = ("no threshold (no --normal, no data.val in the run, none saved with it): "
                      "nothing is flagged; pass --normal DIR (normal patches) to calibrate one, "
                      "then flagged.csv is written")
+
+CONFIG_HELP = ("YAML config file, or a built-in config by name (ddpm/demo, benchmark/demo; "
+               "`gen-ad configs` lists them): a relative path such as configs/ddpm/demo.yaml "
+               "that is no file here names the built-in one (a warning says so)")
 
 Adder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -77,7 +82,7 @@ def _non_negative_int(text: str) -> int:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments common to every trainer (``gen-ad train`` and ``train/<family>.py``)."""
-    p.add_argument("--config", required=True, help="YAML config (configs/<family>/*.yaml)")
+    p.add_argument("--config", required=True, metavar="YAML|NAME", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. train.max_steps=100 data.size=64")
     p.add_argument("--resume", default=None, metavar="latest|PATH",
@@ -87,7 +92,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train a generator on normal patches (wgan, stylegan2, ddpm)",
                        description="Train a model family with the shared Accelerate loop. Use "
-                       "'accelerate launch -m gen_ad.cli train ...' or train/<family>.py for DDP.")
+                       "'accelerate launch -m gen_ad.cli train ...' for DDP (in a source "
+                       "checkout train/<family>.py does the same).")
     p.add_argument("family", help="model family: wgan, stylegan2, ddpm or another registered one "
                    "(an unknown name lists the registered families)")
     add_train_arguments(p)
@@ -466,7 +472,7 @@ def _add_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                        description="Run every method of a benchmark config (trained runs and the "
                        "KNN baseline) on the same test split through the one scorer interface; "
                        "write results.json and a self-contained report.html.")
-    p.add_argument("--config", required=True, help="configs/benchmark/<name>.yaml")
+    p.add_argument("--config", required=True, metavar="YAML|NAME", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. out=/tmp/bench n_boot=200")
     p.set_defaults(func=_cmd_benchmark)
@@ -499,6 +505,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(args.out, fast=args.fast, retrain=args.retrain)
     print(f"demo report: {report}")
+    return 0
+
+
+def _add_configs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("configs", help="list, show or copy the built-in configs",
+                       description="The configs shipped inside gen_ad (the repository's configs/ "
+                       "folder). --config takes their names (ddpm/demo); copy one to edit it.")
+    c = p.add_subparsers(dest="configs_command", metavar="ACTION", parser_class=_Parser)
+    c.add_parser("list", help="each built-in config and its description (the default)")
+    s = c.add_parser("show", help="print a built-in config")
+    s.add_argument("name", metavar="NAME", help="a built-in config, e.g. ddpm/demo")
+    cp = c.add_parser("copy", help="copy built-in configs to edit them (DIR/<folder>/<name>.yaml)")
+    cp.add_argument("names", nargs="+", metavar="NAME",
+                    help="configs (ddpm/demo), folders (ddpm: all of it) or 'all'")
+    cp.add_argument("--to", default="configs", metavar="DIR",
+                    help="destination folder (default: %(default)s, so the README's "
+                    "--config configs/<folder>/<name>.yaml paths find the copies)")
+    cp.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=_cmd_configs)
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from gen_ad.app.configs import copy_configs, list_lines, show
+
+    if args.configs_command == "show":
+        print(show(args.name), end="")
+    elif args.configs_command == "copy":
+        for path in copy_configs(args.names, args.to, force=args.force):
+            print(f"wrote {path}")
+    else:
+        print("\n".join(list_lines()))
     return 0
 
 
@@ -636,7 +673,7 @@ def _cmd_cells(args: argparse.Namespace) -> int:
 def _commands() -> list[Adder]:
     """The subcommands, in the order ``gen-ad --help`` lists them."""
     return [_add_train, _add_score, _add_groups, _add_fid, _add_tile, _add_cells, _add_synth,
-            _add_knn, _add_benchmark, _add_demo, _add_slide, _add_weights]
+            _add_knn, _add_benchmark, _add_demo, _add_slide, _add_weights, _add_configs]
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -679,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gen-ad", description=(
         "Generative models of normal histopathology tissue for unsupervised anomaly detection."))
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"gen-ad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in _commands():
         add(sub)

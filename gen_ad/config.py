@@ -26,15 +26,17 @@ import math
 import re
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
 from gen_ad.errors import ConfigError
 from gen_ad.utils.io import write_text
+from gen_ad.utils.paths import REPO_ROOT
 
 T = TypeVar("T")
 
@@ -583,10 +585,85 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
+# ----------------------------------------------------------------------------- built-in configs
+# The repository's configs/ folder ships inside the package as gen_ad/configs/ (pyproject.toml),
+# so an installed gen_ad has the same configs as a source checkout.
+
+
+def builtin_config_dir() -> Path:
+    """The folder of the built-in configs: ``gen_ad/configs/`` of an installed package, else
+    the source checkout's ``configs/`` (an editable install)."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    return packaged if packaged.is_dir() else REPO_ROOT / "configs"
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Every built-in config by name, ``<folder>/<stem>`` (``ddpm/demo``), sorted by name."""
+    root = builtin_config_dir()
+    return {p.relative_to(root).with_suffix("").as_posix(): p
+            for p in sorted(root.glob("*/*.yaml"))}
+
+
+def builtin_config_name(text: str | Path) -> str | None:
+    """The built-in name a relative path or name spells (``configs/ddpm/demo.yaml``,
+    ``ddpm/demo.yaml`` or ``ddpm/demo`` -> ``ddpm/demo``), else ``None`` (an absolute path,
+    ``..``, or not two parts)."""
+    p = PurePosixPath(str(text).replace("\\", "/"))
+    parts = list(p.parts)
+    if p.is_absolute() or ".." in parts:
+        return None
+    if len(parts) == 3 and parts[0] == "configs":
+        parts = parts[1:]
+    if len(parts) != 2:
+        return None
+    stem = parts[1].removesuffix(".yaml").removesuffix(".yml")
+    return f"{parts[0]}/{stem}"
+
+
+def builtin_config(name: str | Path) -> Path:
+    """The file of a built-in config named as :func:`builtin_config_name` reads it; a
+    :class:`ConfigError` naming the closest built-in names when there is none."""
+    known = builtin_configs()
+    key = builtin_config_name(name)
+    if key is not None and key in known:
+        return known[key]
+    close = difflib.get_close_matches(key or str(name), list(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"no built-in config '{name}'{hint} (`gen-ad configs list` lists them)")
+
+
+def resolve_config_file(path: str | Path) -> Path:
+    """``path`` when it is a file; else the built-in config it names (a relative path such as
+    the README's ``configs/ddpm/demo.yaml`` from a folder without it, or ``ddpm/demo``), with a
+    warning saying which file is used; else a :class:`ConfigError`."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    key = builtin_config_name(path)
+    found = builtin_configs().get(key) if key is not None else None
+    if found is None:
+        raise ConfigError(f"config file not found: {p}{_builtin_hint(key)}")
+    warnings.warn(f"config {path}: no such file here, using the built-in config {key} "
+                  f"({found}; `gen-ad configs copy {key}` makes an editable copy)", stacklevel=2)
+    return found
+
+
+def _builtin_hint(key: str | None) -> str:
+    """The end of a missing-config message for a path shaped like a built-in name (``key``):
+    the closest built-in names, or where they are listed; ``""`` for other paths."""
+    if key is None:
+        return ""
+    close = difflib.get_close_matches(key, list(builtin_configs()), n=3)
+    if close:
+        return f" (nor a built-in config; did you mean {', '.join(close)}?)"
+    return " (nor a built-in config: `gen-ad configs list` lists them)"
+
+
 def load_config(cls: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
-    """Load ``path`` (optional), apply overrides, and validate against schema ``cls``."""
-    data = read_yaml(path) if path is not None else {}
+    """Load ``path`` (optional; a missing relative path may name a built-in config, see
+    :func:`resolve_config_file`), apply overrides, and validate against schema ``cls``."""
+    data = read_yaml(resolve_config_file(path)) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides, schema=cls))
 
 

@@ -6,9 +6,9 @@ Steps (each printed as it runs):
    (normal), ``data/val`` (normal, for calibration and the FID reference) and ``data/test``
    (half with planted anomalies, masks re-laid out as ``data/test_masks/anomalous/`` so
    :class:`~gen_ad.data.folders.PatchFolder` pairs them with their images).
-2. Tiny models from ``configs/<family>/demo.yaml`` with the demo's data and step overrides:
-   f-AnoGAN (WGAN-GP, then the izi_f encoder), StyleGAN2 and DDPM. A run that already exists is
-   reused unless ``retrain``.
+2. Tiny models from the built-in ``<family>/demo`` configs (``configs/``, shipped inside the
+   package) with the demo's data and step overrides: f-AnoGAN (WGAN-GP, then the izi_f
+   encoder), StyleGAN2 and DDPM. A run that already exists is reused unless ``retrain``.
 3. A benchmark config (``benchmark.yaml``, re-runnable with ``gen-ad benchmark``) listing
    f-AnoGAN, StyleGAN2 projection, AnoDDPM, AutoDDPM and the KNN baseline with a
    random-initialised extractor (labelled as such; the full demo uses the real ``vgg16-imagenet``
@@ -31,9 +31,9 @@ from typing import Any
 
 import yaml
 
-from gen_ad.errors import ConfigError, WeightsNotFoundError
+from gen_ad.config import builtin_config
+from gen_ad.errors import WeightsNotFoundError
 from gen_ad.utils.io import write_text
-from gen_ad.utils.paths import REPO_ROOT
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,8 @@ def make_data(root: Path, sz: DemoSize, seed: int = 0) -> dict[str, Path]:
 
 
 def _config(family: str, name: str = "demo") -> Path:
-    p = REPO_ROOT / "configs" / family / f"{name}.yaml"
-    if not p.is_file():
-        raise ConfigError(f"demo config {p} not found (is this a source checkout of gen_ad?)")
-    return p
+    """The built-in config ``<family>/<name>`` (shipped inside the package)."""
+    return builtin_config(f"{family}/{name}")
 
 
 def _stages(runs: Path) -> list[tuple[str, str, str, list[str]]]:
