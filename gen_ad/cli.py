@@ -741,13 +741,16 @@ def cli_warnings(debug: bool = False) -> Iterator[None]:
 
 def _once_per_message() -> Callable[..., str]:
     """A ``warnings.formatwarning`` giving ``gen-ad: warning: <message>``, then ``""`` (nothing
-    is written) for a message it has formatted before."""
+    is written) for a message it has formatted before. Under a multi-process launch only the
+    main process writes warnings: the others meet the same config and data and would repeat
+    each one per process (``--debug`` shows every process's)."""
     seen: set[str] = set()
+    quiet = _process_rank() > 0
 
     def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int,
             line: str | None = None) -> str:
         text = str(message)
-        if text in seen:
+        if quiet or text in seen:
             return ""
         seen.add(text)
         return f"gen-ad: warning: {text}\n"

@@ -137,6 +137,17 @@ def test_debug_keeps_the_full_warning_format(warning_command: Callable[[], None]
     assert rc == 0 and "UserWarning: same thing" in err and "gen-ad: warning" not in err
 
 
+@pytest.mark.parametrize("rank,shown", [("0", True), ("1", False)])
+def test_only_the_main_process_writes_warnings(monkeypatch: pytest.MonkeyPatch, rank: str,
+                                               shown: bool) -> None:
+    """Under ``accelerate launch`` every process would repeat each config or data warning."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with cli.cli_warnings():
+        text = warnings.formatwarning("skipping 1 unreadable of 9 images", UserWarning, "f.py", 1)
+    assert text == ("gen-ad: warning: skipping 1 unreadable of 9 images\n" if shown else "")
+
+
 def test_cli_warnings_restores_the_format_after_an_error() -> None:
     before = warnings.formatwarning
     with pytest.raises(RuntimeError), cli.cli_warnings():
