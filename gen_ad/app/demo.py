@@ -83,6 +83,15 @@ def demo_size(fast: bool = False) -> DemoSize:
                     examples=6)
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link, or a copy where the file system has none (FAT/exFAT drives, some network
+    shares)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def make_data(root: Path, sz: DemoSize, seed: int = 0) -> dict[str, Path]:
     """Write the synthetic train/val/test folders (skipped when already complete)."""
     from gen_ad.data.synthetic import write_folder
@@ -99,7 +108,7 @@ def make_data(root: Path, sz: DemoSize, seed: int = 0) -> dict[str, Path]:
     masks.mkdir(parents=True, exist_ok=True)
     for p in sorted((paths["test"] / "masks").glob("*.png")):
         if not (masks / p.name).exists():
-            os.link(p, masks / p.name)  # same bytes, the layout PatchFolder expects
+            _link_or_copy(p, masks / p.name)  # same bytes, the layout PatchFolder expects
     paths["masks"] = masks.parent
     return paths
 
