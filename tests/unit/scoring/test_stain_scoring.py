@@ -52,6 +52,15 @@ def _folder(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "data", ref
 
 
+def _reinhard_run(run: Path, data: Path, ref: Path) -> Path:
+    """A one-step WGAN run trained on Reinhard-normalised patches."""
+    assert main(["train", "wgan", "--config", str(CONFIGS / "demo.yaml"), f"out={run}",
+                 f"data.train={data}", "data.stain_norm=reinhard", f"data.stain_ref={ref}",
+                 "train.max_steps=1", "train.batch_size=10", "train.sample_every=0",
+                 "train.fid_every=0", "train.ckpt_every=0"]) == 0
+    return run
+
+
 @needs_torchstain
 def test_wrapper_normalises_before_fit_and_score(tmp_path: Path) -> None:
     data, ref = _folder(tmp_path)
@@ -102,11 +111,7 @@ def test_stain_coverage_counts_patches_left_in_their_own_stain(tmp_path: Path) -
 def test_stain_run_exports_reference_and_scores_normalised(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, ref = _folder(tmp_path)
-    run = tmp_path / "gan"
-    assert main(["train", "wgan", "--config", str(CONFIGS / "demo.yaml"), f"out={run}",
-                 f"data.train={data}", "data.stain_norm=reinhard", f"data.stain_ref={ref}",
-                 "train.max_steps=1", "train.batch_size=10", "train.sample_every=0",
-                 "train.fid_every=0", "train.ckpt_every=0"]) == 0
+    run = _reinhard_run(tmp_path / "gan", data, ref)
     assert re.search(r"reinhard stain normalisation leaves \d+ of 12 sampled training patches",
                      capsys.readouterr().err)
     meta = json.loads((run / "model" / "model.json").read_text())
@@ -158,11 +163,7 @@ def test_load_run_fits_the_stain_reference_it_checked(
     import gen_ad.training.runs as runs
 
     data, ref = _folder(tmp_path)
-    run = tmp_path / "gan"
-    assert main(["train", "wgan", "--config", str(CONFIGS / "demo.yaml"), f"out={run}",
-                 f"data.train={data}", "data.stain_norm=reinhard", f"data.stain_ref={ref}",
-                 "train.max_steps=1", "train.batch_size=10", "train.sample_every=0",
-                 "train.fid_every=0", "train.ckpt_every=0"]) == 0
+    run = _reinhard_run(tmp_path / "gan", data, ref)
     other = sorted((data / "normal").iterdir())[-1]
     real_read = runs.read_export
 
