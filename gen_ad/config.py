@@ -164,20 +164,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own error names the deepest bad key
-            if options[0] is str and _is_blank(value):
-                raise ConfigError(f"config key '{key}': must not be empty, got {value!r} "
-                                  "(leave the key out or write null to leave it unset)")
-            return _coerce(value, options[0], key)
-        for a in options:
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+        return _coerce_union(value, tp, args, key)
     if origin is Literal:
         value = _literal_from_bool(value, args)
         if value not in args:
@@ -200,6 +187,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
         return _build(tp, value, key)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_union(value: Any, tp: Any, args: tuple[Any, ...], key: str) -> Any:
+    """``value`` as the first member of the union ``tp`` (members ``args``) it fits."""
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # Optional[X]: X's own error names the deepest bad key
+        if options[0] is str and _is_blank(value):
+            raise ConfigError(f"config key '{key}': must not be empty, got {value!r} "
+                              "(leave the key out or write null to leave it unset)")
+        return _coerce(value, options[0], key)
+    for a in options:
+        try:
+            return _coerce(value, a, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked as a float (ints widen), int, bool or str."""
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             number = _float_or_none(value)
