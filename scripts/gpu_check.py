@@ -54,9 +54,11 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+UTC = timezone.utc  # datetime.UTC is Python 3.11+; requires-python is 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("wgan", "stylegan2", "ddpm")

@@ -40,6 +40,13 @@ def test_registry_names_lowercase_and_complete() -> None:
 def test_full_spec_dims_on_meta_device(name: str) -> None:
     """The full-size network (built on the meta device: no memory) gives the published sizes."""
     spec = get_spec(name)
+    import timm
+    from packaging.version import Version
+
+    if spec.arch.startswith("vit_") and Version(timm.__version__) < Version("1.0.21"):
+        # compat (test only): timm < 1.0.21 calls .item() on the drop-path rates while it builds a
+        # ViT, which the meta device refuses; real builds (CPU/GPU) work from the 0.9.12 floor
+        pytest.skip(f"timm {timm.__version__} < 1.0.21 cannot build a ViT on the meta device")
     dim, mparams = EXPECTED[name]
     assert spec.dim == dim
     with torch.device("meta"):
