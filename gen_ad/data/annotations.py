@@ -29,6 +29,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.parsers import expat
 
 import numpy as np
 from matplotlib.path import Path as MplPath
@@ -118,7 +119,7 @@ def read_geojson(path: str | os.PathLike[str]) -> Regions:
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8
         raise DataError(f"{p}: not readable GeoJSON ({e})") from e
     out = Regions()
     skipped: dict[str, int] = {}
@@ -146,13 +147,28 @@ def read_geojson(path: str | os.PathLike[str]) -> Regions:
     return out
 
 
+def _refuse_doctype(data: bytes, p: Path) -> None:
+    """Refuse an XML document type declaration: ASAP files have none, and its entities are how
+    a file expands to gigabytes ("billion laughs"), whichever expat version Python uses."""
+    def refuse(*_: Any) -> None:
+        raise DataError(f"{p}: refusing an XML document type declaration (<!DOCTYPE>, entities); "
+                        "ASAP XML has none")
+
+    parser = expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = refuse
+    parser.Parse(data, True)
+
+
 def read_asap_xml(path: str | os.PathLike[str]) -> Regions:
     """Polygons of an ASAP XML file (Camelyon16): group ``_2``/``Exclusion`` subtracted;
-    ``Dot``/``PointSet``/``Measurement`` annotations skipped with a warning."""
+    ``Dot``/``PointSet``/``Measurement`` annotations skipped with a warning; a ``<!DOCTYPE>``
+    (entity declarations) is refused."""
     p = Path(path)
     try:
-        root = ET.parse(p).getroot()
-    except (OSError, ET.ParseError) as e:
+        data = p.read_bytes()
+        _refuse_doctype(data, p)
+        root = ET.fromstring(data)
+    except (OSError, ET.ParseError, expat.ExpatError) as e:
         raise DataError(f"{p}: not readable ASAP XML ({e})") from e
     out = Regions()
     skipped: list[str] = []

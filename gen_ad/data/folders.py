@@ -129,6 +129,9 @@ def _tiff_array(path: Path) -> tuple[np.ndarray, int]:
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
+        if page.imagewidth * page.imagelength > 2 * (Image.MAX_IMAGE_PIXELS or float("inf")):
+            raise DataError(f"{page.imagewidth}x{page.imagelength} pixels, over Pillow's "
+                            "decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS x 2)")
         arr = np.squeeze(tif.asarray(key=0))
         tag = page.tags.get(274)  # type: ignore[union-attr]
     if arr.ndim == 3 and arr.shape[0] <= 4 < arr.shape[-1]:

@@ -60,7 +60,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
         return "–"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
-    return str(v)
+    return _e(v)
 
 
 def ci_text(m: dict[str, Any] | None) -> str:
@@ -171,8 +171,8 @@ def _methods_table(methods: list[dict[str, Any]]) -> str:
         th = m["threshold"]
         rule = "Q3 + 1.5 IQR" if th["method"] == "iqr" else f"FPR {th['params'].get('fpr')}"
         rows.append([f"<b>{_e(m['name'])}</b>", _e(m["description"]) + notes,
-                     f"{th['value']:.4g} ({_e(rule)} of {th['n']} normal val scores)",
-                     f"{m['size']} px"])
+                     f"{th['value']:.4g} ({_e(rule)} of {_e(th['n'])} normal val scores)",
+                     f"{_e(m['size'])} px"])
     return _table(["method", "what it is", "threshold", "input"], rows, num_from=4)
 
 
@@ -215,8 +215,8 @@ def render_report(results: dict[str, Any], root: str | os.PathLike[str]) -> str:
         f"<p class='meta'>created {_e(results['created'])} · device {_e(env.get('device'))} "
         f"({_e(hw)}, {_e(env.get('threads'))} threads) · torch {_e(env.get('torch'))}</p>",
         _provenance_line(env),
-        f"<p>Test split <code>{_e(test['root'])}</code>: {test['n']} patches "
-        f"({test['n_normal']} normal, {test['n_anomalous']} anomalous)"
+        f"<p>Test split <code>{_e(test['root'])}</code>: {_e(test['n'])} patches "
+        f"({_e(test['n_normal'])} normal, {_e(test['n_anomalous'])} anomalous)"
         + (f", masks <code>{_e(test['masks'])}</code>" if test.get("masks") else "")
         + f". Normal validation folder <code>{_e(test['val'])}</code> (fitting, thresholds and "
         "the FID reference). Every method is scored on the same patches through the same "

@@ -34,6 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 from gen_ad.errors import CheckpointError, DiskFullError
 
 MANIFEST = "manifest.json"
+SAFE_TORCH_LOAD = (2, 6)  # torch <= 2.5.1: weights_only can be made to run code (CVE-2025-32434)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -71,14 +72,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     dst = Path(path)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.{os.getpid()}-", suffix=".tmp",
-                                   dir=dst.parent)
+        tmp_path = _new_file(dst)
     except OSError as e:
         _reraise(e, dst)
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give files the usual mode
         yield tmp_path
         _fsync_file(tmp_path)
         os.replace(tmp_path, dst)
@@ -89,10 +86,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_file(dst: Path) -> Path:
+    """Create an empty ``.<name>.<pid>-<random>.tmp`` beside ``dst``: exclusively (never through
+    an existing name or link) and with the umask's usual mode, which the kernel applies (the
+    process umask is never changed, so files other threads create meanwhile keep theirs)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = dst.with_name(f".{dst.name}.{unique_tag()}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _fsync_file(path: Path) -> None:
@@ -218,6 +223,11 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
         CheckpointError: the file is missing or damaged, or holds Python objects other than
             tensors and plain data (it is refused, never executed).
     """
+    if torch.__version__ < SAFE_TORCH_LOAD:
+        warnings.warn(f"torch {torch.__version__}'s weights_only loader can be made to run code "
+                      f"(CVE-2025-32434, fixed in torch 2.6, gen_ad's floor): reading {path}; "
+                      "load .pt/.pth files only from sources you trust, or upgrade torch",
+                      RuntimeWarning, stacklevel=2)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
@@ -385,7 +395,7 @@ def json_object(data: bytes | str, where: str | os.PathLike[str],
     """
     try:
         obj = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: [[[[...
         raise CheckpointError(f"{where} is not valid JSON: {e}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{where} is damaged: not {what}")
@@ -395,11 +405,13 @@ def json_object(data: bytes | str, where: str | os.PathLike[str],
 def read_manifest_file(folder: str | os.PathLike[str], name: str = MANIFEST) -> dict[str, Any]:
     """Read ``folder/name`` (a CheckpointError when missing or not a manifest)."""
     p = Path(folder) / name
+    if p.exists() and not p.is_file():  # a FIFO would block the read
+        raise CheckpointError(f"{p} is damaged: not a regular file")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{folder} is incomplete: no {name}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{p} is damaged: {type(e).__name__}") from e
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise CheckpointError(f"{p} is damaged: no file list")
@@ -449,8 +461,13 @@ def checked_bytes(folder: str | os.PathLike[str], manifest: Mapping[str, Any], r
         CheckpointError: ``rel`` is not listed, missing, outside the folder, or differs.
     """
     p, size, digest = _entry(folder, name, manifest, rel)
+    if p.exists() and not (p.is_file() or p.is_dir()):  # a FIFO or device: blocks or never ends
+        raise CheckpointError(f"{folder}: {rel} is not a regular file")
     try:
         with open(p, "rb") as f:
+            got = os.fstat(f.fileno()).st_size
+            if got != size:  # refused unread (a huge file would fill the memory first)
+                _mismatch(folder, rel, got, size)
             data = f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise CheckpointError(f"{folder} is incomplete: {rel} is missing") from e

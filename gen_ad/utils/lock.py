@@ -98,7 +98,9 @@ def platform_locker(platform: str = sys.platform) -> _Locker:
 
 
 _LOCKER = platform_locker()
-_OPEN_FLAGS = os.O_RDWR | getattr(os, "O_BINARY", 0)  # Windows opens in text mode otherwise
+# O_BINARY: Windows opens in text mode otherwise; O_NOFOLLOW: a lock file that is a link (in a
+# copied or downloaded folder) is refused, never followed and truncated
+_OPEN_FLAGS = os.O_RDWR | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
 def _holder_info() -> dict[str, Any]:

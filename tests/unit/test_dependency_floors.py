@@ -36,10 +36,11 @@ PYTHON = (3, 10)  # syntax and stdlib names checked against CPython 3.10 (dateti
 
 # distribution -> (oldest release the code works with, why)
 NEEDED: dict[str, tuple[str, str]] = {
-    "torch": ("2.4", "torch.is_autocast_enabled(device_type) (gen_ad/training/grid_sample.py) "
-              "takes a device from 2.4; before 2.3 torch is built for NumPy 1 only, and pip "
-              "pairs an old torch with the newest NumPy"),
-    "torchvision": ("0.19", "the release paired with torch 2.4; first built for NumPy 2"),
+    "torch": ("2.6", "torch.load(weights_only=True) of torch <= 2.5.1 can be made to run code "
+              "(CVE-2025-32434; every .pt/.pth gen_ad reads goes through it); also "
+              "torch.is_autocast_enabled(device_type) (gen_ad/training/grid_sample.py, 2.4) and "
+              "NumPy 2 builds (2.3)"),
+    "torchvision": ("0.21", "the release paired with torch 2.6"),
     "accelerate": ("0.30", "Accelerator(cpu=, mixed_precision=, log_with=, project_dir=), "
                    "utils.broadcast_object_list; the training tests pass at 0.30.0"),
     "diffusers": ("0.29", "0.27/0.28 import huggingface_hub.cached_download, removed in "
