@@ -57,7 +57,7 @@ from gen_ad.utils.io import write_json, write_text
 from gen_ad.utils.lock import folder_lock
 
 FID_UNAVAILABLE = "n/a (Inception weights not available offline)"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # fullmatch: no trailing newline
 
 # ----------------------------------------------------------------------------- config schema
 
@@ -164,7 +164,7 @@ class MethodConfig:
               "give exactly one of 'run' (a trained run) or 'knn' (the KNN baseline)")
         check(self.knn is None or (self.scorer is None and not self.kwargs), prefix,
               "'scorer' and 'kwargs' belong to run methods, not to 'knn'")
-        check(self.name is None or bool(_NAME_RE.match(self.name)), f"{prefix}.name",
+        check(self.name is None or bool(_NAME_RE.fullmatch(self.name)), f"{prefix}.name",
               "use letters, digits and . _ + - only")
         check(self.batch_size is None or self.batch_size > 0, f"{prefix}.batch_size",
               "must be positive")
@@ -242,6 +242,10 @@ class BenchmarkConfig:
         for i, m in enumerate(self.methods):
             m.validate(f"methods[{i}]")
         names = [method_name(m) for m in self.methods]
+        for i, n in enumerate(names):  # names it derives: they become folders under methods/
+            check(n not in ("", ".", "..") and "/" not in n and "\\" not in n,
+                  f"methods[{i}].name", f"the derived name {n!r} cannot name a folder; set "
+                  "'name' (letters, digits and . _ + - only)")
         dup = sorted({n for n in names if names.count(n) > 1})
         check(not dup, "methods", f"duplicate method names {dup}; set 'name' to tell them apart")
         check(self.n_boot >= 0, "n_boot", "must be >= 0")

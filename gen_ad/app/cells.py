@@ -75,6 +75,9 @@ def _inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
             raise DataError(f"not found: {p}")
     stems: dict[str, Path] = {}
     for p in out:  # outputs are named by stem: letter case alone collides on macOS and Windows
+        if p.stem in ("", ".", ".."):
+            raise DataError(f"cannot name outputs after {p} (its name without the extension is "
+                            "empty, '.' or '..'): rename the file")
         if stems.setdefault(p.stem.casefold(), p).resolve() != p.resolve():
             raise DataError(f"two inputs share the name '{p.stem}' (letter case aside): "
                             f"{stems[p.stem.casefold()]} and {p}")

@@ -163,6 +163,10 @@ def check_inputs(slides: Sequence[str | os.PathLike[str]], labels: Mapping[str, 
     """Duplicate slide names, slides missing from the label table, a missing annotation folder:
     each a :class:`DataError` (``gen-ad slide`` calls this before any scoring)."""
     keys = [slide_key(p) for p in slides]
+    odd = [str(p) for p, k in zip(slides, keys) if k in ("", ".", "..")]
+    if odd:
+        raise DataError(f"cannot name an output folder after {', '.join(odd)} (its name without "
+                        "the extension is empty, '.' or '..'): rename the file")
     folded = [k.casefold() for k in keys]
     dupes = sorted({k for k, f in zip(keys, folded) if folded.count(f) > 1})
     if dupes:

@@ -563,6 +563,9 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
     stems: dict[str, str] = {}
     for p in paths:  # tiles go to <out>/<stem>/: names equal but for letter case collide on
         stem, full = Path(p).stem, str(Path(p).resolve())  # macOS and Windows
+        if stem in ("", ".", ".."):
+            raise DataError(f"cannot name a tile folder after {p} (its name without the "
+                            "extension is empty, '.' or '..'): rename the file")
         if stems.setdefault(stem.casefold(), full) != full:
             raise DataError(f"two slides share the name '{stem}' (letter case aside): "
                             f"{stems[stem.casefold()]} and {full}")
