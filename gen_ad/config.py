@@ -653,8 +653,10 @@ def resolve_config_file(path: str | Path) -> Path:
     found = builtin_configs().get(key) if key is not None else None
     if found is None:
         raise ConfigError(f"config file not found: {p}{_builtin_hint(key)}")
-    warnings.warn(f"config {path}: no such file here, using the built-in config {key} "
-                  f"({found}; `gen-ad configs copy {key}` makes an editable copy)", stacklevel=2)
+    if p.suffix.lower() in (".yaml", ".yml"):  # a file path, not a name: say what is used
+        warnings.warn(f"config {path}: no such file here, using the built-in config {key} "
+                      f"({found}; `gen-ad configs copy {key}` makes an editable copy)",
+                      stacklevel=2)
     return found
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,16 @@ def test_readme_path_from_another_folder_uses_the_builtin(
                       r"copy ddpm/demo"):
         cfg = load_config(family_schema("ddpm"), "configs/ddpm/demo.yaml", ["train.max_steps=3"])
     assert cfg.train.max_steps == 3 and cfg.out == "checkpoints/ddpm-demo"
+
+
+def test_a_builtin_name_is_used_without_a_warning(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--config ddpm/demo`` asks for the built-in config: nothing to warn about (a missing
+    ``.yaml`` path, which may be a typo of the user's own file, is warned about)."""
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_config_file("ddpm/demo") == builtin_config("ddpm/demo")
 
 
 def test_a_local_file_wins_over_the_builtin(tmp_path: Path,
