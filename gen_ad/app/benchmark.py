@@ -437,6 +437,8 @@ class MethodOutcome:
         examples: ``(images [E,3,H,W], ScoreBatch with recon/maps)`` of the example images.
         example_index: their test indices.
         fit_seconds: time of ``fit`` (calibration).
+        has_maps: whether the method gave maps (they are dropped once the metrics are computed:
+            every method's maps of a large test set would not fit in memory together).
     """
 
     method: PreparedMethod
@@ -447,6 +449,7 @@ class MethodOutcome:
     examples: tuple[torch.Tensor, ScoreBatch] | None
     example_index: list[int]
     fit_seconds: float
+    has_maps: bool = False
 
 
 def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig, device: str,
@@ -468,8 +471,11 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
     val_scores, how = threshold_scores(pm, fit_ds, val_ds, device)
     th = calibrate(val_scores, method=cfg.threshold, fpr=cfg.fpr)
     test_ds = split.test(pm.size, pm.resize)
-    scored = score_dataset(pm.scorer, test_ds, batch_size=pm.batch_size, device=device)
+    scored = score_dataset(pm.scorer, test_ds, batch_size=pm.batch_size, device=device,
+                           spill_dir=cfg.out if Path(cfg.out).is_dir() else None)
     metrics = detection_metrics(scored, th, n_boot=cfg.n_boot, seed=cfg.seed)
+    has_maps = scored.maps is not None
+    scored.drop_maps()  # the metrics hold what the outputs need; the examples are re-scored
     metrics["overlap_with_test"] = overlap_with_test(fit_ds, val_ds, test_ds)
     metrics.update(how)
     idx = examples if examples is not None else example_indices(scored.labels, cfg.examples,
@@ -479,7 +485,7 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
         images = torch.stack([test_ds[i]["image"] for i in idx])
         with torch.no_grad():
             ex = (images, pm.scorer.score(images.to(device)).cpu())
-    return MethodOutcome(pm, scored, val_scores, th, metrics, ex, idx, fit_s)
+    return MethodOutcome(pm, scored, val_scores, th, metrics, ex, idx, fit_s, has_maps)
 
 
 def threshold_scores(pm: PreparedMethod, fit_ds: Dataset, val_ds: Dataset,
@@ -655,7 +661,7 @@ def _method_record(o: MethodOutcome, gq: dict[str, dict[str, Any]]) -> dict[str,
         "name": pm.name, "kind": pm.kind, "description": pm.description, "notes": pm.notes,
         "run": pm.run_path, "size": pm.size, "batch_size": pm.batch_size,
         "ms_per_patch": s.ms_per_image, "fit_seconds": o.fit_seconds,
-        "has_maps": s.maps is not None, "threshold": o.threshold.to_dict(),
+        "has_maps": o.has_maps, "threshold": o.threshold.to_dict(),
         "n_val": int(len(o.val_scores)), "metrics": o.metrics,
         "generator": gq.get(pm.run_path) if pm.run_path else None,
         "scores_csv": f"methods/{pm.name}/scores.csv",

@@ -50,6 +50,7 @@ from gen_ad.metrics.detection import evaluate_scores
 from gen_ad.report.html import ci_text
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.maps import save_map_png
+from gen_ad.scoring.store import MEMORY_BYTES, MapStore
 from gen_ad.scoring.thresholds import Threshold, calibrate
 from gen_ad.training.runs import Run, load_run
 from gen_ad.utils.io import write_json, write_text
@@ -271,8 +272,12 @@ class ScoredSet:
         labels: ``[N]`` 0 normal / 1 anomalous (meaningless when not ``labelled``).
         scores: ``[N]`` float, higher = more anomalous.
         terms: named ``[N]`` score components.
-        maps: ``[N,H,W]`` maps when the method has them and they were kept, else ``None``.
-        masks: ``[N,H,W]`` ground-truth masks when the dataset has them, else ``None``.
+        maps: ``[N,H,W]`` float32 maps when the method has them and they were kept, else
+            ``None``: a :class:`~gen_ad.scoring.store.MapStore` (in memory for small sets, in a
+            temporary file for large ones; read with ``maps[i]``, ``maps.read(a, b)``,
+            ``np.asarray(maps)``).
+        masks: ``[N,H,W]`` bool ground-truth masks (a store) when the dataset has them, else
+            ``None``.
         seconds: wall time of scoring (for latency per patch).
         labelled: False when the images carry no class (a flat folder, slide tiles): no
             metrics, and ``scores.csv`` leaves ``label`` empty.
@@ -283,14 +288,21 @@ class ScoredSet:
     labels: np.ndarray
     scores: np.ndarray
     terms: dict[str, np.ndarray] = field(default_factory=dict)
-    maps: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
+    maps: MapStore | None = None
+    masks: MapStore | None = None
     seconds: float = 0.0
     labelled: bool = True
 
     @property
     def ms_per_image(self) -> float:
         return 1000.0 * self.seconds / max(len(self.paths), 1)
+
+    def drop_maps(self) -> None:
+        """Free the maps and masks (memory or temporary files) once the metrics are computed."""
+        for store in (self.maps, self.masks):
+            if store is not None:
+                store.close()
+        self.maps = self.masks = None
 
 
 def image_batches(dataset: Dataset, batch_size: int = 32, limit: int | None = None,
@@ -303,16 +315,23 @@ def image_batches(dataset: Dataset, batch_size: int = 32, limit: int | None = No
 
 def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 32,
                   device: str | torch.device = "cpu", keep_maps: bool = True,
-                  num_workers: int = 0, progress: bool = True) -> ScoredSet:
-    """Score every image of ``dataset`` (items as produced by :mod:`gen_ad.data`)."""
-    if len(dataset) == 0:  # type: ignore[arg-type]
+                  num_workers: int = 0, progress: bool = True,
+                  spill_dir: str | os.PathLike[str] | None = None,
+                  memory_bytes: int = MEMORY_BYTES) -> ScoredSet:
+    """Score every image of ``dataset`` (items as produced by :mod:`gen_ad.data`).
+
+    Maps and masks go batch by batch into :class:`~gen_ad.scoring.store.MapStore` objects (at
+    most ``memory_bytes`` each in memory, a larger set into a temporary file in ``spill_dir``);
+    reconstructions are not kept. Only one batch of maps is alive at a time."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
         raise DataError("nothing to score: the dataset is empty")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     paths: list[str] = []
     classes: list[str] = []
     labels: list[int] = []
     parts: list[ScoreBatch] = []
-    masks: list[torch.Tensor] = []
+    stores: dict[str, MapStore | None] = {}
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"score {scorer.name}", disable=not progress, leave=False):
         out = scorer.score(batch["image"].to(device)).cpu()
@@ -321,19 +340,42 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
             first = list(batch["path"])[int(bad.nonzero()[0])]
             raise DataError(f"{scorer.name} gave {int(bad.sum())} non-finite score(s) in a batch "
                             f"(first: {first}); nothing was written")
-        if not keep_maps:
-            out = ScoreBatch(out.scores, None, None, out.terms)
-        parts.append(ScoreBatch(out.scores, out.maps, None, out.terms))
+        parts.append(ScoreBatch(out.scores, None, None, out.terms))
         paths += list(batch["path"])
         classes += list(batch.get("cls", ["?"] * len(batch["path"])))
         labels += [int(v) for v in batch["label"]]
-        if "mask" in batch:
-            masks.append(batch["mask"])
+        _keep(stores, "maps", out.maps if keep_maps else None, n, spill_dir, memory_bytes)
+        _keep(stores, "masks", batch.get("mask"), n, spill_dir, memory_bytes)
     seconds = time.perf_counter() - t0
     allb = ScoreBatch.cat(parts)
     return ScoredSet(paths, classes, np.asarray(labels, dtype=np.int64), allb.scores.numpy(),
-                     {k: v.numpy() for k, v in allb.terms.items()}, allb.maps,
-                     torch.cat(masks) if masks else None, seconds, is_labelled(dataset))
+                     {k: v.numpy() for k, v in allb.terms.items()}, _complete(stores, "maps", n),
+                     _complete(stores, "masks", n), seconds, is_labelled(dataset))
+
+
+def _keep(stores: dict[str, MapStore | None], key: str, batch: torch.Tensor | None, n: int,
+          spill_dir: str | os.PathLike[str] | None, memory_bytes: int) -> None:
+    """Append a batch of maps (float32) or masks (bool) to ``stores[key]``; a batch without
+    them marks the set as incomplete (``None`` in the store's place)."""
+    if batch is None:
+        stores[key] = None
+        return
+    if key not in stores:
+        dtype = np.float32 if key == "maps" else np.bool_
+        stores[key] = MapStore(n, dtype, memory_bytes=memory_bytes, spill_dir=spill_dir)
+    store = stores[key]
+    if store is not None:
+        store.append(batch > 0.5 if key == "masks" else batch)
+
+
+def _complete(stores: dict[str, MapStore | None], key: str, n: int) -> MapStore | None:
+    """The store of ``key`` when every image put its item in it, else ``None``."""
+    store = stores.get(key)
+    if store is None or len(store) != n:
+        if store is not None:
+            store.close()
+        return None
+    return store
 
 
 def calibrate_scorer(scorer: AnomalyScorer, normal: Dataset, *, batch_size: int = 32,
@@ -355,6 +397,14 @@ def calibrate_scorer(scorer: AnomalyScorer, normal: Dataset, *, batch_size: int 
     return calibrate(scored.scores, method=method, fpr=fpr)
 
 
+def display_max(maps: MapStore, n_values: int = 1_000_000) -> float:
+    """The examples' colour-scale top: the 99th percentile of the first ``n_values`` map values
+    (only the images holding them are read)."""
+    first = maps.read(0, -(-n_values // max(maps.shape[1] * maps.shape[2], 1)))
+    values = np.array(first.reshape(-1)[:n_values], dtype=np.float32)  # a writable copy
+    return float(torch.quantile(torch.from_numpy(values), 0.99))
+
+
 def write_examples(out_dir: Path, scored: ScoredSet, dataset: Dataset, n: int = 8) -> list[Path]:
     """Write map PNGs (overlay + raw, and reconstruction when present) of the ``n`` highest- and
     ``n`` lowest-scoring images into ``out_dir/maps/``."""
@@ -363,7 +413,7 @@ def write_examples(out_dir: Path, scored: ScoredSet, dataset: Dataset, n: int = 
     order = np.argsort(-scored.scores, kind="stable")
     picks = [("top", r, int(i)) for r, i in enumerate(order[:n])]
     picks += [("bottom", r, int(i)) for r, i in enumerate(order[::-1][:n])]
-    vmax = float(torch.quantile(scored.maps.flatten()[:1_000_000].float(), 0.99))
+    vmax = display_max(scored.maps)
     written = []
     for tag, rank, i in picks:
         stem = Path(scored.paths[i]).stem

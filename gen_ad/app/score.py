@@ -151,9 +151,11 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
         th = _threshold(ls, name, Path(run), normal, normal_classes, context,
                         batch_size=batch_size, device=device, method=threshold_method, fpr=fpr,
                         limit=calibration_limit)
-        scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device)
+        scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
+                               spill_dir=out)  # a large set's maps: a temporary file there
         results[name] = write_outputs(Path(out) / name, scored, ds, method=name, threshold=th,
                                       n_examples=n_examples, n_boot=n_boot, extra=extra)
+        scored.drop_maps()
     return results
 
 
