@@ -81,9 +81,12 @@ BENCH_GPU: dict[str, tuple[list[str], int]] = {
     "faults.py": (["--smoke"], 120),  # fault injection: its tiny runs pin a few cores
     "memory.py": (["--sizes", "1000", "4000"], 90),  # data-loading memory (41 s on 2 cores)
     "synthetic.py": (["--n", "512", "--repeats", "1"], 45),  # one CPU thread (18 s on 2 cores)
+    # the evaluation engine's memory against the number of scored images (CPU; its full sizes
+    # take minutes and 3 GB: run `python bench/evaluation.py` alone for that figure)
+    "evaluation.py": (["--smoke"], 60),
 }
 ALONE = ("knn.py", "diffusion.py")
-CPU_ONLY = ("faults.py", "memory.py", "synthetic.py")
+CPU_ONLY = ("faults.py", "memory.py", "synthetic.py", "evaluation.py")
 UNTUNED = (["--smoke"], 90)  # a bench/*.py not listed above runs in its smoke mode
 SYNTH_S = 120  # gen-ad synth of 2048 64-px patches on one core (56 s on a shared 2-core CPU)
 TESTS_S = {"gpu": 120, "all": 360}  # the gpu-marked tests (55) or the suite, beside the trainings
@@ -99,6 +102,8 @@ BENCH_NOTES = {
     "faults.py": "CPU-only bench (fault injection into tiny CPU runs), smoke mode",
     "memory.py": "CPU-only bench (data-loading memory)",
     "synthetic.py": "CPU-only bench (one thread)",
+    "evaluation.py": "CPU-only bench (evaluation memory), smoke mode: run `python "
+                     "bench/evaluation.py` alone for the 32,000-image figure",
 }
 
 

@@ -51,11 +51,12 @@ def test_plan_covers_every_family_and_every_bench(tmp_path: Path,
     assert len(lanes) == 4
     assert by["bench/wgan.py"]["phase"] > by["tests"]["phase"]
     # the CPU-only benches run beside the last GPU benches (a lane each), not beside the tests
-    cpu_benches = ("bench/faults.py", "bench/memory.py", "bench/synthetic.py")
+    cpu_benches = ("bench/faults.py", "bench/memory.py", "bench/synthetic.py",
+                   "bench/evaluation.py")
     for cpu_bench in cpu_benches:
         assert by[cpu_bench]["phase"] == by["bench/wgan.py"]["phase"]
         assert by[cpu_bench]["lane"] != by["bench/wgan.py"]["lane"]
-    assert len({by[b]["lane"] for b in cpu_benches}) == 3
+    assert len({by[b]["lane"] for b in cpu_benches}) == 4
     # the synthetic folder (one CPU core) is written beside the GPU-figure benches
     assert by["synth"]["phase"] == 0 and by["synth"]["lane"] != by["bench/knn.py"]["lane"]
     # the default test selection: the gpu-marked tests (issue 13), not the whole suite
