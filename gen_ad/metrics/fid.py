@@ -548,7 +548,9 @@ def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int 
             normalisation, :func:`stain_transform`).
     Returns:
         ``{"fid"|"fd_<name>": float, ["kid_mean", "kid_std", "kid_subset_size"], "n_real",
-        "n_fake", "extractor", "cache_hit"}``.
+        "n_fake", "extractor", "cache_hit"}``, and for a sampler ``"sampling": {"seed",
+        "batch_size"}``: a sampler draws one batch per call, so another batch size draws
+        another sample set (and another FID).
     """
     if isinstance(real, str | os.PathLike):  # fail on empty/missing folders before loading weights
         list_images(real, max_images=max_real)
@@ -561,7 +563,10 @@ def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int 
     fake_n = ref.n if n is None and not is_folder else n
     feats = fake_features(fake, ext, n=fake_n, batch_size=batch_size, seed=seed, size=size,
                           resize=resize)
-    return distances(ref, feats, ext, kid=kid)
+    out = distances(ref, feats, ext, kid=kid)
+    if not is_folder:  # the sample set is a function of (sampler, n, seed, batch size)
+        out["sampling"] = {"seed": int(seed), "batch_size": int(batch_size)}
+    return out
 
 
 # ----------------------------------------------------------------------------- training
