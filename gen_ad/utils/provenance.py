@@ -67,7 +67,8 @@ def _git(root: Path, *args: str) -> str:
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
-    """What this process runs: gen_ad (version, source commit), Python, platform, CPU, the CUDA
+    """What this process runs: gen_ad (version, source commit), Python, platform, CPU and torch's
+    thread count (training trajectories depend on it), the CUDA
     and cuDNN versions torch was built with (``None`` for a CPU build), the device and its
     name when ``device`` is a CUDA one, and :func:`package_versions`."""
     import torch
@@ -77,7 +78,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "gen_ad": __version__, "source": source_commit(), "python": platform.python_version(),
-        "platform": platform.platform(), "cpu": cpu_name(),
+        "platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "torch_cuda": torch.version.cuda, "torch_cudnn": torch.backends.cudnn.version()
         if torch.backends.cudnn.is_available() else None,
         "packages": package_versions(),

@@ -42,6 +42,9 @@ def test_environment_and_its_one_line_description() -> None:
 
     env = pv.environment("cpu")
     assert env["gen_ad"] == gen_ad.__version__ and env["device"] == "cpu" and "gpu" not in env
+    import torch
+
+    assert env["threads"] == torch.get_num_threads()
     line = pv.describe({**env, "source": {"commit": "0123456789abcdef", "dirty": True}})
     assert line.startswith(f"gen_ad {gen_ad.__version__} (commit 0123456, modified)")
     assert f"torch {env['packages']['torch']}" in line
