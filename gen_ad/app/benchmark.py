@@ -44,6 +44,7 @@ from gen_ad.app.evaluate import (
     summary_line,
     write_outputs,
 )
+from gen_ad.app.score import clear_outputs
 from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_report
 from gen_ad.baselines.knn import shared_files, shared_indices
 from gen_ad.config import check, load_config, to_dict
@@ -705,6 +706,19 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
         return benchmark_methods(cfg, methods, device, progress, split)
 
 
+def _clear_tables(out: Path, progress: bool) -> None:
+    """Remove an earlier run's ``results.json`` and ``report.html`` before any method runs, so
+    an interrupted run never leaves them beside its own ``methods/`` outputs; every method is
+    evaluated again (the report needs each method's scores, threshold and examples in memory),
+    and when an interrupted run is found, a line says so."""
+    found = [n for n in ("results.json", "report.html") if (out / n).is_file()]
+    if progress and not found and (out / "methods").is_dir() and any((out / "methods").iterdir()):
+        print(f"[benchmark] {out} holds method outputs but no results.json (an interrupted "
+              "run?): every method is evaluated again", flush=True)
+    for name in found:
+        (out / name).unlink(missing_ok=True)
+
+
 def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], device: str,
                       progress: bool = True, split: SplitCache | None = None) -> dict[str, Any]:
     """Evaluate prepared methods (any scorers) on ``cfg``'s split and write the outputs.
@@ -717,6 +731,7 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
     split = split or SplitCache(cfg.data, cfg.seed)
     check_inputs(cfg, methods, split)
     methods = [*methods, *shortcut_methods(cfg, methods, split, device)]  # colour baseline
+    _clear_tables(out, progress)
     outcomes: list[MethodOutcome] = []
     idx: list[int] | None = None
     for pm in methods:
@@ -724,6 +739,7 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
             print(f"[benchmark] {pm.name}: {pm.description}", flush=True)
         o = evaluate_method(pm, split, cfg, device, idx)
         idx = o.example_index
+        clear_outputs(out / "methods" / pm.name)
         write_outputs(out / "methods" / pm.name, o.scored, None, method=pm.name,
                       threshold=o.threshold, metrics=o.metrics)
         outcomes.append(o)

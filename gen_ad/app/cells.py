@@ -139,23 +139,40 @@ def _write_crop(source: Source, plan: CropPlan, x: int, y: int, path: Path) -> N
         tmp.write_bytes(buf.getvalue())
 
 
+def _write_crops(source: Source, plan: CropPlan, x: np.ndarray, y: np.ndarray,
+                 paths: list[Path], workers: int | None, desc: str, progress: bool) -> None:
+    """Write the crops centred on ``(x, y)`` to ``paths`` (``desc``: the bar's label)."""
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        jobs = [pool.submit(_write_crop, source, plan, int(xi), int(yi), p)
+                for xi, yi, p in zip(x, y, paths)]
+        try:
+            for job in tqdm(jobs, desc=desc, unit="cell", disable=not progress):
+                job.result()
+        except BaseException:  # Ctrl-C or an error: stop now, not after every queued crop
+            for job in jobs:
+                job.cancel()
+            raise
+
+
 def _slide_cells(source: Source, nuc: Nuclei, out: Path, plan: CropPlan,
                  workers: int | None, progress: bool) -> list[CellRecord]:
-    """Write the crops (and overlay) of one slide; stale crops of that slide are removed."""
+    """Write the crops (and overlay) of one slide. The crops are written into a hidden
+    temporary folder that replaces ``crops/<slide>`` as a whole once complete: an interrupted
+    run leaves the previous crops (or none), never a mix or a part (patch folders skip hidden
+    folders; the next command on ``out`` removes it)."""
+    from gen_ad.utils.io import atomic_dir, publish_dir, remove_dir
+
     stem = source.path.stem
     x, y, area = _unique_pixels(nuc, source.dimensions)
     folder = out / "crops" / stem
-    folder.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_dir(folder)
     names = [f"{stem}_x{xi}_y{yi}.png" for xi, yi in zip(x, y)]
-    keep = set(names)
-    for old in folder.glob("*.png"):
-        if old.name not in keep:
-            old.unlink()
-    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        jobs = [pool.submit(_write_crop, source, plan, int(xi), int(yi), folder / n)
-                for xi, yi, n in zip(x, y, names)]
-        for job in tqdm(jobs, desc=stem, unit="cell", disable=not progress):
-            job.result()
+    try:
+        _write_crops(source, plan, x, y, [tmp / n for n in names], workers, stem, progress)
+    except BaseException:
+        remove_dir(tmp)
+        raise
+    publish_dir(tmp, folder)
     img = overlay(source, Nuclei(x + 0.5, y + 0.5, area))
     with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
         img.save(tmp, format="PNG")
@@ -175,10 +192,12 @@ def read_cells_csv(path: str | os.PathLike[str]) -> list[CellRecord]:
                 for r in reader]
 
 
-def write_cells_csv(out: Path, records: Sequence[CellRecord]) -> Path:
+def write_cells_csv(out: Path, records: Sequence[CellRecord],
+                    slides: Sequence[str] = ()) -> Path:
     """``out/cells.csv`` (paths relative to ``out``), written atomically; the rows of slides
-    not in ``records`` that an earlier run wrote are kept."""
-    done = {r.slide for r in records}
+    neither in ``records`` nor in ``slides`` (slides redone, even with no cell now) that an
+    earlier run wrote are kept."""
+    done = {r.slide for r in records} | set(slides)
     old = read_cells_csv(out / CELLS_CSV) if (out / CELLS_CSV).is_file() else []
     rows = sorted([r for r in old if r.slide not in done] + list(records),
                   key=lambda r: (r.slide, r.y, r.x))
@@ -232,10 +251,10 @@ def cells(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
                 nuc = detect_source(src, settings, base)
                 how = "detected"
             recs = _slide_cells(src, nuc, root, plan, workers, progress)
+            write_cells_csv(root, recs, [p.stem])  # per slide: a kill keeps finished slides
             records.extend(recs)
             lines.append(f"{p.stem}: {len(recs)} cells {how}; {size}px crops at {mpp:g} um/px "
                          f"from level {plan.level} ({plan.read_size}px read)")
-    write_cells_csv(root, records)
     lines.append(f"cells: {root / CELLS_CSV}; crops: {root / 'crops'}; overlays: "
                  f"{root / 'overlays'}")
     return lines

@@ -208,9 +208,17 @@ def slides_csv(recs: Sequence[Mapping[str, Any]], labels: Mapping[str, int] | No
     return buf.getvalue()
 
 
+def clear_cohort(out: str | os.PathLike[str]) -> None:
+    """Remove an earlier run's ``cohort.json`` then ``slides.csv`` before the slides are scored:
+    a run interrupted meanwhile leaves no table listing another run's slides and scores."""
+    for name in ("cohort.json", "slides.csv"):
+        (Path(out) / name).unlink(missing_ok=True)
+
+
 def write_cohort(out: str | os.PathLike[str], recs: Sequence[Mapping[str, Any]],
                  labels: Mapping[str, int] | None, result: Mapping[str, Any]) -> dict[str, str]:
-    """Write ``slides.csv`` and ``cohort.json`` into ``out``; return their paths."""
+    """Write ``slides.csv``, then ``cohort.json`` (last: it marks a finished cohort) into
+    ``out``; return their paths."""
     paths = {"slides": Path(out) / "slides.csv", "cohort": Path(out) / "cohort.json"}
     write_text(paths["slides"], slides_csv(recs, labels))
     write_json(paths["cohort"], dict(result))

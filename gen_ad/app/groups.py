@@ -83,7 +83,8 @@ def write_group_outputs(result: Mapping[str, Any],
     animals = result.get("per_animal")
     paths = {"json": out / "groups.json", "csv": out / "per_slide.csv",
              "png": out / "groups_box.png"}
-    write_json(paths["json"], dict(result))
+    for name in ("groups.json", "per_animal.csv"):  # an earlier run's: groups.json comes last
+        (out / name).unlink(missing_ok=True)
     slide_cols = ["slide", "group", *(["animal"] if animals else []), *stats]
     write_text(paths["csv"], _csv_table(result["per_slide"], slide_cols))
     if animals:
@@ -92,6 +93,7 @@ def write_group_outputs(result: Mapping[str, Any],
     unit = result.get("unit", "slide")
     box_plot(result["groups"], paths["png"], ylabel=f"% patches above threshold (per {unit})",
              title=f"threshold {result['threshold']:.4g}")
+    write_json(paths["json"], dict(result))  # last: a groups.json means the set is complete
     return paths
 
 

@@ -29,6 +29,7 @@ from gen_ad.app.evaluate import (
     scoring_dataset,
     write_outputs,
 )
+from gen_ad.app.score import clear_outputs
 from gen_ad.baselines.bank import saved_threshold
 from gen_ad.baselines.extractors import (
     build_extractor,
@@ -218,6 +219,7 @@ def score_folder(bank_dir: str | os.PathLike[str], data: str | os.PathLike[str],
     overlap = bank_overlap(FeatureBank(bank_dir).paths, dataset_paths(ds) or [])
     scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
                            num_workers=workers)
+    clear_outputs(out)  # no stale flagged.csv / metrics.json of an earlier run beside these
     return write_outputs(Path(out).expanduser(), scored, None, method=ls.scorer.name,
                          threshold=thr, n_boot=n_boot,
                          extra={"k": ls.scorer.k, "threshold_source": source,

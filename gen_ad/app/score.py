@@ -28,6 +28,22 @@ from gen_ad.errors import DataError
 from gen_ad.scoring.thresholds import Threshold, ThresholdSet
 from gen_ad.utils.lock import folder_lock, writes_folder
 
+ENGINE_OUTPUTS = ("metrics.json", "flagged.csv", "terms.csv", "scores.csv")  # marker first
+
+
+def clear_outputs(out_dir: str | os.PathLike[str]) -> None:
+    """Remove what an earlier scoring wrote in ``out_dir`` (``metrics.json``, which is written
+    last, first; then ``flagged.csv``, ``terms.csv``, ``scores.csv`` and ``maps/``) before new
+    outputs are written: a run without a threshold leaves no stale ``flagged.csv``, and an
+    interrupted one no new ``scores.csv`` beside an old ``metrics.json``."""
+    from gen_ad.utils.io import remove_dir
+
+    out = Path(out_dir).expanduser()
+    for name in ENGINE_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    if (out / "maps").is_dir() and not (out / "maps").is_symlink():
+        remove_dir(out / "maps")
+
 
 def calibration_context(ls: LoadedScorer, scorer_kwargs: dict[str, Any] | None,
                         method: str, fpr: float) -> dict[str, Any]:
@@ -153,6 +169,7 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
                         limit=calibration_limit)
         scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
                                spill_dir=out)  # a large set's maps: a temporary file there
+        clear_outputs(Path(out) / name)
         results[name] = write_outputs(Path(out) / name, scored, ds, method=name, threshold=th,
                                       n_examples=n_examples, n_boot=n_boot, extra=extra)
         scored.drop_maps()

@@ -32,6 +32,7 @@ from gen_ad.app.evaluate import (
     score_dataset,
     write_outputs,
 )
+from gen_ad.app.score import clear_outputs
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.scoring.thresholds import Threshold
@@ -40,6 +41,10 @@ from gen_ad.utils.lock import writes_folder
 
 if TYPE_CHECKING:
     from gen_ad.scoring.slide import SlideHeatmap
+
+SLIDE_JSON = "slide.json"
+_OUTPUT_FILES = ("overlay", "overlay_raw", "heatmap", "tiles", "scores")
+_NOT_SETTINGS = ("batch_size", "device", "progress")  # how fast, not what is computed
 
 
 class TileSet(Dataset):
@@ -119,7 +124,7 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
                 device: str = "cpu", frac: float = 0.01, erosion: int = 3,
                 thumbnail_size: int = 1024, tile_dir: str | os.PathLike[str] | None = None,
                 threshold: float | Threshold | None = None, method: str | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tile a slide, score every tile, build the heatmap, slide scores and overlays.
 
     Args:
@@ -139,6 +144,10 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
         threshold: optional tile threshold (value or calibrated); adds the fraction of flagged
             tiles. Every tile is also in ``scores.csv``, the evaluation engine's format.
         method: label of the scorer recorded in ``slide.json`` (default: ``scorer.name``).
+        record: further entries for ``slide.json`` (e.g. :func:`slide_settings`).
+    ``slide.json`` is removed first and written last: a slide whose scoring was interrupted
+    has none, so its other files are never taken for a finished slide.
+
     Returns:
         The ``slide.json`` record (``score_max``, ``score_top1pct``, raw variants, paths, ...).
     """
@@ -147,6 +156,7 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
 
     stem = Path(slide_path).stem
     dest = Path(out) / stem
+    (dest / SLIDE_JSON).unlink(missing_ok=True)  # the completion mark: written again last
     recs = tile_slide(slide_path, tile_dir or dest / "tiles", size, level=level, mpp=mpp,
                       min_tissue=min_tissue, stride=stride, slide_mpp=slide_mpp,
                       force_slide_mpp=force_slide_mpp, progress=progress)
@@ -171,6 +181,7 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     thr = Threshold(float(threshold), "given") if isinstance(threshold, (int, float)) \
         else threshold
     label = method or scorer.name
+    clear_outputs(dest)  # e.g. no stale flagged.csv when this run has no threshold
     write_outputs(dest, scored, None, method=label, threshold=thr)  # scores.csv, flagged.csv
     rec: dict[str, Any] = {
         "slide": str(slide_path), "method": label, "n_tiles": len(recs),
@@ -185,8 +196,94 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     if thr is not None:
         rec["threshold"] = thr.value
         rec["flagged_fraction"] = float(thr.apply(scored.scores).mean())
-    write_json(dest / "slide.json", rec)
+    rec.update(record or {})
+    write_json(dest / SLIDE_JSON, rec)  # last: a slide.json means every output is complete
     return rec
+
+
+def _file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Resolved path, size and modification time (a slide is too large to hash per run)."""
+    p = Path(path).expanduser().resolve()
+    try:
+        st = p.stat()
+    except OSError:  # reading it will say what is wrong, in the command's own words
+        return {"path": str(p), "missing": True}
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def scorer_identity(run: str | os.PathLike[str] | None,
+                    bank: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """What the scores depend on in a run's export or a bank: the sha256 of its manifest
+    (``model/manifest.json``, which hashes every weight file) or of ``bank.json`` (shards,
+    count, threshold); an export without a manifest is identified by its files' sizes and times."""
+    from gen_ad.utils.io import sha256_file
+
+    folder = Path(bank if bank is not None else Path(str(run)) / "model").expanduser().resolve()
+    marker = folder / ("bank.json" if bank is not None else "manifest.json")
+    if marker.is_file():
+        return {"folder": str(folder), "sha256": sha256_file(marker)}
+    files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+    return {"folder": str(folder), "files": [_file_identity(p) for p in files]}
+
+
+def slide_settings(slide_path: str | os.PathLike[str], scorer: dict[str, Any],
+                   threshold: Threshold | None, **settings: Any) -> dict[str, Any]:
+    """``{"settings": ..., "settings_sha256": ...}`` for ``slide.json``: the slide file, the
+    scorer (:func:`scorer_identity`, method, options, calibration), the threshold and every
+    tiling/scoring setting; a later run reuses the slide's outputs only when this is equal."""
+    import hashlib
+    import json
+
+    kept = {k: v for k, v in sorted(settings.items()) if k not in _NOT_SETTINGS}
+    found = {"slide": _file_identity(slide_path), "scorer": scorer,
+             "threshold": threshold.to_dict() if threshold is not None else None, **kept}
+    found = json.loads(json.dumps(found, default=str))  # as it reads back from slide.json
+    text = json.dumps(found, sort_keys=True)
+    return {"settings": found, "settings_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def finished_slide(dest: Path, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The ``slide.json`` record of a slide scored earlier with the same settings (its output
+    paths pointed into ``dest``) and ``""``; else ``None`` and why it is scored (again)."""
+    import json
+
+    f = dest / SLIDE_JSON
+    if not f.is_file():
+        started = dest.is_dir() and any(dest.iterdir())
+        return None, "an earlier run was interrupted before finishing it" if started else ""
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, f"{f} is unreadable"
+    if "settings" not in rec:
+        return None, "its slide.json does not record the settings it was scored with"
+    if rec.get("settings_sha256") != settings["settings_sha256"]:
+        old = rec["settings"]
+        diff = [k for k in settings["settings"] if old.get(k) != settings["settings"][k]]
+        return None, f"it was scored with other settings ({', '.join(diff) or 'unrecorded'})"
+    outputs = {**rec["outputs"], **{k: str(dest / Path(rec["outputs"][k]).name)
+                                    for k in _OUTPUT_FILES}}
+    if not all(Path(p).is_file() for p in outputs.values()):
+        return None, "some of its output files are missing"
+    return {**rec, "outputs": outputs}, ""
+
+
+def _score_or_reuse(path: str, out: str, ls: Any, size: int, device: str,
+                    threshold: Threshold | None, settings: dict[str, Any],
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One slide of ``slide_command``: reuse its finished outputs, else score it (saying why)."""
+    import sys
+
+    dest = Path(out) / Path(path).stem
+    rec, why = finished_slide(dest, settings)
+    if rec is not None:
+        print(f"slide {Path(path).stem}: reused ({dest / SLIDE_JSON} records the same slide "
+              "file, scorer and settings)", file=sys.stderr, flush=True)
+        return rec
+    if why:
+        print(f"slide {Path(path).stem}: scoring again ({why})", file=sys.stderr, flush=True)
+    return score_slide(path, ls.scorer, out, size=size, device=device, threshold=threshold,
+                       method=ls.label, record=settings, **kwargs)
 
 
 @writes_folder("out", "slide output folder")
@@ -206,6 +303,7 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
     """
     from gen_ad.app.cohort import (
         check_inputs,
+        clear_cohort,
         evaluate_cohort,
         read_slide_labels,
         write_cohort,
@@ -226,10 +324,19 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
         nds = normal_dataset(normal, size, resize=ls.resize)  # read as the run trained
         threshold = calibrate_scorer(ls.scorer, nds, device=device,
                                      batch_size=int(kwargs.get("batch_size", 32)))
-    recs = [score_slide(p, ls.scorer, out, size=size, device=device, threshold=threshold,
-                        method=ls.label, **kwargs) for p in paths]
+    is_cohort = len(paths) > 1 or label_map is not None or annotations is not None
+    if is_cohort:  # an interrupted run leaves no table of another run beside its slides
+        clear_cohort(out)
+    scorer = {**scorer_identity(run, bank), "method": ls.label, "options": scorer_kwargs,
+              "normal": str(normal) if normal is not None else None,
+              "calibration": ls.scorer.calibration()}
+    thr = Threshold(float(threshold), "given") if isinstance(threshold, (int, float)) \
+        else threshold
+    recs = [_score_or_reuse(p, out, ls, size, device, thr,
+                            slide_settings(p, scorer, thr, size=size, **kwargs), kwargs)
+            for p in paths]
     result: dict[str, Any] = {"slides": recs}
-    if len(paths) > 1 or label_map is not None or annotations is not None:
+    if is_cohort:
         cohort = evaluate_cohort(recs, label_map, annotations, n_boot=n_boot, seed=seed)
         cohort["outputs"] = write_cohort(out, recs, label_map, cohort)
         result["cohort"] = cohort

@@ -537,10 +537,15 @@ def _tile_one(path: str | os.PathLike[str], out_dir: Path, size: int, level: int
         with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
             futures = [pool.submit(_tile_run, slide, grid, r, run, frac, stem, out_dir)
                        for r, run in jobs]
-            for fut in futures:
-                recs = fut.result()
-                summary.records.extend(recs)
-                bar.update(len(recs))
+            try:
+                for fut in futures:
+                    recs = fut.result()
+                    summary.records.extend(recs)
+                    bar.update(len(recs))
+            except BaseException:  # Ctrl-C or an error: stop now, not after every queued strip
+                for fut in futures:
+                    fut.cancel()
+                raise
         bar.close()
     return summary
 
@@ -570,11 +575,13 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
             raise DataError(f"two slides share the name '{stem}' (letter case aside): "
                             f"{stems[stem.casefold()]} and {full}")
     out = Path(out_dir).expanduser()
+    summaries = []
     with folder_lock(out, "tile output folder"):
-        summaries = [_tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp,
-                               force_slide_mpp, mask_size, workers, progress) for p in paths]
-        update_manifest(out, [s.slide for s in summaries],
-                        [r for s in summaries for r in s.records])
+        for p in paths:  # each slide enters the manifest when done: a kill keeps those before
+            s = _tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp,
+                          force_slide_mpp, mask_size, workers, progress)
+            update_manifest(out, [s.slide], s.records)
+            summaries.append(s)
     return summaries
 
 
