@@ -44,6 +44,7 @@ from gen_ad.app.evaluate import (
     summary_line,
     write_outputs,
 )
+from gen_ad.app.fid import run_images
 from gen_ad.app.score import clear_outputs
 from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_report
 from gen_ad.baselines.knn import shared_files, shared_indices
@@ -624,12 +625,7 @@ def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig, devic
             rec.update(status="off" if not cfg.fid.enabled else "n/a", label=str(reason))
             out[path] = rec
             continue
-        run = pm.run
-
-        def sample(n: int, gen: torch.Generator, run: Any = run) -> torch.Tensor:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device))
-            return run.sample(n, seed=seed, batch_size=cfg.fid.batch_size)
-
+        sample = run_images(pm.run)  # the sample set depends on the seed, not the batch size
         try:
             ref = _fid_reference(pm, cfg, split, ext)
             feats = fake_features(sample, ext, n=cfg.fid.n, batch_size=cfg.fid.batch_size,

@@ -23,25 +23,42 @@ def is_run_folder(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / "model" / "model.json").is_file()
 
 
-def _sampler(run: Any, batch_size: int) -> SampleFn:
-    """Each call samples with a seed drawn from the given generator, so a seeded generator gives
-    a reproducible sequence of batches."""
+SAMPLE_CHUNK = 32  # images per seeded run.sample call (the sample set's unit, not the batch's)
+
+
+def run_images(run: Any, chunk: int = SAMPLE_CHUNK) -> SampleFn:
+    """A :data:`~gen_ad.metrics.fid.SampleFn` of a trained run whose ``i``-th image depends on
+    the computation's seed and ``i`` alone, whatever batch sizes the caller asks for.
+
+    A plain sampler draws one seed per call, so another ``--batch-size`` drew another sample set
+    (and another FID). Here images come in chunks of ``chunk``: chunk ``k`` is
+    ``run.sample(chunk, seed=f(base, k))``, ``base`` drawn once from the generator of a
+    computation (a new generator object starts the stream afresh); the caller's batches are cut
+    from that stream.
+    """
+    state: dict[str, Any] = {"gen": None}
 
     def sample(n: int, generator: torch.Generator) -> torch.Tensor:
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        return run.sample(n, seed=seed, batch_size=batch_size)
+        if state["gen"] is not generator:
+            base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator,
+                                     device=generator.device))
+            state.update(gen=generator, base=base, chunk=0, ready=[])
+        ready: list[torch.Tensor] = state["ready"]
+        while sum(x.shape[0] for x in ready) < n:
+            seed = (state["base"] * 1_000_003 + state["chunk"] * 7919 + 1) % (2**31 - 1)
+            ready.append(run.sample(chunk, seed=seed, batch_size=chunk))
+            state["chunk"] += 1
+        images = torch.cat(ready)
+        state["ready"] = [images[n:]]
+        return images[:n]
 
     return sample
 
 
-def run_sampler(path: str | os.PathLike[str], *, batch_size: int = 64,
-                device: str | torch.device = "cpu") -> SampleFn:
-    """A :data:`~gen_ad.metrics.fid.SampleFn` drawing from a trained run.
-
-    Each call samples with a seed drawn from the given generator, so a seeded generator gives a
-    reproducible sequence of batches.
-    """
-    return _sampler(load_run(path, device=device), batch_size)
+def run_sampler(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                ) -> SampleFn:
+    """:func:`run_images` of the trained run at ``path``."""
+    return run_images(load_run(path, device=device))
 
 
 def run_reading(run: Any, size: int | None, resize: ResizeMode | None
@@ -77,7 +94,7 @@ def fid(real: str | os.PathLike[str], fake: str | os.PathLike[str], *,
     if is_run_folder(fake):
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         run = load_run(fake, device=dev)
-        source = _sampler(run, batch_size)
+        source = run_images(run)
         size, mode, transform, size_from = run_reading(run, size, resize)
         if transform is not None:
             stain = {"method": run.stain.method, "reference": str(run.stain_ref)}

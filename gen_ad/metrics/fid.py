@@ -549,8 +549,9 @@ def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int 
     Returns:
         ``{"fid"|"fd_<name>": float, ["kid_mean", "kid_std", "kid_subset_size"], "n_real",
         "n_fake", "extractor", "cache_hit"}``, and for a sampler ``"sampling": {"seed",
-        "batch_size"}``: a sampler draws one batch per call, so another batch size draws
-        another sample set (and another FID).
+        "batch_size"}``: a plain sampler draws one batch per call, so another batch size draws
+        another sample set (and another FID); a run's sampler in ``gen-ad fid`` and the
+        benchmark (:func:`gen_ad.app.fid.run_images`) does not.
     """
     if isinstance(real, str | os.PathLike):  # fail on empty/missing folders before loading weights
         list_images(real, max_images=max_real)

@@ -519,9 +519,12 @@ def test_run_folder_is_sampled_through_load_run(tmp_path: Path,
     assert fid_command.is_run_folder(run_dir) and not fid_command.is_run_folder(real)
     r1 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=3, device="cpu")
     r2 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=3, device="cpu")
-    assert r1["n_fake"] == 5 and [c[0] for c in calls[:2]] == [3, 2]  # default n = n_real
-    assert all(c[2] == 3 for c in calls)
+    assert r1["n_fake"] == 5  # default n = n_real
+    chunk = fid_command.SAMPLE_CHUNK  # the run is sampled in seeded chunks, not in batches
+    assert calls and all(c[0] == c[2] == chunk for c in calls)
     assert r1["fd_meanstd"] == r2["fd_meanstd"] and r2["cache_hit"]  # seeded: reproducible
+    r3 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=4, device="cpu")
+    assert r3["fd_meanstd"] == r1["fd_meanstd"]  # another --batch-size, the same sample set
 
 
 class _SizedRun:
@@ -561,7 +564,7 @@ def test_run_folder_reads_real_images_at_the_run_size(tmp_path: Path,
     monkeypatch.setattr(fid_command, "load_run", lambda path, device="cpu": run)
     res = fid_command.fid(real, run_dir, extractor=_cheap(), device="cpu")
     assert (res["size"], res["resize"], res["size_from"]) == (16, "center_crop", "run")
-    want = fid.compute_fid(real, fid_command._sampler(run, 64), extractor=_cheap(), size=16,
+    want = fid.compute_fid(real, fid_command.run_images(run), extractor=_cheap(), size=16,
                            resize="center_crop", device="cpu")
     assert res["fd_meanstd"] == want["fd_meanstd"] and res["real_stain"] is None
     given = fid_command.fid(real, run_dir, extractor=_cheap(), device="cpu", size=32)
@@ -602,7 +605,7 @@ def test_stain_run_compares_with_normalised_real_images(tmp_path: Path,
     done.mkdir()
     for p in files:
         Image.fromarray(stain(fit_size(read_rgb(p), 32, "resize"))).save(done / p.name)
-    sampler = fid_command._sampler(run, 64)
+    sampler = fid_command.run_images(run)
     want = fid.compute_fid(done, sampler, extractor=_cheap(), device="cpu")
     raw = fid.compute_fid(tmp_path / "data", sampler, extractor=_cheap(), device="cpu", size=32)
     assert res["fd_meanstd"] == pytest.approx(want["fd_meanstd"], rel=1e-6)
