@@ -211,6 +211,14 @@ def _file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _code_identity() -> dict[str, Any]:
+    """gen_ad's version and source commit: a slide scored by other code is scored again."""
+    from gen_ad._version import __version__
+    from gen_ad.utils.provenance import source_commit
+
+    return {"gen_ad": __version__, "source": source_commit()}
+
+
 def scorer_identity(run: str | os.PathLike[str] | None,
                     bank: str | os.PathLike[str] | None) -> dict[str, Any]:
     """What the scores depend on in a run's export or a bank: the sha256 of its manifest
@@ -329,7 +337,7 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
         clear_cohort(out)
     scorer = {**scorer_identity(run, bank), "method": ls.label, "options": scorer_kwargs,
               "normal": str(normal) if normal is not None else None,
-              "calibration": ls.scorer.calibration()}
+              "calibration": ls.scorer.calibration(), "code": _code_identity()}
     thr = Threshold(float(threshold), "given") if isinstance(threshold, (int, float)) \
         else threshold
     recs = [_score_or_reuse(p, out, ls, size, device, thr,
