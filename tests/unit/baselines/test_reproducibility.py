@@ -33,8 +33,11 @@ def test_knn_score_is_per_image(name: str) -> None:
     alone = torch.cat([scorer.score(x[i:i + 1]).scores for i in range(6)])
     flipped = scorer.score(x.flip(0)).scores.flip(0)
     split = torch.cat([scorer.score(x[:4]).scores, scorer.score(x[4:]).scores])
-    for other in (alone, flipped, split, scorer.score(x).scores):
-        assert torch.equal(other, ref)
+    assert torch.equal(scorer.score(x).scores, ref)  # a rerun: bitwise
+    for other in (alone, flipped, split):
+        # bitwise at one thread; with several, a ViT's matmuls of another batch shape may add
+        # in another order (seen: dino-vits16 at 2 threads, equal to 4 decimals): rounding only
+        assert torch.allclose(other, ref, rtol=1e-5, atol=0), name
 
 
 def test_bank_and_threshold_do_not_depend_on_the_batch_size() -> None:

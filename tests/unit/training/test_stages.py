@@ -99,6 +99,9 @@ class _ThenOnClose:
     def read(self, *args: int) -> bytes:
         return self._f.read(*args)
 
+    def fileno(self) -> int:
+        return self._f.fileno()
+
 
 def replace_during_load(monkeypatch: pytest.MonkeyPatch, when: str, watched: str,
                         replace: Callable[[], None]) -> list[bool]:
