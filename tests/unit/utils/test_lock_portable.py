@@ -107,6 +107,8 @@ def _windows_child(tmp_path: Path, checkout_env: Callable[..., dict[str, str]], 
                             env=env)
 
 
+@pytest.mark.slow  # three subprocesses importing gen_ad: ~25-55 s on 2 cores; the in-process
+# tests below cover the same locker on a fake msvcrt
 def test_windows_processes_lock_take_over_and_name_the_holder(
         tmp_path: Path, checkout_env: Callable[..., dict[str, str]]) -> None:
     """Without fcntl the module imports; a second Windows writer stops naming the first; once
