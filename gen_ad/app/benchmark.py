@@ -57,6 +57,7 @@ from gen_ad.scoring.thresholds import calibrate
 from gen_ad.training.runs import Run, load_run
 from gen_ad.utils.io import write_json, write_text
 from gen_ad.utils.lock import folder_lock
+from gen_ad.utils.paths import names_a_folder
 
 FID_UNAVAILABLE = "n/a (Inception weights not available offline)"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # fullmatch: no trailing newline
@@ -245,7 +246,7 @@ class BenchmarkConfig:
             m.validate(f"methods[{i}]")
         names = [method_name(m) for m in self.methods]
         for i, n in enumerate(names):  # names it derives: they become folders under methods/
-            check(n not in ("", ".", "..") and "/" not in n and "\\" not in n,
+            check(names_a_folder(n),
                   f"methods[{i}].name", f"the derived name {n!r} cannot name a folder; set "
                   "'name' (letters, digits and . _ + - only)")
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -647,8 +648,7 @@ def _environment(device: str) -> dict[str, Any]:
     from gen_ad.utils.provenance import environment
 
     env = environment(device)
-    env.update(torch=torch.__version__, cpu_count=os.cpu_count(),
-               threads=torch.get_num_threads())
+    env.update(torch=torch.__version__, cpu_count=os.cpu_count())  # threads: in environment()
     return env
 
 

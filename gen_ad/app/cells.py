@@ -42,6 +42,7 @@ from gen_ad.data.folders import IMAGE_EXTENSIONS, is_image_file
 from gen_ad.errors import DataError
 from gen_ad.utils.io import atomic_path, write_text
 from gen_ad.utils.lock import writes_folder
+from gen_ad.utils.paths import names_a_folder
 
 CELLS_CSV = "cells.csv"
 CELL_COLUMNS = ("slide", "x", "y", "area", "path")
@@ -75,7 +76,7 @@ def _inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
             raise DataError(f"not found: {p}")
     stems: dict[str, Path] = {}
     for p in out:  # outputs are named by stem: letter case alone collides on macOS and Windows
-        if p.stem in ("", ".", ".."):
+        if not names_a_folder(p.stem):
             raise DataError(f"cannot name outputs after {p} (its name without the extension is "
                             "empty, '.' or '..'): rename the file")
         if stems.setdefault(p.stem.casefold(), p).resolve() != p.resolve():

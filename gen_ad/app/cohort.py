@@ -34,6 +34,7 @@ from gen_ad.metrics.detection import auroc, evaluate_scores
 from gen_ad.metrics.localisation import clustered_metrics, region_weights
 from gen_ad.report.html import ci_text
 from gen_ad.utils.io import write_json, write_text
+from gen_ad.utils.paths import names_a_folder
 
 SLIDE_SCORES = ("score_max", "score_top1pct", "score_max_raw", "score_top1pct_raw",
                 "flagged_fraction")
@@ -163,7 +164,7 @@ def check_inputs(slides: Sequence[str | os.PathLike[str]], labels: Mapping[str, 
     """Duplicate slide names, slides missing from the label table, a missing annotation folder:
     each a :class:`DataError` (``gen-ad slide`` calls this before any scoring)."""
     keys = [slide_key(p) for p in slides]
-    odd = [str(p) for p, k in zip(slides, keys) if k in ("", ".", "..")]
+    odd = [str(p) for p, k in zip(slides, keys) if not names_a_folder(k)]
     if odd:
         raise DataError(f"cannot name an output folder after {', '.join(odd)} (its name without "
                         "the extension is empty, '.' or '..'): rename the file")

@@ -28,6 +28,7 @@ from gen_ad.data.tissue import tissue_mask
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.utils.io import atomic_path, inside, write_text
 from gen_ad.utils.lock import folder_lock
+from gen_ad.utils.paths import names_a_folder
 
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("slide", "level", "x", "y", "tissue_fraction", "path")
@@ -568,7 +569,7 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
     stems: dict[str, str] = {}
     for p in paths:  # tiles go to <out>/<stem>/: names equal but for letter case collide on
         stem, full = Path(p).stem, str(Path(p).resolve())  # macOS and Windows
-        if stem in ("", ".", ".."):
+        if not names_a_folder(stem):
             raise DataError(f"cannot name a tile folder after {p} (its name without the "
                             "extension is empty, '.' or '..'): rename the file")
         if stems.setdefault(stem.casefold(), full) != full:

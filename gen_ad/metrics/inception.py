@@ -38,7 +38,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 
 from gen_ad.errors import CheckpointError, ConfigError, DataError, WeightsNotFoundError
-from gen_ad.utils.download import download_file, offline
+from gen_ad.utils.download import download_file, hash_prefix_of, offline
 from gen_ad.utils.io import check_state_dict, sha256_file, torch_load
 
 FeatureFn = Callable[[Tensor], Tensor]
@@ -50,7 +50,7 @@ INCEPTION_CUSTOM_NAME = "inception-v3-custom"
 INCEPTION_LAYERS = ("64", "192", "768", "2048")
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
-_INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[-1].split(".")[0]
+_INCEPTION_SHA256_PREFIX = hash_prefix_of(INCEPTION_FILE) or ""
 # sha256 prefixes of weights files that are the real FID Inception (torch hub file names carry
 # the first 8 hex digits of the file's sha256); the installed safetensors is known by the
 # registry's tensor digest (see :func:`weights_digests`)

@@ -16,6 +16,12 @@ def shared_data_dir() -> Path:
     return REPO_ROOT.parent / "shared" / "data"
 
 
+def names_a_folder(name: str) -> bool:
+    """Whether ``name`` (a file stem, a method name) can name an output folder inside another:
+    not empty, not ``.`` or ``..``, no path separator."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 def cache_dir() -> Path:
     """gen_ad's cache (FID reference statistics, ...): ``$GEN_AD_CACHE`` or ``~/.cache/gen_ad``."""
     env = os.environ.get("GEN_AD_CACHE")
