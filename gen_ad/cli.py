@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +34,36 @@ CONFIG_HELP = ("YAML config file, or a built-in config by name (ddpm/demo, bench
                "that is no file here names the built-in one (a warning says so)")
 
 Adder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a scheduler's ``scancel``, ``kill``, a container stop) raised as an exception in
+    the main thread, so that what a Ctrl-C cleans up (temporaries, worker pools, partly written
+    folders) is cleaned up too, instead of the process vanishing mid-write."""
+
+
+@contextlib.contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in this process's main thread (the
+    training loop installs its own handler, which checkpoints first). A forked child that
+    inherited the handler (a worker) dies of the signal as it would have without it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -800,9 +832,10 @@ def _one_process_unless_training(args: argparse.Namespace) -> int | None:
 
 def _guarded(run: Callable[[], int | None], debug: bool) -> int:
     """Run a command with one-line warnings; user errors print one line and give 2,
-    an interrupt 130, anything else one ``internal error`` line and 1 (``debug``: tracebacks)."""
+    an interrupt 130 (SIGTERM: 143), anything else one ``internal error`` line and 1
+    (``debug``: tracebacks)."""
     try:
-        with cli_warnings(debug=debug):
+        with cli_warnings(debug=debug), sigterm_as_exception():
             rc = run()
         return int(rc or 0)
     except GenAdError as e:
@@ -810,6 +843,9 @@ def _guarded(run: Callable[[], int | None], debug: bool) -> int:
             traceback.print_exc()
         _print_error(e)
         return 2
+    except Terminated:
+        print("gen-ad: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("gen-ad: interrupted", file=sys.stderr)
         return 130
