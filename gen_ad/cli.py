@@ -393,13 +393,9 @@ class _ExtractorHelp(str):
 
 def extractor_help() -> str:
     """The registered extractors, and which need ``gen-ad weights install`` or no weights."""
-    from gen_ad.baselines.extractors import extractor_names, get_spec
+    from gen_ad.app.knn import extractors_line
 
-    specs = [get_spec(n) for n in extractor_names()]
-    installed = [s.name for s in specs if s.installed]
-    no_weights = [s.name for s in specs if not (s.installed or s.hf_repo or s.url)]
-    return (f"{', '.join(s.name for s in specs)} (needing `gen-ad weights install`: "
-            f"{', '.join(installed)}; no weights: {', '.join(no_weights)})")
+    return extractors_line()
 
 
 def _add_knn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -469,8 +465,7 @@ def _knn_common(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_knn_fit(args: argparse.Namespace) -> int:
-    from gen_ad.app.knn import fit_folder, fit_summary
-    from gen_ad.baselines.knn import SearchSettings
+    from gen_ad.app.knn import SearchSettings, fit_folder, fit_summary
 
     settings = SearchSettings(metric=args.metric, index=args.index,
                               memory_budget_mb=args.memory_mb)
@@ -691,8 +686,7 @@ def _add_cells(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_cells(args: argparse.Namespace) -> int:
-    from gen_ad.app.cells import cells
-    from gen_ad.data.cells import NucleusSettings
+    from gen_ad.app.cells import NucleusSettings, cells
 
     for line in cells(args.inputs, args.out, mpp=args.mpp, size=args.size,
                       slide_mpp=args.slide_mpp, force_slide_mpp=args.slide_mpp_force,

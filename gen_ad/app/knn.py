@@ -34,6 +34,7 @@ from gen_ad.baselines.bank import saved_threshold
 from gen_ad.baselines.extractors import (
     build_extractor,
     describe,
+    extractor_names,
     get_spec,
     training_resolution,
     weights_identity,
@@ -122,6 +123,15 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
     loader = _normal_loader(normal_dataset(normal, size), batch_size, workers)
     return build_bank(ext, loader, out, info, k=k, reduction=reduction, settings=settings,
                       total=len(loader), calib_size=calib_size, seed=seed, precision=precision)
+
+
+def extractors_line() -> str:
+    """The registered extractors, and which need ``gen-ad weights install`` or no weights."""
+    specs = [get_spec(n) for n in extractor_names()]
+    installed = [s.name for s in specs if s.installed]
+    no_weights = [s.name for s in specs if not (s.installed or s.hf_repo or s.url)]
+    return (f"{', '.join(s.name for s in specs)} (needing `gen-ad weights install`: "
+            f"{', '.join(installed)}; no weights: {', '.join(no_weights)})")
 
 
 def fit_summary(bank: FeatureBank) -> str:

@@ -161,3 +161,12 @@ def test_at_most_one_upward_import() -> None:
     assert len(ALLOWED_UPWARD) <= 1
     up = sorted((m, t) for m, ts in graph().items() for t in ts if layer(t) > layer(m))
     assert [e for e in up if e not in ALLOWED_UPWARD] == [], "imports that run up a layer"
+
+
+def test_the_cli_calls_the_command_layer_only() -> None:
+    """``cli.py`` parses arguments and calls :mod:`gen_ad.app` (DESIGN: nothing else happens
+    there): no import of the library below the command layer."""
+    allowed = ("gen_ad.app", "gen_ad.errors", "gen_ad._version")
+    below = sorted(m for m in graph()["gen_ad.cli"] if m.startswith("gen_ad.")
+                   and not any(m == a or m.startswith(a + ".") for a in allowed))
+    assert not below, f"gen_ad/cli.py imports {below}: reach them through gen_ad.app"
