@@ -224,13 +224,19 @@ def scorer_identity(run: str | os.PathLike[str] | None,
     """What the scores depend on in a run's export or a bank: the sha256 of its manifest
     (``model/manifest.json``, which hashes every weight file) or of ``bank.json`` (shards,
     count, threshold); an export without a manifest is identified by its files' sizes and times."""
-    from gen_ad.utils.io import sha256_file
+    from gen_ad.training.runs import find_model_dir
+    from gen_ad.utils.io import sha256_file, unique_tag
 
-    folder = Path(bank if bank is not None else Path(str(run)) / "model").expanduser().resolve()
+    if bank is not None:
+        folder = Path(bank).expanduser().resolve()
+    else:  # a run folder or its model/ folder, as load_run takes them
+        folder = find_model_dir(Path(str(run)).expanduser()).resolve()
     marker = folder / ("bank.json" if bank is not None else "manifest.json")
     if marker.is_file():
         return {"folder": str(folder), "sha256": sha256_file(marker)}
     files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+    if not files:  # nothing identifies the scorer: never reuse a slide scored by it
+        return {"folder": str(folder), "unidentified": unique_tag()}
     return {"folder": str(folder), "files": [_file_identity(p) for p in files]}
 
 
