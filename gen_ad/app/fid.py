@@ -26,7 +26,7 @@ def is_run_folder(path: str | os.PathLike[str]) -> bool:
 SAMPLE_CHUNK = 32  # images per seeded run.sample call (the sample set's unit, not the batch's)
 
 
-def run_images(run: Any, chunk: int = SAMPLE_CHUNK) -> SampleFn:
+def run_images(run: Any, chunk: int = SAMPLE_CHUNK, batch_size: int | None = None) -> SampleFn:
     """A :data:`~gen_ad.metrics.fid.SampleFn` of a trained run whose ``i``-th image depends on
     the computation's seed and ``i`` alone, whatever batch sizes the caller asks for.
 
@@ -34,8 +34,13 @@ def run_images(run: Any, chunk: int = SAMPLE_CHUNK) -> SampleFn:
     (and another FID). Here images come in chunks of ``chunk``: chunk ``k`` is
     ``run.sample(chunk, seed=f(base, k))``, ``base`` drawn once from the generator of a
     computation (a new generator object starts the stream afresh); the caller's batches are cut
-    from that stream.
+    from that stream. ``batch_size`` caps how many images the network generates at once (memory):
+    at or above ``chunk`` it changes nothing; below, each chunk is generated in pieces of that
+    size, which draws other noise and so another sample set (a smaller GPU, another FID sample).
     """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    piece = min(chunk, batch_size or chunk)
     state: dict[str, Any] = {"gen": None}
 
     def sample(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -46,7 +51,7 @@ def run_images(run: Any, chunk: int = SAMPLE_CHUNK) -> SampleFn:
         ready: list[torch.Tensor] = state["ready"]
         while sum(x.shape[0] for x in ready) < n:
             seed = (state["base"] * 1_000_003 + state["chunk"] * 7919 + 1) % (2**31 - 1)
-            ready.append(run.sample(chunk, seed=seed, batch_size=chunk))
+            ready.append(run.sample(chunk, seed=seed, batch_size=piece))
             state["chunk"] += 1
         images = torch.cat(ready)
         state["ready"] = [images[n:]]
@@ -94,7 +99,7 @@ def fid(real: str | os.PathLike[str], fake: str | os.PathLike[str], *,
     if is_run_folder(fake):
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         run = load_run(fake, device=dev)
-        source = run_images(run)
+        source = run_images(run, batch_size=batch_size)
         size, mode, transform, size_from = run_reading(run, size, resize)
         if transform is not None:
             stain = {"method": run.stain.method, "reference": str(run.stain_ref)}

@@ -36,3 +36,21 @@ def test_a_new_computation_starts_the_stream_afresh() -> None:
     first = torch.cat([sample(3, g) for g in [torch.Generator().manual_seed(1)] * 3])
     again = torch.cat([sample(3, g) for g in [torch.Generator().manual_seed(1)] * 3])
     assert torch.equal(first, again)
+
+
+def test_the_network_generates_at_most_the_batch_size_at_once() -> None:
+    """The seeded chunks of 32 were generated 32 at a time whatever --batch-size said (a 512 px
+    StyleGAN2 on a small GPU ran out of memory); now a smaller batch caps each piece."""
+    asked: list[int] = []
+
+    class Recording(_Run):
+        def sample(self, n: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+            asked.append(batch_size)
+            return super().sample(n, seed, batch_size)
+
+    sample = run_images(Recording(), chunk=8, batch_size=3)
+    assert sample(10, torch.Generator().manual_seed(0)).shape == (10, 3, 4, 4)
+    assert asked == [3, 3]  # two chunks of 8 images, each generated 3 at a time
+    asked.clear()
+    run_images(Recording(), chunk=8, batch_size=64)(10, torch.Generator().manual_seed(0))
+    assert asked == [8, 8]  # a batch above the chunk changes nothing
