@@ -829,7 +829,9 @@ def _guarded(run: Callable[[], int | None], debug: bool) -> int:
     an interrupt 130 (SIGTERM: 143), anything else one ``internal error`` line and 1
     (``debug``: tracebacks)."""
     try:
-        with cli_warnings(debug=debug), sigterm_as_exception():
+        from gen_ad.app.determinism import deterministic_from_environment
+
+        with cli_warnings(debug=debug), sigterm_as_exception(), deterministic_from_environment():
             rc = run()
         return int(rc or 0)
     except GenAdError as e:

@@ -115,6 +115,13 @@ class TrainConfig:
         ema_decay: EMA decay of the EMA'd models (0 disables EMA).
         ema_warmup: use ``min(decay, (1 + step) / (10 + step))`` early in training.
         cpu: force CPU even when CUDA is present.
+        deterministic: deterministic mode for this run (:mod:`gen_ad.utils.determinism`):
+            deterministic torch algorithms (an operation that has none is an error naming
+            it), cuDNN without autotuning, a deterministic cuBLAS workspace; the same config,
+            seed, libraries and GPU then repeat bitwise on CUDA too (CPU runs repeat without
+            it, at the same thread count). Slower on CUDA. The environment variable
+            ``GEN_AD_DETERMINISTIC=1`` turns it on as well (either suffices); which was on is
+            recorded per start in ``environment.jsonl`` and in the export's ``model.json``.
     """
 
     batch_size: int = 32
@@ -134,6 +141,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     cpu: bool = False
+    deterministic: bool = False
 
     def validate(self, prefix: str) -> None:
         for k in ("batch_size", "max_steps", "grad_accum", "keep_last", "fid_n"):

@@ -218,6 +218,13 @@ class Family(ABC):
         """Generate ``n`` images ``[n,3,H,W]`` in ``[-1,1]`` (models: EMA versions where present,
         under their plain names, in eval mode; called under ``torch.no_grad``)."""
 
+    def deterministic_conflicts(self) -> list[str]:
+        """What this config runs on CUDA that has no deterministic kernel, each as a sentence
+        naming the config keys and what to change; a CUDA run in deterministic mode refuses
+        to start when there is any (:func:`gen_ad.training.loop.check_deterministic_conflicts`).
+        Default: none."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """Adaptive state to checkpoint (tensors and plain numbers)."""
         return {}

@@ -42,6 +42,7 @@ from gen_ad.training.export import export_models
 from gen_ad.training.family import Family, StepContext
 from gen_ad.training.resume_config import check_resume, plain_config
 from gen_ad.training.sampler import ResumableSampler
+from gen_ad.utils.determinism import ENV_VAR, deterministic_mode, requested_by_environment
 from gen_ad.utils.io import (
     publish_dir,
     recover_dir,
@@ -232,6 +233,34 @@ def resolve_resume_agreed(acc: Accelerator, run_dir: Path, resume: str | None) -
     return None if answer[0] is None else Path(answer[0])
 
 
+def deterministic_switch(train_cfg: TrainConfig) -> str | None:
+    """What asks for deterministic mode for this run: ``train.deterministic=true``,
+    ``GEN_AD_DETERMINISTIC=1``, both (joined by ``and``), or ``None`` (neither).
+
+    Raises:
+        ConfigError: ``GEN_AD_DETERMINISTIC`` is neither on nor off.
+    """
+    asked = [name for name, on in (("train.deterministic=true", train_cfg.deterministic),
+                                   (f"{ENV_VAR}=1", requested_by_environment())) if on]
+    return " and ".join(asked) or None
+
+
+def check_deterministic_conflicts(family: Family, device: torch.device) -> None:
+    """Refuse, before any training, a CUDA run in deterministic mode whose config runs an
+    operation without a deterministic CUDA kernel (:meth:`Family.deterministic_conflicts`), rather
+    than failing when the run first reaches it (ADA's augmentation: once ``p`` rises).
+
+    Raises:
+        ConfigError: naming the config keys and what to change.
+    """
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    conflicts = family.deterministic_conflicts()
+    if conflicts:
+        raise ConfigError(f"deterministic mode on CUDA: {'; '.join(conflicts)} (or turn "
+                          f"deterministic mode off: train.deterministic=false, {ENV_VAR} unset)")
+
+
 def build_run(family: Family, resume: str | None = None) -> tuple[RunState, Path | None]:
     """Create models, EMA, optimisers and the accelerator for ``family.cfg``.
 
@@ -242,6 +271,7 @@ def build_run(family: Family, resume: str | None = None) -> tuple[RunState, Path
     run_dir = Path(cfg.out)
     acc = make_accelerator(cfg.train, run_dir)
     per_process_batch(cfg.train, acc.num_processes)
+    check_deterministic_conflicts(family, acc.device)
     resume_path = resolve_resume_agreed(acc, run_dir, resume)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every process and resume
     models = family.build_models()
@@ -489,8 +519,12 @@ def run_training(family: Family, *, resume: str | None = None) -> Path:
     Raises:
         FolderLockedError: another process is writing the run folder.
         TrainingDivergedError: a non-finite loss or tensor (names the newest complete state).
+        NondeterministicOpError: deterministic mode is on (``train.deterministic`` or
+            ``GEN_AD_DETERMINISTIC=1``, applied here before any CUDA work and undone after) and
+            an operation has no deterministic kernel on the device.
     """
-    with _writer_lock(Path(family.cfg.out)):
+    switch = deterministic_switch(family.cfg.train)
+    with deterministic_mode(switch is not None, switch), _writer_lock(Path(family.cfg.out)):
         return _run_training(family, resume)
 
 

@@ -438,6 +438,19 @@ class StyleGAN2Family(Family):
         if "ada" in state:
             self.ada.load_state_dict(state["ada"])
 
+    def deterministic_conflicts(self) -> list[str]:
+        """ADA's geometric transforms differentiate ``grid_sample`` and reflection padding,
+        whose CUDA backward kernels add atomically (PyTorch has no deterministic one)."""
+        a = self.cfg.augment
+        geometric = [t for t in a.transforms if t in GEOMETRIC]
+        if self.cfg.stage != "gan" or not geometric or not (a.ada or a.p > 0):
+            return []
+        return [f"ADA's geometric augmentation (augment.transforms {', '.join(geometric)}) "
+                "differentiates grid_sample and reflection padding, which have no "
+                "deterministic CUDA backward: keep only colour transforms (augment.transforms="
+                f"[{', '.join(COLOUR)}]) or turn augmentation off (augment.ada=false "
+                "augment.p=0)"]
+
     # ------------------------------------------------------------------------- steps
 
     def _latents(self, ctx: StepContext, n: int,

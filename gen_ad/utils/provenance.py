@@ -70,10 +70,12 @@ def environment(device: str | None = None) -> dict[str, Any]:
     """What this process runs: gen_ad (version, source commit), Python, platform, CPU and torch's
     thread count (training trajectories depend on it), the CUDA
     and cuDNN versions torch was built with (``None`` for a CPU build), the device and its
-    name when ``device`` is a CUDA one, and :func:`package_versions`."""
+    name when ``device`` is a CUDA one, :func:`package_versions`, and ``deterministic``:
+    :func:`~gen_ad.utils.determinism.deterministic_state` (deterministic mode and TF32)."""
     import torch
 
     from gen_ad._version import __version__
+    from gen_ad.utils.determinism import deterministic_state
     from gen_ad.utils.hardware import cpu_name
 
     env: dict[str, Any] = {
@@ -81,7 +83,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "torch_cuda": torch.version.cuda, "torch_cudnn": torch.backends.cudnn.version()
         if torch.backends.cudnn.is_available() else None,
-        "packages": package_versions(),
+        "packages": package_versions(), "deterministic": deterministic_state(),
     }
     if device is not None:
         env["device"] = device
@@ -91,7 +93,8 @@ def environment(device: str | None = None) -> dict[str, Any]:
 
 
 def describe(env: dict[str, Any]) -> str:
-    """One line for a report: ``gen_ad 0.1.0 (commit abc1234, modified) · torch 2.5.1 ...``."""
+    """One line for a report: ``gen_ad 0.1.0 (commit abc1234, modified) · torch 2.5.1 ...``
+    (ending ``· deterministic mode`` when it was on)."""
     src = env.get("source")
     where = ("" if not src else
              f" (commit {str(src['commit'])[:7]}{', modified' if src.get('dirty') else ''})")
@@ -99,4 +102,7 @@ def describe(env: dict[str, Any]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in pk.items()
                      if v and (k in ("torch", "diffusers", "accelerate", "timm")
                                or k.startswith("faiss")))
-    return f"gen_ad {env.get('gen_ad', '?')}{where} · Python {env.get('python', '?')} · {libs}"
+    det = env.get("deterministic")
+    mode = " · deterministic mode" if isinstance(det, dict) and det.get("enabled") else ""
+    return (f"gen_ad {env.get('gen_ad', '?')}{where} · Python {env.get('python', '?')} · "
+            f"{libs}{mode}")
