@@ -21,6 +21,8 @@ _PACKAGES: tuple[tuple[str, ...], ...] = (
     ("scikit-learn",), ("scikit-image",), ("pillow",), ("lpips",), ("torch-fidelity",),
     ("timm",), ("torchstain",), ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss"),
     ("safetensors",), ("huggingface-hub",),
+    # slide and TIFF decoders: another version can decode other pixels
+    ("tifffile",), ("imagecodecs",), ("openslide-python",), ("openslide-bin",), ("tiffslide",),
 )
 _GIT_TIMEOUT_S = 5.0
 

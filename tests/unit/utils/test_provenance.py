@@ -49,3 +49,11 @@ def test_environment_and_its_one_line_description() -> None:
     assert line.startswith(f"gen_ad {gen_ad.__version__} (commit 0123456, modified)")
     assert f"torch {env['packages']['torch']}" in line
     assert pv.describe({**env, "source": None}).startswith(f"gen_ad {gen_ad.__version__} · ")
+
+
+def test_the_decoders_of_slides_and_tiffs_are_recorded() -> None:
+    """tifffile/imagecodecs/openslide/tiffslide decide the pixels a slide or TIFF patch gives."""
+    got = pv.package_versions()
+    for name in ("tifffile", "imagecodecs", "openslide-python", "tiffslide"):
+        assert name in got
+    assert got["tifffile"] == metadata.version("tifffile")
