@@ -11,6 +11,7 @@ what is fetched from where.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import sys
 import urllib.request
@@ -43,21 +44,52 @@ def download_file(url: str, dest: str | os.PathLike[str], sha256_prefix: str | N
     Returns:
         ``dest`` as a Path.
     Raises:
-        OSError: the network failed or timed out, or the file has the wrong hash (nothing is
-            left at ``dest`` then).
+        OSError: every failure: the network failed or timed out, the server's answer was
+            garbled or ended before the announced length, or the file has the wrong hash
+            (nothing is left at ``dest`` then, and no temporary).
     """
     dst = Path(dest)
     print(f"gen-ad: downloading {url} -> {dst}", file=sys.stderr)
+    try:
+        _fetch(url, dst, sha256_prefix, timeout)
+    except http.client.HTTPException as e:  # a cut chunked body, a garbled status line, ...
+        raise OSError(f"{url}: the download failed ({_http_failure(e)}); nothing was saved at "
+                      f"{dst}, try again") from e
+    return dst
+
+
+def _http_failure(e: http.client.HTTPException) -> str:
+    """One line saying what went wrong in an HTTP exchange (no tracebacks, no raw newlines)."""
+    if isinstance(e, http.client.IncompleteRead):
+        return "the connection ended in the middle of the file"
+    if isinstance(e, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    detail = " ".join(str(e).split())[:120]
+    if isinstance(e, http.client.BadStatusLine):
+        return f"the server's answer is not HTTP: {detail!r}"
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
+def _fetch(url: str, dst: Path, sha256_prefix: str | None, timeout: float) -> None:
+    """:func:`download_file`'s transfer: ``dst`` is published only when every announced byte
+    arrived (and the hash matches); raises ``OSError`` or ``http.client.HTTPException``."""
     sha = hashlib.sha256()
     with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_path(dst) as tmp, \
             open(tmp, "wb") as f:
+        # http.client's length (Content-Length; None when chunked or unannounced): read(n)
+        # returns b"" when the connection ends early instead of raising, so it is counted here
+        expected = getattr(resp, "length", None)
+        got = 0
         while chunk := resp.read(_CHUNK):
             sha.update(chunk)
             f.write(chunk)
+            got += len(chunk)
+        if isinstance(expected, int) and got != expected:
+            raise OSError(f"{url}: the connection ended after {got} of the {expected} bytes "
+                          f"announced; nothing was saved at {dst}, try again")
         if sha256_prefix and not sha.hexdigest().startswith(sha256_prefix.lower()):
             raise OSError(f"{url}: the downloaded file has the wrong SHA-256 "
                           f"({sha.hexdigest()[:12]}..., expected {sha256_prefix}...)")
-    return dst
 
 
 def hash_prefix_of(file_name: str) -> str | None:

@@ -19,7 +19,6 @@ import pickle
 import re
 import secrets
 import shutil
-import tempfile
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -245,13 +244,23 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
 
 
 def atomic_dir(final: str | os.PathLike[str]) -> Path:
-    """A fresh temporary directory beside ``final`` (unique per process), for
-    :func:`publish_dir`."""
+    """A fresh temporary directory ``.<name>.<pid>-<random>.tmp`` beside ``final``, for
+    :func:`publish_dir`.
+
+    It is made with mode ``0o777`` less the process umask, as ``os.mkdir`` makes any folder
+    (``tempfile.mkdtemp`` made it ``0o700``, so a published folder was unreadable to colleagues
+    sharing the server), and exclusively: an existing name (or link) is never reused.
+    """
     dst = Path(final)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{dst.name}.{os.getpid()}-", suffix=".tmp",
-                                     dir=dst.parent))
+        while True:
+            tmp = dst.with_name(f".{dst.name}.{unique_tag()}.tmp")
+            try:
+                os.mkdir(tmp, 0o777)
+                return tmp
+            except FileExistsError:
+                continue
     except OSError as e:
         _reraise(e, dst)
 

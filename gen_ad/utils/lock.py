@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import socket
+import stat
 import sys
 import time
 import warnings
@@ -99,7 +100,8 @@ def platform_locker(platform: str = sys.platform) -> _Locker:
 
 _LOCKER = platform_locker()
 # O_BINARY: Windows opens in text mode otherwise; O_NOFOLLOW: a lock file that is a link (in a
-# copied or downloaded folder) is refused, never followed and truncated
+# copied or downloaded folder) is refused, never followed and truncated. Windows has no
+# O_NOFOLLOW: there _open_lock_file's lstat checks refuse the link (and hard links everywhere)
 _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -152,18 +154,18 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
     Yields:
         The folder path.
     Raises:
-        DataError: ``folder`` is an existing file, or cannot be created.
+        DataError: ``folder`` is an existing file, or cannot be created, or its lock file is
+            no plain file of its own (a link, hard link, FIFO, ...: the message says what to do).
         FolderLockedError: another live process holds the lock (the message names it).
     """
     d = Path(folder).expanduser()
     _prepare_folder(d, what)
-    try:
-        fd = os.open(d / LOCK_NAME, _OPEN_FLAGS | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise DataError(f"cannot write in {what} {d}: {e.strerror or e}") from e
+    fd = _open_lock_file(d, what)
     if not _LOCKER.try_lock(fd):
-        holder = _read_holder(fd)
-        os.close(fd)
+        try:
+            holder = _read_holder(fd)
+        finally:
+            os.close(fd)
         if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             yield d  # nested: this process already holds it
             return
@@ -180,9 +182,73 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
         _sweep(d)
         yield d
     finally:
-        os.ftruncate(fd, 0)  # released cleanly: nothing to take over
-        _LOCKER.unlock(fd)
-        os.close(fd)
+        try:
+            os.ftruncate(fd, 0)  # released cleanly: nothing to take over
+        finally:  # released and closed even when emptying the record fails
+            try:
+                _LOCKER.unlock(fd)
+            finally:
+                os.close(fd)
+
+
+def _open_lock_file(folder: Path, what: str) -> int:
+    """Open (creating it) ``folder``'s lock file, which must be a plain file of its own: never
+    a link (symbolic or hard: taking the lock empties the file), FIFO, device or folder.
+
+    A symbolic link is refused three ways: ``os.lstat`` before opening (nothing odd is even
+    opened), ``O_NOFOLLOW`` where the platform has it, and ``os.lstat`` again once open, which
+    on Windows (no ``O_NOFOLLOW``) catches a link made in between. ``os.fstat`` of the open file
+    catches what the name led to: not a regular file, or more than one name (a hard link).
+
+    Raises:
+        DataError: the lock file cannot be opened, or is no plain file of its own (the message
+            names it and says what to do).
+    """
+    path = folder / LOCK_NAME
+    try:
+        _refuse_odd_lock(path, _lstat(path), folder, what)
+        fd = os.open(path, _OPEN_FLAGS | os.O_CREAT, 0o644)
+        try:
+            _refuse_odd_lock(path, os.fstat(fd), folder, what)
+            _refuse_odd_lock(path, _lstat(path), folder, what)
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as e:
+        raise DataError(f"cannot write in {what} {folder}: {e.strerror or e}") from e
+    return fd
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    """``os.lstat(path)`` (the name itself, never what it links to), ``None`` when absent."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_odd_lock(path: Path, st: os.stat_result | None, folder: Path, what: str) -> None:
+    """Raise DataError unless ``st`` (of the lock file ``path``; ``None``: absent) is a plain
+    file with one name."""
+    if st is None:
+        return
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode)
+                or stat.S_ISBLK(mode) else "not a regular file")
+        problem = f"is {kind}"
+    elif st.st_nlink > 1:
+        problem = (f"is a hard link (the same file has {st.st_nlink} names, so emptying it "
+                   "would empty the others)")
+    else:
+        return
+    raise DataError(
+        f"cannot write in {what} {folder}: its lock file {path} {problem}, and gen_ad only uses "
+        f"a plain file of its own there; delete {path} (only that name: whatever it points to "
+        "or shares contents with is left as it is) and run again")
 
 
 def _write_holder(fd: int, info: dict[str, Any]) -> None:
@@ -225,7 +291,11 @@ def writes_folder(param: str, what: str = "output folder") -> Callable[[F], F]:
 def lock_holder(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Who holds the lock of ``folder`` now (``None`` when nobody does)."""
     p = Path(folder).expanduser() / LOCK_NAME
-    if not p.is_file():
+    try:
+        st = _lstat(p)
+    except OSError:
+        return None
+    if st is None or not stat.S_ISREG(st.st_mode):  # absent, or no lock file (a link, a FIFO)
         return None
     fd = os.open(p, _OPEN_FLAGS)
     try:
