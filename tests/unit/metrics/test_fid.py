@@ -520,11 +520,15 @@ def test_run_folder_is_sampled_through_load_run(tmp_path: Path,
     r1 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=3, device="cpu")
     r2 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=3, device="cpu")
     assert r1["n_fake"] == 5  # default n = n_real
-    chunk = fid_command.SAMPLE_CHUNK  # the run is sampled in seeded chunks, not in batches
-    assert calls and all(c[0] == c[2] == chunk for c in calls)
+    chunk = fid_command.SAMPLE_CHUNK  # the run is sampled in seeded chunks, not in batches,
+    # each generated at most --batch-size images at a time (memory)
+    assert calls and all(c[0] == chunk and c[2] == 3 for c in calls)
     assert r1["fd_meanstd"] == r2["fd_meanstd"] and r2["cache_hit"]  # seeded: reproducible
-    r3 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=4, device="cpu")
-    assert r3["fd_meanstd"] == r1["fd_meanstd"]  # another --batch-size, the same sample set
+    calls.clear()
+    r3 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=64, device="cpu")
+    r4 = fid_command.fid(real, run_dir, extractor=_cheap(), batch_size=40, device="cpu")
+    assert all(c[2] == chunk for c in calls)  # a batch at or above the chunk: chunks whole
+    assert r3["fd_meanstd"] == r4["fd_meanstd"]  # another --batch-size, the same sample set
 
 
 class _SizedRun:
