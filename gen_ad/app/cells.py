@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,6 +44,9 @@ from gen_ad.errors import DataError
 from gen_ad.utils.io import atomic_path, write_text
 from gen_ad.utils.lock import writes_folder
 from gen_ad.utils.paths import names_a_folder
+
+if TYPE_CHECKING:
+    from gen_ad.data.wsi import Slide
 
 CELLS_CSV = "cells.csv"
 CELL_COLUMNS = ("slide", "x", "y", "area", "path")
@@ -85,7 +89,7 @@ def _inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(stems.values())
 
 
-def _open(path: Path, image_mpp: float | None, slide_mpp: float | None) -> Source:
+def _open(path: Path, image_mpp: float | None, slide_mpp: float | None) -> ImageSource | Slide:
     """An image (``.png``, ``.jpg``...) or a whole-slide file (``slide_mpp``: the resolution
     the user gave, which makes a file's implausible recorded one no news)."""
     if path.suffix.lower() in _PLAIN_IMAGES and is_image_file(path):

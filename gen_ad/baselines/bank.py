@@ -309,7 +309,7 @@ class FeatureBank:
         return self._stage / name if self._stage is not None and name in self._staged \
             else self.root / name
 
-    def _shard(self, i: int) -> np.ndarray:
+    def _shard(self, i: int) -> np.memmap:
         return np.load(self._file(self.meta["shards"][i]["file"]), mmap_mode="r")
 
     def blocks(self, max_rows: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -102,7 +102,7 @@ class ExtractorSpec:
     url: str | None = None
     layout: Literal["timm", "hf-vit", "hf-dinov2"] = "timm"
     gated: bool = False
-    tiny: dict[str, Any] = field(default_factory=dict)
+    tiny: Mapping[str, Any] = field(default_factory=dict)
     note: str = ""
     installed: str | None = None
     resize: bool = True
@@ -224,6 +224,9 @@ class FeatureExtractor(nn.Module):
     Attributes ``name``, ``dim``, ``input_size`` and ``spec`` describe it; ``weights_source`` is
     the weights file it loaded (``None``: random-init, or no network as for ``colour-stats``).
     """
+
+    mean: torch.Tensor  # buffers (register_buffer)
+    std: torch.Tensor
 
     def __init__(self, spec: ExtractorSpec, backbone: nn.Module, input_size: int,
                  dim: int) -> None:

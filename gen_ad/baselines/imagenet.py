@@ -74,7 +74,8 @@ class InceptionPool3(_InceptionV3):
 
 def create_pretrained_backbone(arch: str) -> nn.Module:
     """The (randomly initialised) module for a ``gen_ad:<name>`` architecture."""
-    builders = {"gen_ad:vgg16-conv234": VGG16Conv234, "gen_ad:inception-pool3": InceptionPool3}
+    builders: dict[str, type[nn.Module]] = {"gen_ad:vgg16-conv234": VGG16Conv234,
+                                            "gen_ad:inception-pool3": InceptionPool3}
     if arch not in builders:
         raise ValueError(f"unknown gen_ad backbone '{arch}' (known: {', '.join(builders)})")
     return builders[arch]()

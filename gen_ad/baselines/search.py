@@ -60,8 +60,11 @@ U64 = 2.0 ** -53
 class BankSource(Protocol):
     """Read access to an ``[count, dim]`` float32 bank (in memory or on disk)."""
 
-    count: int
-    dim: int
+    @property
+    def count(self) -> int: ...  # read-only: FeatureBank's are properties
+
+    @property
+    def dim(self) -> int: ...
 
     def blocks(self, max_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(offset, rows [n, dim] float32)`` in order."""

@@ -126,17 +126,19 @@ def read_geojson(path: str | os.PathLike[str]) -> Regions:
     for geom, props in _features(doc):
         kind, coords = geom.get("type"), geom.get("coordinates")
         if kind == "Polygon":
-            polys = [coords]
+            polys = [] if coords is None else [coords]  # null: no polygon, as for MultiPolygon
         elif kind == "MultiPolygon":
-            polys = coords
+            polys = coords or []
         elif kind in NON_AREA_GEOJSON:
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
         else:
             raise DataError(f"{p}: region annotations must be Polygon or MultiPolygon, "
                             f"found {kind!r}")
+        if not isinstance(polys, list) or not all(isinstance(q, list) for q in polys):
+            raise DataError(f"{p}: bad {kind} coordinates (a polygon is a list of rings)")
         dest = out.exclusions if is_exclusion_class(props) else out.polygons
-        for poly in polys or []:
+        for poly in polys:
             rings = [_ring(r, str(p)) for r in poly]
             if rings:
                 dest.append((rings[0], rings[1:]))

@@ -130,7 +130,7 @@ class StainNormalizer:
         self._norm = self._make()
         try:
             with _strict_numerics():
-                self._norm.fit(ref)
+                self._norm.fit(ref)  # type: ignore[attr-defined]  # as normalize: _make's object
         except _FAILURES as e:
             raise DataError(f"cannot fit {method} stain normalisation on reference "
                             f"{self._ref_name(reference)}: {e}") from e

@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -420,8 +420,9 @@ class AutoDDPMScorer(AnomalyScorer):
         self.fpr, self.threshold, self.dilation = fpr, threshold, dilation
         self.normalize_residual, self.final, self.reduce = normalize_residual, final, reduce
         self._lpips = lpips
-        self._lpips_args = dict(net=lpips_net, weights=lpips_weights, random_init=lpips_random_init,
-                                fallback="alex" if lpips_net == "squeeze" else None)  # labelled
+        self._lpips_args: dict[str, Any] = dict(
+            net=lpips_net, weights=lpips_weights, random_init=lpips_random_init,
+            fallback="alex" if lpips_net == "squeeze" else None)  # labelled
         self.seed, self.streams = seed, streams
 
     def lpips(self) -> nn.Module:

@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 
 SampleFn = Callable[[int, torch.Generator], Tensor]
 """``sample_fn(n, generator) -> [n,3,H,W]`` float images in ``[-1,1]``."""
-RealSource = str | os.PathLike | Dataset | Tensor
+RealSource = str | os.PathLike[str] | Dataset | Tensor
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -150,7 +150,7 @@ def _apply_transform(batch: Tensor, transform: ImageTransform | None) -> Tensor:
 # ----------------------------------------------------------------------------- image sources
 
 
-def list_images(folder: str | os.PathLike, *, classes: Sequence[str] | None = None,
+def list_images(folder: str | os.PathLike[str], *, classes: Sequence[str] | None = None,
                 max_images: int | None = None, seed: int = SUBSET_SEED) -> list[Path]:
     """Image files under ``folder`` (recursive, as a patch folder lists them: hidden files
     skipped, linked folders read once; at the top level, ``gen-ad synth``'s ``masks/`` and
@@ -438,7 +438,7 @@ def real_stats(real: RealSource, extractor: FeatureExtractor, *, batch_size: int
 # ----------------------------------------------------------------------------- generated images
 
 
-def fake_features(fake: str | os.PathLike | SampleFn, extractor: FeatureExtractor, *,
+def fake_features(fake: str | os.PathLike[str] | SampleFn, extractor: FeatureExtractor, *,
                   n: int | None = None, batch_size: int = 64, seed: int = 0,
                   size: int | None = None, resize: ResizeMode = "resize",
                   generator_device: str | torch.device | None = None) -> Tensor:
@@ -522,9 +522,9 @@ def distances(ref: SetStats, fake: Tensor, extractor: FeatureExtractor, *,
     return out
 
 
-def compute_fid(real: RealSource, fake: str | os.PathLike | SampleFn, *, n: int | None = None,
+def compute_fid(real: RealSource, fake: str | os.PathLike[str] | SampleFn, *, n: int | None = None,
                 kid: bool = False, extractor: FeatureExtractor | None = None,
-                inception_weights: str | os.PathLike | None = None,
+                inception_weights: str | os.PathLike[str] | None = None,
                 device: str | torch.device | None = None, batch_size: int = 64, seed: int = 0,
                 size: int | None = None, resize: ResizeMode = "resize",
                 max_real: int | None = None, use_cache: bool = True,
@@ -599,7 +599,7 @@ class FIDMonitor:
                  normal_classes: Sequence[str] | None = None, every: int | None = None,
                  kid: bool = False, batch_size: int = 64, seed: int = 0,
                  device: str | torch.device | None = None,
-                 inception_weights: str | os.PathLike | None = None,
+                 inception_weights: str | os.PathLike[str] | None = None,
                  extractor: FeatureExtractor | None = None,
                  fallback: FeatureExtractor | None = None, max_real: int | None = None,
                  generator_device: str | torch.device | None = None,

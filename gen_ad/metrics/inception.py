@@ -210,7 +210,7 @@ def _missing_weights_message(reason: str) -> str:
             f"or download {INCEPTION_URL} into '{dest.parent}', or pass --inception-weights PATH")
 
 
-def resolve_inception_weights(explicit: str | os.PathLike | None = None) -> Path:
+def resolve_inception_weights(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Find the Inception weights: explicit path, installed file, torch hub cache, download.
 
     Raises:
@@ -350,7 +350,7 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(sd)
 
 
-def load_inception(weights: str | os.PathLike | None = None, *,
+def load_inception(weights: str | os.PathLike[str] | None = None, *,
                    device: str | torch.device | None = None, random_init: bool = False,
                    seed: int = 0, layer: str = "2048") -> FeatureExtractor:
     """torch-fidelity's Inception-v3 pool features (2048-d) as a :class:`FeatureExtractor`.

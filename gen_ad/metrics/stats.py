@@ -176,7 +176,7 @@ def per_slide_percent(slides: Sequence[str], scores: Any, threshold: float) -> l
                       float(total[i] / n[i]), float(mx[i])) for i in range(names.size)]
 
 
-def compare_groups(control: Any, treated: Any) -> dict[str, float]:
+def compare_groups(control: Any, treated: Any) -> dict[str, Any]:
     """Two-sided Mann-Whitney U and Welch's t-test of ``treated`` vs ``control``, effect sizes.
 
     Args:

@@ -129,6 +129,8 @@ class FullyConnected(nn.Module):
 class Conv2dLayer(nn.Module):
     """Equalised-LR convolution with optional FIR 2x downsampling, bias, lrelu and clamping."""
 
+    resample_filter: torch.Tensor  # buffer (register_buffer)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  bias: bool = True, lrelu: bool = True, down: bool = False,
                  conv_clamp: float | None = None, resample_filter: Sequence[float] = (1, 3, 3, 1),
@@ -203,6 +205,8 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
 class MappingNetwork(nn.Module):
     """``z -> w``: 2nd-moment normalisation then ``num_layers`` lrelu FC layers (lr x0.01)."""
 
+    w_avg: torch.Tensor  # buffer (register_buffer)
+
     def __init__(self, *, z_dim: int, w_dim: int, num_layers: int = 8, lr_mul: float = 0.01,
                  w_avg_beta: float = 0.995) -> None:
         super().__init__()
@@ -226,6 +230,9 @@ class MappingNetwork(nn.Module):
 
 class SynthesisLayer(nn.Module):
     """Modulated 3x3 conv (+ optional 2x upsampling), noise input, bias, lrelu, clamp."""
+
+    resample_filter: torch.Tensor  # buffers (register_buffer)
+    noise_const: torch.Tensor
 
     def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int,
                  up: bool = False, conv_clamp: float | None = None,
@@ -282,6 +289,8 @@ class ToRGB(nn.Module):
 
 class SynthesisBlock(nn.Module):
     """One resolution of the skip generator: (const | up-conv) -> conv -> toRGB (+ upsampled)."""
+
+    resample_filter: torch.Tensor  # buffer (register_buffer)
 
     def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int,
                  img_channels: int, use_lowp: bool, conv_clamp: float | None,
@@ -572,6 +581,8 @@ class LatentEncoder(nn.Module):
         channel_base / channel_max: trunk width (``min(channel_base // r, channel_max)``).
         img_channels: 3.
     """
+
+    w_avg: torch.Tensor  # buffer (register_buffer)
 
     def __init__(self, *, resolution: int, num_ws: int, w_dim: int, channel_base: int = 8192,
                  channel_max: int = 256, init_res: int | None = None,
