@@ -498,17 +498,23 @@ def _add_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = sub.add_parser("benchmark", help="evaluate every method on one split; HTML report",
                        description="Run every method of a benchmark config (trained runs and the "
                        "KNN baseline) on the same test split through the one scorer interface; "
-                       "write results.json and a self-contained report.html.")
+                       "write results.json and a self-contained report.html. Run again, it "
+                       "reuses each method finished with the same settings (its "
+                       "methods/<name>/method.json) and computes the others.")
     p.add_argument("--config", required=True, metavar="YAML|NAME", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. out=/tmp/bench n_boot=200")
+    p.add_argument("--fresh", action="store_true",
+                   help="compute every method again, even those an earlier run finished with "
+                   "the same settings (default: reuse them)")
     p.set_defaults(func=_cmd_benchmark)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from gen_ad.app.benchmark import load_benchmark_config, run_benchmark, summary_lines
 
-    results = run_benchmark(load_benchmark_config(args.config, args.overrides))
+    results = run_benchmark(load_benchmark_config(args.config, args.overrides),
+                            reuse=not args.fresh)
     for line in summary_lines(results):
         print(line)
     print(f"report: {results['report']}")

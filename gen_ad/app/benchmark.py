@@ -12,7 +12,9 @@ Generators (trained runs) also get FID/KID against the normal validation images 
 set's files, read as each run trained: size, resize mode, stain normalisation).
 
 Outputs in ``out``: ``results.json``, a self-contained ``report.html`` (figures embedded as PNG
-data URIs), ``figures/*.png`` and ``methods/<name>/scores.csv``.
+data URIs), ``figures/*.png`` and ``methods/<name>/`` (``scores.csv`` ..., and ``method.json``,
+written last: what a re-run with ``reuse`` checks before taking the method from there instead
+of computing it, :mod:`gen_ad.app.benchmark_reuse`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from gen_ad.app.benchmark_reuse import (
+    MethodOutcome,
+    method_outcomes,
+    prune_figures,
+    shortcut_summary,
+)
 from gen_ad.app.evaluate import (
     PreparedMethod,
     dataset_paths,
@@ -42,20 +51,17 @@ from gen_ad.app.evaluate import (
     score_dataset,
     scoring_dataset,
     summary_line,
-    write_outputs,
 )
 from gen_ad.app.fid import run_images
-from gen_ad.app.score import clear_outputs
-from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods, shortcut_report
+from gen_ad.app.shortcut import ShortcutConfig, shortcut_methods
 from gen_ad.baselines.knn import shared_files, shared_indices
 from gen_ad.config import check, load_config, to_dict
 from gen_ad.data.folders import ResizeMode, subset
 from gen_ad.errors import CheckpointError, ConfigError, DataError, GenAdError
 from gen_ad.report.html import generator_cell, render_report
-from gen_ad.scoring.base import ScoreBatch
 from gen_ad.scoring.thresholds import calibrate
 from gen_ad.training.runs import Run, load_run
-from gen_ad.utils.io import write_json, write_text
+from gen_ad.utils.io import sweep_temporaries, write_json, write_text
 from gen_ad.utils.lock import folder_lock
 from gen_ad.utils.paths import names_a_folder
 
@@ -427,34 +433,6 @@ def _batches(ds: Dataset, batch_size: int, device: str) -> Iterator[torch.Tensor
 # ----------------------------------------------------------------------------- evaluation
 
 
-@dataclass
-class MethodOutcome:
-    """Everything measured for one method.
-
-    Attributes:
-        method: the prepared method.
-        scored: test scores (and maps) in test-set order.
-        val_scores: ``[M]`` normal validation scores (threshold calibration).
-        threshold: the label-free threshold.
-        metrics: :func:`~gen_ad.metrics.detection.evaluate_scores` output.
-        examples: ``(images [E,3,H,W], ScoreBatch with recon/maps)`` of the example images.
-        example_index: their test indices.
-        fit_seconds: time of ``fit`` (calibration).
-        has_maps: whether the method gave maps (they are dropped once the metrics are computed:
-            every method's maps of a large test set would not fit in memory together).
-    """
-
-    method: PreparedMethod
-    scored: Any
-    val_scores: np.ndarray
-    threshold: Any
-    metrics: dict[str, Any]
-    examples: tuple[torch.Tensor, ScoreBatch] | None
-    example_index: list[int]
-    fit_seconds: float
-    has_maps: bool = False
-
-
 def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig, device: str,
                     examples: list[int] | None = None) -> MethodOutcome:
     """Fit, calibrate, score and measure one method (the same code for every method).
@@ -559,6 +537,9 @@ def _fid_extractor(fc: FIDConfig, device: str) -> tuple[Any, str | None]:
         if fc.random_init_fallback:
             return load_inception(device=device, random_init=True), None
         return None, FID_UNAVAILABLE
+    except CheckpointError as e:  # a damaged or wrong file: keep the methods' results
+        warnings.warn(f"FID/KID not computed: {e}", stacklevel=2)
+        return None, "n/a (the Inception weights could not be read; see the warning)"
 
 
 def _training_fid(run_path: str) -> dict[str, Any] | None:
@@ -615,9 +596,10 @@ def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig, devic
     from gen_ad.metrics.fid import distances, fake_features
 
     split = split or SplitCache(cfg.data, cfg.seed)
-    runs = {pm.run_path: pm for pm in methods if pm.run is not None}
+    runs = {pm.run_path: pm for pm in methods if pm.run is not None and pm.run_path is not None}
     out: dict[str, dict[str, Any]] = {}
-    ext, reason = (None, "disabled in the config") if not cfg.fid.enabled else (None, None)
+    ext: Any = None
+    reason: str | None = None if cfg.fid.enabled else "disabled in the config"
     if cfg.fid.enabled and runs:
         ext, reason = _fid_extractor(cfg.fid, device)
     for path, pm in runs.items():
@@ -626,7 +608,8 @@ def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig, devic
             rec.update(status="off" if not cfg.fid.enabled else "n/a", label=str(reason))
             out[path] = rec
             continue
-        sample = run_images(pm.run)  # the sample set depends on the seed, not the batch size
+        # the sample set depends on the seed, not the batch size (at or above 32 images)
+        sample = run_images(pm.run, batch_size=cfg.fid.batch_size)
         try:
             ref = _fid_reference(pm, cfg, split, ext)
             feats = fake_features(sample, ext, n=cfg.fid.n, batch_size=cfg.fid.batch_size,
@@ -661,7 +644,8 @@ def _method_record(o: MethodOutcome, gq: dict[str, dict[str, Any]]) -> dict[str,
         "has_maps": o.has_maps, "threshold": o.threshold.to_dict(),
         "n_val": int(len(o.val_scores)), "metrics": o.metrics,
         "generator": gq.get(pm.run_path) if pm.run_path else None,
-        "scores_csv": f"methods/{pm.name}/scores.csv",
+        "scores_csv": f"methods/{pm.name}/scores.csv", "computed": o.computed,
+        "reused": o.reused,
     }
 
 
@@ -688,8 +672,12 @@ def write_figures(outcomes: list[MethodOutcome], fig_dir: Path) -> dict[str, str
     return {k: v.name for k, v in figs.items()}
 
 
-def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
+def run_benchmark(cfg: BenchmarkConfig, progress: bool = True, *,
+                  reuse: bool = False) -> dict[str, Any]:
     """Evaluate every method of ``cfg`` on its split; write results.json and report.html.
+
+    ``reuse``: take each method whose ``methods/<name>/method.json`` records the same settings
+    from there instead of computing it (``gen-ad benchmark`` does, unless ``--fresh``).
 
     Returns:
         The results dict (also in ``<out>/results.json``); ``results["report"]`` is the HTML path.
@@ -699,49 +687,47 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
     methods, split = prepare_methods(cfg, device), SplitCache(cfg.data, cfg.seed)
     check_inputs(cfg, methods, split)  # a bad entry fails before anything is written
     with folder_lock(cfg.out, "benchmark output folder"):
-        return benchmark_methods(cfg, methods, device, progress, split)
+        sweep_temporaries(Path(cfg.out) / "methods")  # the lock sweeps out/ and its subfolders
+        return benchmark_methods(cfg, methods, device, progress, split, reuse=reuse)
 
 
 def _clear_tables(out: Path, progress: bool) -> None:
     """Remove an earlier run's ``results.json`` and ``report.html`` before any method runs, so
-    an interrupted run never leaves them beside its own ``methods/`` outputs; every method is
-    evaluated again (the report needs each method's scores, threshold and examples in memory),
-    and when an interrupted run is found, a line says so."""
+    an interrupted run never leaves them beside its own ``methods/`` outputs (they are rebuilt
+    from the methods' records), and when an interrupted run is found, a line says so."""
     found = [n for n in ("results.json", "report.html") if (out / n).is_file()]
     if progress and not found and (out / "methods").is_dir() and any((out / "methods").iterdir()):
         print(f"[benchmark] {out} holds method outputs but no results.json (an interrupted "
-              "run?): every method is evaluated again", flush=True)
+              "run?)", flush=True)
     for name in found:
         (out / name).unlink(missing_ok=True)
 
 
 def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], device: str,
-                      progress: bool = True, split: SplitCache | None = None) -> dict[str, Any]:
+                      progress: bool = True, split: SplitCache | None = None, *,
+                      reuse: bool = False) -> dict[str, Any]:
     """Evaluate prepared methods (any scorers) on ``cfg``'s split and write the outputs.
 
     :func:`run_benchmark` calls it with the methods of the config; a caller may also pass its
     own :class:`PreparedMethod` objects (e.g. a new scorer) to compare them the same way.
-    ``split``: the datasets already built (default: built here).
+    ``split``: the datasets already built (default: built here). ``reuse``: reuse each method
+    finished earlier with the same settings (:mod:`gen_ad.app.benchmark_reuse`; a caller's own
+    scorer is identified by its class, name and description, not its code). Every method's
+    record is written either way; the tables are built from the requested methods only.
     """
     out = Path(cfg.out)
     split = split or SplitCache(cfg.data, cfg.seed)
     check_inputs(cfg, methods, split)
     methods = [*methods, *shortcut_methods(cfg, methods, split, device)]  # colour baseline
     _clear_tables(out, progress)
-    outcomes: list[MethodOutcome] = []
-    idx: list[int] | None = None
-    for pm in methods:
-        if progress:
-            print(f"[benchmark] {pm.name}: {pm.description}", flush=True)
-        o = evaluate_method(pm, split, cfg, device, idx)
-        idx = o.example_index
-        clear_outputs(out / "methods" / pm.name)
-        write_outputs(out / "methods" / pm.name, o.scored, None, method=pm.name,
-                      threshold=o.threshold, metrics=o.metrics)
-        outcomes.append(o)
-    shortcut = shortcut_report(cfg, outcomes, split, device, progress)
+    outcomes = method_outcomes(cfg, methods, split, device, reuse=reuse,
+                               evaluate=evaluate_method,
+                               entries={method_name(m): m for m in cfg.methods},
+                               progress=progress)
+    shortcut = shortcut_summary(cfg, outcomes, split, device, progress)
     gq = generator_quality(methods, cfg, device, split)
     figures = write_figures(outcomes, out / "figures")
+    prune_figures(out / "figures", figures)
     first = outcomes[0].metrics
     results: dict[str, Any] = {
         "title": cfg.title,

@@ -161,7 +161,7 @@ class Family(ABC):
     """
 
     name: ClassVar[str] = ""
-    config_cls: ClassVar[type] = object
+    config_cls: ClassVar[type[Any]] = object
     scorer_options_cls: ClassVar[type | None] = None
 
     def __init__(self, cfg: Any) -> None:

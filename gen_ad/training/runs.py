@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ class Run:
         return {k: StainNormalizedScorer(s, self.stain) for k, s in scorers.items()}
 
 
-def find_model_dir(path: str | Path) -> Path:
+def find_model_dir(path: str | os.PathLike[str]) -> Path:
     """The folder holding the ``model.json`` of a run folder (or of a ``model/`` folder)."""
     p = Path(path)
     for cand in (p / "model" / "model.json", p / "model.json", *_swapped_away(p / "model")):
@@ -118,7 +119,7 @@ def _without_train_compile(cfg: Any) -> Any:
     return dataclasses.replace(cfg, speed=dataclasses.replace(speed, compile_train=False))
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+def load_run(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Run:
     """Rebuild a trained run's models from its exported weights and saved config alone.
 
     Args:

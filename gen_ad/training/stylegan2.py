@@ -397,7 +397,7 @@ class StyleGAN2Family(Family):
             e = self.cfg.encoder
             return {"E": torch.optim.Adam(models["E"].parameters(), lr=e.lr,
                                           betas=(e.betas[0], e.betas[1]))}
-        out = {}
+        out: dict[str, torch.optim.Optimizer] = {}
         for name, interval, on in (("G", L.pl_interval, L.pl_weight > 0),
                                    ("D", L.r1_interval, self.r1_gamma > 0)):
             c = interval / (interval + 1) if on else 1.0
