@@ -323,7 +323,9 @@ def _add_tile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tile", help="cut whole-slide images into tissue tiles (PNG + manifest)",
                        description="Tile slides on a grid at a pyramid level or a target mpp, keep "
                        "tiles whose tissue fraction reaches --min-tissue, write "
-                       "<slide>_x<X>_y<Y>.png (level-0 corner) and one manifest.csv.")
+                       "<slide>_x<X>_y<Y>.png (level-0 corner) and one manifest.csv listing "
+                       "these slides. A re-run reuses the slides finished with the same "
+                       "settings (tiled/<slide>.json) and tiles the others afresh.")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (.svs, .tiff, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--size", required=True, type=_positive_int, help="tile side in pixels")
@@ -340,6 +342,9 @@ def _add_tile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--stride", type=_positive_int, default=None,
                    help="grid step in output pixels (default: --size, no overlap)")
     p.add_argument("--workers", type=_positive_int, default=None, help="reader/writer threads")
+    p.add_argument("--fresh", action="store_true",
+                   help="tile every slide again (default: reuse the slides finished earlier "
+                   "into --out with the same slide file and settings)")
     p.set_defaults(func=_cmd_tile)
 
 
@@ -349,7 +354,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     for line in tile(args.slides, args.out, args.size, level=args.level, mpp=args.mpp,
                      min_tissue=args.min_tissue, stride=args.stride, slide_mpp=args.slide_mpp,
                      force_slide_mpp=args.slide_mpp_force,
-                     workers=args.workers):
+                     workers=args.workers, fresh=args.fresh):
         print(line)
     return 0
 

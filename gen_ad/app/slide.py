@@ -33,9 +33,11 @@ from gen_ad.app.evaluate import (
     write_outputs,
 )
 from gen_ad.app.score import clear_outputs
-from gen_ad.errors import ConfigError, DataError
+from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.scoring.thresholds import Threshold
+from gen_ad.utils.identity import code_identity as _code_identity
+from gen_ad.utils.identity import file_identity as _file_identity
 from gen_ad.utils.io import atomic_path, write_json, write_text
 from gen_ad.utils.lock import writes_folder
 
@@ -201,24 +203,6 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     return rec
 
 
-def _file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Resolved path, size and modification time (a slide is too large to hash per run)."""
-    p = Path(path).expanduser().resolve()
-    try:
-        st = p.stat()
-    except OSError:  # reading it will say what is wrong, in the command's own words
-        return {"path": str(p), "missing": True}
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _code_identity() -> dict[str, Any]:
-    """gen_ad's version and source commit: a slide scored by other code is scored again."""
-    from gen_ad._version import __version__
-    from gen_ad.utils.provenance import source_commit
-
-    return {"gen_ad": __version__, "source": source_commit()}
-
-
 def scorer_identity(run: str | os.PathLike[str] | None,
                     bank: str | os.PathLike[str] | None) -> dict[str, Any]:
     """What the scores depend on in a run's export or a bank: the sha256 of its manifest
@@ -230,7 +214,10 @@ def scorer_identity(run: str | os.PathLike[str] | None,
     if bank is not None:
         folder = Path(bank).expanduser().resolve()
     else:  # a run folder or its model/ folder, as load_run takes them
-        folder = find_model_dir(Path(str(run)).expanduser()).resolve()
+        try:
+            folder = find_model_dir(Path(str(run)).expanduser()).resolve()
+        except CheckpointError:  # no export to identify (a scorer loaded another way)
+            folder = (Path(str(run)).expanduser() / "model").resolve()
     marker = folder / ("bank.json" if bank is not None else "manifest.json")
     if marker.is_file():
         return {"folder": str(folder), "sha256": sha256_file(marker)}

@@ -3,18 +3,19 @@
 Tiling plan of :func:`tile_slide`: pick the pyramid level (given, or the best one for a requested
 microns-per-pixel), lay a grid of tiles over level 0 (only tiles fully inside the slide), measure
 each tile's tissue fraction on a thumbnail tissue mask (:func:`gen_ad.data.tissue.tissue_mask`),
-and write the tiles with enough tissue as PNGs plus a ``manifest.csv`` row each.
+and write the tiles with enough tissue as PNGs plus a ``manifest.csv`` row each. The output
+folder's bookkeeping (manifest, per-slide completion records, reuse of finished slides) is in
+:mod:`gen_ad.data.tile_records`.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,18 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+# the manifest's names, importable from here as before they moved to tile_records
+from gen_ad.data.tile_records import MANIFEST_COLUMNS as MANIFEST_COLUMNS
+from gen_ad.data.tile_records import MANIFEST_NAME as MANIFEST_NAME
+from gen_ad.data.tile_records import PNG_COMPRESS_LEVEL, TileBook, TileRecord, tile_name
+from gen_ad.data.tile_records import read_manifest as read_manifest
+from gen_ad.data.tile_records import update_manifest as update_manifest
 from gen_ad.data.tissue import tissue_mask
-from gen_ad.errors import CheckpointError, ConfigError, DataError
-from gen_ad.utils.io import atomic_path, inside, write_text
+from gen_ad.errors import ConfigError, DataError
+from gen_ad.utils.io import atomic_path
 from gen_ad.utils.lock import folder_lock
 from gen_ad.utils.paths import names_a_folder
 
-MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ("slide", "level", "x", "y", "tissue_fraction", "path")
 _LEVEL_TOLERANCE = 0.01  # a level whose downsample is within 1% of the wanted one is used as is
 # Plausible level-0 microns per pixel of a microscopy image. Scanners record 0.1-0.5 (80x-20x
 # objectives), overview levels reach a few um/px; below 0.01 um/px (10 nm, 20x below the optical
@@ -437,22 +442,11 @@ def grid_tissue_fractions(mask: np.ndarray, grid: TileGrid,
 # ----------------------------------------------------------------------------- tiling
 
 
-@dataclass(frozen=True)
-class TileRecord:
-    """One written tile: slide stem, level read, level-0 top-left corner, tissue fraction, file."""
-
-    slide: str
-    level: int
-    x: int
-    y: int
-    tissue_fraction: float
-    path: str
-
-
 @dataclass
 class TilingSummary:
     """What :func:`tile_slides` did with one slide (``mpp``: level-0 microns per pixel used,
-    ``mpp_source``: where it came from, see :class:`SlideMpp`)."""
+    ``mpp_source``: where it came from, see :class:`SlideMpp`; ``reused``: its finished tiles
+    of an earlier run were kept, see :mod:`gen_ad.data.tile_records`)."""
 
     slide: str
     backend: str
@@ -462,6 +456,7 @@ class TilingSummary:
     grid_cells: int
     records: list[TileRecord] = field(default_factory=list)
     mpp_source: str = "recorded"
+    reused: bool = False
 
 
 def _mask_side(dimensions: tuple[int, int], footprint: float) -> int:
@@ -488,7 +483,7 @@ def _runs(cols: np.ndarray, grid: TileGrid, level_ds: float, max_width: int) -> 
 
 def _write_png(path: Path, tile: np.ndarray) -> None:
     buf = io.BytesIO()
-    Image.fromarray(tile).save(buf, format="PNG", compress_level=3)
+    Image.fromarray(tile).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
 
@@ -507,7 +502,7 @@ def _tile_run(slide: Slide, grid: TileGrid, row: int, cols: np.ndarray, frac: np
             tile = np.asarray(Image.fromarray(tile).resize((grid.size, grid.size),
                                                            Image.Resampling.BICUBIC))
         x = int(grid.xs[c])
-        path = out_dir / f"{stem}_x{x}_y{y}.png"
+        path = out_dir / tile_name(stem, x, y)
         _write_png(path, np.ascontiguousarray(tile))
         out.append(TileRecord(stem, grid.level, x, y, float(frac[row, c]), str(path)))
     return out
@@ -516,7 +511,11 @@ def _tile_run(slide: Slide, grid: TileGrid, row: int, cols: np.ndarray, frac: np
 def _tile_one(path: str | os.PathLike[str], out_dir: Path, size: int, level: int | None,
               mpp: float | None, min_tissue: float, stride: int | None,
               slide_mpp: float | None, force_slide_mpp: bool, mask_size: int | None,
-              workers: int | None, progress: bool) -> TilingSummary:
+              workers: int | None, progress: bool,
+              prepare: Callable[[Slide, TileGrid, TilingSummary, int], bool] | None = None
+              ) -> TilingSummary:
+    """Tile one slide; ``prepare(slide, grid, summary, mask side)``, called before any tile is
+    cut, returns True when it has filled ``summary.records`` with finished tiles (reused)."""
     if not 0.0 <= min_tissue <= 1.0:
         raise DataError(f"min_tissue must be in [0, 1], got {min_tissue}")
     with open_slide(path, warn_mpp=slide_mpp is None) as slide:
@@ -525,9 +524,11 @@ def _tile_one(path: str | os.PathLike[str], out_dir: Path, size: int, level: int
         stem = slide.path.stem
         summary = TilingSummary(stem, slide.backend, grid.level, grid.downsample, base.value,
                                 grid.shape[0] * grid.shape[1], mpp_source=base.source)
+        side = mask_size or _mask_side(slide.dimensions, grid.footprint)
+        if prepare is not None and prepare(slide, grid, summary, side):
+            return summary
         if summary.grid_cells == 0:
             return summary
-        side = mask_size or _mask_side(slide.dimensions, grid.footprint)
         frac = grid_tissue_fractions(tissue_mask(slide.thumbnail(side)), grid, slide.dimensions)
         keep = frac >= min_tissue
         level_ds = slide.level_downsamples[grid.level]
@@ -551,14 +552,46 @@ def _tile_one(path: str | os.PathLike[str], out_dir: Path, size: int, level: int
     return summary
 
 
+def check_slide_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The stems of ``paths``, once no two share a stem.
+
+    Raises:
+        DataError: a stem that cannot name files (empty, ``.``, ``..``), or two slides whose
+            stems are equal but for letter case (their tiles would collide on macOS and Windows).
+    """
+    stems: dict[str, str] = {}
+    for p in paths:
+        stem, full = Path(p).stem, str(Path(p).resolve())
+        if not names_a_folder(stem):
+            raise DataError(f"cannot name a tile folder after {p} (its name without the "
+                            "extension is empty, '.' or '..'): rename the file")
+        if stems.setdefault(stem.casefold(), full) != full:
+            raise DataError(f"two slides share the name '{stem}' (letter case aside): "
+                            f"{stems[stem.casefold()]} and {full}")
+    return [Path(p).stem for p in paths]
+
+
 def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
                 size: int, level: int | None = None, mpp: float | None = None,
                 min_tissue: float = 0.9, stride: int | None = None,
                 slide_mpp: float | None = None, mask_size: int | None = None,
                 workers: int | None = None, progress: bool = True,
-                force_slide_mpp: bool = False) -> list[TilingSummary]:
+                force_slide_mpp: bool = False, *, reuse: bool = False,
+                keep_others: bool = True,
+                log: Callable[[str], None] | None = None) -> list[TilingSummary]:
     """Tile several slides into one folder with one ``manifest.csv`` (see :func:`tile_slide`).
 
+    Each slide gets a completion record once its tiles are published
+    (:mod:`gen_ad.data.tile_records`); a slide tiled (again) starts from no record, no manifest
+    row and no tile file, so tiles of an interrupted run or of other settings never stay.
+
+    Args:
+        reuse: keep the tiles of slides finished earlier with the same settings (an equal
+            record and every tile file present) instead of tiling them again.
+        keep_others: keep other slides' rows in the manifest (merge); False: the manifest lists
+            exactly the slides of this call, written after each slide is finished and last
+            (also when interrupted: the finished ones); other slides' files are left alone.
+        log: receives one line per slide reused or tiled again (and why).
     Returns:
         One summary per slide, in input order.
     Raises:
@@ -566,23 +599,30 @@ def tile_slides(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathL
             ``out_dir`` is a file, or its manifest names a path outside it.
         FolderLockedError: another process is writing ``out_dir``.
     """
-    stems: dict[str, str] = {}
-    for p in paths:  # tiles go to <out>/<stem>/: names equal but for letter case collide on
-        stem, full = Path(p).stem, str(Path(p).resolve())  # macOS and Windows
-        if not names_a_folder(stem):
-            raise DataError(f"cannot name a tile folder after {p} (its name without the "
-                            "extension is empty, '.' or '..'): rename the file")
-        if stems.setdefault(stem.casefold(), full) != full:
-            raise DataError(f"two slides share the name '{stem}' (letter case aside): "
-                            f"{stems[stem.casefold()]} and {full}")
+    stems = check_slide_names(paths)
     out = Path(out_dir).expanduser()
     summaries = []
     with folder_lock(out, "tile output folder"):
-        for p in paths:  # each slide enters the manifest when done: a kill keeps those before
-            s = _tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp,
-                          force_slide_mpp, mask_size, workers, progress)
-            update_manifest(out, [s.slide], s.records)
-            summaries.append(s)
+        for p in paths:  # a missing slide stops the run before hours of tiling of the others
+            if not Path(p).expanduser().is_file():
+                raise DataError(f"slide not found: {Path(p).expanduser()}")
+        book = TileBook(out, {"stride": size if stride is None else stride,
+                           "min_tissue": min_tissue}, reuse, keep_others, log)
+        if not keep_others:
+            book.note_unlisted(stems)
+        try:
+            for p in paths:
+                try:
+                    s = _tile_one(p, out, size, level, mpp, min_tissue, stride, slide_mpp,
+                                  force_slide_mpp, mask_size, workers, progress, book.prepare)
+                except BaseException:  # Ctrl-C, SIGTERM, an error: no partial slide stays
+                    book.abandon()
+                    raise
+                book.finish(s)
+                summaries.append(s)
+        finally:
+            if not keep_others:  # interrupted too: the slides finished so far
+                book.write_manifest()
     return summaries
 
 
@@ -595,8 +635,9 @@ def tile_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], si
 
     Tiles are named ``<slide stem>_x<x>_y<y>.png`` with ``x, y`` the level-0 top-left corner.
     A tile is kept when its tissue fraction (see :func:`grid_tissue_fractions`) is at least
-    ``min_tissue``. The manifest keeps the rows of other slides; this slide's old rows (and their
-    tile files, when no longer produced) are replaced.
+    ``min_tissue``. The manifest keeps the rows of other slides; this slide's old rows, record
+    and tile files (listed or not) are removed first, then its new tiles written, its
+    completion record (:mod:`gen_ad.data.tile_records`) and its rows.
 
     Args:
         path: slide file (anything OpenSlide or tiffslide reads).
@@ -616,58 +657,3 @@ def tile_slide(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], si
                        stride=stride, slide_mpp=slide_mpp, mask_size=mask_size,
                        workers=workers, progress=progress,
                        force_slide_mpp=force_slide_mpp)[0].records
-
-
-# ----------------------------------------------------------------------------- manifest
-
-
-def read_manifest(path: str | os.PathLike[str]) -> list[TileRecord]:
-    """Read a tiling manifest (``path`` columns are resolved against the manifest's folder).
-
-    Raises:
-        DataError: not a manifest, or a row whose path is absolute or leaves the folder.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"manifest not found: {p}")
-    with open(p, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
-            raise DataError(f"{p} is not a tiling manifest (columns {reader.fieldnames})")
-        try:
-            return [TileRecord(r["slide"], int(r["level"]), int(r["x"]), int(r["y"]),
-                               float(r["tissue_fraction"]), str(inside(p.parent, r["path"])))
-                    for r in reader]
-        except CheckpointError as e:
-            raise DataError(f"manifest {p}: {e}") from e
-        except (TypeError, ValueError) as e:
-            raise DataError(f"manifest {p} has a malformed row: {e}") from e
-
-
-def update_manifest(out_dir: str | os.PathLike[str], slides: Sequence[str],
-                    records: Sequence[TileRecord]) -> Path:
-    """Replace the rows of ``slides`` in ``out_dir/manifest.csv`` by ``records`` (atomically).
-
-    Tile files listed in the old rows of these slides but not in ``records`` are deleted; a
-    manifest naming any path outside ``out_dir`` is refused before anything is deleted. Paths are
-    stored relative to ``out_dir``. Returns the manifest path.
-    """
-    out = Path(out_dir)
-    manifest = out / MANIFEST_NAME
-    old = read_manifest(manifest) if manifest.is_file() else []
-    replaced = set(slides)
-    new_paths = {str(Path(r.path).resolve()) for r in records}
-    for r in old:
-        gone = r.slide in replaced and str(Path(r.path).resolve()) not in new_paths
-        if gone and Path(r.path).suffix == ".png":  # only tiles, never another kind of file
-            Path(r.path).unlink(missing_ok=True)
-    rows = [r for r in old if r.slide not in replaced] + list(records)
-    rows.sort(key=lambda r: (r.slide, r.y, r.x))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(MANIFEST_COLUMNS)
-    for r in rows:
-        rel = os.path.relpath(r.path, out)
-        w.writerow([r.slide, r.level, r.x, r.y, f"{r.tissue_fraction:.6f}", Path(rel).as_posix()])
-    write_text(manifest, buf.getvalue())
-    return manifest
