@@ -3,13 +3,15 @@
 Training on a million patches should neither keep them in memory nor decode and re-check every
 file at each start. :func:`cached_folder` keys a cache by the folder's content (every image's
 relative path, size and modification time, walked folder by folder without keeping the listing)
-and the decode settings (size, resize mode, classes, stain normalisation); the first call decodes
+and the decode settings (size, resize mode, classes, stain normalisation, the decoder's
+:data:`~gen_ad.data.folders.DECODER_VERSION`: a cache older code built is rebuilt once after an
+upgrade that changes decoding, never reused); the first call decodes
 the folder once (DataLoader workers) into
 
 * ``images.u8``: ``[N, size, size, 3]`` uint8 (raw, memory-mapped when read),
 * ``labels.u8`` / ``classes.u16``: per-item label and class index,
 * ``paths.txt`` + ``paths.i64``: the source paths and their byte offsets (read per item),
-* ``cache.json``: the key, count, size and class names, written last,
+* ``cache.json``: the key, versions, count, size and class names, written last,
 
 assembled in a temporary folder and renamed into place. Later calls with the same key open it
 (:class:`PatchCache`) without touching the images; a cache another process installed first (two
@@ -37,11 +39,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gen_ad.data.folders import PatchFolder, image_to_tensor, walk_images
+from gen_ad.data.folders import (
+    DECODER_VERSION,
+    PatchFolder,
+    ResizeMode,
+    image_to_tensor,
+    walk_images,
+)
 from gen_ad.errors import DataError
 from gen_ad.utils.io import remove_dir, unique_tag, write_json
 
 META = "cache.json"
+# The cache's own layout. Bump it whenever the files or what a stored patch holds change; a
+# change of how images decode bumps gen_ad.data.folders.DECODER_VERSION instead. Both are in
+# the key and in cache.json, so a cache built by other code is rebuilt, never reused.
 VERSION = 1
 _WINDOWS = os.name == "nt"
 
@@ -164,8 +175,9 @@ def build_cache(folder: PatchFolder, out: str | os.PathLike[str], key: str,
         np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64) \
             .tofile(tmp / "paths.i64")
         (tmp / "paths.txt").write_bytes(b"".join(encoded))
-        write_json(tmp / META, {"version": VERSION, "key": key, "count": n, "size": s,
-                                "classes": names, "root": str(folder.root)})
+        write_json(tmp / META, {"version": VERSION, "decoder": DECODER_VERSION, "key": key,
+                                "count": n, "size": s, "classes": names,
+                                "root": str(folder.root)})
         _install(tmp, final, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -175,11 +187,14 @@ def build_cache(folder: PatchFolder, out: str | os.PathLike[str], key: str,
 
 def is_complete(where: Path, key: str) -> bool:
     """Whether ``where`` holds a finished cache for ``key``: ``cache.json`` readable with this
-    key, and every data file of the size its count and patch size imply."""
+    key, this :data:`VERSION` and :data:`~gen_ad.data.folders.DECODER_VERSION` (a cache that
+    older code wrote holds other pixels), and every data file of the size its count and patch
+    size imply."""
     try:
         meta = json.loads((where / META).read_text(encoding="utf-8"))
         n, s = int(meta["count"]), int(meta["size"])
-        if meta.get("key") != key:
+        if (meta.get("key"), meta.get("version"), meta.get("decoder", 1)) != \
+                (key, VERSION, DECODER_VERSION):
             return False
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
@@ -229,7 +244,7 @@ def _occupied(e: OSError, final: Path) -> bool:
 
 def cached_folder(cache_dir: str | os.PathLike[str], *, root: str | os.PathLike[str], size: int,
                   classes: Sequence[str] | None = None,
-                  normal_classes: Sequence[str] = ("normal",), resize: str = "resize",
+                  normal_classes: Sequence[str] = ("normal",), resize: ResizeMode = "resize",
                   max_bad_fraction: float = 0.05, stain: Any = None,
                   stain_settings: dict[str, Any] | None = None, workers: int = 0) -> PatchCache:
     """The cache of a :class:`PatchFolder` with these arguments: opened when present, else built.
@@ -241,7 +256,8 @@ def cached_folder(cache_dir: str | os.PathLike[str], *, root: str | os.PathLike[
         stain_settings: what identifies ``stain`` (method, reference file) in the key.
         workers: DataLoader workers decoding while the cache is built.
     """
-    settings = {"version": VERSION, "size": size, "resize": resize, "max_bad": max_bad_fraction,
+    settings = {"version": VERSION, "decoder": DECODER_VERSION, "size": size, "resize": resize,
+                "max_bad": max_bad_fraction,
                 "classes": None if classes is None else list(classes),
                 "normal": list(normal_classes), "stain": stain_settings}
     key = content_key(root, settings)

@@ -19,10 +19,12 @@ RGB array everywhere.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +42,12 @@ if TYPE_CHECKING:
     from gen_ad.data.stain import StainNormalizer
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+# What a file decodes to. BUMP IT WHENEVER DECODING CHANGES (read_rgb, read_mask, fit_size,
+# orientation, depth or alpha rules): caches of decoded pixels (the patch cache) key on it, so
+# caches built by older code are rebuilt instead of reused with other pixels.
+# 1 (implicit, never recorded): every earlier decoder; 2: EXIF/TIFF orientation applied once,
+# TIFFs included, masks read like images.
+DECODER_VERSION = 2
 ResizeMode = Literal["resize", "center_crop"]
 _MAX_LISTED = 10
 _UNREADABLE = "cannot read image "  # + "<path>: <reason>"
@@ -129,14 +137,51 @@ def _tiff_array(path: Path) -> tuple[np.ndarray, int]:
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
-        if page.imagewidth * page.imagelength > 2 * (Image.MAX_IMAGE_PIXELS or float("inf")):
-            raise DataError(f"{page.imagewidth}x{page.imagelength} pixels, over Pillow's "
-                            "decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS x 2)")
+        _check_tiff_page_size(page)  # before anything is allocated
         arr = np.squeeze(tif.asarray(key=0))
         tag = page.tags.get(274)  # type: ignore[union-attr]
     if arr.ndim == 3 and arr.shape[0] <= 4 < arr.shape[-1]:
         arr = np.moveaxis(arr, 0, -1)
     return arr, _valid_orientation(tag.value if tag is not None else 1)
+
+
+_MAX_SAMPLES = 4  # grey, grey+alpha, RGB, RGBA
+_MAX_SAMPLE_BYTES = 2  # 16 bits; deeper samples are allowed while the whole fits the bound
+
+
+def _check_tiff_page_size(page: Any) -> None:
+    """Refuse a TIFF page (a ``tifffile.TiffPage``) whose decoded pixels would be too large,
+    from its header alone (a few bytes of file can declare gigabytes).
+
+    Bounds, from Pillow's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS`` (none when
+    it is ``None``): at most twice that many pixels (Pillow's own error threshold), at most
+    :data:`_MAX_SAMPLES` samples per pixel, and at most that many pixels x 4 samples x 2 bytes
+    of decoded data.
+
+    Raises:
+        DataError: the page is over a bound (its sizes and the bound named).
+    """
+    w, h = int(page.imagewidth), int(page.imagelength)
+    samples = int(page.samplesperpixel)
+    if samples > _MAX_SAMPLES:
+        raise DataError(f"{samples} samples per pixel (at most {_MAX_SAMPLES} are supported: "
+                        "grey, grey+alpha, RGB, RGBA)")
+    if not Image.MAX_IMAGE_PIXELS:
+        return
+    max_pixels = 2 * int(Image.MAX_IMAGE_PIXELS)
+    if w * h > max_pixels:
+        raise DataError(f"{w}x{h} pixels, over Pillow's decompression-bomb limit of "
+                        f"{max_pixels} (PIL.Image.MAX_IMAGE_PIXELS x 2)")
+    bits = page.bitspersample
+    itemsize = page.dtype.itemsize if page.dtype is not None else -(-int(
+        max(bits) if isinstance(bits, (tuple, list)) else bits) // 8)
+    decoded = math.prod(int(n) for n in page.shape) * itemsize
+    max_bytes = max_pixels * _MAX_SAMPLES * _MAX_SAMPLE_BYTES
+    if decoded > max_bytes:
+        shape = "x".join(str(int(n)) for n in page.shape)
+        raise DataError(f"{shape} samples of {itemsize} byte(s) would decode to {decoded} bytes, "
+                        f"over the limit of {max_bytes} (PIL.Image.MAX_IMAGE_PIXELS x 2 pixels "
+                        f"x {_MAX_SAMPLES} samples x {_MAX_SAMPLE_BYTES} bytes)")
 
 
 def _valid_orientation(value: Any) -> int:
@@ -166,20 +211,43 @@ def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _decode(p: Path) -> tuple[np.ndarray, int]:
-    """``p`` as RGB uint8 as stored, and its orientation (see :func:`read_rgb`)."""
-    try:
-        im = Image.open(p)
-    except UnidentifiedImageError:
-        if p.suffix.lower() in (".tif", ".tiff"):
-            arr, orientation = _tiff_array(p)
+    """``p`` as RGB uint8, and the orientation still to apply (see :func:`read_rgb`)."""
+    with _pil_image(p) as im:
+        if im is None or _deep_tiff(im):
+            arr, orientation = _tiff_array(p)  # tifffile does not turn: its tag still applies
             return array_to_rgb8(arr), orientation
-        raise
-    with im:
-        orientation = _orientation(im)
-        if im.format == "TIFF" and _tiff_bits(im) > 8 and len(im.getbands()) > 1:
-            return array_to_rgb8(_tiff_array(p)[0]), orientation
         im.load()
-        return pil_to_rgb8(im), orientation
+        # Read the orientation only now: Pillow's TIFF loader turns the pixels during load()
+        # and drops the tag; other formats keep both, and the turn is still to be done.
+        return pil_to_rgb8(im), _orientation(im)
+
+
+@contextmanager
+def _pil_image(p: Path) -> Iterator[Image.Image | None]:
+    """``p`` opened (not loaded) with Pillow and closed after, or None for a TIFF Pillow cannot
+    identify (float RGB: ``tifffile`` reads it).
+
+    Opened from a file object, not from the path: given a path, Pillow memory-maps an
+    uncompressed single-strip image with its *displayed* size, which for a TIFF whose
+    orientation swaps width and height (5..8) scrambles grey, RGBA and 16-bit pixels (seen
+    with Pillow 13); decoded from a file object they come out right, turned once by ``load()``.
+    """
+    with open(p, "rb") as fh:
+        try:
+            im = Image.open(fh)
+        except UnidentifiedImageError:
+            if p.suffix.lower() not in (".tif", ".tiff"):
+                raise
+            yield None
+            return
+        with im:
+            yield im
+
+
+def _deep_tiff(im: Image.Image) -> bool:
+    """Whether ``im`` (open, not loaded) is a multi-channel TIFF deeper than 8 bits, which
+    Pillow would truncate to its high bytes: those are read with ``tifffile``."""
+    return im.format == "TIFF" and _tiff_bits(im) > 8 and len(im.getbands()) > 1
 
 
 def unreadable_reason(path: Path, error: BaseException) -> str:
@@ -213,7 +281,10 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
 
     Raises:
         DataError: ``cannot read image <path>: <reason>``: the file is missing (or a broken
-            link), empty, corrupt, truncated, not an image or of an unsupported kind.
+            link), empty, corrupt, truncated, not an image or of an unsupported kind, or its
+            header declares more than Pillow's decompression-bomb limit allows (TIFFs read
+            with ``tifffile``: pixels, samples per pixel and decoded bytes, checked before
+            anything is decoded).
     """
     p = Path(path)
     try:
@@ -227,24 +298,67 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a ground-truth mask file: any nonzero channel value = anomalous (0/1 and 0/255
-    masks alike); in a JPEG, whose compression rings around edges, a value >= 128. Turned by
-    its EXIF/TIFF orientation, as :func:`read_rgb` turns images.
+    masks alike, 16-bit and float TIFFs at full depth); in a lossy file (JPEG, JPEG-compressed
+    TIFF, lossy WebP), whose compression rings around edges, a value >= 128. Turned by its
+    EXIF/TIFF orientation, as :func:`read_rgb` turns images (read the same way, so an image and
+    its mask stored alike stay aligned).
 
     Returns:
         bool array ``[H,W]``.
     """
     p = Path(path)
     try:
-        with Image.open(p) as im:
-            im.load()
-            lossy = im.format in ("JPEG", "MPO")
-            orientation = _orientation(im)
-            arr = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "RGBa", "LA", "La") else im)
+        arr, orientation, lossy = _decode_mask(p)
+    except DataError as e:
+        raise DataError(f"cannot read mask {p}: {e}") from e
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot read mask {p}: {unreadable_reason(p, e)}") from e
     arr = apply_orientation(arr, orientation)
     on = arr >= 128 if lossy else arr != 0
     return on.any(axis=-1) if arr.ndim == 3 else on
+
+
+def _decode_mask(p: Path) -> tuple[np.ndarray, int, bool]:
+    """A mask file's ``[H,W]`` or ``[H,W,C]`` values as stored (alpha dropped), its orientation
+    and whether its format is lossy; TIFFs are read as by :func:`_decode` (deep or
+    floating-point ones with ``tifffile``, at full depth)."""
+    with _pil_image(p) as im:
+        if im is None or _deep_tiff(im):
+            return (*_without_alpha(_tiff_array(p)), False)
+        im.load()  # then the orientation: Pillow turns TIFFs while loading (see _decode)
+        arr = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "RGBa", "LA", "La") else im)
+        return arr, _orientation(im), _lossy(im, p)
+
+
+def _lossy(im: Image.Image, p: Path) -> bool:
+    """Whether ``im`` (the open file ``p``) went through lossy compression (JPEG, JPEG in a
+    TIFF, lossy WebP), whose ringing leaves small nonzero values around a mask's edges."""
+    if im.format in ("JPEG", "MPO"):
+        return True
+    if im.format == "TIFF":
+        return im.info.get("compression") in ("jpeg", "tiff_jpeg")
+    return im.format == "WEBP" and _webp_lossy(p)
+
+
+def _webp_lossy(p: Path) -> bool:
+    """Whether the WebP file ``p`` holds a lossy (``VP8 ``) rather than a lossless (``VP8L``)
+    bitstream, found by walking its RIFF chunks; lossy when neither is found (animations)."""
+    with open(p, "rb") as fh:
+        fh.seek(12)  # past "RIFF" <size> "WEBP"
+        while len(head := fh.read(8)) == 8:
+            fourcc, size = head[:4], int.from_bytes(head[4:], "little")
+            if fourcc in (b"VP8 ", b"VP8L"):
+                return fourcc == b"VP8 "
+            fh.seek(size + size % 2, os.SEEK_CUR)
+    return True
+
+
+def _without_alpha(decoded: tuple[np.ndarray, int]) -> tuple[np.ndarray, int]:
+    """A ``tifffile`` array and orientation with a grey+alpha or RGBA image's alpha dropped."""
+    arr, orientation = decoded
+    if arr.ndim == 3 and arr.shape[-1] in (2, 4):
+        arr = arr[..., :-1]
+    return arr, orientation
 
 
 def fit_size(rgb: np.ndarray, size: int, mode: ResizeMode = "resize",
@@ -377,7 +491,7 @@ def _synth_sheet(p: Path) -> bool:
         return False
 
 
-def _ignored_message(direct: Sequence[Path], root: Path, classes: Sequence[str]) -> str:
+def _ignored_message(direct: Sequence[Path], root: Path, classes: Iterable[str]) -> str:
     """The warning about images directly in ``root`` beside its class folders, naming them
     (at most 3, then how many more)."""
     names = [p.name for p in direct]

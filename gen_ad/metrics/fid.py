@@ -57,6 +57,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from tqdm import tqdm
 
 from gen_ad.data.folders import (
+    DECODER_VERSION,
     IMAGE_EXTENSIONS,
     MASK_FOLDER,
     SYNTH_SHEET_NAME,
@@ -297,8 +298,9 @@ def _runtime_identity(extractor: FeatureExtractor) -> str:
 def _set_key(extractor: FeatureExtractor, resolution: str, content_digest: bytes,
              transform: ImageTransform | None = None) -> str:
     h = hashlib.sha256()
-    for part in (_CACHE_VERSION, extractor.name, extractor.identity, resolution,
-                 _runtime_identity(extractor), transform.identity if transform else ""):
+    for part in (_CACHE_VERSION, f"decoder {DECODER_VERSION}", extractor.name,
+                 extractor.identity, resolution, _runtime_identity(extractor),
+                 transform.identity if transform else ""):
         h.update(part.encode() + b"\0")
     h.update(content_digest)
     return h.hexdigest()

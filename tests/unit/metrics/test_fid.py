@@ -655,3 +655,13 @@ def test_a_synth_folder_lists_its_patches_only(tmp_path: Path) -> None:
     (root / "normal" / "linked").symlink_to(extra / "normal", target_is_directory=True)
     (root / "normal" / "loop").symlink_to(root / "normal", target_is_directory=True)
     assert len(fid.list_images(root)) == 13
+
+
+def test_the_statistics_cache_key_follows_the_decoder_version(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statistics computed by an older decoder (e.g. TIFFs turned twice) are not reused: the key
+    holds ``folders.DECODER_VERSION``, bumped whenever decoding changes."""
+    ext = _cheap()
+    before = fid._set_key(ext, "16", b"digest")
+    monkeypatch.setattr(fid, "DECODER_VERSION", fid.DECODER_VERSION + 1)
+    assert fid._set_key(ext, "16", b"digest") != before
