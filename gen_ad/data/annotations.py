@@ -87,7 +87,10 @@ def _ring(coords: Any, where: str) -> np.ndarray:
 def _features(doc: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """``(geometry, properties)`` of every feature or bare geometry (collections flattened)."""
     if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-        items = doc.get("features", [])
+        items = doc.get("features") or []  # null: an empty collection
+        if not isinstance(items, list):
+            raise DataError(f"a FeatureCollection's features must be a list, got "
+                            f"{type(items).__name__}")
     elif isinstance(doc, list):
         items = doc
     else:
@@ -123,7 +126,11 @@ def read_geojson(path: str | os.PathLike[str]) -> Regions:
         raise DataError(f"{p}: not readable GeoJSON ({e})") from e
     out = Regions()
     skipped: dict[str, int] = {}
-    for geom, props in _features(doc):
+    try:
+        features = _features(doc)
+    except DataError as e:
+        raise DataError(f"{p}: {e}") from e
+    for geom, props in features:
         kind, coords = geom.get("type"), geom.get("coordinates")
         if kind == "Polygon":
             polys = [] if coords is None else [coords]  # null: no polygon, as for MultiPolygon

@@ -407,11 +407,14 @@ def _geojson_points(text: str, p: Path) -> list[Row]:
     except json.JSONDecodeError as e:
         raise DataError(f"{p}: not valid JSON ({e})") from e
     if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-        feats = doc.get("features", [])
+        feats = doc.get("features") or []  # null: an empty collection
     elif isinstance(doc, dict):
         feats = [doc]
     else:
         feats = doc
+    if not isinstance(feats, list):
+        raise DataError(f"{p}: not GeoJSON points (a FeatureCollection, a feature or a list of "
+                        f"features), got {type(feats).__name__}")
     rows: list[Row] = []
     for f in feats:
         if not isinstance(f, dict):

@@ -43,3 +43,29 @@ def test_null_polygon_is_skipped_like_a_null_multipolygon(tmp_path: Path) -> Non
 def test_non_list_coordinates_are_a_data_error(tmp_path: Path, geom: dict) -> None:
     with pytest.raises(DataError, match="bad .*Polygon coordinates"):
         read_regions(_write(tmp_path, geom))
+
+
+@pytest.mark.parametrize("features", [None, 5, "x", {"a": 1}])
+def test_a_collection_whose_features_are_not_a_list(tmp_path: Path, features: object) -> None:
+    """``"features": null`` is an empty collection; anything else not a list is a DataError
+    naming the file (both were a bare TypeError or silently odd before)."""
+    p = tmp_path / "f.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": features}),
+                 encoding="utf-8")
+    if features is None:
+        regions = read_regions(p)
+        assert not regions.polygons and not regions.exclusions
+    else:
+        with pytest.raises(DataError, match="f.geojson"):
+            read_regions(p)
+
+
+@pytest.mark.parametrize("doc", ['{"type": "FeatureCollection", "features": null}', "5", "null",
+                                 '"text"'])
+def test_cell_centroids_from_odd_geojson_are_clear_errors(tmp_path: Path, doc: str) -> None:
+    from gen_ad.data.cells import read_centroids
+
+    p = tmp_path / "c.geojson"
+    p.write_text(doc, encoding="utf-8")
+    with pytest.raises(DataError, match="c.geojson"):
+        read_centroids(p)
