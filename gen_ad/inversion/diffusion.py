@@ -257,7 +257,11 @@ class Denoiser:
             gen: source of every draw (a generator, or per-image streams).
         Returns:
             ``[B,3,H,W]`` image: ``x`` outside the mask, re-sampled inside.
+        Raises:
+            ValueError: ``resample`` below 1 (every step needs at least one round).
         """
+        if resample < 1:
+            raise ValueError(f"resample must be >= 1 (rounds per step), got {resample}")
         m = mask[:, None].to(x.dtype)
         x_t = add_noise(self.scheduler, start, t_start, self.draw(start, gen))
         ts = timestep_sequence(t_start, steps)

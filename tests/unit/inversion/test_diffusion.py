@@ -306,3 +306,12 @@ def test_autoddpm_without_calibration_warns(unet: torch.nn.Module, lp: torch.nn.
         sc.score(_x(1, size=16))
     with pytest.raises(ConfigError):
         AutoDDPMScorer(unet, s, dilation=2)
+
+
+def test_inpaint_refuses_zero_rounds(unet: torch.nn.Module) -> None:
+    """resample 0 ran no round and then read a result never made (UnboundLocalError)."""
+    den = Denoiser(unet, build_scheduler("ddpm"), "gaussian")
+    x = _x(1)
+    with pytest.raises(ValueError, match="resample must be >= 1"):
+        den.inpaint(x, x, torch.ones(1, 16, 16, dtype=torch.bool), t_start=3, steps=None,
+                    resample=0, gen=torch.Generator().manual_seed(0))
