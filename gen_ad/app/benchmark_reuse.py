@@ -124,32 +124,26 @@ def code_identity() -> dict[str, Any]:
     """gen_ad's version, source commit (and whether the checkout is modified) and a sha256 of
     its Python sources, so results of edited, uncommitted code are not taken for this code's.
     Read once per process (the code a process runs is the code it imported)."""
-    from gen_ad._version import __version__
-    from gen_ad.utils.provenance import source_commit
+    from gen_ad.utils.identity import code_identity as version_and_commit
 
     pkg = Path(__file__).resolve().parents[1]  # the gen_ad package
     sha = hashlib.sha256()
     for p in sorted(pkg.rglob("*.py")):
         sha.update(p.relative_to(pkg).as_posix().encode("utf-8") + b"\0" + p.read_bytes() + b"\0")
-    return {"gen_ad": __version__, "source": source_commit(), "sources_sha256": sha.hexdigest()}
+    return {**version_and_commit(), "sources_sha256": sha.hexdigest()}
 
 
-def _file_identity(path: str | None) -> list[Any] | None:
-    """``[resolved path, size, mtime_ns]`` (``[path, None, None]`` when unreadable)."""
-    if path is None:
-        return None
-    p = Path(path).expanduser().resolve()
-    try:
-        st = p.stat()
-    except OSError:
-        return [str(p), None, None]
-    return [str(p), st.st_size, st.st_mtime_ns]
+def _file_identity(path: str | None) -> dict[str, Any] | None:
+    """:func:`gen_ad.utils.identity.file_identity` (resolved path, size, mtime), or None."""
+    from gen_ad.utils.identity import file_identity
+
+    return None if path is None else file_identity(path)
 
 
 def _stat(path: str | None) -> list[Any] | None:
     """``[size, mtime_ns]`` of a file (``None`` for no file)."""
     found = _file_identity(path)
-    return None if found is None else found[1:]
+    return None if found is None else [found.get("size"), found.get("mtime_ns")]
 
 
 def _items(ds: Dataset) -> list[list[Any]] | None:
