@@ -237,6 +237,10 @@ def render_report(results: dict[str, Any], root: str | os.PathLike[str]) -> str:
     for m in methods:
         n = m["name"]
         parts.append(f"<h2>{_e(n)}</h2>")
+        if m.get("reused"):  # results read back from methods/<name>/, not computed by this run
+            parts.append(f"<p class='note'>Reused: computed {_e(m.get('computed'))} by an "
+                         "earlier run with the same settings (methods/"
+                         f"{_e(n)}/method.json).</p>")
         parts.extend(f"<div class='warn'>{_e(x)}</div>" for x in m["notes"])
         parts.append("<div class='figs'>")
         parts.append(_img(r, figs.get(f"hist/{n}"), f"{n} score histogram",
