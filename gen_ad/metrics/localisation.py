@@ -23,22 +23,41 @@ resample chunk.
 
 **Large sets.** Up to :data:`EXACT_PIXELS` pooled pixels the point estimates use every distinct
 map value (one sort of all pixels, about 120 bytes of memory per pixel). A larger set (e.g.
-100,000 maps of 64 px: 410 million pixels) is streamed in chunks of images, never pooled: pass 1
-counts pixels and region weights per class in a histogram whose bins are the float32 values
-sharing their sign, exponent and top 12 mantissa bits (relative bin width ``2**-12``, one bin for
-every value in a bin of width 2.4e-4 x the value, whatever the range), and the point estimates
-are computed from it, values in one bin counted as tied; ``approximation.auroc_max_error`` bounds
-the pixel AUROC's difference from the exact one (half the fraction of normal/anomalous pixel
-pairs that share a bin). Pass 2 fills the per-image bootstrap counts on a grid of bin edges.
-Pass 0 finds the range of the values, so the histograms hold only the occupied bins (about 4096
-per factor of 2 between the smallest and the largest value; 48 MB at most). Memory: one chunk of
-images, the histograms and the ``[images, grid]`` counts (float32, at most :data:`_STREAM_CELLS`
-cells each).
+100,000 maps of 64 px: 410 million pixels) is streamed in chunks of images, never pooled. Pass 0
+finds the range ``[lo, hi]`` of the values. Pass 1 counts pixels and region weights per class in
+a histogram whose bins are the intersection of two order-preserving binnings: ``n_range``
+equal-width bins over ``[lo, hi]`` (one per 32 pixels, a power of 2 from 2**15 up to
+:data:`_RANGE_BINS` = 2**20: at the switch, 2**18 bins of 3.8e-6 x the range) and the float32
+values sharing their sign, exponent and top 12 mantissa bits (width at most 2**-12 x the value).
+So a bin is never wider than ``(hi - lo) / n_range``, whatever offset the maps carry (1000 + U
+or -1e6 + U is binned as finely as U), and never wider than the magnitude bins alone. The point
+estimates are computed from the histogram, the values in one bin counted as tied, and
+``approximation`` records, for every streamed metric, a **rigorous** range for the exact value
+given only the bin counts (any order of the pixels within a bin, any ties among them):
+AUROC +- half the fraction of normal/anomalous pairs sharing a bin; AUPR between "in every bin,
+the negatives first, then the positives one by one" and "the positives first, tied"; AUPRO
+between the PRO curve stepping right-then-up and up-then-right across every bin; best Dice
+between the binned maximum (bin ends are exact thresholds) and the best Dice a bin's end could
+reach with all its positives and none of its negatives (the AUPR's lower end slightly below that
+order's value; the other ends are reached, tested). Only bins holding anomalous pixels widen a
+range, and not those known to be exact: a bin of one pixel, or (float32 or narrower maps) a bin
+narrower than the float32 spacing, checked through the mean anomalous value of each bin
+(``exactly_tied_bins`` counts them; their pixels truly tie, as on the exact path). Exactly tied
+values in a wider bin still count as undecided, so maps with few distinct values get
+conservative ranges. ``<metric>_max_error`` is the larger distance from the reported value to
+its range's ends, ``bounds`` the ranges; ``range_bin_width`` is ``1 / n_range`` (a bin's width
+at most, as a fraction of ``hi - lo``, recorded as ``value_range``), ``relative_bin_width``
+``2**-12`` (of the value). The best-Dice threshold is the smallest float32 value of its bin (the
+exact one may lie elsewhere when the Dice curve is flat). Pass 2 fills the per-image bootstrap
+counts on a grid of bins. Memory: one chunk of images, the histograms (32 bytes a bin: at most
+2**20 plus the occupied magnitude bins, about 4096 per factor of 2 between the smallest and
+largest value, 2**21 at most) and the ``[images, grid]`` counts (float32, at most
+:data:`_STREAM_CELLS` cells each).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -62,8 +81,11 @@ _BOOT_CHUNK = 256  # resamples scored per matrix product (fewer for many cluster
 _BOOT_CELLS = 4_000_000  # ... so that one chunk's count matrix [chunk, clusters] stays this small
 EXACT_PIXELS = 2**23  # larger sets are streamed (histogram point estimates), never pooled
 _KEY_SHIFT = 11  # streaming bins: float32 values equal in their top 32 - 11 bits share a bin
+_RANGE_BINS = 2**20  # ... and at most this many equal-width bins over the values' range
 _STREAM_CELLS = 8_000_000  # [images, grid] float32 count matrices of the streamed bootstrap
 _STREAM_PIXELS = 2**20  # pixels per streamed chunk
+# map dtypes that float32 holds exactly: a streamed bin of one float32 value is then exact
+_EXACT32 = {"float32", "float16", "bfloat16", "bool", "uint8", "int8", "uint16", "int16"}
 
 
 def dice(pred: Any, target: Any) -> float:
@@ -227,7 +249,7 @@ def _bootstrap(m: np.ndarray, g: np.ndarray, w: np.ndarray, regions: np.ndarray,
     return out
 
 
-def clustered_metrics(scores: Any, labels: Any, clusters: Sequence[Any], n_boot: int = 2000,
+def clustered_metrics(scores: Any, labels: Any, clusters: Iterable[Any], n_boot: int = 2000,
                       seed: int = 0, ci: float = 0.95, weights: Any = None,
                       fpr_limit: float = FPR_LIMIT) -> dict[str, Any]:
     """AUROC and AUPR (and AUPRO) of items that come in clusters (tiles of slides), with
@@ -344,6 +366,7 @@ class _Pairs:
             raise DataError(f"maps and masks must both be [B,H,W] of equal shape, got {ms} "
                             f"and {gs}")
         self.n, self.hw = int(ms[0]), int(ms[1]) * int(ms[2])
+        self.lossless = True  # every chunk read so far held values float32 holds exactly
 
     @staticmethod
     def _read(x: Any, start: int, stop: int) -> Any:
@@ -353,7 +376,9 @@ class _Pairs:
         """``(start, maps [C,H,W] float32, masks [C,H,W] bool)`` in order; finite maps checked."""
         step = max(1, _STREAM_PIXELS // max(self.hw, 1))
         for start in range(0, self.n, step):
-            m = _np(self._read(self.maps, start, start + step), np.float32)
+            raw = self._read(self.maps, start, start + step)
+            self.lossless &= str(getattr(raw, "dtype", "")).removeprefix("torch.") in _EXACT32
+            m = _np(raw, np.float32)
             if not np.all(np.isfinite(m)):
                 raise DataError(f"{int((~np.isfinite(m)).sum())} map values are NaN or infinite "
                                 f"(images {start}..{start + len(m) - 1})")
@@ -364,49 +389,127 @@ class _Pairs:
 def value_keys(m: np.ndarray) -> np.ndarray:
     """Order-preserving bin of each float32 value, in ``[0, 2**(32 - _KEY_SHIFT))``: the values
     sharing sign, exponent and the top mantissa bits share a bin (relative width ``2**-12``)."""
+    return _magnitude_keys(m).astype(np.int64) + 2 ** (31 - _KEY_SHIFT)
+
+
+def _magnitude_keys(m: np.ndarray) -> np.ndarray:
+    """:func:`value_keys` less ``2**(31 - _KEY_SHIFT)``, as ``int32`` (int32 arithmetic)."""
     f = np.ascontiguousarray(m, dtype=np.float32) + np.float32(0.0)  # -0.0 joins 0.0
-    bits = f.view(np.int32).astype(np.int64)
-    bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negatives: larger magnitude, lower
-    return (bits + 2**31) >> _KEY_SHIFT
+    bits = f.view(np.int32)
+    bits = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)  # negatives: larger |v|, lower
+    bits >>= _KEY_SHIFT
+    return bits
 
 
-def key_edges(keys: np.ndarray) -> np.ndarray:
-    """The smallest float32 value of each bin of :func:`value_keys` (as float64)."""
-    bits = (np.asarray(keys, np.int64) << _KEY_SHIFT) - 2**31
-    bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits).astype(np.int32)
-    return bits.view(np.float32).astype(np.float64)
+def _ordered(v: Any) -> np.ndarray:
+    """``int64`` ranks of float32 values: increasing with the value, consecutive for adjacent
+    float32 values (-0.0 and 0.0 both 0)."""
+    bits = np.asarray(v, np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
 
 
-def _key_range(pairs: _Pairs) -> tuple[int, int]:
-    """Pass 0: the lowest and highest bin of the map values (and every value checked finite)."""
+def _from_ordered(o: np.ndarray) -> np.ndarray:
+    """The float32 values of :func:`_ordered` ranks."""
+    f = np.abs(np.asarray(o, np.int64)).astype(np.int32).view(np.float32)
+    return np.where(np.asarray(o) < 0, -f, f)
+
+
+class _Binning:
+    """Order-preserving bins of float32 values in ``[lo, hi]``: the intersection of
+    :func:`value_keys` (magnitude bins) and ``n_range`` equal-width bins over ``[lo, hi]``.
+
+    A value's bin is the sum of its two bin indices: both are non-decreasing in the value, so two
+    values share a sum only if they share both bins. Bins run from 0 (``lo``) to ``size - 1``.
+    """
+
+    def __init__(self, lo: float, hi: float, n_range: int) -> None:
+        self.lo, self.hi, self.n_range = float(lo), float(hi), int(n_range)
+        span = self.hi - self.lo  # float64: finite for any float32 values
+        scale = self.n_range / span if span > 0 else 0.0
+        with np.errstate(over="ignore"):  # float32 arithmetic (faster) where it cannot overflow
+            fast = bool(np.isfinite(np.float32(self.hi) - np.float32(self.lo))
+                        and np.isfinite(np.float32(scale)))
+        self._dtype = np.float32 if fast else np.float64
+        self._lo, self._scale = self._dtype(self.lo), self._dtype(scale)
+        self._base = 0  # keys() subtracts it: first 0, then the raw bin of lo
+        self._base = int(self.keys(np.array([self.lo]))[0])
+        self.size = int(self.keys(np.array([self.hi]))[0]) + 1
+
+    def keys(self, m: np.ndarray) -> np.ndarray:
+        """``int64`` bin of each value of ``m`` (float32 values in ``[lo, hi]``)."""
+        f = np.asarray(m, np.float32)
+        t = f.astype(self._dtype)  # rounding is monotone: the bins stay in the values' order
+        t -= self._lo
+        t *= self._scale
+        k = np.floor(t, out=t).astype(np.int32)
+        np.minimum(k, self.n_range - 1, out=k)
+        k += _magnitude_keys(f)
+        return k.astype(np.int64) - self._base
+
+    def edges(self, ks: np.ndarray) -> np.ndarray:
+        """:func:`_ordered` rank of the smallest float32 in ``[lo, hi]`` whose bin is at least
+        ``k``, for each ``k`` of ``ks`` (the rank of ``hi`` + 1 where none is); bisection."""
+        ks = np.asarray(ks, np.int64)
+        first = int(_ordered(self.lo))
+        a = np.full(ks.shape, first, np.int64)
+        b = np.full(ks.shape, int(_ordered(self.hi)) + 1, np.int64)
+        while (active := a < b).any():
+            mid = np.where(active, (a + b) // 2, first)  # always a value in [lo, hi]
+            ok = self.keys(_from_ordered(mid)) >= ks
+            a, b = np.where(active & ~ok, mid + 1, a), np.where(active & ok, mid, b)
+        return a
+
+    def edge(self, k: int) -> float:
+        """The smallest float32 value of bin ``k`` (a threshold ``>=`` that keeps the bin)."""
+        return float(_from_ordered(self.edges(np.array([k])))[0]) + 0.0
+
+    def single(self, ks: np.ndarray, inside: np.ndarray) -> np.ndarray:
+        """Whether each bin of ``ks`` holds one float32 value only (its pixels truly tie), given
+        a value ``inside`` each (bins are runs of adjacent float32 values: one is alone when
+        its neighbours lie in other bins; False where ``inside`` is not in its bin)."""
+        ks, v = np.asarray(ks, np.int64), np.asarray(inside, np.float32)
+        up = np.nextafter(v, np.float32(np.inf))
+        down = np.nextafter(v, np.float32(-np.inf))
+        alone_up = (v >= self.hi) | (self.keys(np.minimum(up, self.hi)) != ks)
+        alone_down = (v <= self.lo) | (self.keys(np.maximum(down, self.lo)) != ks)
+        inside_ok = (v >= self.lo) & (v <= self.hi)
+        return inside_ok & (self.keys(np.clip(v, self.lo, self.hi)) == ks) & alone_up & alone_down
+
+
+def _binning(pairs: _Pairs) -> _Binning:
+    """Pass 0: the range of the map values (every value checked finite) and the bins over it:
+    one equal-width bin per 32 pixels, a power of 2 in ``[2**15, _RANGE_BINS]``."""
     lo, hi = np.inf, -np.inf
     for _, m, _ in pairs.chunks():
         lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
-    k = value_keys(np.array([lo, hi], np.float32))
-    return int(k[0]), int(k[1])
+    if lo > hi:  # no pixels
+        lo = hi = 0.0
+    per32 = max(pairs.n * pairs.hw // 32, 1)
+    return _Binning(lo, hi, min(_RANGE_BINS, max(2**15, 1 << (per32.bit_length() - 1))))
 
 
 def _hist_pass(pairs: _Pairs, map_threshold: float | None) -> dict[str, Any]:
     """Pass 1: per-bin normal / anomalous pixel counts and region weights, regions per image
-    (bins indexed from the lowest occupied one)."""
-    k0, k1 = _key_range(pairs)
-    nb = k1 - k0 + 1
+    (bins of :func:`_binning`, from the lowest value's)."""
+    bins = _binning(pairs)
+    nb = bins.size
     pos, neg = np.zeros(nb, np.int64), np.zeros(nb, np.int64)
-    wsum = np.zeros(nb, np.float64)
+    wsum, psum = np.zeros(nb, np.float64), np.zeros(nb, np.float64)
     regions = np.zeros(pairs.n, np.int64)
     inter = pred = 0
     for start, m, g in pairs.chunks():
-        k, y = value_keys(m).reshape(-1) - k0, g.reshape(-1)
+        k, y = bins.keys(m).reshape(-1), g.reshape(-1)
         w, r = region_weights(g)
         pos += np.bincount(k[y], minlength=nb)
         neg += np.bincount(k[~y], minlength=nb)
         wsum += np.bincount(k, weights=w.reshape(-1), minlength=nb)
+        psum += np.bincount(k[y], weights=m.reshape(-1)[y], minlength=nb)  # a value in each bin
         regions[start:start + len(m)] = r
         if map_threshold is not None:
             p = m > float(map_threshold)
             inter, pred = inter + int((p & g).sum()), pred + int(p.sum())
     return {"pos": pos, "neg": neg, "w": wsum, "regions": regions, "inter": inter, "pred": pred,
-            "k0": k0}
+            "psum": psum, "bins": bins, "lossless": pairs.lossless}
 
 
 def _hist_points(h: dict[str, Any], limit: float) -> tuple[dict[str, Any], np.ndarray]:
@@ -417,40 +520,100 @@ def _hist_points(h: dict[str, Any], limit: float) -> tuple[dict[str, Any], np.nd
     a, ap = curve_metrics(tps[None], fps[None])
     d = 2.0 * tps / (tps + fps + tps[-1])
     best = int(np.argmax(d))
-    ends = np.arange(nz.size)
-    bound = float((pos.astype(np.float64) * neg).sum() / (2.0 * tps[-1] * fps[-1]))
-    return {"auroc": float(a[0]), "aupr": float(ap[0]),
-            "aupro": exact_aupro(h["w"][nz], ends, fps, float(h["regions"].sum()), limit),
-            "best_dice": float(d[best]),
-            "best_dice_threshold": float(key_edges(nz[best] + h["k0"])),
-            "approximation": {
-                "method": "streamed histogram: map values within a relative 2**-12 are tied",
-                "bins": int(nz.size), "relative_bin_width": 2.0 ** -(23 - _KEY_SHIFT),
-                "auroc_max_error": bound}}, nz
+    n_regions = float(h["regions"].sum())
+    points = {"auroc": float(a[0]), "aupr": float(ap[0]),
+              "aupro": exact_aupro(h["w"][nz], np.arange(nz.size), fps, n_regions, limit),
+              "best_dice": float(d[best])}
+    bins: _Binning = h["bins"]
+    # a bin of one float32 value ties its pixels truly (when the maps were float32 or narrower);
+    # only bins with anomalous pixels can make the bounds wider, so only those are checked
+    tied = np.zeros(nz.size, bool)
+    if h["lossless"]:
+        has = np.flatnonzero(pos)
+        tied[has] = bins.single(nz[has], h["psum"][nz[has]] / pos[has])
+    tied |= pos + neg == 1  # one pixel
+    bounds = hist_bounds(points, pos, neg, h["w"][nz], n_regions, limit, tied)
+    approx: dict[str, Any] = {
+        "method": "streamed histogram: map values in one bin are tied (bins: equal-width over "
+                  "the values' range, intersected with relative 2**-12 magnitude bins)",
+        "bins": int(nz.size), "exactly_tied_bins": int(tied.sum()),
+        "relative_bin_width": 2.0 ** -(23 - _KEY_SHIFT),
+        "range_bin_width": 1.0 / bins.n_range, "value_range": [bins.lo, bins.hi]}
+    for key, value in points.items():
+        lo, hi = bounds[key]
+        approx[f"{key}_max_error"] = max(value - lo, hi - value, 0.0)
+    approx["bounds"] = bounds
+    return {**points, "best_dice_threshold": bins.edge(int(nz[best])),
+            "approximation": approx}, nz
+
+
+def hist_bounds(values: dict[str, float], pos: np.ndarray, neg: np.ndarray, w: np.ndarray,
+                n_regions: float, limit: float,
+                tied: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Ranges that hold the exact AUROC, AUPR, AUPRO and best Dice, given only binned counts.
+
+    Args:
+        values: the binned ``auroc, aupr, aupro, best_dice`` (one tie group per bin).
+        pos, neg, w: ``[K]`` anomalous and normal pixels and region weight of each bin, in
+            descending order of value (any order of the pixels within a bin, any ties).
+        n_regions: the number of regions (the sum of ``w``); ``limit``: the AUPRO FPR limit.
+        tied: optional ``[K]`` bool, True for bins whose pixels truly tie (exact as binned).
+    Returns:
+        ``{metric: [low, high]}`` around each of ``values``. Only a bin with anomalous pixels
+        and pixels that may differ can move a metric: a bin without positives has no region
+        weight and no pair or precision to order, and ends where the previous one's Dice is.
+    """
+    p, n = pos.astype(np.float64), neg.astype(np.float64)
+    tp1, fp1, pro1 = np.cumsum(p), np.cumsum(n), np.cumsum(w) / n_regions  # at each bin's end
+    n_pos, n_neg = tp1[-1], fp1[-1]
+    s = np.flatnonzero((p > 0) if tied is None else (p > 0) & ~np.asarray(tied, bool))
+    p, n, tp1, fp1, pro1 = p[s], n[s], tp1[s], fp1[s], pro1[s]
+    tp0, fp0, pro0 = tp1 - p, fp1 - n, pro1 - w[s] / n_regions  # before it
+    half = float((p * n).sum() / (2.0 * n_pos * n_neg))  # a pair in a bin: 0..1, here 1/2
+    # AUPR: the k-th positive of a bin has a precision of at least (tp0 + k) / (tp0 + k + fp1)
+    # and at most tp1 / (tp1 + fp0); the sum over k is p - fp1 * sum_k 1 / (tp0 + fp1 + k)
+    # >= p - fp1 * log1p(p / (tp0 + fp1 + 1/2)) (1/x is convex: each term <= its integral
+    # over k -+ 1/2)
+    binned = p * tp1 / (tp1 + fp1)
+    ap_low = float((binned - p + fp1 * np.log1p(p / (tp0 + fp1 + 0.5))).sum() / n_pos)
+    ap_high = float((p * tp1 / (tp1 + fp0) - binned).sum() / n_pos)
+    # AUPRO: between the PRO curve stepping right-then-up and up-then-right across each bin
+    x0, x1 = fp0 / n_neg, fp1 / n_neg
+    width = np.clip(np.minimum(x1, limit) - x0, 0.0, None)
+    frac = np.divide(width, x1 - x0, out=np.zeros_like(width), where=x1 > x0)
+    trapezoid = width * (2.0 * pro0 + (pro1 - pro0) * frac) / 2.0
+    pro_low = float((trapezoid - pro0 * width).sum() / limit)
+    pro_high = float((pro1 * width - trapezoid).sum() / limit)
+    dice_high = float((2.0 * tp1 / (tp1 + fp0 + n_pos)).max(initial=values["best_dice"]))
+    return {"auroc": [values["auroc"] - half, values["auroc"] + half],
+            "aupr": [values["aupr"] - ap_low, values["aupr"] + ap_high],
+            "aupro": [values["aupro"] - pro_low, values["aupro"] + pro_high],
+            "best_dice": [values["best_dice"], dice_high]}
 
 
 def _hist_grid(h: dict[str, Any], nz: np.ndarray, size: int) -> np.ndarray:
-    """At most ``size`` descending bin edges: every non-empty bin, or class-wise quantiles; the
-    last is the lowest bin's edge (at or below every value)."""
+    """At most ``size`` descending bins (as float64): every non-empty bin, or class-wise
+    quantiles; the last is the lowest occupied bin."""
     if nz.size <= size:
-        return key_edges(nz + h["k0"])
+        return nz.astype(np.float64)
     asc = nz[::-1]
     picks = [asc[:1]]
     for counts in (h["neg"][asc], h["pos"][asc]):
         cum = np.cumsum(counts)
         q = np.linspace(0.0, 1.0, size // 2) * (cum[-1] - 1)
         picks.append(asc[np.searchsorted(cum, q, side="right")])
-    return key_edges(np.unique(np.concatenate(picks)) + h["k0"])[::-1]
+    return np.unique(np.concatenate(picks))[::-1].astype(np.float64)
 
 
-def _count_pass(pairs: _Pairs, grid: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Pass 2: per-image cumulative counts on ``grid`` (float32 ``[images, G]`` each)."""
+def _count_pass(pairs: _Pairs, grid: np.ndarray, bins: _Binning) -> tuple[np.ndarray, ...]:
+    """Pass 2: per-image cumulative counts on ``grid`` (bins of ``bins``; float32
+    ``[images, G]`` each)."""
     tp, fp, ov = (np.zeros((pairs.n, grid.size), np.float32) for _ in range(3))
     for start, m, g in pairs.chunks():
         c = len(m)
         w, _ = region_weights(g)
         images = np.repeat(np.arange(c), pairs.hw)
-        counts = cluster_counts(m.reshape(-1).astype(np.float64), g.reshape(-1),
+        counts = cluster_counts(bins.keys(m).reshape(-1).astype(np.float64), g.reshape(-1),
                                 w.reshape(-1), images, c, grid)
         for dst, src in zip((tp, fp, ov), counts):
             dst[start:start + c] = src
@@ -470,7 +633,8 @@ def _streamed(pairs: _Pairs, map_threshold: float | None, limit: float, n_boot: 
         if n_boot > 0:
             size = int(min(_GRID, max(64, _STREAM_CELLS // max(pairs.n, 1))))
             grid = _hist_grid(h, nz, size)
-            draws = _resampled(_count_pass(pairs, grid), h["regions"], n_boot, seed, limit)
+            draws = _resampled(_count_pass(pairs, grid, h["bins"]), h["regions"], n_boot,
+                               seed, limit)
             out["ci"] = _intervals(draws, ci)
             out["ci"].update(n_boot=n_boot, seed=seed, ci=ci, thresholds=int(grid.size),
                              resampled="images, stratified (with / without anomalous pixels)")
