@@ -255,8 +255,11 @@ class BenchmarkConfig:
             check(names_a_folder(n),
                   f"methods[{i}].name", f"the derived name {n!r} cannot name a folder; set "
                   "'name' (letters, digits and . _ + - only)")
-        dup = sorted({n for n in names if names.count(n) > 1})
-        check(not dup, "methods", f"duplicate method names {dup}; set 'name' to tell them apart")
+        folded = [n.casefold() for n in names]  # one folder on macOS/Windows file systems
+        dup = sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+        check(not dup, "methods", f"duplicate method names {dup} (letter case aside: they would "
+              "share one folder under methods/ on macOS and Windows); set 'name' to tell them "
+              "apart")
         check(self.n_boot >= 0, "n_boot", "must be >= 0")
         check(0.0 < self.fpr < 1.0, "fpr", "must be in (0, 1)")
         check(self.batch_size > 0, "batch_size", "must be positive")

@@ -52,7 +52,7 @@ from gen_ad.app.evaluate import PreparedMethod, ScoredSet, dataset_paths, write_
 from gen_ad.app.score import ENGINE_OUTPUTS, clear_outputs
 from gen_ad.app.shortcut import COLOUR_KIND
 from gen_ad.config import to_dict
-from gen_ad.scoring.base import ScoreBatch
+from gen_ad.scoring.base import ScoreBatch, batch_dependent
 from gen_ad.scoring.thresholds import Threshold
 from gen_ad.utils.io import write_bytes, write_json
 
@@ -121,16 +121,31 @@ class MethodOutcome:
 
 @functools.lru_cache(maxsize=1)
 def code_identity() -> dict[str, Any]:
-    """gen_ad's version, source commit (and whether the checkout is modified) and a sha256 of
-    its Python sources, so results of edited, uncommitted code are not taken for this code's.
-    Read once per process (the code a process runs is the code it imported)."""
-    from gen_ad.utils.identity import code_identity as version_and_commit
+    """gen_ad's version and a sha256 of its Python sources, so results of edited, uncommitted
+    code are not taken for this code's (the commit is recorded in the environment, not here: a
+    README edit or a commit that changes no code must not invalidate hours of results). Hidden
+    names (an editor's ``.#x.py`` lock link) and unreadable files are skipped. Read once per
+    process (the code a process runs is the code it imported)."""
+    from gen_ad._version import __version__
 
     pkg = Path(__file__).resolve().parents[1]  # the gen_ad package
+    return {"gen_ad": __version__, "sources_sha256": sources_sha256(pkg)}
+
+
+def sources_sha256(pkg: Path) -> str:
+    """sha256 of the names and bytes of the ``*.py`` files under ``pkg``, skipping hidden names
+    (an editor's dangling ``.#x.py`` lock link) and files that cannot be read."""
     sha = hashlib.sha256()
     for p in sorted(pkg.rglob("*.py")):
-        sha.update(p.relative_to(pkg).as_posix().encode("utf-8") + b"\0" + p.read_bytes() + b"\0")
-    return {**version_and_commit(), "sources_sha256": sha.hexdigest()}
+        rel = p.relative_to(pkg)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        sha.update(rel.as_posix().encode("utf-8") + b"\0" + data + b"\0")
+    return sha.hexdigest()
 
 
 def _file_identity(path: str | None) -> dict[str, Any] | None:
@@ -210,8 +225,11 @@ def method_settings(pm: PreparedMethod, cfg: BenchmarkConfig, split: SplitCache,
     """``{"settings": ..., "settings_sha256": ...}``: everything a method's results depend on.
 
     The batch size is left out (it changes how fast, not what is computed: a run killed by an
-    out-of-memory error and run again with a smaller one reuses what was finished), as are the
-    report's free-text notes from the config."""
+    out-of-memory error and run again with a smaller one reuses what was finished) unless the
+    scorer's draws depend on it (diffusion ``streams: batch``), as are the report's free-text
+    notes from the config. Deterministic mode is in (on CUDA it changes the numbers)."""
+    import torch
+
     from gen_ad.app.slide import scorer_identity
 
     entry, note = _config_entry(pm, cfg, entries)
@@ -221,6 +239,8 @@ def method_settings(pm: PreparedMethod, cfg: BenchmarkConfig, split: SplitCache,
         "notes": [n for n in pm.notes if note is None or n != note],
         "scorer": f"{cls.__module__}.{cls.__qualname__}", "scorer_name": pm.scorer.name,
         "config": entry, "model": scorer_identity(pm.run_path, None) if pm.run_path else None,
+        "batch_size": pm.batch_size if batch_dependent(pm.scorer) else None,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "weights": ids.weights(pm.scorer), "size": pm.size, "resize": pm.resize,
         "test": ids.listing(split.test(pm.size, pm.resize)),
         "masks": cfg.data.masks,
@@ -384,6 +404,9 @@ def _reuse(folder: Path, pm: PreparedMethod, settings: dict[str, Any]) -> Method
     """The method's earlier outcome when finished with these settings (a stderr line either
     way, except for a method never computed)."""
     rec, data, why = finished_method(folder, settings)
+    failed = (rec or {}).get("stain_shift") or {}
+    if rec is not None and isinstance(failed, dict) and failed.get("normalised_error"):
+        rec, why = None, f"its stain shift failed then ({failed['normalised_error']})"
     if rec is None or data is None:
         if why:
             _say(f"benchmark method {pm.name}: computing again ({why})")

@@ -34,7 +34,7 @@ from gen_ad.app.evaluate import (
 )
 from gen_ad.app.score import clear_outputs
 from gen_ad.errors import CheckpointError, ConfigError, DataError
-from gen_ad.scoring.base import AnomalyScorer
+from gen_ad.scoring.base import AnomalyScorer, batch_dependent
 from gen_ad.scoring.thresholds import Threshold
 from gen_ad.utils.identity import code_identity as _code_identity
 from gen_ad.utils.identity import file_identity as _file_identity
@@ -330,7 +330,9 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
         clear_cohort(out)
     scorer = {**scorer_identity(run, bank), "method": ls.label, "options": scorer_kwargs,
               "normal": str(normal) if normal is not None else None,
-              "calibration": ls.scorer.calibration(), "code": _code_identity()}
+              "calibration": ls.scorer.calibration(), "code": _code_identity(),
+              # streams: batch draws per batch: the batch size then changes the scores
+              "batch_size": kwargs.get("batch_size") if batch_dependent(ls.scorer) else None}
     thr = Threshold(float(threshold), "given") if isinstance(threshold, (int, float)) \
         else threshold
     recs = [_score_or_reuse(p, out, ls, size, device, thr,

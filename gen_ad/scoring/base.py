@@ -101,3 +101,11 @@ class AnomalyScorer(ABC):
             A :class:`ScoreBatch` with ``[B]`` scores and, where the method has them, maps and
             reconstructions.
         """
+
+
+def batch_dependent(scorer: AnomalyScorer) -> bool:
+    """Whether a scorer's scores depend on the batch an image is scored in beyond rounding (so
+    a re-run may reuse results only at the same batch size): diffusion scorers with
+    ``streams="batch"`` draw one generator per batch; the default per-image streams do not.
+    Read through wrappers that delegate attributes (stain normalisation)."""
+    return getattr(scorer, "streams", None) == "batch"

@@ -292,3 +292,64 @@ def test_reused_outcome_is_the_computed_one_bitwise(data: Path, tmp_path: Path,
         assert a.dtype == b.dtype and torch.equal(a, b)
     with pytest.raises(pytest.fail.Exception, match="scored again"):
         run(False)  # the library computes unless asked to reuse
+
+
+def test_a_batch_dependent_scorer_is_reused_only_at_its_batch_size(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Diffusion ``streams: batch`` draws per batch: its scores change with the batch size, so
+    a re-run at another one computes again (it was reused with other scores)."""
+    monkeypatch.setattr(KNNScorer, "streams", "batch", raising=False)  # stands in for one
+    cfg = _config(tmp_path, data)
+    _run(capsys, cfg)
+    seen = _evaluated(monkeypatch)
+    assert _run(capsys, cfg).count(": reused (") == 3 and seen == []  # same batch: reused
+    err = _run(capsys, cfg, "batch_size=5")
+    assert seen == [A, B, COLOUR] and "other settings (batch_size)" in err
+
+
+def test_a_stain_shift_that_failed_is_computed_again(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method finished while stain normalisation was unavailable (torchstain missing) kept
+    that error for ever; now its record is not reused, so the stain shift gets its figure."""
+    cfg = _config(tmp_path, data)
+    _run(capsys, cfg)
+    rec_path = tmp_path / "out" / "methods" / A / "method.json"
+    rec = json.loads(rec_path.read_text(encoding="utf-8"))
+    rec["stain_shift"] = {"n": 6, "normalised_error": "stain normalisation unavailable: no "
+                          "torchstain"}
+    rec_path.write_text(json.dumps(rec), encoding="utf-8")
+    seen = _evaluated(monkeypatch)
+    err = _run(capsys, cfg)
+    assert seen == [A] and f"{A}: computing again (its stain shift failed then" in err
+
+
+def test_the_code_identity_is_the_sources_not_the_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A README edit or a code-free commit changed every record's code identity (hours of
+    results recomputed); an editor's dangling ``.#x.py`` link crashed every benchmark."""
+    import gen_ad.utils.provenance as provenance
+    from gen_ad.app import benchmark_reuse as reuse
+
+    def no_git(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the commit is not part of the settings")
+
+    monkeypatch.setattr(provenance, "source_commit", no_git)
+    assert set(reuse.code_identity.__wrapped__()) == {"gen_ad", "sources_sha256"}
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n", encoding="utf-8")
+    before = reuse.sources_sha256(tmp_path / "pkg")
+    (tmp_path / "pkg" / ".#a.py").symlink_to(tmp_path / "nowhere")
+    assert reuse.sources_sha256(tmp_path / "pkg") == before
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n", encoding="utf-8")
+    assert reuse.sources_sha256(tmp_path / "pkg") != before
+
+
+def test_method_names_differing_in_case_only_are_refused(data: Path, tmp_path: Path) -> None:
+    from gen_ad.app.benchmark import load_benchmark_config
+    from gen_ad.errors import ConfigError
+
+    cfg = _config(tmp_path, data)
+    with pytest.raises(ConfigError, match="letter case"):
+        load_benchmark_config(cfg, ["methods[1].name=Alpha-KNN"])
