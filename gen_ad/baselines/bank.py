@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from gen_ad.data.folders import DECODER_VERSION
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.thresholds import Threshold, iqr_threshold
 from gen_ad.utils.io import (
@@ -198,7 +199,8 @@ class FeatureBank:
         r.mkdir(parents=True, exist_ok=True)
         bank = cls.__new__(cls)
         bank._reset(r, {"version": VERSION, "dim": int(dim), "count": 0, "extractor": extractor,
-                        "settings": dict(settings or {}), "shards": [], "paths": []})
+                        "settings": dict(settings or {}), "shards": [], "paths": [],
+                        "decoder": DECODER_VERSION})
         if staged:
             bank.stage()
         else:

@@ -53,6 +53,7 @@ from gen_ad.baselines.bank import FeatureBank as FeatureBank
 from gen_ad.baselines.bank import calibration_ids, saved_threshold
 from gen_ad.baselines.bank import check_no_bank as check_no_bank
 from gen_ad.baselines.search import ArraySource, ExactKNN, error_bound, faiss_has_gpu
+from gen_ad.data.folders import DECODER_VERSION
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
 from gen_ad.scoring.thresholds import Threshold, calibrate
@@ -570,6 +571,12 @@ def extend_bank(bank: FeatureBank, extractor: torch.nn.Module, batches: Iterable
     dim = int(extractor.dim)
     if dim != bank.dim:
         raise ConfigError(f"extractor gives {dim}-d features but the bank holds {bank.dim}-d")
+    built = int(bank.meta.get("decoder", 1))  # banks of before the decoder version: 1
+    if built != DECODER_VERSION:
+        raise ConfigError(f"the bank at {bank.root} was built with image decoding version "
+                          f"{built}, this gen_ad decodes with version {DECODER_VERSION} (e.g. "
+                          "TIFF orientation): extending it would mix features of both; fit a "
+                          "new bank")
     precision = usable_precision(bank.meta["extractor"].get("precision"),
                                  _device_of(extractor), f"bank {bank.root}")
     bank.stage()

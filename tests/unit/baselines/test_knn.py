@@ -369,3 +369,17 @@ def test_identical_rows_are_left_out_for_cosine_and_ivf(metric: str, index: str)
                                 calib_size=800)
     assert twice.min() > 0
     np.testing.assert_allclose(twice, once[ids % 400], rtol=1e-4, atol=1e-6)
+
+
+def test_a_bank_built_with_older_image_decoding_is_not_extended(tmp_path, extractor) -> None:
+    """Extending a bank fitted before a decoder change (TIFF orientation) would mix features
+    of two decodings; the bank records its decoder version and extend refuses another."""
+    from gen_ad.data.folders import DECODER_VERSION
+    from gen_ad.errors import ConfigError
+
+    info = {"name": "dino-vits16", "random_init": True, "tiny": True}
+    bank = build_bank(extractor, _batches(24, 0), tmp_path / "b", info, k=5, calib_size=20)
+    assert json.loads((tmp_path / "b" / "bank.json").read_text())["decoder"] == DECODER_VERSION
+    del bank.meta["decoder"]  # as written by an older gen_ad
+    with pytest.raises(ConfigError, match="image decoding version 1"):
+        extend_bank(bank, extractor, _batches(8, 1))
