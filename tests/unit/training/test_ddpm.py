@@ -1,5 +1,5 @@
 """DDPM family: config, one training step, sampling, scorer options, and, on a tiny model trained
-for ~150 steps on synthetic normal tissue, that AnoDDPM/AutoDDPM find planted anomalies."""
+for 60 steps on synthetic normal tissue, that AnoDDPM/AutoDDPM find planted anomalies."""
 
 from __future__ import annotations
 
@@ -141,8 +141,12 @@ def test_scorer_options() -> None:
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[DDPMFamily, torch.nn.Module]:
-    """A [16, 32] UNet trained 150 steps (batch 16) on 256 synthetic normal 32x32 patches."""
-    steps = 150
+    """A [16, 32] UNet trained 60 steps (batch 16) on 256 synthetic normal 32x32 patches.
+
+    60 steps pass every assertion below with the margins of 150 (CPU, 1 and 2 threads: loss
+    last/first 0.18, AnoDDPM higher in 11/16, AutoDDPM Dice 0.36 vs chance 0.26) at 40 % of the
+    cost; the loss drop is still asserted."""
+    steps = 60
     fam = DDPMFamily(from_dict(DDPMConfig, {
         "data": {"size": 32}, "model": SMALL,
         "train": {"batch_size": 16, "max_steps": steps, "cpu": True},
