@@ -12,8 +12,11 @@ mark is reset first (``/proc/self/clear_refs``):
   the exact pooled pixel metrics (one sort of all pixels) at any size. The previous version also
   concatenated a list of batches (a second copy at the end of scoring), not reproduced here.
 
-Prints one JSON line: per ``N`` and variant the peak-RSS increase (MiB) and seconds per stage, the
-pixel AUROC of each, and ``ours`` / ``peer`` / ``ratio`` (peak-RSS increase at the largest ``N``).
+Prints one JSON line: per ``N`` and variant the peak-RSS increase (MiB) and seconds per stage,
+``heap_after_score_mib`` (resident memory scoring left behind beyond the stores' in-memory maps
+and masks: the per-image results, heap the allocator kept, and about 14 MiB of one-off
+first-call allocations), the pixel AUROC of each, and ``ours`` / ``peer`` / ``ratio`` (peak-RSS
+increase at the largest ``N``).
 
     python bench/evaluation.py [--sizes 2000 8000 32000] [--size 32] [--n-boot 2000] [--smoke]
 """
@@ -101,11 +104,15 @@ def _child(variant: str, n: int, size: int, n_boot: int, conn: Any) -> None:
         scored = ev.score_dataset(Blur(), Tiles(n, size), batch_size=256, progress=False,
                                   spill_dir=spill, **kw)
         t_score, peak_score = time.perf_counter() - t, _status_mib("VmHWM") - before
+        stored = sum(st.count * st.item_bytes for st in (scored.maps, scored.masks)
+                     if st is not None and not st.spilled) / 2**20
+        heap_score = _status_mib("VmRSS") - before - stored  # what scoring left beyond stores
         t = time.perf_counter()
         metrics = ev.detection_metrics(scored, n_boot=n_boot)
         t_metrics = time.perf_counter() - t
     conn.send({"variant": variant, "score_s": round(t_score, 2), "metrics_s": round(t_metrics, 2),
                "peak_after_score_mib": round(peak_score, 1),
+               "heap_after_score_mib": round(heap_score, 1),
                "peak_increase_mib": round(_status_mib("VmHWM") - before, 1),
                "pixel_auroc": metrics["pixel"]["auroc"], "aupro": metrics["pixel"]["aupro"],
                "streamed": "approximation" in metrics["pixel"]})

@@ -48,7 +48,7 @@ from gen_ad.data.folders import (
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.metrics.detection import evaluate_scores
 from gen_ad.report.html import ci_text
-from gen_ad.scoring.base import AnomalyScorer, ScoreBatch
+from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.scoring.maps import save_map_png
 from gen_ad.scoring.store import MEMORY_BYTES, MapStore
 from gen_ad.scoring.thresholds import Threshold, calibrate
@@ -327,11 +327,16 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
     if n == 0:
         raise DataError("nothing to score: the dataset is empty")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    paths: list[str] = []
-    classes: list[str] = []
-    labels: list[int] = []
-    parts: list[ScoreBatch] = []
+    # Per-image state lives in arrays allocated once for all n images, filled batch by batch:
+    # no object is kept per batch (a batch's small score tensors, kept while its large
+    # temporaries were freed around them, pinned the C heap and grew it by KBs per image).
+    paths: list[str] = [""] * n
+    classes: list[str] = [""] * n
+    labels = np.zeros(n, dtype=np.int64)
+    scores: dict[str, np.ndarray] = {}  # {"score": [n]}
+    terms: dict[str, np.ndarray] = {}  # named [n] score components
     stores: dict[str, MapStore | None] = {}
+    done = 0
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"score {scorer.name}", disable=not progress, leave=False):
         out = scorer.score(batch["image"].to(device)).cpu()
@@ -340,17 +345,43 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
             first = list(batch["path"])[int(bad.nonzero()[0])]
             raise DataError(f"{scorer.name} gave {int(bad.sum())} non-finite score(s) in a batch "
                             f"(first: {first}); nothing was written")
-        parts.append(ScoreBatch(out.scores, None, None, out.terms))
-        paths += list(batch["path"])
-        classes += list(batch.get("cls", ["?"] * len(batch["path"])))
-        labels += [int(v) for v in batch["label"]]
+        stop = done + len(out.scores)
+        paths[done:stop] = list(batch["path"])
+        classes[done:stop] = list(batch.get("cls", ["?"] * len(batch["path"])))
+        labels[done:stop] = [int(v) for v in batch["label"]]
+        _put_columns(scores, {"score": out.scores}, done, n)
+        _put_columns(terms, out.terms, done, n)
+        done = stop
         _keep(stores, "maps", out.maps if keep_maps else None, n, spill_dir, memory_bytes)
         _keep(stores, "masks", batch.get("mask"), n, spill_dir, memory_bytes)
     seconds = time.perf_counter() - t0
-    allb = ScoreBatch.cat(parts)
-    return ScoredSet(paths, classes, np.asarray(labels, dtype=np.int64), allb.scores.numpy(),
-                     {k: v.numpy() for k, v in allb.terms.items()}, _complete(stores, "maps", n),
-                     _complete(stores, "masks", n), seconds, is_labelled(dataset))
+    del paths[done:], classes[done:]  # (none left when the loader gave len(dataset) items)
+    return ScoredSet(paths, classes, labels[:done], scores["score"][:done],
+                     {k: terms[k][:done] for k in sorted(terms)},
+                     _complete(stores, "maps", n), _complete(stores, "masks", n), seconds,
+                     is_labelled(dataset))
+
+
+def _put_columns(columns: dict[str, np.ndarray], batch: dict[str, torch.Tensor], start: int,
+                 n: int) -> None:
+    """Copy a batch's ``[B]`` values into ``columns[key][start:start+B]``, one ``[n]`` array per
+    key, allocated at the first batch (``start == 0``). As
+    :meth:`~gen_ad.scoring.base.ScoreBatch.cat` concatenates them: a key missing from any batch
+    is dropped, and a batch of another dtype promotes its column (:func:`torch.promote_types`),
+    so the values are bitwise those of the concatenation."""
+    for key in [k for k in columns if k not in batch]:
+        del columns[key]
+    for key, values in batch.items():
+        v = values.numpy()
+        col = columns.get(key)
+        if col is None:
+            if start > 0:  # not in every batch
+                continue
+            col = columns[key] = np.empty(n, dtype=v.dtype)
+        elif col.dtype != v.dtype:
+            wide = torch.promote_types(torch.from_numpy(col[:0]).dtype, values.dtype)
+            col = columns[key] = col.astype(torch.empty(0, dtype=wide).numpy().dtype)
+        col[start:start + len(v)] = v
 
 
 def _keep(stores: dict[str, MapStore | None], key: str, batch: torch.Tensor | None, n: int,
