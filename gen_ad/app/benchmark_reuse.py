@@ -11,8 +11,8 @@ results are kept in ``<out>/methods/<name>/`` with a record of what they were co
 - ``method.json``, written **last**: the settings (:func:`method_settings`: the run's export
   manifest or the extractor's weights, scorer and options, the test, fit and threshold images
   (names, sizes, times), threshold rule, bootstrap, examples, stain-shift settings, device,
-  gen_ad's version, commit and sources) and their sha256, the threshold, metrics, timings, the
-  stain-shift record and the sha256 of every other file of the folder.
+  deterministic mode, gen_ad's version and sources) and their sha256, the threshold, metrics,
+  timings, the stain-shift record and the sha256 of every other file of the folder.
 
 A method is computed by removing its ``method.json`` first and writing it again after every
 other file (:func:`compute_method`): a run killed at any point leaves a folder without one,
@@ -54,6 +54,7 @@ from gen_ad.app.shortcut import COLOUR_KIND
 from gen_ad.config import to_dict
 from gen_ad.scoring.base import ScoreBatch, batch_dependent
 from gen_ad.scoring.thresholds import Threshold
+from gen_ad.utils.identity import settings_digest
 from gen_ad.utils.io import write_bytes, write_json
 
 if TYPE_CHECKING:
@@ -253,9 +254,8 @@ def method_settings(pm: PreparedMethod, cfg: BenchmarkConfig, split: SplitCache,
                         if sc.stain_shift else None),
         "device": device, "code": ids.code,
     }
-    found = json.loads(json.dumps(found, default=str))  # as it reads back from method.json
-    text = json.dumps(found, sort_keys=True)
-    return {"settings": found, "settings_sha256": _sha256(text.encode("utf-8"))}
+    plain, sha = settings_digest(found)  # as it reads back from method.json
+    return {"settings": plain, "settings_sha256": sha}
 
 
 # ----------------------------------------------------------------------------- arrays

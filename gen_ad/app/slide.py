@@ -38,6 +38,7 @@ from gen_ad.scoring.base import AnomalyScorer, batch_dependent
 from gen_ad.scoring.thresholds import Threshold
 from gen_ad.utils.identity import code_identity as _code_identity
 from gen_ad.utils.identity import file_identity as _file_identity
+from gen_ad.utils.identity import settings_digest
 from gen_ad.utils.io import atomic_path, write_json, write_text
 from gen_ad.utils.lock import writes_folder
 
@@ -232,15 +233,11 @@ def slide_settings(slide_path: str | os.PathLike[str], scorer: dict[str, Any],
     """``{"settings": ..., "settings_sha256": ...}`` for ``slide.json``: the slide file, the
     scorer (:func:`scorer_identity`, method, options, calibration), the threshold and every
     tiling/scoring setting; a later run reuses the slide's outputs only when this is equal."""
-    import hashlib
-    import json
-
     kept = {k: v for k, v in sorted(settings.items()) if k not in _NOT_SETTINGS}
     found = {"slide": _file_identity(slide_path), "scorer": scorer,
              "threshold": threshold.to_dict() if threshold is not None else None, **kept}
-    found = json.loads(json.dumps(found, default=str))  # as it reads back from slide.json
-    text = json.dumps(found, sort_keys=True)
-    return {"settings": found, "settings_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    plain, sha = settings_digest(found)  # as it reads back from slide.json
+    return {"settings": plain, "settings_sha256": sha}
 
 
 def finished_slide(dest: Path, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
