@@ -54,6 +54,7 @@ from gen_ad.scoring.store import MEMORY_BYTES, MapStore
 from gen_ad.scoring.thresholds import Threshold, calibrate
 from gen_ad.training.runs import Run, load_run
 from gen_ad.utils.io import write_json, write_text
+from gen_ad.utils.workers import worker_init
 
 SCORE_COLUMNS = ("path", "label", "class", "score", "flagged")
 
@@ -309,7 +310,8 @@ def image_batches(dataset: Dataset, batch_size: int = 32, limit: int | None = No
                   num_workers: int = 0) -> Iterator[torch.Tensor]:
     """Yield ``[B,3,H,W]`` image tensors in ``[-1,1]`` from a dataset of item dicts."""
     dataset = limit_items(dataset, limit)
-    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                            worker_init_fn=worker_init(num_workers)):
         yield batch["image"]
 
 
@@ -326,7 +328,8 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise DataError("nothing to score: the dataset is empty")
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        worker_init_fn=worker_init(num_workers))
     # Per-image state lives in arrays allocated once for all n images, filled batch by batch:
     # no object is kept per batch (a batch's small score tensors, kept while its large
     # temporaries were freed around them, pinned the C heap and grew it by KBs per image).

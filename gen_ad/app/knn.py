@@ -57,11 +57,12 @@ from gen_ad.baselines.knn import (
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.thresholds import Threshold, calibrate
 from gen_ad.utils.lock import writes_folder
+from gen_ad.utils.workers import worker_init
 
 
 def _normal_loader(ds: Dataset, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init(workers))
 
 
 def new_images(ds: Dataset, bank: FeatureBank, folder: str | os.PathLike[str]) -> Dataset:

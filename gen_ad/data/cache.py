@@ -48,6 +48,7 @@ from gen_ad.data.folders import (
 )
 from gen_ad.errors import DataError
 from gen_ad.utils.io import remove_dir, unique_tag, write_json
+from gen_ad.utils.workers import worker_init
 
 META = "cache.json"
 # The cache's own layout. Bump it whenever the files or what a stored patch holds change; a
@@ -160,7 +161,8 @@ def build_cache(folder: PatchFolder, out: str | os.PathLike[str], key: str,
     try:
         n, s = len(folder), folder.size
         images = np.memmap(tmp / "images.u8", np.uint8, "w+", shape=(n, s, s, 3))
-        loader = DataLoader(_Decoded(folder), batch_size=batch, num_workers=workers)
+        loader = DataLoader(_Decoded(folder), batch_size=batch, num_workers=workers,
+                            worker_init_fn=worker_init(workers))
         done = 0
         for chunk in loader:
             images[done:done + len(chunk)] = chunk.numpy()

@@ -51,6 +51,7 @@ from gen_ad.utils.io import (
     unique_tag,
 )
 from gen_ad.utils.lock import folder_lock
+from gen_ad.utils.workers import worker_init
 
 if TYPE_CHECKING:
     from gen_ad.metrics.fid import FIDMonitor
@@ -145,15 +146,8 @@ def make_loader(dataset: Dataset, *, batch: int, seed: int, rank: int, world: in
     sampler = ResumableSampler(len(dataset), seed=seed, rank=rank, world=world, start=start)
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
+                        worker_init_fn=worker_init(num_workers))
     return iter(loader)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Data workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops (a
-    job scheduler signals the whole process group; workers exit when the main process does)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _prepare(state: RunState) -> None:

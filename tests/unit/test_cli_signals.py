@@ -93,3 +93,46 @@ def test_a_forked_child_dies_of_sigterm_as_without_the_handler() -> None:
 
 def test_terminated_is_an_interrupt() -> None:
     assert issubclass(Terminated, KeyboardInterrupt)  # every Ctrl-C cleanup path runs for it
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:  # a thread may end between the listing and the read
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_sigterm_to_the_process_group_with_data_workers_prints_one_line(tmp_path: Path) -> None:
+    """A scheduler signals the whole process group: the data workers ignore it and the main
+    process stops them, so no "DataLoader worker ... killed by signal" traceback follows the
+    command's one line (workers that died of the signal made PyTorch raise in its clean-up)."""
+    import subprocess
+
+    from PIL import Image
+
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    cmd = [sys.executable, "-m", "gen_ad", "knn", "fit", "--extractor", "colour-stats",
+           "--normal", str(normal), "--out", str(tmp_path / "bank"), "--workers", "2",
+           "--batch-size", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True, text=True)
+    t0 = time.monotonic()
+    while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the workers are loading batches
+    assert proc.poll() is None, "finished before the signal: make the folder larger"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "gen-ad: terminated (SIGTERM)", err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert not [p.name for p in (tmp_path / "bank").glob("*") if p.name != ".gen-ad.lock"]

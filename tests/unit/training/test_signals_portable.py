@@ -32,8 +32,9 @@ def test_the_loops_stop_handling_uses_only_sigint_and_sigterm() -> None:
     import inspect
 
     from gen_ad.training import loop
+    from gen_ad.utils import workers
 
-    src = inspect.getsource(loop._signal_guard) + inspect.getsource(loop._ignore_stop_signals)
+    src = inspect.getsource(loop._signal_guard) + inspect.getsource(workers.ignore_stop_signals)
     names = {n.attr for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Attribute)
              and isinstance(n.value, ast.Name) and n.value.id == "signal"}
     assert names <= {"SIGINT", "SIGTERM", "SIG_IGN", "signal", "getsignal"}, names
