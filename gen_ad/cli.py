@@ -534,7 +534,8 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--fast", action="store_true",
                    help="tiny sizes and steps (about 2-3 minutes; a smoke test, not a result)")
     p.add_argument("--retrain", action="store_true",
-                   help="train again even when the demo runs already exist")
+                   help="train again and evaluate afresh (a re-run otherwise reuses the demo "
+                   "runs and every benchmark method finished with the same settings)")
     p.set_defaults(func=_cmd_demo)
 
 

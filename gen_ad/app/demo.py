@@ -13,7 +13,8 @@ Steps (each printed as it runs):
    f-AnoGAN, StyleGAN2 projection, AnoDDPM, AutoDDPM and the KNN baseline with a
    random-initialised extractor (labelled as such; the full demo uses the real ``vgg16-imagenet``
    when ``gen-ad weights install`` has installed it), then
-   :func:`gen_ad.app.benchmark.run_benchmark` writes ``report.html`` and ``results.json``.
+   :func:`gen_ad.app.benchmark.run_benchmark` writes ``report.html`` and ``results.json``
+   (a re-run reuses each method finished with the same settings, unless ``retrain``).
 
 Offline, pretrained networks are replaced by random-initialised ones and the report says so:
 the LPIPS trunk (StyleGAN2 projection, AutoDDPM) and, for FID/KID, Inception-v3 (then the
@@ -232,7 +233,8 @@ def run_demo(out: str | os.PathLike[str] = "checkpoints/demo", fast: bool = Fals
     Args:
         out: demo folder (data, runs, benchmark).
         fast: tiny sizes and a few steps (smoke test, about 2-3 minutes on 2 CPU cores).
-        retrain: train again even when runs exist.
+        retrain: train again even when runs exist, and evaluate every method afresh (otherwise
+            a re-run reuses the runs and every benchmark method finished with equal settings).
         log: progress printer.
     """
     from gen_ad.app.benchmark import BenchmarkConfig, run_benchmark, summary_lines
@@ -248,7 +250,8 @@ def run_demo(out: str | os.PathLike[str] = "checkpoints/demo", fast: bool = Fals
     cfg_dict = benchmark_dict(root, data, runs, sz, _lpips_available())
     write_text(root / "benchmark.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
     log(f"[demo] benchmark config -> {root / 'benchmark.yaml'}")
-    results = run_benchmark(from_dict(BenchmarkConfig, cfg_dict))
+    # a re-run takes each method finished with the same settings from its record
+    results = run_benchmark(from_dict(BenchmarkConfig, cfg_dict), reuse=not retrain)
     for line in summary_lines(results):
         log(f"[demo] {line}")
     log(f"[demo] done in {time.perf_counter() - t0:.0f} s")
