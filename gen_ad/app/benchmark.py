@@ -14,7 +14,8 @@ set's files, read as each run trained: size, resize mode, stain normalisation).
 Outputs in ``out``: ``results.json``, a self-contained ``report.html`` (figures embedded as PNG
 data URIs), ``figures/*.png`` and ``methods/<name>/`` (``scores.csv`` ..., and ``method.json``,
 written last: what a re-run with ``reuse`` checks before taking the method from there instead
-of computing it, :mod:`gen_ad.app.benchmark_reuse`).
+of computing it, :mod:`gen_ad.app.benchmark_reuse`) and ``generators/`` (each run's FID/KID
+record, reused alike: :mod:`gen_ad.app.fid_reuse`).
 """
 
 from __future__ import annotations
@@ -584,45 +585,59 @@ def _fid_reference(pm: PreparedMethod, cfg: BenchmarkConfig, split: SplitCache,
 
 
 def generator_quality(methods: list[PreparedMethod], cfg: BenchmarkConfig, device: str,
-                      split: SplitCache | None = None) -> dict[str, dict[str, Any]]:
+                      split: SplitCache | None = None, *,
+                      reuse: bool = False) -> dict[str, dict[str, Any]]:
     """FID/KID of each distinct generator (run) against the normal validation images.
 
     Args:
         methods / cfg / device: the benchmark's methods, config and device.
         split: the benchmark's datasets (default: built from ``cfg``), whose normal validation
             subset is the FID real set.
+        reuse: take a run's values from its record under ``<out>/generators/`` when computed
+            with the same settings (:mod:`gen_ad.app.fid_reuse`); computed values are stored
+            either way.
     Returns:
         ``{run path: record}``; a record has ``status`` (``ok``, ``n/a``, ``error`` or ``off``),
         the metric values (``fid`` or ``fd_inception-v3-random``, ``kid_mean`` ...), a
-        human ``label`` and, when the run logged one, ``training_log`` (last ``fid.jsonl`` row).
+        human ``label``, when the run logged one, ``training_log`` (last ``fid.jsonl`` row),
+        and for values, ``computed`` (ISO time) and ``reused``.
     """
-    from gen_ad.metrics.fid import distances, fake_features
+    from gen_ad.app.fid_reuse import FidRecords
 
     split = split or SplitCache(cfg.data, cfg.seed)
     runs = {pm.run_path: pm for pm in methods if pm.run is not None and pm.run_path is not None}
+    book = FidRecords(cfg, split, device, reuse) if cfg.fid.enabled and runs else None
+    loaded: list[tuple[Any, str | None]] = []  # the extractor, loaded once, when needed
     out: dict[str, dict[str, Any]] = {}
-    ext: Any = None
-    reason: str | None = None if cfg.fid.enabled else "disabled in the config"
-    if cfg.fid.enabled and runs:
-        ext, reason = _fid_extractor(cfg.fid, device)
     for path, pm in runs.items():
-        rec: dict[str, Any] = {"run": path, "training_log": _training_fid(path)}
-        if ext is None:
-            rec.update(status="off" if not cfg.fid.enabled else "n/a", label=str(reason))
-            out[path] = rec
-            continue
-        # the sample set depends on the seed, not the batch size (at or above 32 images)
-        sample = run_images(pm.run, batch_size=cfg.fid.batch_size)
-        try:
-            ref = _fid_reference(pm, cfg, split, ext)
-            feats = fake_features(sample, ext, n=cfg.fid.n, batch_size=cfg.fid.batch_size,
-                                  seed=cfg.seed, generator_device="cpu")
-            rec.update(distances(ref, feats, ext, kid=cfg.fid.kid), status="ok")
-            rec["label"] = _fid_label(ext)
-        except GenAdError as e:
-            rec.update(status="error", label=f"error: {e}")
-        out[path] = rec
+        found = book.take(pm) if book is not None else None
+        if found is None:
+            if book is not None and not loaded:
+                loaded.append(_fid_extractor(cfg.fid, device))
+            ext, reason = loaded[0] if loaded else (None, "disabled in the config")
+            found = _run_fid(pm, cfg, split, ext, reason)
+            found = book.keep(pm, found) if book is not None else found
+        out[path] = {"run": path, "training_log": _training_fid(path), **found}
     return out
+
+
+def _run_fid(pm: PreparedMethod, cfg: BenchmarkConfig, split: SplitCache, ext: Any,
+             reason: str | None) -> dict[str, Any]:
+    """FID/KID of one run with extractor ``ext`` (``None``: off or n/a for ``reason``)."""
+    from gen_ad.metrics.fid import distances, fake_features
+
+    if ext is None:
+        return {"status": "off" if not cfg.fid.enabled else "n/a", "label": str(reason)}
+    # the sample set depends on the seed, not the batch size (at or above 32 images)
+    sample = run_images(pm.run, batch_size=cfg.fid.batch_size)
+    try:
+        ref = _fid_reference(pm, cfg, split, ext)
+        feats = fake_features(sample, ext, n=cfg.fid.n, batch_size=cfg.fid.batch_size,
+                              seed=cfg.seed, generator_device="cpu")
+        return {**distances(ref, feats, ext, kid=cfg.fid.kid), "status": "ok",
+                "label": _fid_label(ext)}
+    except GenAdError as e:
+        return {"status": "error", "label": f"error: {e}"}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -680,7 +695,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True, *,
     """Evaluate every method of ``cfg`` on its split; write results.json and report.html.
 
     ``reuse``: take each method whose ``methods/<name>/method.json`` records the same settings
-    from there instead of computing it (``gen-ad benchmark`` does, unless ``--fresh``).
+    (and each run's FID/KID whose ``generators/`` record does) from there instead of computing
+    it (``gen-ad benchmark`` does, unless ``--fresh``).
 
     Returns:
         The results dict (also in ``<out>/results.json``); ``results["report"]`` is the HTML path.
@@ -714,9 +730,10 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
     :func:`run_benchmark` calls it with the methods of the config; a caller may also pass its
     own :class:`PreparedMethod` objects (e.g. a new scorer) to compare them the same way.
     ``split``: the datasets already built (default: built here). ``reuse``: reuse each method
-    finished earlier with the same settings (:mod:`gen_ad.app.benchmark_reuse`; a caller's own
-    scorer is identified by its class, name and description, not its code). Every method's
-    record is written either way; the tables are built from the requested methods only.
+    and each run's FID/KID finished earlier with the same settings
+    (:mod:`gen_ad.app.benchmark_reuse`, :mod:`gen_ad.app.fid_reuse`; a caller's own scorer is
+    identified by its class, name and description, not its code). Every record is written
+    either way; the tables are built from the requested methods only.
     """
     out = Path(cfg.out)
     split = split or SplitCache(cfg.data, cfg.seed)
@@ -728,7 +745,7 @@ def benchmark_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], devic
                                entries={method_name(m): m for m in cfg.methods},
                                progress=progress)
     shortcut = shortcut_summary(cfg, outcomes, split, device, progress)
-    gq = generator_quality(methods, cfg, device, split)
+    gq = generator_quality(methods, cfg, device, split, reuse=reuse)
     figures = write_figures(outcomes, out / "figures")
     prune_figures(out / "figures", figures)
     first = outcomes[0].metrics

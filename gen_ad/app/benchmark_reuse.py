@@ -11,7 +11,8 @@ results are kept in ``<out>/methods/<name>/`` with a record of what they were co
 - ``method.json``, written **last**: the settings (:func:`method_settings`: the run's export
   manifest or the extractor's weights, scorer and options, the test, fit and threshold images
   (names, sizes, times), threshold rule, bootstrap, examples, stain-shift settings, device,
-  deterministic mode, gen_ad's version and sources) and their sha256, the threshold, metrics,
+  deterministic mode, gen_ad's version and sources:
+  :func:`~gen_ad.utils.identity.code_identity`) and their sha256, the threshold, metrics,
   timings, the stain-shift record and the sha256 of every other file of the folder.
 
 A method is computed by removing its ``method.json`` first and writing it again after every
@@ -31,7 +32,6 @@ class, name, description and notes, so reuse is off unless asked for.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -54,7 +54,7 @@ from gen_ad.app.shortcut import COLOUR_KIND
 from gen_ad.config import to_dict
 from gen_ad.scoring.base import ScoreBatch, batch_dependent
 from gen_ad.scoring.thresholds import Threshold
-from gen_ad.utils.identity import settings_digest
+from gen_ad.utils.identity import code_identity, settings_digest
 from gen_ad.utils.io import write_bytes, write_json
 
 if TYPE_CHECKING:
@@ -118,35 +118,6 @@ class MethodOutcome:
 
 
 # ----------------------------------------------------------------------------- settings
-
-
-@functools.lru_cache(maxsize=1)
-def code_identity() -> dict[str, Any]:
-    """gen_ad's version and a sha256 of its Python sources, so results of edited, uncommitted
-    code are not taken for this code's (the commit is recorded in the environment, not here: a
-    README edit or a commit that changes no code must not invalidate hours of results). Hidden
-    names (an editor's ``.#x.py`` lock link) and unreadable files are skipped. Read once per
-    process (the code a process runs is the code it imported)."""
-    from gen_ad._version import __version__
-
-    pkg = Path(__file__).resolve().parents[1]  # the gen_ad package
-    return {"gen_ad": __version__, "sources_sha256": sources_sha256(pkg)}
-
-
-def sources_sha256(pkg: Path) -> str:
-    """sha256 of the names and bytes of the ``*.py`` files under ``pkg``, skipping hidden names
-    (an editor's dangling ``.#x.py`` lock link) and files that cannot be read."""
-    sha = hashlib.sha256()
-    for p in sorted(pkg.rglob("*.py")):
-        rel = p.relative_to(pkg)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        try:
-            data = p.read_bytes()
-        except OSError:
-            continue
-        sha.update(rel.as_posix().encode("utf-8") + b"\0" + data + b"\0")
-    return sha.hexdigest()
 
 
 def _file_identity(path: str | None) -> dict[str, Any] | None:

@@ -36,9 +36,8 @@ from gen_ad.app.score import clear_outputs
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer, batch_dependent
 from gen_ad.scoring.thresholds import Threshold
-from gen_ad.utils.identity import code_identity as _code_identity
+from gen_ad.utils.identity import code_identity, code_record, settings_digest
 from gen_ad.utils.identity import file_identity as _file_identity
-from gen_ad.utils.identity import settings_digest
 from gen_ad.utils.io import atomic_path, write_json, write_text
 from gen_ad.utils.lock import writes_folder
 
@@ -231,8 +230,9 @@ def scorer_identity(run: str | os.PathLike[str] | None,
 def slide_settings(slide_path: str | os.PathLike[str], scorer: dict[str, Any],
                    threshold: Threshold | None, **settings: Any) -> dict[str, Any]:
     """``{"settings": ..., "settings_sha256": ...}`` for ``slide.json``: the slide file, the
-    scorer (:func:`scorer_identity`, method, options, calibration), the threshold and every
-    tiling/scoring setting; a later run reuses the slide's outputs only when this is equal."""
+    scorer (:func:`scorer_identity`, method, options, calibration, gen_ad's version and sources:
+    :func:`~gen_ad.utils.identity.code_identity`), the threshold and every tiling/scoring
+    setting; a later run reuses the slide's outputs only when this is equal."""
     kept = {k: v for k, v in sorted(settings.items()) if k not in _NOT_SETTINGS}
     found = {"slide": _file_identity(slide_path), "scorer": scorer,
              "threshold": threshold.to_dict() if threshold is not None else None, **kept}
@@ -281,7 +281,7 @@ def _score_or_reuse(path: str, out: str, ls: Any, size: int, device: str,
     if why:
         print(f"slide {Path(path).stem}: scoring again ({why})", file=sys.stderr, flush=True)
     return score_slide(path, ls.scorer, out, size=size, device=device, threshold=threshold,
-                       method=ls.label, record=settings, **kwargs)
+                       method=ls.label, record={**settings, "code": code_record()}, **kwargs)
 
 
 @writes_folder("out", "slide output folder")
@@ -327,7 +327,7 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
         clear_cohort(out)
     scorer = {**scorer_identity(run, bank), "method": ls.label, "options": scorer_kwargs,
               "normal": str(normal) if normal is not None else None,
-              "calibration": ls.scorer.calibration(), "code": _code_identity(),
+              "calibration": ls.scorer.calibration(), "code": code_identity(),
               # streams: batch draws per batch: the batch size then changes the scores
               "batch_size": kwargs.get("batch_size") if batch_dependent(ls.scorer) else None}
     thr = Threshold(float(threshold), "given") if isinstance(threshold, (int, float)) \

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from gen_ad.data.tissue import tissue_mask
 from gen_ad.errors import CheckpointError, DataError
-from gen_ad.utils.identity import code_identity, file_identity, settings_digest
+from gen_ad.utils.identity import code_record, file_identity, settings_digest
 from gen_ad.utils.io import inside, write_text
 
 if TYPE_CHECKING:
@@ -104,8 +104,10 @@ def tile_settings(slide_path: str | os.PathLike[str], *, backend: str, level: in
     """``{"settings": ..., "settings_sha256": ...}``: everything that defines a slide's tiles
     (resolved values: a ``--slide-mpp`` a slide does not use, or ``--stride`` equal to
     ``--size``, changes nothing), the reader (``backend``) included. Threads and progress bars
-    are not settings, nor the decoders' versions (recorded beside: an upgrade does not cost
-    hours of tiling; ``--fresh`` tiles again)."""
+    are not settings, nor the decoders' versions or gen_ad's sources and commit (recorded
+    beside, :func:`~gen_ad.utils.identity.code_record`: an upgrade or a code edit does not cost
+    hours of tiling; :data:`TILING_SCHEME` is bumped when the tiling code changes the tiles;
+    ``--fresh`` tiles again)."""
     from gen_ad._version import __version__
 
     found = {"slide": file_identity(slide_path, sample=_SAMPLE_BYTES), "backend": backend,
@@ -158,7 +160,7 @@ def write_record(out: str | os.PathLike[str], stem: str, settings: dict[str, Any
     """Write slide ``stem``'s completion record (atomically; call once all its tiles are
     published). ``info``: what else to note (reader, mpp used, ...; not compared)."""
     listed = [[int(x), int(y), float(t)] for x, y, t in tiles]
-    rec = {"slide": stem, **info, "n_tiles": len(listed), "code": code_identity(),
+    rec = {"slide": stem, **info, "n_tiles": len(listed), "code": code_record(),
            "decoders": _decoders(), **settings, "tiles": listed}
     path = record_path(out, stem)
     write_text(path, json.dumps(rec, default=str) + "\n")

@@ -73,6 +73,24 @@ def test_demo_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     from gen_ad.app.benchmark import load_benchmark_config
 
     assert len(load_benchmark_config(out / "benchmark.yaml").methods) == len(METHODS)
+    _check_rerun_reuses(out, results, capsys)
+
+
+def _check_rerun_reuses(out: Path, first: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second `gen-ad demo` into the same folder trains nothing and evaluates nothing again:
+    every run and every benchmark method is reused, with the first run's numbers."""
+    assert main(["demo", "--out", str(out), "--fast"]) == 0
+    captured = capsys.readouterr()
+    assert "[demo] training " not in captured.out and captured.out.count("[demo] reusing ") == 4
+    for name in METHODS | {"colour-baseline"}:
+        assert f"benchmark method {name}: reused" in captured.err
+    # FID/KID of the three generator runs (f-AnoGAN's encoder run, StyleGAN2, DDPM) likewise
+    fid = [line for line in captured.err.splitlines() if line.startswith("benchmark FID/KID")]
+    assert len(fid) == 3 and all(": reused (computed " in line for line in fid), captured.err
+    again = json.loads((out / "benchmark" / "results.json").read_text())
+    assert {m["name"]: m["metrics"] for m in again["methods"]} == \
+        {m["name"]: m["metrics"] for m in first["methods"]}
+    assert all(m["reused"] for m in again["methods"])
 
 
 def test_full_demo_uses_the_installed_vgg16_at_twice_the_patch_side(tmp_path: Path) -> None:

@@ -329,14 +329,15 @@ def test_the_code_identity_is_the_sources_not_the_commit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A README edit or a code-free commit changed every record's code identity (hours of
     results recomputed); an editor's dangling ``.#x.py`` link crashed every benchmark."""
+    import gen_ad.utils.identity as reuse
     import gen_ad.utils.provenance as provenance
-    from gen_ad.app import benchmark_reuse as reuse
 
     def no_git(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the commit is not part of the settings")
 
     monkeypatch.setattr(provenance, "source_commit", no_git)
-    assert set(reuse.code_identity.__wrapped__()) == {"gen_ad", "sources_sha256"}
+    reuse._package_sha256.cache_clear()  # computed here, not taken from an earlier call
+    assert set(reuse.code_identity()) == {"gen_ad", "sources_sha256"}
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "a.py").write_text("x = 1\n", encoding="utf-8")
     before = reuse.sources_sha256(tmp_path / "pkg")
