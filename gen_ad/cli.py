@@ -504,14 +504,15 @@ def _add_benchmark(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                        description="Run every method of a benchmark config (trained runs and the "
                        "KNN baseline) on the same test split through the one scorer interface; "
                        "write results.json and a self-contained report.html. Run again, it "
-                       "reuses each method finished with the same settings (its "
-                       "methods/<name>/method.json) and computes the others.")
+                       "reuses each method and each generator's FID/KID finished with the same "
+                       "settings (methods/<name>/method.json, generators/) and computes the "
+                       "others.")
     p.add_argument("--config", required=True, metavar="YAML|NAME", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. out=/tmp/bench n_boot=200")
     p.add_argument("--fresh", action="store_true",
-                   help="compute every method again, even those an earlier run finished with "
-                   "the same settings (default: reuse them)")
+                   help="compute every method and FID/KID again, even those an earlier run "
+                   "finished with the same settings (default: reuse them)")
     p.set_defaults(func=_cmd_benchmark)
 
 
