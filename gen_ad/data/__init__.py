@@ -7,33 +7,54 @@ loop and the evaluation read: items are dicts ``{"image": float32 [3,H,W] in [-1
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import Dataset
-
-from gen_ad.data.folders import (
-    IMAGE_EXTENSIONS,
-    PatchFolder,
-    discover_classes,
-    fit_size,
-    image_to_tensor,
-    load_image,
-    read_rgb,
-    split,
-    subset,
-    subset_indices,
-    tensor_to_uint8,
-)
 from gen_ad.errors import DataError
 
 if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
     from gen_ad.config import DataConfig
+    from gen_ad.data.folders import (
+        IMAGE_EXTENSIONS,
+        PatchFolder,
+        discover_classes,
+        fit_size,
+        image_to_tensor,
+        load_image,
+        read_rgb,
+        split,
+        subset,
+        tensor_to_uint8,
+    )
 
 __all__ = [
     "IMAGE_EXTENSIONS", "PatchFolder", "build_dataset", "discover_classes", "fit_size",
     "image_to_tensor", "load_image", "read_rgb", "split", "stain_coverage", "subset",
     "tensor_to_uint8",
 ]
+
+#: Names re-exported from the module that defines them, imported on first use (PEP 562), so
+#: that torch-free commands (``gen-ad tile``) which import a :mod:`gen_ad.data` submodule do not
+#: load torch through this package.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("IMAGE_EXTENSIONS", "PatchFolder", "discover_classes", "fit_size",
+                     "image_to_tensor", "load_image", "read_rgb", "split", "subset",
+                     "subset_indices", "tensor_to_uint8"), "gen_ad.data.folders"),
+    "Dataset": "torch.utils.data",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 SYNTHETIC = "synthetic"
 _VAL_SEED_OFFSET = 1_000_003  # synthetic validation patches differ from the training ones
@@ -56,6 +77,8 @@ def build_dataset(data_cfg: DataConfig, split: str = "train", seed: int = 0) -> 
         DataError: bad split name, ``data.val`` unset for a real-data ``val`` split, or any
             problem reading the folder.
     """
+    from gen_ad.data.folders import PatchFolder, discover_classes, subset
+
     if split not in ("train", "val"):
         raise DataError(f"unknown data split '{split}' (use 'train' or 'val')")
     root = data_cfg.train if split == "train" else data_cfg.val
@@ -104,6 +127,7 @@ def stain_coverage(data_cfg: DataConfig, dataset: Dataset, n: int = 128,
     sampled files."""
     if data_cfg.stain_norm == "none" or str(data_cfg.train) == SYNTHETIC:
         return None
+    from gen_ad.data.folders import fit_size, read_rgb, subset_indices
     from gen_ad.data.stain import StainNormalizer, unchanged_count
 
     norm = StainNormalizer(method=data_cfg.stain_norm, reference=data_cfg.stain_ref)

@@ -23,14 +23,12 @@ import warnings
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
-
-import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gen_ad.errors import CheckpointError, DiskFullError
+
+if TYPE_CHECKING:  # torch and safetensors are imported where used: torch-free commands skip them
+    import torch
 
 MANIFEST = "manifest.json"
 SAFE_TORCH_LOAD = (2, 6)  # torch <= 2.5.1: weights_only can be made to run code (CVE-2025-32434)
@@ -171,6 +169,8 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Ten
 def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str] | None = None) -> None:
     """Atomically save a flat dict of tensors as safetensors (contiguous CPU copies)."""
+    from safetensors.torch import save as safetensors_bytes
+
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     write_bytes(path, safetensors_bytes(flat, metadata=dict(metadata) if metadata else None))
 
@@ -181,6 +181,8 @@ def load_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[
     Raises:
         CheckpointError: the file is missing, truncated or not a safetensors file.
     """
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path), device=device)
     except FileNotFoundError as e:
@@ -196,6 +198,8 @@ def load_safetensors_bytes(data: bytes, source: str | os.PathLike[str]) -> dict[
     Raises:
         CheckpointError: ``data`` is truncated or not a safetensors file.
     """
+    from safetensors.torch import load as safetensors_load
+
     try:
         return safetensors_load(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -210,6 +214,8 @@ def _not_safetensors(e: Exception, source: str | os.PathLike[str]) -> Checkpoint
 
 def torch_save(path: str | os.PathLike[str], obj: Any) -> None:
     """Atomically ``torch.save`` plain data (tensors, numbers, lists, dicts; never modules)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(path, buf.getvalue())
@@ -222,6 +228,8 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
         CheckpointError: the file is missing or damaged, or holds Python objects other than
             tensors and plain data (it is refused, never executed).
     """
+    import torch
+
     if torch.__version__ < SAFE_TORCH_LOAD:
         warnings.warn(f"torch {torch.__version__}'s weights_only loader can be made to run code "
                       f"(CVE-2025-32434, fixed in torch 2.6, gen_ad's floor): reading {path}; "

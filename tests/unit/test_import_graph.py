@@ -9,8 +9,15 @@ belongs to the layer of its longest listed prefix.
 from __future__ import annotations
 
 import ast
+import csv
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
+import tifffile
 
 PKG = Path(__file__).resolve().parents[2] / "gen_ad"
 
@@ -170,3 +177,57 @@ def test_the_cli_calls_the_command_layer_only() -> None:
     below = sorted(m for m in graph()["gen_ad.cli"] if m.startswith("gen_ad.")
                    and not any(m == a or m.startswith(a + ".") for a in allowed))
     assert not below, f"gen_ad/cli.py imports {below}: reach them through gen_ad.app"
+
+
+# ----------------------------------------------------------------------------- torch-free commands
+
+#: Runs the commands that need no torch in one fresh interpreter, then names the torch modules it
+#: holds (importing torch costs seconds before the first tile is cut).
+TORCH_FREE_CHILD = """
+import contextlib, io, json, sys
+from gen_ad.cli import main
+codes = []
+for argv in (["tile", "--help"], ["configs"],
+             ["tile", "--out", sys.argv[2], "--size", "32", "--workers", "1", sys.argv[1]]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            codes.append(main(argv))
+        except SystemExit as e:  # --help
+            codes.append(e.code)
+print(json.dumps({"codes": codes, "torch": sorted(m for m in sys.modules
+                                                   if m.split(".")[0] == "torch")}))
+"""
+
+
+def test_tile_and_configs_never_import_torch(tmp_path: Path,
+                                             checkout_env: Callable[..., dict[str, str]]) -> None:
+    """``gen-ad tile`` (parse, tile a slide, write the manifest) and ``gen-ad configs`` load no
+    torch: :mod:`gen_ad.data` re-exports its torch-backed names lazily and
+    :mod:`gen_ad.utils.io` imports torch and safetensors inside the functions that use them."""
+    rng = np.random.default_rng(0)
+    slide = np.clip(rng.normal((210, 120, 175), 12, (96, 128, 3)), 0, 255).astype(np.uint8)
+    slide[:, :32] = 246  # glass: a 3 x 4 grid of 32 px tiles, 9 of them tissue
+    tifffile.imwrite(tmp_path / "slide.tif", slide, tile=(32, 32), photometric="rgb")
+    proc = subprocess.run([sys.executable, "-c", TORCH_FREE_CHILD, str(tmp_path / "slide.tif"),
+                           str(tmp_path / "tiles")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=checkout_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["codes"] == [0, 0, 0]
+    with open(tmp_path / "tiles" / "manifest.csv", newline="", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 9
+    assert seen["torch"] == [], "a torch-free command imported torch"
+
+
+def test_gen_ad_data_names_still_import() -> None:
+    """The lazily re-exported names of :mod:`gen_ad.data` resolve to their definitions."""
+    import gen_ad.data as data
+    from gen_ad.data import folders
+
+    for name in data._LAZY:
+        assert getattr(data, name) is getattr(folders if name != "Dataset" else
+                                              sys.modules["torch.utils.data"], name)
+    assert set(data.__all__) <= set(dir(data))
+    from gen_ad.data import cache  # a submodule, not a lazy name
+
+    assert cache.__name__ == "gen_ad.data.cache"

@@ -315,3 +315,64 @@ def test_inpaint_refuses_zero_rounds(unet: torch.nn.Module) -> None:
     with pytest.raises(ValueError, match="resample must be >= 1"):
         den.inpaint(x, x, torch.ones(1, 16, 16, dtype=torch.bool), t_start=3, steps=None,
                     resample=0, gen=torch.Generator().manual_seed(0))
+
+
+class _Recording(torch.nn.Module):
+    """A UNet stand-in predicting zero noise that records each call's timestep and input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        assert (t == t[0]).all()
+        self.calls.append((int(t[0]), x.clone()))
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("t", [3, 37])
+def test_anoddpm_noises_to_its_t_and_runs_the_reverse_process_from_there(t: int) -> None:
+    """AnoDDPM's defaults (simplex noise, every ancestral step, image streams): the UNet sees
+    ``t, t-1, ..., 0`` (``t + 1`` calls, never 0 alone nor T), first ``x_t`` whose noise part
+    ``x_t - sqrt(ab_t) x`` has per-image standard deviation ``sqrt(1 - ab_t)`` (unit-variance
+    simplex noise scaled as the schedule states) and is the image stream's first draw; with DDIM
+    and ``steps`` the evaluations are :func:`timestep_sequence` from ``t``."""
+    s = build_scheduler("ddpm")
+    x = _x(2, seed=4)
+    rec = _Recording()
+    out = AnoDDPMScorer(rec, s, t=t, seed=7).score(x)
+    assert [c[0] for c in rec.calls] == list(range(t, -1, -1))
+    ab = _alpha_bar(t)
+    noise_part = rec.calls[0][1] - math.sqrt(ab) * x
+    torch.testing.assert_close(noise_part.flatten(1).std(dim=1, correction=0),
+                               torch.full((2,), math.sqrt(1 - ab)), atol=1e-4, rtol=1e-3)
+    n = ImageStreams.for_images(x, 7).draw("simplex", x)
+    torch.testing.assert_close(noise_part, math.sqrt(1 - ab) * n, atol=1e-5, rtol=1e-4)
+    assert out.scores.min() > 0
+    rec.calls.clear()
+    AnoDDPMScorer(rec, s, t=t, sampler="ddim", steps=3, seed=7).score(x)
+    assert [c[0] for c in rec.calls] == timestep_sequence(t, 3) and rec.calls[0][0] == t
+
+
+def test_anoddpm_residual_grows_with_t() -> None:
+    """With a zero-noise UNet and DDIM the reconstruction is ``clamp(x_t / sqrt(ab_t))``
+    (Eq. 12 with ``eps = 0``): the same per-image noise scaled by ``sqrt((1 - ab_t) / ab_t)``,
+    so each image's score rises strictly with ``t`` (a scorer that ignores its ``t``, or starts
+    at 0 and returns the input, gives equal or zero scores)."""
+    s = build_scheduler("ddpm")
+    x = _x(2, seed=5)
+    scores = torch.stack([AnoDDPMScorer(_Const(torch.zeros(())), s, t=t, noise="gaussian",
+                                        sampler="ddim", steps=2, seed=1).score(x).scores
+                          for t in (2, 20, 100, 400)])
+    assert (scores[0] > 0).all() and (scores[1:] > scores[:-1]).all()
+
+
+def test_autoddpm_reconstructs_from_t_recon_and_resamples_from_t_inpaint(
+        lp: torch.nn.Module) -> None:
+    """AutoDDPM's two stages start where configured: the first reconstruction runs
+    ``t_recon .. 0``, the re-sampling ``t_inpaint .. 1`` with ``resample`` rounds each, then 0."""
+    rec = _Recording()
+    sc = AutoDDPMScorer(rec, build_scheduler("ddpm"), t_recon=6, t_inpaint=3, resample=2,
+                        lpips=lp, threshold=0.0, seed=0)
+    sc.score(_x(1, seed=6, size=32))
+    assert [c[0] for c in rec.calls] == [6, 5, 4, 3, 2, 1, 0] + [3, 3, 2, 2, 1, 1, 0]

@@ -52,7 +52,7 @@ def locking(fd, mode, nbytes):
 # Imports the lock module as Windows would (no fcntl), then holds or takes the lock of argv[1].
 WINDOWS_CHILD = '''
 import functools, inspect, json, socket, sys, time, warnings
-import gen_ad.utils.io  # what the lock imports (torch among them) first, on the real platform
+import gen_ad.utils.io  # what the lock imports, first, on the real platform
 from gen_ad.errors import FolderLockedError
 import fake_msvcrt as msvcrt  # from PYTHONPATH; as "msvcrt" it would fool subprocess too
 sys.modules["fcntl"] = None  # as on Windows: import fcntl raises ImportError
