@@ -10,18 +10,21 @@ Warnings print as one line ``gen-ad: warning: ...``, each distinct message once 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import signal
 import sys
-import threading
-import traceback
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from gen_ad import __version__
-from gen_ad.errors import ConfigError, GenAdError
+
+# re-exported: what runs around a command (tests and callers import these from here)
+from gen_ad.app.guard import Terminated as Terminated
+from gen_ad.app.guard import cli_warnings as cli_warnings
+from gen_ad.app.guard import guarded as _guarded
+from gen_ad.app.guard import print_error as _print_error  # noqa: F401
+from gen_ad.app.guard import process_rank
+from gen_ad.app.guard import sigterm_as_exception as sigterm_as_exception
+from gen_ad.errors import ConfigError
 
 DEFAULT_FPR = 0.05  # --fpr when only --threshold fpr is given
 
@@ -34,36 +37,6 @@ CONFIG_HELP = ("YAML config file, or a built-in config by name (ddpm/demo, bench
                "that is no file here names the built-in one (a warning says so)")
 
 Adder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-
-
-class Terminated(KeyboardInterrupt):
-    """A SIGTERM (a scheduler's ``scancel``, ``kill``, a container stop) raised as an exception in
-    the main thread, so that what a Ctrl-C cleans up (temporaries, worker pools, partly written
-    folders) is cleaned up too, instead of the process vanishing mid-write."""
-
-
-@contextlib.contextmanager
-def sigterm_as_exception() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in this process's main thread (the
-    training loop installs its own handler, which checkpoints first). A forked child that
-    inherited the handler (a worker) dies of the signal as it would have without it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    owner = os.getpid()
-
-    def handler(signum: int, frame: object) -> None:
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise Terminated
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from gen_ad.app.train import train
 
     run_dir = train(args.family, args.config, args.overrides, args.resume)
-    if _process_rank() == 0:  # under accelerate launch every process returns here
+    if process_rank() == 0:  # under accelerate launch every process returns here
         print(f"run folder: {run_dir}")
     return 0
 
@@ -762,60 +735,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def cli_warnings(debug: bool = False) -> Iterator[None]:
-    """Show warnings as one line ``gen-ad: warning: <message>``, each distinct message once,
-    while a command runs; the previous ``warnings.formatwarning`` comes back after, and
-    ``debug`` keeps Python's full format (file, line and source line)."""
-    if debug:
-        yield
-        return
-    previous = warnings.formatwarning
-    warnings.formatwarning = _once_per_message()
-    try:
-        yield
-    finally:
-        warnings.formatwarning = previous
-
-
-def _once_per_message() -> Callable[..., str]:
-    """A ``warnings.formatwarning`` giving ``gen-ad: warning: <message>``, then ``""`` (nothing
-    is written) for a message it has formatted before. Under a multi-process launch only the
-    main process writes warnings: the others meet the same config and data and would repeat
-    each one per process (``--debug`` shows every process's)."""
-    seen: set[str] = set()
-    quiet = _process_rank() > 0
-
-    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-            line: str | None = None) -> str:
-        text = str(message)
-        if quiet or text in seen:
-            return ""
-        seen.add(text)
-        return f"gen-ad: warning: {text}\n"
-
-    return fmt
-
-
-def _process_rank() -> int:
-    """This process's rank under ``accelerate launch`` / ``torchrun`` (``RANK``), else 0."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-def _print_error(e: GenAdError) -> None:
-    """One ``gen-ad: error:`` line; under a multi-process launch the other processes stay
-    quiet about errors every process meets alike (a config error, or one handed on by the main
-    process), and name themselves otherwise."""
-    rank = _process_rank()
-    if rank and (isinstance(e, ConfigError) or getattr(e, "from_main_process", False)):
-        return
-    where = f" (process {rank})" if rank else ""
-    print(f"gen-ad: error{where}: {e}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-ad``; returns the exit status (0 ok, 2 user error, 1 internal error)."""
     parser = build_parser()
@@ -835,35 +754,6 @@ def _one_process_unless_training(args: argparse.Namespace) -> int | None:
                           f"{world}-process launch: run it without accelerate launch / torchrun "
                           "(only gen-ad train uses several processes)")
     return args.func(args)
-
-
-def _guarded(run: Callable[[], int | None], debug: bool) -> int:
-    """Run a command with one-line warnings; user errors print one line and give 2,
-    an interrupt 130 (SIGTERM: 143), anything else one ``internal error`` line and 1
-    (``debug``: tracebacks)."""
-    try:
-        from gen_ad.app.determinism import deterministic_from_environment
-
-        with cli_warnings(debug=debug), sigterm_as_exception(), deterministic_from_environment():
-            rc = run()
-        return int(rc or 0)
-    except GenAdError as e:
-        if debug:
-            traceback.print_exc()
-        _print_error(e)
-        return 2
-    except Terminated:
-        print("gen-ad: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("gen-ad: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - last line of defence: no bare traceback for users
-        if debug:
-            raise
-        print(f"gen-ad: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":
