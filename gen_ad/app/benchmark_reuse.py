@@ -54,7 +54,7 @@ from gen_ad.app.shortcut import COLOUR_KIND
 from gen_ad.config import to_dict
 from gen_ad.scoring.base import ScoreBatch, batch_dependent
 from gen_ad.scoring.thresholds import Threshold
-from gen_ad.utils.identity import code_identity, settings_digest
+from gen_ad.utils.identity import code_identity, settings_changed, settings_digest
 from gen_ad.utils.io import write_bytes, write_json
 
 if TYPE_CHECKING:
@@ -317,13 +317,11 @@ def finished_method(folder: Path, settings: dict[str, Any]
                             "finishing it (or an older gen_ad wrote it)" if started else "")
     try:
         rec = json.loads(f.read_text(encoding="utf-8"))
-        old = rec.get("settings") or {}
+        changed = settings_changed(rec, settings, "computed")
     except (OSError, ValueError, AttributeError):
         return None, None, f"its {RECORD} is unreadable"
-    if rec.get("settings_sha256") != settings["settings_sha256"]:
-        now = settings["settings"]
-        diff = [k for k in now if not isinstance(old, dict) or old.get(k) != now[k]]
-        return None, None, f"it was computed with other settings ({', '.join(diff) or '?'})"
+    if changed:
+        return None, None, changed
     data, why = _checked_files(folder, rec.get("files"))
     return (rec, data, "") if data is not None else (None, None, why)
 

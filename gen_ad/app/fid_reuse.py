@@ -34,7 +34,7 @@ import torch
 from gen_ad.app.benchmark_reuse import Identities
 from gen_ad.app.evaluate import PreparedMethod
 from gen_ad.app.fid import SAMPLE_CHUNK
-from gen_ad.utils.identity import file_identity, settings_digest
+from gen_ad.utils.identity import file_identity, settings_changed, settings_digest
 from gen_ad.utils.io import write_json
 
 if TYPE_CHECKING:
@@ -116,13 +116,12 @@ def finished_fid(path: Path, settings: dict[str, Any]
         return None, None, ""
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
-        old, result = rec.get("settings") or {}, rec.get("result")
+        result = rec.get("result")
+        changed = settings_changed(rec, settings, "computed")
     except (OSError, ValueError, AttributeError):
         return None, None, f"its record {path} is unreadable"
-    if rec.get("settings_sha256") != settings["settings_sha256"]:
-        now = settings["settings"]
-        diff = [k for k in now if not isinstance(old, dict) or old.get(k) != now[k]]
-        return None, None, f"it was computed with other settings ({', '.join(diff) or '?'})"
+    if changed:
+        return None, None, changed
     if not isinstance(result, dict) or rec.get("result_sha256") != _sha256(result) \
             or result.get("status") != "ok":
         return None, None, f"its record {path} changed after it was written"

@@ -36,7 +36,7 @@ from gen_ad.app.score import clear_outputs
 from gen_ad.errors import CheckpointError, ConfigError, DataError
 from gen_ad.scoring.base import AnomalyScorer, batch_dependent
 from gen_ad.scoring.thresholds import Threshold
-from gen_ad.utils.identity import code_identity, code_record, settings_digest
+from gen_ad.utils.identity import code_identity, code_record, settings_changed, settings_digest
 from gen_ad.utils.identity import file_identity as _file_identity
 from gen_ad.utils.io import atomic_path, write_json, write_text
 from gen_ad.utils.lock import writes_folder
@@ -255,10 +255,9 @@ def finished_slide(dest: Path, settings: dict[str, Any]) -> tuple[dict[str, Any]
         return None, f"{f} is unreadable"
     if "settings" not in rec:
         return None, "its slide.json does not record the settings it was scored with"
-    if rec.get("settings_sha256") != settings["settings_sha256"]:
-        old = rec["settings"]
-        diff = [k for k in settings["settings"] if old.get(k) != settings["settings"][k]]
-        return None, f"it was scored with other settings ({', '.join(diff) or 'unrecorded'})"
+    changed = settings_changed(rec, settings, "scored")
+    if changed:
+        return None, changed
     outputs = {**rec["outputs"], **{k: str(dest / Path(rec["outputs"][k]).name)
                                     for k in _OUTPUT_FILES}}
     if not all(Path(p).is_file() for p in outputs.values()):

@@ -83,6 +83,18 @@ def sources_sha256(pkg: Path) -> str:
     return sha.hexdigest()
 
 
+def settings_changed(record: Mapping[str, Any], settings: Mapping[str, Any],
+                     verb: str) -> str | None:
+    """``None`` when ``record`` (a finished output's record) holds the digest of ``settings``
+    (``{"settings": ..., "settings_sha256": ...}``); else why it is redone: ``it was <verb> with
+    other settings (<the keys that differ>)``."""
+    if record.get("settings_sha256") == settings["settings_sha256"]:
+        return None
+    old, now = record.get("settings"), settings["settings"]
+    diff = [k for k in now if not isinstance(old, dict) or old.get(k) != now[k]]
+    return f"it was {verb} with other settings ({', '.join(diff) or 'unrecorded'})"
+
+
 def settings_digest(found: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """``found`` as it reads back from a JSON file (tuples become lists, other objects strings)
     and the sha256 of its canonical JSON text."""
