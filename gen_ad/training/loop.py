@@ -561,7 +561,7 @@ def _run_training(family: Family, resume: str | None) -> Path:
         reason = _loop(state, batches)
     save_checkpoint(state)  # first: a launcher kills its workers soon after forwarding a signal
     if not (reason or "").startswith(("signal", "another process")):
-        final_samples(state)
+        final_samples(state, reason)
     acc.end_training()
     return state.run_dir
 
@@ -698,7 +698,8 @@ def _loop(state: RunState, batches: Iterator[dict[str, Any]]) -> str | None:
         dt = max(time.perf_counter() - t0, 1e-9)
         logs["img_per_s"] = (state.counters.images - img0) / dt
         reason = _stop_reason(state, t0)
-        after_step(state, logs, bar, outputs=reason is None)
+        after_step(state, logs, bar, outputs=reason is None,
+                   last=reason is not None or _done(state))
         if reason is not None:
             if acc.is_main_process:
                 tqdm.write(f"{reason}: checkpointing at step {state.counters.step} and stopping")

@@ -140,26 +140,36 @@ def _maybe_fid(state: RunState) -> None:
                      {"step": state.counters.step, "kimg": state.counters.kimg, **result})
 
 
-def final_samples(state: RunState) -> Path | None:
-    """At the end of training, a last sample grid unless the final step already wrote one."""
+def final_samples(state: RunState, reason: str | None = None) -> Path | None:
+    """At the end of training, a last sample grid unless the final step already wrote one, or
+    training stopped for its time budget (``reason``: why the loop stopped early): sampling can
+    take minutes on a CPU (64 DDIM samples of a large UNet), which ``train.max_minutes`` was set
+    to prevent; a line says so either way."""
     tc = state.family.cfg.train
     step = state.counters.step
     if not tc.sample_every or step % tc.sample_every == 0 or not state.accelerator.is_main_process:
         return None
+    if reason is not None and reason.startswith("train.max_minutes"):
+        tqdm.write(f"final sample grid skipped ({reason}; grids are drawn every "
+                   f"train.sample_every={tc.sample_every} steps)")
+        return None
+    tqdm.write(f"final sample grid of step {step} -> {state.run_dir / 'samples'} ...")
     return save_samples(state)
 
 
 def after_step(state: RunState, logs: Mapping[str, Any], bar: tqdm, *,
-               outputs: bool = True) -> None:
+               outputs: bool = True, last: bool = False) -> None:
     """Logging, and (``outputs``) sample grids and FID, at their intervals (``counters.step``
-    already advanced).
+    already advanced). The first and the ``last`` step of a run are always logged (so the
+    progress bar and ``stats.jsonl`` end on the last step's values; every process knows it
+    is the last, as the reduction needs).
 
     ``logs`` may hold device tensors: they are read back to the host only here, at logging time,
     averaged over the processes (each logged its own share of the batch).
     """
     tc = state.family.cfg.train
     step = state.counters.step
-    if tc.log_every and (step % tc.log_every == 0 or step == 1):
+    if tc.log_every and (step % tc.log_every == 0 or step == 1 or last):
         values = mean_over_processes(state.accelerator, logs)
         log_stats(state, values)
         bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:5]})
