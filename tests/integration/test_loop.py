@@ -76,6 +76,15 @@ def test_exact_resume_is_bitwise(tmp_path: Path) -> None:
     assert sa == sb
 
 
+def test_the_last_step_is_logged_whatever_log_every(tmp_path: Path) -> None:
+    """The first and last steps are logged even off the interval (the progress bar and
+    stats.jsonl end on the last step's values), then every log_every steps."""
+    _train(tmp_path / "a", "train.max_steps=7", "train.log_every=3")
+    assert [r["step"] for r in read_jsonl(tmp_path / "a" / "stats.jsonl")] == [1, 3, 6, 7]
+    _train(tmp_path / "b", "train.max_steps=7", "train.log_every=3", "train.max_minutes=1e-9")
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "stats.jsonl")] == [1]  # stopped at 1
+
+
 def test_max_minutes_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     """A wall-clock budget stops after the step that exhausts it; resuming ends bitwise equal."""
     _train(tmp_path / "a", "train.max_steps=4")
@@ -254,6 +263,11 @@ def test_samples_and_periodic_fid(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     _train(tmp_path / "end", "train.max_steps=3", "train.sample_every=2")  # + a final grid
     grids = sorted((tmp_path / "end" / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step-0000002.png", "step-0000003.png"]
+    # a time budget that ends the run ends it: no final grid (minutes on a CPU for a big UNet)
+    _train(tmp_path / "budget", "train.max_steps=3", "train.sample_every=2",
+           "train.max_minutes=1e-9")
+    assert not (tmp_path / "budget" / "samples").exists() or \
+        not list((tmp_path / "budget" / "samples").glob("*.png"))
 
     seen = []
 
