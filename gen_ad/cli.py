@@ -67,6 +67,13 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _rate(text: str) -> float:
+    v = float(text)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     v = float(text)
     if not (math.isfinite(v) and v > 0):
@@ -269,6 +276,9 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_limit(p)
     p.add_argument("--n-boot", type=_positive_int, default=2000,
                    help="bootstrap resamples of the AUROC/AUPR intervals (2000)")
+    p.add_argument("--pixel-fpr", type=_rate, default=0.01, metavar="F",
+                   help="label-free map threshold: the 1-F quantile of the normal images' map "
+                   "pixels; with masks, Dice/precision/recall at it (default 0.01)")
     p.set_defaults(func=_cmd_score)
 
 
@@ -283,7 +293,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                         masks=args.masks, threshold_method=method, fpr=fpr, limit=args.limit,
                         batch_size=args.batch_size, device=args.device,
                         n_examples=args.examples, scorer_kwargs=kwargs,
-                        calibration_limit=args.calibration_limit or None, n_boot=args.n_boot)
+                        calibration_limit=args.calibration_limit or None, n_boot=args.n_boot,
+                        pixel_fpr=args.pixel_fpr)
     for m in results.values():
         print(summary_line(m))
     if any("threshold" not in m for m in results.values()):

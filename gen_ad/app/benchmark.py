@@ -59,6 +59,7 @@ from gen_ad.baselines.knn import shared_files, shared_indices
 from gen_ad.config import check, load_config, to_dict
 from gen_ad.data.folders import ResizeMode, subset
 from gen_ad.errors import CheckpointError, ConfigError, DataError, GenAdError
+from gen_ad.metrics.pixel_threshold import NormalPixels
 from gen_ad.report.html import generator_cell, render_report
 from gen_ad.scoring.thresholds import calibrate
 from gen_ad.training.runs import Run, load_run
@@ -227,6 +228,7 @@ class BenchmarkConfig:
         methods: the methods to compare.
         n_boot / seed: bootstrap resamples and seed of the 95% CIs.
         threshold / fpr: label-free threshold rule on normal validation scores.
+        pixel_fpr: pixel FPR of the label-free map threshold (metrics/pixel_threshold.py).
         batch_size / device: scoring batch size; ``auto``, ``cpu``, ``cuda``, ...
         examples: test images shown per method (same images for every method).
         fid: generator quality settings.
@@ -240,6 +242,7 @@ class BenchmarkConfig:
     seed: int = 0
     threshold: Literal["iqr", "fpr"] = "iqr"
     fpr: float = 0.05
+    pixel_fpr: float = 0.01
     batch_size: int = 32
     device: str = "auto"
     examples: int = 6
@@ -263,6 +266,7 @@ class BenchmarkConfig:
               "apart")
         check(self.n_boot >= 0, "n_boot", "must be >= 0")
         check(0.0 < self.fpr < 1.0, "fpr", "must be in (0, 1)")
+        check(0.0 < self.pixel_fpr < 1.0, "pixel_fpr", "must be in (0, 1)")
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(0 <= self.examples <= 16, "examples", "must be in [0, 16]")
 
@@ -453,12 +457,14 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
     pm.scorer.fit(_batches(fit_ds, pm.batch_size, device))
     fit_s = time.perf_counter() - t0
     val_ds = split.normal(cfg.data.val, pm.size, cfg.data.val_limit, pm.resize)
-    val_scores, how = threshold_scores(pm, fit_ds, val_ds, device)
+    pixels = NormalPixels(cfg.pixel_fpr, source=f"normal validation images of {cfg.data.val}")
+    val_scores, how = threshold_scores(pm, fit_ds, val_ds, device, pixels)
     th = calibrate(val_scores, method=cfg.threshold, fpr=cfg.fpr)
     test_ds = split.test(pm.size, pm.resize)
     scored = score_dataset(pm.scorer, test_ds, batch_size=pm.batch_size, device=device,
                            spill_dir=cfg.out if Path(cfg.out).is_dir() else None)
-    metrics = detection_metrics(scored, th, n_boot=cfg.n_boot, seed=cfg.seed)
+    metrics = detection_metrics(scored, th, n_boot=cfg.n_boot, seed=cfg.seed,
+                                pixel_threshold=pixels.result())
     has_maps = scored.maps is not None
     scored.drop_maps()  # the metrics hold what the outputs need; the examples are re-scored
     metrics["overlap_with_test"] = overlap_with_test(fit_ds, val_ds, test_ds)
@@ -473,11 +479,12 @@ def evaluate_method(pm: PreparedMethod, split: SplitCache, cfg: BenchmarkConfig,
     return MethodOutcome(pm, scored, val_scores, th, metrics, ex, idx, fit_s, has_maps)
 
 
-def threshold_scores(pm: PreparedMethod, fit_ds: Dataset, val_ds: Dataset,
-                     device: str) -> tuple[np.ndarray, dict[str, Any]]:
+def threshold_scores(pm: PreparedMethod, fit_ds: Dataset, val_ds: Dataset, device: str,
+                     pixels: NormalPixels | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The normal scores the threshold is calibrated on, and what ``metrics.json`` records of
     them: ``overlap_fit_val`` (threshold images the method was also fitted on, same resolved
     file) and ``threshold_scores`` (``val``, ``fit_leave_one_out`` or ``val_without_fit``).
+    ``pixels`` receives the maps of the same images (none for leave-one-out scores).
 
     A scorer whose fit memorises its images (a KNN bank: :meth:`AnomalyScorer.fit_scores` is
     not ``None``) would find an overlapping image at distance 0 and bias the threshold low, so
@@ -491,12 +498,14 @@ def threshold_scores(pm: PreparedMethod, fit_ds: Dataset, val_ds: Dataset,
     if held_out is not None and shared:
         if len(shared) == len(val_ds):  # type: ignore[arg-type]
             how["threshold_scores"] = "fit_leave_one_out"
+            if pixels is not None:
+                pixels.unavailable("the threshold set is the bank's leave-one-out scores")
             return np.asarray(held_out, dtype=np.float64).reshape(-1), how
         keep = [i for i in range(len(val_ds)) if i not in shared]  # type: ignore[arg-type]
         val_ds = Subset(val_ds, keep)
         how["threshold_scores"] = "val_without_fit"
     val = score_dataset(pm.scorer, val_ds, batch_size=pm.batch_size, device=device,
-                        keep_maps=False)
+                        keep_maps=False, map_sink=pixels)
     return val.scores, how
 
 

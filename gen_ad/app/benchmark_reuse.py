@@ -10,8 +10,8 @@ results are kept in ``<out>/methods/<name>/`` with a record of what they were co
   reconstructions and maps);
 - ``method.json``, written **last**: the settings (:func:`method_settings`: the run's export
   manifest or the extractor's weights, scorer and options, the test, fit and threshold images
-  (names, sizes, times), threshold rule, bootstrap, examples, stain-shift settings, device,
-  deterministic mode, gen_ad's version and sources:
+  (names, sizes, times), threshold rule, pixel-threshold FPR, bootstrap, examples,
+  stain-shift settings, device, deterministic mode, gen_ad's version and sources:
   :func:`~gen_ad.utils.identity.code_identity`) and their sha256, the threshold, metrics,
   timings, the stain-shift record and the sha256 of every other file of the folder.
 
@@ -220,6 +220,7 @@ def method_settings(pm: PreparedMethod, cfg: BenchmarkConfig, split: SplitCache,
         "val": ids.listing(split.normal(cfg.data.val, pm.size, cfg.data.val_limit, pm.resize)),
         "threshold": {"rule": cfg.threshold, **({"fpr": cfg.fpr} if cfg.threshold == "fpr"
                                                 else {})},
+        "pixel_threshold": {"fpr": cfg.pixel_fpr},
         "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed}, "examples": cfg.examples,
         "stain_shift": ({k: v for k, v in to_dict(sc).items() if k in _STAIN_KEYS}
                         if sc.stain_shift else None),

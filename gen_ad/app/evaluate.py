@@ -47,6 +47,7 @@ from gen_ad.data.folders import (
 )
 from gen_ad.errors import ConfigError, DataError
 from gen_ad.metrics.detection import evaluate_scores
+from gen_ad.metrics.pixel_threshold import NormalPixels, at_pixel_threshold, fpr_label
 from gen_ad.report.html import ci_text
 from gen_ad.scoring.base import AnomalyScorer
 from gen_ad.scoring.maps import save_map_png
@@ -319,12 +320,14 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
                   device: str | torch.device = "cpu", keep_maps: bool = True,
                   num_workers: int = 0, progress: bool = True,
                   spill_dir: str | os.PathLike[str] | None = None,
-                  memory_bytes: int = MEMORY_BYTES) -> ScoredSet:
+                  memory_bytes: int = MEMORY_BYTES,
+                  map_sink: NormalPixels | None = None) -> ScoredSet:
     """Score every image of ``dataset`` (items as produced by :mod:`gen_ad.data`).
 
     Maps and masks go batch by batch into :class:`~gen_ad.scoring.store.MapStore` objects (at
     most ``memory_bytes`` each in memory, a larger set into a temporary file in ``spill_dir``);
-    reconstructions are not kept. Only one batch of maps is alive at a time."""
+    reconstructions are not kept. Only one batch of maps is alive at a time. ``map_sink``
+    also receives each batch's maps (kept or not): a normal set's pixel threshold."""
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise DataError("nothing to score: the dataset is empty")
@@ -340,6 +343,8 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
     terms: dict[str, np.ndarray] = {}  # named [n] score components
     stores: dict[str, MapStore | None] = {}
     done = 0
+    if map_sink is not None:
+        map_sink.begin(n)
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"score {scorer.name}", disable=not progress, leave=False):
         out = scorer.score(batch["image"].to(device)).cpu()
@@ -356,6 +361,8 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
         _put_columns(terms, out.terms, done, n)
         done = stop
         _keep(stores, "maps", out.maps if keep_maps else None, n, spill_dir, memory_bytes)
+        if map_sink is not None:
+            map_sink.add(out.maps)
         _keep(stores, "masks", batch.get("mask"), n, spill_dir, memory_bytes)
     seconds = time.perf_counter() - t0
     del paths[done:], classes[done:]  # (none left when the loader gave len(dataset) items)
@@ -414,20 +421,25 @@ def _complete(stores: dict[str, MapStore | None], key: str, n: int) -> MapStore 
 
 def calibrate_scorer(scorer: AnomalyScorer, normal: Dataset, *, batch_size: int = 32,
                      device: str | torch.device = "cpu", method: str = "iqr", fpr: float = 0.05,
-                     limit: int | None = None, num_workers: int = 0) -> Threshold:
+                     limit: int | None = None, num_workers: int = 0,
+                     pixels: NormalPixels | None = None) -> Threshold:
     """Fit ``scorer`` on normal images, then calibrate a label-free threshold on their scores.
 
     The scores used for the threshold come from the same normal images after fitting; a scorer
     that stores them (a KNN bank) gives its leave-one-out scores instead
-    (:meth:`AnomalyScorer.fit_scores`), so no image is its own neighbour.
+    (:meth:`AnomalyScorer.fit_scores`), so no image is its own neighbour. ``pixels`` receives
+    the same images' maps (their pixel threshold).
     """
     scorer.fit(b.to(device) for b in image_batches(normal, batch_size, limit, num_workers))
     held_out = scorer.fit_scores()
     if held_out is not None:
+        if pixels is not None:
+            pixels.unavailable("the image threshold comes from the bank's leave-one-out scores "
+                               "(no maps)")
         return calibrate(held_out, method=method, fpr=fpr)
     normal = limit_items(normal, limit)  # the images fit saw
     scored = score_dataset(scorer, normal, batch_size=batch_size, device=device, keep_maps=False,
-                           num_workers=num_workers)
+                           num_workers=num_workers, map_sink=pixels)
     return calibrate(scored.scores, method=method, fpr=fpr)
 
 
@@ -496,9 +508,26 @@ def terms_csv(scored: ScoredSet) -> str:
 
 
 def detection_metrics(scored: ScoredSet, threshold: Threshold | None = None, *,
-                      n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+                      n_boot: int = 2000, seed: int = 0,
+                      pixel_threshold: dict[str, Any] | None = None) -> dict[str, Any]:
     """AUROC/AUPR with CIs (plus per-class, pixel and at-threshold metrics) when ``scored`` holds
-    both labels, else ``{}``."""
+    both labels, else ``{}``; with ``pixel_threshold`` (a
+    :class:`~gen_ad.metrics.pixel_threshold.NormalPixels` record) and maps, that record as
+    ``pixel_threshold`` and, with masks, the test pixels at it as ``pixel.at_pixel_threshold``.
+    """
+    out = _image_and_pixel(scored, threshold, n_boot, seed)
+    if pixel_threshold is None or scored.maps is None:
+        return out
+    out["pixel_threshold"] = pixel_threshold
+    if "pixel" in out and pixel_threshold.get("status") == "ok":
+        out["pixel"]["at_pixel_threshold"] = at_pixel_threshold(
+            scored.maps, scored.masks, scored.labels, pixel_threshold["value"])
+    return out
+
+
+def _image_and_pixel(scored: ScoredSet, threshold: Threshold | None, n_boot: int,
+                     seed: int) -> dict[str, Any]:
+    """The image-level and pixel metrics of :func:`detection_metrics`."""
     if not scored.labelled or len(set(scored.labels.tolist())) != 2:
         return {}
     anomalous = {c for c, y in zip(scored.classes, scored.labels) if y == 1}
@@ -513,19 +542,21 @@ def write_outputs(out_dir: str | os.PathLike[str], scored: ScoredSet, dataset: D
                   method: str, threshold: Threshold | None = None, n_examples: int = 8,
                   n_boot: int = 2000, seed: int = 0,
                   metrics: dict[str, Any] | None = None,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None,
+                  pixel_threshold: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``scores.csv``, ``terms.csv`` (when the method has score components),
     ``flagged.csv`` (rows above the threshold, highest first), example maps of ``dataset`` and
     ``metrics.json``; returns the metrics dict.
 
-    ``metrics``: detection metrics already computed (else :func:`detection_metrics`);
-    ``extra``: further entries for ``metrics.json`` (settings the numbers depend on)."""
+    ``metrics``: detection metrics already computed (else :func:`detection_metrics`, with
+    ``pixel_threshold``); ``extra``: further entries for ``metrics.json`` (settings the numbers
+    depend on)."""
     out = Path(out_dir)
     write_text(out / "scores.csv", scores_csv(scored, threshold))
     if scored.terms:
         write_text(out / "terms.csv", terms_csv(scored))
-    found = detection_metrics(scored, threshold, n_boot=n_boot, seed=seed) if metrics is None \
-        else metrics
+    found = detection_metrics(scored, threshold, n_boot=n_boot, seed=seed,
+                              pixel_threshold=pixel_threshold) if metrics is None else metrics
     metrics = {"method": method, "n": len(scored.paths), "ms_per_image": scored.ms_per_image,
                **(extra or {})}
     if "stain_unchanged" in scored.terms:  # a stain-normalised run: images left in own stain
@@ -556,10 +587,29 @@ def summary_line(metrics: dict[str, Any]) -> str:
     pixel = metrics.get("pixel") or {}
     if pixel.get("aupro") is not None:
         parts.append(f"pixel AUROC {pixel['auroc']:.3f}, AUPRO {pixel['aupro']:.3f}")
+        parts.append(pixel_dice_text(metrics))
     if metrics.get("stain_unchanged"):
         parts.append(f"{metrics['stain_unchanged']} left in their own stain (too little tissue "
                      "to normalise: terms.csv stain_unchanged)")
     return ", ".join(parts)
+
+
+def pixel_dice_text(metrics: dict[str, Any]) -> str:
+    """``Dice @ 1% pixel FPR (label-free) 0.301 (best Dice 0.412: an upper bound, uses the
+    labels)``, or why there is no such Dice (an older record: not recorded)."""
+    pixel = metrics.get("pixel") or {}
+    record = metrics.get("pixel_threshold")
+    best = pixel.get("best_dice")
+    best_text = "–" if best is None else f"{best:.3f}"
+    if not isinstance(record, dict):
+        return f"Dice @ pixel FPR: n/a (not recorded), best Dice {best_text} (upper bound)"
+    name = f"Dice @ {fpr_label(record['fpr'])} pixel FPR (label-free)"
+    at = pixel.get("at_pixel_threshold")
+    if record.get("status") != "ok" or not at:
+        return f"{name}: n/a ({record.get('reason', 'no masks')}), best Dice {best_text}"
+    dice = "–" if at.get("dice") is None else f"{at['dice']:.3f}"
+    return (f"{name} {dice} at map > {record['value']:.4g} (best Dice {best_text}: an upper "
+            "bound, uses the labels)")
 
 
 def select_scorer(scorers: dict[str, AnomalyScorer], method: str | None) -> list[str]:

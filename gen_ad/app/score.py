@@ -25,6 +25,7 @@ from gen_ad.app.evaluate import (
     write_outputs,
 )
 from gen_ad.errors import DataError
+from gen_ad.metrics.pixel_threshold import DEFAULT_PIXEL_FPR, NormalPixels
 from gen_ad.scoring.thresholds import Threshold, ThresholdSet
 from gen_ad.utils.lock import folder_lock, writes_folder
 
@@ -108,23 +109,41 @@ def _reuse_legacy(ls: LoadedScorer, th_file: Path, context: dict[str, Any]) -> T
 
 def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike[str] | None,
                normal_classes: Sequence[str], context: dict[str, Any],
-               **cal: Any) -> Threshold | None:
+               pixels: NormalPixels | None = None, **cal: Any) -> Threshold | None:
     """Fit + calibrate on ``normal`` and save the threshold with the run, in one file with what
     fit learned and ``context`` (the run step, scorer options and rule it is for); or reuse the
-    set the run saved, for the same context only."""
+    set the run saved, for the same context only. ``pixels`` gets the normal images' maps (its
+    pixel threshold is saved in the context as ``pixel_threshold``, and reused from there)."""
     th_file = run / "thresholds" / f"{name}.json"
     if normal is not None:
         nds = normal_dataset(normal, ls.size, normal_classes=normal_classes, resize=ls.resize)
-        th = calibrate_scorer(ls.scorer, nds, **cal)
+        th = calibrate_scorer(ls.scorer, nds, pixels=pixels, **cal)
+        found = pixels.result() if pixels is not None else {}
+        keep = {"pixel_threshold": found} if found.get("status") == "ok" else {}
         _save_set(run, th_file, th, ls.scorer.calibration(),
-                  {**context, "normal": str(normal), "limit": cal.get("limit")})
+                  {**context, "normal": str(normal), "limit": cal.get("limit"), **keep})
         return th
     saved = ThresholdSet.load(th_file) if th_file.is_file() else None
     if saved is None:
+        _saved_pixels(pixels, None, th_file)
         return _reuse_legacy(ls, th_file, context)
     _check_context(saved.context, context, th_file)
     ls.scorer.load_calibration(saved.calibration)
+    _saved_pixels(pixels, saved.context.get("pixel_threshold"), th_file)
     return saved.threshold
+
+
+def _saved_pixels(pixels: NormalPixels | None, record: Any, th_file: Path) -> None:
+    """Reuse the pixel threshold saved with the run for the same FPR, or say why there is
+    none (no normal images are scored when the saved image threshold is reused)."""
+    if pixels is None:
+        return
+    if isinstance(record, dict) and record.get("status") == "ok" \
+            and record.get("fpr") == pixels.fpr:
+        pixels.use_saved({**record, "saved_with": str(th_file)})
+        return
+    pixels.unavailable(f"no normal images were scored and the run saved no pixel threshold at "
+                       f"FPR {pixels.fpr:g} ({th_file}); pass --normal DIR")
 
 
 @writes_folder("out", "score output folder")
@@ -134,7 +153,8 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
               batch_size: int = 32, device: str = "auto", n_examples: int = 8,
               calibration_limit: int | None = 512, n_boot: int = 2000,
               scorer_kwargs: dict[str, Any] | None = None,
-              limit: int | None = None) -> dict[str, dict[str, Any]]:
+              limit: int | None = None,
+              pixel_fpr: float = DEFAULT_PIXEL_FPR) -> dict[str, dict[str, Any]]:
     """Score a folder with each scorer of a trained run (``gen-ad score``).
 
     Args:
@@ -150,6 +170,9 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
         masks: folder of ground-truth masks (pixel metrics); default ``data/masks`` if present.
         limit: score only this many images of ``data``, a seeded random choice
             (:func:`~gen_ad.app.evaluate.limited`, seed 0), recorded in ``metrics.json``.
+        pixel_fpr: pixel false-positive rate of the label-free map threshold, set on the normal
+            images' maps (:mod:`gen_ad.metrics.pixel_threshold`; ``metrics.json``
+            ``pixel_threshold``, and with masks ``pixel.at_pixel_threshold``).
     Returns:
         Metrics by method name.
     """
@@ -164,14 +187,16 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     results = {}
     for name, ls in loaded.items():
         context = calibration_context(ls, scorer_kwargs, threshold_method, fpr)
-        th = _threshold(ls, name, Path(run), normal, normal_classes, context,
+        pixels = NormalPixels(pixel_fpr, source=f"normal images of {normal}")
+        th = _threshold(ls, name, Path(run), normal, normal_classes, context, pixels,
                         batch_size=batch_size, device=device, method=threshold_method, fpr=fpr,
                         limit=calibration_limit)
         scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
                                spill_dir=out)  # a large set's maps: a temporary file there
         clear_outputs(Path(out) / name)
         results[name] = write_outputs(Path(out) / name, scored, ds, method=name, threshold=th,
-                                      n_examples=n_examples, n_boot=n_boot, extra=extra)
+                                      n_examples=n_examples, n_boot=n_boot, extra=extra,
+                                      pixel_threshold=pixels.result())
         scored.drop_maps()
     return results
 

@@ -88,6 +88,45 @@ def pixel_cell(pixel: dict[str, Any] | None) -> str:
     return "<br>".join([*lines, regions])
 
 
+def _pct(fpr: Any) -> str:
+    """``1%`` for 0.01 (``pixel`` when unknown: results of an older gen_ad)."""
+    return f"{float(fpr) * 100:.4g}%" if isinstance(fpr, (int, float)) else "pixel"
+
+
+def pixel_dice_cell(m: dict[str, Any]) -> str:
+    """Dice at the label-free pixel threshold (or why there is none) over the best Dice, which
+    uses the labels (an upper bound), escaped HTML."""
+    mt = m["metrics"]
+    pixel = mt.get("pixel")
+    if not m["has_maps"] or not pixel:
+        return "– (no maps)" if not m["has_maps"] else "– (no masks)"
+    record, at = mt.get("pixel_threshold"), pixel.get("at_pixel_threshold")
+    if not isinstance(record, dict):
+        lead = "n/a (not recorded: computed by an older gen_ad)"
+    elif record.get("status") != "ok" or not at:
+        lead = f"n/a ({_e(record.get('reason', 'no masks'))})"
+    else:
+        lead = (f"{_fmt(at.get('dice'))}<br><span class='note'>precision "
+                f"{_fmt(at.get('precision'))}, recall {_fmt(at.get('recall'))}, mean per "
+                f"anomalous image {_fmt(at.get('dice_mean_anomalous_images'))}; FPR on test "
+                f"normal images {_fmt(at.get('fpr_normal_images'), 4)}</span>")
+    return f"{lead}<br>best {_fmt(pixel.get('best_dice'))} <span class='note'>(upper bound)</span>"
+
+
+def pixel_threshold_text(m: dict[str, Any]) -> str:
+    """The map threshold line of the methods table (empty for a method without maps)."""
+    record = m["metrics"].get("pixel_threshold")
+    if not m["has_maps"]:
+        return ""
+    if not isinstance(record, dict):
+        return "<br>pixel: n/a (not recorded: computed by an older gen_ad)"
+    if record.get("status") != "ok":
+        return f"<br>pixel: n/a ({_e(record.get('reason'))})"
+    return (f"<br>pixel: {record['value']:.4g} ({_pct(record['fpr'])} pixel FPR: the "
+            f"{1 - record['fpr']:.4g} quantile of {record['n_pixels']:,} map pixels of "
+            f"{_e(record['n_images'])} normal val images)")
+
+
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], num_from: int = 1,
            num_to: int | None = None) -> str:
     """An HTML table of already-escaped cells; columns ``num_from:num_to`` are right-aligned."""
@@ -146,7 +185,7 @@ def _provenance_line(env: dict[str, Any]) -> str:
     return f"<p class='meta'>{_e(describe(env))}</p>"
 
 
-def _summary_table(methods: list[dict[str, Any]]) -> str:
+def _summary_table(methods: list[dict[str, Any]], pixel_fpr: Any = None) -> str:
     rows = []
     for m in methods:
         mt = m["metrics"]
@@ -156,10 +195,13 @@ def _summary_table(methods: list[dict[str, Any]]) -> str:
         rows.append([f"<b>{_e(m['name'])}</b>" + ("<br><span class='note'>random-init weights "
                                                   "inside: see notes</span>" if flag else ""),
                      _e(m["kind"]), ci_text(mt.get("auroc")), ci_text(mt.get("aupr")),
-                     pixel_cell(mt.get("pixel")) if m["has_maps"] else "– (no maps)", sens_spec,
+                     pixel_cell(mt.get("pixel")) if m["has_maps"] else "– (no maps)",
+                     pixel_dice_cell(m), sens_spec,
                      f"{m['ms_per_patch']:.1f}", generator_cell(m.get("generator"))])
     head = ["method", "kind", "AUROC [95% CI]", "AUPR [95% CI]",
             "pixel AUROC / AUPRO [95% CI, images resampled]",
+            f"Dice @ {_pct(pixel_fpr)} pixel FPR (label-free) / best Dice (uses the labels: "
+            "upper bound)",
             "sensitivity / specificity at threshold", "ms / patch", "generator FID / KID"]
     return _table(head, rows, num_from=2, num_to=len(head) - 1)
 
@@ -171,7 +213,8 @@ def _methods_table(methods: list[dict[str, Any]]) -> str:
         th = m["threshold"]
         rule = "Q3 + 1.5 IQR" if th["method"] == "iqr" else f"FPR {th['params'].get('fpr')}"
         rows.append([f"<b>{_e(m['name'])}</b>", _e(m["description"]) + notes,
-                     f"{th['value']:.4g} ({_e(rule)} of {_e(th['n'])} normal val scores)",
+                     f"{th['value']:.4g} ({_e(rule)} of {_e(th['n'])} normal val scores)"
+                     + pixel_threshold_text(m),
                      f"{_e(m['size'])} px"])
     return _table(["method", "what it is", "threshold", "input"], rows, num_from=4)
 
@@ -221,11 +264,15 @@ def render_report(results: dict[str, Any], root: str | os.PathLike[str]) -> str:
         + f". Normal validation folder <code>{_e(test['val'])}</code> (fitting, thresholds and "
         "the FID reference). Every method is scored on the same patches through the same "
         "<code>AnomalyScorer</code> interface.</p>",
-        "<h2>Results</h2>", _summary_table(methods),
+        "<h2>Results</h2>",
+        _summary_table(methods, (results.get("config") or {}).get("pixel_fpr")),
         f"<p class='note'>CIs: {_e(boot.get('n_boot'))} stratified bootstrap resamples, "
         f"{_e(boot.get('interval', 'percentile'))} interval. Thresholds are label-free (normal "
-        "validation scores only). ms / patch: wall time of the scoring loop (data loading "
-        "included) divided by the number of test patches, on the device above.</p>",
+        "validation scores only). Dice @ pixel FPR: pixels whose map value exceeds the "
+        "(1 - FPR) quantile of the normal validation images' map pixels (no labels); Dice "
+        "pooled over all test pixels. Best Dice scans every map threshold with the labels: an "
+        "upper bound, not an operating point. ms / patch: wall time of the scoring loop (data "
+        "loading included) divided by the number of test patches, on the device above.</p>",
         _per_class_table(methods),
         shortcut_section(results),
         "<h2>Methods</h2>", _methods_table(methods),

@@ -69,6 +69,10 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
     assert 0.0 <= metrics["auroc"]["value"] <= 1.0
     assert metrics["auroc"]["low"] <= metrics["auroc"]["value"] <= metrics["auroc"]["high"]
     assert "pixel" in metrics and "at_threshold" in metrics
+    # the label-free pixel threshold: set on the 12 normal images' maps, Dice at it printed
+    assert metrics["pixel_threshold"]["n_pixels"] == 12 * 32 * 32
+    assert 0.0 <= metrics["pixel"]["at_pixel_threshold"]["dice"] <= metrics["pixel"]["best_dice"]
+    assert "Dice @ 1% pixel FPR (label-free) " in printed
     maps = sorted(p.name for p in (out / "fanogan" / "maps").iterdir())
     assert len(maps) == 8 and any(m.startswith("top-01_") for m in maps)
     th = json.loads((enc / "thresholds" / "fanogan.json").read_text())
