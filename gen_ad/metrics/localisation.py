@@ -506,7 +506,7 @@ def _hist_pass(pairs: _Pairs, map_threshold: float | None) -> dict[str, Any]:
         psum += np.bincount(k[y], weights=m.reshape(-1)[y], minlength=nb)  # a value in each bin
         regions[start:start + len(m)] = r
         if map_threshold is not None:
-            p = m > float(map_threshold)
+            p = m > np.float64(map_threshold)  # float64, as the exact path (NEP 50)
             inter, pred = inter + int((p & g).sum()), pred + int(p.sum())
     return {"pos": pos, "neg": neg, "w": wsum, "regions": regions, "inter": inter, "pred": pred,
             "psum": psum, "bins": bins, "lossless": pairs.lossless}

@@ -133,3 +133,16 @@ def test_bounds_hold_and_are_reached_for_any_order_within_bins() -> None:
         for key in ("auroc", "aupro", "best_dice"):
             assert down[key] == pytest.approx(bounds[key][0], abs=1e-12), key
         assert down["aupr"] - bounds["aupr"][0] < 0.01 * (bounds["aupr"][1] - bounds["aupr"][0])
+
+
+def test_a_fixed_map_threshold_compares_in_float64_on_both_paths() -> None:
+    """A threshold between two adjacent float32 values: ``map > t`` is decided in float64 on the
+    streamed path as on the exact one (a plain Python float against a float32 array compares in
+    float32 under NumPy 2, which flipped every pixel at such a threshold)."""
+    maps = np.full((4, 8, 8), np.float32(0.1), np.float32)
+    masks = np.zeros((4, 8, 8), bool)
+    masks[:2] = True
+    t = float(np.float32(0.1)) - 1e-10  # below the maps in float64, equal to them in float32
+    exact = pixel_metrics(maps, masks, map_threshold=t, exact=True)
+    streamed = pixel_metrics(maps, masks, map_threshold=t, exact=False)
+    assert exact["dice"] == streamed["dice"] == pytest.approx(2 * 128 / (256 + 128))
