@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,7 +120,7 @@ def _threshold(ls: LoadedScorer, name: str, run: Path, normal: str | os.PathLike
         nds = normal_dataset(normal, ls.size, normal_classes=normal_classes, resize=ls.resize)
         th = calibrate_scorer(ls.scorer, nds, pixels=pixels, **cal)
         found = pixels.result() if pixels is not None else {}
-        keep = {"pixel_threshold": found} if found.get("status") == "ok" else {}
+        keep = {"pixel_threshold": found} if found else {}
         _save_set(run, th_file, th, ls.scorer.calibration(),
                   {**context, "normal": str(normal), "limit": cal.get("limit"), **keep})
         return th
@@ -183,12 +184,14 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
     full = scoring_dataset(data, first.size, normal_classes=normal_classes, masks=masks,
                            resize=first.resize)
     ds, extra = limited(full, limit)
-    normal = normal or run_val_folder(first.run.cfg.data)
     results = {}
     for name, ls in loaded.items():
         context = calibration_context(ls, scorer_kwargs, threshold_method, fpr)
-        pixels = NormalPixels(pixel_fpr, source=f"normal images of {normal}")
-        th = _threshold(ls, name, Path(run), normal, normal_classes, context, pixels,
+        use = normal if normal is not None else default_normal(
+            first.run.cfg.data, Path(run) / "thresholds" / f"{name}.json", context,
+            calibration_limit, pixel_fpr)
+        pixels = NormalPixels(pixel_fpr, source=f"normal images of {use}")
+        th = _threshold(ls, name, Path(run), use, normal_classes, context, pixels,
                         batch_size=batch_size, device=device, method=threshold_method, fpr=fpr,
                         limit=calibration_limit)
         scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
@@ -199,6 +202,38 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
                                       pixel_threshold=pixels.result())
         scored.drop_maps()
     return results
+
+
+def default_normal(data_cfg: Any, th_file: Path, context: dict[str, Any], limit: int | None,
+                   pixel_fpr: float) -> str | None:
+    """Where a method calibrates when no ``--normal`` is given: ``None`` (reuse the threshold
+    saved with the run) when the run saved one for the same settings on its ``data.val`` with
+    the same limit and pixel FPR, or when ``data.val`` is not found from here but a set saved
+    for the same settings is (a line says which); else the run's ``data.val``.
+
+    Raises:
+        DataError: ``data.val`` is not found and nothing for these settings is saved.
+    """
+    val = getattr(data_cfg, "val", None)
+    saved = ThresholdSet.load(th_file) if th_file.is_file() else None
+    same = saved is not None and all(saved.context.get(k) == v for k, v in context.items())
+    if not val:
+        return None
+    if same and saved is not None and not Path(val).expanduser().exists():
+        print(f"score: the run's data.val ({val}) is not found from {Path.cwd()}: reusing the "
+              f"threshold saved with the run ({th_file}, calibrated on "
+              f"{saved.context.get('normal')}); pass --normal DIR to calibrate again",
+              file=sys.stderr, flush=True)
+        return None
+    pixel = saved.context.get("pixel_threshold") if saved is not None else None
+    if same and saved is not None and saved.context.get("normal") == str(val) \
+            and saved.context.get("limit") == limit and isinstance(pixel, dict) \
+            and (pixel.get("status") != "ok" or pixel.get("fpr") == pixel_fpr):
+        print(f"score: reusing the threshold saved with the run ({th_file}: calibrated on its "
+              f"data.val with the same settings); pass --normal DIR to calibrate again",
+              file=sys.stderr, flush=True)
+        return None
+    return run_val_folder(data_cfg)
 
 
 def run_val_folder(data_cfg: Any) -> str | None:

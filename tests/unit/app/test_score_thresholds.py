@@ -164,3 +164,51 @@ def test_a_damaged_or_newer_set_is_refused(tmp_path: Path, val: Path) -> None:
     path.write_text(json.dumps({**saved, "context": None}))
     with pytest.raises(DataError, match="damaged: context is not an object"):
         _set(_loaded(), run, None, "iqr", None)
+
+
+# ----------------------------------------------------------------------------- default folder
+
+
+def _saved_set(path: Path, context: dict[str, Any]) -> None:
+    from gen_ad.scoring.thresholds import ThresholdSet
+
+    ThresholdSet(Threshold(1.5, "iqr"), {"offset": 0.1}, context).save(path)
+
+
+def test_without_normal_the_set_saved_for_the_same_settings_on_data_val_is_reused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No --normal: a set the run saved on its data.val for the same settings, limit and pixel
+    FPR is reused instead of fitting and calibrating again (minutes for a projection scorer);
+    any other difference calibrates on data.val again."""
+    from gen_ad.app.score import default_normal
+
+    val = tmp_path / "val"
+    val.mkdir()
+    data = SimpleNamespace(val=str(val))
+    th_file = tmp_path / "thresholds" / "mean.json"
+    context = {"step": 4, "options": {"steps": 20}, "rule": "iqr"}
+    pixel = {"status": "ok", "value": 0.3, "fpr": 0.01}
+    _saved_set(th_file, {**context, "normal": str(val), "limit": 512, "pixel_threshold": pixel})
+    assert default_normal(data, th_file, context, 512, 0.01) is None
+    assert "reusing the threshold saved with the run" in capsys.readouterr().err
+    assert default_normal(data, th_file, context, 256, 0.01) == str(val)  # another limit
+    assert default_normal(data, th_file, context, 512, 0.05) == str(val)  # another pixel FPR
+    assert default_normal(data, th_file, {**context, "step": 5}, 512, 0.01) == str(val)
+    _saved_set(th_file, {**context, "normal": str(val), "limit": 512})  # before pixel thresholds
+    assert default_normal(data, th_file, context, 512, 0.01) == str(val)
+
+
+def test_a_data_val_not_found_from_here_falls_back_to_the_saved_set(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gen_ad.app.score import default_normal
+
+    data = SimpleNamespace(val="data/valid")  # relative: not found from this directory
+    th_file = tmp_path / "thresholds" / "mean.json"
+    context = {"step": 4, "rule": "iqr"}
+    with pytest.raises(DataError, match="pass --normal DIR"):
+        default_normal(data, th_file, context, 512, 0.01)  # nothing saved
+    _saved_set(th_file, {**context, "normal": "data/valid", "limit": 512})
+    assert default_normal(data, th_file, context, 512, 0.01) is None
+    assert "is not found from" in capsys.readouterr().err
+    with pytest.raises(DataError, match="pass --normal DIR"):
+        default_normal(data, th_file, {**context, "step": 5}, 512, 0.01)  # saved for others
