@@ -269,7 +269,9 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--examples", type=int, default=8, help="map PNGs of the top/bottom N")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="inversion steps for iterative scorers (projection, latent search)")
+                   help="steps of the iterative and diffusion scorers: optimisation steps of "
+                   "the StyleGAN2 projection and AnoGAN latent search, model evaluations of "
+                   "AnoDDPM and of AutoDDPM's first reconstruction (default: the run's config)")
     p.add_argument("--calibration-limit", type=_nonneg_int, default=512,
                    help="at most this many --normal patches (a seeded random choice) to fit and "
                    "calibrate on; 0 = all (default: 512)")
@@ -595,7 +597,8 @@ def _add_slide(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="inversion steps for iterative scorers")
+                   help="steps of the iterative and diffusion scorers (as gen-ad score "
+                   "--steps)")
     p.add_argument("--labels", default=None, metavar="CSV",
                    help="slide,label table (0 normal, 1 tumour): slide-level AUROC/AUPR")
     p.add_argument("--annotations", default=None, metavar="DIR",
