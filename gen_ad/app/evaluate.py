@@ -321,13 +321,14 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
                   num_workers: int = 0, progress: bool = True,
                   spill_dir: str | os.PathLike[str] | None = None,
                   memory_bytes: int = MEMORY_BYTES,
-                  map_sink: NormalPixels | None = None) -> ScoredSet:
+                  map_sink: NormalPixels | None = None, desc: str = "score") -> ScoredSet:
     """Score every image of ``dataset`` (items as produced by :mod:`gen_ad.data`).
 
     Maps and masks go batch by batch into :class:`~gen_ad.scoring.store.MapStore` objects (at
     most ``memory_bytes`` each in memory, a larger set into a temporary file in ``spill_dir``);
     reconstructions are not kept. Only one batch of maps is alive at a time. ``map_sink``
-    also receives each batch's maps (kept or not): a normal set's pixel threshold."""
+    also receives each batch's maps (kept or not): a normal set's pixel threshold. ``desc``:
+    the progress bar's first word (``calibrate`` for the normal images)."""
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise DataError("nothing to score: the dataset is empty")
@@ -346,7 +347,7 @@ def score_dataset(scorer: AnomalyScorer, dataset: Dataset, *, batch_size: int = 
     if map_sink is not None:
         map_sink.begin(n)
     t0 = time.perf_counter()
-    for batch in tqdm(loader, desc=f"score {scorer.name}", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=f"{desc} {scorer.name}", disable=not progress, leave=False):
         out = scorer.score(batch["image"].to(device)).cpu()
         bad = ~torch.isfinite(out.scores)
         if bool(bad.any()):
@@ -439,7 +440,7 @@ def calibrate_scorer(scorer: AnomalyScorer, normal: Dataset, *, batch_size: int 
         return calibrate(held_out, method=method, fpr=fpr)
     normal = limit_items(normal, limit)  # the images fit saw
     scored = score_dataset(scorer, normal, batch_size=batch_size, device=device, keep_maps=False,
-                           num_workers=num_workers, map_sink=pixels)
+                           num_workers=num_workers, map_sink=pixels, desc="calibrate")
     return calibrate(scored.scores, method=method, fpr=fpr)
 
 
