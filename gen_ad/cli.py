@@ -301,7 +301,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         print(summary_line(m))
     if any("threshold" not in m for m in results.values()):
         print(NO_THRESHOLD_NOTE)
-    print(f"outputs: {args.out}")
+    for name in results:  # each method writes its own folder
+        print(f"outputs: {os.path.join(args.out, name)}")
     return 0
 
 

@@ -197,8 +197,10 @@ def score_run(run: str | Path, data: str | Path, out: str | Path, *, method: str
         scored = score_dataset(ls.scorer, ds, batch_size=batch_size, device=device,
                                spill_dir=out)  # a large set's maps: a temporary file there
         clear_outputs(Path(out) / name)
+        settings = {"run": str(run), **context, "normal": None if use is None else str(use)}
         results[name] = write_outputs(Path(out) / name, scored, ds, method=name, threshold=th,
-                                      n_examples=n_examples, n_boot=n_boot, extra=extra,
+                                      n_examples=n_examples, n_boot=n_boot,
+                                      extra={**extra, "settings": settings},
                                       pixel_threshold=pixels.result())
         scored.drop_maps()
     return results

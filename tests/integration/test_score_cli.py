@@ -73,6 +73,10 @@ def test_score_run_folder(tmp_path: Path, capsys) -> None:
     assert metrics["pixel_threshold"]["n_pixels"] == 12 * 32 * 32
     assert 0.0 <= metrics["pixel"]["at_pixel_threshold"]["dice"] <= metrics["pixel"]["best_dice"]
     assert "Dice @ 1% pixel FPR (label-free) " in printed
+    assert f"outputs: {out / 'fanogan'}" in printed  # each method's own folder
+    assert metrics["settings"]["run"] == str(enc)  # what the numbers were scored with
+    assert metrics["settings"]["rule"] == {"method": "iqr"}
+    assert metrics["settings"]["normal"] == str(tmp_path / "val")
     maps = sorted(p.name for p in (out / "fanogan" / "maps").iterdir())
     assert len(maps) == 8 and any(m.startswith("top-01_") for m in maps)
     th = json.loads((enc / "thresholds" / "fanogan.json").read_text())
