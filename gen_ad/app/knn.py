@@ -10,6 +10,7 @@ leave-one-out scores; ``metrics.json`` records which (``k``, ``threshold_source`
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -99,7 +100,10 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
     (``precision`` applies to a new bank); the weights file must be the one it was fitted with.
     The bank records the weights file, its sha256 and size (``weights_identity``). Nothing is
     published before the end: an interrupted fit leaves no bank at ``out``, an interrupted
-    extend the previous bank with its threshold (:mod:`gen_ad.baselines.bank`).
+    extend the previous bank with its threshold (:mod:`gen_ad.baselines.bank`); a failed fit
+    that created ``out`` leaves no folder there either (:mod:`gen_ad.utils.lock`). A new
+    bank's ``k`` is checked against the images found before the extractor is loaded
+    (:func:`check_bank_k`: ``k`` must be below their number, one warning above a quarter).
     """
     device = resolve_device(device)
     root = Path(out).expanduser()
@@ -114,6 +118,7 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
             use_gpu=settings.use_gpu)
         return extend_bank(bank, ext, loader, total=len(loader), settings=resources)
     check_no_bank(root)  # before loading the extractor or reading a single image
+    check_bank_k(k, count_normal_images(normal), normal)  # before embedding a single image
     ext = build_extractor(extractor_name, weights=weights, random_init=random_init,
                           device=device, tiny=tiny, seed=seed)
     size = size or ext.input_size
@@ -124,6 +129,38 @@ def fit_folder(extractor_name: str, normal: str | os.PathLike[str], out: str | o
     loader = _normal_loader(normal_dataset(normal, size), batch_size, workers)
     return build_bank(ext, loader, out, info, k=k, reduction=reduction, settings=settings,
                       total=len(loader), calib_size=calib_size, seed=seed, precision=precision)
+
+
+def count_normal_images(normal: str | os.PathLike[str]) -> int:
+    """How many image files :func:`~gen_ad.app.evaluate.normal_dataset` would read from
+    ``normal`` (its ``normal/`` class when it has one, else all), counted without decoding."""
+    from gen_ad.data.folders import discover_classes
+
+    with warnings.catch_warnings():  # normal_dataset gives discover_classes' warnings once
+        warnings.simplefilter("ignore")
+        found, _ = discover_classes(normal)
+    return len(found["normal"]) if "normal" in found else sum(map(len, found.values()))
+
+
+def check_bank_k(k: int, n: int, normal: str | os.PathLike[str]) -> None:
+    """Refuse a ``k`` the ``n`` normal images cannot serve (leave-one-out needs ``k`` others);
+    warn, in one line, when ``k`` is more than a quarter of them.
+
+    Raises:
+        DataError: ``k >= n``.
+    """
+    if k >= n:
+        raise DataError(f"{normal} holds {n} normal images; k={k} needs at least {k + 1} "
+                        f"(use more normal data or a smaller --k, e.g. --k {_sqrt_k(n)})")
+    if 4 * k > n:
+        warnings.warn(f"k={k} is {k / n:.0%} of the {n} normal images of {normal}: each score "
+                      "averages the distances to most of the bank, so it measures distance to "
+                      f"the bank as a whole more than to the nearest normal patches (a smaller "
+                      f"--k, e.g. {_sqrt_k(n)} = round(sqrt({n})), keeps it local)", stacklevel=3)
+
+
+def _sqrt_k(n: int) -> int:
+    return max(1, min(n - 1, round(math.sqrt(n))))
 
 
 def extractors_line() -> str:

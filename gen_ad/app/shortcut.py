@@ -3,10 +3,14 @@
 An anomaly score can separate the classes for the wrong reason (a stain or scanner difference
 between the normal and the anomalous sets, JPEG quality, folds). Two checks make that visible:
 
-- **Colour-only baseline** (``colour-baseline``): the KNN baseline (same k rule, same label-free
-  threshold rule) on 15 colour statistics per patch (:mod:`gen_ad.baselines.colour`), evaluated
-  like every other method on the same split. Every method whose AUROC it reaches or beats gets
-  a warning in ``results.json`` (``warnings``, ``shortcut``) and in ``report.html``.
+- **Colour-only baseline** (``colour-baseline``): the KNN baseline (mean distance to the k
+  nearest normal vectors, the same label-free threshold rule) on 15 colour statistics per patch
+  (:mod:`gen_ad.baselines.colour`), evaluated like every other method on the same split. Its k
+  comes from the bank size alone (:func:`colour_k`), never from the test set. A method is
+  flagged (a warning in ``results.json`` ``warnings`` and ``shortcut``, and in ``report.html``)
+  only when the baseline separates the classes (its AUROC's bootstrap interval lies above 0.5)
+  **and** its AUROC reaches or beats the method's (:func:`colour_verdict`); a baseline at or
+  below chance is no evidence of a shortcut, and the report says so once.
 - **Stain shift**: each method's test split (a seeded subset of ``shortcut.limit`` patches) is
   re-scored after stain normalisation to a reference of the normal set (the normal validation
   patch whose colour statistics are closest to the median) and under random HED jitter of
@@ -19,6 +23,8 @@ between the normal and the anomalous sets, JPEG quality, folds). Two checks make
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +43,7 @@ Normalisers = dict[tuple[int, "ResizeMode"], "tuple[Any, str] | str"]
 
 COLOUR_BASELINE = "colour-baseline"
 COLOUR_KIND = "colour baseline"
+AUTO_K_MAX = 200  # the KNN baseline's k (Juturu et al.), reached by the auto rule at 40 000 patches
 
 
 @dataclass
@@ -49,7 +56,9 @@ class ShortcutConfig:
             bank, else ``data.val``; with ``data.val`` the threshold is optimistic, the AUROC is
             not affected).
         bank_limit: at most this many bank patches.
-        k: neighbours (capped at the bank size minus one).
+        k: neighbours. Unset (``None``, the default): chosen from the bank size alone,
+            ``min(200, round(sqrt(n_bank)))`` (:func:`colour_k`); a number is used exactly,
+            except that it is capped at the bank size minus one (with a warning).
         stain_shift: run the stain-shift re-evaluation.
         normalise: stain normalisation method (``macenko`` or ``reinhard``).
         jitter: HED jitter strength (scale ``U(1-s,1+s)`` and shift ``U(-s,s)`` per channel).
@@ -60,7 +69,7 @@ class ShortcutConfig:
     colour_baseline: bool = True
     bank: str | None = None
     bank_limit: int | None = 2000
-    k: int = 200
+    k: int | None = None
     stain_shift: bool = True
     normalise: Literal["macenko", "reinhard"] = "macenko"
     jitter: float = 0.05
@@ -68,7 +77,8 @@ class ShortcutConfig:
     seed: int = 0
 
     def validate(self, prefix: str) -> None:
-        check(self.k >= 1, f"{prefix}.k", f"must be >= 1, got {self.k}")
+        check(self.k is None or self.k >= 1, f"{prefix}.k",
+              f"must be >= 1 (or unset: chosen from the bank size), got {self.k}")
         check(self.bank_limit is None or self.bank_limit > 1, f"{prefix}.bank_limit",
               "must be > 1")
         check(0.0 <= self.jitter <= 1.0, f"{prefix}.jitter", f"must be in [0, 1], got "
@@ -76,9 +86,37 @@ class ShortcutConfig:
         check(self.limit is None or self.limit > 1, f"{prefix}.limit", "must be > 1")
 
 
+def colour_k(configured: int | None, n_bank: int) -> tuple[int, str, str | None]:
+    """The colour baseline's k for a bank of ``n_bank`` patches: ``(k, rule, clipped)``.
+
+    Unset (``configured`` ``None``): ``min(200, max(1, round(sqrt(n_bank))))``, from the bank
+    size alone (the square-root rule of thumb of KNN; it reaches the KNN baseline's k = 200 at
+    40 000 patches), so it is never tuned on the test set and never averages over most of a
+    small bank. A configured k is used exactly. Either is capped at ``n_bank - 1`` (a
+    leave-one-out score needs ``k`` other vectors); ``clipped`` then says so, else ``None``.
+    """
+    n = max(1, int(n_bank))
+    if configured is None:
+        want = min(AUTO_K_MAX, max(1, round(math.sqrt(n))))
+        rule = f"chosen from the bank size: min({AUTO_K_MAX}, round(sqrt({n})))"
+    else:
+        want, rule = int(configured), "shortcut.k"
+    k = max(1, min(want, n - 1))
+    clipped = None
+    if k < want:
+        clipped = (f"shortcut: the colour-only baseline's k = {want} ({rule}) needs more than "
+                   f"{want} bank patches, its bank holds {n}: k = {k} is used, so each score "
+                   "averages over the whole bank; set shortcut.k below the bank size, or a "
+                   "larger shortcut.bank")
+        rule += f", capped at the bank size minus one (k = {want} asked)"
+    return k, rule, clipped
+
+
 def shortcut_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], split: SplitCache,
                      device: str) -> list[PreparedMethod]:
-    """The colour-only baseline as one more method (none when disabled or already listed)."""
+    """The colour-only baseline as one more method (none when disabled or already listed).
+
+    A k capped at the bank size is one warning line (and a note of the method)."""
     from gen_ad.app.evaluate import PreparedMethod
     from gen_ad.baselines.colour import COLOUR_STATS
     from gen_ad.baselines.extractors import build_extractor
@@ -90,12 +128,17 @@ def shortcut_methods(cfg: BenchmarkConfig, methods: list[PreparedMethod], split:
     knn = [m for m in methods if m.kind == "knn"]
     bank = sc.bank or (knn[0].fit_root if knn else cfg.data.val)
     n_bank = len(split.normal(bank, cfg.data.size, sc.bank_limit))  # type: ignore[arg-type]
-    k = max(1, min(sc.k, n_bank - 1))
+    k, rule, clipped = colour_k(sc.k, n_bank)
     scorer = KNNScorer(build_extractor(COLOUR_STATS, device=device), k=k, seed=sc.seed)
-    desc = (f"colour-only baseline: KNN (k={k}, mean L2 distance) on per-channel colour "
-            f"statistics (mean, std, 10/50/90% quantiles of R, G, B), bank: {bank}")
-    notes = ["shortcut check: sees nothing but colour; a method it reaches or beats may be "
-             "separating stain rather than tissue"]
+    desc = (f"colour-only baseline: KNN (k={k}, {rule}; mean L2 distance) on per-channel "
+            f"colour statistics (mean, std, 10/50/90% quantiles of R, G, B), bank: {bank} "
+            f"({n_bank} patches)")
+    notes = ["shortcut check: sees nothing but colour; where it separates the classes (AUROC "
+             "interval above 0.5), a method it reaches or beats may be separating stain rather "
+             "than tissue"]
+    if clipped:
+        warnings.warn(clipped, stacklevel=2)
+        notes.append(clipped.removeprefix("shortcut: "))
     if bank == cfg.data.val:
         notes.append("bank = the normal validation folder (no KNN bank in this benchmark): "
                      "its threshold comes from the bank's leave-one-out scores")
@@ -184,33 +227,93 @@ def stain_shift(o: MethodOutcome, cfg: BenchmarkConfig, split: SplitCache, devic
     return rec
 
 
+def _ci(rec: dict[str, Any]) -> str:
+    """``0.702 [0.628, 0.774]`` (the point estimate alone without an interval)."""
+    lo, hi = rec.get("low"), rec.get("high")
+    return f"{rec['auroc']:.3f}" + ("" if lo is None or hi is None else f" [{lo:.3f}, {hi:.3f}]")
+
+
+def colour_verdict(auroc: dict[str, Any]) -> dict[str, Any]:
+    """Whether the colour-only baseline separates the classes, from its AUROC record
+    (``{value, low, high}``, :mod:`gen_ad.metrics.detection`).
+
+    It separates when its bootstrap interval lies above 0.5 (``low > 0.5``; without an
+    interval, ``n_boot: 0``, when the point estimate is above 0.5). A baseline at or below
+    chance, or whose interval holds 0.5, shows no colour difference in the direction of an
+    anomaly score, so it flags no method; ``note`` says that once.
+
+    Returns:
+        ``{auroc, low, high, separates (None without an AUROC), note (None when it
+        separates)}``.
+    """
+    c, lo, hi = auroc.get("value"), auroc.get("low"), auroc.get("high")
+    rec: dict[str, Any] = {"auroc": c, "low": lo, "high": hi, "separates": None, "note": None}
+    if c is None:
+        return rec
+    rec["separates"] = bool(lo > 0.5) if lo is not None else bool(c > 0.5)
+    if not rec["separates"]:
+        if lo is None or hi is None:
+            why = "at or below chance; no bootstrap interval"
+        elif hi < 0.5:  # colour differs, in the direction opposite to an anomaly score
+            why = ("its interval lies below 0.5: in colour the normal test patches lie farther "
+                   "from the normal bank than the anomalous ones")
+        else:
+            why = "its bootstrap interval contains 0.5"
+        rec["note"] = (f"colour does not separate this split (AUROC {_ci(rec)}; {why}), so it "
+                       "is no evidence of a shortcut and no method is flagged")
+    return rec
+
+
+def _k_record(pm: PreparedMethod, configured: int | None, split: SplitCache) -> dict[str, Any]:
+    """The baseline's ``k``, ``k_rule`` and ``n_bank`` (:func:`colour_k` of its bank)."""
+    n_bank = len(split.normal(pm.fit_root, pm.size, pm.fit_limit, pm.resize))  # type: ignore[arg-type]
+    k, rule, _ = colour_k(configured, n_bank)
+    return {"k": k, "k_rule": rule, "n_bank": n_bank}
+
+
+def _compare(auc: float | None, base: dict[str, Any] | None) -> dict[str, Any]:
+    """One method's record against the baseline ``base`` (``None``: no baseline, or the
+    baseline itself): ``colour_reaches`` (AUROC comparison) and ``flagged`` (the rule)."""
+    rec: dict[str, Any] = {"auroc": auc, "colour_auroc": None, "colour_reaches": None,
+                           "flagged": None}
+    if base is not None and auc is not None and base["auroc"] is not None:
+        rec["colour_reaches"] = bool(base["auroc"] >= auc)
+        rec["flagged"] = bool(base["separates"]) and rec["colour_reaches"]
+    return rec
+
+
 def shortcut_report(cfg: BenchmarkConfig, outcomes: list[MethodOutcome], split: SplitCache,
                     device: str, progress: bool = True) -> dict[str, Any]:
     """Compare every method with the colour-only baseline and run the stain shift.
 
+    A method is ``flagged`` (one warning each) only when the baseline separates the classes
+    (:func:`colour_verdict`) and ``colour_reaches`` (its AUROC >= the method's); when it does
+    not separate, its ``note`` is printed once (with ``progress``) and no method is flagged.
+
     Returns:
-        ``{"colour_baseline": {name, auroc} | None, "methods": {name: {auroc, colour_auroc,
-        colour_reaches, stain_shift}}, "warnings": [...]}``.
+        ``{"colour_baseline": {name, auroc, low, high, separates, note, k, k_rule, n_bank} |
+        None, "methods":
+        {name: {auroc, colour_auroc, colour_reaches, flagged, stain_shift}}, "warnings": [...]}``.
     """
     sc = cfg.shortcut
     colour = next((o for o in outcomes if o.method.name == COLOUR_BASELINE), None)
-    c_auc = (colour.metrics.get("auroc") or {}).get("value") if colour is not None else None
-    out: dict[str, Any] = {"colour_baseline": None if colour is None else
-                           {"name": COLOUR_BASELINE, "auroc": c_auc},
-                           "methods": {}, "warnings": []}
+    base = None if colour is None else {
+        "name": COLOUR_BASELINE, **colour_verdict(colour.metrics.get("auroc") or {}),
+        **_k_record(colour.method, sc.k, split)}
+    out: dict[str, Any] = {"colour_baseline": base, "methods": {}, "warnings": []}
+    if base is not None and base["note"] and progress:
+        print(f"[benchmark] shortcut check: {base['note']}", flush=True)
     normalisers: Normalisers = {}
     for o in outcomes:
         name = o.method.name
-        auc = (o.metrics.get("auroc") or {}).get("value")
-        rec: dict[str, Any] = {"auroc": auc, "colour_auroc": c_auc, "colour_reaches": None}
-        if o is not colour and auc is not None and c_auc is not None:
-            rec["colour_reaches"] = bool(c_auc >= auc)
-            if rec["colour_reaches"]:
-                out["warnings"].append(
-                    f"shortcut: the colour-only baseline (AUROC {c_auc:.3f}) reaches or beats "
-                    f"'{name}' (AUROC {auc:.3f}); on this split colour statistics alone separate "
-                    "the classes as well, so this method's score may follow stain, scanner or "
-                    "compression rather than tissue")
+        rec = _compare((o.metrics.get("auroc") or {}).get("value"), None if o is colour else base)
+        rec["colour_auroc"] = None if base is None else base["auroc"]
+        if rec["flagged"]:
+            out["warnings"].append(
+                f"shortcut: the colour-only baseline (AUROC {_ci(base or {})}) separates this "
+                f"split and reaches or beats '{name}' (AUROC {rec['auroc']:.3f}); colour "
+                "statistics alone separate the classes as well, so this method's score may "
+                "follow stain, scanner or compression rather than tissue")
         if sc.stain_shift:
             if progress:
                 print(f"[benchmark] stain shift: {name}", flush=True)

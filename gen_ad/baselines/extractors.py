@@ -505,9 +505,44 @@ def _from_caches(spec: ExtractorSpec) -> Path | None:
     return None
 
 
+_HUB_DOWN_STATUS = (408, 429, 500, 502, 503, 504)  # what huggingface_hub retries for ~25 s
+
+
+def hub_unreachable(repo: str, filename: str) -> str | None:
+    """Why the Hugging Face hub cannot be reached for ``repo`` now, or ``None``.
+
+    One ``HEAD`` of ``filename`` through huggingface_hub's own client (its proxy, TLS and
+    endpoint settings), without retries and bounded by ``HF_HUB_ETAG_TIMEOUT`` (default 10 s).
+    ``hf_hub_download`` would instead retry a network failure or a 5xx/429 answer five times
+    with back-off (about 25 s of ``Retrying in 8s [Retry 4/5]`` lines) before failing. An
+    answer that says something about the file (401/403: gated or private, 404: not there) is
+    ``None``: the download itself reports it.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename),
+                             timeout=float(constants.HF_HUB_ETAG_TIMEOUT))
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return f"the hub answered HTTP {status}" if status in _HUB_DOWN_STATUS else None
+    except Exception as e:  # noqa: BLE001 - DNS, refused, timed out, proxy, TLS: all "no hub"
+        detail = " ".join(str(e).split())[:160]
+        why = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        if "timeout" in type(e).__name__.lower():
+            why += (f" (no answer within HF_HUB_ETAG_TIMEOUT = {constants.HF_HUB_ETAG_TIMEOUT} s;"
+                    " raise it on a slow network)")
+        return why
+    return None
+
+
 def _download(spec: ExtractorSpec) -> Path:
     errors: list[str] = []
-    if spec.hf_repo:
+    down = hub_unreachable(spec.hf_repo, spec.hf_files[0]) if spec.hf_repo else None
+    if spec.hf_repo and down:
+        errors.append(f"the hub is unreachable (offline) for {spec.hf_repo}: {down}")
+    elif spec.hf_repo:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import (
             EntryNotFoundError,

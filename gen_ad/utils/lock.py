@@ -8,6 +8,12 @@ its process dies, however it dies (SIGKILL included), so a lock left by a dead p
 taken over (with a warning naming it). Nested use in one process (a command calling another on
 the same folder) is allowed. Both locks belong to the open file (the handle), so a second open in
 the same process conflicts as a second process would.
+
+A command that fails (an exception, Ctrl-C) in a folder the lock created, having written nothing
+there, leaves no folder: the lock file is removed while still held (POSIX; on Windows an open
+file cannot be deleted and the folder stays), then the folders it created, where empty. A writer
+that took the lock of a file removed that way notices (the name no longer leads to its file)
+and opens the lock again.
 """
 
 from __future__ import annotations
@@ -159,19 +165,18 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
         FolderLockedError: another live process holds the lock (the message names it).
     """
     d = Path(folder).expanduser()
+    made = _first_missing(d)  # the outermost folder this call creates (None: d exists)
     _prepare_folder(d, what)
-    fd = _open_lock_file(d, what)
-    if not _LOCKER.try_lock(fd):
-        try:
-            holder = _read_holder(fd)
-        finally:
-            os.close(fd)
+    fd = _acquire(d, what)
+    if isinstance(fd, dict):  # another handle holds it: its holder's record
+        holder = fd
         if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             yield d  # nested: this process already holds it
             return
         raise FolderLockedError(
             f"{what} {d} is being written by another gen-ad process ({_describe(holder)}); "
             "wait for it to finish or choose another folder") from None
+    done, removed = False, False
     try:
         previous = _read_holder(fd, tries=1)
         if previous:
@@ -181,14 +186,79 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
         _write_holder(fd, _holder_info())
         _sweep(d)
         yield d
+        done = True
     finally:
         try:
+            if not done and made is not None:  # failed: drop a folder it made and left empty
+                removed = _remove_lone_lock(d)
             os.ftruncate(fd, 0)  # released cleanly: nothing to take over
         finally:  # released and closed even when emptying the record fails
             try:
                 _LOCKER.unlock(fd)
             finally:
                 os.close(fd)
+        if removed and made is not None:
+            _remove_empty_folders(d, made)
+
+
+def _acquire(d: Path, what: str, tries: int = 3) -> int | dict[str, Any]:
+    """Open ``d``'s lock file and take its lock: the descriptor, or the holder's record
+    (``{}`` when unreadable) when another handle holds it. A lock taken on a file that the
+    previous holder removed meanwhile (:func:`_remove_lone_lock`) is dropped and taken again."""
+    for _ in range(tries):
+        fd = _open_lock_file(d, what)
+        if not _LOCKER.try_lock(fd):
+            try:
+                return _read_holder(fd)
+            finally:
+                os.close(fd)
+        if _names_it(d / LOCK_NAME, fd):
+            return fd
+        try:
+            _LOCKER.unlock(fd)
+        finally:
+            os.close(fd)
+        _prepare_folder(d, what)  # its folder may be gone with it
+    raise FolderLockedError(f"{what} {d}: its lock file keeps being removed by another process "
+                            "while this one takes it; run again")
+
+
+def _names_it(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed or replaced)."""
+    st, now = os.fstat(fd), _lstat(path)
+    return now is not None and (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
+def _first_missing(d: Path) -> Path | None:
+    """The outermost folder of ``d``'s path that does not exist yet (``None``: ``d`` exists)."""
+    if d.exists() or d.is_symlink():
+        return None
+    top = d
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
+
+
+def _remove_lone_lock(d: Path) -> bool:
+    """Delete ``d``'s lock file (still held) when it is all ``d`` holds; whether it was."""
+    try:
+        if [p.name for p in d.iterdir()] != [LOCK_NAME]:
+            return False
+        (d / LOCK_NAME).unlink()
+    except OSError:  # Windows: an open file cannot be deleted; the folder stays
+        return False
+    return True
+
+
+def _remove_empty_folders(d: Path, top: Path) -> None:
+    """Remove ``d`` and its parents up to ``top`` (the folders a lock created), while empty."""
+    for p in [d, *d.parents]:
+        try:
+            p.rmdir()
+        except OSError:  # not empty (another writer is there), or gone
+            return
+        if p == top:
+            return
 
 
 def _open_lock_file(folder: Path, what: str) -> int:

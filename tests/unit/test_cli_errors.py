@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -14,19 +15,34 @@ REPO = Path(__file__).resolve().parents[2]
 WGAN = str(REPO / "configs" / "wgan" / "demo.yaml")
 
 
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 120, 170)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_PNG = _png()
+
+
 @pytest.fixture()
 def files(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "afile").write_text("x")
     (tmp_path / "latin.yaml").write_bytes(b"out: caf\xe9\n")
     (tmp_path / "bad.yaml").write_text("train:\n  batch_size: [1,\n  max_steps: }\n")
     (tmp_path / "data" / "normal").mkdir(parents=True)
+    (tmp_path / "imgs" / "normal").mkdir(parents=True)  # enough for --k 1: the weights are read
+    for i in range(3):
+        (tmp_path / "imgs" / "normal" / f"{i}.png").write_bytes(_PNG)
 
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"w": Evil()}, tmp_path / "evil.pt")
-    return {k: tmp_path / k for k in ("afile", "latin.yaml", "bad.yaml", "data", "evil.pt")}
+    return {k: tmp_path / k for k in ("afile", "latin.yaml", "bad.yaml", "data", "evil.pt",
+                                      "imgs")}
 
 
 def _cases(f: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
@@ -49,7 +65,8 @@ def _cases(f: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
          "node content, but found '}' at line 3, column 14"),
         (["train", "wgan", "--config", WGAN, "train.seed=-1", f"out={tmp / 'r'}"],
          "config key 'train.seed': must be >= 0, got -1"),
-        ([*knn, "--weights", str(f["evil.pt"]), "--out", str(tmp / "b2")],
+        ([*knn[:-1], str(f["imgs"]), "--k", "1", "--weights", str(f["evil.pt"]), "--out",
+          str(tmp / "b2")],
          "was refused: it holds Python objects other than tensors"),
     ]
 

@@ -166,7 +166,7 @@ def test_stray_image_warning_as_a_user_sees_it(tmp_path: Path) -> None:
     Image.new("RGB", (16, 16)).save(tmp_path / "data" / "contact_sheet.png")
     proc = subprocess.run([sys.executable, "-m", "gen_ad.cli", "knn", "fit", "--extractor",
                            "colour-stats", "--normal", str(tmp_path / "data"), "--out",
-                           str(tmp_path / "bank"), "--k", "2", "--workers", "0", "--device",
+                           str(tmp_path / "bank"), "--k", "1", "--workers", "0", "--device",
                            "cpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     warned = [ln for ln in proc.stderr.splitlines() if "warning" in ln.lower()]

@@ -94,6 +94,7 @@ def test_colour_baseline_flags_a_stain_only_split(stain_only: Path, tmp_path: Pa
     print(f"stain-only split: colour-only AUROC {c_auc:.3f}, texture AUROC {t_auc:.3f}")
     assert c_auc >= 0.9 and c_auc == colour["metrics"]["auroc"]["value"]
     assert sc["methods"]["texture"]["colour_reaches"] is True
+    assert sc["methods"]["texture"]["flagged"] is True and sc["colour_baseline"]["separates"]
     assert len(data["warnings"]) == 1 and "'texture'" in data["warnings"][0]
     html = (out / "report.html").read_text()
     assert "Shortcut check" in html and "reached by colour" in html

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gen_ad.baselines import extractors
 from gen_ad.baselines.extractors import (
     FeatureExtractor,
     build_extractor,
@@ -259,6 +260,7 @@ def test_unreachable_hub_is_reported_as_offline(monkeypatch) -> None:
         raise LocalEntryNotFoundError("Cannot find the requested files in the local cache")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online as far as the settings go
+    monkeypatch.setattr(extractors, "hub_unreachable", lambda repo, f: None)  # probe passes
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
     with pytest.raises(WeightsNotFoundError) as e:
         build_extractor("uni")
@@ -347,6 +349,7 @@ def test_sharded_weights_from_the_hub_fetch_every_shard(tmp_path, monkeypatch) -
         return str(repo / filename)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(extractors, "hub_unreachable", lambda repo, f: None)  # probe passes
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     from gen_ad.baselines.extractors import load_state_dict, resolve_weights
 
