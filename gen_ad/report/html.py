@@ -106,10 +106,10 @@ def pixel_dice_cell(m: dict[str, Any]) -> str:
     elif record.get("status") != "ok" or not at:
         lead = f"n/a ({_e(record.get('reason', 'no masks'))})"
     else:
-        lead = (f"{_fmt(at.get('dice'))}<br><span class='note'>precision "
-                f"{_fmt(at.get('precision'))}, recall {_fmt(at.get('recall'))}, mean per "
-                f"anomalous image {_fmt(at.get('dice_mean_anomalous_images'))}; FPR on test "
-                f"normal images {_fmt(at.get('fpr_normal_images'), 4)}</span>")
+        lead = (f"{_fmt(at.get('dice'))}<br><span class='note'>precision "  # short lines:
+                f"{_fmt(at.get('precision'))}, recall {_fmt(at.get('recall'))}<br>"  # no wrap
+                f"mean per anomalous image {_fmt(at.get('dice_mean_anomalous_images'))}<br>"
+                f"FPR on test normal images {_fmt(at.get('fpr_normal_images'), 4)}</span>")
     return f"{lead}<br>best {_fmt(pixel.get('best_dice'))} <span class='note'>(upper bound)</span>"
 
 
