@@ -182,7 +182,7 @@ def _add_groups(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="reference group (default: 'control' if present, else the first by name)")
     p.add_argument("--order", default=None, metavar="G1,G2,...",
                    help="every group in dose order, for the trend test (overrides a dose column)")
-    _add_bootstrap_args(p, "the effect-size intervals")
+    _add_bootstrap_args(p, "the median-difference interval")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_groups)
 

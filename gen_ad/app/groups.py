@@ -47,7 +47,8 @@ def run_groups(score_csvs: Sequence[str | os.PathLike[str]], groups_csv: str | o
         control: reference group name.
         order: every group in dose order for the trend test (default: from the groups table's
             optional ``dose`` column; neither: no trend test).
-        n_boot, seed: effect-size bootstrap resamples; seed of every random step.
+        n_boot, seed: bootstrap resamples of the median-difference interval; seed of every
+            random step.
     Returns:
         The analysis dict (see :func:`group_analysis`) with ``"outputs"`` (written paths).
     """
@@ -112,14 +113,20 @@ def _fmt(x: float | None) -> str:
 
 
 def _fmt_ci(bounds: Sequence[float] | None) -> str:
-    return "" if not bounds else f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
+    """`` [low, high]``, marked when zero-width (every bootstrap resample gave one value: no
+    measure of uncertainty, as in the detection summaries), ``""`` when undefined."""
+    if not bounds:
+        return ""
+    text = f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
+    return text + " (zero-width CI)" if bounds[0] == bounds[1] else text
 
 
 def _comparison_lines(name: str, control: str, c: Mapping[str, Any]) -> list[str]:
     ci = c.get("ci") or {}
     return [
         f"  {name} vs {control}: mean diff {_fmt(c['mean_diff'])} points"
-        f"{_fmt_ci(ci.get('mean_diff'))}, Hedges g={_fmt(c['hedges_g'])}"
+        f"{_fmt_ci(ci.get('mean_diff'))}, median diff {_fmt(c['median_diff'])} points"
+        f"{_fmt_ci(ci.get('median_diff'))}, Hedges g={_fmt(c['hedges_g'])}"
         f"{_fmt_ci(ci.get('hedges_g'))}, Cliff's delta={_fmt(c['cliffs_delta'])}"
         f"{_fmt_ci(ci.get('cliffs_delta'))}",
         f"    Mann-Whitney p={_fmt(c['mannwhitney_p'])} (Holm {_fmt(c.get('mannwhitney_p_holm'))})"
@@ -149,6 +156,11 @@ def format_summary(result: Mapping[str, Any]) -> str:
                      f"(mean {np.mean(v):.2f}%) patches above threshold")
     for g, c in result["comparisons"].items():
         lines += _comparison_lines(g, result["control"], c)
+    cis = [c["ci"] for c in result["comparisons"].values() if c.get("ci")]
+    if cis:
+        lines.append(f"  {cis[0]['ci']:.0%} intervals: Welch t (mean diff), bootstrap (median "
+                     "diff), noncentral t (Hedges g), Newcombe score (Cliff's delta); see "
+                     "groups.json")
     if result.get("omnibus"):
         lines.append(f"  all groups: Kruskal-Wallis p={_fmt(result['omnibus']['kruskal_p'])}")
     trend = _trend_line(result)

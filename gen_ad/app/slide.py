@@ -17,7 +17,7 @@ import csv
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 SLIDE_JSON = "slide.json"
 _OUTPUT_FILES = ("overlay", "overlay_raw", "heatmap", "tiles", "scores")
 _NOT_SETTINGS = ("batch_size", "device", "progress")  # how fast, not what is computed
+# tiling flags: the settings hold what they resolve to per slide (SlidePlan), not the flags
+_TILING_FLAGS = ("level", "mpp", "stride", "slide_mpp", "force_slide_mpp")
 
 
 class TileSet(Dataset):
@@ -203,6 +205,92 @@ def score_slide(slide_path: str | os.PathLike[str], scorer: AnomalyScorer,
     return rec
 
 
+@dataclass(frozen=True)
+class SlidePlan:
+    """A slide's tiling, resolved before any slide is scored: the level-0 microns per pixel
+    used (``None``: unknown, fine without ``--mpp``) and the tile grid's pyramid level, level-0
+    pixels per tile pixel, side read at that level and step (tile pixels)."""
+
+    path: str
+    slide_mpp: float | None
+    level: int
+    downsample: float
+    read_size: int
+    stride: int
+
+    def settings(self, size: int) -> dict[str, Any]:
+        """What the tiles depend on, for :func:`slide_settings` (resolved values: a
+        ``--slide-mpp`` the slide does not use changes nothing)."""
+        return {"size": size, "level": self.level, "downsample": self.downsample,
+                "read_size": self.read_size, "stride": self.stride,
+                "slide_mpp": self.slide_mpp}
+
+
+class _UnknownMpp(DataError):
+    """A slide whose microns per pixel ``--mpp`` needs is unknown (no advice: said once)."""
+
+    def __init__(self, slide: Any) -> None:
+        from gen_ad.data.wsi import MPP_RANGE
+
+        ignored = slide.mpp_ignored
+        super().__init__(f"slide {slide.path} does not record its microns per pixel"
+                         if ignored is None else f"slide {slide.path} records an implausible "
+                         f"{ignored:.4g} um/px (outside {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g}, "
+                         "ignored)")
+
+
+def _plan_one(path: str, size: int, level: int | None, mpp: float | None, stride: int | None,
+              slide_mpp: float | None, force_slide_mpp: bool) -> SlidePlan:
+    """Open ``path``, resolve its microns per pixel and grid, and decode a few pixels where
+    the tiles will be read (a slide that opens may still lack a codec, e.g. JPEG 2000)."""
+    from gen_ad.data.wsi import open_slide, plan_grid, resolve_slide_mpp
+
+    with open_slide(path, warn_mpp=slide_mpp is None) as slide:
+        base = resolve_slide_mpp(slide, slide_mpp, force_slide_mpp)
+        if mpp is not None and base.value is None:
+            raise _UnknownMpp(slide)
+        grid = plan_grid(slide, size, level=level, mpp=mpp, stride=stride, slide_mpp=base.value)
+        if grid.shape[0] * grid.shape[1] == 0:
+            w, h = slide.dimensions
+            raise DataError(f"slide {slide.path} ({w} x {h} level-0 px) is smaller than one tile "
+                            f"({grid.footprint:.0f} level-0 px)")
+        slide.read_region(int(grid.xs[0]), int(grid.ys[0]), grid.level, 8, 8)
+    return SlidePlan(str(path), base.value, grid.level, grid.downsample, grid.read_size,
+                     size if stride is None else stride)
+
+
+def plan_slides(paths: Sequence[str], size: int, *, level: int | None = None,
+                mpp: float | None = None, stride: int | None = None,
+                slide_mpp: float | None = None, force_slide_mpp: bool = False,
+                **_: Any) -> list[SlidePlan]:
+    """Every slide's :class:`SlidePlan`, checked before any slide is scored: it exists, opens,
+    its pixels decode, its microns per pixel is known where ``--mpp`` needs it, the level
+    exists and one tile fits; other keywords (scoring settings) are ignored.
+
+    Raises:
+        ConfigError: ``force_slide_mpp`` without ``slide_mpp``.
+        DataError: one error naming every slide that cannot be scored.
+    """
+    from gen_ad.data.wsi import check_slide_mpp_force
+
+    check_slide_mpp_force(slide_mpp, force_slide_mpp)
+    plans: list[SlidePlan] = []
+    bad: list[str] = []
+    mpp_unknown = False
+    for p in paths:
+        try:
+            plans.append(_plan_one(p, size, level, mpp, stride, slide_mpp, force_slide_mpp))
+        except DataError as e:
+            bad.append(f"({len(bad) + 1}) {e}")
+            mpp_unknown |= isinstance(e, _UnknownMpp)
+    if bad:
+        hint = ("; give the level-0 microns per pixel of slides that record none (--slide-mpp) "
+                "or a pyramid level (--level) instead of --mpp" if mpp_unknown else "")
+        raise DataError(f"{len(bad)} of {len(paths)} slide(s) cannot be scored, so none was: "
+                        f"{'; '.join(bad)}{hint}")
+    return plans
+
+
 def scorer_identity(run: str | os.PathLike[str] | None,
                     bank: str | os.PathLike[str] | None) -> dict[str, Any]:
     """What the scores depend on in a run's export or a bank: the sha256 of its manifest
@@ -230,12 +318,14 @@ def scorer_identity(run: str | os.PathLike[str] | None,
 def slide_settings(slide_path: str | os.PathLike[str], scorer: dict[str, Any],
                    threshold: Threshold | None, **settings: Any) -> dict[str, Any]:
     """``{"settings": ..., "settings_sha256": ...}`` for ``slide.json``: the slide file, the
-    scorer (:func:`scorer_identity`, method, options, calibration, gen_ad's version and sources:
-    :func:`~gen_ad.utils.identity.code_identity`), the threshold and every tiling/scoring
-    setting; a later run reuses the slide's outputs only when this is equal."""
+    scorer (:func:`scorer_identity`, method, options, calibration), the threshold, gen_ad's
+    version and sources (``code``: :func:`~gen_ad.utils.identity.code_identity`) and every
+    tiling/scoring setting (the tiling as resolved: :meth:`SlidePlan.settings`); a later run
+    reuses the slide's outputs only when this is equal, and names the keys that differ."""
     kept = {k: v for k, v in sorted(settings.items()) if k not in _NOT_SETTINGS}
     found = {"slide": _file_identity(slide_path), "scorer": scorer,
-             "threshold": threshold.to_dict() if threshold is not None else None, **kept}
+             "threshold": threshold.to_dict() if threshold is not None else None,
+             "code": code_identity(), **kept}
     plain, sha = settings_digest(found)  # as it reads back from slide.json
     return {"settings": plain, "settings_sha256": sha}
 
@@ -290,8 +380,10 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
                   scorer_kwargs: dict[str, Any] | None = None, labels: str | None = None,
                   annotations: str | None = None, n_boot: int = 2000, seed: int = 0,
                   **kwargs: Any) -> dict[str, Any]:
-    """What ``gen-ad slide`` does: load the scorer (evaluation engine), optionally fit it and
-    calibrate a label-free threshold on a ``normal`` folder, :func:`score_slide` every slide, and
+    """What ``gen-ad slide`` does: load the scorer (evaluation engine), check every slide
+    (:func:`plan_slides`: one error names all that cannot be scored, before any is), optionally
+    fit the scorer and calibrate a label-free threshold on a ``normal`` folder,
+    :func:`score_slide` every slide (or reuse it: :func:`finished_slide`), and
     with several slides, ``labels`` or ``annotations`` evaluate the cohort
     (:mod:`gen_ad.app.cohort`).
 
@@ -316,6 +408,7 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
     ls = load_scorer(run=run, bank=bank, method=method, device=device,
                      scorer_kwargs=scorer_kwargs)
     size = size or ls.size
+    plans = plan_slides(paths, size, **kwargs)  # every slide checked before any is scored
     threshold = ls.threshold
     if normal is not None:
         nds = normal_dataset(normal, size, resize=ls.resize)  # read as the run trained
@@ -326,14 +419,16 @@ def slide_command(slides: str | Sequence[str], out: str, *, run: str | None = No
         clear_cohort(out)
     scorer = {**scorer_identity(run, bank), "method": ls.label, "options": scorer_kwargs,
               "normal": str(normal) if normal is not None else None,
-              "calibration": ls.scorer.calibration(), "code": code_identity(),
+              "calibration": ls.scorer.calibration(),
               # streams: batch draws per batch: the batch size then changes the scores
               "batch_size": kwargs.get("batch_size") if batch_dependent(ls.scorer) else None}
     thr = Threshold(float(threshold), "given") if isinstance(threshold, (int, float)) \
         else threshold
-    recs = [_score_or_reuse(p, out, ls, size, device, thr,
-                            slide_settings(p, scorer, thr, size=size, **kwargs), kwargs)
-            for p in paths]
+    scoring = {k: v for k, v in kwargs.items() if k not in _TILING_FLAGS}
+    recs = [_score_or_reuse(sp.path, out, ls, size, device, thr,
+                            slide_settings(sp.path, scorer, thr, **scoring,
+                                           **sp.settings(size)), kwargs)
+            for sp in plans]
     result: dict[str, Any] = {"slides": recs}
     if is_cohort:
         cohort = evaluate_cohort(recs, label_map, annotations, n_boot=n_boot, seed=seed)

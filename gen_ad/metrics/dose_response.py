@@ -14,10 +14,16 @@ statistician asks for next:
   approximation with the tie-corrected variance (Hollander, Wolfe & Chicken, *Nonparametric
   Statistical Methods*, 3rd ed., Sec. 6.2) is reported beside it. Small groups make the exact
   value the one to read.
-- **Effect sizes with intervals**: Welch's confidence interval of the mean difference, and
-  percentile-bootstrap intervals (each group resampled on its own, seeded) of the median
-  difference, Hedges' g and Cliff's delta. With 3-5 animals per group a percentile bootstrap
-  covers less than its nominal level: read those intervals as a lower bound on the uncertainty.
+- **Effect sizes with intervals**: Welch's confidence interval of the mean difference; the
+  noncentral-t interval of the standardised difference that Hedges' g estimates
+  (:func:`hedges_g_interval`, exact for normal data with equal variances); Newcombe's score
+  interval of Cliff's delta (:func:`cliffs_delta_interval`); a percentile bootstrap (each group
+  resampled on its own, seeded) of the median difference. A percentile bootstrap of g or delta
+  is no interval for a handful of animals: g of a resample whose values coincide is huge (3 vs 3
+  gave g = -7.55 [-529, -6.32]), and completely separated groups give every resample delta = 1,
+  a zero-width interval. Simulated (normal data, 3, 5, 10 or 20 per group, shifts of 0, 1 and
+  3 SD; 400 studies per cell for g, 1000 for delta), the 95 % intervals used covered
+  93.8-96.5 % (g) and 90.5-97.1 % (delta), the bootstrap ones 76-94 % and 11-95 %.
 """
 
 from __future__ import annotations
@@ -31,11 +37,10 @@ from typing import Any
 
 import numpy as np
 from scipy import stats as sps
+from scipy.optimize import brentq
 
 from gen_ad.errors import DataError
 from gen_ad.metrics.curves import percentile_interval
-
-_PAIR_CELLS = 20_000_000  # bootstrap Cliff's delta works on [chunk, nb, na] of at most this
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
@@ -215,21 +220,99 @@ def many_to_one(control: Any, treated: Sequence[Any], ci: float = 0.95,
     return {"dunnett_p": p, "dunnett_ci": intervals, "dunnett_p_method": method}
 
 
-def _hedges_g(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hedges' g of rows ``b`` vs rows ``a`` (``[B, n]`` each)."""
-    na, nb = a.shape[1], b.shape[1]
-    sp = np.sqrt(((na - 1) * a.var(axis=1, ddof=1) + (nb - 1) * b.var(axis=1, ddof=1))
-                 / (na + nb - 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(sp > 0, (b.mean(axis=1) - a.mean(axis=1)) / sp, np.nan)
-    return d * (1.0 - 3.0 / (4.0 * (na + nb) - 9.0))
+#: Above this |t| the noncentral-t bounds are taken in their large-t limit (the normal part of
+#: the noncentral t negligible): relative error about 1e-5 at t = 1000 (scipy's nct is
+#: unreliable far out in its tails)
+_LARGE_T = 1000.0
+NCT_METHOD = ("noncentral t (exact for normal data with equal variances; Steiger & Fouladi "
+              "1997), interval of the population delta that g estimates")
+NEWCOMBE_METHOD = ("Newcombe (2006) method 5 score interval of P(treated > control) + "
+                   "P(tie)/2, as 2 * theta - 1")
 
 
-def _cliffs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    step = max(1, _PAIR_CELLS // (a.shape[1] * b.shape[1]))
-    parts = [np.sign(b[i:i + step, :, None] - a[i:i + step, None, :]).mean(axis=(1, 2))
-             for i in range(0, a.shape[0], step)]
-    return np.concatenate(parts)
+def _noncentrality_interval(t: float, df: int, ci: float) -> tuple[float, float] | None:
+    """The noncentrality parameters under which the observed Student ``t`` (``df``) sits at
+    the upper and lower ``(1 - ci) / 2`` tails (``None`` when scipy's nct fails).
+
+    For ``t >= 0`` the bracket ``[-(z + 1), z + 1 + t * sqrt(chi2_{1-a/4, df} / df)]``
+    (``z = Phi^-1(1 - a/4)``) holds both roots: at its ends the cdf is above ``1 - a/4`` and
+    below ``a/2``."""
+    alpha, at = 1.0 - ci, abs(t)
+    if at >= _LARGE_T:  # T' = (Z + lam) / S with Z negligible: lam = t * S at S's quantiles
+        lo, hi = (at * math.sqrt(float(sps.chi2.ppf(q, df)) / df)
+                  for q in (alpha / 2, 1 - alpha / 2))
+    else:
+        z = float(sps.norm.ppf(1 - alpha / 4))
+        ends = (-(z + 1.0), z + 1.0 + at * math.sqrt(float(sps.chi2.ppf(1 - alpha / 4, df)) / df))
+
+        def root(p: float) -> float:
+            return float(brentq(lambda lam: float(sps.nct.cdf(at, df, lam)) - p, *ends))
+
+        try:
+            lo, hi = root(1 - alpha / 2), root(alpha / 2)
+        except (ValueError, RuntimeError):  # NaN from scipy's nct, or no convergence
+            return None
+    return (lo, hi) if t >= 0 else (-hi, -lo)
+
+
+def hedges_g_interval(control: Any, treated: Any, ci: float = 0.95
+                      ) -> tuple[list[float] | None, str]:
+    """Confidence interval of the standardised mean difference (pooled SD) that Hedges' g
+    estimates, and how it was computed.
+
+    Exact under normal data with equal variances (the model g assumes), at every group size:
+    the noncentral-t interval (Hedges & Olkin 1985, ch. 5; Steiger & Fouladi 1997; Cumming &
+    Finch 2001) of ``lambda = delta * sqrt(n1 n2 / (n1 + n2))`` from the pooled t statistic,
+    divided by that factor. It is not multiplied by g's small-sample correction, which would
+    cover ``J * delta`` instead of ``delta``. Where scipy's noncentral t fails, the large-sample
+    normal approximation ``var(g) = (n1 + n2) / (n1 n2) + g^2 / (2 (n1 + n2))``.
+
+    Returns:
+        ``([low, high] or None when the pooled SD is 0, method)``.
+    """
+    a = np.asarray(control, dtype=np.float64).reshape(-1)
+    b = np.asarray(treated, dtype=np.float64).reshape(-1)
+    na, nb = a.size, b.size
+    df = na + nb - 2
+    sp = math.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / df)
+    if not sp > 0:
+        return None, NCT_METHOD
+    scale = math.sqrt(na * nb / (na + nb))
+    d = (b.mean() - a.mean()) / sp
+    found = _noncentrality_interval(d * scale, df, ci)
+    if found is not None:
+        return [found[0] / scale, found[1] / scale], NCT_METHOD
+    g = d * (1.0 - 3.0 / (4.0 * (na + nb) - 9.0))
+    half = float(sps.norm.ppf(0.5 + ci / 2)) * math.sqrt(
+        (na + nb) / (na * nb) + g * g / (2.0 * (na + nb)))
+    return [g - half, g + half], "normal approximation (Hedges & Olkin 1985)"
+
+
+def cliffs_delta_interval(control: Any, treated: Any, ci: float = 0.95) -> list[float]:
+    """Confidence interval of Cliff's delta of ``treated`` vs ``control`` (Newcombe 2006,
+    Statistics in Medicine 25:559-573, method 5).
+
+    The score interval of ``theta = P(treated > control) + P(tie) / 2 = (delta + 1) / 2``:
+    the ``theta`` with ``(theta_hat - theta)^2 = z^2 V(theta)``, ``V(theta) = theta (1 - theta)
+    [1 + k (1 - theta) / (2 - theta) + k theta / (1 + theta)] / (m n)``, ``k = (m + n) / 2 - 1``
+    (Hanley & McNeil's variance with the group sizes averaged). It stays inside [-1, 1] and
+    has width at ``delta = +-1`` (complete separation), where every bootstrap resample gives
+    the same delta; ties are treated as for continuous data (conservative with many ties).
+    """
+    a = np.asarray(control, dtype=np.float64).reshape(-1)
+    b = np.asarray(treated, dtype=np.float64).reshape(-1)
+    m, n = b.size, a.size
+    theta = (float(np.sign(b[:, None] - a[None, :]).mean()) + 1.0) / 2.0
+    k, z = (m + n) / 2.0 - 1.0, float(sps.norm.ppf(0.5 + ci / 2))
+
+    def gap(x: float, side: float) -> float:  # 0 at a bound; side -1: lower, +1: upper
+        v = x * (1 - x) * (1 + k * (1 - x) / (2 - x) + k * x / (1 + x)) / (m * n)
+        return theta - x + side * z * math.sqrt(max(v, 0.0))
+
+    edge = 1e-9  # V = 0 at theta_hat = 0 or 1: the root sought is the other one
+    lo = 0.0 if theta <= 0 else brentq(gap, 0.0, min(theta, 1 - edge), args=(-1.0,))
+    hi = 1.0 if theta >= 1 else brentq(gap, max(theta, edge), 1.0, args=(1.0,))
+    return [2.0 * float(lo) - 1.0, 2.0 * float(hi) - 1.0]
 
 
 def effect_intervals(control: Any, treated: Any, n_boot: int = 2000, seed: int = 0,
@@ -237,27 +320,29 @@ def effect_intervals(control: Any, treated: Any, n_boot: int = 2000, seed: int =
     """Confidence intervals of the effect sizes of ``treated`` vs ``control``.
 
     Returns:
-        ``{"mean_diff": [low, high]`` (Welch t), ``"median_diff", "hedges_g", "cliffs_delta"``
-        (percentile bootstrap, each group resampled on its own) and the settings; ``None``
-        where undefined.
+        ``{"mean_diff": [low, high]`` (Welch t), ``"median_diff"`` (percentile bootstrap, each
+        group resampled on its own), ``"hedges_g"`` (:func:`hedges_g_interval`),
+        ``"cliffs_delta"`` (:func:`cliffs_delta_interval`), each method and the settings;
+        ``None`` where undefined.
     """
     a = np.asarray(control, dtype=np.float64).reshape(-1)
     b = np.asarray(treated, dtype=np.float64).reshape(-1)
     out: dict[str, Any] = {"ci": ci, "n_boot": n_boot, "seed": seed,
-                           "mean_diff_method": "Welch t", "bootstrap": "percentile, per group"}
+                           "mean_diff_method": "Welch t",
+                           "median_diff_method": "percentile bootstrap, per group",
+                           "cliffs_delta_method": NEWCOMBE_METHOD}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         w = sps.ttest_ind(b, a, equal_var=False).confidence_interval(confidence_level=ci)
+        out["hedges_g"], out["hedges_g_method"] = hedges_g_interval(a, b, ci)
     defined = a.var() + b.var() > 0 and math.isfinite(w.low) and math.isfinite(w.high)
     out["mean_diff"] = [float(w.low), float(w.high)] if defined else None
     rng = np.random.default_rng(seed)
     ra = a[rng.integers(0, a.size, size=(n_boot, a.size))]
     rb = b[rng.integers(0, b.size, size=(n_boot, b.size))]
-    draws = {"median_diff": np.median(rb, axis=1) - np.median(ra, axis=1),
-             "hedges_g": _hedges_g(ra, rb), "cliffs_delta": _cliffs(ra, rb)}
-    for name, values in draws.items():
-        lo, hi, n_ok = percentile_interval(values, ci)
-        out[name] = [lo, hi] if n_ok else None
+    lo, hi, n_ok = percentile_interval(np.median(rb, axis=1) - np.median(ra, axis=1), ci)
+    out["median_diff"] = [lo, hi] if n_ok else None
+    out["cliffs_delta"] = cliffs_delta_interval(a, b, ci)
     return out
 
 

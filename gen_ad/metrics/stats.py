@@ -255,7 +255,7 @@ class GroupSettings:
     Attributes:
         control: name of the reference group (see :func:`pick_control`).
         order: every group in dose order, for the trend test (``None``: no trend test).
-        n_boot: bootstrap resamples of the effect-size intervals.
+        n_boot: bootstrap resamples of the median-difference interval.
         n_perm: random permutations of the trend test when it cannot be exact.
         seed: seed of the bootstrap, the permutations and Dunnett's integration.
         ci: coverage of every interval.

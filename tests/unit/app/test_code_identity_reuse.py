@@ -96,8 +96,7 @@ def test_a_slide_is_reused_across_commits_and_rescored_for_edited_code(
             "--out", str(out), "--level", "0", "--min-tissue", "0.5", "--device", "cpu"]
     _err(capsys, args)
     first = json.loads((out / "s0" / "slide.json").read_text(encoding="utf-8"))
-    assert first["settings"]["scorer"]["code"]["sources_sha256"] == \
-        identity.sources_sha256(package)
+    assert first["settings"]["code"]["sources_sha256"] == identity.sources_sha256(package)
     assert first["code"]["source"]["commit"] == "a" * 40  # noted, not compared
     (package / "README.md").write_text("edited\n", encoding="utf-8")  # no code changes
     (package / "sub" / "data.json").write_text("{}\n", encoding="utf-8")
@@ -108,11 +107,10 @@ def test_a_slide_is_reused_across_commits_and_rescored_for_edited_code(
     (package / "sub" / "b.py").write_text("y = 3\n", encoding="utf-8")  # uncommitted edit
     _new_process()
     err = _err(capsys, args)
-    assert "slide s0: scoring again (it was scored with other settings (scorer))" in err
+    assert "slide s0: scoring again (it was scored with other settings (code))" in err
     again = json.loads((out / "s0" / "slide.json").read_text(encoding="utf-8"))
-    assert again["settings"]["scorer"]["code"]["sources_sha256"] == \
-        identity.sources_sha256(package) != first["settings"]["scorer"]["code"][
-            "sources_sha256"]
+    assert again["settings"]["code"]["sources_sha256"] == \
+        identity.sources_sha256(package) != first["settings"]["code"]["sources_sha256"]
     assert again["code"]["source"]["commit"] == "b" * 40
     _new_process()
     assert "slide s0: reused" in _err(capsys, args)

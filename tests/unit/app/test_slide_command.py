@@ -159,7 +159,10 @@ def test_slide_calibrates_on_patches_read_as_the_run_trained(
         DarkScorer(), 32, "dark", resize="center_crop"))
     monkeypatch.setattr(app_slide, "calibrate_scorer", calibrate)
     monkeypatch.setattr(app_slide, "score_slide", lambda *a, **kw: {})
-    app_slide.slide_command(str(tmp_path / "s.svs"), str(tmp_path / "out"), run="unused",
+    import tifffile  # a real slide: every slide is checked before any is scored
+
+    tifffile.imwrite(tmp_path / "s.tif", np.full((64, 64, 3), 200, np.uint8), photometric="rgb")
+    app_slide.slide_command(str(tmp_path / "s.tif"), str(tmp_path / "out"), run="unused",
                             normal=str(tmp_path / "normal"), device="cpu")
     crops = PatchFolder(root=str(tmp_path / "normal"), size=32, resize="center_crop")
     assert len(seen) == len(crops) == 4
