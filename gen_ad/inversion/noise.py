@@ -17,9 +17,10 @@ draw):
 All integer work is exact int64 tensor arithmetic (32-bit products split into 16-bit halves, so
 nothing overflows), hence the bits, and the uniforms, are identical on CPU and CUDA; normals agree
 to the float32 rounding of ``log`` and ``cos``. Every image of a batch makes the same sequence of
-draws, so draw ``c`` means the same thing for all of them; simplex noise's per-draw lattice
-shift (shared by the fields of one draw) comes from the seed and ``c`` alone for the same reason.
-Two identical images get identical noise.
+draws, so draw ``c`` means the same thing for all of them. Simplex noise takes every table of an
+image's fields, each octave's lattice placement included, from the image's stream, so the
+weak-noise points (the lattice vertices) of different images fall at independent pixels. Two
+identical images get identical noise.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class ImageStreams:
 
     Args:
         keys: ``[B]`` int64 image keys (:func:`image_keys`).
-        seed: the seed the keys were made with; also seeds the draws shared by all images.
+        seed: the seed the keys were made with.
     """
 
     def __init__(self, keys: torch.Tensor, seed: int) -> None:
@@ -93,19 +94,17 @@ class ImageStreams:
     def device(self) -> torch.device:
         return self.keys.device
 
-    def _bits(self, n: int, keys: torch.Tensor) -> torch.Tensor:
-        """``[len(keys), n]`` int64 hash values of the next draw."""
+    def _bits(self, n: int) -> torch.Tensor:
+        """``[B, n]`` int64 hash values of the next draw."""
         c = self.counter
         self.counter += 1
-        s = mix32(keys ^ mix32(_scalar(c, self.device)))
+        s = mix32(self.keys ^ mix32(_scalar(c, self.device)))
         j = torch.arange(n, device=self.device, dtype=torch.int64) * _PHI
         return mix32(mix32((s[:, None] + j) & M32))
 
-    def uniform(self, n: int, shared: bool = False) -> torch.Tensor:
-        """``[B, n]`` float32 uniforms in ``(0, 1)`` (``shared``: ``[1, n]``, the same for every
-        image: from the seed and the counter only)."""
-        keys = mix32(_scalar(self.seed, self.device))[None] if shared else self.keys
-        return ((self._bits(n, keys) >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    def uniform(self, n: int) -> torch.Tensor:
+        """``[B, n]`` float32 uniforms in ``(0, 1)``."""
+        return ((self._bits(n) >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
     def normal(self, n: int) -> torch.Tensor:
         """``[B, n]`` standard normals (Box-Muller)."""
@@ -116,8 +115,8 @@ class ImageStreams:
         return torch.cat([r * torch.cos(angle), r * torch.sin(angle)], dim=1)[:, :n]
 
     def simplex(self, like: torch.Tensor, cfg: SimplexConfig) -> torch.Tensor:
-        """Normalised fractal simplex noise shaped like ``like`` ``[B,C,H,W]``: each image's
-        fields from its own stream, the lattice shift of the draw shared."""
+        """Normalised fractal simplex noise shaped like ``like`` ``[B,C,H,W]``: every table of
+        each image's fields (lattice placements included) from the image's own stream."""
         b, c, h, w = like.shape
         o = cfg.octaves
         perm = torch.argsort(rearrange(self.uniform(c * 256), "b (c k) -> (b c) k", c=c),
@@ -125,10 +124,10 @@ class ImageStreams:
         angle = rearrange(self.uniform(c * 256), "b (c k) -> (b c) k", c=c) * (2 * math.pi)
         offset = (rearrange(self.uniform(c * o * 2), "b (c o t) -> (b c) o t", c=c, o=o)
                   * 256).long().clamp_max(255)
-        shift = self.uniform(o * 2, shared=True).reshape(o, 2)
+        place = rearrange(self.uniform(c * o * 2), "b (c o t) -> (b c) o t", c=c, o=o)
         tables = SimplexTables(torch.cat([perm, perm], dim=1),
                                torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1),
-                               offset, shift)
+                               offset, place)
         with torch.autocast(self.device.type, enabled=False):
             v = standardize(fractal_from_tables(tables, h, w, o, cfg.persistence, cfg.frequency))
         return rearrange(v, "(b c) h w -> b c h w", b=b)
