@@ -330,7 +330,7 @@ def pixel_metrics(maps: Any, masks: Any, map_threshold: float | None = None,
     if exact is None:
         exact = _n_pixels(maps, masks) <= EXACT_PIXELS
     if not exact:
-        return json_safe(_streamed(_Pairs(maps, masks), map_threshold, fpr_limit, n_boot,
+        return json_safe(_streamed(MapMaskChunks(maps, masks), map_threshold, fpr_limit, n_boot,
                                    seed, ci))
     m, g = _pooled(maps, masks)
     w, regions = region_weights(g)
@@ -356,8 +356,9 @@ def _n_pixels(maps: Any, masks: Any) -> int:
     return int(np.prod(shape)) if shape else 0
 
 
-class _Pairs:
-    """Maps and masks read together in chunks of whole images (arrays, tensors or stores)."""
+class MapMaskChunks:
+    """Maps and masks read together in chunks of whole images (arrays, tensors or stores):
+    the streamed pixel metrics and :func:`gen_ad.metrics.pixel_threshold.at_pixel_threshold`."""
 
     def __init__(self, maps: Any, masks: Any) -> None:
         self.maps, self.masks = maps, masks
@@ -476,7 +477,7 @@ class _Binning:
         return inside_ok & (self.keys(np.clip(v, self.lo, self.hi)) == ks) & alone_up & alone_down
 
 
-def _binning(pairs: _Pairs) -> _Binning:
+def _binning(pairs: MapMaskChunks) -> _Binning:
     """Pass 0: the range of the map values (every value checked finite) and the bins over it:
     one equal-width bin per 32 pixels, a power of 2 in ``[2**15, _RANGE_BINS]``."""
     lo, hi = np.inf, -np.inf
@@ -488,7 +489,7 @@ def _binning(pairs: _Pairs) -> _Binning:
     return _Binning(lo, hi, min(_RANGE_BINS, max(2**15, 1 << (per32.bit_length() - 1))))
 
 
-def _hist_pass(pairs: _Pairs, map_threshold: float | None) -> dict[str, Any]:
+def _hist_pass(pairs: MapMaskChunks, map_threshold: float | None) -> dict[str, Any]:
     """Pass 1: per-bin normal / anomalous pixel counts and region weights, regions per image
     (bins of :func:`_binning`, from the lowest value's)."""
     bins = _binning(pairs)
@@ -605,7 +606,7 @@ def _hist_grid(h: dict[str, Any], nz: np.ndarray, size: int) -> np.ndarray:
     return np.unique(np.concatenate(picks))[::-1].astype(np.float64)
 
 
-def _count_pass(pairs: _Pairs, grid: np.ndarray, bins: _Binning) -> tuple[np.ndarray, ...]:
+def _count_pass(pairs: MapMaskChunks, grid: np.ndarray, bins: _Binning) -> tuple[np.ndarray, ...]:
     """Pass 2: per-image cumulative counts on ``grid`` (bins of ``bins``; float32
     ``[images, G]`` each)."""
     tp, fp, ov = (np.zeros((pairs.n, grid.size), np.float32) for _ in range(3))
@@ -620,7 +621,7 @@ def _count_pass(pairs: _Pairs, grid: np.ndarray, bins: _Binning) -> tuple[np.nda
     return tp, fp, ov
 
 
-def _streamed(pairs: _Pairs, map_threshold: float | None, limit: float, n_boot: int,
+def _streamed(pairs: MapMaskChunks, map_threshold: float | None, limit: float, n_boot: int,
               seed: int, ci: float) -> dict[str, Any]:
     """:func:`pixel_metrics` of a set too large to pool: two passes over chunks of images."""
     h = _hist_pass(pairs, map_threshold)

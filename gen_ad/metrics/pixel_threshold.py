@@ -34,7 +34,6 @@ from gen_ad.errors import ConfigError
 from gen_ad.metrics.curves import json_safe, to_numpy
 
 DEFAULT_PIXEL_FPR = 0.01  # AutoDDPM's strictest operating point
-_CHUNK_PIXELS = 2**20  # test pixels read per chunk by at_pixel_threshold
 
 
 def check_pixel_fpr(fpr: float) -> float:
@@ -154,10 +153,6 @@ def not_available(fpr: float, reason: str) -> dict[str, Any]:
     return {"status": "n/a", "rule": "fpr", "fpr": float(fpr), "reason": reason}
 
 
-def _read(x: Any, start: int, stop: int) -> Any:
-    return x.read(start, stop) if hasattr(x, "read") else x[start:stop]
-
-
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
@@ -178,16 +173,16 @@ def at_pixel_threshold(maps: Any, masks: Any, labels: Any, value: float) -> dict
         was set for), ``n_normal_image_pixels`` and ``tp, fp, fn, tn``; ``None`` where a rate
         is undefined.
     """
-    n = int(getattr(maps, "shape", np.shape(maps))[0])
+    from gen_ad.metrics.localisation import MapMaskChunks
+
+    pairs = MapMaskChunks(maps, masks)
+    n, hw = pairs.n, pairs.hw
     y = to_numpy(labels, np.int64).reshape(-1)
     t = np.float64(value)
     tp = fp = fn = fp_normal = normal_pixels = 0
     per_image: list[float] = []
-    hw = int(np.prod(getattr(maps, "shape", np.shape(maps))[1:])) or 1
-    step = max(1, _CHUNK_PIXELS // hw)
-    for start in range(0, n, step):
-        p = to_numpy(_read(maps, start, start + step), np.float32) > t
-        g = to_numpy(_read(masks, start, start + step), np.float32) > 0.5
+    for start, m, g in pairs.chunks():
+        p = m > t
         inter, pred, gt = ((a.reshape(len(a), -1).sum(axis=1)) for a in (p & g, p, g))
         tp, fp, fn = tp + int(inter.sum()), fp + int((pred - inter).sum()), fn + int(
             (gt - inter).sum())

@@ -91,7 +91,7 @@ def test_test_metrics_equal_a_direct_numpy_computation(tmp_path: Path,
     """Dice (pooled; mean per anomalous image), precision, recall and FPRs at the threshold
     equal numpy on the whole arrays (abs 1e-12), also read from a store spilled to a file in
     chunks of 3 images, and the pooled Dice equals pixel_metrics' fixed-threshold Dice."""
-    import gen_ad.metrics.pixel_threshold as pt
+    import gen_ad.metrics.localisation as loc
 
     rng = np.random.default_rng(3)
     n, h, w = 10, 12, 12
@@ -117,7 +117,7 @@ def test_test_metrics_equal_a_direct_numpy_computation(tmp_path: Path,
     for store, arr in zip(stores, (maps, masks)):
         store.append(arr)
     assert stores[0].spilled
-    monkeypatch.setattr(pt, "_CHUNK_PIXELS", 3 * h * w)  # chunks of 3 images
+    monkeypatch.setattr(loc, "_STREAM_PIXELS", 3 * h * w)  # chunks of 3 images
     assert at_pixel_threshold(*stores, labels, t) == got
 
 
